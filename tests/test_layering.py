@@ -1,0 +1,76 @@
+"""The package layout is the architecture: no module imports from a layer above its own."""
+
+import ast
+from pathlib import Path
+
+import refbnn
+
+PACKAGE = Path(refbnn.__file__).parent
+
+# lowest first; a module may import from its own rank or below
+RANKS = {
+    "refbnn.bits": 0,
+    "refbnn.reference": 0,
+    "refbnn.kernels": 1,
+    "refbnn.ops": 2,
+    "refbnn": 2,  # the package facade re-exports the public ops
+    "refbnn.data": 2,
+    "refbnn.nn": 3,
+    "refbnn.models": 4,
+    "refbnn.training": 5,
+    "refbnn.engine": 5,
+    "refbnn.fileformat": 6,
+    "refbnn.interop": 6,
+    "refbnn.budget": 7,
+    "refbnn.train": 7,
+    "refbnn.infer": 7,
+    "refbnn.golden": 7,
+    "refbnn.crosscheck": 7,
+    "refbnn.experiments": 7,
+    "refbnn.cli": 7,
+}
+
+
+def rank_of(module: str) -> int:
+    parts = module.split(".")
+    for n in range(len(parts), 0, -1):
+        key = ".".join(parts[:n])
+        if key in RANKS:
+            return RANKS[key]
+    raise AssertionError(f"module {module} has no layer in tests/test_layering.py: add it")
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def refbnn_imports(path: Path):
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "refbnn":
+                    yield alias.name
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module.split(".")[0] == "refbnn":
+                yield node.module
+
+
+def test_no_module_imports_upward():
+    offences = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = module_name(path)
+        own = rank_of(name)
+        for imported in refbnn_imports(path):
+            if rank_of(imported) > own:
+                offences.append(f"{name} (layer {own}) imports {imported} (layer {rank_of(imported)})")
+    assert not offences, "\n".join(offences)
+
+
+def test_reference_oracle_shares_no_code():
+    path = PACKAGE / "reference.py"
+    assert list(refbnn_imports(path)) == []
