@@ -1,0 +1,171 @@
+"""Numba intrinsics that emit explicit LLVM vector code: bit gathering and 512-bit XOR-popcount.
+
+LLVM's auto-vectoriser is fragile for these loops and, on AVX-512 CPUs, prefers 256-bit vectors
+(``cpu-kernel-notes.md``). These intrinsics write the vector IR directly, so the width is fixed by
+the IR type, not by a tuning heuristic or the user's ``NUMBA_CPU_FEATURES``:
+
+* :func:`neg_bits64` / :func:`nonpos_bits64`: 64 consecutive array elements -> one ``uint64`` word,
+  bit ``i`` = (element ``i`` < 0) resp. (element ``i`` <= 0); an ``fcmp`` on ``<64 x T>`` bitcast to
+  ``i64`` (element 0 -> bit 0).
+* :data:`vec8` is a Numba type whose LLVM value is ``<8 x i64>`` (one zmm register on AVX-512), with
+  :func:`v8_zero`, :func:`v8_load`, :func:`v8_bcast`, :func:`v8_xpa` (``acc + ctpop(a ^ b)`` lane-wise)
+  and :func:`v8_store`. On CPUs without AVX-512 VPOPCNTDQ LLVM lowers the same IR to narrower
+  instructions: still exact, only slower.
+
+Array arguments are raw data pointers plus a flat element index: there is no bounds check and no
+negative-index wrap; callers guarantee the index range.
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic, models, register_model
+
+_I64 = ir.IntType(64)
+_V8 = ir.VectorType(_I64, 8)
+
+
+class Vec8Type(types.Type):
+    """Eight ``uint64`` lanes held as one LLVM ``<8 x i64>`` value."""
+
+    def __init__(self):
+        super().__init__(name="vec8xu64")
+
+
+vec8 = Vec8Type()
+
+
+@register_model(Vec8Type)
+class _Vec8Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _V8)
+
+
+def _elem_ptr(context, builder, aryty, ary_val, index, elem_llty=None):
+    ary = context.make_array(aryty)(context, builder, ary_val)
+    ptr = builder.gep(ary.data, [index])
+    if elem_llty is not None:
+        ptr = builder.bitcast(ptr, ir.PointerType(elem_llty))
+    return ptr
+
+
+def _bits64(cmp_float, cmp_int_op):
+    def impl(typingctx, arr, start):
+        if not isinstance(arr, types.Array) or not isinstance(start, types.Integer):
+            return None
+        dtype = arr.dtype
+        if not isinstance(dtype, (types.Float, types.Integer)):
+            return None
+        sig = types.uint64(arr, start)
+
+        def codegen(context, builder, sig, args):
+            elt = context.get_data_type(dtype)
+            vty = ir.VectorType(elt, 64)
+            ptr = _elem_ptr(context, builder, sig.args[0], args[0], args[1], vty)
+            v = builder.load(ptr, align=dtype.bitwidth // 8)
+            zero = ir.Constant(vty, None)
+            if isinstance(dtype, types.Float):
+                mask = cmp_float(builder, v, zero)
+            else:
+                mask = builder.icmp_signed(cmp_int_op, v, zero)
+            return builder.bitcast(mask, _I64)
+
+        return sig, codegen
+
+    return impl
+
+
+@intrinsic
+def neg_bits64(typingctx, arr, start):
+    """``uint64`` whose bit ``i`` is ``arr[start + i] < 0`` (ordered compare), ``i`` in 0..63."""
+    return _bits64(lambda b, v, z: b.fcmp_ordered("<", v, z), "<")(typingctx, arr, start)
+
+
+@intrinsic
+def nonpos_bits64(typingctx, arr, start):
+    """``uint64`` whose bit ``i`` is ``not (arr[start + i] > 0)``, ``i`` in 0..63."""
+    return _bits64(lambda b, v, z: b.fcmp_unordered("<=", v, z), "<=")(typingctx, arr, start)
+
+
+@intrinsic
+def popcount64(typingctx, x):
+    """Population count of a 64-bit integer via ``llvm.ctpop.i64``; returns int64."""
+    if not isinstance(x, types.Integer):
+        return None
+    sig = types.int64(x)
+
+    def codegen(context, builder, sig, args):
+        v = context.cast(builder, args[0], sig.args[0], types.uint64)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_I64, [_I64]), "llvm.ctpop.i64")
+        return builder.call(fn, [v])
+
+    return sig, codegen
+
+
+@intrinsic
+def v8_zero(typingctx):
+    """All-zero ``<8 x i64>``."""
+    def codegen(context, builder, sig, args):
+        return ir.Constant(_V8, None)
+
+    return vec8(), codegen
+
+
+@intrinsic
+def v8_load(typingctx, arr, index):
+    """Load ``arr[index : index + 8]`` (64-bit elements, unaligned) as one vector."""
+    if not isinstance(arr, types.Array) or arr.dtype.bitwidth != 64:
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = _elem_ptr(context, builder, sig.args[0], args[0], args[1], _V8)
+        return builder.load(ptr, align=8)
+
+    return vec8(arr, index), codegen
+
+
+@intrinsic
+def v8_bcast(typingctx, arr, index):
+    """Broadcast the 64-bit element ``arr[index]`` to all eight lanes."""
+    if not isinstance(arr, types.Array) or arr.dtype.bitwidth != 64:
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = _elem_ptr(context, builder, sig.args[0], args[0], args[1], _I64)
+        s = builder.load(ptr, align=8)
+        v = builder.insert_element(ir.Constant(_V8, ir.Undefined), s, ir.Constant(ir.IntType(32), 0))
+        return builder.shuffle_vector(v, ir.Constant(_V8, ir.Undefined),
+                                      ir.Constant(ir.VectorType(ir.IntType(32), 8), None))
+
+    return vec8(arr, index), codegen
+
+
+@intrinsic
+def v8_xpa(typingctx, acc, a, b):
+    """``acc + ctpop(a ^ b)`` lane-wise (XOR, popcount, accumulate)."""
+    if not (acc == vec8 and a == vec8 and b == vec8):
+        return None
+
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_V8, [_V8]), "llvm.ctpop.v8i64")
+        return builder.add(args[0], builder.call(fn, [builder.xor(args[1], args[2])]))
+
+    return vec8(vec8, vec8, vec8), codegen
+
+
+@intrinsic
+def v8_store(typingctx, arr, index, v):
+    """Store the eight lanes of ``v`` to the int64/uint64 array at ``arr[index : index + 8]``."""
+    if not isinstance(arr, types.Array) or arr.dtype.bitwidth != 64 or v != vec8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = _elem_ptr(context, builder, sig.args[0], args[0], args[1], _V8)
+        builder.store(args[2], ptr, align=8)
+        return context.get_dummy_value()
+
+    return types.none(arr, index, vec8), codegen

@@ -1,0 +1,113 @@
+"""Public packing ops (refbnn.pack_bits / unpack_bits / pack_groups) against refbnn.reference."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import refbnn
+from refbnn import bits
+from refbnn import reference as ref
+
+PACK_DTYPES = [np.float16, np.float32, np.float64, np.int8, np.int16, np.int32, np.int64]
+
+
+@st.composite
+def signed_arrays(draw, min_dims=1, max_dims=4, max_side=9, max_last=150):
+    """Arrays of a packable dtype, rich in exact zeros and -0.0 (the sign_at_zero edge)."""
+    dtype = np.dtype(draw(st.sampled_from(PACK_DTYPES)))
+    ndim = draw(st.integers(min_dims, max_dims))
+    shape = tuple(draw(st.integers(1, max_side)) for _ in range(ndim - 1))
+    shape += (draw(st.integers(1, max_last)),)
+    if dtype.kind == "f":
+        elems = st.sampled_from([0.0, -0.0, 1.5, -2.0, 1e-30, -1e-30, np.inf, -np.inf]) | \
+            st.floats(-4, 4, width=16)
+    else:
+        elems = st.integers(-3, 3)
+    return draw(hnp.arrays(dtype, shape, elements=elems))
+
+
+@given(signed_arrays(), st.sampled_from([1, -1]), st.sampled_from([64, 32]), st.data())
+def test_pack_bits_equals_reference(x, saz, word_bits, data):
+    axis = data.draw(st.integers(-x.ndim, x.ndim - 1))
+    got = refbnn.pack_bits(x, axis=axis, word_bits=word_bits, sign_at_zero=saz)
+    want = np.moveaxis(ref.pack(np.moveaxis(x, axis, -1), word_bits, saz), -1, axis)
+    assert got.dtype == (np.uint64 if word_bits == 64 else np.int32)
+    assert got.shape == want.shape
+    assert np.array_equal(got.view(want.dtype), want)
+
+
+@given(signed_arrays(), st.sampled_from([1, -1]), st.sampled_from([64, 32]),
+       st.sampled_from([np.int8, np.float32]))
+def test_unpack_inverts_pack(x, saz, word_bits, dtype):
+    n = x.shape[-1]
+    packed = refbnn.pack_bits(x, word_bits=word_bits, sign_at_zero=saz)
+    got = refbnn.unpack_bits(packed, n, word_bits=word_bits, dtype=dtype)
+    assert got.dtype == dtype
+    assert np.array_equal(got, ref.sign(x, saz))
+
+
+@given(signed_arrays(min_dims=2, max_dims=3), st.data())
+def test_unpack_along_axis_matches_reference(x, data):
+    axis = data.draw(st.integers(0, x.ndim - 1))
+    words = np.moveaxis(ref.pack(np.moveaxis(x, axis, -1)), -1, axis)
+    n = x.shape[axis]
+    want = np.moveaxis(ref.unpack(np.moveaxis(words, axis, -1), n), -1, axis)
+    assert np.array_equal(refbnn.unpack_bits(words, n, axis=axis), want)
+
+
+@given(signed_arrays(min_dims=2, max_dims=2, max_last=200))
+def test_64_32_word_conversion_round_trip(x):
+    n = x.shape[-1]
+    w64 = refbnn.pack_bits(x)
+    w32 = bits.words64_to_words32(w64, n)
+    assert np.array_equal(w32.view(np.uint32), ref.pack(x, 32))
+    assert np.array_equal(bits.words32_to_words64(w32, n), w64)
+
+
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 4), st.integers(1, 90),
+       st.sampled_from([1, -1]), st.data())
+def test_pack_groups_each_group_starts_at_bit_zero(n, h, groups, cg, saz, data):
+    x = data.draw(hnp.arrays(np.float32, (n, h, 2, groups * cg),
+                             elements=st.sampled_from([0.0, -0.0, 1.0, -1.0, 0.5, -3.0])))
+    got = refbnn.pack_groups(x, groups, sign_at_zero=saz)
+    want = np.stack([ref.pack(x[..., g * cg:(g + 1) * cg], 64, saz) for g in range(groups)],
+                    axis=3)
+    assert np.array_equal(got, want)
+    if cg % 64 == 0:
+        assert np.array_equal(got.reshape(n, h, 2, -1), refbnn.pack_bits(x, sign_at_zero=saz))
+
+
+def test_sign_is_bits_sign():
+    x = np.array([-1.0, -0.0, 0.0, 2.0])
+    assert refbnn.sign is bits.sign
+    assert np.array_equal(refbnn.sign(x), [-1, 1, 1, 1])
+    assert np.array_equal(refbnn.sign(x, -1), [-1, -1, -1, 1])
+
+
+def test_pack_large_multiword_rows():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 7, 300)).astype(np.float32)
+    x[0, 0, :64] = -0.0
+    assert np.array_equal(refbnn.pack_bits(x), ref.pack(x))
+    assert np.array_equal(refbnn.pack_bits(x, sign_at_zero=-1), ref.pack(x, 64, -1))
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: refbnn.pack_bits(np.array([1.0, np.nan])), "NaN"),
+    (lambda: refbnn.pack_bits(np.ones(3), word_bits=16), "word_bits"),
+    (lambda: refbnn.pack_bits(np.ones(3), sign_at_zero=0), "sign_at_zero"),
+    (lambda: refbnn.pack_bits(np.ones(3, np.uint8)), "dtype"),
+    (lambda: refbnn.pack_bits(np.ones(3), axis=1), "axis"),
+    (lambda: refbnn.pack_bits(np.float32(1.0)), "1-D"),
+    (lambda: refbnn.unpack_bits(np.zeros(2, np.uint64), 65 + 64), "words"),
+    (lambda: refbnn.unpack_bits(np.zeros(2, np.int32), 64), "uint64"),
+    (lambda: refbnn.unpack_bits(np.zeros(1, np.uint64), 3, dtype=np.float64), "dtype"),
+    (lambda: refbnn.pack_groups(np.ones((1, 1, 1, 6)), 4), "divide"),
+    (lambda: refbnn.pack_groups(np.ones((1, 1, 6)), 2), "4-D"),
+])
+def test_bad_input_raises_one_line_value_error(call, match):
+    with pytest.raises(ValueError, match=match) as info:
+        call()
+    assert "\n" not in str(info.value)
