@@ -15,6 +15,8 @@ RANKS = {
     "refbnn.ops": 2,
     "refbnn": 2,  # the package facade re-exports the public ops
     "refbnn.data": 2,
+    "refbnn.plot": 2,
+    "refbnn.cli_util": 2,
     "refbnn.nn": 3,
     "refbnn.models": 4,
     "refbnn.training": 5,

@@ -1,0 +1,171 @@
+"""The one network family behind every preset: stem -> [bridge] -> stages of basic blocks -> head.
+
+Layer names follow the official Bi-Real Net PyTorch code, so state dicts map one to one:
+``conv1``, ``bn1``, ``layer{s}.{i}.binary_conv``, ``layer{s}.{i}.bn1``,
+``layer{s}.0.downsample.{0: AvgPool, 1: 1x1 conv, 2: BN}``, ``fc``; FTBNN adds
+``layer{s}.{i}.nonlinear`` and the derived models ``bridge.{binary_conv, bn1, nonlinear}``.
+
+Every module computes NCHW float32 and has an explicit ``backward``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from refbnn import nn
+from refbnn.models.config import resolve
+
+
+def make_nonlinearity(kind: str, channels: int):
+    """``None`` for ``"none"``, else a fresh ReLU / PReLU (init 0.25) / FPReLU (slopes 1)."""
+    if kind == "none":
+        return None
+    if kind == "relu":
+        return nn.ReLU()
+    if kind == "prelu":
+        return nn.PReLU(channels)
+    if kind == "fprelu":
+        return nn.FPReLU(channels)
+    raise ValueError(f"unknown nonlinearity {kind!r}")
+
+
+class BasicBlock(nn.Module):
+    """``out = BN(BinaryConv3x3(sign(x)))``; ``y = out + shortcut(x)`` with an optional non-linearity
+    after the add (``after_add``) or on the branch before it (``before_add``).
+
+    ``shortcut`` is the identity when ``downsample`` is ``None``.
+    """
+
+    def __init__(self, cin, cout, stride, groups, binary, downsample=None, nonlinear=None,
+                 position="after_add"):
+        super().__init__()
+        self.binary_conv = nn.BinaryConv2d(cin, cout, 3, stride=stride, padding=1, groups=groups, **binary)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.downsample = downsample  # a Module attribute registers itself; None stays unregistered
+        self.nonlinear = nonlinear
+        self.position = position
+
+    def forward(self, x):
+        out = self.bn1(self.binary_conv(x))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        if self.nonlinear is not None and self.position == "before_add":
+            out = self.nonlinear(out)
+        y = out + shortcut
+        if self.nonlinear is not None and self.position == "after_add":
+            y = self.nonlinear(y)
+        return y
+
+    def backward(self, grad):
+        if self.nonlinear is not None and self.position == "after_add":
+            grad = self.nonlinear.backward(grad)
+        g_branch = grad
+        if self.nonlinear is not None and self.position == "before_add":
+            g_branch = self.nonlinear.backward(g_branch)
+        gx = self.binary_conv.backward(self.bn1.backward(g_branch))
+        return gx + (grad if self.downsample is None else self.downsample.backward(grad))
+
+    def extra_repr(self):
+        return f"position={self.position}"
+
+
+class Bridge(nn.Module):
+    """Derived models: ``nonlinear(BN(BinaryConv3x3(sign(x))))`` from the stem width to stage 1's."""
+
+    def __init__(self, cin, cout, binary, nonlinear=None):
+        super().__init__()
+        self.binary_conv = nn.BinaryConv2d(cin, cout, 3, stride=1, padding=1, **binary)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.nonlinear = nonlinear
+
+    def forward(self, x):
+        y = self.bn1(self.binary_conv(x))
+        return y if self.nonlinear is None else self.nonlinear(y)
+
+    def backward(self, grad):
+        if self.nonlinear is not None:
+            grad = self.nonlinear.backward(grad)
+        return self.binary_conv.backward(self.bn1.backward(grad))
+
+
+def make_downsample(kind, cin, cout, rgroups, binary):
+    """Shortcut of a stride-2 block. The 2x2 average pool uses ``ceil_mode`` so that odd sizes
+    (7 -> 4) match the stride-2 conv's output, averaging only the in-bounds pixels."""
+    pool = nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False)
+    if kind == "real":
+        return nn.Sequential(pool, nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+    if kind == "binary":
+        return nn.Sequential(pool, nn.BinaryConv2d(cin, cout, 1, padding=0, **binary), nn.BatchNorm2d(cout))
+    if kind == "cheap":
+        return nn.Sequential(pool, nn.ChannelRepeat(cout // cin))
+    raise ValueError(f"unknown downsample {kind!r}")
+
+
+class BNNResNet(nn.Module):
+    """Bi-Real Net / FTBNN / derived FTBNN, built from a config (see :mod:`refbnn.models.config`).
+
+    Input ``(N, C, H, W)`` float32 normalised images; output ``(N, num_classes)`` logits.
+    """
+
+    def __init__(self, config: dict):
+        super().__init__()
+        cfg = resolve(config)
+        self.config = cfg
+        cin = cfg["input_shape"][0]
+        k, s = cfg["stem_kernel"], cfg["stem_stride"]
+        self.conv1 = nn.Conv2d(cin, cfg["stem_channels"], k, stride=s, padding=k // 2, bias=False)
+        self.bn1 = nn.BatchNorm2d(cfg["stem_channels"])
+        self.maxpool = nn.MaxPool2d(3, 2, 1) if cfg["stem_pool"] else None
+        binary = {"scale": cfg["scale"], "sign_at_zero": cfg["sign_at_zero"],
+                  "act_grad": cfg["act_grad"], "pad_value": cfg["pad_value"]}
+        prev = cfg["stem_channels"]
+        kinds, positions = cfg["nonlinearity"], cfg["nonlinearity_position"]
+        self.bridge = None
+        if cfg["bridge_channels"] is not None:
+            # the bridge's non-linearity: FPReLU whenever the blocks use any non-linearity
+            bridge_nl = "fprelu" if any(kd != "none" for kd in kinds) else "none"
+            self.bridge = Bridge(prev, cfg["bridge_channels"], binary,
+                                 make_nonlinearity(bridge_nl, cfg["bridge_channels"]))
+            prev = cfg["bridge_channels"]
+        index = 0
+        self.stages = []
+        for si, (width, nblocks) in enumerate(zip(cfg["widths"], cfg["blocks"])):
+            blocks = []
+            for bi in range(nblocks):
+                stride = 2 if (si > 0 and bi == 0) else 1
+                groups = cfg["reduction_groups"] if stride == 2 else cfg["groups"]
+                down = None
+                if stride != 1 or prev != width:
+                    down = make_downsample(cfg["downsample"], prev, width, groups, binary)
+                blocks.append(BasicBlock(prev, width, stride, groups, binary, down,
+                                         make_nonlinearity(kinds[index], width), positions[index]))
+                prev = width
+                index += 1
+            stage = nn.Sequential(*blocks)
+            self.add_module(f"layer{si + 1}", stage)
+            self.stages.append(stage)
+        self.avgpool = nn.GlobalAvgPool2d()
+        self.fc = nn.Linear(prev, cfg["num_classes"], bias=True)
+
+    def features(self, x):
+        """Everything up to and including the global average pool: ``(N, C_last)``."""
+        x = self.bn1(self.conv1(x))
+        if self.maxpool is not None:
+            x = self.maxpool(x)
+        if self.bridge is not None:
+            x = self.bridge(x)
+        for stage in self.stages:
+            x = stage(x)
+        return self.avgpool(x)
+
+    def forward(self, x):
+        return self.fc(self.features(np.asarray(x, dtype=np.float32)))
+
+    def backward(self, grad):
+        grad = self.avgpool.backward(self.fc.backward(grad))
+        for stage in reversed(self.stages):
+            grad = stage.backward(grad)
+        if self.bridge is not None:
+            grad = self.bridge.backward(grad)
+        if self.maxpool is not None:
+            grad = self.maxpool.backward(grad)
+        return self.conv1.backward(self.bn1.backward(grad))
