@@ -1,0 +1,214 @@
+"""Stateless array helpers shared by the layers: padding, im2col/col2im and the conv GEMMs.
+
+Layout: NCHW images, OIHW kernels (PyTorch). Every function computes in the dtype of its input
+(float32 in training, float64 in gradient checks); nothing here binarizes.
+
+Convolution is cross-correlation (no kernel flip), computed as one GEMM per group:
+``cols[(c, a, b), (n, i, j)] = xpad[n, c, i*sh + a*dh, j*sw + b*dw]`` and
+``y[n, g*Og + o, i, j] = sum_k w[g*Og + o, k] * cols[g*Kg + k, (n, i, j)]`` with ``k = (c, a, b)``
+flattened C-order within the group. The float summation order inside each dot product is
+BLAS's; for +-1 operands every partial sum is an integer of magnitude <= K, so the result is
+exact while K < 2**24.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+from refbnn.nn import _conv_kernels as _k
+
+
+def pair(v, what: str = "value") -> tuple[int, int]:
+    """``v`` as an ``(int, int)`` pair; ints are repeated. Raises ``ValueError`` otherwise."""
+    if isinstance(v, (int, np.integer)):
+        return int(v), int(v)
+    t = tuple(v)
+    if len(t) != 2 or not all(isinstance(e, (int, np.integer)) for e in t):
+        raise ValueError(f"{what} must be an int or a pair of ints, got {v!r}")
+    return int(t[0]), int(t[1])
+
+
+def out_size(n: int, k: int, s: int, p: int, d: int = 1) -> int:
+    """Output length of a sliding window: ``floor((n + 2p - d(k-1) - 1) / s) + 1`` (PyTorch)."""
+    return (n + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def pad_hw(x: np.ndarray, ph: int, pw: int, value: float = 0.0) -> np.ndarray:
+    """``x`` (N, C, H, W) padded symmetrically by ``ph`` rows and ``pw`` columns of ``value``.
+
+    Returns ``x`` itself (no copy) when there is nothing to pad.
+    """
+    if ph == 0 and pw == 0:
+        return x
+    n, c, h, w = x.shape
+    out = np.empty((n, c, h + 2 * ph, w + 2 * pw), dtype=x.dtype)
+    if value == 0.0:
+        # Zero only the border, not the whole buffer.
+        out[:, :, :ph] = 0
+        out[:, :, h + ph:] = 0
+        out[:, :, :, :pw] = 0
+        out[:, :, :, w + pw:] = 0
+    else:
+        out[:, :, :ph] = value
+        out[:, :, h + ph:] = value
+        out[:, :, :, :pw] = value
+        out[:, :, :, w + pw:] = value
+    out[:, :, ph:ph + h, pw:pw + w] = x
+    return out
+
+
+def window_view(xp: np.ndarray, kh, kw, sh, sw, dh, dw, oh, ow) -> np.ndarray:
+    """Read-only strided view ``v[n, c, a, b, i, j] = xp[n, c, i*sh + a*dh, j*sw + b*dw]``."""
+    sn, sc, s_h, s_w = xp.strides
+    n, c = xp.shape[:2]
+    return as_strided(xp, shape=(n, c, kh, kw, oh, ow),
+                      strides=(sn, sc, s_h * dh, s_w * dw, s_h * sh, s_w * sw), writeable=False)
+
+
+BINARIZE_MODES = {None: 0, 1: 1, -1: -1, 0: 2}
+
+
+def binarize(x: np.ndarray, sign_at_zero) -> np.ndarray:
+    """``+-1`` in the dtype of ``x``: sign_at_zero 1 -> ``x >= 0 -> +1``; -1 -> ``x > 0 -> +1``;
+    0 -> ``np.sign`` (ternary, 0 -> 0). ``None`` returns ``x`` unchanged."""
+    if sign_at_zero is None:
+        return x
+    one = x.dtype.type(1)
+    if sign_at_zero == 1:
+        return np.where(x >= 0, one, -one)
+    if sign_at_zero == -1:
+        return np.where(x > 0, one, -one)
+    return np.sign(x)
+
+
+def im2col_reference(x, kh, kw, sh, sw, ph, pw, dh, dw, pad_value=0.0, sign_at_zero=None):
+    """NumPy oracle of the column matrix ``(C*KH*KW, N*OH*OW)`` (``_conv_kernels`` layout):
+    binarize (optional), pad with ``pad_value``, gather windows."""
+    n, c, h, w = x.shape
+    oh, ow = out_size(h, kh, sh, ph, dh), out_size(w, kw, sw, pw, dw)
+    xp = pad_hw(binarize(x, sign_at_zero), ph, pw, pad_value)
+    v = window_view(xp, kh, kw, sh, sw, dh, dw, oh, ow)  # (N, C, KH, KW, OH, OW)
+    return np.ascontiguousarray(v.transpose(1, 2, 3, 0, 4, 5)).reshape(c * kh * kw, n * oh * ow)
+
+
+def col2im_reference(dcols, x_shape, kh, kw, sh, sw, ph, pw, dh, dw):
+    """NumPy oracle of the adjoint: scatter-add ``dcols`` into zeros of the padded shape, taps in
+    (a, b) order, then drop the padding. Returns (N, C, H, W)."""
+    n, c, h, w = x_shape
+    oh, ow = out_size(h, kh, sh, ph, dh), out_size(w, kw, sw, pw, dw)
+    d6 = dcols.reshape(c, kh, kw, n, oh, ow)
+    dxp = np.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=dcols.dtype)
+    for a in range(kh):
+        for b in range(kw):
+            dxp[:, :, a * dh: a * dh + (oh - 1) * sh + 1: sh,
+                b * dw: b * dw + (ow - 1) * sw + 1: sw] += d6[:, a, b].transpose(1, 0, 2, 3)
+    return dxp[:, :, ph:ph + h, pw:pw + w].copy()
+
+
+class ConvGeometry:
+    """Shapes of one convolution call: input (N, C, H, W), kernel (O, C/g, KH, KW)."""
+
+    __slots__ = ("c", "dh", "dw", "groups", "h", "kh", "kw", "n", "o", "oh", "ow", "ph", "pw",
+                 "sh", "sw", "w")
+
+    def __init__(self, x_shape, w_shape, stride, padding, dilation, groups):
+        if len(x_shape) != 4:
+            raise ValueError(f"conv input must be (N, C, H, W), got shape {tuple(x_shape)}")
+        self.n, self.c, self.h, self.w = x_shape
+        self.o, cg, self.kh, self.kw = w_shape
+        self.sh, self.sw = stride
+        self.ph, self.pw = padding
+        self.dh, self.dw = dilation
+        self.groups = groups
+        if cg * groups != self.c:
+            raise ValueError(f"input has {self.c} channels, kernel expects {cg} x {groups} groups")
+        self.oh = out_size(self.h, self.kh, self.sh, self.ph, self.dh)
+        self.ow = out_size(self.w, self.kw, self.sw, self.pw, self.dw)
+        if self.oh < 1 or self.ow < 1:
+            raise ValueError(f"input {self.h}x{self.w} is smaller than the kernel window")
+
+    @property
+    def args(self):
+        """``(kh, kw, sh, sw, ph, pw, dh, dw)`` as the kernels and oracles take them."""
+        return self.kh, self.kw, self.sh, self.sw, self.ph, self.pw, self.dh, self.dw
+
+    @property
+    def cols_shape(self):
+        return self.c * self.kh * self.kw, self.n * self.oh * self.ow
+
+
+def im2col(x, geom: ConvGeometry, pad_value=0.0, sign_at_zero=None, out=None):
+    """Fast :func:`im2col_reference` (Numba, exact copy). ``out`` is reused if it fits."""
+    if out is None or out.shape != geom.cols_shape or out.dtype != x.dtype:
+        out = np.empty(geom.cols_shape, dtype=x.dtype)
+    mode = BINARIZE_MODES[sign_at_zero]
+    _k.im2col_kernel(np.ascontiguousarray(x), *geom.args[:2], geom.sh, geom.sw, geom.ph, geom.pw,
+                     geom.dh, geom.dw, geom.oh, geom.ow, float(pad_value), mode, out)
+    return out
+
+
+def col2im(dcols, geom: ConvGeometry):
+    """Fast :func:`col2im_reference` (Numba; same additions in the same order, so equal exactly)."""
+    dx = np.empty((geom.n, geom.c, geom.h, geom.w), dtype=dcols.dtype)
+    _k.col2im_kernel(dcols, geom.kh, geom.kw, geom.sh, geom.sw, geom.ph, geom.pw, geom.dh,
+                     geom.dw, geom.oh, geom.ow, dx)
+    return dx
+
+
+_SCRATCH: dict = {}
+
+
+def scratch(tag: str, shape, dtype) -> np.ndarray:
+    """A reusable uninitialised buffer (one per tag, shape and dtype) for temporaries that do not
+    outlive a call; avoids re-faulting large fresh pages on every step. Not thread-safe."""
+    key = (tag, tuple(shape), np.dtype(dtype))
+    buf = _SCRATCH.get(key)
+    if buf is None:
+        if len(_SCRATCH) > 64:
+            _SCRATCH.clear()
+        buf = _SCRATCH[key] = np.empty(shape, dtype=dtype)
+    return buf
+
+
+def conv2d_gemm(cols, w, geom: ConvGeometry):
+    """``y`` (N, O, OH, OW) from columns and ``w`` (O, C/g, KH, KW): one GEMM per group over the
+    batch, ``ym[g] = w[g] (O/g, K/g) @ cols[g] (K/g, N*P)``, then reordered to NCHW."""
+    g = geom.groups
+    p = geom.oh * geom.ow
+    wm = w.reshape(g, geom.o // g, -1)
+    ym = scratch("conv_y", (g, geom.o // g, geom.n * p), cols.dtype)
+    np.matmul(wm, cols.reshape(g, -1, geom.n * p), out=ym)
+    y = np.empty((geom.n, geom.o, p), dtype=cols.dtype)
+    np.copyto(y, ym.reshape(geom.o, geom.n, p).transpose(1, 0, 2))
+    return y.reshape(geom.n, geom.o, geom.oh, geom.ow)
+
+
+def conv2d_backward(dy, cols, w, geom: ConvGeometry, need_input_grad=True):
+    """Gradients of ``y = conv2d_gemm(cols, w)`` -> ``(dcols, dw)``.
+
+    ``dw`` (shape of ``w``) ``= dy_m @ cols.T`` per group; ``dcols`` (C*KH*KW, N*P) ``= w.T @ dy_m``
+    (None unless ``need_input_grad``); pass it to :func:`col2im` for the input gradient. ``dy`` is
+    (N, O, OH, OW); everything is computed in the dtype of ``cols``.
+    """
+    g = geom.groups
+    p = geom.oh * geom.ow
+    og = geom.o // g
+    dym = scratch("conv_dy", (geom.o, geom.n, p), cols.dtype)
+    np.copyto(dym, dy.reshape(geom.n, geom.o, p).transpose(1, 0, 2))
+    dym = dym.reshape(g, og, geom.n * p)
+    colsg = cols.reshape(g, -1, geom.n * p)
+    dw = np.matmul(dym, colsg.transpose(0, 2, 1)).reshape(w.shape)
+    dcols = None
+    if need_input_grad:
+        wm = w.reshape(g, og, -1).astype(cols.dtype, copy=False)
+        dcols = scratch("conv_dcols", colsg.shape, cols.dtype)
+        np.matmul(wm.transpose(0, 2, 1), dym, out=dcols)
+        dcols = dcols.reshape(geom.cols_shape)
+    return dcols, dw
+
+
+def conv2d(x, w, stride=1, padding=0, dilation=1, groups=1, pad_value=0.0):
+    """Plain float cross-correlation, NCHW/OIHW (PyTorch ``conv2d`` semantics, no bias)."""
+    geom = ConvGeometry(x.shape, w.shape, pair(stride), pair(padding), pair(dilation), groups)
+    return conv2d_gemm(im2col(x, geom, pad_value), w.astype(x.dtype, copy=False), geom)
