@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 NONLINEARITIES = ("none", "relu", "prelu", "fprelu")
 POSITIONS = ("after_add", "before_add")
@@ -98,8 +99,24 @@ def expand_nonlinearity(preset: str, blocks: list[int]) -> tuple[list[str], list
     raise ConfigError(f"unknown non-linearity preset {preset!r}; known: {', '.join(NONLINEARITY_PRESETS)}")
 
 
-def _scaled(width: int, multiplier: float) -> int:
-    return max(1, round(width * multiplier))
+def scale_widths(cfg: dict, m: float) -> None:
+    """Apply width multiplier ``m`` in place, keeping the network valid: stage 1 is rounded to a
+    multiple of ``lcm(groups, reduction_groups)``; later stages keep their integer ratio to stage 1
+    (so doubling widths still double); the stem and bridge are rounded, and a stem that equalled
+    stage 1 still does."""
+    unit = math.lcm(int(cfg["groups"]), int(cfg["reduction_groups"]))
+    widths = [int(w) for w in cfg["widths"]]
+    first = max(unit, round(widths[0] * m / unit) * unit)
+    if all(w % widths[0] == 0 for w in widths):
+        scaled = [first * (w // widths[0]) for w in widths]
+    else:
+        scaled = [max(unit, round(w * m / unit) * unit) for w in widths]
+    stem = int(cfg["stem_channels"])
+    cfg["stem_channels"] = first if stem == widths[0] else max(1, round(stem * m))
+    if cfg["bridge_channels"] is not None:
+        bridge = int(cfg["bridge_channels"])
+        cfg["bridge_channels"] = first if bridge == widths[0] else max(unit, round(bridge * m / unit) * unit)
+    cfg["widths"] = scaled
 
 
 def resolve(config: dict) -> dict:
@@ -120,10 +137,7 @@ def resolve(config: dict) -> dict:
         cfg["stem_pool"] = not small
     m = float(cfg["width_multiplier"])
     if m != 1.0:
-        cfg["widths"] = [_scaled(v, m) for v in cfg["widths"]]
-        cfg["stem_channels"] = _scaled(cfg["stem_channels"], m)
-        if cfg["bridge_channels"] is not None:
-            cfg["bridge_channels"] = _scaled(cfg["bridge_channels"], m)
+        scale_widths(cfg, m)
         cfg["width_multiplier"] = 1.0  # applied: resolving again changes nothing
     n = sum(int(b) for b in cfg["blocks"])
     nl, pos = cfg["nonlinearity"], cfg["nonlinearity_position"]

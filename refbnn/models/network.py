@@ -146,6 +146,11 @@ class BNNResNet(nn.Module):
         self.avgpool = nn.GlobalAvgPool2d()
         self.fc = nn.Linear(prev, cfg["num_classes"], bias=True)
 
+    def binary_weights(self) -> dict:
+        """``{state-dict name: {"groups": g, "sign_at_zero": s}}`` for every binary layer's weight."""
+        return {f"{name}.weight": {"groups": m.groups, "sign_at_zero": m.sign_at_zero}
+                for name, m in self.named_modules() if isinstance(m, (nn.BinaryConv2d, nn.BinaryLinear))}
+
     def features(self, x):
         """Everything up to and including the global average pool: ``(N, C_last)``."""
         x = self.bn1(self.conv1(x))
