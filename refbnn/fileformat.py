@@ -288,7 +288,11 @@ def _as_tensor(what: str, value) -> np.ndarray:
     return np.asarray(arr, dtype=arr.dtype.newbyteorder("<"), order="C")  # keeps 0-d arrays 0-d
 
 
-def _binary_specs(state_dict: Mapping, binary_weights: Mapping | None) -> dict[str, BinaryWeight]:
+def _binary_specs(state_dict: Mapping, binary_weights: Mapping | None,
+                  drop_latent: bool) -> dict[str, BinaryWeight]:
+    """Validated packing options per binary weight. ``sign_at_zero=0`` (ternary ``torch.sign``)
+    weights cannot be packed: they are left out (stored as plain tensors), or refused when the latent
+    weights are to be dropped."""
     specs = {}
     for name, spec in (binary_weights or {}).items():
         if name not in state_dict:
@@ -305,7 +309,13 @@ def _binary_specs(state_dict: Mapping, binary_weights: Mapping | None) -> dict[s
                 or shape[0] % groups:
             raise ValueError(f"binary weight {name!r}: groups={groups!r} must be an int >= 1 "
                              f"dividing O={shape[0]}")
-        sign_at_zero = check_sign_at_zero(spec.get("sign_at_zero", 1))
+        sign_at_zero = spec.get("sign_at_zero", 1)
+        if sign_at_zero == 0 and not isinstance(sign_at_zero, bool):
+            if drop_latent:
+                raise ValueError(f"binary weight {name!r} uses sign_at_zero=0 (ternary torch.sign), "
+                                 "which one bit cannot hold: no packed-only export")
+            continue
+        sign_at_zero = check_sign_at_zero(sign_at_zero)
         specs[name] = BinaryWeight(tuple(int(n) for n in shape), int(groups), sign_at_zero)
     return specs
 
@@ -314,7 +324,7 @@ def _atomic_write(path, attrs: dict, state_dict: Mapping, binary_weights: Mappin
                   drop_latent: bool, optimizer: tuple | None = None) -> None:
     if not isinstance(state_dict, Mapping):
         raise ValueError("state_dict must be a mapping name -> array")
-    specs = _binary_specs(state_dict, binary_weights)
+    specs = _binary_specs(state_dict, binary_weights, drop_latent)
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{secrets.token_hex(8)}")
     try:
@@ -384,6 +394,8 @@ def load(path, expect: Mapping | None = None) -> LoadedFile:
     exactly these names. A missing file raises ``FileNotFoundError``.
     """
     path = str(path)
+    if expect is not None:
+        expect = _normalize_expect(expect)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file")
     try:
@@ -568,6 +580,7 @@ class _Reader:
                     self._add_entry(entries, f"{name}.{leaf}", leaf, ds, dpath)
             else:
                 self._add_entry(entries, name, name, obj, hpath)
+
         for e in entries.values():
             if e.packed is not None and e.latent is None and out.kind != "packed":
                 raise self.error(e.hpath, f"missing latent binary weight (a {out.kind!r} file "
@@ -593,6 +606,8 @@ class _Reader:
                 out.binary[key] = e.binary
 
     def _add_entry(self, entries, key: str, leaf: str, ds, hpath: str) -> None:
+        if "." in leaf:
+            raise self.error(hpath, "a tensor's dataset name must not contain '.'")
         if leaf.endswith(PACKED_SUFFIX):
             self._check_dataset(ds, hpath, PACKED_ATTRS)
             binary = self._packed_attrs(ds, hpath, leaf)
@@ -664,17 +679,14 @@ class _Reader:
             if key not in expect:
                 raise self.error(e.hpath if e.latent is not None else e.hpath + PACKED_SUFFIX,
                                  f"unexpected tensor {key!r} (not in the expected names)")
-            want = expect[key]
-            if hasattr(want, "shape"):
-                shape, dtype = tuple(want.shape), getattr(want, "dtype", None)
-            else:
-                shape, dtype = tuple(want), None
+            shape, dtype = expect[key]
             have = e.latent.shape if e.latent is not None else e.binary.shape
             if tuple(have) != shape:
                 raise self.error(e.hpath if e.latent is not None else e.hpath + PACKED_SUFFIX,
                                  f"shape {tuple(have)} but expected {shape}")
-            if dtype is not None and e.latent is not None and e.latent.dtype != np.dtype(dtype):
-                raise self.error(e.hpath, f"dtype {e.latent.dtype} but expected {np.dtype(dtype)}")
+            if dtype is not None and e.latent is not None and e.latent.dtype != dtype:
+                raise self.error(e.hpath, f"dtype {e.latent.dtype} but expected {dtype}")
+
 
     # -- /optimizer ------------------------------------------------------------------------------
     def _read_optimizer(self, out: LoadedFile) -> None:
@@ -686,6 +698,24 @@ class _Reader:
             ds, hpath = self._member(group, gpath, name)
             self._check_dataset(ds, hpath)
             out.optimizer_state[name] = self._data(ds, hpath)
+
+
+def _normalize_expect(expect: Mapping) -> dict[str, tuple[tuple[int, ...], np.dtype | None]]:
+    """``expect`` as name -> (shape, dtype or None); a bad ``expect`` is the caller's ``ValueError``."""
+    if not isinstance(expect, Mapping):
+        raise ValueError("expect must be a mapping name -> array or shape tuple")
+    out = {}
+    for name, want in expect.items():
+        try:
+            if hasattr(want, "shape"):
+                dtype = getattr(want, "dtype", None)
+                out[name] = (tuple(int(n) for n in want.shape),
+                             None if dtype is None else np.dtype(dtype))
+            else:
+                out[name] = (tuple(int(n) for n in want), None)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"expect[{name!r}] must be a NumPy array or a shape tuple ({e})") from e
+    return out
 
 
 def _split_key_lenient(key: str) -> tuple[str, str]:

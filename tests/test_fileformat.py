@@ -271,6 +271,9 @@ DAMAGE = {
                   "/model/fc/alias", "hard links"),
     "nested group": (lambda f: f["model/fc"].create_group("inner"), "/model/fc/inner",
                      "must be a dataset"),
+    "dataset name with a dot": (
+        lambda f: f["model/fc"].create_dataset("w.x", data=np.zeros(2, np.float32)),
+        "/model/fc/w.x", "must not contain '.'"),
     "compressed dataset": (
         lambda f: (f["model/fc"].__delitem__("bias"),
                    f["model/fc"].create_dataset("bias", data=np.zeros(10, np.float32),
@@ -354,6 +357,14 @@ def test_expect_catches_missing_extra_shape_and_dtype(tmp_path, change, hpath, w
     assert str(path) in str(info.value)
 
 
+def test_bad_expect_is_the_callers_value_error(tmp_path):
+    path = tmp_path / "m.h5"
+    save_synthetic(path)
+    with pytest.raises(ValueError, match=r"expect\['fc.bias'\]") as info:
+        ff.load(path, expect={"fc.bias": "ten"})
+    assert not isinstance(info.value, FormatError)
+
+
 def test_expect_on_packed_only_file_uses_the_unpacked_shape(tmp_path):
     path = tmp_path / "p.h5"
     state, _ = save_synthetic(path, packed_only=True)
@@ -420,7 +431,7 @@ def test_nan_latent_binary_weight_is_refused_mid_write(tmp_path):
     ({"a.b": np.zeros(1, bool)}, {}, {}, "unsupported dtype bool"),
     ({"a.w": np.zeros((4, 2))}, {"a.v": {}}, {}, "not a state_dict key"),
     ({"a.w": np.zeros((4, 2))}, {"a.w": {"groups": 3}}, {}, "groups=3"),
-    ({"a.w": np.zeros((4, 2))}, {"a.w": {"sign_at_zero": 0}}, {}, "sign_at_zero"),
+    ({"a.w": np.zeros((4, 2))}, {"a.w": {"sign_at_zero": 2}}, {}, "sign_at_zero"),
     ({"a.w": np.zeros((4, 2))}, {"a.w": {"group": 2}}, {}, "unknown options"),
     ({"a.w": np.zeros(4)}, {"a.w": {}}, {}, "2-4 axes"),
     ({"a.w": np.zeros((4, 2), np.int32)}, {"a.w": {}}, {}, "float array"),
@@ -438,6 +449,20 @@ def test_bad_save_arguments_raise_value_error_and_write_nothing(tmp_path, state,
         ff.save_model(tmp_path / "m.h5", state, binary_weights=binary, **kw)
     assert words in str(info.value), str(info.value)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ternary_sign_weights_are_stored_unpacked_and_cannot_be_exported(tmp_path):
+    state, _ = synthetic_state()
+    binary = {"fc.weight": {"sign_at_zero": 0}, "layer1.1.conv.weight": {}}
+    ff.save_model(tmp_path / "m.h5", state, config={}, binary_weights=binary)
+    f = ff.load(tmp_path / "m.h5", expect=state)
+    assert list(f.packed) == ["layer1.1.conv.weight"]
+    assert_bit_equal(f.state_dict["fc.weight"], state["fc.weight"], "fc.weight")
+    with h5py.File(tmp_path / "m.h5", "r") as h:
+        assert list(h["model/fc"]) == ["weight", "bias"]
+    with pytest.raises(ValueError, match="sign_at_zero=0"):
+        ff.save_model(tmp_path / "p.h5", state, config={}, binary_weights=binary, packed_only=True)
+    assert not (tmp_path / "p.h5").exists()
 
 
 def test_bad_checkpoint_arguments(tmp_path):
