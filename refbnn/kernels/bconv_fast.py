@@ -1,0 +1,127 @@
+"""Fast binary 2-D convolution: register-blocked ``<8 x i64>`` XOR-popcount on padded packed NHWC.
+
+One kernel, :func:`bconv_fast`, serves every stride, dilation, kernel size, group count and channel
+count; the per-layer geometry arrives precomputed (``refbnn.ops.BConv2DPlan`` builds it):
+
+* ``xp``: flat ``uint64`` input, physically padded ``(N, Hp, Wp, CW)`` with ``CW = G * Wg`` words per
+  pixel (group ``g`` at words ``g*Wg ..``); padded pixels are all-zero words (= +1 values).
+* ``wt``: flat weight tiles ``(G, T, ntaps, Wg, 8*NV)``: lane ``l`` of tile ``t`` of group ``g`` is
+  output channel ``g*Og + t*8*NV + l`` (zero words past ``Og``); ``toff[tap]`` is the tap's word
+  offset in ``xp`` (``(kh*dh*Wp + kw*dw) * CW``).
+* Output pixels ``p = (n*OH + oh)*OW + ow`` are cut into ``ntiles`` balanced tiles of at most 6
+  pixels; each of ``min(nthreads, ntiles)`` workers (``nthreads``: ``numba.get_num_threads()``)
+  takes a contiguous run of tiles.
+
+Per output value: ``acc = K - 2*popcount`` (one-padding, ``K = ntaps * Cg``) ``+ corr[rc[oh], cc[ow], o]``
+(zero/-1 padding correction, ``(pad_value - 1) * sum of w's signs over the padded taps``), then the
+epilogue ``mode``:
+
+* 0 ``out_i32[p*O + o] = acc``
+* 1 ``out_f32[p*O + o] = float32(float32(acc) * mul[o]) + bias[o]`` (two roundings, no FMA)
+* 2 LCE: ``float32(float32(2 * ((K - acc) // 2)) * (-mul[o])) + off[o]``, ``off`` = LCE offset
+* 3 bits: bit ``obit[o]`` of word ``oword[o]`` of output pixel ``p`` is ``acc * dirn[o] < thr[o]``,
+  written into a (possibly padded) ``uint64`` buffer ``out_bits`` of ``(N, OHp, OWp, OWords)``
+  with the image at offset ``(opt, opl)``; the pixel's words are zeroed first.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .bconv_tiles import tile_nv1, tile_nv2, tile_nv4
+
+MR = 6  # pixels per tile; bconv_tiles holds kernels for 1..MR
+
+
+@njit(cache=True, parallel=True)
+def bconv_fast(xp, Hp, Wp, CW, wt, nv, G, Wg, T, toff, K,
+               N, OH, OW, O, sh, sw,
+               rc, cc, corr, has_corr,
+               mode, mul, bias, off, thr, dirn, oword, obit,
+               out_i32, out_f32, out_bits, OHp, OWp, OWords, opt, opl, nthreads):
+    P = N * OH * OW
+    ntiles = (P + MR - 1) // MR
+    nchunks = min(nthreads, ntiles)
+    ntaps = toff.shape[0]
+    to = 8 * nv
+    og = O // G
+    wstep = ntaps * Wg * to
+    for ch in prange(nchunks):
+        acc = np.empty(MR * to, np.int64)
+        bases = np.empty(MR, np.int64)
+        pix = np.empty(MR, np.int64)
+        oidx = np.empty(MR, np.int64)
+        rcs = np.empty(MR, np.int64)
+        ccs = np.empty(MR, np.int64)
+        for ti in range(ch * ntiles // nchunks, (ch + 1) * ntiles // nchunks):
+            p0 = ti * P // ntiles
+            m = (ti + 1) * P // ntiles - p0
+            for i in range(m):
+                p = p0 + i
+                n = p // (OH * OW)
+                r = p - n * OH * OW
+                oh = r // OW
+                ow = r - oh * OW
+                pix[i] = ((n * Hp + oh * sh) * Wp + ow * sw) * CW
+                rcs[i] = rc[oh]
+                ccs[i] = cc[ow]
+                if mode == 3:
+                    oidx[i] = ((n * OHp + oh + opt) * OWp + ow + opl) * OWords
+                    for k in range(OWords):
+                        out_bits[oidx[i] + k] = 0
+                else:
+                    oidx[i] = p * O
+            for g in range(G):
+                for i in range(m):
+                    bases[i] = pix[i] + g * Wg
+                for t in range(T):
+                    wbase = (g * T + t) * wstep
+                    if nv == 4:
+                        tile_nv4(m, xp, bases, wt, wbase, toff, ntaps, Wg, acc)
+                    elif nv == 2:
+                        tile_nv2(m, xp, bases, wt, wbase, toff, ntaps, Wg, acc)
+                    else:
+                        tile_nv1(m, xp, bases, wt, wbase, toff, ntaps, Wg, acc)
+                    o0 = g * og + t * to
+                    nl = min(to, og - t * to)
+                    for i in range(m):
+                        _epilogue(acc, i * to, nl, o0, K, has_corr and (rcs[i] | ccs[i]) != 0,
+                                  corr, rcs[i], ccs[i], mode, mul, bias, off, thr, dirn,
+                                  oword, obit, out_i32, out_f32, out_bits, oidx[i])
+
+
+@njit(cache=True, inline="always")
+def _epilogue(acc, a0, nl, o0, K, border, corr, r, c, mode, mul, bias, off, thr, dirn,
+              oword, obit, out_i32, out_f32, out_bits, obase):
+    if mode == 0:
+        if border:
+            for l in range(nl):
+                out_i32[obase + o0 + l] = np.int32(K - 2 * acc[a0 + l] + corr[r, c, o0 + l])
+        else:
+            for l in range(nl):
+                out_i32[obase + o0 + l] = np.int32(K - 2 * acc[a0 + l])
+    elif mode == 3:
+        for l in range(nl):
+            o = o0 + l
+            a = K - 2 * acc[a0 + l]
+            if border:
+                a += corr[r, c, o]
+            if a * dirn[o] < thr[o]:
+                out_bits[obase + oword[o]] |= np.uint64(1) << np.uint64(obit[o])
+    else:
+        for l in range(nl):
+            o = o0 + l
+            a = K - 2 * acc[a0 + l]
+            if border:
+                a += corr[r, c, o]
+            out_f32[obase + o] = float_transform(a, K, mode, mul[o], bias[o], off[o])
+
+
+@njit(cache=True, inline="always")
+def float_transform(a, K, mode, m, b, off):
+    """mode 1: ``float32(float32(a) * m) + b``; mode 2 (LCE): ``float32(2*pc) * (-m) + off``."""
+    if mode == 1:
+        return np.float32(np.float32(a) * m) + b
+    pc = (K - a) // 2
+    return np.float32(np.float32(2) * np.float32(pc) * (-m)) + off
