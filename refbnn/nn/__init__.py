@@ -1,5 +1,20 @@
-"""Training layers (NCHW, float32) with explicit forward and backward passes."""
+"""Training layers (NCHW, float32) with explicit forward and backward passes.
 
+Every layer computes in the dtype of its input (float32 for training, float64 for gradient
+checks); parameter and buffer names follow PyTorch so state_dicts map one to one.
+"""
+
+from refbnn.nn import functional, init
+from refbnn.nn.activation import FPReLU, PReLU, ReLU
+from refbnn.nn.batchnorm import BatchNorm1d, BatchNorm2d
+from refbnn.nn.binary import BinaryConv2d, BinaryLinear
+from refbnn.nn.container import ChannelRepeat, Flatten, Identity, Residual, Sequential
+from refbnn.nn.conv import Conv2d, Linear
 from refbnn.nn.module import Module, Parameter
+from refbnn.nn.pooling import AvgPool2d, GlobalAvgPool2d, MaxPool2d
 
-__all__ = ["Module", "Parameter"]
+__all__ = [
+    "AvgPool2d", "BatchNorm1d", "BatchNorm2d", "BinaryConv2d", "BinaryLinear", "ChannelRepeat",
+    "Conv2d", "FPReLU", "Flatten", "GlobalAvgPool2d", "Identity", "Linear", "MaxPool2d",
+    "Module", "PReLU", "Parameter", "ReLU", "Residual", "Sequential", "functional", "init",
+]

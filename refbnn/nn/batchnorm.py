@@ -1,0 +1,107 @@
+"""``BatchNorm2d`` / ``BatchNorm1d`` with PyTorch's exact definitions.
+
+Training: per channel ``c`` over the batch (and spatial) axes, ``mean`` and the biased variance
+``var = mean((x - mean)**2)``; ``y = (x - mean) / sqrt(var + eps) * weight + bias``. The running
+statistics then move as ``r = (1 - m) * r + m * stat`` with ``stat`` the batch mean and the
+unbiased variance ``var * M / (M - 1)`` (M values per channel), ``m = momentum`` (or
+``1 / num_batches_tracked`` when ``momentum is None``, a cumulative average). Evaluation uses the
+running statistics. ``weight``/``bias`` take no weight decay by default.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from refbnn.nn._checks import check_grad, check_input, param, positive_int
+from refbnn.nn.module import Module, Parameter
+
+
+class _BatchNorm(Module):
+    _ndims: tuple = ()
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1):
+        super().__init__()
+        self.num_features = positive_int(num_features, "num_features")
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0, got {eps!r}")
+        if momentum is not None and not 0 <= momentum <= 1:
+            raise ValueError(f"momentum must be in [0, 1] or None, got {momentum!r}")
+        self.eps = float(eps)
+        self.momentum = momentum
+        self.weight = Parameter(np.ones(num_features, dtype=np.float32), decay=False)
+        self.bias = Parameter(np.zeros(num_features, dtype=np.float32), decay=False)
+        self.register_buffer("running_mean", np.zeros(num_features, dtype=np.float32))
+        self.register_buffer("running_var", np.ones(num_features, dtype=np.float32))
+        self.register_buffer("num_batches_tracked", np.array(0, dtype=np.int64))
+        self._cache = None
+
+    @staticmethod
+    def _axes(x):
+        return (0,) + tuple(range(2, x.ndim))
+
+    @staticmethod
+    def _col(v, ndim):
+        return v.reshape((1, -1) + (1,) * (ndim - 2))
+
+    def forward(self, x):
+        x = check_input(x, self._ndims, type(self).__name__, self.num_features)
+        axes = self._axes(x)
+        w = self._col(param(self.weight, x.dtype), x.ndim)
+        b = self._col(param(self.bias, x.dtype), x.ndim)
+        if not self.training:
+            inv = 1.0 / np.sqrt(self.running_var.astype(x.dtype) + x.dtype.type(self.eps))
+            scale = w * self._col(inv, x.ndim)
+            shift = b - self._col(self.running_mean.astype(x.dtype), x.ndim) * scale
+            self._cache = None
+            return x * scale + shift
+        m = x.size // self.num_features
+        if m < 2:
+            raise ValueError(f"{type(self).__name__}: training needs more than 1 value per "
+                             f"channel, got input shape {x.shape}")
+        mean = x.mean(axis=axes, keepdims=True)
+        xc = x - mean
+        var = np.mean(np.square(xc), axis=axes, keepdims=True)
+        inv = 1.0 / np.sqrt(var + x.dtype.type(self.eps))
+        xhat = xc
+        xhat *= inv
+        y = xhat * w
+        y += b
+        self._update_running(mean.ravel(), var.ravel(), m)
+        self._cache = (xhat, inv, w, axes, m)
+        return y
+
+    def _update_running(self, mean, var, m):
+        self.num_batches_tracked = np.array(self.num_batches_tracked + 1, dtype=np.int64)
+        mom = (1.0 / float(self.num_batches_tracked) if self.momentum is None
+               else float(self.momentum))
+        unbiased = var.astype(np.float64) * (m / (m - 1))
+        self.running_mean = ((1 - mom) * self.running_mean + mom * mean).astype(np.float32)
+        self.running_var = ((1 - mom) * self.running_var + mom * unbiased).astype(np.float32)
+
+    def backward(self, grad_out):
+        xhat, inv, w, axes, m = check_grad(self._cache, type(self).__name__)
+        sum_dy = grad_out.sum(axis=axes, keepdims=True)
+        sum_dy_xhat = np.sum(grad_out * xhat, axis=axes, keepdims=True)
+        self.weight.accumulate(sum_dy_xhat.ravel())
+        self.bias.accumulate(sum_dy.ravel())
+        # dx = w * inv * (dy - mean(dy) - xhat * mean(dy * xhat))
+        k = xhat * (sum_dy_xhat / m)
+        k += sum_dy / m
+        dx = grad_out - k
+        dx *= w * inv
+        return dx
+
+    def extra_repr(self):
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
+
+
+class BatchNorm2d(_BatchNorm):
+    """Batch normalisation of (N, C, H, W) input over (N, H, W) per channel."""
+
+    _ndims = (4,)
+
+
+class BatchNorm1d(_BatchNorm):
+    """Batch normalisation of (N, C) or (N, C, L) input over (N[, L]) per channel."""
+
+    _ndims = (2, 3)

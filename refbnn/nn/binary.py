@@ -1,0 +1,216 @@
+"""Binary layers for training: ``BinaryConv2d`` and ``BinaryLinear`` with latent float weights.
+
+Forward (``binarize_input=True``): ``xb = sign(x)``, padded with ``pad_value`` after the sign
+(0: zero padding, as Bi-Real's PyTorch code; +1 or -1: that value), correlated with ``wb =
+sign(W)``; the result ``acc`` is an integer held exactly in float (a GEMM of +-1 values with
+K < 2**24). Then ``y = alpha[o] * acc`` with ``alpha[o] = mean |W[o]|`` for ``scale="mean_abs"``
+(Bi-Real; alpha gets no gradient) or ``y = acc`` for ``scale="none"`` (FTBNN: BN absorbs it).
+
+sign: ``sign_at_zero=1``: ``x >= 0 -> +1`` (Larq/LCE, also -0.0); ``-1``: ``x > 0 -> +1`` (Caffe);
+``0``: ``np.sign`` (torch.sign, ternary {-1, 0, +1}; float training path only). NaN raises.
+
+Backward: ``dL/dx = dL/dxb * g(x)`` with ``act_grad`` g: ``"ste"`` 1 on ``|x| <= 1`` else 0;
+``"approx_sign"`` (Bi-Real) ``2 + 2x`` on [-1, 0), ``2 - 2x`` on [0, 1), 0 elsewhere;
+``"identity"`` 1. ``dL/dW = dL/dWq * (|W| <= 1)`` where ``Wq = alpha * wb`` is the weight the
+conv used (clipped straight-through estimator). Padded taps get no gradient.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from refbnn.nn import functional as F
+from refbnn.nn._checks import check_grad, check_input, param, positive_int
+from refbnn.nn.init import uniform_fan_in
+from refbnn.nn.module import Module, Parameter
+
+SCALES = ("none", "mean_abs")
+ACT_GRADS = ("ste", "approx_sign", "identity")
+
+
+def act_grad_factor(x, act_grad: str) -> np.ndarray:
+    """The derivative that ``act_grad`` substitutes for d sign(x)/dx, elementwise, dtype of x."""
+    one = x.dtype.type(1)
+    if act_grad == "ste":
+        return (np.abs(x) <= one).astype(x.dtype)
+    if act_grad == "approx_sign":
+        g = np.abs(x)
+        g *= -2
+        g += 2
+        np.maximum(g, 0, out=g)
+        g[x >= 1] = 0  # [0, 1) is half-open: 2 - 2x is already 0 at x = 1, kept explicit
+        return g
+    if act_grad == "identity":
+        return np.ones_like(x)
+    raise ValueError(f"act_grad must be one of {ACT_GRADS}, got {act_grad!r}")
+
+
+def _check_options(scale, sign_at_zero, act_grad, pad_value):
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    if sign_at_zero not in (1, -1, 0):
+        raise ValueError(f"sign_at_zero must be 1, -1 or 0, got {sign_at_zero!r}")
+    if act_grad not in ACT_GRADS:
+        raise ValueError(f"act_grad must be one of {ACT_GRADS}, got {act_grad!r}")
+    if pad_value not in (0, 1, -1):
+        raise ValueError(f"pad_value must be 0, 1 or -1, got {pad_value!r}")
+
+
+def _check_nan(x, name):
+    if x.size and np.isnan(x.min()):
+        raise ValueError(f"{name}: input contains NaN; sign(NaN) is undefined")
+
+
+class _BinaryMixin:
+    def binarized_weight(self, dtype=np.float32) -> np.ndarray:
+        """``sign(W)`` as +-1 (0 at 0 for ``sign_at_zero=0``) in ``dtype``."""
+        return F.binarize(param(self.weight, np.dtype(dtype)), self.sign_at_zero)
+
+    def weight_scale(self, dtype=np.float32) -> np.ndarray:
+        """``alpha`` per output channel: ``mean |W[o]|`` (``scale="mean_abs"``) or ones."""
+        w = param(self.weight, np.dtype(dtype))
+        if self.scale == "mean_abs":
+            return np.abs(w).reshape(w.shape[0], -1).mean(axis=1)
+        return np.ones(w.shape[0], dtype=dtype)
+
+    def binarized_input(self, x) -> np.ndarray:
+        """``sign(x)`` as this layer sees it (``x`` itself when ``binarize_input=False``)."""
+        x = np.asarray(x)
+        _check_nan(x, type(self).__name__)
+        return F.binarize(x, self.sign_at_zero if self.binarize_input else None)
+
+    def _input_grad(self, dxb, x):
+        if not self.binarize_input or self.act_grad == "identity":
+            return dxb
+        dxb *= act_grad_factor(x, self.act_grad)
+        return dxb
+
+    def _weight_grad(self, dwq):
+        w = self.weight.data
+        self.weight.accumulate(np.where(np.abs(w) <= 1, dwq, 0))
+
+
+class BinaryConv2d(_BinaryMixin, Module):
+    """Binary 2-D convolution, NCHW / OIHW (see the module docstring for the exact meaning).
+
+    ``weight`` (O, C/groups, KH, KW) latent float32. Output (N, O, OH, OW) in the dtype of ``x``.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, padding=1, dilation=1,
+                 groups=1, scale="none", sign_at_zero=1, act_grad="approx_sign", pad_value=0,
+                 binarize_input=True):
+        super().__init__()
+        _check_options(scale, sign_at_zero, act_grad, pad_value)
+        self.in_channels = positive_int(in_channels, "in_channels")
+        self.out_channels = positive_int(out_channels, "out_channels")
+        self.groups = positive_int(groups, "groups")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"in_channels {in_channels} and out_channels {out_channels} must be "
+                             f"divisible by groups {groups}")
+        self.kernel_size = F.pair(kernel_size, "kernel_size")
+        self.stride = F.pair(stride, "stride")
+        self.padding = F.pair(padding, "padding")
+        self.dilation = F.pair(dilation, "dilation")
+        if min(self.kernel_size + self.stride + self.dilation) < 1 or min(self.padding) < 0:
+            raise ValueError("kernel_size, stride and dilation must be >= 1 and padding >= 0")
+        self.scale, self.sign_at_zero, self.act_grad = scale, int(sign_at_zero), act_grad
+        self.pad_value, self.binarize_input = float(pad_value), bool(binarize_input)
+        kh, kw = self.kernel_size
+        self.weight = Parameter(uniform_fan_in((out_channels, in_channels // groups, kh, kw),
+                                               in_channels // groups * kh * kw))
+        self._cache = None
+        self._cols = None
+
+    def _geometry(self, x):
+        return F.ConvGeometry(x.shape, self.weight.shape, self.stride, self.padding,
+                              self.dilation, self.groups)
+
+    def _columns(self, x, geom, out=None):
+        _check_nan(x, "BinaryConv2d")
+        return F.im2col(x, geom, self.pad_value,
+                        self.sign_at_zero if self.binarize_input else None, out=out)
+
+    def accumulators(self, x) -> np.ndarray:
+        """Pre-scale accumulators ``acc`` (N, O, OH, OW), float in the dtype of ``x``: integers
+        for binarized input, equal to ``refbnn.reference.bconv2d`` after NCHW/NHWC transposes.
+        Uses no cache and does not disturb a pending backward."""
+        x = check_input(x, (4,), "BinaryConv2d", self.in_channels)
+        geom = self._geometry(x)
+        return F.conv2d_gemm(self._columns(x, geom), self.binarized_weight(x.dtype), geom)
+
+    def forward(self, x):
+        x = check_input(x, (4,), "BinaryConv2d", self.in_channels)
+        geom = self._geometry(x)
+        cols = self._columns(x, geom, out=self._cols)
+        self._cols = cols
+        wq = self.binarized_weight(x.dtype)
+        if self.scale == "mean_abs":
+            wq = wq * self.weight_scale(x.dtype)[:, None, None, None]
+        # acc * alpha == conv(cols, alpha * wb) up to rounding; conv with wq keeps it one GEMM
+        # for backward, but forward multiplies after the GEMM so that acc stays exact.
+        acc = F.conv2d_gemm(cols, self.binarized_weight(x.dtype), geom)
+        if self.scale == "mean_abs":
+            acc *= self.weight_scale(x.dtype)[:, None, None]
+        self._cache = (x, geom, wq) if self.training else None
+        return acc
+
+    def backward(self, grad_out):
+        x, geom, wq = check_grad(self._cache, "BinaryConv2d")
+        dcols, dwq = F.conv2d_backward(grad_out, self._cols, wq, geom)
+        self._weight_grad(dwq)
+        return self._input_grad(F.col2im(dcols, geom), x)
+
+    def extra_repr(self):
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, groups={self.groups}, "
+                f"scale={self.scale!r}, sign_at_zero={self.sign_at_zero}, "
+                f"act_grad={self.act_grad!r}, pad_value={self.pad_value:g}")
+
+
+class BinaryLinear(_BinaryMixin, Module):
+    """Binary fully connected layer: ``y = alpha * (sign(x) @ sign(W).T) + bias``; ``x`` (N, in),
+    ``weight`` (out, in), optional ``bias`` (out,). Same sign, scale and gradient rules as
+    :class:`BinaryConv2d`."""
+
+    def __init__(self, in_features, out_features, bias=False, scale="none", sign_at_zero=1,
+                 act_grad="approx_sign", binarize_input=True):
+        super().__init__()
+        _check_options(scale, sign_at_zero, act_grad, 0)
+        self.in_features = positive_int(in_features, "in_features")
+        self.out_features = positive_int(out_features, "out_features")
+        self.scale, self.sign_at_zero, self.act_grad = scale, int(sign_at_zero), act_grad
+        self.binarize_input = bool(binarize_input)
+        self.weight = Parameter(uniform_fan_in((out_features, in_features), in_features))
+        self.bias = Parameter(uniform_fan_in((out_features,), in_features), decay=False) if bias \
+            else None
+        self._cache = None
+
+    def accumulators(self, x) -> np.ndarray:
+        """Pre-scale ``sign(x) @ sign(W).T`` (N, out) in the dtype of ``x``."""
+        x = check_input(x, (2,), "BinaryLinear", self.in_features)
+        return self.binarized_input(x) @ self.binarized_weight(x.dtype).T
+
+    def forward(self, x):
+        x = check_input(x, (2,), "BinaryLinear", self.in_features)
+        xb = self.binarized_input(x)
+        alpha = self.weight_scale(x.dtype)
+        y = xb @ self.binarized_weight(x.dtype).T
+        if self.scale == "mean_abs":
+            y *= alpha
+        if self.bias is not None:
+            y += param(self.bias, x.dtype)
+        self._cache = (x, xb, alpha) if self.training else None
+        return y
+
+    def backward(self, grad_out):
+        x, xb, alpha = check_grad(self._cache, "BinaryLinear")
+        wq = self.binarized_weight(x.dtype) * alpha[:, None]
+        self._weight_grad(grad_out.T @ xb)
+        if self.bias is not None:
+            self.bias.accumulate(grad_out.sum(axis=0))
+        return self._input_grad(grad_out @ wq, x)
+
+    def extra_repr(self):
+        return (f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, "
+                f"scale={self.scale!r}, sign_at_zero={self.sign_at_zero}, "
+                f"act_grad={self.act_grad!r}")

@@ -1,0 +1,139 @@
+"""Pooling: ``MaxPool2d``, ``AvgPool2d`` (PyTorch semantics, ``ceil_mode=False``), ``GlobalAvgPool2d``.
+
+Windows of ``kernel_size`` (int or pair) move by ``stride`` (default: the kernel size) over the
+input (N, C, H, W) padded symmetrically by ``padding`` (at most half the kernel, as PyTorch).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from refbnn.nn import functional as F
+from refbnn.nn._checks import check_grad, check_input
+from refbnn.nn.module import Module
+
+
+class _Pool2d(Module):
+    def __init__(self, kernel_size, stride=None, padding=0):
+        super().__init__()
+        self.kernel_size = F.pair(kernel_size, "kernel_size")
+        self.stride = F.pair(stride if stride is not None else kernel_size, "stride")
+        self.padding = F.pair(padding, "padding")
+        if min(self.kernel_size + self.stride) < 1 or min(self.padding) < 0:
+            raise ValueError("kernel_size and stride must be >= 1 and padding >= 0")
+        if any(2 * p > k for p, k in zip(self.padding, self.kernel_size)):
+            raise ValueError(f"padding {self.padding} must be at most half of kernel_size "
+                             f"{self.kernel_size}")
+        self._cache = None
+
+    def _geometry(self, x):
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        oh, ow = F.out_size(x.shape[2], kh, sh, ph), F.out_size(x.shape[3], kw, sw, pw)
+        if oh < 1 or ow < 1:
+            raise ValueError(f"{type(self).__name__}: input {x.shape[2:]} smaller than the window")
+        return kh, kw, sh, sw, ph, pw, oh, ow
+
+    @staticmethod
+    def _tap(arr, a, b, sh, sw, oh, ow):
+        """``arr[:, :, a + i*sh, b + j*sw]`` for all output positions (a strided view)."""
+        return arr[:, :, a: a + (oh - 1) * sh + 1: sh, b: b + (ow - 1) * sw + 1: sw]
+
+    def extra_repr(self):
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+
+class MaxPool2d(_Pool2d):
+    """Maximum over each window; padded taps are ``-inf`` (never chosen). The gradient goes to the
+    first maximal tap of each window in row-major (a, b) order (PyTorch's choice on ties)."""
+
+    def forward(self, x):
+        x = check_input(x, (4,), "MaxPool2d")
+        kh, kw, sh, sw, ph, pw, oh, ow = self._geometry(x)
+        xp = F.pad_hw(x, ph, pw, -np.inf)
+        best = self._tap(xp, 0, 0, sh, sw, oh, ow).copy()
+        arg = np.zeros(best.shape, dtype=np.int32) if self.training else None
+        for t in range(1, kh * kw):
+            v = self._tap(xp, t // kw, t % kw, sh, sw, oh, ow)
+            if arg is not None:
+                arg[v > best] = t
+            np.maximum(best, v, out=best)
+        self._cache = (x.shape, xp.shape, arg) if self.training else None
+        return best
+
+    def backward(self, grad_out):
+        x_shape, xp_shape, arg = check_grad(self._cache, "MaxPool2d")
+        kh, kw, sh, sw, ph, pw = *self.kernel_size, *self.stride, *self.padding
+        oh, ow = grad_out.shape[2:]
+        dxp = np.zeros(xp_shape, dtype=grad_out.dtype)
+        for t in range(kh * kw):
+            self._tap(dxp, t // kw, t % kw, sh, sw, oh, ow)[...] += np.where(arg == t, grad_out, 0)
+        return dxp[:, :, ph:ph + x_shape[2], pw:pw + x_shape[3]].copy()
+
+
+class AvgPool2d(_Pool2d):
+    """Mean over each window of the zero-padded input. ``count_include_pad=True`` divides by
+    ``KH*KW``; ``False`` divides by the number of in-bounds taps of that window."""
+
+    def __init__(self, kernel_size, stride=None, padding=0, count_include_pad=True):
+        super().__init__(kernel_size, stride, padding)
+        self.count_include_pad = bool(count_include_pad)
+
+    def _divisor(self, h, w, dtype):
+        kh, kw, sh, sw, ph, pw, oh, ow = self._geometry(np.empty((1, 1, h, w)))
+        if self.count_include_pad or (ph == 0 and pw == 0):
+            return dtype.type(kh * kw)
+        ones = F.pad_hw(np.ones((1, 1, h, w), dtype=dtype), ph, pw, 0.0)
+        cnt = sum(self._tap(ones, a, b, sh, sw, oh, ow) for a in range(kh) for b in range(kw))
+        return cnt
+
+    def forward(self, x):
+        x = check_input(x, (4,), "AvgPool2d")
+        kh, kw, sh, sw, ph, pw, oh, ow = self._geometry(x)
+        n, c, h, w = x.shape
+        div = self._divisor(h, w, x.dtype)
+        self._cache = (x.shape, div) if self.training else None
+        if (kh, kw) == (sh, sw) and ph == pw == 0 and h % kh == 0 and w % kw == 0:
+            # non-overlapping windows tiling the input: one reshaped reduction
+            s = x.reshape(n, c, oh, kh, ow, kw).sum(axis=(3, 5))
+            return s / div
+        xp = F.pad_hw(x, ph, pw, 0.0)
+        s = self._tap(xp, 0, 0, sh, sw, oh, ow).copy()
+        for t in range(1, kh * kw):
+            s += self._tap(xp, t // kw, t % kw, sh, sw, oh, ow)
+        return s / div
+
+    def backward(self, grad_out):
+        x_shape, div = check_grad(self._cache, "AvgPool2d")
+        kh, kw, sh, sw, ph, pw = *self.kernel_size, *self.stride, *self.padding
+        n, c, h, w = x_shape
+        oh, ow = grad_out.shape[2:]
+        g = grad_out / div
+        if (kh, kw) == (sh, sw) and ph == pw == 0 and h % kh == 0 and w % kw == 0:
+            out = np.empty((n, c, oh, kh, ow, kw), dtype=grad_out.dtype)
+            out[...] = g[:, :, :, None, :, None]
+            return out.reshape(x_shape)
+        dxp = np.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=grad_out.dtype)
+        for t in range(kh * kw):
+            self._tap(dxp, t // kw, t % kw, sh, sw, oh, ow)[...] += g
+        return dxp[:, :, ph:ph + h, pw:pw + w].copy()
+
+    def extra_repr(self):
+        return super().extra_repr() + f", count_include_pad={self.count_include_pad}"
+
+
+class GlobalAvgPool2d(Module):
+    """``y[n, c] = mean_{h, w} x[n, c, h, w]``: (N, C, H, W) -> (N, C)."""
+
+    def __init__(self):
+        super().__init__()
+        self._cache = None
+
+    def forward(self, x):
+        x = check_input(x, (4,), "GlobalAvgPool2d")
+        self._cache = x.shape if self.training else None
+        return x.mean(axis=(2, 3))
+
+    def backward(self, grad_out):
+        n, c, h, w = check_grad(self._cache, "GlobalAvgPool2d")
+        g = grad_out / grad_out.dtype.type(h * w)
+        return np.broadcast_to(g[:, :, None, None], (n, c, h, w)).copy()
