@@ -1,0 +1,126 @@
+"""Fused conv epilogues (float, LCE float, threshold bits) and chaining, against the reference."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import refbnn
+from refbnn import reference as ref
+
+IMPLS = ["portable", "fast"]
+VALUES = st.sampled_from([0.0, -0.0, 1.0, -1.0, 0.5, -3.0])
+MULTIPLIERS = st.sampled_from([1.0, -1.0, 0.0, -0.0, 0.1, -0.37, 3e-8, 1e30, -1e30]) | \
+    st.floats(-4, 4, width=32)
+
+
+@st.composite
+def affine_with_ties(draw, channels, k):
+    """Per-channel multiplier and bias; some channels get a bias that makes y exactly 0 at an
+    integer acc in [-k, k] (bias = -float32(acc0 * mul)), the tie sign_at_zero must resolve."""
+    mul = np.array([draw(MULTIPLIERS) for _ in range(channels)], np.float32)
+    bias = np.array([draw(st.floats(-5, 5, width=32)) for _ in range(channels)], np.float32)
+    for c in range(channels):
+        if draw(st.booleans()):
+            acc0 = np.float32(draw(st.integers(-k, k)))
+            bias[c] = -np.float32(acc0 * mul[c])
+    return mul, bias
+
+
+@st.composite
+def layers(draw):
+    groups = draw(st.integers(1, 2))
+    cg = draw(st.sampled_from([1, 5, 33, 64, 70]))
+    o = groups * draw(st.integers(1, 40))
+    n, h, w = draw(st.integers(1, 2)), draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    kh = draw(st.integers(1, 3))
+    x = draw(hnp.arrays(np.float32, (n, h, w, groups * cg), elements=VALUES))
+    kernel = draw(hnp.arrays(np.float32, (kh, kh, cg, o), elements=VALUES))
+    mul, bias = draw(affine_with_ties(o, kh * kh * cg))
+    return dict(x=x, kernel=kernel, groups=groups, stride=draw(st.sampled_from([1, 2])),
+                padding=draw(st.sampled_from(["same", "valid", 1])) if kh <= min(h, w) else "same",
+                pad_value=draw(st.sampled_from([0, 1, -1])), mul=mul, bias=bias,
+                saz=draw(st.sampled_from([1, -1])))
+
+
+def _run(layer, impl, output, **kw):
+    plan = refbnn.BConv2DPlan(refbnn.pack_kernel(layer["kernel"]), layer["x"].shape[3],
+                              layer["x"].shape[1:3], layer["stride"], layer["padding"],
+                              layer["pad_value"], 1, layer["groups"], output=output,
+                              multiplier=layer["mul"], bias=layer["bias"], impl=impl, **kw)
+    return plan, plan(layer["x"])
+
+
+def _acc(layer):
+    return ref.bconv2d(layer["x"], layer["kernel"], layer["stride"], layer["padding"],
+                       layer["pad_value"], 1, layer["groups"])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@given(layer=layers())
+def test_float_outputs_equal_reference_transforms_bitwise(impl, layer):
+    acc = _acc(layer)
+    _, y = _run(layer, impl, "float")
+    assert y.dtype == np.float32
+    assert np.array_equal(y, ref.output_transform(acc, layer["mul"], layer["bias"]))
+    plan, y_lce = _run(layer, impl, "float_lce")
+    want = ref.output_transform_lce(acc, plan.k, layer["mul"], layer["bias"])
+    assert np.array_equal(y_lce, want)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@given(layer=layers(), out_groups=st.sampled_from([1, 2]))
+def test_bits_output_is_sign_of_float_transform(impl, layer, out_groups):
+    o = layer["kernel"].shape[3]
+    if o % out_groups:
+        out_groups = 1
+    _, got = _run(layer, impl, "bits", out_groups=out_groups, sign_at_zero=layer["saz"])
+    signs = ref.threshold_output(_acc(layer), layer["mul"], layer["bias"], layer["saz"])
+    og = o // out_groups
+    want = np.stack([ref.pack(signs[..., g * og:(g + 1) * og]) for g in range(out_groups)], axis=3)
+    assert np.array_equal(got.reshape(want.shape), want)
+
+
+@given(k=st.integers(0, 300), saz=st.sampled_from([1, -1]), data=st.data())
+def test_output_thresholds_equal_sign_for_every_acc(k, saz, data):
+    mul, bias = data.draw(affine_with_ties(6, k))
+    thr, direction = refbnn.output_thresholds(mul, bias, k, saz)
+    acc = np.arange(-k, k + 1)[:, None]
+    want = ref.threshold_output(acc, mul, bias, saz) < 0
+    assert np.array_equal(acc * direction < thr, want)
+
+
+def test_thresholds_with_exact_zero_outputs():
+    """y == 0 exactly at acc = 2 (mul 0.5, bias -1) and for all acc (mul 0, bias 0)."""
+    mul = np.array([0.5, -0.5, 0.0, -0.0], np.float32)
+    bias = np.array([-1.0, 1.0, 0.0, -0.0], np.float32)
+    acc = np.arange(-4, 5)[:, None]
+    for saz in (1, -1):
+        thr, direction = refbnn.output_thresholds(mul, bias, 4, saz)
+        want = ref.threshold_output(acc, mul, bias, saz) < 0
+        assert np.array_equal(acc * direction < thr, want)
+    # the tie itself: sign(0) is +1 under sign_at_zero=+1 (bit 0) and -1 under -1 (bit 1)
+    thr, direction = refbnn.output_thresholds(mul[:1], bias[:1], 4, 1)
+    assert not (2 * direction[0] < thr[0])
+    thr, direction = refbnn.output_thresholds(mul[:1], bias[:1], 4, -1)
+    assert 2 * direction[0] < thr[0]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_two_binary_layers_chain_without_unpacking(impl):
+    """Layer 1 writes packed bits straight into layer 2's padded input buffer."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 9, 9, 48)).astype(np.float32)
+    k1 = rng.standard_normal((3, 3, 48, 80)).astype(np.float32)
+    k2 = rng.standard_normal((3, 3, 80, 24)).astype(np.float32)
+    mul = rng.standard_normal(80).astype(np.float32)
+    bias = rng.standard_normal(80).astype(np.float32)
+    plan1 = refbnn.BConv2DPlan(refbnn.pack_kernel(k1), 48, (9, 9), 2, "same", 0, output="bits",
+                               multiplier=mul, bias=bias, impl=impl)
+    plan2 = refbnn.BConv2DPlan(refbnn.pack_kernel(k2), 80, plan1.out_hw, 1, "same", 0, impl=impl)
+    buf = plan2.padded_input(2)
+    plan1.run_padded(plan1.pack_input(x), out=buf, out_offset=plan2.input_offset)
+    got = plan2.run_padded(buf)
+    hidden = ref.threshold_output(ref.bconv2d(x, k1, 2, "same", 0), mul, bias)
+    assert np.array_equal(got, ref.bconv2d(hidden, k2, 1, "same", 0))
