@@ -1,0 +1,85 @@
+"""im2col / col2im fast paths against their NumPy oracles (exact), and conv2d against a loop."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from refbnn.nn import functional as F
+
+
+@st.composite
+def conv_case(draw):
+    n = draw(st.integers(1, 3))
+    c = draw(st.integers(1, 4))
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    ph, pw = draw(st.integers(0, 3)), draw(st.integers(0, 3))
+    h = draw(st.integers(max(1, (kh - 1) * dh + 1 - 2 * ph), 9))
+    w = draw(st.integers(max(1, (kw - 1) * dw + 1 - 2 * pw), 9))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    x = np.random.default_rng(seed).standard_normal((n, c, h, w)).astype(dtype)
+    # plant exact zeros so that sign(0) conventions are exercised
+    x.reshape(-1)[:: 5] = 0.0
+    return x, (kh, kw, sh, sw, ph, pw, dh, dw)
+
+
+@given(conv_case(), st.sampled_from([None, 1, -1, 0]), st.sampled_from([0.0, 1.0, -1.0]))
+def test_im2col_equals_oracle(case, sign_at_zero, pad_value):
+    x, (kh, kw, sh, sw, ph, pw, dh, dw) = case
+    geom = F.ConvGeometry(x.shape, (1, x.shape[1], kh, kw), (sh, sw), (ph, pw), (dh, dw), 1)
+    fast = F.im2col(x, geom, pad_value, sign_at_zero)
+    ref = F.im2col_reference(x, kh, kw, sh, sw, ph, pw, dh, dw, pad_value, sign_at_zero)
+    assert fast.dtype == x.dtype
+    np.testing.assert_array_equal(fast, ref)
+
+
+@given(conv_case())
+def test_col2im_equals_oracle(case):
+    x, (kh, kw, sh, sw, ph, pw, dh, dw) = case
+    geom = F.ConvGeometry(x.shape, (1, x.shape[1], kh, kw), (sh, sw), (ph, pw), (dh, dw), 1)
+    rng = np.random.default_rng(1)
+    dcols = rng.standard_normal(geom.cols_shape).astype(x.dtype)
+    # same additions in the same (a, b) order: bit-identical
+    np.testing.assert_array_equal(F.col2im(dcols, geom),
+                                  F.col2im_reference(dcols, x.shape, kh, kw, sh, sw, ph, pw, dh, dw))
+
+
+def _conv_loops(x, w, stride, padding, dilation, groups):
+    """Literal definition of the cross-correlation, float64 loops over output positions."""
+    n, _, h, wd = x.shape
+    o, cg, kh, kw = w.shape
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    og = o // groups
+    y = np.zeros((n, o, oh, ow))
+    for oc in range(o):
+        g = oc // og
+        for i in range(oh):
+            for j in range(ow):
+                patch = xp[:, g * cg:(g + 1) * cg, i * sh: i * sh + dh * (kh - 1) + 1: dh,
+                           j * sw: j * sw + dw * (kw - 1) + 1: dw]
+                y[:, oc, i, j] = (patch * w[oc]).sum(axis=(1, 2, 3))
+    return y
+
+
+@given(conv_case(), st.integers(1, 3), st.integers(1, 3))
+def test_conv2d_equals_loops(case, groups, og):
+    x, (kh, kw, sh, sw, ph, pw, dh, dw) = case
+    x = np.repeat(x, groups, axis=1).astype(np.float64)
+    w = np.random.default_rng(2).standard_normal((og * groups, x.shape[1] // groups, kh, kw))
+    y = F.conv2d(x, w, (sh, sw), (ph, pw), (dh, dw), groups)
+    # float64 dot products of at most 4*4*12 terms of size ~1: 1e-12 bounds the reordering error
+    np.testing.assert_allclose(y, _conv_loops(x, w, (sh, sw), (ph, pw), (dh, dw), groups),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_conv_geometry_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="channels"):
+        F.ConvGeometry((1, 3, 5, 5), (2, 2, 3, 3), (1, 1), (0, 0), (1, 1), 1)
+    with pytest.raises(ValueError, match="smaller"):
+        F.ConvGeometry((1, 2, 2, 2), (2, 2, 3, 3), (1, 1), (0, 0), (1, 1), 1)
