@@ -111,3 +111,59 @@ def test_bad_input_raises_one_line_value_error(call, match):
     with pytest.raises(ValueError, match=match) as info:
         call()
     assert "\n" not in str(info.value)
+
+
+_X = np.ones((1, 5, 5, 8), np.float32)
+_K = np.ones((3, 3, 8, 4), np.float32)
+_W = refbnn.pack_kernel(_K)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: refbnn.bconv2d(_X[0], _K), "NHWC"),
+    (lambda: refbnn.bconv2d(_X, _K[0]), "HWIO"),
+    (lambda: refbnn.bconv2d(np.where(_X > 0, np.nan, _X), _K), "NaN"),
+    (lambda: refbnn.bconv2d(_X, np.full_like(_K, np.nan)), "NaN"),
+    (lambda: refbnn.bconv2d(_X, _K, groups=3), "divide"),
+    (lambda: refbnn.bconv2d(_X, _K, groups=2), "input channels per group"),
+    (lambda: refbnn.bconv2d(_X, np.ones((3, 3, 4, 3)), groups=2), "output channels"),
+    (lambda: refbnn.bconv2d(_X, np.ones((7, 7, 8, 4)), padding="valid"), "larger than"),
+    (lambda: refbnn.bconv2d(_X, _K, padding="full"), "padding"),
+    (lambda: refbnn.bconv2d(_X, _K, padding=(1, 2, 3)), "padding"),
+    (lambda: refbnn.bconv2d(_X, _K, padding=-1), "padding"),
+    (lambda: refbnn.bconv2d(_X, _K, stride=0), "stride"),
+    (lambda: refbnn.bconv2d(_X, _K, dilation=(1, 2, 3)), "dilation"),
+    (lambda: refbnn.bconv2d(_X, _K, pad_value=2), "pad_value"),
+    (lambda: refbnn.bconv2d(_X, _K, sign_at_zero=0), "sign_at_zero"),
+    (lambda: refbnn.bconv2d(_X, _K, impl="gpu"), "kernel must be one of"),
+    (lambda: refbnn.bconv2d_packed(np.zeros((1, 5, 5, 1), np.int64), _W, 8), "uint64"),
+    (lambda: refbnn.bconv2d_packed(np.zeros((1, 5, 5, 2), np.uint64), _W, 8), "x_packed"),
+    (lambda: refbnn.bconv2d_packed(np.full((1, 5, 5, 1), 2 ** 9, np.uint64), _W, 8), "above"),
+    (lambda: refbnn.bconv2d_packed(np.zeros((1, 5, 5, 1), np.uint64), _W | np.uint64(2 ** 40),
+                                   8), "above"),
+    (lambda: refbnn.bconv2d_packed(np.zeros((1, 5, 5, 1), np.uint64), _W, 100), "words"),
+    (lambda: refbnn.bconv2d_packed(np.zeros((5, 5, 1), np.uint64), _W, 8), "x_packed"),
+    (lambda: refbnn.bconv2d_packed(np.zeros((1, 5, 5, 1), np.uint64), _W, 8, output="bits"),
+     "multiplier"),
+    (lambda: refbnn.bconv2d_packed(np.zeros((1, 5, 5, 1), np.uint64), _W, 8, output="float",
+                                   multiplier=np.ones(3), bias=np.ones(3)), "per output channel"),
+    (lambda: refbnn.bconv2d_packed(np.zeros((1, 5, 5, 1), np.uint64), _W, 8, output="float",
+                                   multiplier=np.full(4, np.inf), bias=np.ones(4)), "finite"),
+    (lambda: refbnn.bconv2d_packed(np.zeros((1, 5, 5, 1), np.uint64), _W, 8, output="bits",
+                                   multiplier=np.ones(4), bias=np.ones(4), out_groups=3),
+     "out_groups"),
+    (lambda: refbnn.bconv2d_packed(np.zeros((1, 5, 5, 1), np.uint64), _W, 8, output="real"),
+     "output"),
+    (lambda: refbnn.BConv2DPlan(_W, 8, (5, 5)).run_padded(np.zeros((1, 5, 5, 1), np.uint64)),
+     "buffer"),
+    (lambda: refbnn.bgemm(np.ones((2, 3)), np.ones((2, 4))), "equal K"),
+    (lambda: refbnn.bgemm_packed(np.ones((2, 1), np.uint64), np.ones((2, 1), np.uint64), 0),
+     "positive"),
+    (lambda: refbnn.maxpool2d_packed(np.zeros((1, 4, 4, 1), np.uint64), 2, padding=2),
+     "smaller than the pool"),
+    (lambda: refbnn.maxpool2d_packed(np.zeros((1, 1, 4, 1), np.uint64), 2), "larger than"),
+    (lambda: refbnn.output_thresholds(np.ones(2), np.ones(2), 2 ** 24), "exact float32"),
+])
+def test_bad_conv_input_raises_one_line_value_error(call, match):
+    with pytest.raises(ValueError, match=match) as info:
+        call()
+    assert "\n" not in str(info.value)

@@ -1,0 +1,81 @@
+"""Packed max-pool, binary GEMM, kernel dispatch, generated code and the fast path's assembly."""
+
+import re
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import refbnn
+from refbnn import reference as ref
+from refbnn.kernels import _codegen, dispatch
+
+IMPLS = ["portable", "fast"]
+VALUES = st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.0, -0.5])
+
+
+@given(data=st.data(), saz=st.sampled_from([1, -1]))
+def test_maxpool2d_packed_equals_reference(data, saz):
+    n, h, w = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 8)), data.draw(st.integers(1, 8))
+    c = data.draw(st.sampled_from([1, 7, 64, 65, 130]))
+    pool = data.draw(st.sampled_from([1, 2, 3, (2, 3)]))
+    ph, pw = ref.pair(pool)
+    stride = data.draw(st.sampled_from([None, 1, 2, (1, 3)]))
+    padding = data.draw(st.sampled_from(["valid", "same", (0, 1), (1, 0, 0, 1)]))
+    sh, sw = ref.pair(stride if stride is not None else pool)
+    pads = ref.explicit_padding(padding, (h, w), (ph, pw), (sh, sw), (1, 1))
+    if max(pads[:2]) >= ph or max(pads[2:]) >= pw or h + pads[0] + pads[1] < ph \
+            or w + pads[2] + pads[3] < pw:
+        padding = "valid"
+        if h < ph or w < pw:
+            pool, stride = 1, None
+    x = data.draw(hnp.arrays(np.float32, (n, h, w, c), elements=VALUES))
+    got = refbnn.maxpool2d_packed(refbnn.pack_bits(x, sign_at_zero=saz), pool, stride, padding)
+    want = ref.pack(ref.maxpool2d(x, pool, stride, padding, saz))
+    assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@given(m=st.integers(1, 13), nout=st.integers(1, 40), k=st.sampled_from([1, 30, 64, 100, 200]),
+       saz=st.sampled_from([1, -1]), data=st.data())
+def test_bgemm_equals_reference(impl, m, nout, k, saz, data):
+    x = data.draw(hnp.arrays(np.float32, (m, k), elements=VALUES))
+    w = data.draw(hnp.arrays(np.float32, (nout, k), elements=VALUES))
+    got = refbnn.bgemm(x, w, sign_at_zero=saz, impl=impl)
+    assert got.dtype == np.int32
+    assert np.array_equal(got, ref.bgemm(x, w, saz))
+
+
+def test_generated_tiles_module_is_up_to_date():
+    assert _codegen.TARGET.read_text() == _codegen.generate()
+
+
+def test_kernel_choice_env_and_argument(monkeypatch):
+    monkeypatch.setenv("REFBNN_KERNEL", "portable")
+    assert dispatch.resolve_kernel() == "portable"
+    assert dispatch.resolve_kernel("fast") == "fast"
+    monkeypatch.setenv("REFBNN_KERNEL", "auto")
+    want = "fast" if dispatch.host_has_avx512_popcount() else "portable"
+    assert dispatch.resolve_kernel() == want
+    monkeypatch.setenv("REFBNN_KERNEL", "avx")
+    with pytest.raises(ValueError, match="REFBNN_KERNEL"):
+        dispatch.resolve_kernel()
+
+
+@pytest.mark.skipif(not dispatch.host_has_avx512_popcount(),
+                    reason="host has no AVX-512 VPOPCNTDQ, so no zmm vpopcntq is expected")
+def test_fast_tile_compiles_to_zmm_vpopcntq():
+    """The 6x32 micro-kernel's inner loop is 512-bit XOR/POPCNT/ADD (compiled afresh, as
+    inspect_asm is unavailable for cached code)."""
+    from numba import njit
+
+    from refbnn.kernels import bconv_tiles
+
+    fn = njit(bconv_tiles._t6x4.py_func)
+    xp = np.zeros(64, np.uint64)
+    fn(xp, np.zeros(6, np.int64), xp, 0, np.zeros(1, np.int64), 1, 1, np.zeros(192, np.int64))
+    asm = fn.inspect_asm(fn.signatures[0])
+    assert len(re.findall(r"vpopcntq\s+[^\n]*zmm", asm)) >= 24
+    assert not re.search(r"vpopcntq\s+[^\n]*ymm", asm)
