@@ -27,32 +27,37 @@ _NATIVE_PACK_DTYPES = (np.float32, np.float64, np.int8, np.int16, np.int32, np.i
 
 
 def _as_packable(x, what="input") -> np.ndarray:
-    """``x`` as a C-contiguous array of a dtype the pack kernel reads directly; NaN rejected."""
+    """``x`` as a C-contiguous array of a dtype the pack kernel reads (NaN: the kernel counts)."""
     x = np.asarray(x)
     if x.dtype == np.float16:
         x = x.astype(np.float32)  # exact: every float16 (incl. -0.0) is a float32 of equal sign
     elif x.dtype.type not in _NATIVE_PACK_DTYPES:
         raise ValueError(f"{what} must be float16/32/64 or int8/16/32/64, got dtype {x.dtype}")
-    bits.check_no_nan(x, what)
     return np.ascontiguousarray(x)
 
 
-def _pack_last_axis(x: np.ndarray, groups: int, sign_at_zero: int, out=None) -> np.ndarray:
-    """Pack ``x`` (validated, contiguous) along its last axis in ``groups`` groups into ``out``.
+def _pack_last_axis(x: np.ndarray, groups: int, sign_at_zero: int, out=None, offset=(0, 0),
+                    what: str = "input") -> np.ndarray:
+    """Pack ``x`` (validated, contiguous) along its last axis in ``groups`` groups.
 
-    ``out``: ``None`` (allocate) or a ``uint64`` view shaped ``x.shape[:-1] + (groups * Wg,)``.
+    ``out``: ``None`` (allocate ``x.shape[:-1] + (groups * Wg,)``) or, for 4-D ``x``, a
+    C-contiguous ``uint64`` ``(N, Hp, Wp, groups * Wg)`` buffer receiving the image at ``offset``.
+    Raises ``ValueError`` naming ``what`` if ``x`` holds a NaN.
     """
     c = x.shape[-1]
-    lead = x.shape[:-1]
     wg = bits.words_for(c // groups, 64)
     if out is None:
-        out = np.empty(lead + (groups * wg,), np.uint64)
-    rows = int(np.prod(lead, dtype=np.int64))
-    out4 = out.reshape((1, 1, rows, groups * wg)) if out.ndim != 4 else out
-    if rows and c:
-        pack_rows_into(x.reshape(-1), rows, c, groups, out4, sign_at_zero == -1)
-    elif c == 0:
-        out[...] = 0
+        out = np.empty(x.shape[:-1] + (groups * wg,), np.uint64)
+        if c == 0:
+            return out
+    if x.ndim == 4:
+        d0, d1, d2 = x.shape[:3]
+        p1, p2 = out.shape[1:3]
+    else:  # threads over rows
+        d0, d1, d2, p1, p2 = 1, x.size // c, 1, x.size // c, 1
+    if d0 * d1 * d2 and pack_rows_into(x.reshape(-1), d0, d1, d2, c, groups, out.reshape(-1),
+                                       p1, p2, offset[0], offset[1], sign_at_zero == -1):
+        raise ValueError(f"{what} contains NaN; sign(NaN) is undefined")
     return out
 
 
@@ -257,7 +262,6 @@ _I64 = np.zeros(1, np.int64)
 _F32 = np.zeros(1, np.float32)
 _I32 = np.zeros(1, np.int32)
 _U64 = np.zeros(1, np.uint64)
-_CORR0 = np.zeros((1, 1, 1), np.int64)
 
 
 class BConv2DPlan:
@@ -370,11 +374,11 @@ class BConv2DPlan:
         cols = self._oob(self.in_hw[1], self.out_hw[1], kw, self.stride[1], dw, self.pads[2])
         (self._rc, rkeys), (self._cc, ckeys) = rows, cols
         self._has_corr = self.pad_value != 1 and (len(rkeys) > 1 or len(ckeys) > 1)
-        self._corr = _CORR0
+        self._corr, self._ncc = _I64, len(ckeys)
         if self._has_corr:
             mask = rkeys[:, None, :, None] | ckeys[None, :, None, :]  # (nr, nc, KH, KW)
-            self._corr = np.ascontiguousarray(
-                (self.pad_value - 1) * np.einsum("rcab,oab->rco", mask.astype(np.int64), wsum))
+            corr = (self.pad_value - 1) * np.einsum("rcab,oab->rco", mask.astype(np.int64), wsum)
+            self._corr = np.ascontiguousarray(corr).reshape(-1)
 
     @staticmethod
     def _oob(n_in, n_out, k, s, d, p0):
@@ -417,7 +421,7 @@ class BConv2DPlan:
         self._check_input_shape(x.shape, self.in_channels, "x")
         x = _as_packable(x, "x")
         buf = self.padded_input(x.shape[0])
-        _pack_last_axis(x, self.groups, saz, self._interior(buf))
+        _pack_last_axis(x, self.groups, saz, buf, self.input_offset, "x")
         return buf
 
     def _check_input_shape(self, shape, channels, what):
@@ -497,7 +501,7 @@ class BConv2DPlan:
             hp, wp = self.padded_hw
             bconv_fast(xf, hp, wp, self.groups * self.wg, self._wt, self._nv, self.groups,
                        self.wg, self._t, self._toff, self.k, n, oh, ow, o, *self.stride,
-                       self._rc, self._cc, self._corr, self._has_corr,
+                       self._rc, self._cc, self._corr, self._ncc, self._has_corr,
                        mode, self._mul, self._bias, self._off, self._thr, self._dirn,
                        self._oword, self._obit, out_i32, out_f32, out_bits,
                        ohp, owp, self.out_words, opt, opl, numba.get_num_threads())

@@ -13,7 +13,8 @@ count; the per-layer geometry arrives precomputed (``refbnn.ops.BConv2DPlan`` bu
   takes a contiguous run of tiles.
 
 Per output value: ``acc = K - 2*popcount`` (one-padding, ``K = ntaps * Cg``) ``+ corr[rc[oh], cc[ow], o]``
-(zero/-1 padding correction, ``(pad_value - 1) * sum of w's signs over the padded taps``), then the
+(zero/-1 padding correction ``(pad_value - 1) * sum of w's signs over the padded taps``, flat
+``(nrc, ncc, O)``), then the
 epilogue ``mode``:
 
 * 0 ``out_i32[p*O + o] = acc``
@@ -30,6 +31,7 @@ import numpy as np
 from numba import njit, prange
 
 from .bconv_tiles import tile_nv1, tile_nv2, tile_nv4
+from .simd import v8_load, v8_store_acc_i32, v8_zero
 
 MR = 6  # pixels per tile; bconv_tiles holds kernels for 1..MR
 
@@ -37,7 +39,7 @@ MR = 6  # pixels per tile; bconv_tiles holds kernels for 1..MR
 @njit(cache=True, parallel=True)
 def bconv_fast(xp, Hp, Wp, CW, wt, nv, G, Wg, T, toff, K,
                N, OH, OW, O, sh, sw,
-               rc, cc, corr, has_corr,
+               rc, cc, corr, ncc, has_corr,
                mode, mul, bias, off, thr, dirn, oword, obit,
                out_i32, out_f32, out_bits, OHp, OWp, OWords, opt, opl, nthreads):
     P = N * OH * OW
@@ -86,35 +88,33 @@ def bconv_fast(xp, Hp, Wp, CW, wt, nv, G, Wg, T, toff, K,
                     o0 = g * og + t * to
                     nl = min(to, og - t * to)
                     for i in range(m):
-                        _epilogue(acc, i * to, nl, o0, K, has_corr and (rcs[i] | ccs[i]) != 0,
-                                  corr, rcs[i], ccs[i], mode, mul, bias, off, thr, dirn,
-                                  oword, obit, out_i32, out_f32, out_bits, oidx[i])
+                        border = has_corr and (rcs[i] | ccs[i]) != 0
+                        cbase = (rcs[i] * ncc + ccs[i]) * O
+                        nvec = nl // 8 if mode == 0 else 0
+                        for v in range(nvec):  # mode 0, whole vectors: K - 2*pc + corr, int32
+                            cv = v8_load(corr, cbase + o0 + 8 * v) if border else v8_zero()
+                            v8_store_acc_i32(out_i32, oidx[i] + o0 + 8 * v,
+                                             v8_load(acc, i * to + 8 * v), K, cv)
+                        _epilogue(acc, i * to, 8 * nvec, nl, o0, K, border, corr, cbase,
+                                  mode, mul, bias, off, thr, dirn, oword, obit, out_i32,
+                                  out_f32, out_bits, oidx[i])
 
 
 @njit(cache=True, inline="always")
-def _epilogue(acc, a0, nl, o0, K, border, corr, r, c, mode, mul, bias, off, thr, dirn,
+def _epilogue(acc, a0, l0, nl, o0, K, border, corr, cbase, mode, mul, bias, off, thr, dirn,
               oword, obit, out_i32, out_f32, out_bits, obase):
-    if mode == 0:
+    """Scalar epilogue for lanes ``l0 .. nl - 1`` of one pixel's tile (see module docstring)."""
+    for l in range(l0, nl):
+        o = o0 + l
+        a = K - 2 * acc[a0 + l]
         if border:
-            for l in range(nl):
-                out_i32[obase + o0 + l] = np.int32(K - 2 * acc[a0 + l] + corr[r, c, o0 + l])
-        else:
-            for l in range(nl):
-                out_i32[obase + o0 + l] = np.int32(K - 2 * acc[a0 + l])
-    elif mode == 3:
-        for l in range(nl):
-            o = o0 + l
-            a = K - 2 * acc[a0 + l]
-            if border:
-                a += corr[r, c, o]
+            a += corr[cbase + o]
+        if mode == 0:
+            out_i32[obase + o] = np.int32(a)
+        elif mode == 3:
             if a * dirn[o] < thr[o]:
                 out_bits[obase + oword[o]] |= np.uint64(1) << np.uint64(obit[o])
-    else:
-        for l in range(nl):
-            o = o0 + l
-            a = K - 2 * acc[a0 + l]
-            if border:
-                a += corr[r, c, o]
+        else:
             out_f32[obase + o] = float_transform(a, K, mode, mul[o], bias[o], off[o])
 
 

@@ -3,7 +3,7 @@
 Semantics (``refbnn.bits``): bit 1 means -1; value ``c`` of a group goes to word ``c // 64`` of that
 group, bit ``c % 64``; unused high bits are 0. ``nonpos`` selects ``sign_at_zero=-1``
 (bit = ``not x > 0``) instead of ``sign_at_zero=+1`` (bit = ``x < 0``; ``-0.0`` gives bit 0).
-NaN must be rejected by the caller (an ordered ``<`` would silently give bit 0).
+NaN is counted and reported to the caller, which must raise.
 """
 
 from __future__ import annotations
@@ -11,46 +11,54 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .simd import neg_bits64, nonpos_bits64
+from .simd import nan_bits64, neg_bits64, nonpos_bits64
 
 
 @njit(cache=True, inline="always")
 def _word(xf, start, count, nonpos):
+    """(packed word, NaN found) for ``count`` <= 64 values from ``xf[start]``."""
     if count == 64:
+        nan = nan_bits64(xf, start) != 0
         if nonpos:
-            return nonpos_bits64(xf, start)
-        return neg_bits64(xf, start)
+            return nonpos_bits64(xf, start), nan
+        return neg_bits64(xf, start), nan
     w = np.uint64(0)
+    nan = False
     for b in range(count):
         v = xf[start + b]
+        nan |= v != v
         bit = not (v > 0) if nonpos else v < 0
         if bit:
             w |= np.uint64(1) << np.uint64(b)
-    return w
+    return w, nan
 
 
 @njit(cache=True, parallel=True)
-def pack_rows_into(xf, rows, channels, groups, out, nonpos):
-    """Pack ``rows`` rows of ``channels`` values (flat, C-contiguous ``xf``) into ``out``.
+def pack_rows_into(xf, d0, d1, d2, channels, groups, out, p1, p2, off1, off2, nonpos):
+    """Pack ``d0 * d1 * d2`` rows of ``channels`` values (flat, C-contiguous ``xf``) into ``out``.
 
-    ``out`` is a 4-D ``uint64`` array (possibly a strided view, e.g. the interior of a padded
-    buffer) whose first three axes flatten to ``rows`` and whose last axis has
-    ``groups * ceil(channels / groups / 64)`` words: group ``g``'s ``Cg = channels / groups`` values
-    start at bit 0 of word ``g * Wg``.
+    ``out`` is a flat ``uint64`` array laid out ``(d0, p1, p2, groups * Wg)``; row ``(i0, i1, i2)``
+    goes to pixel ``(i0, i1 + off1, i2 + off2)`` (the interior of a padded buffer when
+    ``p1 > d1``), ``Wg = ceil(channels / groups / 64)``: group ``g``'s ``Cg = channels / groups``
+    values start at bit 0 of word ``g * Wg``. Returns the number of words that met a NaN (their
+    bits are meaningless; the caller raises).
     """
-    d1, d2 = out.shape[1], out.shape[2]
     cg = channels // groups
     wg = (cg + 63) // 64
-    for r in prange(rows):
-        i0 = r // (d1 * d2)
-        rem = r - i0 * d1 * d2
-        i1 = rem // d2
-        i2 = rem - i1 * d2
-        base = r * channels
-        for g in range(groups):
-            for k in range(wg):
-                c0 = g * cg + k * 64
-                out[i0, i1, i2, g * wg + k] = _word(xf, base + c0, min(64, cg - k * 64), nonpos)
+    cw = groups * wg
+    nans = 0
+    for q in prange(d0 * d1):  # one (i0, i1) line of d2 rows per iteration: no per-row division
+        i0 = q // d1
+        i1 = q - i0 * d1
+        obase = ((i0 * p1 + i1 + off1) * p2 + off2) * cw
+        for i2 in range(d2):
+            base = (q * d2 + i2) * channels
+            for g in range(groups):
+                for k in range(wg):
+                    w, nan = _word(xf, base + g * cg + k * 64, min(64, cg - k * 64), nonpos)
+                    out[obase + i2 * cw + g * wg + k] = w
+                    nans += nan
+    return nans
 
 
 @njit(cache=True, parallel=True)

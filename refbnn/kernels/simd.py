@@ -4,9 +4,9 @@ LLVM's auto-vectoriser is fragile for these loops and, on AVX-512 CPUs, prefers 
 (``cpu-kernel-notes.md``). These intrinsics write the vector IR directly, so the width is fixed by
 the IR type, not by a tuning heuristic or the user's ``NUMBA_CPU_FEATURES``:
 
-* :func:`neg_bits64` / :func:`nonpos_bits64`: 64 consecutive array elements -> one ``uint64`` word,
-  bit ``i`` = (element ``i`` < 0) resp. (element ``i`` <= 0); an ``fcmp`` on ``<64 x T>`` bitcast to
-  ``i64`` (element 0 -> bit 0).
+* :func:`neg_bits64` / :func:`nonpos_bits64` / :func:`nan_bits64`: 64 consecutive array elements
+  -> one ``uint64`` word, bit ``i`` = (element ``i`` < 0) resp. (element ``i`` <= 0) resp. NaN; a
+  compare on ``<64 x T>`` bitcast to ``i64`` (element 0 -> bit 0).
 * :data:`vec8` is a Numba type whose LLVM value is ``<8 x i64>`` (one zmm register on AVX-512), with
   :func:`v8_zero`, :func:`v8_load`, :func:`v8_bcast`, :func:`v8_xpa` (``acc + ctpop(a ^ b)`` lane-wise)
   and :func:`v8_store`. On CPUs without AVX-512 VPOPCNTDQ LLVM lowers the same IR to narrower
@@ -51,7 +51,9 @@ def _elem_ptr(context, builder, aryty, ary_val, index, elem_llty=None):
     return ptr
 
 
-def _bits64(cmp_float, cmp_int_op):
+def _bits64(compare):
+    """Intrinsic body: load ``<64 x T>`` at ``arr[start]``, ``compare(builder, v, zero, is_float)``
+    gives a ``<64 x i1>`` mask, returned as an ``i64`` (element 0 -> bit 0)."""
     def impl(typingctx, arr, start):
         if not isinstance(arr, types.Array) or not isinstance(start, types.Integer):
             return None
@@ -65,11 +67,7 @@ def _bits64(cmp_float, cmp_int_op):
             vty = ir.VectorType(elt, 64)
             ptr = _elem_ptr(context, builder, sig.args[0], args[0], args[1], vty)
             v = builder.load(ptr, align=dtype.bitwidth // 8)
-            zero = ir.Constant(vty, None)
-            if isinstance(dtype, types.Float):
-                mask = cmp_float(builder, v, zero)
-            else:
-                mask = builder.icmp_signed(cmp_int_op, v, zero)
+            mask = compare(builder, v, ir.Constant(vty, None), isinstance(dtype, types.Float))
             return builder.bitcast(mask, _I64)
 
         return sig, codegen
@@ -77,16 +75,36 @@ def _bits64(cmp_float, cmp_int_op):
     return impl
 
 
+def _lt0(b, v, zero, is_float):
+    return b.fcmp_ordered("<", v, zero) if is_float else b.icmp_signed("<", v, zero)
+
+
+def _le0_or_nan(b, v, zero, is_float):
+    return b.fcmp_unordered("<=", v, zero) if is_float else b.icmp_signed("<=", v, zero)
+
+
+def _isnan(b, v, zero, is_float):
+    if is_float:
+        return b.fcmp_unordered("uno", v, v)
+    return ir.Constant(ir.VectorType(ir.IntType(1), 64), None)
+
+
 @intrinsic
 def neg_bits64(typingctx, arr, start):
     """``uint64`` whose bit ``i`` is ``arr[start + i] < 0`` (ordered compare), ``i`` in 0..63."""
-    return _bits64(lambda b, v, z: b.fcmp_ordered("<", v, z), "<")(typingctx, arr, start)
+    return _bits64(_lt0)(typingctx, arr, start)
 
 
 @intrinsic
 def nonpos_bits64(typingctx, arr, start):
     """``uint64`` whose bit ``i`` is ``not (arr[start + i] > 0)``, ``i`` in 0..63."""
-    return _bits64(lambda b, v, z: b.fcmp_unordered("<=", v, z), "<=")(typingctx, arr, start)
+    return _bits64(_le0_or_nan)(typingctx, arr, start)
+
+
+@intrinsic
+def nan_bits64(typingctx, arr, start):
+    """``uint64`` whose bit ``i`` is ``isnan(arr[start + i])`` (always 0 for integer arrays)."""
+    return _bits64(_isnan)(typingctx, arr, start)
 
 
 @intrinsic
@@ -169,3 +187,26 @@ def v8_store(typingctx, arr, index, v):
         return context.get_dummy_value()
 
     return types.none(arr, index, vec8), codegen
+
+
+@intrinsic
+def v8_store_acc_i32(typingctx, out, index, pc, k, corr):
+    """``out[index : index + 8] = int32(k - 2 * pc + corr)`` lane-wise (``out`` int32, ``corr``
+    a :data:`vec8` of int64 corrections, e.g. :func:`v8_load` of an int64 array or zero)."""
+    if not (isinstance(out, types.Array) and out.dtype == types.int32 and pc == vec8
+            and corr == vec8 and isinstance(k, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        _, _, pcv, kv, cv = args
+        kv = context.cast(builder, kv, sig.args[3], types.int64)
+        kvec = builder.shuffle_vector(
+            builder.insert_element(ir.Constant(_V8, ir.Undefined), kv, ir.Constant(ir.IntType(32), 0)),
+            ir.Constant(_V8, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), 8), None))
+        a = builder.add(builder.sub(kvec, builder.shl(pcv, ir.Constant(_V8, [1] * 8))), cv)
+        v32 = ir.VectorType(ir.IntType(32), 8)
+        ptr = _elem_ptr(context, builder, sig.args[0], args[0], args[1], v32)
+        builder.store(builder.trunc(a, v32), ptr, align=4)
+        return context.get_dummy_value()
+
+    return types.none(out, index, vec8, k, vec8), codegen
