@@ -83,3 +83,16 @@ def test_conv_geometry_rejects_bad_shapes():
         F.ConvGeometry((1, 3, 5, 5), (2, 2, 3, 3), (1, 1), (0, 0), (1, 1), 1)
     with pytest.raises(ValueError, match="smaller"):
         F.ConvGeometry((1, 2, 2, 2), (2, 2, 3, 3), (1, 1), (0, 0), (1, 1), 1)
+
+
+@given(conv_case(), st.sampled_from(["ste", "approx_sign"]))
+def test_col2im_with_act_grad_equals_oracle_times_factor(case, act_grad):
+    x, (kh, kw, sh, sw, ph, pw, dh, dw) = case
+    x = x * 1.3  # values on both sides of +-1
+    x.reshape(-1)[1::6] = 1.0
+    x.reshape(-1)[2::6] = -1.0
+    geom = F.ConvGeometry(x.shape, (1, x.shape[1], kh, kw), (sh, sw), (ph, pw), (dh, dw), 1)
+    dcols = np.random.default_rng(1).standard_normal(geom.cols_shape).astype(x.dtype)
+    ref = F.col2im_reference(dcols, x.shape, kh, kw, sh, sw, ph, pw, dh, dw)
+    np.testing.assert_array_equal(F.col2im(dcols, geom, x, act_grad),
+                                  ref * F.act_grad_factor(x, act_grad))

@@ -64,10 +64,25 @@ def im2col_kernel(x, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, pad_value, mode, ou
     return out
 
 
+@nb.njit(cache=True, inline="always")
+def _gate(v, gate):
+    # d sign(v) / dv as the straight-through estimators define it (see refbnn.nn.binary)
+    if gate == 1:
+        return 1.0 if abs(v) <= 1 else 0.0
+    if v < -1 or v >= 1:
+        return 0.0
+    if v < 0:
+        return 2 + 2 * v
+    return 2 - 2 * v
+
+
 @nb.njit(cache=True, parallel=True)
-def col2im_kernel(dcols, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, dx):
+def col2im_kernel(dcols, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, x, gate, dx):
     """Adjoint of :func:`im2col_kernel` (mode 0): ``dx`` (N, C, H, W) is zeroed, then every
-    in-range tap of ``dcols`` is added at its source position, taps in (a, b, i, j) order."""
+    in-range tap of ``dcols`` is added at its source position, taps in (a, b, i, j) order.
+
+    ``gate`` 1 (``"ste"``) or 2 (``"approx_sign"``) then multiplies each element of ``dx`` by the
+    estimator's factor at ``x`` (same shape as ``dx``); 0 leaves ``dx`` as is (``x`` unused)."""
     n, c, h, w = dx.shape
     d6 = dcols.reshape(c, kh, kw, n, oh, ow)
     for plane in nb.prange(n * c):
@@ -87,4 +102,8 @@ def col2im_kernel(dcols, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, dx):
                         xx = j * sw + xoff
                         if xx >= 0 and xx < w:
                             dx[ni, ci, y, xx] += d6[ci, a, b, ni, i, j]
+        if gate != 0:
+            for y in range(h):
+                for xx in range(w):
+                    dx[ni, ci, y, xx] *= dx.dtype.type(_gate(x[ni, ci, y, xx], gate))
     return dx

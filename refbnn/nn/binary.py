@@ -25,24 +25,8 @@ from refbnn.nn.init import uniform_fan_in
 from refbnn.nn.module import Module, Parameter
 
 SCALES = ("none", "mean_abs")
-ACT_GRADS = ("ste", "approx_sign", "identity")
-
-
-def act_grad_factor(x, act_grad: str) -> np.ndarray:
-    """The derivative that ``act_grad`` substitutes for d sign(x)/dx, elementwise, dtype of x."""
-    one = x.dtype.type(1)
-    if act_grad == "ste":
-        return (np.abs(x) <= one).astype(x.dtype)
-    if act_grad == "approx_sign":
-        g = np.abs(x)
-        g *= -2
-        g += 2
-        np.maximum(g, 0, out=g)
-        g[x >= 1] = 0  # [0, 1) is half-open: 2 - 2x is already 0 at x = 1, kept explicit
-        return g
-    if act_grad == "identity":
-        return np.ones_like(x)
-    raise ValueError(f"act_grad must be one of {ACT_GRADS}, got {act_grad!r}")
+ACT_GRADS = F.ACT_GRADS
+act_grad_factor = F.act_grad_factor
 
 
 def _check_options(scale, sign_at_zero, act_grad, pad_value):
@@ -158,7 +142,9 @@ class BinaryConv2d(_BinaryMixin, Module):
         x, geom, wq = check_grad(self._cache, "BinaryConv2d")
         dcols, dwq = F.conv2d_backward(grad_out, self._cols, wq, geom)
         self._weight_grad(dwq)
-        return self._input_grad(F.col2im(dcols, geom), x)
+        if self.binarize_input:
+            return F.col2im(dcols, geom, x, self.act_grad)
+        return F.col2im(dcols, geom)
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

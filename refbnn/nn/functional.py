@@ -148,11 +148,39 @@ def im2col(x, geom: ConvGeometry, pad_value=0.0, sign_at_zero=None, out=None):
     return out
 
 
-def col2im(dcols, geom: ConvGeometry):
-    """Fast :func:`col2im_reference` (Numba; same additions in the same order, so equal exactly)."""
+ACT_GRADS = ("ste", "approx_sign", "identity")
+_GATES = {None: 0, "identity": 0, "ste": 1, "approx_sign": 2}
+
+
+def act_grad_factor(x: np.ndarray, act_grad: str) -> np.ndarray:
+    """The derivative that ``act_grad`` substitutes for d sign(x)/dx, elementwise, dtype of x:
+    ``"ste"`` 1 on ``|x| <= 1`` else 0; ``"approx_sign"`` ``2 + 2x`` on [-1, 0), ``2 - 2x`` on
+    [0, 1), 0 elsewhere; ``"identity"`` 1."""
+    if act_grad == "ste":
+        return (np.abs(x) <= 1).astype(x.dtype)
+    if act_grad == "approx_sign":
+        g = np.abs(x)
+        g *= -2
+        g += 2  # 2 - 2|x|: equals 2 + 2x on [-1, 0) and 2 - 2x on [0, 1), <= 0 outside
+        np.maximum(g, 0, out=g)
+        return g
+    if act_grad == "identity":
+        return np.ones_like(x)
+    raise ValueError(f"act_grad must be one of {ACT_GRADS}, got {act_grad!r}")
+
+
+def col2im(dcols, geom: ConvGeometry, x=None, act_grad=None):
+    """Fast :func:`col2im_reference` (Numba; same additions in the same order, so equal exactly).
+
+    With ``act_grad`` ("ste" / "approx_sign") the result is multiplied elementwise by
+    ``act_grad_factor(x, act_grad)`` in the same pass (one rounding per element, as NumPy's)."""
     dx = np.empty((geom.n, geom.c, geom.h, geom.w), dtype=dcols.dtype)
+    gate = _GATES[act_grad]
+    if gate and (x is None or x.shape != dx.shape):
+        raise ValueError("col2im: act_grad needs x of the input shape")
+    xg = np.ascontiguousarray(x, dtype=dcols.dtype) if gate else dx
     _k.col2im_kernel(dcols, geom.kh, geom.kw, geom.sh, geom.sw, geom.ph, geom.pw, geom.dh,
-                     geom.dw, geom.oh, geom.ow, dx)
+                     geom.dw, geom.oh, geom.ow, xg, gate, dx)
     return dx
 
 

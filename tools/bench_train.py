@@ -1,0 +1,300 @@
+"""Benchmark one full training step of a Bi-Real-style 18-layer network: refbnn vs PyTorch CPU.
+
+The network (built twice, from refbnn.nn layers and from torch.nn, same architecture and the same
+initial weights): 3x3 real stem conv 1->C, BN; four stages of four blocks
+``BN(BinaryConv3x3(sign(x))) + shortcut(x)`` at widths C, 2C, 4C, 8C; the first block of stages
+2-4 has stride 2 and the shortcut AvgPool 2x2/2 (padding 1, excluding pads, on odd sizes) ->
+real 1x1 conv -> BN; global average pool; FC to 10 classes. Binary convs: sign with sign(0)=+1,
+Bi-Real's ApproxSign gradient, clipped straight-through weights, zero padding, no scale.
+
+A step is: zero grads, forward on a (B, 1, 28, 28) batch, cross-entropy, backward, Adam step,
+clip latent weights to [-1, 1]. Both frameworks run alternately in the same worker process, one
+worker per thread count (BLAS/OpenMP/Numba pools sized by environment variables before import,
+``OMP_WAIT_POLICY=PASSIVE``, ``torch.set_num_threads``, ``numba.set_num_threads``). Reported:
+median seconds per step, and refbnn's split by layer type (forward + backward, exclusive).
+
+    python tools/bench_train.py --widths 32 64 --threads 1 2 --out bench-results/train.json
+
+Prints a table and writes JSON (temp file then ``os.replace``). The floor: refbnn's step at most
+1.5x PyTorch's (``--check`` exits 1 when missed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+FLOOR_RATIO = 1.5
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+H = W = 28
+CLASSES = 10
+
+
+# --- refbnn ------------------------------------------------------------------------------------
+def build_refbnn(width: int):
+    from refbnn import nn
+
+    def block(cin, cout, stride, size):
+        body = nn.Sequential(nn.BinaryConv2d(cin, cout, 3, stride, 1, scale="none"),
+                             nn.BatchNorm2d(cout))
+        if stride == 1 and cin == cout:
+            return nn.Residual(body), size
+        pad = size % 2
+        sc = nn.Sequential(nn.AvgPool2d(2, 2, pad, count_include_pad=False),
+                           nn.Conv2d(cin, cout, 1), nn.BatchNorm2d(cout))
+        return nn.Residual(body, sc), (size + 2 - 3) // 2 + 1
+
+    layers = [nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width)]
+    cin, size = width, H
+    for stage in range(4):
+        cout = width * 2 ** stage
+        for i in range(4):
+            b, size = block(cin, cout, 2 if (stage and i == 0) else 1, size)
+            layers.append(b)
+            cin = cout
+    layers += [nn.GlobalAvgPool2d(), nn.Linear(cin, CLASSES)]
+    return nn.Sequential(*layers)
+
+
+class LayerTimer:
+    """Wraps forward/backward of every leaf layer class to add its exclusive time by type."""
+
+    def __init__(self, model):
+        self.seconds = defaultdict(float)
+        self.enabled = False
+        self._patched = []
+        classes = {type(m) for _, m in model.named_modules() if not m._modules}
+        for cls in classes:
+            for meth in ("forward", "backward"):
+                orig = getattr(cls, meth)
+                setattr(cls, meth, self._wrap(orig, cls.__name__))
+                self._patched.append((cls, meth, orig))
+
+    def _wrap(self, fn, name):
+        def timed(module, x):
+            if not self.enabled:
+                return fn(module, x)
+            t0 = time.perf_counter()
+            out = fn(module, x)
+            self.seconds[name] += time.perf_counter() - t0
+            return out
+        return timed
+
+    def restore(self):
+        for cls, meth, orig in self._patched:
+            setattr(cls, meth, orig)
+
+
+def refbnn_stepper(model, x, y):
+    from refbnn.training import Adam, cross_entropy, param_groups
+    opt = Adam(param_groups(model, 0.0, clip_latent=(-1.0, 1.0)), lr=1e-3)
+
+    def step():
+        model.zero_grad()
+        logits = model.forward(x)
+        _, dlogits = cross_entropy(logits, y)
+        model.backward(dlogits)
+        t0 = time.perf_counter()
+        opt.step()
+        return time.perf_counter() - t0
+    return step
+
+
+# --- torch -------------------------------------------------------------------------------------
+def build_torch(width: int, ref_model):
+    import torch
+    from torch import nn as tnn
+
+    class ApproxSign(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return torch.where(x >= 0, 1.0, -1.0)
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            ax = x.abs()
+            return g * torch.clamp(2 - 2 * ax, min=0)
+
+    class BinaryConv(tnn.Conv2d):
+        def forward(self, x):
+            w = self.weight
+            wb = torch.where(w >= 0, 1.0, -1.0)
+            clipped = torch.clamp(w, -1.0, 1.0)
+            wq = wb.detach() - clipped.detach() + clipped
+            return self._conv_forward(ApproxSign.apply(x), wq, None)
+
+    class Residual(tnn.Module):
+        def __init__(self, body, shortcut=None):
+            super().__init__()
+            self.body = body
+            self.shortcut = shortcut
+
+        def forward(self, x):
+            return self.body(x) + (self.shortcut(x) if self.shortcut is not None else x)
+
+    def block(cin, cout, stride, size):
+        body = tnn.Sequential(BinaryConv(cin, cout, 3, stride, 1, bias=False),
+                              tnn.BatchNorm2d(cout))
+        if stride == 1 and cin == cout:
+            return Residual(body), size
+        sc = tnn.Sequential(tnn.AvgPool2d(2, 2, size % 2, count_include_pad=False),
+                            tnn.Conv2d(cin, cout, 1, bias=False), tnn.BatchNorm2d(cout))
+        return Residual(body, sc), (size + 2 - 3) // 2 + 1
+
+    layers = [tnn.Conv2d(1, width, 3, padding=1, bias=False), tnn.BatchNorm2d(width)]
+    cin, size = width, H
+    for stage in range(4):
+        cout = width * 2 ** stage
+        for i in range(4):
+            b, size = block(cin, cout, 2 if (stage and i == 0) else 1, size)
+            layers.append(b)
+            cin = cout
+    layers += [tnn.AdaptiveAvgPool2d(1), tnn.Flatten(), tnn.Linear(cin, CLASSES)]
+    model = tnn.Sequential(*layers)
+    # same initial weights; names line up except the pool/flatten indices at the end
+    ours = ref_model.state_dict()
+    theirs = model.state_dict()
+    fc = len(layers) - 1
+    mapping = {k.replace(f"{fc - 1}.", f"{fc}.", 1) if k.startswith(f"{fc - 1}.") else k: v
+               for k, v in ours.items()}
+    assert set(mapping) == set(theirs), sorted(set(mapping) ^ set(theirs))[:4]
+    model.load_state_dict({k: torch.tensor(v) for k, v in mapping.items()})
+    return model
+
+
+def torch_stepper(model, x, y):
+    import torch
+    xt, yt = torch.tensor(x), torch.tensor(y)
+    binary = [m.weight for m in model.modules() if type(m).__name__ == "BinaryConv"]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(xt), yt)
+        loss.backward()
+        t0 = time.perf_counter()
+        opt.step()
+        with torch.no_grad():
+            for w in binary:
+                w.clamp_(-1.0, 1.0)
+        return time.perf_counter() - t0
+    return step
+
+
+# --- worker ------------------------------------------------------------------------------------
+def worker(width: int, batch: int, threads: int, steps: int) -> dict:
+    import numba
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(threads)
+    numba.set_num_threads(threads)
+    from refbnn.nn import init
+    init.manual_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, 1, H, W)).astype(np.float32)
+    y = rng.integers(0, CLASSES, batch)
+    ours = build_refbnn(width)
+    theirs = build_torch(width, ours)
+    ours.train()
+    theirs.train()
+    step_ours, step_theirs = refbnn_stepper(ours, x, y), torch_stepper(theirs, x, y)
+    for _ in range(2):  # warm-up: Numba cache loads, buffer allocation, oneDNN primitive creation
+        step_ours()
+        step_theirs()
+    timer = LayerTimer(ours)
+    t_ours, t_theirs, opt_ours = [], [], []
+    try:
+        for _ in range(steps):
+            timer.enabled = True
+            t0 = time.perf_counter()
+            opt_ours.append(step_ours())
+            t_ours.append(time.perf_counter() - t0)
+            timer.enabled = False
+            t0 = time.perf_counter()
+            step_theirs()
+            t_theirs.append(time.perf_counter() - t0)
+    finally:
+        timer.restore()
+    split = {k: v / steps for k, v in sorted(timer.seconds.items(), key=lambda kv: -kv[1])}
+    split["optimizer"] = float(np.mean(opt_ours))
+    med = float(np.median(t_ours))
+    split["other (loss, glue)"] = max(0.0, float(np.mean(t_ours)) - sum(split.values()))
+    return {"width": width, "batch": batch, "threads": threads, "steps": steps,
+            "refbnn_s": med, "torch_s": float(np.median(t_theirs)),
+            "ratio": med / float(np.median(t_theirs)), "refbnn_split_s": split,
+            "torch_version": torch.__version__, "numpy_version": np.__version__}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--widths", type=int, nargs="+", default=[32, 64])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per framework")
+    ap.add_argument("--out", default="bench-results/train.json")
+    ap.add_argument("--check", action="store_true", help=f"exit 1 if a ratio > {FLOOR_RATIO}")
+    ap.add_argument("--worker", nargs=4, type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(*args.worker)), flush=True)
+        return 0
+    if min(args.widths + args.threads) < 1 or args.batch < 2 or args.steps < 1:
+        print("error: widths and threads must be >= 1, batch >= 2, steps >= 1", file=sys.stderr)
+        return 2
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        print("error: PyTorch is not installed; it is the peer this benchmark compares against",
+              file=sys.stderr)
+        return 2
+    rows = []
+    for t in args.threads:
+        for width in args.widths:
+            env = dict(os.environ, OMP_NUM_THREADS=str(t), OPENBLAS_NUM_THREADS=str(t),
+                       MKL_NUM_THREADS=str(t), NUMBA_NUM_THREADS=str(t),
+                       OMP_WAIT_POLICY="PASSIVE")
+            cmd = [sys.executable, __file__, "--worker", str(width), str(args.batch), str(t),
+                   str(args.steps)]
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(proc.stderr, file=sys.stderr)
+                print(f"error: worker for width {width}, {t} thread(s) failed", file=sys.stderr)
+                return 1
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(f"\nC={width} threads={t}: refbnn time by layer type (ms per step)")
+            for k, v in row["refbnn_split_s"].items():
+                print(f"  {k:<20s} {1e3 * v:9.1f}  {100 * v / row['refbnn_s']:5.1f}%")
+    print(f"\n{'C':>4} {'thr':>4} {'batch':>6} {'refbnn ms':>10} {'torch ms':>10} {'ratio':>6}"
+          f"  floor <= {FLOOR_RATIO}x")
+    for r in rows:
+        ok = "ok" if r["ratio"] <= FLOOR_RATIO else "MISSED"
+        print(f"{r['width']:>4} {r['threads']:>4} {r['batch']:>6} {1e3 * r['refbnn_s']:>10.1f} "
+              f"{1e3 * r['torch_s']:>10.1f} {r['ratio']:>6.2f}  {ok}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"benchmark": "bench_train", "floor_ratio": FLOOR_RATIO, "cpu_count": os.cpu_count(),
+            "input": [1, H, W], "optimizer": "Adam"}
+    with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as f:
+        json.dump({"meta": meta, "results": rows}, f, indent=1)
+        tmp = f.name
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+    if args.check and any(r["ratio"] > FLOOR_RATIO for r in rows):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
