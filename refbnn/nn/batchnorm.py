@@ -5,13 +5,15 @@ Training: per channel ``c`` over the batch (and spatial) axes, ``mean`` and the 
 statistics then move as ``r = (1 - m) * r + m * stat`` with ``stat`` the batch mean and the
 unbiased variance ``var * M / (M - 1)`` (M values per channel), ``m = momentum`` (or
 ``1 / num_batches_tracked`` when ``momentum is None``, a cumulative average). Evaluation uses the
-running statistics. ``weight``/``bias`` take no weight decay by default.
+running statistics. ``weight``/``bias`` take no weight decay by default. Training statistics
+accumulate in float64 (``functional.batch_norm_train``); element-wise math is in the input dtype.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from refbnn.nn import functional as F
 from refbnn.nn._checks import check_grad, check_input, param, positive_int
 from refbnn.nn.module import Module, Parameter
 
@@ -36,16 +38,11 @@ class _BatchNorm(Module):
         self._cache = None
 
     @staticmethod
-    def _axes(x):
-        return (0,) + tuple(range(2, x.ndim))
-
-    @staticmethod
     def _col(v, ndim):
         return v.reshape((1, -1) + (1,) * (ndim - 2))
 
     def forward(self, x):
         x = check_input(x, self._ndims, type(self).__name__, self.num_features)
-        axes = self._axes(x)
         w = self._col(param(self.weight, x.dtype), x.ndim)
         b = self._col(param(self.bias, x.dtype), x.ndim)
         if not self.training:
@@ -58,37 +55,25 @@ class _BatchNorm(Module):
         if m < 2:
             raise ValueError(f"{type(self).__name__}: training needs more than 1 value per "
                              f"channel, got input shape {x.shape}")
-        mean = x.mean(axis=axes, keepdims=True)
-        xc = x - mean
-        var = np.mean(np.square(xc), axis=axes, keepdims=True)
-        inv = 1.0 / np.sqrt(var + x.dtype.type(self.eps))
-        xhat = xc
-        xhat *= inv
-        y = xhat * w
-        y += b
-        self._update_running(mean.ravel(), var.ravel(), m)
-        self._cache = (xhat, inv, w, axes, m)
+        y, mean, var, inv = F.batch_norm_train(x, param(self.weight, x.dtype),
+                                               param(self.bias, x.dtype), self.eps)
+        self._update_running(mean, var, m)
+        self._cache = (x, mean, inv, param(self.weight, x.dtype))
         return y
 
     def _update_running(self, mean, var, m):
         self.num_batches_tracked = np.array(self.num_batches_tracked + 1, dtype=np.int64)
         mom = (1.0 / float(self.num_batches_tracked) if self.momentum is None
                else float(self.momentum))
-        unbiased = var.astype(np.float64) * (m / (m - 1))
+        unbiased = var * (m / (m - 1))
         self.running_mean = ((1 - mom) * self.running_mean + mom * mean).astype(np.float32)
         self.running_var = ((1 - mom) * self.running_var + mom * unbiased).astype(np.float32)
 
     def backward(self, grad_out):
-        xhat, inv, w, axes, m = check_grad(self._cache, type(self).__name__)
-        sum_dy = grad_out.sum(axis=axes, keepdims=True)
-        sum_dy_xhat = np.sum(grad_out * xhat, axis=axes, keepdims=True)
-        self.weight.accumulate(sum_dy_xhat.ravel())
-        self.bias.accumulate(sum_dy.ravel())
-        # dx = w * inv * (dy - mean(dy) - xhat * mean(dy * xhat))
-        k = xhat * (sum_dy_xhat / m)
-        k += sum_dy / m
-        dx = grad_out - k
-        dx *= w * inv
+        x, mean, inv, w = check_grad(self._cache, type(self).__name__)
+        dx, dw, db = F.batch_norm_backward(grad_out, x, mean, inv, w)
+        self.weight.accumulate(dw)
+        self.bias.accumulate(db)
         return dx
 
     def extra_repr(self):
