@@ -23,47 +23,59 @@ taps and words, holding the ``m * NV`` accumulators as ``<8 x i64>`` values (zmm
   ``i``'s first tap (its top-left input word of the group); ``toff[t]``: offset of tap ``t``.
 * ``wt``: flat weight tiles (uint64), ``ntaps * wg`` steps of ``NV * 8`` words from ``wbase``: lane
   ``l`` of vector ``v`` at step ``(t, c)`` is output channel ``8 * v + l``'s word ``c`` of tap ``t``.
-* ``acc``: int64 scratch receiving pixel ``i``'s popcounts at ``acc[i * 8 * NV : (i + 1) * 8 * NV]``.
+* ``acc``: int64 scratch receiving pixel ``i``'s popcounts at ``acc[i * 8 * NV : (i + 1) * 8 * NV]``;
+  or, if ``direct``, ``out[obases[i] : obases[i] + 8 * NV] = int32(k - 2 * popcount)`` (int32).
 """
 
 from numba import njit
 
-from .simd import v8_bcast, v8_load, v8_store, v8_xpa, v8_zero
+from .simd import v8_bcast, v8_load, v8_store, v8_store_acc_i32, v8_xpa, v8_zero
 '''
 
 
 def _tile(m: int, nv: int) -> str:
     lines = ["@njit(cache=True)",
-             f"def _t{m}x{nv}(xp, bases, wt, wbase, toff, ntaps, wg, acc):"]
+             f"def _t{m}x{nv}(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):"]
     for i in range(m):
         lines.append(f"    b{i} = bases[{i}]")
     for i in range(m):
         for v in range(nv):
             lines.append(f"    a{i}_{v} = v8_zero()")
-    lines += ["    wi = wbase",
-              "    for t in range(ntaps):",
-              "        o = toff[t]",
-              "        for c in range(wg):"]
-    for v in range(nv):
-        lines.append(f"            w{v} = v8_load(wt, wi + {8 * v})")
-    lines.append(f"            wi += {8 * nv}")
-    for i in range(m):
-        lines.append(f"            x = v8_bcast(xp, b{i} + o + c)")
+    lines.append("    wi = wbase")
+    # wg == 1 (64 or fewer channels per group) gets its own loop without the inner word loop
+    for branch, word in (("    if wg == 1:", ""), ("    else:", " + c")):
+        lines += [branch, "        for t in range(ntaps):", "            o = toff[t]"]
+        pad = "            "
+        if word:
+            lines.append("            for c in range(wg):")
+            pad += "    "
         for v in range(nv):
-            lines.append(f"            a{i}_{v} = v8_xpa(a{i}_{v}, w{v}, x)")
+            lines.append(f"{pad}w{v} = v8_load(wt, wi + {8 * v})")
+        lines.append(f"{pad}wi += {8 * nv}")
+        for i in range(m):
+            lines.append(f"{pad}x = v8_bcast(xp, b{i} + o{word})")
+            for v in range(nv):
+                lines.append(f"{pad}a{i}_{v} = v8_xpa(a{i}_{v}, w{v}, x)")
+    lines += ["    if direct:", "        z = v8_zero()"]
+    for i in range(m):
+        lines.append(f"        ob = obases[{i}]")
+        for v in range(nv):
+            lines.append(f"        v8_store_acc_i32(out, ob + {8 * v}, a{i}_{v}, k, z)")
+    lines.append("    else:")
     for i in range(m):
         for v in range(nv):
-            lines.append(f"    v8_store(acc, {i * 8 * nv + 8 * v}, a{i}_{v})")
+            lines.append(f"        v8_store(acc, {i * 8 * nv + 8 * v}, a{i}_{v})")
     return "\n".join(lines) + "\n"
 
 
 def _dispatch(nv: int) -> str:
     lines = ["@njit(cache=True)",
-             f"def tile_nv{nv}(m, xp, bases, wt, wbase, toff, ntaps, wg, acc):"]
+             f"def tile_nv{nv}(m, xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):"]
     for m in range(MR_MAX, 0, -1):
         kw = "if" if m == MR_MAX else "elif"
         lines.append(f"    {kw} m == {m}:")
-        lines.append(f"        _t{m}x{nv}(xp, bases, wt, wbase, toff, ntaps, wg, acc)")
+        lines.append(f"        _t{m}x{nv}(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k,"
+                     " direct)")
     return "\n".join(lines) + "\n"
 
 

@@ -31,7 +31,6 @@ import numpy as np
 from numba import njit, prange
 
 from .bconv_tiles import tile_nv1, tile_nv2, tile_nv4
-from .simd import v8_load, v8_store_acc_i32, v8_zero
 
 MR = 6  # pixels per tile; bconv_tiles holds kernels for 1..MR
 
@@ -45,6 +44,7 @@ def bconv_fast(xp, Hp, Wp, CW, wt, nv, G, Wg, T, toff, K,
     P = N * OH * OW
     ntiles = (P + MR - 1) // MR
     nchunks = min(nthreads, ntiles)
+    q, r = P // ntiles, P % ntiles
     ntaps = toff.shape[0]
     to = 8 * nv
     og = O // G
@@ -52,19 +52,27 @@ def bconv_fast(xp, Hp, Wp, CW, wt, nv, G, Wg, T, toff, K,
     for ch in prange(nchunks):
         acc = np.empty(MR * to, np.int64)
         bases = np.empty(MR, np.int64)
+        obases = np.empty(MR, np.int64)
         pix = np.empty(MR, np.int64)
         oidx = np.empty(MR, np.int64)
         rcs = np.empty(MR, np.int64)
         ccs = np.empty(MR, np.int64)
-        for ti in range(ch * ntiles // nchunks, (ch + 1) * ntiles // nchunks):
-            p0 = ti * P // ntiles
-            m = (ti + 1) * P // ntiles - p0
+        ti0 = ch * ntiles // nchunks
+        # tile ti holds q (+1 for ti < r) pixels; pixels are stepped through, not divided
+        p0 = ti0 * q + min(ti0, r)
+        n = p0 // (OH * OW)
+        oh = (p0 - n * OH * OW) // OW
+        ow = p0 - n * OH * OW - oh * OW
+        for ti in range(ti0, (ch + 1) * ntiles // nchunks):
+            m = q + 1 if ti < r else q
             for i in range(m):
+                if ow == OW:
+                    ow = 0
+                    oh += 1
+                    if oh == OH:
+                        oh = 0
+                        n += 1
                 p = p0 + i
-                n = p // (OH * OW)
-                r = p - n * OH * OW
-                oh = r // OW
-                ow = r - oh * OW
                 pix[i] = ((n * Hp + oh * sh) * Wp + ow * sw) * CW
                 rcs[i] = rc[oh]
                 ccs[i] = cc[ow]
@@ -74,37 +82,44 @@ def bconv_fast(xp, Hp, Wp, CW, wt, nv, G, Wg, T, toff, K,
                         out_bits[oidx[i] + k] = 0
                 else:
                     oidx[i] = p * O
+                ow += 1
             for g in range(G):
                 for i in range(m):
                     bases[i] = pix[i] + g * Wg
                 for t in range(T):
                     wbase = (g * T + t) * wstep
-                    if nv == 4:
-                        tile_nv4(m, xp, bases, wt, wbase, toff, ntaps, Wg, acc)
-                    elif nv == 2:
-                        tile_nv2(m, xp, bases, wt, wbase, toff, ntaps, Wg, acc)
-                    else:
-                        tile_nv1(m, xp, bases, wt, wbase, toff, ntaps, Wg, acc)
                     o0 = g * og + t * to
                     nl = min(to, og - t * to)
+                    direct = mode == 0 and nl == to  # the tile writes int32 K - 2*pc itself
+                    for i in range(m):
+                        obases[i] = oidx[i] + o0
+                    if nv == 4:
+                        tile_nv4(m, xp, bases, wt, wbase, toff, ntaps, Wg, acc, out_i32, obases,
+                                 K, direct)
+                    elif nv == 2:
+                        tile_nv2(m, xp, bases, wt, wbase, toff, ntaps, Wg, acc, out_i32, obases,
+                                 K, direct)
+                    else:
+                        tile_nv1(m, xp, bases, wt, wbase, toff, ntaps, Wg, acc, out_i32, obases,
+                                 K, direct)
                     for i in range(m):
                         border = has_corr and (rcs[i] | ccs[i]) != 0
                         cbase = (rcs[i] * ncc + ccs[i]) * O
-                        nvec = nl // 8 if mode == 0 else 0
-                        for v in range(nvec):  # mode 0, whole vectors: K - 2*pc + corr, int32
-                            cv = v8_load(corr, cbase + o0 + 8 * v) if border else v8_zero()
-                            v8_store_acc_i32(out_i32, oidx[i] + o0 + 8 * v,
-                                             v8_load(acc, i * to + 8 * v), K, cv)
-                        _epilogue(acc, i * to, 8 * nvec, nl, o0, K, border, corr, cbase,
-                                  mode, mul, bias, off, thr, dirn, oword, obit, out_i32,
-                                  out_f32, out_bits, oidx[i])
+                        if not direct:
+                            _epilogue(acc, i * to, nl, o0, K, border, corr, cbase, mode, mul,
+                                      bias, off, thr, dirn, oword, obit, out_i32, out_f32,
+                                      out_bits, oidx[i])
+                        elif border:
+                            for l in range(nl):
+                                out_i32[obases[i] + l] += np.int32(corr[cbase + o0 + l])
+            p0 += m
 
 
 @njit(cache=True, inline="always")
-def _epilogue(acc, a0, l0, nl, o0, K, border, corr, cbase, mode, mul, bias, off, thr, dirn,
+def _epilogue(acc, a0, nl, o0, K, border, corr, cbase, mode, mul, bias, off, thr, dirn,
               oword, obit, out_i32, out_f32, out_bits, obase):
-    """Scalar epilogue for lanes ``l0 .. nl - 1`` of one pixel's tile (see module docstring)."""
-    for l in range(l0, nl):
+    """Scalar epilogue for lanes ``0 .. nl - 1`` of one pixel's tile (see module docstring)."""
+    for l in range(nl):
         o = o0 + l
         a = K - 2 * acc[a0 + l]
         if border:

@@ -8,43 +8,66 @@ taps and words, holding the ``m * NV`` accumulators as ``<8 x i64>`` values (zmm
   ``i``'s first tap (its top-left input word of the group); ``toff[t]``: offset of tap ``t``.
 * ``wt``: flat weight tiles (uint64), ``ntaps * wg`` steps of ``NV * 8`` words from ``wbase``: lane
   ``l`` of vector ``v`` at step ``(t, c)`` is output channel ``8 * v + l``'s word ``c`` of tap ``t``.
-* ``acc``: int64 scratch receiving pixel ``i``'s popcounts at ``acc[i * 8 * NV : (i + 1) * 8 * NV]``.
+* ``acc``: int64 scratch receiving pixel ``i``'s popcounts at ``acc[i * 8 * NV : (i + 1) * 8 * NV]``;
+  or, if ``direct``, ``out[obases[i] : obases[i] + 8 * NV] = int32(k - 2 * popcount)`` (int32).
 """
 
 from numba import njit
 
-from .simd import v8_bcast, v8_load, v8_store, v8_xpa, v8_zero
+from .simd import v8_bcast, v8_load, v8_store, v8_store_acc_i32, v8_xpa, v8_zero
 
 
 @njit(cache=True)
-def _t1x4(xp, bases, wt, wbase, toff, ntaps, wg, acc):
+def _t1x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
     b0 = bases[0]
     a0_0 = v8_zero()
     a0_1 = v8_zero()
     a0_2 = v8_zero()
     a0_3 = v8_zero()
     wi = wbase
-    for t in range(ntaps):
-        o = toff[t]
-        for c in range(wg):
+    if wg == 1:
+        for t in range(ntaps):
+            o = toff[t]
             w0 = v8_load(wt, wi + 0)
             w1 = v8_load(wt, wi + 8)
             w2 = v8_load(wt, wi + 16)
             w3 = v8_load(wt, wi + 24)
             wi += 32
-            x = v8_bcast(xp, b0 + o + c)
+            x = v8_bcast(xp, b0 + o)
             a0_0 = v8_xpa(a0_0, w0, x)
             a0_1 = v8_xpa(a0_1, w1, x)
             a0_2 = v8_xpa(a0_2, w2, x)
             a0_3 = v8_xpa(a0_3, w3, x)
-    v8_store(acc, 0, a0_0)
-    v8_store(acc, 8, a0_1)
-    v8_store(acc, 16, a0_2)
-    v8_store(acc, 24, a0_3)
+    else:
+        for t in range(ntaps):
+            o = toff[t]
+            for c in range(wg):
+                w0 = v8_load(wt, wi + 0)
+                w1 = v8_load(wt, wi + 8)
+                w2 = v8_load(wt, wi + 16)
+                w3 = v8_load(wt, wi + 24)
+                wi += 32
+                x = v8_bcast(xp, b0 + o + c)
+                a0_0 = v8_xpa(a0_0, w0, x)
+                a0_1 = v8_xpa(a0_1, w1, x)
+                a0_2 = v8_xpa(a0_2, w2, x)
+                a0_3 = v8_xpa(a0_3, w3, x)
+    if direct:
+        z = v8_zero()
+        ob = obases[0]
+        v8_store_acc_i32(out, ob + 0, a0_0, k, z)
+        v8_store_acc_i32(out, ob + 8, a0_1, k, z)
+        v8_store_acc_i32(out, ob + 16, a0_2, k, z)
+        v8_store_acc_i32(out, ob + 24, a0_3, k, z)
+    else:
+        v8_store(acc, 0, a0_0)
+        v8_store(acc, 8, a0_1)
+        v8_store(acc, 16, a0_2)
+        v8_store(acc, 24, a0_3)
 
 
 @njit(cache=True)
-def _t2x4(xp, bases, wt, wbase, toff, ntaps, wg, acc):
+def _t2x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
     b0 = bases[0]
     b1 = bases[1]
     a0_0 = v8_zero()
@@ -56,36 +79,68 @@ def _t2x4(xp, bases, wt, wbase, toff, ntaps, wg, acc):
     a1_2 = v8_zero()
     a1_3 = v8_zero()
     wi = wbase
-    for t in range(ntaps):
-        o = toff[t]
-        for c in range(wg):
+    if wg == 1:
+        for t in range(ntaps):
+            o = toff[t]
             w0 = v8_load(wt, wi + 0)
             w1 = v8_load(wt, wi + 8)
             w2 = v8_load(wt, wi + 16)
             w3 = v8_load(wt, wi + 24)
             wi += 32
-            x = v8_bcast(xp, b0 + o + c)
+            x = v8_bcast(xp, b0 + o)
             a0_0 = v8_xpa(a0_0, w0, x)
             a0_1 = v8_xpa(a0_1, w1, x)
             a0_2 = v8_xpa(a0_2, w2, x)
             a0_3 = v8_xpa(a0_3, w3, x)
-            x = v8_bcast(xp, b1 + o + c)
+            x = v8_bcast(xp, b1 + o)
             a1_0 = v8_xpa(a1_0, w0, x)
             a1_1 = v8_xpa(a1_1, w1, x)
             a1_2 = v8_xpa(a1_2, w2, x)
             a1_3 = v8_xpa(a1_3, w3, x)
-    v8_store(acc, 0, a0_0)
-    v8_store(acc, 8, a0_1)
-    v8_store(acc, 16, a0_2)
-    v8_store(acc, 24, a0_3)
-    v8_store(acc, 32, a1_0)
-    v8_store(acc, 40, a1_1)
-    v8_store(acc, 48, a1_2)
-    v8_store(acc, 56, a1_3)
+    else:
+        for t in range(ntaps):
+            o = toff[t]
+            for c in range(wg):
+                w0 = v8_load(wt, wi + 0)
+                w1 = v8_load(wt, wi + 8)
+                w2 = v8_load(wt, wi + 16)
+                w3 = v8_load(wt, wi + 24)
+                wi += 32
+                x = v8_bcast(xp, b0 + o + c)
+                a0_0 = v8_xpa(a0_0, w0, x)
+                a0_1 = v8_xpa(a0_1, w1, x)
+                a0_2 = v8_xpa(a0_2, w2, x)
+                a0_3 = v8_xpa(a0_3, w3, x)
+                x = v8_bcast(xp, b1 + o + c)
+                a1_0 = v8_xpa(a1_0, w0, x)
+                a1_1 = v8_xpa(a1_1, w1, x)
+                a1_2 = v8_xpa(a1_2, w2, x)
+                a1_3 = v8_xpa(a1_3, w3, x)
+    if direct:
+        z = v8_zero()
+        ob = obases[0]
+        v8_store_acc_i32(out, ob + 0, a0_0, k, z)
+        v8_store_acc_i32(out, ob + 8, a0_1, k, z)
+        v8_store_acc_i32(out, ob + 16, a0_2, k, z)
+        v8_store_acc_i32(out, ob + 24, a0_3, k, z)
+        ob = obases[1]
+        v8_store_acc_i32(out, ob + 0, a1_0, k, z)
+        v8_store_acc_i32(out, ob + 8, a1_1, k, z)
+        v8_store_acc_i32(out, ob + 16, a1_2, k, z)
+        v8_store_acc_i32(out, ob + 24, a1_3, k, z)
+    else:
+        v8_store(acc, 0, a0_0)
+        v8_store(acc, 8, a0_1)
+        v8_store(acc, 16, a0_2)
+        v8_store(acc, 24, a0_3)
+        v8_store(acc, 32, a1_0)
+        v8_store(acc, 40, a1_1)
+        v8_store(acc, 48, a1_2)
+        v8_store(acc, 56, a1_3)
 
 
 @njit(cache=True)
-def _t3x4(xp, bases, wt, wbase, toff, ntaps, wg, acc):
+def _t3x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
     b0 = bases[0]
     b1 = bases[1]
     b2 = bases[2]
@@ -102,45 +157,87 @@ def _t3x4(xp, bases, wt, wbase, toff, ntaps, wg, acc):
     a2_2 = v8_zero()
     a2_3 = v8_zero()
     wi = wbase
-    for t in range(ntaps):
-        o = toff[t]
-        for c in range(wg):
+    if wg == 1:
+        for t in range(ntaps):
+            o = toff[t]
             w0 = v8_load(wt, wi + 0)
             w1 = v8_load(wt, wi + 8)
             w2 = v8_load(wt, wi + 16)
             w3 = v8_load(wt, wi + 24)
             wi += 32
-            x = v8_bcast(xp, b0 + o + c)
+            x = v8_bcast(xp, b0 + o)
             a0_0 = v8_xpa(a0_0, w0, x)
             a0_1 = v8_xpa(a0_1, w1, x)
             a0_2 = v8_xpa(a0_2, w2, x)
             a0_3 = v8_xpa(a0_3, w3, x)
-            x = v8_bcast(xp, b1 + o + c)
+            x = v8_bcast(xp, b1 + o)
             a1_0 = v8_xpa(a1_0, w0, x)
             a1_1 = v8_xpa(a1_1, w1, x)
             a1_2 = v8_xpa(a1_2, w2, x)
             a1_3 = v8_xpa(a1_3, w3, x)
-            x = v8_bcast(xp, b2 + o + c)
+            x = v8_bcast(xp, b2 + o)
             a2_0 = v8_xpa(a2_0, w0, x)
             a2_1 = v8_xpa(a2_1, w1, x)
             a2_2 = v8_xpa(a2_2, w2, x)
             a2_3 = v8_xpa(a2_3, w3, x)
-    v8_store(acc, 0, a0_0)
-    v8_store(acc, 8, a0_1)
-    v8_store(acc, 16, a0_2)
-    v8_store(acc, 24, a0_3)
-    v8_store(acc, 32, a1_0)
-    v8_store(acc, 40, a1_1)
-    v8_store(acc, 48, a1_2)
-    v8_store(acc, 56, a1_3)
-    v8_store(acc, 64, a2_0)
-    v8_store(acc, 72, a2_1)
-    v8_store(acc, 80, a2_2)
-    v8_store(acc, 88, a2_3)
+    else:
+        for t in range(ntaps):
+            o = toff[t]
+            for c in range(wg):
+                w0 = v8_load(wt, wi + 0)
+                w1 = v8_load(wt, wi + 8)
+                w2 = v8_load(wt, wi + 16)
+                w3 = v8_load(wt, wi + 24)
+                wi += 32
+                x = v8_bcast(xp, b0 + o + c)
+                a0_0 = v8_xpa(a0_0, w0, x)
+                a0_1 = v8_xpa(a0_1, w1, x)
+                a0_2 = v8_xpa(a0_2, w2, x)
+                a0_3 = v8_xpa(a0_3, w3, x)
+                x = v8_bcast(xp, b1 + o + c)
+                a1_0 = v8_xpa(a1_0, w0, x)
+                a1_1 = v8_xpa(a1_1, w1, x)
+                a1_2 = v8_xpa(a1_2, w2, x)
+                a1_3 = v8_xpa(a1_3, w3, x)
+                x = v8_bcast(xp, b2 + o + c)
+                a2_0 = v8_xpa(a2_0, w0, x)
+                a2_1 = v8_xpa(a2_1, w1, x)
+                a2_2 = v8_xpa(a2_2, w2, x)
+                a2_3 = v8_xpa(a2_3, w3, x)
+    if direct:
+        z = v8_zero()
+        ob = obases[0]
+        v8_store_acc_i32(out, ob + 0, a0_0, k, z)
+        v8_store_acc_i32(out, ob + 8, a0_1, k, z)
+        v8_store_acc_i32(out, ob + 16, a0_2, k, z)
+        v8_store_acc_i32(out, ob + 24, a0_3, k, z)
+        ob = obases[1]
+        v8_store_acc_i32(out, ob + 0, a1_0, k, z)
+        v8_store_acc_i32(out, ob + 8, a1_1, k, z)
+        v8_store_acc_i32(out, ob + 16, a1_2, k, z)
+        v8_store_acc_i32(out, ob + 24, a1_3, k, z)
+        ob = obases[2]
+        v8_store_acc_i32(out, ob + 0, a2_0, k, z)
+        v8_store_acc_i32(out, ob + 8, a2_1, k, z)
+        v8_store_acc_i32(out, ob + 16, a2_2, k, z)
+        v8_store_acc_i32(out, ob + 24, a2_3, k, z)
+    else:
+        v8_store(acc, 0, a0_0)
+        v8_store(acc, 8, a0_1)
+        v8_store(acc, 16, a0_2)
+        v8_store(acc, 24, a0_3)
+        v8_store(acc, 32, a1_0)
+        v8_store(acc, 40, a1_1)
+        v8_store(acc, 48, a1_2)
+        v8_store(acc, 56, a1_3)
+        v8_store(acc, 64, a2_0)
+        v8_store(acc, 72, a2_1)
+        v8_store(acc, 80, a2_2)
+        v8_store(acc, 88, a2_3)
 
 
 @njit(cache=True)
-def _t4x4(xp, bases, wt, wbase, toff, ntaps, wg, acc):
+def _t4x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
     b0 = bases[0]
     b1 = bases[1]
     b2 = bases[2]
@@ -162,54 +259,106 @@ def _t4x4(xp, bases, wt, wbase, toff, ntaps, wg, acc):
     a3_2 = v8_zero()
     a3_3 = v8_zero()
     wi = wbase
-    for t in range(ntaps):
-        o = toff[t]
-        for c in range(wg):
+    if wg == 1:
+        for t in range(ntaps):
+            o = toff[t]
             w0 = v8_load(wt, wi + 0)
             w1 = v8_load(wt, wi + 8)
             w2 = v8_load(wt, wi + 16)
             w3 = v8_load(wt, wi + 24)
             wi += 32
-            x = v8_bcast(xp, b0 + o + c)
+            x = v8_bcast(xp, b0 + o)
             a0_0 = v8_xpa(a0_0, w0, x)
             a0_1 = v8_xpa(a0_1, w1, x)
             a0_2 = v8_xpa(a0_2, w2, x)
             a0_3 = v8_xpa(a0_3, w3, x)
-            x = v8_bcast(xp, b1 + o + c)
+            x = v8_bcast(xp, b1 + o)
             a1_0 = v8_xpa(a1_0, w0, x)
             a1_1 = v8_xpa(a1_1, w1, x)
             a1_2 = v8_xpa(a1_2, w2, x)
             a1_3 = v8_xpa(a1_3, w3, x)
-            x = v8_bcast(xp, b2 + o + c)
+            x = v8_bcast(xp, b2 + o)
             a2_0 = v8_xpa(a2_0, w0, x)
             a2_1 = v8_xpa(a2_1, w1, x)
             a2_2 = v8_xpa(a2_2, w2, x)
             a2_3 = v8_xpa(a2_3, w3, x)
-            x = v8_bcast(xp, b3 + o + c)
+            x = v8_bcast(xp, b3 + o)
             a3_0 = v8_xpa(a3_0, w0, x)
             a3_1 = v8_xpa(a3_1, w1, x)
             a3_2 = v8_xpa(a3_2, w2, x)
             a3_3 = v8_xpa(a3_3, w3, x)
-    v8_store(acc, 0, a0_0)
-    v8_store(acc, 8, a0_1)
-    v8_store(acc, 16, a0_2)
-    v8_store(acc, 24, a0_3)
-    v8_store(acc, 32, a1_0)
-    v8_store(acc, 40, a1_1)
-    v8_store(acc, 48, a1_2)
-    v8_store(acc, 56, a1_3)
-    v8_store(acc, 64, a2_0)
-    v8_store(acc, 72, a2_1)
-    v8_store(acc, 80, a2_2)
-    v8_store(acc, 88, a2_3)
-    v8_store(acc, 96, a3_0)
-    v8_store(acc, 104, a3_1)
-    v8_store(acc, 112, a3_2)
-    v8_store(acc, 120, a3_3)
+    else:
+        for t in range(ntaps):
+            o = toff[t]
+            for c in range(wg):
+                w0 = v8_load(wt, wi + 0)
+                w1 = v8_load(wt, wi + 8)
+                w2 = v8_load(wt, wi + 16)
+                w3 = v8_load(wt, wi + 24)
+                wi += 32
+                x = v8_bcast(xp, b0 + o + c)
+                a0_0 = v8_xpa(a0_0, w0, x)
+                a0_1 = v8_xpa(a0_1, w1, x)
+                a0_2 = v8_xpa(a0_2, w2, x)
+                a0_3 = v8_xpa(a0_3, w3, x)
+                x = v8_bcast(xp, b1 + o + c)
+                a1_0 = v8_xpa(a1_0, w0, x)
+                a1_1 = v8_xpa(a1_1, w1, x)
+                a1_2 = v8_xpa(a1_2, w2, x)
+                a1_3 = v8_xpa(a1_3, w3, x)
+                x = v8_bcast(xp, b2 + o + c)
+                a2_0 = v8_xpa(a2_0, w0, x)
+                a2_1 = v8_xpa(a2_1, w1, x)
+                a2_2 = v8_xpa(a2_2, w2, x)
+                a2_3 = v8_xpa(a2_3, w3, x)
+                x = v8_bcast(xp, b3 + o + c)
+                a3_0 = v8_xpa(a3_0, w0, x)
+                a3_1 = v8_xpa(a3_1, w1, x)
+                a3_2 = v8_xpa(a3_2, w2, x)
+                a3_3 = v8_xpa(a3_3, w3, x)
+    if direct:
+        z = v8_zero()
+        ob = obases[0]
+        v8_store_acc_i32(out, ob + 0, a0_0, k, z)
+        v8_store_acc_i32(out, ob + 8, a0_1, k, z)
+        v8_store_acc_i32(out, ob + 16, a0_2, k, z)
+        v8_store_acc_i32(out, ob + 24, a0_3, k, z)
+        ob = obases[1]
+        v8_store_acc_i32(out, ob + 0, a1_0, k, z)
+        v8_store_acc_i32(out, ob + 8, a1_1, k, z)
+        v8_store_acc_i32(out, ob + 16, a1_2, k, z)
+        v8_store_acc_i32(out, ob + 24, a1_3, k, z)
+        ob = obases[2]
+        v8_store_acc_i32(out, ob + 0, a2_0, k, z)
+        v8_store_acc_i32(out, ob + 8, a2_1, k, z)
+        v8_store_acc_i32(out, ob + 16, a2_2, k, z)
+        v8_store_acc_i32(out, ob + 24, a2_3, k, z)
+        ob = obases[3]
+        v8_store_acc_i32(out, ob + 0, a3_0, k, z)
+        v8_store_acc_i32(out, ob + 8, a3_1, k, z)
+        v8_store_acc_i32(out, ob + 16, a3_2, k, z)
+        v8_store_acc_i32(out, ob + 24, a3_3, k, z)
+    else:
+        v8_store(acc, 0, a0_0)
+        v8_store(acc, 8, a0_1)
+        v8_store(acc, 16, a0_2)
+        v8_store(acc, 24, a0_3)
+        v8_store(acc, 32, a1_0)
+        v8_store(acc, 40, a1_1)
+        v8_store(acc, 48, a1_2)
+        v8_store(acc, 56, a1_3)
+        v8_store(acc, 64, a2_0)
+        v8_store(acc, 72, a2_1)
+        v8_store(acc, 80, a2_2)
+        v8_store(acc, 88, a2_3)
+        v8_store(acc, 96, a3_0)
+        v8_store(acc, 104, a3_1)
+        v8_store(acc, 112, a3_2)
+        v8_store(acc, 120, a3_3)
 
 
 @njit(cache=True)
-def _t5x4(xp, bases, wt, wbase, toff, ntaps, wg, acc):
+def _t5x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
     b0 = bases[0]
     b1 = bases[1]
     b2 = bases[2]
@@ -236,63 +385,125 @@ def _t5x4(xp, bases, wt, wbase, toff, ntaps, wg, acc):
     a4_2 = v8_zero()
     a4_3 = v8_zero()
     wi = wbase
-    for t in range(ntaps):
-        o = toff[t]
-        for c in range(wg):
+    if wg == 1:
+        for t in range(ntaps):
+            o = toff[t]
             w0 = v8_load(wt, wi + 0)
             w1 = v8_load(wt, wi + 8)
             w2 = v8_load(wt, wi + 16)
             w3 = v8_load(wt, wi + 24)
             wi += 32
-            x = v8_bcast(xp, b0 + o + c)
+            x = v8_bcast(xp, b0 + o)
             a0_0 = v8_xpa(a0_0, w0, x)
             a0_1 = v8_xpa(a0_1, w1, x)
             a0_2 = v8_xpa(a0_2, w2, x)
             a0_3 = v8_xpa(a0_3, w3, x)
-            x = v8_bcast(xp, b1 + o + c)
+            x = v8_bcast(xp, b1 + o)
             a1_0 = v8_xpa(a1_0, w0, x)
             a1_1 = v8_xpa(a1_1, w1, x)
             a1_2 = v8_xpa(a1_2, w2, x)
             a1_3 = v8_xpa(a1_3, w3, x)
-            x = v8_bcast(xp, b2 + o + c)
+            x = v8_bcast(xp, b2 + o)
             a2_0 = v8_xpa(a2_0, w0, x)
             a2_1 = v8_xpa(a2_1, w1, x)
             a2_2 = v8_xpa(a2_2, w2, x)
             a2_3 = v8_xpa(a2_3, w3, x)
-            x = v8_bcast(xp, b3 + o + c)
+            x = v8_bcast(xp, b3 + o)
             a3_0 = v8_xpa(a3_0, w0, x)
             a3_1 = v8_xpa(a3_1, w1, x)
             a3_2 = v8_xpa(a3_2, w2, x)
             a3_3 = v8_xpa(a3_3, w3, x)
-            x = v8_bcast(xp, b4 + o + c)
+            x = v8_bcast(xp, b4 + o)
             a4_0 = v8_xpa(a4_0, w0, x)
             a4_1 = v8_xpa(a4_1, w1, x)
             a4_2 = v8_xpa(a4_2, w2, x)
             a4_3 = v8_xpa(a4_3, w3, x)
-    v8_store(acc, 0, a0_0)
-    v8_store(acc, 8, a0_1)
-    v8_store(acc, 16, a0_2)
-    v8_store(acc, 24, a0_3)
-    v8_store(acc, 32, a1_0)
-    v8_store(acc, 40, a1_1)
-    v8_store(acc, 48, a1_2)
-    v8_store(acc, 56, a1_3)
-    v8_store(acc, 64, a2_0)
-    v8_store(acc, 72, a2_1)
-    v8_store(acc, 80, a2_2)
-    v8_store(acc, 88, a2_3)
-    v8_store(acc, 96, a3_0)
-    v8_store(acc, 104, a3_1)
-    v8_store(acc, 112, a3_2)
-    v8_store(acc, 120, a3_3)
-    v8_store(acc, 128, a4_0)
-    v8_store(acc, 136, a4_1)
-    v8_store(acc, 144, a4_2)
-    v8_store(acc, 152, a4_3)
+    else:
+        for t in range(ntaps):
+            o = toff[t]
+            for c in range(wg):
+                w0 = v8_load(wt, wi + 0)
+                w1 = v8_load(wt, wi + 8)
+                w2 = v8_load(wt, wi + 16)
+                w3 = v8_load(wt, wi + 24)
+                wi += 32
+                x = v8_bcast(xp, b0 + o + c)
+                a0_0 = v8_xpa(a0_0, w0, x)
+                a0_1 = v8_xpa(a0_1, w1, x)
+                a0_2 = v8_xpa(a0_2, w2, x)
+                a0_3 = v8_xpa(a0_3, w3, x)
+                x = v8_bcast(xp, b1 + o + c)
+                a1_0 = v8_xpa(a1_0, w0, x)
+                a1_1 = v8_xpa(a1_1, w1, x)
+                a1_2 = v8_xpa(a1_2, w2, x)
+                a1_3 = v8_xpa(a1_3, w3, x)
+                x = v8_bcast(xp, b2 + o + c)
+                a2_0 = v8_xpa(a2_0, w0, x)
+                a2_1 = v8_xpa(a2_1, w1, x)
+                a2_2 = v8_xpa(a2_2, w2, x)
+                a2_3 = v8_xpa(a2_3, w3, x)
+                x = v8_bcast(xp, b3 + o + c)
+                a3_0 = v8_xpa(a3_0, w0, x)
+                a3_1 = v8_xpa(a3_1, w1, x)
+                a3_2 = v8_xpa(a3_2, w2, x)
+                a3_3 = v8_xpa(a3_3, w3, x)
+                x = v8_bcast(xp, b4 + o + c)
+                a4_0 = v8_xpa(a4_0, w0, x)
+                a4_1 = v8_xpa(a4_1, w1, x)
+                a4_2 = v8_xpa(a4_2, w2, x)
+                a4_3 = v8_xpa(a4_3, w3, x)
+    if direct:
+        z = v8_zero()
+        ob = obases[0]
+        v8_store_acc_i32(out, ob + 0, a0_0, k, z)
+        v8_store_acc_i32(out, ob + 8, a0_1, k, z)
+        v8_store_acc_i32(out, ob + 16, a0_2, k, z)
+        v8_store_acc_i32(out, ob + 24, a0_3, k, z)
+        ob = obases[1]
+        v8_store_acc_i32(out, ob + 0, a1_0, k, z)
+        v8_store_acc_i32(out, ob + 8, a1_1, k, z)
+        v8_store_acc_i32(out, ob + 16, a1_2, k, z)
+        v8_store_acc_i32(out, ob + 24, a1_3, k, z)
+        ob = obases[2]
+        v8_store_acc_i32(out, ob + 0, a2_0, k, z)
+        v8_store_acc_i32(out, ob + 8, a2_1, k, z)
+        v8_store_acc_i32(out, ob + 16, a2_2, k, z)
+        v8_store_acc_i32(out, ob + 24, a2_3, k, z)
+        ob = obases[3]
+        v8_store_acc_i32(out, ob + 0, a3_0, k, z)
+        v8_store_acc_i32(out, ob + 8, a3_1, k, z)
+        v8_store_acc_i32(out, ob + 16, a3_2, k, z)
+        v8_store_acc_i32(out, ob + 24, a3_3, k, z)
+        ob = obases[4]
+        v8_store_acc_i32(out, ob + 0, a4_0, k, z)
+        v8_store_acc_i32(out, ob + 8, a4_1, k, z)
+        v8_store_acc_i32(out, ob + 16, a4_2, k, z)
+        v8_store_acc_i32(out, ob + 24, a4_3, k, z)
+    else:
+        v8_store(acc, 0, a0_0)
+        v8_store(acc, 8, a0_1)
+        v8_store(acc, 16, a0_2)
+        v8_store(acc, 24, a0_3)
+        v8_store(acc, 32, a1_0)
+        v8_store(acc, 40, a1_1)
+        v8_store(acc, 48, a1_2)
+        v8_store(acc, 56, a1_3)
+        v8_store(acc, 64, a2_0)
+        v8_store(acc, 72, a2_1)
+        v8_store(acc, 80, a2_2)
+        v8_store(acc, 88, a2_3)
+        v8_store(acc, 96, a3_0)
+        v8_store(acc, 104, a3_1)
+        v8_store(acc, 112, a3_2)
+        v8_store(acc, 120, a3_3)
+        v8_store(acc, 128, a4_0)
+        v8_store(acc, 136, a4_1)
+        v8_store(acc, 144, a4_2)
+        v8_store(acc, 152, a4_3)
 
 
 @njit(cache=True)
-def _t6x4(xp, bases, wt, wbase, toff, ntaps, wg, acc):
+def _t6x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
     b0 = bases[0]
     b1 = bases[1]
     b2 = bases[2]
@@ -324,91 +535,179 @@ def _t6x4(xp, bases, wt, wbase, toff, ntaps, wg, acc):
     a5_2 = v8_zero()
     a5_3 = v8_zero()
     wi = wbase
-    for t in range(ntaps):
-        o = toff[t]
-        for c in range(wg):
+    if wg == 1:
+        for t in range(ntaps):
+            o = toff[t]
             w0 = v8_load(wt, wi + 0)
             w1 = v8_load(wt, wi + 8)
             w2 = v8_load(wt, wi + 16)
             w3 = v8_load(wt, wi + 24)
             wi += 32
-            x = v8_bcast(xp, b0 + o + c)
+            x = v8_bcast(xp, b0 + o)
             a0_0 = v8_xpa(a0_0, w0, x)
             a0_1 = v8_xpa(a0_1, w1, x)
             a0_2 = v8_xpa(a0_2, w2, x)
             a0_3 = v8_xpa(a0_3, w3, x)
-            x = v8_bcast(xp, b1 + o + c)
+            x = v8_bcast(xp, b1 + o)
             a1_0 = v8_xpa(a1_0, w0, x)
             a1_1 = v8_xpa(a1_1, w1, x)
             a1_2 = v8_xpa(a1_2, w2, x)
             a1_3 = v8_xpa(a1_3, w3, x)
-            x = v8_bcast(xp, b2 + o + c)
+            x = v8_bcast(xp, b2 + o)
             a2_0 = v8_xpa(a2_0, w0, x)
             a2_1 = v8_xpa(a2_1, w1, x)
             a2_2 = v8_xpa(a2_2, w2, x)
             a2_3 = v8_xpa(a2_3, w3, x)
-            x = v8_bcast(xp, b3 + o + c)
+            x = v8_bcast(xp, b3 + o)
             a3_0 = v8_xpa(a3_0, w0, x)
             a3_1 = v8_xpa(a3_1, w1, x)
             a3_2 = v8_xpa(a3_2, w2, x)
             a3_3 = v8_xpa(a3_3, w3, x)
-            x = v8_bcast(xp, b4 + o + c)
+            x = v8_bcast(xp, b4 + o)
             a4_0 = v8_xpa(a4_0, w0, x)
             a4_1 = v8_xpa(a4_1, w1, x)
             a4_2 = v8_xpa(a4_2, w2, x)
             a4_3 = v8_xpa(a4_3, w3, x)
-            x = v8_bcast(xp, b5 + o + c)
+            x = v8_bcast(xp, b5 + o)
             a5_0 = v8_xpa(a5_0, w0, x)
             a5_1 = v8_xpa(a5_1, w1, x)
             a5_2 = v8_xpa(a5_2, w2, x)
             a5_3 = v8_xpa(a5_3, w3, x)
-    v8_store(acc, 0, a0_0)
-    v8_store(acc, 8, a0_1)
-    v8_store(acc, 16, a0_2)
-    v8_store(acc, 24, a0_3)
-    v8_store(acc, 32, a1_0)
-    v8_store(acc, 40, a1_1)
-    v8_store(acc, 48, a1_2)
-    v8_store(acc, 56, a1_3)
-    v8_store(acc, 64, a2_0)
-    v8_store(acc, 72, a2_1)
-    v8_store(acc, 80, a2_2)
-    v8_store(acc, 88, a2_3)
-    v8_store(acc, 96, a3_0)
-    v8_store(acc, 104, a3_1)
-    v8_store(acc, 112, a3_2)
-    v8_store(acc, 120, a3_3)
-    v8_store(acc, 128, a4_0)
-    v8_store(acc, 136, a4_1)
-    v8_store(acc, 144, a4_2)
-    v8_store(acc, 152, a4_3)
-    v8_store(acc, 160, a5_0)
-    v8_store(acc, 168, a5_1)
-    v8_store(acc, 176, a5_2)
-    v8_store(acc, 184, a5_3)
+    else:
+        for t in range(ntaps):
+            o = toff[t]
+            for c in range(wg):
+                w0 = v8_load(wt, wi + 0)
+                w1 = v8_load(wt, wi + 8)
+                w2 = v8_load(wt, wi + 16)
+                w3 = v8_load(wt, wi + 24)
+                wi += 32
+                x = v8_bcast(xp, b0 + o + c)
+                a0_0 = v8_xpa(a0_0, w0, x)
+                a0_1 = v8_xpa(a0_1, w1, x)
+                a0_2 = v8_xpa(a0_2, w2, x)
+                a0_3 = v8_xpa(a0_3, w3, x)
+                x = v8_bcast(xp, b1 + o + c)
+                a1_0 = v8_xpa(a1_0, w0, x)
+                a1_1 = v8_xpa(a1_1, w1, x)
+                a1_2 = v8_xpa(a1_2, w2, x)
+                a1_3 = v8_xpa(a1_3, w3, x)
+                x = v8_bcast(xp, b2 + o + c)
+                a2_0 = v8_xpa(a2_0, w0, x)
+                a2_1 = v8_xpa(a2_1, w1, x)
+                a2_2 = v8_xpa(a2_2, w2, x)
+                a2_3 = v8_xpa(a2_3, w3, x)
+                x = v8_bcast(xp, b3 + o + c)
+                a3_0 = v8_xpa(a3_0, w0, x)
+                a3_1 = v8_xpa(a3_1, w1, x)
+                a3_2 = v8_xpa(a3_2, w2, x)
+                a3_3 = v8_xpa(a3_3, w3, x)
+                x = v8_bcast(xp, b4 + o + c)
+                a4_0 = v8_xpa(a4_0, w0, x)
+                a4_1 = v8_xpa(a4_1, w1, x)
+                a4_2 = v8_xpa(a4_2, w2, x)
+                a4_3 = v8_xpa(a4_3, w3, x)
+                x = v8_bcast(xp, b5 + o + c)
+                a5_0 = v8_xpa(a5_0, w0, x)
+                a5_1 = v8_xpa(a5_1, w1, x)
+                a5_2 = v8_xpa(a5_2, w2, x)
+                a5_3 = v8_xpa(a5_3, w3, x)
+    if direct:
+        z = v8_zero()
+        ob = obases[0]
+        v8_store_acc_i32(out, ob + 0, a0_0, k, z)
+        v8_store_acc_i32(out, ob + 8, a0_1, k, z)
+        v8_store_acc_i32(out, ob + 16, a0_2, k, z)
+        v8_store_acc_i32(out, ob + 24, a0_3, k, z)
+        ob = obases[1]
+        v8_store_acc_i32(out, ob + 0, a1_0, k, z)
+        v8_store_acc_i32(out, ob + 8, a1_1, k, z)
+        v8_store_acc_i32(out, ob + 16, a1_2, k, z)
+        v8_store_acc_i32(out, ob + 24, a1_3, k, z)
+        ob = obases[2]
+        v8_store_acc_i32(out, ob + 0, a2_0, k, z)
+        v8_store_acc_i32(out, ob + 8, a2_1, k, z)
+        v8_store_acc_i32(out, ob + 16, a2_2, k, z)
+        v8_store_acc_i32(out, ob + 24, a2_3, k, z)
+        ob = obases[3]
+        v8_store_acc_i32(out, ob + 0, a3_0, k, z)
+        v8_store_acc_i32(out, ob + 8, a3_1, k, z)
+        v8_store_acc_i32(out, ob + 16, a3_2, k, z)
+        v8_store_acc_i32(out, ob + 24, a3_3, k, z)
+        ob = obases[4]
+        v8_store_acc_i32(out, ob + 0, a4_0, k, z)
+        v8_store_acc_i32(out, ob + 8, a4_1, k, z)
+        v8_store_acc_i32(out, ob + 16, a4_2, k, z)
+        v8_store_acc_i32(out, ob + 24, a4_3, k, z)
+        ob = obases[5]
+        v8_store_acc_i32(out, ob + 0, a5_0, k, z)
+        v8_store_acc_i32(out, ob + 8, a5_1, k, z)
+        v8_store_acc_i32(out, ob + 16, a5_2, k, z)
+        v8_store_acc_i32(out, ob + 24, a5_3, k, z)
+    else:
+        v8_store(acc, 0, a0_0)
+        v8_store(acc, 8, a0_1)
+        v8_store(acc, 16, a0_2)
+        v8_store(acc, 24, a0_3)
+        v8_store(acc, 32, a1_0)
+        v8_store(acc, 40, a1_1)
+        v8_store(acc, 48, a1_2)
+        v8_store(acc, 56, a1_3)
+        v8_store(acc, 64, a2_0)
+        v8_store(acc, 72, a2_1)
+        v8_store(acc, 80, a2_2)
+        v8_store(acc, 88, a2_3)
+        v8_store(acc, 96, a3_0)
+        v8_store(acc, 104, a3_1)
+        v8_store(acc, 112, a3_2)
+        v8_store(acc, 120, a3_3)
+        v8_store(acc, 128, a4_0)
+        v8_store(acc, 136, a4_1)
+        v8_store(acc, 144, a4_2)
+        v8_store(acc, 152, a4_3)
+        v8_store(acc, 160, a5_0)
+        v8_store(acc, 168, a5_1)
+        v8_store(acc, 176, a5_2)
+        v8_store(acc, 184, a5_3)
 
 
 @njit(cache=True)
-def _t1x2(xp, bases, wt, wbase, toff, ntaps, wg, acc):
+def _t1x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
     b0 = bases[0]
     a0_0 = v8_zero()
     a0_1 = v8_zero()
     wi = wbase
-    for t in range(ntaps):
-        o = toff[t]
-        for c in range(wg):
+    if wg == 1:
+        for t in range(ntaps):
+            o = toff[t]
             w0 = v8_load(wt, wi + 0)
             w1 = v8_load(wt, wi + 8)
             wi += 16
-            x = v8_bcast(xp, b0 + o + c)
+            x = v8_bcast(xp, b0 + o)
             a0_0 = v8_xpa(a0_0, w0, x)
             a0_1 = v8_xpa(a0_1, w1, x)
-    v8_store(acc, 0, a0_0)
-    v8_store(acc, 8, a0_1)
+    else:
+        for t in range(ntaps):
+            o = toff[t]
+            for c in range(wg):
+                w0 = v8_load(wt, wi + 0)
+                w1 = v8_load(wt, wi + 8)
+                wi += 16
+                x = v8_bcast(xp, b0 + o + c)
+                a0_0 = v8_xpa(a0_0, w0, x)
+                a0_1 = v8_xpa(a0_1, w1, x)
+    if direct:
+        z = v8_zero()
+        ob = obases[0]
+        v8_store_acc_i32(out, ob + 0, a0_0, k, z)
+        v8_store_acc_i32(out, ob + 8, a0_1, k, z)
+    else:
+        v8_store(acc, 0, a0_0)
+        v8_store(acc, 8, a0_1)
 
 
 @njit(cache=True)
-def _t2x2(xp, bases, wt, wbase, toff, ntaps, wg, acc):
+def _t2x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
     b0 = bases[0]
     b1 = bases[1]
     a0_0 = v8_zero()
@@ -416,26 +715,48 @@ def _t2x2(xp, bases, wt, wbase, toff, ntaps, wg, acc):
     a1_0 = v8_zero()
     a1_1 = v8_zero()
     wi = wbase
-    for t in range(ntaps):
-        o = toff[t]
-        for c in range(wg):
+    if wg == 1:
+        for t in range(ntaps):
+            o = toff[t]
             w0 = v8_load(wt, wi + 0)
             w1 = v8_load(wt, wi + 8)
             wi += 16
-            x = v8_bcast(xp, b0 + o + c)
+            x = v8_bcast(xp, b0 + o)
             a0_0 = v8_xpa(a0_0, w0, x)
             a0_1 = v8_xpa(a0_1, w1, x)
-            x = v8_bcast(xp, b1 + o + c)
+            x = v8_bcast(xp, b1 + o)
             a1_0 = v8_xpa(a1_0, w0, x)
             a1_1 = v8_xpa(a1_1, w1, x)
-    v8_store(acc, 0, a0_0)
-    v8_store(acc, 8, a0_1)
-    v8_store(acc, 16, a1_0)
-    v8_store(acc, 24, a1_1)
+    else:
+        for t in range(ntaps):
+            o = toff[t]
+            for c in range(wg):
+                w0 = v8_load(wt, wi + 0)
+                w1 = v8_load(wt, wi + 8)
+                wi += 16
+                x = v8_bcast(xp, b0 + o + c)
+                a0_0 = v8_xpa(a0_0, w0, x)
+                a0_1 = v8_xpa(a0_1, w1, x)
+                x = v8_bcast(xp, b1 + o + c)
+                a1_0 = v8_xpa(a1_0, w0, x)
+                a1_1 = v8_xpa(a1_1, w1, x)
+    if direct:
+        z = v8_zero()
+        ob = obases[0]
+        v8_store_acc_i32(out, ob + 0, a0_0, k, z)
+        v8_store_acc_i32(out, ob + 8, a0_1, k, z)
+        ob = obases[1]
+        v8_store_acc_i32(out, ob + 0, a1_0, k, z)
+        v8_store_acc_i32(out, ob + 8, a1_1, k, z)
+    else:
+        v8_store(acc, 0, a0_0)
+        v8_store(acc, 8, a0_1)
+        v8_store(acc, 16, a1_0)
+        v8_store(acc, 24, a1_1)
 
 
 @njit(cache=True)
-def _t3x2(xp, bases, wt, wbase, toff, ntaps, wg, acc):
+def _t3x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
     b0 = bases[0]
     b1 = bases[1]
     b2 = bases[2]
@@ -446,31 +767,59 @@ def _t3x2(xp, bases, wt, wbase, toff, ntaps, wg, acc):
     a2_0 = v8_zero()
     a2_1 = v8_zero()
     wi = wbase
-    for t in range(ntaps):
-        o = toff[t]
-        for c in range(wg):
+    if wg == 1:
+        for t in range(ntaps):
+            o = toff[t]
             w0 = v8_load(wt, wi + 0)
             w1 = v8_load(wt, wi + 8)
             wi += 16
-            x = v8_bcast(xp, b0 + o + c)
+            x = v8_bcast(xp, b0 + o)
             a0_0 = v8_xpa(a0_0, w0, x)
             a0_1 = v8_xpa(a0_1, w1, x)
-            x = v8_bcast(xp, b1 + o + c)
+            x = v8_bcast(xp, b1 + o)
             a1_0 = v8_xpa(a1_0, w0, x)
             a1_1 = v8_xpa(a1_1, w1, x)
-            x = v8_bcast(xp, b2 + o + c)
+            x = v8_bcast(xp, b2 + o)
             a2_0 = v8_xpa(a2_0, w0, x)
             a2_1 = v8_xpa(a2_1, w1, x)
-    v8_store(acc, 0, a0_0)
-    v8_store(acc, 8, a0_1)
-    v8_store(acc, 16, a1_0)
-    v8_store(acc, 24, a1_1)
-    v8_store(acc, 32, a2_0)
-    v8_store(acc, 40, a2_1)
+    else:
+        for t in range(ntaps):
+            o = toff[t]
+            for c in range(wg):
+                w0 = v8_load(wt, wi + 0)
+                w1 = v8_load(wt, wi + 8)
+                wi += 16
+                x = v8_bcast(xp, b0 + o + c)
+                a0_0 = v8_xpa(a0_0, w0, x)
+                a0_1 = v8_xpa(a0_1, w1, x)
+                x = v8_bcast(xp, b1 + o + c)
+                a1_0 = v8_xpa(a1_0, w0, x)
+                a1_1 = v8_xpa(a1_1, w1, x)
+                x = v8_bcast(xp, b2 + o + c)
+                a2_0 = v8_xpa(a2_0, w0, x)
+                a2_1 = v8_xpa(a2_1, w1, x)
+    if direct:
+        z = v8_zero()
+        ob = obases[0]
+        v8_store_acc_i32(out, ob + 0, a0_0, k, z)
+        v8_store_acc_i32(out, ob + 8, a0_1, k, z)
+        ob = obases[1]
+        v8_store_acc_i32(out, ob + 0, a1_0, k, z)
+        v8_store_acc_i32(out, ob + 8, a1_1, k, z)
+        ob = obases[2]
+        v8_store_acc_i32(out, ob + 0, a2_0, k, z)
+        v8_store_acc_i32(out, ob + 8, a2_1, k, z)
+    else:
+        v8_store(acc, 0, a0_0)
+        v8_store(acc, 8, a0_1)
+        v8_store(acc, 16, a1_0)
+        v8_store(acc, 24, a1_1)
+        v8_store(acc, 32, a2_0)
+        v8_store(acc, 40, a2_1)
 
 
 @njit(cache=True)
-def _t4x2(xp, bases, wt, wbase, toff, ntaps, wg, acc):
+def _t4x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
     b0 = bases[0]
     b1 = bases[1]
     b2 = bases[2]
@@ -484,36 +833,70 @@ def _t4x2(xp, bases, wt, wbase, toff, ntaps, wg, acc):
     a3_0 = v8_zero()
     a3_1 = v8_zero()
     wi = wbase
-    for t in range(ntaps):
-        o = toff[t]
-        for c in range(wg):
+    if wg == 1:
+        for t in range(ntaps):
+            o = toff[t]
             w0 = v8_load(wt, wi + 0)
             w1 = v8_load(wt, wi + 8)
             wi += 16
-            x = v8_bcast(xp, b0 + o + c)
+            x = v8_bcast(xp, b0 + o)
             a0_0 = v8_xpa(a0_0, w0, x)
             a0_1 = v8_xpa(a0_1, w1, x)
-            x = v8_bcast(xp, b1 + o + c)
+            x = v8_bcast(xp, b1 + o)
             a1_0 = v8_xpa(a1_0, w0, x)
             a1_1 = v8_xpa(a1_1, w1, x)
-            x = v8_bcast(xp, b2 + o + c)
+            x = v8_bcast(xp, b2 + o)
             a2_0 = v8_xpa(a2_0, w0, x)
             a2_1 = v8_xpa(a2_1, w1, x)
-            x = v8_bcast(xp, b3 + o + c)
+            x = v8_bcast(xp, b3 + o)
             a3_0 = v8_xpa(a3_0, w0, x)
             a3_1 = v8_xpa(a3_1, w1, x)
-    v8_store(acc, 0, a0_0)
-    v8_store(acc, 8, a0_1)
-    v8_store(acc, 16, a1_0)
-    v8_store(acc, 24, a1_1)
-    v8_store(acc, 32, a2_0)
-    v8_store(acc, 40, a2_1)
-    v8_store(acc, 48, a3_0)
-    v8_store(acc, 56, a3_1)
+    else:
+        for t in range(ntaps):
+            o = toff[t]
+            for c in range(wg):
+                w0 = v8_load(wt, wi + 0)
+                w1 = v8_load(wt, wi + 8)
+                wi += 16
+                x = v8_bcast(xp, b0 + o + c)
+                a0_0 = v8_xpa(a0_0, w0, x)
+                a0_1 = v8_xpa(a0_1, w1, x)
+                x = v8_bcast(xp, b1 + o + c)
+                a1_0 = v8_xpa(a1_0, w0, x)
+                a1_1 = v8_xpa(a1_1, w1, x)
+                x = v8_bcast(xp, b2 + o + c)
+                a2_0 = v8_xpa(a2_0, w0, x)
+                a2_1 = v8_xpa(a2_1, w1, x)
+                x = v8_bcast(xp, b3 + o + c)
+                a3_0 = v8_xpa(a3_0, w0, x)
+                a3_1 = v8_xpa(a3_1, w1, x)
+    if direct:
+        z = v8_zero()
+        ob = obases[0]
+        v8_store_acc_i32(out, ob + 0, a0_0, k, z)
+        v8_store_acc_i32(out, ob + 8, a0_1, k, z)
+        ob = obases[1]
+        v8_store_acc_i32(out, ob + 0, a1_0, k, z)
+        v8_store_acc_i32(out, ob + 8, a1_1, k, z)
+        ob = obases[2]
+        v8_store_acc_i32(out, ob + 0, a2_0, k, z)
+        v8_store_acc_i32(out, ob + 8, a2_1, k, z)
+        ob = obases[3]
+        v8_store_acc_i32(out, ob + 0, a3_0, k, z)
+        v8_store_acc_i32(out, ob + 8, a3_1, k, z)
+    else:
+        v8_store(acc, 0, a0_0)
+        v8_store(acc, 8, a0_1)
+        v8_store(acc, 16, a1_0)
+        v8_store(acc, 24, a1_1)
+        v8_store(acc, 32, a2_0)
+        v8_store(acc, 40, a2_1)
+        v8_store(acc, 48, a3_0)
+        v8_store(acc, 56, a3_1)
 
 
 @njit(cache=True)
-def _t5x2(xp, bases, wt, wbase, toff, ntaps, wg, acc):
+def _t5x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
     b0 = bases[0]
     b1 = bases[1]
     b2 = bases[2]
@@ -530,41 +913,81 @@ def _t5x2(xp, bases, wt, wbase, toff, ntaps, wg, acc):
     a4_0 = v8_zero()
     a4_1 = v8_zero()
     wi = wbase
-    for t in range(ntaps):
-        o = toff[t]
-        for c in range(wg):
+    if wg == 1:
+        for t in range(ntaps):
+            o = toff[t]
             w0 = v8_load(wt, wi + 0)
             w1 = v8_load(wt, wi + 8)
             wi += 16
-            x = v8_bcast(xp, b0 + o + c)
+            x = v8_bcast(xp, b0 + o)
             a0_0 = v8_xpa(a0_0, w0, x)
             a0_1 = v8_xpa(a0_1, w1, x)
-            x = v8_bcast(xp, b1 + o + c)
+            x = v8_bcast(xp, b1 + o)
             a1_0 = v8_xpa(a1_0, w0, x)
             a1_1 = v8_xpa(a1_1, w1, x)
-            x = v8_bcast(xp, b2 + o + c)
+            x = v8_bcast(xp, b2 + o)
             a2_0 = v8_xpa(a2_0, w0, x)
             a2_1 = v8_xpa(a2_1, w1, x)
-            x = v8_bcast(xp, b3 + o + c)
+            x = v8_bcast(xp, b3 + o)
             a3_0 = v8_xpa(a3_0, w0, x)
             a3_1 = v8_xpa(a3_1, w1, x)
-            x = v8_bcast(xp, b4 + o + c)
+            x = v8_bcast(xp, b4 + o)
             a4_0 = v8_xpa(a4_0, w0, x)
             a4_1 = v8_xpa(a4_1, w1, x)
-    v8_store(acc, 0, a0_0)
-    v8_store(acc, 8, a0_1)
-    v8_store(acc, 16, a1_0)
-    v8_store(acc, 24, a1_1)
-    v8_store(acc, 32, a2_0)
-    v8_store(acc, 40, a2_1)
-    v8_store(acc, 48, a3_0)
-    v8_store(acc, 56, a3_1)
-    v8_store(acc, 64, a4_0)
-    v8_store(acc, 72, a4_1)
+    else:
+        for t in range(ntaps):
+            o = toff[t]
+            for c in range(wg):
+                w0 = v8_load(wt, wi + 0)
+                w1 = v8_load(wt, wi + 8)
+                wi += 16
+                x = v8_bcast(xp, b0 + o + c)
+                a0_0 = v8_xpa(a0_0, w0, x)
+                a0_1 = v8_xpa(a0_1, w1, x)
+                x = v8_bcast(xp, b1 + o + c)
+                a1_0 = v8_xpa(a1_0, w0, x)
+                a1_1 = v8_xpa(a1_1, w1, x)
+                x = v8_bcast(xp, b2 + o + c)
+                a2_0 = v8_xpa(a2_0, w0, x)
+                a2_1 = v8_xpa(a2_1, w1, x)
+                x = v8_bcast(xp, b3 + o + c)
+                a3_0 = v8_xpa(a3_0, w0, x)
+                a3_1 = v8_xpa(a3_1, w1, x)
+                x = v8_bcast(xp, b4 + o + c)
+                a4_0 = v8_xpa(a4_0, w0, x)
+                a4_1 = v8_xpa(a4_1, w1, x)
+    if direct:
+        z = v8_zero()
+        ob = obases[0]
+        v8_store_acc_i32(out, ob + 0, a0_0, k, z)
+        v8_store_acc_i32(out, ob + 8, a0_1, k, z)
+        ob = obases[1]
+        v8_store_acc_i32(out, ob + 0, a1_0, k, z)
+        v8_store_acc_i32(out, ob + 8, a1_1, k, z)
+        ob = obases[2]
+        v8_store_acc_i32(out, ob + 0, a2_0, k, z)
+        v8_store_acc_i32(out, ob + 8, a2_1, k, z)
+        ob = obases[3]
+        v8_store_acc_i32(out, ob + 0, a3_0, k, z)
+        v8_store_acc_i32(out, ob + 8, a3_1, k, z)
+        ob = obases[4]
+        v8_store_acc_i32(out, ob + 0, a4_0, k, z)
+        v8_store_acc_i32(out, ob + 8, a4_1, k, z)
+    else:
+        v8_store(acc, 0, a0_0)
+        v8_store(acc, 8, a0_1)
+        v8_store(acc, 16, a1_0)
+        v8_store(acc, 24, a1_1)
+        v8_store(acc, 32, a2_0)
+        v8_store(acc, 40, a2_1)
+        v8_store(acc, 48, a3_0)
+        v8_store(acc, 56, a3_1)
+        v8_store(acc, 64, a4_0)
+        v8_store(acc, 72, a4_1)
 
 
 @njit(cache=True)
-def _t6x2(xp, bases, wt, wbase, toff, ntaps, wg, acc):
+def _t6x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
     b0 = bases[0]
     b1 = bases[1]
     b2 = bases[2]
@@ -584,81 +1007,157 @@ def _t6x2(xp, bases, wt, wbase, toff, ntaps, wg, acc):
     a5_0 = v8_zero()
     a5_1 = v8_zero()
     wi = wbase
-    for t in range(ntaps):
-        o = toff[t]
-        for c in range(wg):
+    if wg == 1:
+        for t in range(ntaps):
+            o = toff[t]
             w0 = v8_load(wt, wi + 0)
             w1 = v8_load(wt, wi + 8)
             wi += 16
-            x = v8_bcast(xp, b0 + o + c)
+            x = v8_bcast(xp, b0 + o)
             a0_0 = v8_xpa(a0_0, w0, x)
             a0_1 = v8_xpa(a0_1, w1, x)
-            x = v8_bcast(xp, b1 + o + c)
+            x = v8_bcast(xp, b1 + o)
             a1_0 = v8_xpa(a1_0, w0, x)
             a1_1 = v8_xpa(a1_1, w1, x)
-            x = v8_bcast(xp, b2 + o + c)
+            x = v8_bcast(xp, b2 + o)
             a2_0 = v8_xpa(a2_0, w0, x)
             a2_1 = v8_xpa(a2_1, w1, x)
-            x = v8_bcast(xp, b3 + o + c)
+            x = v8_bcast(xp, b3 + o)
             a3_0 = v8_xpa(a3_0, w0, x)
             a3_1 = v8_xpa(a3_1, w1, x)
-            x = v8_bcast(xp, b4 + o + c)
+            x = v8_bcast(xp, b4 + o)
             a4_0 = v8_xpa(a4_0, w0, x)
             a4_1 = v8_xpa(a4_1, w1, x)
-            x = v8_bcast(xp, b5 + o + c)
+            x = v8_bcast(xp, b5 + o)
             a5_0 = v8_xpa(a5_0, w0, x)
             a5_1 = v8_xpa(a5_1, w1, x)
-    v8_store(acc, 0, a0_0)
-    v8_store(acc, 8, a0_1)
-    v8_store(acc, 16, a1_0)
-    v8_store(acc, 24, a1_1)
-    v8_store(acc, 32, a2_0)
-    v8_store(acc, 40, a2_1)
-    v8_store(acc, 48, a3_0)
-    v8_store(acc, 56, a3_1)
-    v8_store(acc, 64, a4_0)
-    v8_store(acc, 72, a4_1)
-    v8_store(acc, 80, a5_0)
-    v8_store(acc, 88, a5_1)
+    else:
+        for t in range(ntaps):
+            o = toff[t]
+            for c in range(wg):
+                w0 = v8_load(wt, wi + 0)
+                w1 = v8_load(wt, wi + 8)
+                wi += 16
+                x = v8_bcast(xp, b0 + o + c)
+                a0_0 = v8_xpa(a0_0, w0, x)
+                a0_1 = v8_xpa(a0_1, w1, x)
+                x = v8_bcast(xp, b1 + o + c)
+                a1_0 = v8_xpa(a1_0, w0, x)
+                a1_1 = v8_xpa(a1_1, w1, x)
+                x = v8_bcast(xp, b2 + o + c)
+                a2_0 = v8_xpa(a2_0, w0, x)
+                a2_1 = v8_xpa(a2_1, w1, x)
+                x = v8_bcast(xp, b3 + o + c)
+                a3_0 = v8_xpa(a3_0, w0, x)
+                a3_1 = v8_xpa(a3_1, w1, x)
+                x = v8_bcast(xp, b4 + o + c)
+                a4_0 = v8_xpa(a4_0, w0, x)
+                a4_1 = v8_xpa(a4_1, w1, x)
+                x = v8_bcast(xp, b5 + o + c)
+                a5_0 = v8_xpa(a5_0, w0, x)
+                a5_1 = v8_xpa(a5_1, w1, x)
+    if direct:
+        z = v8_zero()
+        ob = obases[0]
+        v8_store_acc_i32(out, ob + 0, a0_0, k, z)
+        v8_store_acc_i32(out, ob + 8, a0_1, k, z)
+        ob = obases[1]
+        v8_store_acc_i32(out, ob + 0, a1_0, k, z)
+        v8_store_acc_i32(out, ob + 8, a1_1, k, z)
+        ob = obases[2]
+        v8_store_acc_i32(out, ob + 0, a2_0, k, z)
+        v8_store_acc_i32(out, ob + 8, a2_1, k, z)
+        ob = obases[3]
+        v8_store_acc_i32(out, ob + 0, a3_0, k, z)
+        v8_store_acc_i32(out, ob + 8, a3_1, k, z)
+        ob = obases[4]
+        v8_store_acc_i32(out, ob + 0, a4_0, k, z)
+        v8_store_acc_i32(out, ob + 8, a4_1, k, z)
+        ob = obases[5]
+        v8_store_acc_i32(out, ob + 0, a5_0, k, z)
+        v8_store_acc_i32(out, ob + 8, a5_1, k, z)
+    else:
+        v8_store(acc, 0, a0_0)
+        v8_store(acc, 8, a0_1)
+        v8_store(acc, 16, a1_0)
+        v8_store(acc, 24, a1_1)
+        v8_store(acc, 32, a2_0)
+        v8_store(acc, 40, a2_1)
+        v8_store(acc, 48, a3_0)
+        v8_store(acc, 56, a3_1)
+        v8_store(acc, 64, a4_0)
+        v8_store(acc, 72, a4_1)
+        v8_store(acc, 80, a5_0)
+        v8_store(acc, 88, a5_1)
 
 
 @njit(cache=True)
-def _t1x1(xp, bases, wt, wbase, toff, ntaps, wg, acc):
+def _t1x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
     b0 = bases[0]
     a0_0 = v8_zero()
     wi = wbase
-    for t in range(ntaps):
-        o = toff[t]
-        for c in range(wg):
+    if wg == 1:
+        for t in range(ntaps):
+            o = toff[t]
             w0 = v8_load(wt, wi + 0)
             wi += 8
-            x = v8_bcast(xp, b0 + o + c)
+            x = v8_bcast(xp, b0 + o)
             a0_0 = v8_xpa(a0_0, w0, x)
-    v8_store(acc, 0, a0_0)
+    else:
+        for t in range(ntaps):
+            o = toff[t]
+            for c in range(wg):
+                w0 = v8_load(wt, wi + 0)
+                wi += 8
+                x = v8_bcast(xp, b0 + o + c)
+                a0_0 = v8_xpa(a0_0, w0, x)
+    if direct:
+        z = v8_zero()
+        ob = obases[0]
+        v8_store_acc_i32(out, ob + 0, a0_0, k, z)
+    else:
+        v8_store(acc, 0, a0_0)
 
 
 @njit(cache=True)
-def _t2x1(xp, bases, wt, wbase, toff, ntaps, wg, acc):
+def _t2x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
     b0 = bases[0]
     b1 = bases[1]
     a0_0 = v8_zero()
     a1_0 = v8_zero()
     wi = wbase
-    for t in range(ntaps):
-        o = toff[t]
-        for c in range(wg):
+    if wg == 1:
+        for t in range(ntaps):
+            o = toff[t]
             w0 = v8_load(wt, wi + 0)
             wi += 8
-            x = v8_bcast(xp, b0 + o + c)
+            x = v8_bcast(xp, b0 + o)
             a0_0 = v8_xpa(a0_0, w0, x)
-            x = v8_bcast(xp, b1 + o + c)
+            x = v8_bcast(xp, b1 + o)
             a1_0 = v8_xpa(a1_0, w0, x)
-    v8_store(acc, 0, a0_0)
-    v8_store(acc, 8, a1_0)
+    else:
+        for t in range(ntaps):
+            o = toff[t]
+            for c in range(wg):
+                w0 = v8_load(wt, wi + 0)
+                wi += 8
+                x = v8_bcast(xp, b0 + o + c)
+                a0_0 = v8_xpa(a0_0, w0, x)
+                x = v8_bcast(xp, b1 + o + c)
+                a1_0 = v8_xpa(a1_0, w0, x)
+    if direct:
+        z = v8_zero()
+        ob = obases[0]
+        v8_store_acc_i32(out, ob + 0, a0_0, k, z)
+        ob = obases[1]
+        v8_store_acc_i32(out, ob + 0, a1_0, k, z)
+    else:
+        v8_store(acc, 0, a0_0)
+        v8_store(acc, 8, a1_0)
 
 
 @njit(cache=True)
-def _t3x1(xp, bases, wt, wbase, toff, ntaps, wg, acc):
+def _t3x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
     b0 = bases[0]
     b1 = bases[1]
     b2 = bases[2]
@@ -666,24 +1165,45 @@ def _t3x1(xp, bases, wt, wbase, toff, ntaps, wg, acc):
     a1_0 = v8_zero()
     a2_0 = v8_zero()
     wi = wbase
-    for t in range(ntaps):
-        o = toff[t]
-        for c in range(wg):
+    if wg == 1:
+        for t in range(ntaps):
+            o = toff[t]
             w0 = v8_load(wt, wi + 0)
             wi += 8
-            x = v8_bcast(xp, b0 + o + c)
+            x = v8_bcast(xp, b0 + o)
             a0_0 = v8_xpa(a0_0, w0, x)
-            x = v8_bcast(xp, b1 + o + c)
+            x = v8_bcast(xp, b1 + o)
             a1_0 = v8_xpa(a1_0, w0, x)
-            x = v8_bcast(xp, b2 + o + c)
+            x = v8_bcast(xp, b2 + o)
             a2_0 = v8_xpa(a2_0, w0, x)
-    v8_store(acc, 0, a0_0)
-    v8_store(acc, 8, a1_0)
-    v8_store(acc, 16, a2_0)
+    else:
+        for t in range(ntaps):
+            o = toff[t]
+            for c in range(wg):
+                w0 = v8_load(wt, wi + 0)
+                wi += 8
+                x = v8_bcast(xp, b0 + o + c)
+                a0_0 = v8_xpa(a0_0, w0, x)
+                x = v8_bcast(xp, b1 + o + c)
+                a1_0 = v8_xpa(a1_0, w0, x)
+                x = v8_bcast(xp, b2 + o + c)
+                a2_0 = v8_xpa(a2_0, w0, x)
+    if direct:
+        z = v8_zero()
+        ob = obases[0]
+        v8_store_acc_i32(out, ob + 0, a0_0, k, z)
+        ob = obases[1]
+        v8_store_acc_i32(out, ob + 0, a1_0, k, z)
+        ob = obases[2]
+        v8_store_acc_i32(out, ob + 0, a2_0, k, z)
+    else:
+        v8_store(acc, 0, a0_0)
+        v8_store(acc, 8, a1_0)
+        v8_store(acc, 16, a2_0)
 
 
 @njit(cache=True)
-def _t4x1(xp, bases, wt, wbase, toff, ntaps, wg, acc):
+def _t4x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
     b0 = bases[0]
     b1 = bases[1]
     b2 = bases[2]
@@ -693,27 +1213,52 @@ def _t4x1(xp, bases, wt, wbase, toff, ntaps, wg, acc):
     a2_0 = v8_zero()
     a3_0 = v8_zero()
     wi = wbase
-    for t in range(ntaps):
-        o = toff[t]
-        for c in range(wg):
+    if wg == 1:
+        for t in range(ntaps):
+            o = toff[t]
             w0 = v8_load(wt, wi + 0)
             wi += 8
-            x = v8_bcast(xp, b0 + o + c)
+            x = v8_bcast(xp, b0 + o)
             a0_0 = v8_xpa(a0_0, w0, x)
-            x = v8_bcast(xp, b1 + o + c)
+            x = v8_bcast(xp, b1 + o)
             a1_0 = v8_xpa(a1_0, w0, x)
-            x = v8_bcast(xp, b2 + o + c)
+            x = v8_bcast(xp, b2 + o)
             a2_0 = v8_xpa(a2_0, w0, x)
-            x = v8_bcast(xp, b3 + o + c)
+            x = v8_bcast(xp, b3 + o)
             a3_0 = v8_xpa(a3_0, w0, x)
-    v8_store(acc, 0, a0_0)
-    v8_store(acc, 8, a1_0)
-    v8_store(acc, 16, a2_0)
-    v8_store(acc, 24, a3_0)
+    else:
+        for t in range(ntaps):
+            o = toff[t]
+            for c in range(wg):
+                w0 = v8_load(wt, wi + 0)
+                wi += 8
+                x = v8_bcast(xp, b0 + o + c)
+                a0_0 = v8_xpa(a0_0, w0, x)
+                x = v8_bcast(xp, b1 + o + c)
+                a1_0 = v8_xpa(a1_0, w0, x)
+                x = v8_bcast(xp, b2 + o + c)
+                a2_0 = v8_xpa(a2_0, w0, x)
+                x = v8_bcast(xp, b3 + o + c)
+                a3_0 = v8_xpa(a3_0, w0, x)
+    if direct:
+        z = v8_zero()
+        ob = obases[0]
+        v8_store_acc_i32(out, ob + 0, a0_0, k, z)
+        ob = obases[1]
+        v8_store_acc_i32(out, ob + 0, a1_0, k, z)
+        ob = obases[2]
+        v8_store_acc_i32(out, ob + 0, a2_0, k, z)
+        ob = obases[3]
+        v8_store_acc_i32(out, ob + 0, a3_0, k, z)
+    else:
+        v8_store(acc, 0, a0_0)
+        v8_store(acc, 8, a1_0)
+        v8_store(acc, 16, a2_0)
+        v8_store(acc, 24, a3_0)
 
 
 @njit(cache=True)
-def _t5x1(xp, bases, wt, wbase, toff, ntaps, wg, acc):
+def _t5x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
     b0 = bases[0]
     b1 = bases[1]
     b2 = bases[2]
@@ -725,30 +1270,59 @@ def _t5x1(xp, bases, wt, wbase, toff, ntaps, wg, acc):
     a3_0 = v8_zero()
     a4_0 = v8_zero()
     wi = wbase
-    for t in range(ntaps):
-        o = toff[t]
-        for c in range(wg):
+    if wg == 1:
+        for t in range(ntaps):
+            o = toff[t]
             w0 = v8_load(wt, wi + 0)
             wi += 8
-            x = v8_bcast(xp, b0 + o + c)
+            x = v8_bcast(xp, b0 + o)
             a0_0 = v8_xpa(a0_0, w0, x)
-            x = v8_bcast(xp, b1 + o + c)
+            x = v8_bcast(xp, b1 + o)
             a1_0 = v8_xpa(a1_0, w0, x)
-            x = v8_bcast(xp, b2 + o + c)
+            x = v8_bcast(xp, b2 + o)
             a2_0 = v8_xpa(a2_0, w0, x)
-            x = v8_bcast(xp, b3 + o + c)
+            x = v8_bcast(xp, b3 + o)
             a3_0 = v8_xpa(a3_0, w0, x)
-            x = v8_bcast(xp, b4 + o + c)
+            x = v8_bcast(xp, b4 + o)
             a4_0 = v8_xpa(a4_0, w0, x)
-    v8_store(acc, 0, a0_0)
-    v8_store(acc, 8, a1_0)
-    v8_store(acc, 16, a2_0)
-    v8_store(acc, 24, a3_0)
-    v8_store(acc, 32, a4_0)
+    else:
+        for t in range(ntaps):
+            o = toff[t]
+            for c in range(wg):
+                w0 = v8_load(wt, wi + 0)
+                wi += 8
+                x = v8_bcast(xp, b0 + o + c)
+                a0_0 = v8_xpa(a0_0, w0, x)
+                x = v8_bcast(xp, b1 + o + c)
+                a1_0 = v8_xpa(a1_0, w0, x)
+                x = v8_bcast(xp, b2 + o + c)
+                a2_0 = v8_xpa(a2_0, w0, x)
+                x = v8_bcast(xp, b3 + o + c)
+                a3_0 = v8_xpa(a3_0, w0, x)
+                x = v8_bcast(xp, b4 + o + c)
+                a4_0 = v8_xpa(a4_0, w0, x)
+    if direct:
+        z = v8_zero()
+        ob = obases[0]
+        v8_store_acc_i32(out, ob + 0, a0_0, k, z)
+        ob = obases[1]
+        v8_store_acc_i32(out, ob + 0, a1_0, k, z)
+        ob = obases[2]
+        v8_store_acc_i32(out, ob + 0, a2_0, k, z)
+        ob = obases[3]
+        v8_store_acc_i32(out, ob + 0, a3_0, k, z)
+        ob = obases[4]
+        v8_store_acc_i32(out, ob + 0, a4_0, k, z)
+    else:
+        v8_store(acc, 0, a0_0)
+        v8_store(acc, 8, a1_0)
+        v8_store(acc, 16, a2_0)
+        v8_store(acc, 24, a3_0)
+        v8_store(acc, 32, a4_0)
 
 
 @njit(cache=True)
-def _t6x1(xp, bases, wt, wbase, toff, ntaps, wg, acc):
+def _t6x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
     b0 = bases[0]
     b1 = bases[1]
     b2 = bases[2]
@@ -762,74 +1336,107 @@ def _t6x1(xp, bases, wt, wbase, toff, ntaps, wg, acc):
     a4_0 = v8_zero()
     a5_0 = v8_zero()
     wi = wbase
-    for t in range(ntaps):
-        o = toff[t]
-        for c in range(wg):
+    if wg == 1:
+        for t in range(ntaps):
+            o = toff[t]
             w0 = v8_load(wt, wi + 0)
             wi += 8
-            x = v8_bcast(xp, b0 + o + c)
+            x = v8_bcast(xp, b0 + o)
             a0_0 = v8_xpa(a0_0, w0, x)
-            x = v8_bcast(xp, b1 + o + c)
+            x = v8_bcast(xp, b1 + o)
             a1_0 = v8_xpa(a1_0, w0, x)
-            x = v8_bcast(xp, b2 + o + c)
+            x = v8_bcast(xp, b2 + o)
             a2_0 = v8_xpa(a2_0, w0, x)
-            x = v8_bcast(xp, b3 + o + c)
+            x = v8_bcast(xp, b3 + o)
             a3_0 = v8_xpa(a3_0, w0, x)
-            x = v8_bcast(xp, b4 + o + c)
+            x = v8_bcast(xp, b4 + o)
             a4_0 = v8_xpa(a4_0, w0, x)
-            x = v8_bcast(xp, b5 + o + c)
+            x = v8_bcast(xp, b5 + o)
             a5_0 = v8_xpa(a5_0, w0, x)
-    v8_store(acc, 0, a0_0)
-    v8_store(acc, 8, a1_0)
-    v8_store(acc, 16, a2_0)
-    v8_store(acc, 24, a3_0)
-    v8_store(acc, 32, a4_0)
-    v8_store(acc, 40, a5_0)
+    else:
+        for t in range(ntaps):
+            o = toff[t]
+            for c in range(wg):
+                w0 = v8_load(wt, wi + 0)
+                wi += 8
+                x = v8_bcast(xp, b0 + o + c)
+                a0_0 = v8_xpa(a0_0, w0, x)
+                x = v8_bcast(xp, b1 + o + c)
+                a1_0 = v8_xpa(a1_0, w0, x)
+                x = v8_bcast(xp, b2 + o + c)
+                a2_0 = v8_xpa(a2_0, w0, x)
+                x = v8_bcast(xp, b3 + o + c)
+                a3_0 = v8_xpa(a3_0, w0, x)
+                x = v8_bcast(xp, b4 + o + c)
+                a4_0 = v8_xpa(a4_0, w0, x)
+                x = v8_bcast(xp, b5 + o + c)
+                a5_0 = v8_xpa(a5_0, w0, x)
+    if direct:
+        z = v8_zero()
+        ob = obases[0]
+        v8_store_acc_i32(out, ob + 0, a0_0, k, z)
+        ob = obases[1]
+        v8_store_acc_i32(out, ob + 0, a1_0, k, z)
+        ob = obases[2]
+        v8_store_acc_i32(out, ob + 0, a2_0, k, z)
+        ob = obases[3]
+        v8_store_acc_i32(out, ob + 0, a3_0, k, z)
+        ob = obases[4]
+        v8_store_acc_i32(out, ob + 0, a4_0, k, z)
+        ob = obases[5]
+        v8_store_acc_i32(out, ob + 0, a5_0, k, z)
+    else:
+        v8_store(acc, 0, a0_0)
+        v8_store(acc, 8, a1_0)
+        v8_store(acc, 16, a2_0)
+        v8_store(acc, 24, a3_0)
+        v8_store(acc, 32, a4_0)
+        v8_store(acc, 40, a5_0)
 
 
 @njit(cache=True)
-def tile_nv4(m, xp, bases, wt, wbase, toff, ntaps, wg, acc):
+def tile_nv4(m, xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
     if m == 6:
-        _t6x4(xp, bases, wt, wbase, toff, ntaps, wg, acc)
+        _t6x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct)
     elif m == 5:
-        _t5x4(xp, bases, wt, wbase, toff, ntaps, wg, acc)
+        _t5x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct)
     elif m == 4:
-        _t4x4(xp, bases, wt, wbase, toff, ntaps, wg, acc)
+        _t4x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct)
     elif m == 3:
-        _t3x4(xp, bases, wt, wbase, toff, ntaps, wg, acc)
+        _t3x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct)
     elif m == 2:
-        _t2x4(xp, bases, wt, wbase, toff, ntaps, wg, acc)
+        _t2x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct)
     elif m == 1:
-        _t1x4(xp, bases, wt, wbase, toff, ntaps, wg, acc)
+        _t1x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct)
 
 
 @njit(cache=True)
-def tile_nv2(m, xp, bases, wt, wbase, toff, ntaps, wg, acc):
+def tile_nv2(m, xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
     if m == 6:
-        _t6x2(xp, bases, wt, wbase, toff, ntaps, wg, acc)
+        _t6x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct)
     elif m == 5:
-        _t5x2(xp, bases, wt, wbase, toff, ntaps, wg, acc)
+        _t5x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct)
     elif m == 4:
-        _t4x2(xp, bases, wt, wbase, toff, ntaps, wg, acc)
+        _t4x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct)
     elif m == 3:
-        _t3x2(xp, bases, wt, wbase, toff, ntaps, wg, acc)
+        _t3x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct)
     elif m == 2:
-        _t2x2(xp, bases, wt, wbase, toff, ntaps, wg, acc)
+        _t2x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct)
     elif m == 1:
-        _t1x2(xp, bases, wt, wbase, toff, ntaps, wg, acc)
+        _t1x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct)
 
 
 @njit(cache=True)
-def tile_nv1(m, xp, bases, wt, wbase, toff, ntaps, wg, acc):
+def tile_nv1(m, xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
     if m == 6:
-        _t6x1(xp, bases, wt, wbase, toff, ntaps, wg, acc)
+        _t6x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct)
     elif m == 5:
-        _t5x1(xp, bases, wt, wbase, toff, ntaps, wg, acc)
+        _t5x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct)
     elif m == 4:
-        _t4x1(xp, bases, wt, wbase, toff, ntaps, wg, acc)
+        _t4x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct)
     elif m == 3:
-        _t3x1(xp, bases, wt, wbase, toff, ntaps, wg, acc)
+        _t3x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct)
     elif m == 2:
-        _t2x1(xp, bases, wt, wbase, toff, ntaps, wg, acc)
+        _t2x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct)
     elif m == 1:
-        _t1x1(xp, bases, wt, wbase, toff, ntaps, wg, acc)
+        _t1x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct)
