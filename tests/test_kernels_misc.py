@@ -75,7 +75,8 @@ def test_fast_tile_compiles_to_zmm_vpopcntq():
 
     fn = njit(bconv_tiles._t6x4.py_func)
     xp = np.zeros(64, np.uint64)
-    fn(xp, np.zeros(6, np.int64), xp, 0, np.zeros(1, np.int64), 1, 1, np.zeros(192, np.int64))
+    fn(xp, np.zeros(6, np.int64), xp, 0, np.zeros(1, np.int64), 1, 1, np.zeros(192, np.int64),
+       np.zeros(32, np.int32), np.zeros(6, np.int64), 1, False)
     asm = fn.inspect_asm(fn.signatures[0])
     assert len(re.findall(r"vpopcntq\s+[^\n]*zmm", asm)) >= 24
     assert not re.search(r"vpopcntq\s+[^\n]*ymm", asm)
