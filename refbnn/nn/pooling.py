@@ -1,4 +1,4 @@
-"""Pooling: ``MaxPool2d``, ``AvgPool2d`` (PyTorch semantics, ``ceil_mode=False``), ``GlobalAvgPool2d``.
+"""Pooling: ``MaxPool2d``, ``AvgPool2d`` (PyTorch semantics), ``GlobalAvgPool2d``.
 
 Windows of ``kernel_size`` (int or pair) move by ``stride`` (default: the kernel size) over the
 input (N, C, H, W) padded symmetrically by ``padding`` (at most half the kernel, as PyTorch).
@@ -70,33 +70,77 @@ class MaxPool2d(_Pool2d):
         return dxp[:, :, ph:ph + x_shape[2], pw:pw + x_shape[3]].copy()
 
 
-class AvgPool2d(_Pool2d):
-    """Mean over each window of the zero-padded input. ``count_include_pad=True`` divides by
-    ``KH*KW``; ``False`` divides by the number of in-bounds taps of that window."""
+def ceil_out_size(n: int, k: int, s: int, p: int) -> int:
+    """PyTorch's ``ceil_mode`` output length: ``ceil((n + 2p - k) / s) + 1``, less one if the last
+    window would start inside the right padding only."""
+    out = -(-(n + 2 * p - k) // s) + 1
+    if (out - 1) * s >= n + p:
+        out -= 1
+    return out
 
-    def __init__(self, kernel_size, stride=None, padding=0, count_include_pad=True):
+
+class AvgPool2d(_Pool2d):
+    """Mean over each window of the zero-padded input. ``count_include_pad=True`` divides by the
+    window's taps inside the input or its symmetric padding; ``False`` by its in-bounds taps only.
+
+    ``ceil_mode=True`` (PyTorch's) rounds the output size up; the extra last window may run past the
+    padding, and taps out there never count (so a 2x2/2 pool maps 7x7 to 4x4, the last row and column
+    averaging the pixels that exist).
+    """
+
+    def __init__(self, kernel_size, stride=None, padding=0, count_include_pad=True, ceil_mode=False):
         super().__init__(kernel_size, stride, padding)
         self.count_include_pad = bool(count_include_pad)
+        self.ceil_mode = bool(ceil_mode)
+
+    def _geometry(self, x):
+        if not self.ceil_mode:
+            return super()._geometry(x)
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        oh, ow = ceil_out_size(x.shape[2], kh, sh, ph), ceil_out_size(x.shape[3], kw, sw, pw)
+        if oh < 1 or ow < 1:
+            raise ValueError(f"AvgPool2d: input {x.shape[2:]} smaller than the window")
+        return kh, kw, sh, sw, ph, pw, oh, ow
+
+    def _overflow(self, h, w):
+        """Rows/columns the last windows reach past ``h + 2*ph`` (``w + 2*pw``); 0 unless ceil_mode."""
+        kh, kw, sh, sw, ph, pw, oh, ow = self._geometry(np.empty((1, 1, h, w)))
+        return max(0, (oh - 1) * sh + kh - h - 2 * ph), max(0, (ow - 1) * sw + kw - w - 2 * pw)
+
+    def _pad(self, x, value=0.0):
+        ph, pw = self.padding
+        eh, ew = self._overflow(*x.shape[2:])
+        if ph == pw == eh == ew == 0:
+            return x
+        return np.pad(x, ((0, 0), (0, 0), (ph, ph + eh), (pw, pw + ew)), constant_values=value)
 
     def _divisor(self, h, w, dtype):
         kh, kw, sh, sw, ph, pw, oh, ow = self._geometry(np.empty((1, 1, h, w)))
-        if self.count_include_pad or (ph == 0 and pw == 0):
+        eh, ew = self._overflow(h, w)
+        if eh == ew == 0 and (self.count_include_pad or (ph == 0 and pw == 0)):
             return dtype.type(kh * kw)
-        ones = F.pad_hw(np.ones((1, 1, h, w), dtype=dtype), ph, pw, 0.0)
-        cnt = sum(self._tap(ones, a, b, sh, sw, oh, ow) for a in range(kh) for b in range(kw))
-        return cnt
+        if self.count_include_pad:
+            counted = np.ones((1, 1, h + 2 * ph, w + 2 * pw), dtype=dtype)
+            counted = np.pad(counted, ((0, 0), (0, 0), (0, eh), (0, ew)))
+        else:
+            counted = self._pad(np.ones((1, 1, h, w), dtype=dtype))
+        return sum(self._tap(counted, a, b, sh, sw, oh, ow) for a in range(kh) for b in range(kw))
+
+    def _tiles_exactly(self, h, w):
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        return (kh, kw) == (sh, sw) and ph == pw == 0 and h % kh == 0 and w % kw == 0
 
     def forward(self, x):
         x = check_input(x, (4,), "AvgPool2d")
-        kh, kw, sh, sw, ph, pw, oh, ow = self._geometry(x)
+        kh, kw, sh, sw, _, _, oh, ow = self._geometry(x)
         n, c, h, w = x.shape
         div = self._divisor(h, w, x.dtype)
         self._cache = (x.shape, div) if self.training else None
-        if (kh, kw) == (sh, sw) and ph == pw == 0 and h % kh == 0 and w % kw == 0:
+        if self._tiles_exactly(h, w):
             # non-overlapping windows tiling the input: one reshaped reduction
             s = x.reshape(n, c, oh, kh, ow, kw).sum(axis=(3, 5))
             return s / div
-        xp = F.pad_hw(x, ph, pw, 0.0)
+        xp = self._pad(x)
         s = self._tap(xp, 0, 0, sh, sw, oh, ow).copy()
         for t in range(1, kh * kw):
             s += self._tap(xp, t // kw, t % kw, sh, sw, oh, ow)
@@ -108,17 +152,19 @@ class AvgPool2d(_Pool2d):
         n, c, h, w = x_shape
         oh, ow = grad_out.shape[2:]
         g = grad_out / div
-        if (kh, kw) == (sh, sw) and ph == pw == 0 and h % kh == 0 and w % kw == 0:
+        if self._tiles_exactly(h, w):
             out = np.empty((n, c, oh, kh, ow, kw), dtype=grad_out.dtype)
             out[...] = g[:, :, :, None, :, None]
             return out.reshape(x_shape)
-        dxp = np.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=grad_out.dtype)
+        eh, ew = self._overflow(h, w)
+        dxp = np.zeros((n, c, h + 2 * ph + eh, w + 2 * pw + ew), dtype=grad_out.dtype)
         for t in range(kh * kw):
             self._tap(dxp, t // kw, t % kw, sh, sw, oh, ow)[...] += g
         return dxp[:, :, ph:ph + h, pw:pw + w].copy()
 
     def extra_repr(self):
-        return super().extra_repr() + f", count_include_pad={self.count_include_pad}"
+        return (super().extra_repr() + f", count_include_pad={self.count_include_pad}"
+                f", ceil_mode={self.ceil_mode}")
 
 
 class GlobalAvgPool2d(Module):
