@@ -334,7 +334,7 @@ class BConv2DPlan:
     def _setup_epilogue(self, output, multiplier, bias, out_groups, sign_at_zero):
         o = self.out_channels
         self._mul = self._bias = self._off = _F32
-        self._thr = self._dirn = self._oword = self._obit = _I64
+        self._thr = self._dirn = self._oword = self._obit = self._run8 = _I64
         self.out_groups, self.out_words = 1, 0
         if output == "int32":
             return
@@ -350,6 +350,9 @@ class BConv2DPlan:
             ch = np.arange(o)
             self._oword = ((ch // og2) * wg2 + (ch % og2) // 64).astype(np.int64)
             self._obit = ((ch % og2) % 64).astype(np.int64)
+            last = np.minimum(ch + 7, o - 1)
+            self._run8 = ((ch + 7 < o) & (self._oword[last] == self._oword)
+                          & (self._obit[last] == self._obit + 7)).astype(np.int64)
 
     def _setup_fast(self, w, wsum):
         o, kh, kw, wg = w.shape
@@ -503,7 +506,7 @@ class BConv2DPlan:
                        self.wg, self._t, self._toff, self.k, n, oh, ow, o, *self.stride,
                        self._rc, self._cc, self._corr, self._ncc, self._has_corr,
                        mode, self._mul, self._bias, self._off, self._thr, self._dirn,
-                       self._oword, self._obit, out_i32, out_f32, out_bits,
+                       self._oword, self._obit, self._run8, out_i32, out_f32, out_bits,
                        ohp, owp, self.out_words, opt, opl, numba.get_num_threads())
             return out
         acc = out_i32 if mode == 0 else np.empty(n * oh * ow * o, np.int32)

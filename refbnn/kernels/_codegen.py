@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+ARGS = ("xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,\n"
+        "        k, direct, out_bits, dirn, thr, o0, shift")
 MR_MAX = 6  # output pixels per tile (rows of the register tile)
 NV_CHOICES = (4, 2, 1)  # 8-lane vectors per tile: 32, 16 or 8 output channels
 
@@ -23,19 +25,30 @@ taps and words, holding the ``m * NV`` accumulators as ``<8 x i64>`` values (zmm
   ``i``'s first tap (its top-left input word of the group); ``toff[t]``: offset of tap ``t``.
 * ``wt``: flat weight tiles (uint64), ``ntaps * wg`` steps of ``NV * 8`` words from ``wbase``: lane
   ``l`` of vector ``v`` at step ``(t, c)`` is output channel ``8 * v + l``'s word ``c`` of tap ``t``.
-* ``acc``: int64 scratch receiving pixel ``i``'s popcounts at ``acc[i * 8 * NV : (i + 1) * 8 * NV]``;
-  or, if ``direct``, ``out[obases[i] : obases[i] + 8 * NV] = int32(k - 2 * popcount)`` (int32).
+* ``direct == 0``: int64 scratch ``acc`` receives pixel ``i``'s popcounts at
+  ``acc[i * 8 * NV : (i + 1) * 8 * NV]``;
+* ``direct == 1``: ``out[obases[i] : obases[i] + 8 * NV] = int32(k - 2 * popcount)`` (int32);
+* ``direct == 2``: bit ``shift + l`` of ``out_bits[obases[i]]`` is set when
+  ``(k - 2 * popcount[l]) * dirn[o0 + l] < thr[o0 + l]`` (all 8*NV lanes in one word).
 """
 
 from numba import njit
 
-from .simd import v8_bcast, v8_load, v8_store, v8_store_acc_i32, v8_xpa, v8_zero
+from .simd import (
+    v8_bcast,
+    v8_load,
+    v8_store,
+    v8_store_acc_i32,
+    v8_threshold_bits,
+    v8_xpa,
+    v8_zero,
+)
 '''
 
 
 def _tile(m: int, nv: int) -> str:
     lines = ["@njit(cache=True)",
-             f"def _t{m}x{nv}(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):"]
+             f"def _t{m}x{nv}({ARGS}):"]
     for i in range(m):
         lines.append(f"    b{i} = bases[{i}]")
     for i in range(m):
@@ -56,11 +69,21 @@ def _tile(m: int, nv: int) -> str:
             lines.append(f"{pad}x = v8_bcast(xp, b{i} + o{word})")
             for v in range(nv):
                 lines.append(f"{pad}a{i}_{v} = v8_xpa(a{i}_{v}, w{v}, x)")
-    lines += ["    if direct:", "        z = v8_zero()"]
+    lines += ["    z = v8_zero()", "    if direct == 1:"]
     for i in range(m):
         lines.append(f"        ob = obases[{i}]")
         for v in range(nv):
             lines.append(f"        v8_store_acc_i32(out, ob + {8 * v}, a{i}_{v}, k, z)")
+    lines.append("    elif direct == 2:")
+    for v in range(nv):
+        lines.append(f"        d{v} = v8_load(dirn, o0 + {8 * v})")
+        lines.append(f"        t{v} = v8_load(thr, o0 + {8 * v})")
+    for i in range(m):
+        terms = [f"(v8_threshold_bits(a{i}_{v}, k, z, d{v}, t{v}) << {8 * v})" for v in range(nv)]
+        lines.append(f"        bits = {terms[0]}")
+        for term in terms[1:]:
+            lines.append(f"        bits |= {term}")
+        lines.append(f"        out_bits[obases[{i}]] |= bits << shift")
     lines.append("    else:")
     for i in range(m):
         for v in range(nv):
@@ -70,12 +93,11 @@ def _tile(m: int, nv: int) -> str:
 
 def _dispatch(nv: int) -> str:
     lines = ["@njit(cache=True)",
-             f"def tile_nv{nv}(m, xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):"]
+             f"def tile_nv{nv}(m, {ARGS}):"]
     for m in range(MR_MAX, 0, -1):
         kw = "if" if m == MR_MAX else "elif"
         lines.append(f"    {kw} m == {m}:")
-        lines.append(f"        _t{m}x{nv}(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k,"
-                     " direct)")
+        lines.append(f"        _t{m}x{nv}({ARGS.replace(chr(10), chr(10) + '        ')})")
     return "\n".join(lines) + "\n"
 
 

@@ -22,7 +22,8 @@ epilogue ``mode``:
 * 2 LCE: ``float32(float32(2 * ((K - acc) // 2)) * (-mul[o])) + off[o]``, ``off`` = LCE offset
 * 3 bits: bit ``obit[o]`` of word ``oword[o]`` of output pixel ``p`` is ``acc * dirn[o] < thr[o]``,
   written into a (possibly padded) ``uint64`` buffer ``out_bits`` of ``(N, OHp, OWp, OWords)``
-  with the image at offset ``(opt, opl)``; the pixel's words are zeroed first.
+  with the image at offset ``(opt, opl)``; the pixel's words are zeroed first. ``run8[o]`` is
+  true when channels ``o .. o+7`` are consecutive bits of one word (one OR for eight bits).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import numpy as np
 from numba import njit, prange
 
 from .bconv_tiles import tile_nv1, tile_nv2, tile_nv4
+from .simd import v8_load, v8_threshold_bits, v8_zero
 
 MR = 6  # pixels per tile; bconv_tiles holds kernels for 1..MR
 
@@ -39,7 +41,7 @@ MR = 6  # pixels per tile; bconv_tiles holds kernels for 1..MR
 def bconv_fast(xp, Hp, Wp, CW, wt, nv, G, Wg, T, toff, K,
                N, OH, OW, O, sh, sw,
                rc, cc, corr, ncc, has_corr,
-               mode, mul, bias, off, thr, dirn, oword, obit,
+               mode, mul, bias, off, thr, dirn, oword, obit, run8,
                out_i32, out_f32, out_bits, OHp, OWp, OWords, opt, opl, nthreads):
     P = N * OH * OW
     ntiles = (P + MR - 1) // MR
@@ -83,6 +85,9 @@ def bconv_fast(xp, Hp, Wp, CW, wt, nv, G, Wg, T, toff, K,
                 else:
                     oidx[i] = p * O
                 ow += 1
+            tile_border = False
+            for i in range(m):
+                tile_border |= has_corr and (rcs[i] | ccs[i]) != 0
             for g in range(G):
                 for i in range(m):
                     bases[i] = pix[i] + g * Wg
@@ -90,36 +95,58 @@ def bconv_fast(xp, Hp, Wp, CW, wt, nv, G, Wg, T, toff, K,
                     wbase = (g * T + t) * wstep
                     o0 = g * og + t * to
                     nl = min(to, og - t * to)
-                    direct = mode == 0 and nl == to  # the tile writes int32 K - 2*pc itself
+                    # direct 1/2: the tile writes int32 K - 2*pc / its packed bits itself
+                    direct = 1 if mode == 0 and nl == to else 0
+                    shift = 0
+                    if mode == 3 and nl == to and not tile_border \
+                            and oword[o0 + to - 1] == oword[o0] \
+                            and obit[o0 + to - 1] == obit[o0] + to - 1:
+                        direct = 2
+                        shift = obit[o0]
                     for i in range(m):
-                        obases[i] = oidx[i] + o0
+                        obases[i] = oidx[i] + (oword[o0] if direct == 2 else o0)
                     if nv == 4:
                         tile_nv4(m, xp, bases, wt, wbase, toff, ntaps, Wg, acc, out_i32, obases,
-                                 K, direct)
+                                 K, direct, out_bits, dirn, thr, o0, shift)
                     elif nv == 2:
                         tile_nv2(m, xp, bases, wt, wbase, toff, ntaps, Wg, acc, out_i32, obases,
-                                 K, direct)
+                                 K, direct, out_bits, dirn, thr, o0, shift)
                     else:
                         tile_nv1(m, xp, bases, wt, wbase, toff, ntaps, Wg, acc, out_i32, obases,
-                                 K, direct)
+                                 K, direct, out_bits, dirn, thr, o0, shift)
                     for i in range(m):
                         border = has_corr and (rcs[i] | ccs[i]) != 0
                         cbase = (rcs[i] * ncc + ccs[i]) * O
+                        l0 = 0
+                        if mode == 3 and direct == 0:  # whole 8-lane groups: vector compare, one OR per group
+                            l0 = 8 * (nl // 8)
+                            for l in range(0, l0, 8):
+                                o = o0 + l
+                                cv = v8_load(corr, cbase + o) if border else v8_zero()
+                                b8 = v8_threshold_bits(v8_load(acc, i * to + l), K, cv,
+                                                       v8_load(dirn, o), v8_load(thr, o))
+                                if run8[o]:
+                                    out_bits[oidx[i] + oword[o]] |= b8 << np.uint64(obit[o])
+                                else:
+                                    for j in range(8):
+                                        if (b8 >> np.uint64(j)) & np.uint64(1):
+                                            out_bits[oidx[i] + oword[o + j]] |= \
+                                                np.uint64(1) << np.uint64(obit[o + j])
                         if not direct:
-                            _epilogue(acc, i * to, nl, o0, K, border, corr, cbase, mode, mul,
+                            _epilogue(acc, i * to, l0, nl, o0, K, border, corr, cbase, mode, mul,
                                       bias, off, thr, dirn, oword, obit, out_i32, out_f32,
                                       out_bits, oidx[i])
-                        elif border:
+                        elif border and direct == 1:
                             for l in range(nl):
                                 out_i32[obases[i] + l] += np.int32(corr[cbase + o0 + l])
             p0 += m
 
 
 @njit(cache=True, inline="always")
-def _epilogue(acc, a0, nl, o0, K, border, corr, cbase, mode, mul, bias, off, thr, dirn,
+def _epilogue(acc, a0, l0, nl, o0, K, border, corr, cbase, mode, mul, bias, off, thr, dirn,
               oword, obit, out_i32, out_f32, out_bits, obase):
-    """Scalar epilogue for lanes ``0 .. nl - 1`` of one pixel's tile (see module docstring)."""
-    for l in range(nl):
+    """Scalar epilogue for lanes ``l0 .. nl - 1`` of one pixel's tile (see module docstring)."""
+    for l in range(l0, nl):
         o = o0 + l
         a = K - 2 * acc[a0 + l]
         if border:

@@ -8,17 +8,29 @@ taps and words, holding the ``m * NV`` accumulators as ``<8 x i64>`` values (zmm
   ``i``'s first tap (its top-left input word of the group); ``toff[t]``: offset of tap ``t``.
 * ``wt``: flat weight tiles (uint64), ``ntaps * wg`` steps of ``NV * 8`` words from ``wbase``: lane
   ``l`` of vector ``v`` at step ``(t, c)`` is output channel ``8 * v + l``'s word ``c`` of tap ``t``.
-* ``acc``: int64 scratch receiving pixel ``i``'s popcounts at ``acc[i * 8 * NV : (i + 1) * 8 * NV]``;
-  or, if ``direct``, ``out[obases[i] : obases[i] + 8 * NV] = int32(k - 2 * popcount)`` (int32).
+* ``direct == 0``: int64 scratch ``acc`` receives pixel ``i``'s popcounts at
+  ``acc[i * 8 * NV : (i + 1) * 8 * NV]``;
+* ``direct == 1``: ``out[obases[i] : obases[i] + 8 * NV] = int32(k - 2 * popcount)`` (int32);
+* ``direct == 2``: bit ``shift + l`` of ``out_bits[obases[i]]`` is set when
+  ``(k - 2 * popcount[l]) * dirn[o0 + l] < thr[o0 + l]`` (all 8*NV lanes in one word).
 """
 
 from numba import njit
 
-from .simd import v8_bcast, v8_load, v8_store, v8_store_acc_i32, v8_xpa, v8_zero
+from .simd import (
+    v8_bcast,
+    v8_load,
+    v8_store,
+    v8_store_acc_i32,
+    v8_threshold_bits,
+    v8_xpa,
+    v8_zero,
+)
 
 
 @njit(cache=True)
-def _t1x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
+def _t1x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+        k, direct, out_bits, dirn, thr, o0, shift):
     b0 = bases[0]
     a0_0 = v8_zero()
     a0_1 = v8_zero()
@@ -52,13 +64,27 @@ def _t1x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
                 a0_1 = v8_xpa(a0_1, w1, x)
                 a0_2 = v8_xpa(a0_2, w2, x)
                 a0_3 = v8_xpa(a0_3, w3, x)
-    if direct:
-        z = v8_zero()
+    z = v8_zero()
+    if direct == 1:
         ob = obases[0]
         v8_store_acc_i32(out, ob + 0, a0_0, k, z)
         v8_store_acc_i32(out, ob + 8, a0_1, k, z)
         v8_store_acc_i32(out, ob + 16, a0_2, k, z)
         v8_store_acc_i32(out, ob + 24, a0_3, k, z)
+    elif direct == 2:
+        d0 = v8_load(dirn, o0 + 0)
+        t0 = v8_load(thr, o0 + 0)
+        d1 = v8_load(dirn, o0 + 8)
+        t1 = v8_load(thr, o0 + 8)
+        d2 = v8_load(dirn, o0 + 16)
+        t2 = v8_load(thr, o0 + 16)
+        d3 = v8_load(dirn, o0 + 24)
+        t3 = v8_load(thr, o0 + 24)
+        bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
+        bits |= (v8_threshold_bits(a0_1, k, z, d1, t1) << 8)
+        bits |= (v8_threshold_bits(a0_2, k, z, d2, t2) << 16)
+        bits |= (v8_threshold_bits(a0_3, k, z, d3, t3) << 24)
+        out_bits[obases[0]] |= bits << shift
     else:
         v8_store(acc, 0, a0_0)
         v8_store(acc, 8, a0_1)
@@ -67,7 +93,8 @@ def _t1x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
 
 
 @njit(cache=True)
-def _t2x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
+def _t2x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+        k, direct, out_bits, dirn, thr, o0, shift):
     b0 = bases[0]
     b1 = bases[1]
     a0_0 = v8_zero()
@@ -116,8 +143,8 @@ def _t2x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
                 a1_1 = v8_xpa(a1_1, w1, x)
                 a1_2 = v8_xpa(a1_2, w2, x)
                 a1_3 = v8_xpa(a1_3, w3, x)
-    if direct:
-        z = v8_zero()
+    z = v8_zero()
+    if direct == 1:
         ob = obases[0]
         v8_store_acc_i32(out, ob + 0, a0_0, k, z)
         v8_store_acc_i32(out, ob + 8, a0_1, k, z)
@@ -128,6 +155,25 @@ def _t2x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
         v8_store_acc_i32(out, ob + 8, a1_1, k, z)
         v8_store_acc_i32(out, ob + 16, a1_2, k, z)
         v8_store_acc_i32(out, ob + 24, a1_3, k, z)
+    elif direct == 2:
+        d0 = v8_load(dirn, o0 + 0)
+        t0 = v8_load(thr, o0 + 0)
+        d1 = v8_load(dirn, o0 + 8)
+        t1 = v8_load(thr, o0 + 8)
+        d2 = v8_load(dirn, o0 + 16)
+        t2 = v8_load(thr, o0 + 16)
+        d3 = v8_load(dirn, o0 + 24)
+        t3 = v8_load(thr, o0 + 24)
+        bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
+        bits |= (v8_threshold_bits(a0_1, k, z, d1, t1) << 8)
+        bits |= (v8_threshold_bits(a0_2, k, z, d2, t2) << 16)
+        bits |= (v8_threshold_bits(a0_3, k, z, d3, t3) << 24)
+        out_bits[obases[0]] |= bits << shift
+        bits = (v8_threshold_bits(a1_0, k, z, d0, t0) << 0)
+        bits |= (v8_threshold_bits(a1_1, k, z, d1, t1) << 8)
+        bits |= (v8_threshold_bits(a1_2, k, z, d2, t2) << 16)
+        bits |= (v8_threshold_bits(a1_3, k, z, d3, t3) << 24)
+        out_bits[obases[1]] |= bits << shift
     else:
         v8_store(acc, 0, a0_0)
         v8_store(acc, 8, a0_1)
@@ -140,7 +186,8 @@ def _t2x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
 
 
 @njit(cache=True)
-def _t3x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
+def _t3x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+        k, direct, out_bits, dirn, thr, o0, shift):
     b0 = bases[0]
     b1 = bases[1]
     b2 = bases[2]
@@ -204,8 +251,8 @@ def _t3x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
                 a2_1 = v8_xpa(a2_1, w1, x)
                 a2_2 = v8_xpa(a2_2, w2, x)
                 a2_3 = v8_xpa(a2_3, w3, x)
-    if direct:
-        z = v8_zero()
+    z = v8_zero()
+    if direct == 1:
         ob = obases[0]
         v8_store_acc_i32(out, ob + 0, a0_0, k, z)
         v8_store_acc_i32(out, ob + 8, a0_1, k, z)
@@ -221,6 +268,30 @@ def _t3x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
         v8_store_acc_i32(out, ob + 8, a2_1, k, z)
         v8_store_acc_i32(out, ob + 16, a2_2, k, z)
         v8_store_acc_i32(out, ob + 24, a2_3, k, z)
+    elif direct == 2:
+        d0 = v8_load(dirn, o0 + 0)
+        t0 = v8_load(thr, o0 + 0)
+        d1 = v8_load(dirn, o0 + 8)
+        t1 = v8_load(thr, o0 + 8)
+        d2 = v8_load(dirn, o0 + 16)
+        t2 = v8_load(thr, o0 + 16)
+        d3 = v8_load(dirn, o0 + 24)
+        t3 = v8_load(thr, o0 + 24)
+        bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
+        bits |= (v8_threshold_bits(a0_1, k, z, d1, t1) << 8)
+        bits |= (v8_threshold_bits(a0_2, k, z, d2, t2) << 16)
+        bits |= (v8_threshold_bits(a0_3, k, z, d3, t3) << 24)
+        out_bits[obases[0]] |= bits << shift
+        bits = (v8_threshold_bits(a1_0, k, z, d0, t0) << 0)
+        bits |= (v8_threshold_bits(a1_1, k, z, d1, t1) << 8)
+        bits |= (v8_threshold_bits(a1_2, k, z, d2, t2) << 16)
+        bits |= (v8_threshold_bits(a1_3, k, z, d3, t3) << 24)
+        out_bits[obases[1]] |= bits << shift
+        bits = (v8_threshold_bits(a2_0, k, z, d0, t0) << 0)
+        bits |= (v8_threshold_bits(a2_1, k, z, d1, t1) << 8)
+        bits |= (v8_threshold_bits(a2_2, k, z, d2, t2) << 16)
+        bits |= (v8_threshold_bits(a2_3, k, z, d3, t3) << 24)
+        out_bits[obases[2]] |= bits << shift
     else:
         v8_store(acc, 0, a0_0)
         v8_store(acc, 8, a0_1)
@@ -237,7 +308,8 @@ def _t3x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
 
 
 @njit(cache=True)
-def _t4x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
+def _t4x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+        k, direct, out_bits, dirn, thr, o0, shift):
     b0 = bases[0]
     b1 = bases[1]
     b2 = bases[2]
@@ -316,8 +388,8 @@ def _t4x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
                 a3_1 = v8_xpa(a3_1, w1, x)
                 a3_2 = v8_xpa(a3_2, w2, x)
                 a3_3 = v8_xpa(a3_3, w3, x)
-    if direct:
-        z = v8_zero()
+    z = v8_zero()
+    if direct == 1:
         ob = obases[0]
         v8_store_acc_i32(out, ob + 0, a0_0, k, z)
         v8_store_acc_i32(out, ob + 8, a0_1, k, z)
@@ -338,6 +410,35 @@ def _t4x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
         v8_store_acc_i32(out, ob + 8, a3_1, k, z)
         v8_store_acc_i32(out, ob + 16, a3_2, k, z)
         v8_store_acc_i32(out, ob + 24, a3_3, k, z)
+    elif direct == 2:
+        d0 = v8_load(dirn, o0 + 0)
+        t0 = v8_load(thr, o0 + 0)
+        d1 = v8_load(dirn, o0 + 8)
+        t1 = v8_load(thr, o0 + 8)
+        d2 = v8_load(dirn, o0 + 16)
+        t2 = v8_load(thr, o0 + 16)
+        d3 = v8_load(dirn, o0 + 24)
+        t3 = v8_load(thr, o0 + 24)
+        bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
+        bits |= (v8_threshold_bits(a0_1, k, z, d1, t1) << 8)
+        bits |= (v8_threshold_bits(a0_2, k, z, d2, t2) << 16)
+        bits |= (v8_threshold_bits(a0_3, k, z, d3, t3) << 24)
+        out_bits[obases[0]] |= bits << shift
+        bits = (v8_threshold_bits(a1_0, k, z, d0, t0) << 0)
+        bits |= (v8_threshold_bits(a1_1, k, z, d1, t1) << 8)
+        bits |= (v8_threshold_bits(a1_2, k, z, d2, t2) << 16)
+        bits |= (v8_threshold_bits(a1_3, k, z, d3, t3) << 24)
+        out_bits[obases[1]] |= bits << shift
+        bits = (v8_threshold_bits(a2_0, k, z, d0, t0) << 0)
+        bits |= (v8_threshold_bits(a2_1, k, z, d1, t1) << 8)
+        bits |= (v8_threshold_bits(a2_2, k, z, d2, t2) << 16)
+        bits |= (v8_threshold_bits(a2_3, k, z, d3, t3) << 24)
+        out_bits[obases[2]] |= bits << shift
+        bits = (v8_threshold_bits(a3_0, k, z, d0, t0) << 0)
+        bits |= (v8_threshold_bits(a3_1, k, z, d1, t1) << 8)
+        bits |= (v8_threshold_bits(a3_2, k, z, d2, t2) << 16)
+        bits |= (v8_threshold_bits(a3_3, k, z, d3, t3) << 24)
+        out_bits[obases[3]] |= bits << shift
     else:
         v8_store(acc, 0, a0_0)
         v8_store(acc, 8, a0_1)
@@ -358,7 +459,8 @@ def _t4x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
 
 
 @njit(cache=True)
-def _t5x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
+def _t5x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+        k, direct, out_bits, dirn, thr, o0, shift):
     b0 = bases[0]
     b1 = bases[1]
     b2 = bases[2]
@@ -452,8 +554,8 @@ def _t5x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
                 a4_1 = v8_xpa(a4_1, w1, x)
                 a4_2 = v8_xpa(a4_2, w2, x)
                 a4_3 = v8_xpa(a4_3, w3, x)
-    if direct:
-        z = v8_zero()
+    z = v8_zero()
+    if direct == 1:
         ob = obases[0]
         v8_store_acc_i32(out, ob + 0, a0_0, k, z)
         v8_store_acc_i32(out, ob + 8, a0_1, k, z)
@@ -479,6 +581,40 @@ def _t5x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
         v8_store_acc_i32(out, ob + 8, a4_1, k, z)
         v8_store_acc_i32(out, ob + 16, a4_2, k, z)
         v8_store_acc_i32(out, ob + 24, a4_3, k, z)
+    elif direct == 2:
+        d0 = v8_load(dirn, o0 + 0)
+        t0 = v8_load(thr, o0 + 0)
+        d1 = v8_load(dirn, o0 + 8)
+        t1 = v8_load(thr, o0 + 8)
+        d2 = v8_load(dirn, o0 + 16)
+        t2 = v8_load(thr, o0 + 16)
+        d3 = v8_load(dirn, o0 + 24)
+        t3 = v8_load(thr, o0 + 24)
+        bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
+        bits |= (v8_threshold_bits(a0_1, k, z, d1, t1) << 8)
+        bits |= (v8_threshold_bits(a0_2, k, z, d2, t2) << 16)
+        bits |= (v8_threshold_bits(a0_3, k, z, d3, t3) << 24)
+        out_bits[obases[0]] |= bits << shift
+        bits = (v8_threshold_bits(a1_0, k, z, d0, t0) << 0)
+        bits |= (v8_threshold_bits(a1_1, k, z, d1, t1) << 8)
+        bits |= (v8_threshold_bits(a1_2, k, z, d2, t2) << 16)
+        bits |= (v8_threshold_bits(a1_3, k, z, d3, t3) << 24)
+        out_bits[obases[1]] |= bits << shift
+        bits = (v8_threshold_bits(a2_0, k, z, d0, t0) << 0)
+        bits |= (v8_threshold_bits(a2_1, k, z, d1, t1) << 8)
+        bits |= (v8_threshold_bits(a2_2, k, z, d2, t2) << 16)
+        bits |= (v8_threshold_bits(a2_3, k, z, d3, t3) << 24)
+        out_bits[obases[2]] |= bits << shift
+        bits = (v8_threshold_bits(a3_0, k, z, d0, t0) << 0)
+        bits |= (v8_threshold_bits(a3_1, k, z, d1, t1) << 8)
+        bits |= (v8_threshold_bits(a3_2, k, z, d2, t2) << 16)
+        bits |= (v8_threshold_bits(a3_3, k, z, d3, t3) << 24)
+        out_bits[obases[3]] |= bits << shift
+        bits = (v8_threshold_bits(a4_0, k, z, d0, t0) << 0)
+        bits |= (v8_threshold_bits(a4_1, k, z, d1, t1) << 8)
+        bits |= (v8_threshold_bits(a4_2, k, z, d2, t2) << 16)
+        bits |= (v8_threshold_bits(a4_3, k, z, d3, t3) << 24)
+        out_bits[obases[4]] |= bits << shift
     else:
         v8_store(acc, 0, a0_0)
         v8_store(acc, 8, a0_1)
@@ -503,7 +639,8 @@ def _t5x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
 
 
 @njit(cache=True)
-def _t6x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
+def _t6x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+        k, direct, out_bits, dirn, thr, o0, shift):
     b0 = bases[0]
     b1 = bases[1]
     b2 = bases[2]
@@ -612,8 +749,8 @@ def _t6x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
                 a5_1 = v8_xpa(a5_1, w1, x)
                 a5_2 = v8_xpa(a5_2, w2, x)
                 a5_3 = v8_xpa(a5_3, w3, x)
-    if direct:
-        z = v8_zero()
+    z = v8_zero()
+    if direct == 1:
         ob = obases[0]
         v8_store_acc_i32(out, ob + 0, a0_0, k, z)
         v8_store_acc_i32(out, ob + 8, a0_1, k, z)
@@ -644,6 +781,45 @@ def _t6x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
         v8_store_acc_i32(out, ob + 8, a5_1, k, z)
         v8_store_acc_i32(out, ob + 16, a5_2, k, z)
         v8_store_acc_i32(out, ob + 24, a5_3, k, z)
+    elif direct == 2:
+        d0 = v8_load(dirn, o0 + 0)
+        t0 = v8_load(thr, o0 + 0)
+        d1 = v8_load(dirn, o0 + 8)
+        t1 = v8_load(thr, o0 + 8)
+        d2 = v8_load(dirn, o0 + 16)
+        t2 = v8_load(thr, o0 + 16)
+        d3 = v8_load(dirn, o0 + 24)
+        t3 = v8_load(thr, o0 + 24)
+        bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
+        bits |= (v8_threshold_bits(a0_1, k, z, d1, t1) << 8)
+        bits |= (v8_threshold_bits(a0_2, k, z, d2, t2) << 16)
+        bits |= (v8_threshold_bits(a0_3, k, z, d3, t3) << 24)
+        out_bits[obases[0]] |= bits << shift
+        bits = (v8_threshold_bits(a1_0, k, z, d0, t0) << 0)
+        bits |= (v8_threshold_bits(a1_1, k, z, d1, t1) << 8)
+        bits |= (v8_threshold_bits(a1_2, k, z, d2, t2) << 16)
+        bits |= (v8_threshold_bits(a1_3, k, z, d3, t3) << 24)
+        out_bits[obases[1]] |= bits << shift
+        bits = (v8_threshold_bits(a2_0, k, z, d0, t0) << 0)
+        bits |= (v8_threshold_bits(a2_1, k, z, d1, t1) << 8)
+        bits |= (v8_threshold_bits(a2_2, k, z, d2, t2) << 16)
+        bits |= (v8_threshold_bits(a2_3, k, z, d3, t3) << 24)
+        out_bits[obases[2]] |= bits << shift
+        bits = (v8_threshold_bits(a3_0, k, z, d0, t0) << 0)
+        bits |= (v8_threshold_bits(a3_1, k, z, d1, t1) << 8)
+        bits |= (v8_threshold_bits(a3_2, k, z, d2, t2) << 16)
+        bits |= (v8_threshold_bits(a3_3, k, z, d3, t3) << 24)
+        out_bits[obases[3]] |= bits << shift
+        bits = (v8_threshold_bits(a4_0, k, z, d0, t0) << 0)
+        bits |= (v8_threshold_bits(a4_1, k, z, d1, t1) << 8)
+        bits |= (v8_threshold_bits(a4_2, k, z, d2, t2) << 16)
+        bits |= (v8_threshold_bits(a4_3, k, z, d3, t3) << 24)
+        out_bits[obases[4]] |= bits << shift
+        bits = (v8_threshold_bits(a5_0, k, z, d0, t0) << 0)
+        bits |= (v8_threshold_bits(a5_1, k, z, d1, t1) << 8)
+        bits |= (v8_threshold_bits(a5_2, k, z, d2, t2) << 16)
+        bits |= (v8_threshold_bits(a5_3, k, z, d3, t3) << 24)
+        out_bits[obases[5]] |= bits << shift
     else:
         v8_store(acc, 0, a0_0)
         v8_store(acc, 8, a0_1)
@@ -672,7 +848,8 @@ def _t6x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
 
 
 @njit(cache=True)
-def _t1x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
+def _t1x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+        k, direct, out_bits, dirn, thr, o0, shift):
     b0 = bases[0]
     a0_0 = v8_zero()
     a0_1 = v8_zero()
@@ -696,18 +873,27 @@ def _t1x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
                 x = v8_bcast(xp, b0 + o + c)
                 a0_0 = v8_xpa(a0_0, w0, x)
                 a0_1 = v8_xpa(a0_1, w1, x)
-    if direct:
-        z = v8_zero()
+    z = v8_zero()
+    if direct == 1:
         ob = obases[0]
         v8_store_acc_i32(out, ob + 0, a0_0, k, z)
         v8_store_acc_i32(out, ob + 8, a0_1, k, z)
+    elif direct == 2:
+        d0 = v8_load(dirn, o0 + 0)
+        t0 = v8_load(thr, o0 + 0)
+        d1 = v8_load(dirn, o0 + 8)
+        t1 = v8_load(thr, o0 + 8)
+        bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
+        bits |= (v8_threshold_bits(a0_1, k, z, d1, t1) << 8)
+        out_bits[obases[0]] |= bits << shift
     else:
         v8_store(acc, 0, a0_0)
         v8_store(acc, 8, a0_1)
 
 
 @njit(cache=True)
-def _t2x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
+def _t2x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+        k, direct, out_bits, dirn, thr, o0, shift):
     b0 = bases[0]
     b1 = bases[1]
     a0_0 = v8_zero()
@@ -740,14 +926,25 @@ def _t2x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
                 x = v8_bcast(xp, b1 + o + c)
                 a1_0 = v8_xpa(a1_0, w0, x)
                 a1_1 = v8_xpa(a1_1, w1, x)
-    if direct:
-        z = v8_zero()
+    z = v8_zero()
+    if direct == 1:
         ob = obases[0]
         v8_store_acc_i32(out, ob + 0, a0_0, k, z)
         v8_store_acc_i32(out, ob + 8, a0_1, k, z)
         ob = obases[1]
         v8_store_acc_i32(out, ob + 0, a1_0, k, z)
         v8_store_acc_i32(out, ob + 8, a1_1, k, z)
+    elif direct == 2:
+        d0 = v8_load(dirn, o0 + 0)
+        t0 = v8_load(thr, o0 + 0)
+        d1 = v8_load(dirn, o0 + 8)
+        t1 = v8_load(thr, o0 + 8)
+        bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
+        bits |= (v8_threshold_bits(a0_1, k, z, d1, t1) << 8)
+        out_bits[obases[0]] |= bits << shift
+        bits = (v8_threshold_bits(a1_0, k, z, d0, t0) << 0)
+        bits |= (v8_threshold_bits(a1_1, k, z, d1, t1) << 8)
+        out_bits[obases[1]] |= bits << shift
     else:
         v8_store(acc, 0, a0_0)
         v8_store(acc, 8, a0_1)
@@ -756,7 +953,8 @@ def _t2x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
 
 
 @njit(cache=True)
-def _t3x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
+def _t3x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+        k, direct, out_bits, dirn, thr, o0, shift):
     b0 = bases[0]
     b1 = bases[1]
     b2 = bases[2]
@@ -798,8 +996,8 @@ def _t3x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
                 x = v8_bcast(xp, b2 + o + c)
                 a2_0 = v8_xpa(a2_0, w0, x)
                 a2_1 = v8_xpa(a2_1, w1, x)
-    if direct:
-        z = v8_zero()
+    z = v8_zero()
+    if direct == 1:
         ob = obases[0]
         v8_store_acc_i32(out, ob + 0, a0_0, k, z)
         v8_store_acc_i32(out, ob + 8, a0_1, k, z)
@@ -809,6 +1007,20 @@ def _t3x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
         ob = obases[2]
         v8_store_acc_i32(out, ob + 0, a2_0, k, z)
         v8_store_acc_i32(out, ob + 8, a2_1, k, z)
+    elif direct == 2:
+        d0 = v8_load(dirn, o0 + 0)
+        t0 = v8_load(thr, o0 + 0)
+        d1 = v8_load(dirn, o0 + 8)
+        t1 = v8_load(thr, o0 + 8)
+        bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
+        bits |= (v8_threshold_bits(a0_1, k, z, d1, t1) << 8)
+        out_bits[obases[0]] |= bits << shift
+        bits = (v8_threshold_bits(a1_0, k, z, d0, t0) << 0)
+        bits |= (v8_threshold_bits(a1_1, k, z, d1, t1) << 8)
+        out_bits[obases[1]] |= bits << shift
+        bits = (v8_threshold_bits(a2_0, k, z, d0, t0) << 0)
+        bits |= (v8_threshold_bits(a2_1, k, z, d1, t1) << 8)
+        out_bits[obases[2]] |= bits << shift
     else:
         v8_store(acc, 0, a0_0)
         v8_store(acc, 8, a0_1)
@@ -819,7 +1031,8 @@ def _t3x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
 
 
 @njit(cache=True)
-def _t4x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
+def _t4x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+        k, direct, out_bits, dirn, thr, o0, shift):
     b0 = bases[0]
     b1 = bases[1]
     b2 = bases[2]
@@ -870,8 +1083,8 @@ def _t4x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
                 x = v8_bcast(xp, b3 + o + c)
                 a3_0 = v8_xpa(a3_0, w0, x)
                 a3_1 = v8_xpa(a3_1, w1, x)
-    if direct:
-        z = v8_zero()
+    z = v8_zero()
+    if direct == 1:
         ob = obases[0]
         v8_store_acc_i32(out, ob + 0, a0_0, k, z)
         v8_store_acc_i32(out, ob + 8, a0_1, k, z)
@@ -884,6 +1097,23 @@ def _t4x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
         ob = obases[3]
         v8_store_acc_i32(out, ob + 0, a3_0, k, z)
         v8_store_acc_i32(out, ob + 8, a3_1, k, z)
+    elif direct == 2:
+        d0 = v8_load(dirn, o0 + 0)
+        t0 = v8_load(thr, o0 + 0)
+        d1 = v8_load(dirn, o0 + 8)
+        t1 = v8_load(thr, o0 + 8)
+        bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
+        bits |= (v8_threshold_bits(a0_1, k, z, d1, t1) << 8)
+        out_bits[obases[0]] |= bits << shift
+        bits = (v8_threshold_bits(a1_0, k, z, d0, t0) << 0)
+        bits |= (v8_threshold_bits(a1_1, k, z, d1, t1) << 8)
+        out_bits[obases[1]] |= bits << shift
+        bits = (v8_threshold_bits(a2_0, k, z, d0, t0) << 0)
+        bits |= (v8_threshold_bits(a2_1, k, z, d1, t1) << 8)
+        out_bits[obases[2]] |= bits << shift
+        bits = (v8_threshold_bits(a3_0, k, z, d0, t0) << 0)
+        bits |= (v8_threshold_bits(a3_1, k, z, d1, t1) << 8)
+        out_bits[obases[3]] |= bits << shift
     else:
         v8_store(acc, 0, a0_0)
         v8_store(acc, 8, a0_1)
@@ -896,7 +1126,8 @@ def _t4x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
 
 
 @njit(cache=True)
-def _t5x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
+def _t5x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+        k, direct, out_bits, dirn, thr, o0, shift):
     b0 = bases[0]
     b1 = bases[1]
     b2 = bases[2]
@@ -956,8 +1187,8 @@ def _t5x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
                 x = v8_bcast(xp, b4 + o + c)
                 a4_0 = v8_xpa(a4_0, w0, x)
                 a4_1 = v8_xpa(a4_1, w1, x)
-    if direct:
-        z = v8_zero()
+    z = v8_zero()
+    if direct == 1:
         ob = obases[0]
         v8_store_acc_i32(out, ob + 0, a0_0, k, z)
         v8_store_acc_i32(out, ob + 8, a0_1, k, z)
@@ -973,6 +1204,26 @@ def _t5x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
         ob = obases[4]
         v8_store_acc_i32(out, ob + 0, a4_0, k, z)
         v8_store_acc_i32(out, ob + 8, a4_1, k, z)
+    elif direct == 2:
+        d0 = v8_load(dirn, o0 + 0)
+        t0 = v8_load(thr, o0 + 0)
+        d1 = v8_load(dirn, o0 + 8)
+        t1 = v8_load(thr, o0 + 8)
+        bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
+        bits |= (v8_threshold_bits(a0_1, k, z, d1, t1) << 8)
+        out_bits[obases[0]] |= bits << shift
+        bits = (v8_threshold_bits(a1_0, k, z, d0, t0) << 0)
+        bits |= (v8_threshold_bits(a1_1, k, z, d1, t1) << 8)
+        out_bits[obases[1]] |= bits << shift
+        bits = (v8_threshold_bits(a2_0, k, z, d0, t0) << 0)
+        bits |= (v8_threshold_bits(a2_1, k, z, d1, t1) << 8)
+        out_bits[obases[2]] |= bits << shift
+        bits = (v8_threshold_bits(a3_0, k, z, d0, t0) << 0)
+        bits |= (v8_threshold_bits(a3_1, k, z, d1, t1) << 8)
+        out_bits[obases[3]] |= bits << shift
+        bits = (v8_threshold_bits(a4_0, k, z, d0, t0) << 0)
+        bits |= (v8_threshold_bits(a4_1, k, z, d1, t1) << 8)
+        out_bits[obases[4]] |= bits << shift
     else:
         v8_store(acc, 0, a0_0)
         v8_store(acc, 8, a0_1)
@@ -987,7 +1238,8 @@ def _t5x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
 
 
 @njit(cache=True)
-def _t6x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
+def _t6x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+        k, direct, out_bits, dirn, thr, o0, shift):
     b0 = bases[0]
     b1 = bases[1]
     b2 = bases[2]
@@ -1056,8 +1308,8 @@ def _t6x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
                 x = v8_bcast(xp, b5 + o + c)
                 a5_0 = v8_xpa(a5_0, w0, x)
                 a5_1 = v8_xpa(a5_1, w1, x)
-    if direct:
-        z = v8_zero()
+    z = v8_zero()
+    if direct == 1:
         ob = obases[0]
         v8_store_acc_i32(out, ob + 0, a0_0, k, z)
         v8_store_acc_i32(out, ob + 8, a0_1, k, z)
@@ -1076,6 +1328,29 @@ def _t6x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
         ob = obases[5]
         v8_store_acc_i32(out, ob + 0, a5_0, k, z)
         v8_store_acc_i32(out, ob + 8, a5_1, k, z)
+    elif direct == 2:
+        d0 = v8_load(dirn, o0 + 0)
+        t0 = v8_load(thr, o0 + 0)
+        d1 = v8_load(dirn, o0 + 8)
+        t1 = v8_load(thr, o0 + 8)
+        bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
+        bits |= (v8_threshold_bits(a0_1, k, z, d1, t1) << 8)
+        out_bits[obases[0]] |= bits << shift
+        bits = (v8_threshold_bits(a1_0, k, z, d0, t0) << 0)
+        bits |= (v8_threshold_bits(a1_1, k, z, d1, t1) << 8)
+        out_bits[obases[1]] |= bits << shift
+        bits = (v8_threshold_bits(a2_0, k, z, d0, t0) << 0)
+        bits |= (v8_threshold_bits(a2_1, k, z, d1, t1) << 8)
+        out_bits[obases[2]] |= bits << shift
+        bits = (v8_threshold_bits(a3_0, k, z, d0, t0) << 0)
+        bits |= (v8_threshold_bits(a3_1, k, z, d1, t1) << 8)
+        out_bits[obases[3]] |= bits << shift
+        bits = (v8_threshold_bits(a4_0, k, z, d0, t0) << 0)
+        bits |= (v8_threshold_bits(a4_1, k, z, d1, t1) << 8)
+        out_bits[obases[4]] |= bits << shift
+        bits = (v8_threshold_bits(a5_0, k, z, d0, t0) << 0)
+        bits |= (v8_threshold_bits(a5_1, k, z, d1, t1) << 8)
+        out_bits[obases[5]] |= bits << shift
     else:
         v8_store(acc, 0, a0_0)
         v8_store(acc, 8, a0_1)
@@ -1092,7 +1367,8 @@ def _t6x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
 
 
 @njit(cache=True)
-def _t1x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
+def _t1x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+        k, direct, out_bits, dirn, thr, o0, shift):
     b0 = bases[0]
     a0_0 = v8_zero()
     wi = wbase
@@ -1111,16 +1387,22 @@ def _t1x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
                 wi += 8
                 x = v8_bcast(xp, b0 + o + c)
                 a0_0 = v8_xpa(a0_0, w0, x)
-    if direct:
-        z = v8_zero()
+    z = v8_zero()
+    if direct == 1:
         ob = obases[0]
         v8_store_acc_i32(out, ob + 0, a0_0, k, z)
+    elif direct == 2:
+        d0 = v8_load(dirn, o0 + 0)
+        t0 = v8_load(thr, o0 + 0)
+        bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
+        out_bits[obases[0]] |= bits << shift
     else:
         v8_store(acc, 0, a0_0)
 
 
 @njit(cache=True)
-def _t2x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
+def _t2x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+        k, direct, out_bits, dirn, thr, o0, shift):
     b0 = bases[0]
     b1 = bases[1]
     a0_0 = v8_zero()
@@ -1145,19 +1427,27 @@ def _t2x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
                 a0_0 = v8_xpa(a0_0, w0, x)
                 x = v8_bcast(xp, b1 + o + c)
                 a1_0 = v8_xpa(a1_0, w0, x)
-    if direct:
-        z = v8_zero()
+    z = v8_zero()
+    if direct == 1:
         ob = obases[0]
         v8_store_acc_i32(out, ob + 0, a0_0, k, z)
         ob = obases[1]
         v8_store_acc_i32(out, ob + 0, a1_0, k, z)
+    elif direct == 2:
+        d0 = v8_load(dirn, o0 + 0)
+        t0 = v8_load(thr, o0 + 0)
+        bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
+        out_bits[obases[0]] |= bits << shift
+        bits = (v8_threshold_bits(a1_0, k, z, d0, t0) << 0)
+        out_bits[obases[1]] |= bits << shift
     else:
         v8_store(acc, 0, a0_0)
         v8_store(acc, 8, a1_0)
 
 
 @njit(cache=True)
-def _t3x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
+def _t3x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+        k, direct, out_bits, dirn, thr, o0, shift):
     b0 = bases[0]
     b1 = bases[1]
     b2 = bases[2]
@@ -1188,14 +1478,23 @@ def _t3x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
                 a1_0 = v8_xpa(a1_0, w0, x)
                 x = v8_bcast(xp, b2 + o + c)
                 a2_0 = v8_xpa(a2_0, w0, x)
-    if direct:
-        z = v8_zero()
+    z = v8_zero()
+    if direct == 1:
         ob = obases[0]
         v8_store_acc_i32(out, ob + 0, a0_0, k, z)
         ob = obases[1]
         v8_store_acc_i32(out, ob + 0, a1_0, k, z)
         ob = obases[2]
         v8_store_acc_i32(out, ob + 0, a2_0, k, z)
+    elif direct == 2:
+        d0 = v8_load(dirn, o0 + 0)
+        t0 = v8_load(thr, o0 + 0)
+        bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
+        out_bits[obases[0]] |= bits << shift
+        bits = (v8_threshold_bits(a1_0, k, z, d0, t0) << 0)
+        out_bits[obases[1]] |= bits << shift
+        bits = (v8_threshold_bits(a2_0, k, z, d0, t0) << 0)
+        out_bits[obases[2]] |= bits << shift
     else:
         v8_store(acc, 0, a0_0)
         v8_store(acc, 8, a1_0)
@@ -1203,7 +1502,8 @@ def _t3x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
 
 
 @njit(cache=True)
-def _t4x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
+def _t4x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+        k, direct, out_bits, dirn, thr, o0, shift):
     b0 = bases[0]
     b1 = bases[1]
     b2 = bases[2]
@@ -1240,8 +1540,8 @@ def _t4x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
                 a2_0 = v8_xpa(a2_0, w0, x)
                 x = v8_bcast(xp, b3 + o + c)
                 a3_0 = v8_xpa(a3_0, w0, x)
-    if direct:
-        z = v8_zero()
+    z = v8_zero()
+    if direct == 1:
         ob = obases[0]
         v8_store_acc_i32(out, ob + 0, a0_0, k, z)
         ob = obases[1]
@@ -1250,6 +1550,17 @@ def _t4x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
         v8_store_acc_i32(out, ob + 0, a2_0, k, z)
         ob = obases[3]
         v8_store_acc_i32(out, ob + 0, a3_0, k, z)
+    elif direct == 2:
+        d0 = v8_load(dirn, o0 + 0)
+        t0 = v8_load(thr, o0 + 0)
+        bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
+        out_bits[obases[0]] |= bits << shift
+        bits = (v8_threshold_bits(a1_0, k, z, d0, t0) << 0)
+        out_bits[obases[1]] |= bits << shift
+        bits = (v8_threshold_bits(a2_0, k, z, d0, t0) << 0)
+        out_bits[obases[2]] |= bits << shift
+        bits = (v8_threshold_bits(a3_0, k, z, d0, t0) << 0)
+        out_bits[obases[3]] |= bits << shift
     else:
         v8_store(acc, 0, a0_0)
         v8_store(acc, 8, a1_0)
@@ -1258,7 +1569,8 @@ def _t4x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
 
 
 @njit(cache=True)
-def _t5x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
+def _t5x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+        k, direct, out_bits, dirn, thr, o0, shift):
     b0 = bases[0]
     b1 = bases[1]
     b2 = bases[2]
@@ -1301,8 +1613,8 @@ def _t5x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
                 a3_0 = v8_xpa(a3_0, w0, x)
                 x = v8_bcast(xp, b4 + o + c)
                 a4_0 = v8_xpa(a4_0, w0, x)
-    if direct:
-        z = v8_zero()
+    z = v8_zero()
+    if direct == 1:
         ob = obases[0]
         v8_store_acc_i32(out, ob + 0, a0_0, k, z)
         ob = obases[1]
@@ -1313,6 +1625,19 @@ def _t5x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
         v8_store_acc_i32(out, ob + 0, a3_0, k, z)
         ob = obases[4]
         v8_store_acc_i32(out, ob + 0, a4_0, k, z)
+    elif direct == 2:
+        d0 = v8_load(dirn, o0 + 0)
+        t0 = v8_load(thr, o0 + 0)
+        bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
+        out_bits[obases[0]] |= bits << shift
+        bits = (v8_threshold_bits(a1_0, k, z, d0, t0) << 0)
+        out_bits[obases[1]] |= bits << shift
+        bits = (v8_threshold_bits(a2_0, k, z, d0, t0) << 0)
+        out_bits[obases[2]] |= bits << shift
+        bits = (v8_threshold_bits(a3_0, k, z, d0, t0) << 0)
+        out_bits[obases[3]] |= bits << shift
+        bits = (v8_threshold_bits(a4_0, k, z, d0, t0) << 0)
+        out_bits[obases[4]] |= bits << shift
     else:
         v8_store(acc, 0, a0_0)
         v8_store(acc, 8, a1_0)
@@ -1322,7 +1647,8 @@ def _t5x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
 
 
 @njit(cache=True)
-def _t6x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
+def _t6x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+        k, direct, out_bits, dirn, thr, o0, shift):
     b0 = bases[0]
     b1 = bases[1]
     b2 = bases[2]
@@ -1371,8 +1697,8 @@ def _t6x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
                 a4_0 = v8_xpa(a4_0, w0, x)
                 x = v8_bcast(xp, b5 + o + c)
                 a5_0 = v8_xpa(a5_0, w0, x)
-    if direct:
-        z = v8_zero()
+    z = v8_zero()
+    if direct == 1:
         ob = obases[0]
         v8_store_acc_i32(out, ob + 0, a0_0, k, z)
         ob = obases[1]
@@ -1385,6 +1711,21 @@ def _t6x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
         v8_store_acc_i32(out, ob + 0, a4_0, k, z)
         ob = obases[5]
         v8_store_acc_i32(out, ob + 0, a5_0, k, z)
+    elif direct == 2:
+        d0 = v8_load(dirn, o0 + 0)
+        t0 = v8_load(thr, o0 + 0)
+        bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
+        out_bits[obases[0]] |= bits << shift
+        bits = (v8_threshold_bits(a1_0, k, z, d0, t0) << 0)
+        out_bits[obases[1]] |= bits << shift
+        bits = (v8_threshold_bits(a2_0, k, z, d0, t0) << 0)
+        out_bits[obases[2]] |= bits << shift
+        bits = (v8_threshold_bits(a3_0, k, z, d0, t0) << 0)
+        out_bits[obases[3]] |= bits << shift
+        bits = (v8_threshold_bits(a4_0, k, z, d0, t0) << 0)
+        out_bits[obases[4]] |= bits << shift
+        bits = (v8_threshold_bits(a5_0, k, z, d0, t0) << 0)
+        out_bits[obases[5]] |= bits << shift
     else:
         v8_store(acc, 0, a0_0)
         v8_store(acc, 8, a1_0)
@@ -1395,48 +1736,69 @@ def _t6x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
 
 
 @njit(cache=True)
-def tile_nv4(m, xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
+def tile_nv4(m, xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+        k, direct, out_bits, dirn, thr, o0, shift):
     if m == 6:
-        _t6x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct)
+        _t6x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+                k, direct, out_bits, dirn, thr, o0, shift)
     elif m == 5:
-        _t5x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct)
+        _t5x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+                k, direct, out_bits, dirn, thr, o0, shift)
     elif m == 4:
-        _t4x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct)
+        _t4x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+                k, direct, out_bits, dirn, thr, o0, shift)
     elif m == 3:
-        _t3x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct)
+        _t3x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+                k, direct, out_bits, dirn, thr, o0, shift)
     elif m == 2:
-        _t2x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct)
+        _t2x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+                k, direct, out_bits, dirn, thr, o0, shift)
     elif m == 1:
-        _t1x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct)
+        _t1x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+                k, direct, out_bits, dirn, thr, o0, shift)
 
 
 @njit(cache=True)
-def tile_nv2(m, xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
+def tile_nv2(m, xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+        k, direct, out_bits, dirn, thr, o0, shift):
     if m == 6:
-        _t6x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct)
+        _t6x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+                k, direct, out_bits, dirn, thr, o0, shift)
     elif m == 5:
-        _t5x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct)
+        _t5x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+                k, direct, out_bits, dirn, thr, o0, shift)
     elif m == 4:
-        _t4x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct)
+        _t4x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+                k, direct, out_bits, dirn, thr, o0, shift)
     elif m == 3:
-        _t3x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct)
+        _t3x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+                k, direct, out_bits, dirn, thr, o0, shift)
     elif m == 2:
-        _t2x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct)
+        _t2x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+                k, direct, out_bits, dirn, thr, o0, shift)
     elif m == 1:
-        _t1x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct)
+        _t1x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+                k, direct, out_bits, dirn, thr, o0, shift)
 
 
 @njit(cache=True)
-def tile_nv1(m, xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct):
+def tile_nv1(m, xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+        k, direct, out_bits, dirn, thr, o0, shift):
     if m == 6:
-        _t6x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct)
+        _t6x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+                k, direct, out_bits, dirn, thr, o0, shift)
     elif m == 5:
-        _t5x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct)
+        _t5x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+                k, direct, out_bits, dirn, thr, o0, shift)
     elif m == 4:
-        _t4x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct)
+        _t4x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+                k, direct, out_bits, dirn, thr, o0, shift)
     elif m == 3:
-        _t3x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct)
+        _t3x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+                k, direct, out_bits, dirn, thr, o0, shift)
     elif m == 2:
-        _t2x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct)
+        _t2x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+                k, direct, out_bits, dirn, thr, o0, shift)
     elif m == 1:
-        _t1x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases, k, direct)
+        _t1x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+                k, direct, out_bits, dirn, thr, o0, shift)

@@ -199,10 +199,7 @@ def v8_store_acc_i32(typingctx, out, index, pc, k, corr):
 
     def codegen(context, builder, sig, args):
         _, _, pcv, kv, cv = args
-        kv = context.cast(builder, kv, sig.args[3], types.int64)
-        kvec = builder.shuffle_vector(
-            builder.insert_element(ir.Constant(_V8, ir.Undefined), kv, ir.Constant(ir.IntType(32), 0)),
-            ir.Constant(_V8, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), 8), None))
+        kvec = _splat(builder, context.cast(builder, kv, sig.args[3], types.int64))
         a = builder.add(builder.sub(kvec, builder.shl(pcv, ir.Constant(_V8, [1] * 8))), cv)
         v32 = ir.VectorType(ir.IntType(32), 8)
         ptr = _elem_ptr(context, builder, sig.args[0], args[0], args[1], v32)
@@ -210,3 +207,27 @@ def v8_store_acc_i32(typingctx, out, index, pc, k, corr):
         return context.get_dummy_value()
 
     return types.none(out, index, vec8, k, vec8), codegen
+
+
+def _splat(builder, value):
+    v = builder.insert_element(ir.Constant(_V8, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(v, ir.Constant(_V8, ir.Undefined),
+                                  ir.Constant(ir.VectorType(ir.IntType(32), 8), None))
+
+
+@intrinsic
+def v8_threshold_bits(typingctx, pc, k, corr, direction, thr):
+    """Eight output bits: bit ``l`` = ``(k - 2*pc[l] + corr[l]) * direction[l] < thr[l]`` (int64
+    lanes, signed compare), returned in the low 8 bits of a ``uint64``."""
+    if not (pc == vec8 and corr == vec8 and direction == vec8 and thr == vec8
+            and isinstance(k, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        pcv, kv, cv, dv, tv = args
+        kvec = _splat(builder, context.cast(builder, kv, sig.args[1], types.int64))
+        a = builder.add(builder.sub(kvec, builder.shl(pcv, ir.Constant(_V8, [1] * 8))), cv)
+        mask = builder.icmp_signed("<", builder.mul(a, dv), tv)
+        return builder.zext(builder.bitcast(mask, ir.IntType(8)), _I64)
+
+    return types.uint64(vec8, k, vec8, vec8, vec8), codegen
