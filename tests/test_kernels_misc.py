@@ -75,8 +75,28 @@ def test_fast_tile_compiles_to_zmm_vpopcntq():
 
     fn = njit(bconv_tiles._t6x4.py_func)
     xp = np.zeros(64, np.uint64)
-    fn(xp, np.zeros(6, np.int64), xp, 0, np.zeros(1, np.int64), 1, 1, np.zeros(192, np.int64),
-       np.zeros(32, np.int32), np.zeros(6, np.int64), 1, False)
+    i64 = np.zeros(192, np.int64)
+    fn(xp, i64, xp, 0, i64, 1, 1, i64, np.zeros(32, np.int32), i64, 1, 0, xp, i64, i64, 0, 0)
     asm = fn.inspect_asm(fn.signatures[0])
     assert len(re.findall(r"vpopcntq\s+[^\n]*zmm", asm)) >= 24
     assert not re.search(r"vpopcntq\s+[^\n]*ymm", asm)
+
+
+@pytest.mark.parametrize("module, deps", [
+    ("bconv_fast", ["simd.py", "bconv_tiles.py"]),
+    ("packing", ["simd.py"]),
+    ("bconv_portable", ["simd.py", "bconv_tiles.py", "bconv_fast.py"]),
+])
+def test_cache_dependency_digests_are_current(module, deps):
+    """Numba's on-disk cache of a kernel is keyed to its own file only; each kernel module carries
+    a digest of the files it imports kernels from, so editing those forces an edit (a recompile)."""
+    import hashlib
+    import importlib
+    from pathlib import Path
+
+    folder = Path(_codegen.__file__).parent
+    h = hashlib.sha256()
+    for name in deps:
+        h.update((folder / name).read_bytes())
+    mod = importlib.import_module(f"refbnn.kernels.{module}")
+    assert mod.DEPS_DIGEST == h.hexdigest()[:16], f"update DEPS_DIGEST in {module}.py"

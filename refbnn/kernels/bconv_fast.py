@@ -36,6 +36,10 @@ from .simd import v8_load, v8_threshold_bits, v8_zero
 
 MR = 6  # pixels per tile; bconv_tiles holds kernels for 1..MR
 
+# Numba's cache does not notice edits to imported kernels; this digest of simd.py, bconv_tiles.py
+# (tests/test_kernels_misc.py recomputes it) forces an edit here, hence a recompile.
+DEPS_DIGEST = "21798cffa609e942"
+
 
 @njit(cache=True, parallel=True)
 def bconv_fast(xp, Hp, Wp, CW, wt, nv, G, Wg, T, toff, K,

@@ -19,6 +19,10 @@ from numba import njit, prange
 from .bconv_fast import float_transform
 from .simd import popcount64
 
+# Numba's cache does not notice edits to imported kernels; this digest of simd.py, bconv_tiles.py,
+# bconv_fast.py (tests/test_kernels_misc.py recomputes it) forces an edit here, hence a recompile.
+DEPS_DIGEST = "4ce45c957e86f158"
+
 
 @njit(cache=True, parallel=True)
 def bconv_portable(x, N, H, W, G, Wg, Cg, w, wsum, O, KH, KW, sh, sw, dh, dw, pt, pl,
