@@ -328,7 +328,8 @@ class BConv2DPlan:
         if self.impl == "fast":
             self._setup_fast(w, wsum)
         else:
-            self._w_flat, self._wsum = np.ascontiguousarray(w).reshape(-1), wsum
+            self._w_flat = np.ascontiguousarray(w.transpose(1, 2, 3, 0)).reshape(-1)
+            self._wsum = np.ascontiguousarray(wsum.transpose(1, 2, 0)).reshape(-1)
 
     # -- setup -----------------------------------------------------------------------------
     def _setup_epilogue(self, output, multiplier, bias, out_groups, sign_at_zero):

@@ -3,8 +3,9 @@
 No vector types, no physical padding: each tap is bounds-checked. Layouts (flat ``uint64``):
 
 * ``x``: packed NHWC ``(N, H, W, G, Wg)``, group ``g``'s ``Cg`` channels from bit 0 of word ``g*Wg``;
-* ``w``: packed OHWI ``(O, KH, KW, Wg)``, output channel ``o`` in group ``o // (O / G)``;
-* ``wsum[o, kh, kw]``: sum of the signs of ``w``'s ``Cg`` values at that tap (``Cg - 2 * popcount``).
+* ``wt``: packed weights transposed to ``(KH, KW, Wg, O)`` (output channel innermost, so the
+  loop over output channels vectorizes), ``o`` in group ``o // (O / G)``;
+* ``wsum``: ``(KH, KW, O)``, the sum of the signs of ``o``'s ``Cg`` weights at that tap.
 
 ``acc[p*O + o] = sum over in-bounds taps (Cg - 2*popcount(x XOR w)) + pad_value * sum over padded
 taps wsum`` (``pad_value`` 0, +1 or -1), ``p = (n*OH + oh)*OW + ow``; input row of tap ``kh`` is
@@ -25,31 +26,38 @@ DEPS_DIGEST = "4ce45c957e86f158"
 
 
 @njit(cache=True, parallel=True)
-def bconv_portable(x, N, H, W, G, Wg, Cg, w, wsum, O, KH, KW, sh, sw, dh, dw, pt, pl,
+def bconv_portable(x, N, H, W, G, Wg, Cg, wt, wsum, O, KH, KW, sh, sw, dh, dw, pt, pl,
                    OH, OW, pad_value, out_i32):
     og = O // G
-    for p in prange(N * OH * OW):
-        n = p // (OH * OW)
-        r = p - n * OH * OW
-        oh = r // OW
-        ow = r - oh * OW
-        for o in range(O):
-            g = o // og
-            acc = 0
+    for q in prange(N * OH):  # one output row per iteration
+        n = q // OH
+        oh = q - n * OH
+        pc = np.empty(O, np.int64)
+        pads = np.empty(O, np.int64)
+        for ow in range(OW):
+            pc[:] = 0
+            pads[:] = 0
+            taps_in = 0
             for kh in range(KH):
                 ih = oh * sh + kh * dh - pt
                 for kw in range(KW):
                     iw = ow * sw + kw * dw - pl
                     if 0 <= ih < H and 0 <= iw < W:
-                        xb = ((n * H + ih) * W + iw) * G * Wg + g * Wg
-                        wb = ((o * KH + kh) * KW + kw) * Wg
-                        pc = 0
-                        for c in range(Wg):
-                            pc += popcount64(x[xb + c] ^ w[wb + c])
-                        acc += Cg - 2 * pc
-                    else:
-                        acc += pad_value * wsum[o, kh, kw]
-            out_i32[p * O + o] = acc
+                        taps_in += 1
+                        xb = ((n * H + ih) * W + iw) * G * Wg
+                        for g in range(G):
+                            for c in range(Wg):
+                                xv = x[xb + g * Wg + c]
+                                wb = ((kh * KW + kw) * Wg + c) * O
+                                for o in range(g * og, (g + 1) * og):  # contiguous: vectorizes
+                                    pc[o] += popcount64(xv ^ wt[wb + o])
+                    elif pad_value != 0:
+                        wb = (kh * KW + kw) * O
+                        for o in range(O):
+                            pads[o] += wsum[wb + o]
+            base = ((n * OH + oh) * OW + ow) * O
+            for o in range(O):
+                out_i32[base + o] = taps_in * Cg - 2 * pc[o] + pad_value * pads[o]
 
 
 @njit(cache=True, parallel=True)
