@@ -59,6 +59,10 @@ def test_kernel_choice_env_and_argument(monkeypatch):
     monkeypatch.setenv("REFBNN_KERNEL", "auto")
     want = "fast" if dispatch.host_has_avx512_popcount() else "portable"
     assert dispatch.resolve_kernel() == want
+    k = np.ones((1, 1, 3, 2), np.float32)
+    for choice in ("portable", "fast"):
+        monkeypatch.setenv("REFBNN_KERNEL", choice)
+        assert refbnn.BConv2DPlan(refbnn.pack_kernel(k), 3, (2, 2)).impl == choice
     monkeypatch.setenv("REFBNN_KERNEL", "avx")
     with pytest.raises(ValueError, match="REFBNN_KERNEL"):
         dispatch.resolve_kernel()
