@@ -120,3 +120,21 @@ def test_batch_norm_kernels_equal_oracle(n, c, spatial, dtype, seed):
     np.testing.assert_allclose(dx, rdx, rtol=tol, atol=10 * tol)
     np.testing.assert_allclose(dw, rdw, rtol=tol, atol=tol)
     np.testing.assert_allclose(db, rdb, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduce_split", [False, True])
+def test_threaded_matmul_equals_numpy(monkeypatch, reduce_split):
+    import numba
+    monkeypatch.setattr(F, "MIN_SPLIT_MACS", 0)
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((2, 5, 300)).astype(np.float32)
+    b = rng.standard_normal((2, 300, 200)).astype(np.float32)
+    old = numba.get_num_threads()
+    numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+    try:
+        got = F.matmul(a, b, reduce_split=reduce_split)
+    finally:
+        numba.set_num_threads(old)
+    # float32 sums of 300 O(1) products, BLAS blocking or K-chunk order may differ: 1e-4
+    np.testing.assert_allclose(got, a.astype(np.float64) @ b, rtol=1e-4, atol=1e-4)
+    assert got.shape == (2, 5, 200)

@@ -13,6 +13,9 @@ exact while K < 2**24.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
+import numba as nb
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
@@ -185,6 +188,59 @@ def col2im(dcols, geom: ConvGeometry, x=None, act_grad=None):
     return dx
 
 
+# --- threaded GEMMs ------------------------------------------------------------------------------
+# refbnn splits its large GEMMs over ``numba.get_num_threads()`` Python threads (NumPy releases the
+# GIL inside BLAS) and expects BLAS itself to be single-threaded (``OPENBLAS_NUM_THREADS=1`` at
+# process start). Measured on a loaded 2-core machine, OpenBLAS's own spinning worker threads made
+# a training step 4-8x slower, while blocking Python threads degrade gracefully.
+_POOL: list = [None, 0]
+MIN_SPLIT_MACS = 8_000_000
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    if _POOL[1] != threads:
+        if _POOL[0] is not None:
+            _POOL[0].shutdown(wait=True)
+        _POOL[0], _POOL[1] = ThreadPoolExecutor(threads, thread_name_prefix="refbnn-gemm"), threads
+    return _POOL[0]
+
+
+def _chunks(p: int, threads: int):
+    step = -(-p // threads)
+    step = -(-step // 64) * 64
+    return [(a, min(a + step, p)) for a in range(0, p, step)]
+
+
+def matmul(a, b, out=None, reduce_split=False):
+    """``a @ b`` for stacks ``a`` (g, M, K), ``b`` (g, K, P), split over threads.
+
+    Default: the P columns of ``b`` and ``out`` are split (each thread writes its own columns;
+    results equal one GEMM's column by column up to BLAS's blocking). ``reduce_split=True``:
+    the K axis is split instead and the partial products are summed in chunk order (for
+    ``dW = dy @ cols.T``, where K = N*OH*OW is the long axis)."""
+    threads = nb.get_num_threads()
+    g, m, k = a.shape
+    p = b.shape[2]
+    if threads == 1 or m * k * p < MIN_SPLIT_MACS:
+        return np.matmul(a, b, out=out)
+    if reduce_split:
+        parts = list(_pool(threads).map(
+            lambda r: np.matmul(a[:, :, r[0]:r[1]], b[:, r[0]:r[1], :]), _chunks(k, threads)))
+        total = parts[0]
+        for q in parts[1:]:
+            total += q
+        if out is not None:
+            out[...] = total
+            return out
+        return total
+    if out is None:
+        out = np.empty((g, m, p), dtype=np.result_type(a, b))
+    list(_pool(threads).map(
+        lambda r: np.matmul(a, b[:, :, r[0]:r[1]], out=out[:, :, r[0]:r[1]]),
+        _chunks(p, threads)))
+    return out
+
+
 _SCRATCH: dict = {}
 
 
@@ -207,7 +263,7 @@ def conv2d_gemm(cols, w, geom: ConvGeometry):
     p = geom.oh * geom.ow
     wm = w.reshape(g, geom.o // g, -1)
     ym = scratch("conv_y", (g, geom.o // g, geom.n * p), cols.dtype)
-    np.matmul(wm, cols.reshape(g, -1, geom.n * p), out=ym)
+    matmul(wm, cols.reshape(g, -1, geom.n * p), out=ym)
     y = np.empty((geom.n, geom.o, p), dtype=cols.dtype)
     np.copyto(y, ym.reshape(geom.o, geom.n, p).transpose(1, 0, 2))
     return y.reshape(geom.n, geom.o, geom.oh, geom.ow)
@@ -227,12 +283,12 @@ def conv2d_backward(dy, cols, w, geom: ConvGeometry, need_input_grad=True):
     np.copyto(dym, dy.reshape(geom.n, geom.o, p).transpose(1, 0, 2))
     dym = dym.reshape(g, og, geom.n * p)
     colsg = cols.reshape(g, -1, geom.n * p)
-    dw = np.matmul(dym, colsg.transpose(0, 2, 1)).reshape(w.shape)
+    dw = matmul(dym, colsg.transpose(0, 2, 1), reduce_split=True).reshape(w.shape)
     dcols = None
     if need_input_grad:
         wm = w.reshape(g, og, -1).astype(cols.dtype, copy=False)
         dcols = scratch("conv_dcols", colsg.shape, cols.dtype)
-        np.matmul(wm.transpose(0, 2, 1), dym, out=dcols)
+        matmul(wm.transpose(0, 2, 1), dym, out=dcols)
         dcols = dcols.reshape(geom.cols_shape)
     return dcols, dw
 
