@@ -32,13 +32,13 @@ import numpy as np
 from numba import njit, prange
 
 from .bconv_tiles import tile_nv1, tile_nv2, tile_nv4
-from .simd import v8_load, v8_threshold_bits, v8_zero
+from .simd import v8_load, v8_store_f32, v8_threshold_bits, v8_zero
 
 MR = 6  # pixels per tile; bconv_tiles holds kernels for 1..MR
 
 # Numba's cache does not notice edits to imported kernels; this digest of simd.py, bconv_tiles.py
 # (tests/test_kernels_misc.py recomputes it) forces an edit here, hence a recompile.
-DEPS_DIGEST = "21798cffa609e942"
+DEPS_DIGEST = "5424809d3869befe"
 
 
 @njit(cache=True, parallel=True)
@@ -122,6 +122,13 @@ def bconv_fast(xp, Hp, Wp, CW, wt, nv, G, Wg, T, toff, K,
                         border = has_corr and (rcs[i] | ccs[i]) != 0
                         cbase = (rcs[i] * ncc + ccs[i]) * O
                         l0 = 0
+                        if mode == 1 or mode == 2:  # whole 8-lane groups as vectors
+                            l0 = 8 * (nl // 8)
+                            for l in range(0, l0, 8):
+                                cv = v8_load(corr, cbase + o0 + l) if border else v8_zero()
+                                v8_store_f32(out_f32, oidx[i] + o0 + l, v8_load(acc, i * to + l),
+                                             K, cv, mul, bias if mode == 1 else off, o0 + l,
+                                             mode == 2)
                         if mode == 3 and direct == 0:  # whole 8-lane groups: vector compare, one OR per group
                             l0 = 8 * (nl // 8)
                             for l in range(0, l0, 8):

@@ -231,3 +231,37 @@ def v8_threshold_bits(typingctx, pc, k, corr, direction, thr):
         return builder.zext(builder.bitcast(mask, ir.IntType(8)), _I64)
 
     return types.uint64(vec8, k, vec8, vec8, vec8), codegen
+
+
+@intrinsic
+def v8_store_f32(typingctx, out, index, pc, k, corr, scale, shift, o, lce):
+    """Float output of eight lanes, ``a = k - 2*pc + corr`` (int64 lanes), stored as float32 to
+    ``out[index : index + 8]`` with per-channel ``scale[o : o + 8]``, ``shift[o : o + 8]``:
+
+    * ``lce`` false: ``float32(float32(a) * scale) + shift`` (multiplier, bias);
+    * ``lce`` true: ``float32(float32(2) * float32((k - a) >> 1) * (-scale)) + shift`` (multiplier,
+      LCE offset); ``>> 1`` is floor division by 2.
+
+    Separate IEEE float32 operations, never fused (no fast-math flags)."""
+    if not (isinstance(out, types.Array) and out.dtype == types.float32 and pc == vec8
+            and corr == vec8 and isinstance(scale, types.Array) and scale.dtype == types.float32
+            and isinstance(shift, types.Array) and shift.dtype == types.float32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        outv, idx, pcv, kv, cv, sc, sh, ov, lce_v = args
+        f8 = ir.VectorType(ir.FloatType(), 8)
+        kvec = _splat(builder, context.cast(builder, kv, sig.args[3], types.int64))
+        a = builder.add(builder.sub(kvec, builder.shl(pcv, ir.Constant(_V8, [1] * 8))), cv)
+        m = builder.load(_elem_ptr(context, builder, sig.args[5], sc, ov, f8), align=4)
+        b = builder.load(_elem_ptr(context, builder, sig.args[6], sh, ov, f8), align=4)
+        plain = builder.fmul(builder.sitofp(a, f8), m)
+        half = builder.ashr(builder.sub(kvec, a), ir.Constant(_V8, [1] * 8))
+        two_pc = builder.fmul(ir.Constant(f8, [2.0] * 8), builder.sitofp(half, f8))
+        lce_prod = builder.fmul(two_pc, builder.fneg(m))
+        is_lce = context.cast(builder, lce_v, sig.args[8], types.boolean)
+        y = builder.fadd(builder.select(is_lce, lce_prod, plain), b)
+        builder.store(y, _elem_ptr(context, builder, sig.args[0], outv, idx, f8), align=4)
+        return context.get_dummy_value()
+
+    return types.none(out, index, vec8, k, vec8, scale, shift, o, lce), codegen
