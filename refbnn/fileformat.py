@@ -20,6 +20,7 @@ the same folder, then ``os.replace``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -39,6 +40,8 @@ FORMAT_NAME = "refbnn"
 FORMAT_VERSION = 1
 KINDS = ("model", "checkpoint", "packed")
 PACKED_SUFFIX = "_packed"
+USERBLOCK_SIZE = 512
+USERBLOCK_MAGIC = "refbnn-hdf5 1"
 WORD_BITS = 64
 LAYOUTS = {2: "OI", 3: "OWI", 4: "OHWI"}
 TENSOR_DTYPES = tuple(np.dtype(t) for t in (
@@ -328,7 +331,8 @@ def _atomic_write(path, attrs: dict, state_dict: Mapping, binary_weights: Mappin
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{secrets.token_hex(8)}")
     try:
-        with h5py.File(tmp, "w-", libver=("earliest", "v110"), track_order=True) as f:
+        with h5py.File(tmp, "w-", libver=("v110", "v110"), track_order=True,
+                       userblock_size=USERBLOCK_SIZE) as f:
             for name, value in attrs.items():
                 f.attrs[name] = value
             _write_model(f.create_group("model", track_order=True), state_dict, specs, drop_latent)
@@ -338,13 +342,52 @@ def _atomic_write(path, attrs: dict, state_dict: Mapping, binary_weights: Mappin
                 g.attrs["hyperparameters"] = hyper
                 for name, value in tensors.items():
                     g.create_dataset(name, data=_as_tensor(f"optimizer_state[{name!r}]", value))
-            f.flush()
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        _seal(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _userblock(digest: str) -> bytes:
+    text = f"{USERBLOCK_MAGIC}\nsha256 {digest}\n".encode("ascii")
+    return text + b"\0" * (USERBLOCK_SIZE - len(text))
+
+
+def _sha256_after_userblock(fh) -> str:
+    fh.seek(USERBLOCK_SIZE)
+    h = hashlib.sha256()
+    while chunk := fh.read(1 << 20):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def _seal(path) -> None:
+    """Write the user block (magic line, SHA-256 of every byte after it) and fsync the file."""
+    with open(path, "r+b") as fh:
+        digest = _sha256_after_userblock(fh)
+        fh.seek(0)
+        fh.write(_userblock(digest))
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _check_seal(path: str) -> None:
+    """Check the user block before HDF5 parses anything (HDF5 can crash or hang on damaged
+    metadata): raise FormatError unless the magic line is there and the SHA-256 matches."""
+    with open(path, "rb") as fh:
+        head = fh.read(USERBLOCK_SIZE)
+        lines = head.split(b"\n")
+        if len(head) < USERBLOCK_SIZE or lines[0] != USERBLOCK_MAGIC.encode():
+            raise FormatError(path, "/", "not a refbnn file (no refbnn user block at byte 0; "
+                                         "not HDF5, or HDF5 written by something else)")
+        stored = lines[1][len(b"sha256 "):].decode("latin-1") if len(lines) > 1 else ""
+        if len(stored) != 64 or not all(c in "0123456789abcdef" for c in stored) \
+                or head != _userblock(stored):
+            raise FormatError(path, "/", "damaged refbnn user block")
+        if _sha256_after_userblock(fh) != stored:
+            raise FormatError(path, "/", "file bytes do not match the SHA-256 in the user block "
+                                         "(truncated or damaged file)")
 
 
 def _write_model(model: h5py.Group, state_dict: Mapping, specs: dict, drop_latent: bool) -> None:
@@ -398,6 +441,7 @@ def load(path, expect: Mapping | None = None) -> LoadedFile:
         expect = _normalize_expect(expect)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file")
+    _check_seal(path)
     try:
         f = h5py.File(path, "r")
     except OSError as e:

@@ -1,6 +1,7 @@
 """refbnn's HDF5 format: bit-exact round trips, the packed-bit layout against the reference oracle,
 the packed-only size, and one FormatError (naming file and HDF5 path) per kind of damage."""
 
+import hashlib
 import json
 import os
 import tempfile
@@ -194,9 +195,18 @@ def test_packed_only_is_over_20x_smaller_than_float32(tmp_path):
 
 # --- damage: each kind raises one FormatError naming the file and the HDF5 path -----------------
 
+def reseal(path):
+    """Rewrite the user block as docs/format.md section 1 specifies, so an edited file's damage is
+    seen by the structural checks rather than by the checksum (a buggy writer's consistent file)."""
+    data = Path(path).read_bytes()
+    head = f"refbnn-hdf5 1\nsha256 {hashlib.sha256(data[512:]).hexdigest()}\n".encode()
+    Path(path).write_bytes(head.ljust(512, b"\0") + data[512:])
+
+
 def edit(path, fn):
     with h5py.File(path, "a") as f:
         fn(f)
+    reseal(path)
 
 
 def set_attr(hpath, name, value):
@@ -309,6 +319,7 @@ def test_packed_only_file_checks_padding_bits(tmp_path):
     path = tmp_path / "p.h5"
     save_synthetic(path, packed_only=True)
     edit(path, replace_dataset("/model/layer1.0.conv/weight_packed", lambda d: d | np.uint64(32)))
+    assert path.read_bytes()[:14] == b"refbnn-hdf5 1\n"
     with pytest.raises(FormatError, match=r"/model/layer1.0.conv/weight_packed: unused high bits"):
         ff.load(path)
 
@@ -316,20 +327,44 @@ def test_packed_only_file_checks_padding_bits(tmp_path):
 def test_not_hdf5_and_truncated_files(tmp_path):
     junk = tmp_path / "junk.h5"
     junk.write_bytes(b"this is not an HDF5 file\n" * 40)
-    with pytest.raises(FormatError, match=r"junk\.h5: /: not a readable HDF5 file"):
+    with pytest.raises(FormatError, match=r"junk\.h5: /: not a refbnn file"):
         ff.load(junk)
     path = tmp_path / "m.h5"
     save_synthetic(path)
     data = path.read_bytes()
     cut = tmp_path / "cut.h5"
     cut.write_bytes(data[: len(data) // 2])
-    with pytest.raises(FormatError, match=r"cut\.h5: /: "):
+    with pytest.raises(FormatError, match=r"cut\.h5: /: .*truncated or damaged"):
+        ff.load(cut)
+    reseal(cut)  # a consistent checksum does not make a truncated file readable
+    with pytest.raises(FormatError, match=r"cut\.h5: /: not a readable HDF5 file"):
         ff.load(cut)
     (tmp_path / "empty.h5").write_bytes(b"")
-    with pytest.raises(FormatError, match=r"empty\.h5: /: "):
+    with pytest.raises(FormatError, match=r"empty\.h5: /: not a refbnn file"):
         ff.load(tmp_path / "empty.h5")
     with pytest.raises(FileNotFoundError):
         ff.load(tmp_path / "absent.h5")
+
+
+def test_any_changed_byte_is_caught_by_the_checksum(tmp_path):
+    path = tmp_path / "m.h5"
+    save_synthetic(path)
+    data = path.read_bytes()
+    for offset in (100, 600, len(data) // 2, len(data) - 1):  # user block, metadata, data, end
+        damaged = bytearray(data)
+        damaged[offset] ^= 0x10
+        path.write_bytes(bytes(damaged))
+        with pytest.raises(FormatError, match=r"m\.h5: /: .*(user block|SHA-256)"):
+            ff.load(path)
+
+
+def test_plain_hdf5_without_user_block_is_refused(tmp_path):
+    path = tmp_path / "plain.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["format"] = "refbnn"
+        f.create_group("model")
+    with pytest.raises(FormatError, match=r"plain\.h5: /: not a refbnn file \(no refbnn user block"):
+        ff.load(path)
 
 
 @pytest.mark.parametrize("change, hpath, words", [
