@@ -104,3 +104,23 @@ def test_cache_dependency_digests_are_current(module, deps):
         h.update((folder / name).read_bytes())
     mod = importlib.import_module(f"refbnn.kernels.{module}")
     assert mod.DEPS_DIGEST == h.hexdigest()[:16], f"update DEPS_DIGEST in {module}.py"
+
+
+def test_vector_float_epilogue_multiplies_then_adds_without_fma():
+    """y = float32(float32(acc) * mul) + bias needs two roundings: no fused multiply-add."""
+    from numba import njit
+
+    from refbnn.kernels.simd import v8_load, v8_store_f32, v8_zero
+
+    @njit
+    def epilogue(out, pc, mul, bias, lce):
+        v8_store_f32(out, 0, v8_load(pc, 0), 7, v8_zero(), mul, bias, 0, lce)
+
+    pc = np.arange(8, dtype=np.int64)
+    mul = np.linspace(-1.3, 2.1, 8).astype(np.float32)
+    bias = np.linspace(0.3, -0.7, 8).astype(np.float32)
+    out = np.empty(8, np.float32)
+    epilogue(out, pc, mul, bias, False)  # the LCE branch is in the same compiled function
+    assert np.array_equal(out, ref.output_transform(7 - 2 * pc, mul, bias))
+    asm = epilogue.inspect_asm(epilogue.signatures[0])
+    assert "vfmadd" not in asm and "vfmsub" not in asm and "vfnmadd" not in asm
