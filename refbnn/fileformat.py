@@ -12,8 +12,10 @@
 * ``kind="packed"`` files drop the latent binary weights; ``kind="checkpoint"`` files add ``/optimizer``
   and the epoch, RNG state and metrics history.
 
-Nothing in a file is ever executed: metadata is JSON, tensors are plain numeric datasets, and
-:func:`load` rejects links, external storage, filters, unknown names and attributes. Every problem in a
+A 512-byte HDF5 user block holds a magic line and the SHA-256 of the rest of the file, checked
+before HDF5 parses anything. Nothing in a file is ever executed: metadata is JSON, tensors are plain
+numeric datasets, and :func:`load` rejects links, external storage, filters, unknown names and
+attributes. Every problem in a
 file raises :class:`FormatError` naming the file and the HDF5 path. Writes are atomic (temp file in
 the same folder, then ``os.replace``).
 """
