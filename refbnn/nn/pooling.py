@@ -133,14 +133,10 @@ class AvgPool2d(_Pool2d):
     def forward(self, x):
         x = check_input(x, (4,), "AvgPool2d")
         kh, kw, sh, sw, _, _, oh, ow = self._geometry(x)
-        n, c, h, w = x.shape
+        h, w = x.shape[2:]
         div = self._divisor(h, w, x.dtype)
         self._cache = (x.shape, div) if self.training else None
-        if self._tiles_exactly(h, w):
-            # non-overlapping windows tiling the input: one reshaped reduction
-            s = x.reshape(n, c, oh, kh, ow, kw).sum(axis=(3, 5))
-            return s / div
-        xp = self._pad(x)
+        xp = self._pad(x)  # x itself when there is nothing to pad
         s = self._tap(xp, 0, 0, sh, sw, oh, ow).copy()
         for t in range(1, kh * kw):
             s += self._tap(xp, t // kw, t % kw, sh, sw, oh, ow)
@@ -153,9 +149,11 @@ class AvgPool2d(_Pool2d):
         oh, ow = grad_out.shape[2:]
         g = grad_out / div
         if self._tiles_exactly(h, w):
-            out = np.empty((n, c, oh, kh, ow, kw), dtype=grad_out.dtype)
-            out[...] = g[:, :, :, None, :, None]
-            return out.reshape(x_shape)
+            # non-overlapping windows tiling the input: every element gets exactly one tap
+            out = np.empty(x_shape, dtype=grad_out.dtype)
+            for t in range(kh * kw):
+                self._tap(out, t // kw, t % kw, sh, sw, oh, ow)[...] = g
+            return out
         eh, ew = self._overflow(h, w)
         dxp = np.zeros((n, c, h + 2 * ph + eh, w + 2 * pw + ew), dtype=grad_out.dtype)
         for t in range(kh * kw):
