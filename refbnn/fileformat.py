@@ -53,6 +53,7 @@ TENSOR_DTYPES = tuple(np.dtype(t) for t in (
 COMMON_ATTRS = ("format", "format_version", "kind", "config", "input_spec", "class_names",
                 "dataset", "metrics", "refbnn_version", "provenance")
 CHECKPOINT_ATTRS = ("epoch", "rng_state", "history")
+PACKED_OPTIONAL_ATTRS = ("scale",)
 PACKED_ATTRS = ("packs", "layout", "unpacked_shape", "groups", "sign_at_zero", "word_bits",
                 "bit_order", "bit_one_means")
 INPUT_SPEC_KEYS = ("shape", "layout", "channel_order", "mean", "std")
@@ -70,11 +71,14 @@ class FormatError(ValueError):
 
 @dataclass(frozen=True)
 class BinaryWeight:
-    """How a binary weight is packed: latent ``shape`` (PyTorch layout), ``groups``, ``sign_at_zero``."""
+    """How a binary weight is packed: latent ``shape`` (PyTorch layout), ``groups``, ``sign_at_zero``,
+    and ``scale``: ``None`` or the layer's float32 per-output-channel factor ``alpha`` ``(O,)``
+    (Bi-Real's ``mean |W[o]|``), which a packed-only file cannot recompute from the bits."""
 
     shape: tuple[int, ...]
     groups: int = 1
     sign_at_zero: int = 1
+    scale: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -167,8 +171,11 @@ def save_model(path, state_dict: Mapping, *, config: Mapping, binary_weights: Ma
     (``kind="packed"``: latent binary weights dropped, their packed sign bits kept).
 
     ``state_dict``: name -> numeric array (float16/32/64, (u)int8-64; scalars allowed).
-    ``binary_weights``: name -> ``{"groups": g, "sign_at_zero": s}`` (both optional, default 1) for
-    each state-dict key holding a binary layer's latent weight ``(O, I, *K)``.
+    ``binary_weights``: name -> ``{"groups": g, "sign_at_zero": s, "scale": alpha}`` for each
+    state-dict key holding a binary layer's latent weight ``(O, I, *K)``: ``groups`` and
+    ``sign_at_zero`` default to 1 (``sign_at_zero=0`` layers are stored unpacked); ``scale`` is
+    ``None`` (default) or the layer's float32 ``(O,)`` output factor (Bi-Real's ``mean |W[o]|``),
+    stored with the packed bits; pass it for scaled layers, or a packed-only file loses it.
     ``config``/``metrics``/``provenance``: JSON objects; ``input_spec``: see ``docs/format.md``;
     ``class_names``: list of str. Bad arguments raise ``ValueError``; the destination is replaced
     atomically and left untouched on any error.
@@ -212,7 +219,8 @@ def export_packed(src, dst) -> None:
     """Convert a ``model`` or ``checkpoint`` file into a ``packed`` deployment export (metadata kept,
     optimizer state dropped). The source is fully validated first."""
     f = load(src)
-    binary = {n: {"groups": b.groups, "sign_at_zero": b.sign_at_zero} for n, b in f.binary.items()}
+    binary = {n: {"groups": b.groups, "sign_at_zero": b.sign_at_zero, "scale": b.scale}
+              for n, b in f.binary.items()}
     state = f.state_dict if f.kind != "packed" else f.sign_state_dict()
     save_model(dst, state, config=f.config, binary_weights=binary, input_spec=f.input_spec,
                class_names=f.class_names, dataset=f.dataset, metrics=f.metrics,
@@ -303,7 +311,7 @@ def _binary_specs(state_dict: Mapping, binary_weights: Mapping | None,
         if name not in state_dict:
             raise ValueError(f"binary weight {name!r} is not a state_dict key")
         spec = dict(spec or {})
-        unknown = set(spec) - {"groups", "sign_at_zero"}
+        unknown = set(spec) - {"groups", "sign_at_zero", "scale"}
         if unknown:
             raise ValueError(f"binary weight {name!r}: unknown options {sorted(unknown)}")
         shape = np.shape(state_dict[name])
@@ -321,7 +329,13 @@ def _binary_specs(state_dict: Mapping, binary_weights: Mapping | None,
                                  "which one bit cannot hold: no packed-only export")
             continue
         sign_at_zero = check_sign_at_zero(sign_at_zero)
-        specs[name] = BinaryWeight(tuple(int(n) for n in shape), int(groups), sign_at_zero)
+        scale = spec.get("scale")
+        if scale is not None:
+            scale = np.asarray(scale)
+            if scale.dtype != np.float32 or scale.shape != shape[:1] or not np.isfinite(scale).all():
+                raise ValueError(f"binary weight {name!r}: scale must be {shape[0]} finite float32 "
+                                 f"values, got {scale.dtype} {scale.shape}")
+        specs[name] = BinaryWeight(tuple(int(n) for n in shape), int(groups), sign_at_zero, scale)
     return specs
 
 
@@ -426,6 +440,8 @@ def _write_model(model: h5py.Group, state_dict: Mapping, specs: dict, drop_laten
         ds.attrs["word_bits"] = np.int64(WORD_BITS)
         ds.attrs["bit_order"] = "lsb_first"
         ds.attrs["bit_one_means"] = np.int64(-1)
+        if spec.scale is not None:
+            ds.attrs["scale"] = spec.scale.astype("<f4")
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -587,7 +603,7 @@ class _Reader:
             raise self.error(hpath, "must be a group")
         return obj, hpath
 
-    def _check_dataset(self, ds, hpath: str, attrs: tuple = ()) -> None:
+    def _check_dataset(self, ds, hpath: str, attrs: tuple = (), optional: tuple = ()) -> None:
         """Structure checks made before any data is read."""
         if not isinstance(ds, h5py.Dataset):
             raise self.error(hpath, "must be a dataset")
@@ -602,7 +618,7 @@ class _Reader:
         if ds.id.get_storage_size() != nbytes:
             raise self.error(hpath, f"stores {ds.id.get_storage_size()} bytes, shape {ds.shape} "
                                     f"{ds.dtype} needs {nbytes} (truncated or unwritten)")
-        self._exact_names(hpath, "attribute", list(ds.attrs), attrs)
+        self._exact_names(hpath, "attribute", [a for a in ds.attrs if a not in optional], attrs)
 
     def _data(self, ds, hpath: str) -> np.ndarray:
         try:
@@ -655,7 +671,7 @@ class _Reader:
         if "." in leaf:
             raise self.error(hpath, "a tensor's dataset name must not contain '.'")
         if leaf.endswith(PACKED_SUFFIX):
-            self._check_dataset(ds, hpath, PACKED_ATTRS)
+            self._check_dataset(ds, hpath, PACKED_ATTRS, PACKED_OPTIONAL_ATTRS)
             binary = self._packed_attrs(ds, hpath, leaf)
             key = key[: -len(PACKED_SUFFIX)]
             e = entries.setdefault(key, _Entry(hpath[: -len(PACKED_SUFFIX)]))
@@ -697,7 +713,14 @@ class _Reader:
         if ds.shape != _packed_shape(shape):
             raise self.error(hpath, f"shape {ds.shape} does not match unpacked_shape {shape} "
                                     f"(expected {_packed_shape(shape)})")
-        return BinaryWeight(shape, groups, sign_at_zero)
+        scale = None
+        if "scale" in ds.attrs:
+            scale = np.asarray(self._attr(ds, hpath, "scale"))
+            if scale.dtype != np.float32 or scale.shape != shape[:1] or not np.isfinite(scale).all():
+                raise self.error(hpath, f"attribute 'scale' must be {shape[0]} finite float32 "
+                                        f"values, got {scale.dtype} {scale.shape}")
+            scale = scale.astype(np.float32)  # native byte order
+        return BinaryWeight(shape, groups, sign_at_zero, scale)
 
     def _check_words(self, words: np.ndarray, e: _Entry, hpath: str, latent) -> None:
         n = e.binary.shape[1]

@@ -50,7 +50,8 @@ def synthetic_state(seed=0):
         "temperature": np.array(0.5, dtype=np.float32),
     }
     binary = {"layer1.0.conv.weight": {"groups": 3, "sign_at_zero": -1},
-              "layer1.1.conv.weight": {"groups": 1, "sign_at_zero": 1},
+              "layer1.1.conv.weight": {"groups": 1, "sign_at_zero": 1,
+                                       "scale": rng.random(130).astype(np.float32)},
               "fc.weight": {}}
     return state, binary
 
@@ -83,6 +84,10 @@ def test_model_round_trip_is_bit_exact(tmp_path):
         saz = spec.get("sign_at_zero", 1)
         assert_bit_equal(f.packed[name], oracle_packed(state[name], saz), name)
         assert f.binary[name] == ff.BinaryWeight(state[name].shape, spec.get("groups", 1), saz)
+        if "scale" in spec:
+            assert_bit_equal(f.binary[name].scale, spec["scale"], name + " scale")
+        else:
+            assert f.binary[name].scale is None
     assert f.config == {"arch": "test", "width": 2}
     assert f.input_spec == INPUT_SPEC and f.class_names == [str(i) for i in range(10)]
     assert f.dataset == "mnist" and f.metrics == {"top1": 0.75}
@@ -109,6 +114,7 @@ def test_file_layout_matches_the_spec(tmp_path):
             "sign_at_zero": -1, "word_bits": 64, "bit_order": "lsb_first", "bit_one_means": -1}
         assert list(packed.attrs["unpacked_shape"]) == [12, 5, 3, 3]
         assert f["model/fc/weight_packed"].attrs["layout"] == "OI"
+        assert f["model/layer1.1.conv/weight_packed"].attrs["scale"].dtype == np.dtype("<f4")
         assert f["model/layer1.0.bn/num_batches_tracked"].dtype == np.dtype("<i8")
         assert f["model/layer1.0.bn/num_batches_tracked"].shape == ()
         assert f["model/temperature"][()] == np.float32(0.5)
@@ -149,6 +155,8 @@ def test_packed_only_keeps_bits_and_drops_latent_weights(tmp_path):
     for name, spec in binary.items():
         saz = spec.get("sign_at_zero", 1)
         assert_bit_equal(f.packed[name], oracle_packed(state[name], saz), name)
+    assert_bit_equal(f.binary["layer1.1.conv.weight"].scale, binary["layer1.1.conv.weight"]["scale"],
+                     "scale")
     signs = f.sign_state_dict()
     assert list(signs) == list(state)
     for name, spec in binary.items():
@@ -165,6 +173,9 @@ def test_export_packed_equals_direct_packed_save(tmp_path):
     assert e.kind == "packed" and e.names == p.names and e.config == p.config
     for name in p.packed:
         assert_bit_equal(e.packed[name], p.packed[name], name)
+        assert e.binary[name] == p.binary[name]
+    assert_bit_equal(e.binary["layer1.1.conv.weight"].scale, p.binary["layer1.1.conv.weight"].scale,
+                     "scale")
     for name in p.state_dict:
         assert_bit_equal(e.state_dict[name], p.state_dict[name], name)
 
@@ -270,6 +281,12 @@ DAMAGE = {
     "packed bits with a missing attribute": (
         lambda f: f["/model/fc/weight_packed"].attrs.__delitem__("groups"),
         "/model/fc/weight_packed", "missing attribute 'groups'"),
+    "scale of the wrong length": (
+        set_attr("/model/layer1.1.conv/weight_packed", "scale", np.ones(129, np.float32)),
+        "/model/layer1.1.conv/weight_packed", "attribute 'scale'"),
+    "scale as float64": (
+        set_attr("/model/layer1.1.conv/weight_packed", "scale", np.ones(130, np.float64)),
+        "/model/layer1.1.conv/weight_packed", "attribute 'scale'"),
     "groups not dividing O": (set_attr("/model/fc/weight_packed", "groups", np.int64(3)),
                               "/model/fc/weight_packed", "groups"),
     "padding bits set": (
@@ -469,6 +486,8 @@ def test_nan_latent_binary_weight_is_refused_mid_write(tmp_path):
     ({"a.w": np.zeros((4, 2))}, {"a.w": {"sign_at_zero": 2}}, {}, "sign_at_zero"),
     ({"a.w": np.zeros((4, 2))}, {"a.w": {"group": 2}}, {}, "unknown options"),
     ({"a.w": np.zeros(4)}, {"a.w": {}}, {}, "2-4 axes"),
+    ({"a.w": np.zeros((4, 2))}, {"a.w": {"scale": np.ones(4)}}, {}, "scale must be 4 finite float32"),
+    ({"a.w": np.zeros((4, 2))}, {"a.w": {"scale": np.ones(3, np.float32)}}, {}, "scale must be"),
     ({"a.w": np.zeros((4, 2), np.int32)}, {"a.w": {}}, {}, "float array"),
     ({}, {}, {"metrics": {"loss": float("nan")}}, "NaN"),
     ({}, {}, {"config": [1]}, "config must be a JSON dict"),
