@@ -15,9 +15,8 @@
 A 512-byte HDF5 user block holds a magic line and the SHA-256 of the rest of the file, checked
 before HDF5 parses anything. Nothing in a file is ever executed: metadata is JSON, tensors are plain
 numeric datasets, and :func:`load` rejects links, external storage, filters, unknown names and
-attributes. Every problem in a
-file raises :class:`FormatError` naming the file and the HDF5 path. Writes are atomic (temp file in
-the same folder, then ``os.replace``).
+attributes. Every problem in a file raises :class:`FormatError` naming the file and the HDF5 path.
+Writes are atomic (temp file in the same folder, then ``os.replace``).
 """
 
 from __future__ import annotations
@@ -114,7 +113,9 @@ class LoadedFile:
 
     def sign_state_dict(self) -> OrderedDict:
         """A full state dict for inference: every binary weight replaced by its sign (float32 +-1,
-        from the packed bits, PyTorch layout), every other tensor as stored. Works for all kinds."""
+        from the packed bits, PyTorch layout), every other tensor as stored. Works for all kinds.
+        A layer that derives a scale from its latent weight (Bi-Real's ``mean |W|``) gets 1 from
+        these signs: use ``binary[name].scale`` for it."""
         out = OrderedDict()
         for name in self.names:
             if name in self.packed:
@@ -428,8 +429,6 @@ def _write_model(model: h5py.Group, state_dict: Mapping, specs: dict, drop_laten
             raise ValueError(f"binary weight {key!r} must be a float array, got {arr.dtype}")
         if not drop_latent:
             parent.create_dataset(leaf, data=arr)
-        if leaf + PACKED_SUFFIX in parent:
-            raise ValueError(f"state_dict key {key!r}: {leaf + PACKED_SUFFIX!r} already exists")
         words = pack_weight_signs(arr, spec.sign_at_zero)
         ds = parent.create_dataset(leaf + PACKED_SUFFIX, data=words.astype("<u8"))
         ds.attrs["packs"] = leaf
