@@ -120,6 +120,44 @@ def test_file_layout_matches_the_spec(tmp_path):
         assert f["model/temperature"][()] == np.float32(0.5)
 
 
+def test_user_block_holds_the_sha256_of_the_rest(tmp_path):
+    path = tmp_path / "m.h5"
+    save_synthetic(path)
+    data = path.read_bytes()
+    digest = hashlib.sha256(data[512:]).hexdigest()
+    assert data[:512] == f"refbnn-hdf5 1\nsha256 {digest}\n".encode().ljust(512, b"\0")
+    assert data[512:520] == b"\x89HDF\r\n\x1a\n"  # the HDF5 superblock follows the user block
+
+
+def test_a_file_written_from_the_spec_alone_loads(tmp_path):
+    """docs/format.md is enough to write a valid file: plain h5py (default HDF5 format bounds, no
+    creation-order tracking, fixed-length strings, int32 attributes) plus the user block."""
+    path = tmp_path / "hand.h5"
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((6, 3, 3, 3)).astype(np.float32)
+    words = reference.pack(np.moveaxis(w, 1, -1), 64, 1)
+    with h5py.File(path, "w", userblock_size=512) as f:
+        for name, value in {"format": "refbnn", "format_version": np.int32(1), "kind": "packed",
+                            "config": '{"arch": "hand"}', "input_spec": "null",
+                            "class_names": '["a", "b"]', "dataset": "", "metrics": "null",
+                            "refbnn_version": "other-implementation 0.1",
+                            "provenance": '{"seed": 1}'}.items():
+            f.attrs[name] = np.bytes_(value) if isinstance(value, str) else value
+        f.create_dataset("model/conv/weight_packed", data=words)
+        for name, value in {"packs": "weight", "layout": "OHWI", "unpacked_shape": [6, 3, 3, 3],
+                            "groups": 1, "sign_at_zero": 1, "word_bits": 64,
+                            "bit_order": "lsb_first", "bit_one_means": -1}.items():
+            f["model/conv/weight_packed"].attrs[name] = value
+        f.create_dataset("model/conv/bias", data=np.arange(6, dtype=np.float32))
+    reseal(path)
+    loaded = ff.load(path, expect={"conv.weight": w, "conv.bias": np.zeros(6, np.float32)})
+    assert loaded.kind == "packed" and loaded.config == {"arch": "hand"}
+    assert loaded.names == ["conv.bias", "conv.weight"]  # name order without creation order
+    assert_bit_equal(loaded.packed["conv.weight"], words, "words")
+    assert_bit_equal(loaded.sign_state_dict()["conv.weight"],
+                     reference.sign(w).astype(np.float32), "signs")
+
+
 def test_checkpoint_round_trip_restores_optimizer_and_rng(tmp_path):
     path = tmp_path / "c.h5"
     state, binary = synthetic_state()
