@@ -38,7 +38,7 @@ MR = 6  # pixels per tile; bconv_tiles holds kernels for 1..MR
 
 # Numba's cache does not notice edits to imported kernels; this digest of simd.py, bconv_tiles.py
 # (tests/test_kernels_misc.py recomputes it) forces an edit here, hence a recompile.
-DEPS_DIGEST = "5424809d3869befe"
+DEPS_DIGEST = "8842ed9bb1402350"
 
 
 @njit(cache=True, parallel=True)
@@ -55,6 +55,8 @@ def bconv_fast(xp, Hp, Wp, CW, wt, nv, G, Wg, T, toff, K,
     to = 8 * nv
     og = O // G
     wstep = ntaps * Wg * to
+    a_xp, a_wt, a_toff, a_out = xp.ctypes.data, wt.ctypes.data, toff.ctypes.data, out_i32.ctypes.data
+    a_bits, a_dirn, a_thr = out_bits.ctypes.data, dirn.ctypes.data, thr.ctypes.data
     for ch in prange(nchunks):
         acc = np.empty(MR * to, np.int64)
         bases = np.empty(MR, np.int64)
@@ -63,6 +65,7 @@ def bconv_fast(xp, Hp, Wp, CW, wt, nv, G, Wg, T, toff, K,
         oidx = np.empty(MR, np.int64)
         rcs = np.empty(MR, np.int64)
         ccs = np.empty(MR, np.int64)
+        a_acc, a_bases, a_obases = acc.ctypes.data, bases.ctypes.data, obases.ctypes.data
         ti0 = ch * ntiles // nchunks
         # tile ti holds q (+1 for ti < r) pixels; pixels are stepped through, not divided
         p0 = ti0 * q + min(ti0, r)
@@ -110,14 +113,14 @@ def bconv_fast(xp, Hp, Wp, CW, wt, nv, G, Wg, T, toff, K,
                     for i in range(m):
                         obases[i] = oidx[i] + (oword[o0] if direct == 2 else o0)
                     if nv == 4:
-                        tile_nv4(m, xp, bases, wt, wbase, toff, ntaps, Wg, acc, out_i32, obases,
-                                 K, direct, out_bits, dirn, thr, o0, shift)
+                        tile_nv4(m, a_xp, a_bases, a_wt, wbase, a_toff, ntaps, Wg, a_acc, a_out,
+                                 a_obases, K, direct, a_bits, a_dirn, a_thr, o0, shift)
                     elif nv == 2:
-                        tile_nv2(m, xp, bases, wt, wbase, toff, ntaps, Wg, acc, out_i32, obases,
-                                 K, direct, out_bits, dirn, thr, o0, shift)
+                        tile_nv2(m, a_xp, a_bases, a_wt, wbase, a_toff, ntaps, Wg, a_acc, a_out,
+                                 a_obases, K, direct, a_bits, a_dirn, a_thr, o0, shift)
                     else:
-                        tile_nv1(m, xp, bases, wt, wbase, toff, ntaps, Wg, acc, out_i32, obases,
-                                 K, direct, out_bits, dirn, thr, o0, shift)
+                        tile_nv1(m, a_xp, a_bases, a_wt, wbase, a_toff, ntaps, Wg, a_acc, a_out,
+                                 a_obases, K, direct, a_bits, a_dirn, a_thr, o0, shift)
                     for i in range(m):
                         border = has_corr and (rcs[i] | ccs[i]) != 0
                         cbase = (rcs[i] * ncc + ccs[i]) * O

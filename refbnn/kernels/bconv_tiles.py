@@ -2,7 +2,9 @@
 
 Micro-kernels of the fast binary convolution: ``tile_nv{NV}(m, ...)`` computes an ``m x 8*NV`` block
 (``m`` output pixels x ``8*NV`` output channels) of popcounts ``sum popcount(x XOR w)`` over all
-taps and words, holding the ``m * NV`` accumulators as ``<8 x i64>`` values (zmm registers). Arguments:
+taps and words, holding the ``m * NV`` accumulators as ``<8 x i64>`` values (zmm registers).
+Array arguments are raw addresses (``array.ctypes.data``; a Numba array argument costs seven
+machine words per call, an address one), indices count elements:
 
 * ``xp``: flat packed, physically padded input (uint64); ``bases[i]``: flat index of output pixel
   ``i``'s first tap (its top-left input word of the group); ``toff[t]``: offset of tap ``t``.
@@ -18,10 +20,12 @@ taps and words, holding the ``m * NV`` accumulators as ``<8 x i64>`` values (zmm
 from numba import njit
 
 from .simd import (
-    v8_bcast,
-    v8_load,
-    v8_store,
-    v8_store_acc_i32,
+    a8_bcast,
+    a8_load,
+    a8_store,
+    a8_store_acc_i32,
+    a_i64,
+    a_or_u64,
     v8_threshold_bits,
     v8_xpa,
     v8_zero,
@@ -31,7 +35,7 @@ from .simd import (
 @njit(cache=True)
 def _t1x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
         k, direct, out_bits, dirn, thr, o0, shift):
-    b0 = bases[0]
+    b0 = a_i64(bases, 0)
     a0_0 = v8_zero()
     a0_1 = v8_zero()
     a0_2 = v8_zero()
@@ -39,64 +43,64 @@ def _t1x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
     wi = wbase
     if wg == 1:
         for t in range(ntaps):
-            o = toff[t]
-            w0 = v8_load(wt, wi + 0)
-            w1 = v8_load(wt, wi + 8)
-            w2 = v8_load(wt, wi + 16)
-            w3 = v8_load(wt, wi + 24)
+            o = a_i64(toff, t)
+            w0 = a8_load(wt, wi + 0)
+            w1 = a8_load(wt, wi + 8)
+            w2 = a8_load(wt, wi + 16)
+            w3 = a8_load(wt, wi + 24)
             wi += 32
-            x = v8_bcast(xp, b0 + o)
+            x = a8_bcast(xp, b0 + o)
             a0_0 = v8_xpa(a0_0, w0, x)
             a0_1 = v8_xpa(a0_1, w1, x)
             a0_2 = v8_xpa(a0_2, w2, x)
             a0_3 = v8_xpa(a0_3, w3, x)
     else:
         for t in range(ntaps):
-            o = toff[t]
+            o = a_i64(toff, t)
             for c in range(wg):
-                w0 = v8_load(wt, wi + 0)
-                w1 = v8_load(wt, wi + 8)
-                w2 = v8_load(wt, wi + 16)
-                w3 = v8_load(wt, wi + 24)
+                w0 = a8_load(wt, wi + 0)
+                w1 = a8_load(wt, wi + 8)
+                w2 = a8_load(wt, wi + 16)
+                w3 = a8_load(wt, wi + 24)
                 wi += 32
-                x = v8_bcast(xp, b0 + o + c)
+                x = a8_bcast(xp, b0 + o + c)
                 a0_0 = v8_xpa(a0_0, w0, x)
                 a0_1 = v8_xpa(a0_1, w1, x)
                 a0_2 = v8_xpa(a0_2, w2, x)
                 a0_3 = v8_xpa(a0_3, w3, x)
-    z = v8_zero()
     if direct == 1:
-        ob = obases[0]
-        v8_store_acc_i32(out, ob + 0, a0_0, k, z)
-        v8_store_acc_i32(out, ob + 8, a0_1, k, z)
-        v8_store_acc_i32(out, ob + 16, a0_2, k, z)
-        v8_store_acc_i32(out, ob + 24, a0_3, k, z)
+        ob = a_i64(obases, 0)
+        a8_store_acc_i32(out, ob + 0, a0_0, k)
+        a8_store_acc_i32(out, ob + 8, a0_1, k)
+        a8_store_acc_i32(out, ob + 16, a0_2, k)
+        a8_store_acc_i32(out, ob + 24, a0_3, k)
     elif direct == 2:
-        d0 = v8_load(dirn, o0 + 0)
-        t0 = v8_load(thr, o0 + 0)
-        d1 = v8_load(dirn, o0 + 8)
-        t1 = v8_load(thr, o0 + 8)
-        d2 = v8_load(dirn, o0 + 16)
-        t2 = v8_load(thr, o0 + 16)
-        d3 = v8_load(dirn, o0 + 24)
-        t3 = v8_load(thr, o0 + 24)
+        d0 = a8_load(dirn, o0 + 0)
+        t0 = a8_load(thr, o0 + 0)
+        d1 = a8_load(dirn, o0 + 8)
+        t1 = a8_load(thr, o0 + 8)
+        d2 = a8_load(dirn, o0 + 16)
+        t2 = a8_load(thr, o0 + 16)
+        d3 = a8_load(dirn, o0 + 24)
+        t3 = a8_load(thr, o0 + 24)
+        z = v8_zero()
         bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
         bits |= (v8_threshold_bits(a0_1, k, z, d1, t1) << 8)
         bits |= (v8_threshold_bits(a0_2, k, z, d2, t2) << 16)
         bits |= (v8_threshold_bits(a0_3, k, z, d3, t3) << 24)
-        out_bits[obases[0]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 0), bits << shift)
     else:
-        v8_store(acc, 0, a0_0)
-        v8_store(acc, 8, a0_1)
-        v8_store(acc, 16, a0_2)
-        v8_store(acc, 24, a0_3)
+        a8_store(acc, 0, a0_0)
+        a8_store(acc, 8, a0_1)
+        a8_store(acc, 16, a0_2)
+        a8_store(acc, 24, a0_3)
 
 
 @njit(cache=True)
 def _t2x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
         k, direct, out_bits, dirn, thr, o0, shift):
-    b0 = bases[0]
-    b1 = bases[1]
+    b0 = a_i64(bases, 0)
+    b1 = a_i64(bases, 1)
     a0_0 = v8_zero()
     a0_1 = v8_zero()
     a0_2 = v8_zero()
@@ -108,89 +112,89 @@ def _t2x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
     wi = wbase
     if wg == 1:
         for t in range(ntaps):
-            o = toff[t]
-            w0 = v8_load(wt, wi + 0)
-            w1 = v8_load(wt, wi + 8)
-            w2 = v8_load(wt, wi + 16)
-            w3 = v8_load(wt, wi + 24)
+            o = a_i64(toff, t)
+            w0 = a8_load(wt, wi + 0)
+            w1 = a8_load(wt, wi + 8)
+            w2 = a8_load(wt, wi + 16)
+            w3 = a8_load(wt, wi + 24)
             wi += 32
-            x = v8_bcast(xp, b0 + o)
+            x = a8_bcast(xp, b0 + o)
             a0_0 = v8_xpa(a0_0, w0, x)
             a0_1 = v8_xpa(a0_1, w1, x)
             a0_2 = v8_xpa(a0_2, w2, x)
             a0_3 = v8_xpa(a0_3, w3, x)
-            x = v8_bcast(xp, b1 + o)
+            x = a8_bcast(xp, b1 + o)
             a1_0 = v8_xpa(a1_0, w0, x)
             a1_1 = v8_xpa(a1_1, w1, x)
             a1_2 = v8_xpa(a1_2, w2, x)
             a1_3 = v8_xpa(a1_3, w3, x)
     else:
         for t in range(ntaps):
-            o = toff[t]
+            o = a_i64(toff, t)
             for c in range(wg):
-                w0 = v8_load(wt, wi + 0)
-                w1 = v8_load(wt, wi + 8)
-                w2 = v8_load(wt, wi + 16)
-                w3 = v8_load(wt, wi + 24)
+                w0 = a8_load(wt, wi + 0)
+                w1 = a8_load(wt, wi + 8)
+                w2 = a8_load(wt, wi + 16)
+                w3 = a8_load(wt, wi + 24)
                 wi += 32
-                x = v8_bcast(xp, b0 + o + c)
+                x = a8_bcast(xp, b0 + o + c)
                 a0_0 = v8_xpa(a0_0, w0, x)
                 a0_1 = v8_xpa(a0_1, w1, x)
                 a0_2 = v8_xpa(a0_2, w2, x)
                 a0_3 = v8_xpa(a0_3, w3, x)
-                x = v8_bcast(xp, b1 + o + c)
+                x = a8_bcast(xp, b1 + o + c)
                 a1_0 = v8_xpa(a1_0, w0, x)
                 a1_1 = v8_xpa(a1_1, w1, x)
                 a1_2 = v8_xpa(a1_2, w2, x)
                 a1_3 = v8_xpa(a1_3, w3, x)
-    z = v8_zero()
     if direct == 1:
-        ob = obases[0]
-        v8_store_acc_i32(out, ob + 0, a0_0, k, z)
-        v8_store_acc_i32(out, ob + 8, a0_1, k, z)
-        v8_store_acc_i32(out, ob + 16, a0_2, k, z)
-        v8_store_acc_i32(out, ob + 24, a0_3, k, z)
-        ob = obases[1]
-        v8_store_acc_i32(out, ob + 0, a1_0, k, z)
-        v8_store_acc_i32(out, ob + 8, a1_1, k, z)
-        v8_store_acc_i32(out, ob + 16, a1_2, k, z)
-        v8_store_acc_i32(out, ob + 24, a1_3, k, z)
+        ob = a_i64(obases, 0)
+        a8_store_acc_i32(out, ob + 0, a0_0, k)
+        a8_store_acc_i32(out, ob + 8, a0_1, k)
+        a8_store_acc_i32(out, ob + 16, a0_2, k)
+        a8_store_acc_i32(out, ob + 24, a0_3, k)
+        ob = a_i64(obases, 1)
+        a8_store_acc_i32(out, ob + 0, a1_0, k)
+        a8_store_acc_i32(out, ob + 8, a1_1, k)
+        a8_store_acc_i32(out, ob + 16, a1_2, k)
+        a8_store_acc_i32(out, ob + 24, a1_3, k)
     elif direct == 2:
-        d0 = v8_load(dirn, o0 + 0)
-        t0 = v8_load(thr, o0 + 0)
-        d1 = v8_load(dirn, o0 + 8)
-        t1 = v8_load(thr, o0 + 8)
-        d2 = v8_load(dirn, o0 + 16)
-        t2 = v8_load(thr, o0 + 16)
-        d3 = v8_load(dirn, o0 + 24)
-        t3 = v8_load(thr, o0 + 24)
+        d0 = a8_load(dirn, o0 + 0)
+        t0 = a8_load(thr, o0 + 0)
+        d1 = a8_load(dirn, o0 + 8)
+        t1 = a8_load(thr, o0 + 8)
+        d2 = a8_load(dirn, o0 + 16)
+        t2 = a8_load(thr, o0 + 16)
+        d3 = a8_load(dirn, o0 + 24)
+        t3 = a8_load(thr, o0 + 24)
+        z = v8_zero()
         bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
         bits |= (v8_threshold_bits(a0_1, k, z, d1, t1) << 8)
         bits |= (v8_threshold_bits(a0_2, k, z, d2, t2) << 16)
         bits |= (v8_threshold_bits(a0_3, k, z, d3, t3) << 24)
-        out_bits[obases[0]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 0), bits << shift)
         bits = (v8_threshold_bits(a1_0, k, z, d0, t0) << 0)
         bits |= (v8_threshold_bits(a1_1, k, z, d1, t1) << 8)
         bits |= (v8_threshold_bits(a1_2, k, z, d2, t2) << 16)
         bits |= (v8_threshold_bits(a1_3, k, z, d3, t3) << 24)
-        out_bits[obases[1]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 1), bits << shift)
     else:
-        v8_store(acc, 0, a0_0)
-        v8_store(acc, 8, a0_1)
-        v8_store(acc, 16, a0_2)
-        v8_store(acc, 24, a0_3)
-        v8_store(acc, 32, a1_0)
-        v8_store(acc, 40, a1_1)
-        v8_store(acc, 48, a1_2)
-        v8_store(acc, 56, a1_3)
+        a8_store(acc, 0, a0_0)
+        a8_store(acc, 8, a0_1)
+        a8_store(acc, 16, a0_2)
+        a8_store(acc, 24, a0_3)
+        a8_store(acc, 32, a1_0)
+        a8_store(acc, 40, a1_1)
+        a8_store(acc, 48, a1_2)
+        a8_store(acc, 56, a1_3)
 
 
 @njit(cache=True)
 def _t3x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
         k, direct, out_bits, dirn, thr, o0, shift):
-    b0 = bases[0]
-    b1 = bases[1]
-    b2 = bases[2]
+    b0 = a_i64(bases, 0)
+    b1 = a_i64(bases, 1)
+    b2 = a_i64(bases, 2)
     a0_0 = v8_zero()
     a0_1 = v8_zero()
     a0_2 = v8_zero()
@@ -206,114 +210,114 @@ def _t3x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
     wi = wbase
     if wg == 1:
         for t in range(ntaps):
-            o = toff[t]
-            w0 = v8_load(wt, wi + 0)
-            w1 = v8_load(wt, wi + 8)
-            w2 = v8_load(wt, wi + 16)
-            w3 = v8_load(wt, wi + 24)
+            o = a_i64(toff, t)
+            w0 = a8_load(wt, wi + 0)
+            w1 = a8_load(wt, wi + 8)
+            w2 = a8_load(wt, wi + 16)
+            w3 = a8_load(wt, wi + 24)
             wi += 32
-            x = v8_bcast(xp, b0 + o)
+            x = a8_bcast(xp, b0 + o)
             a0_0 = v8_xpa(a0_0, w0, x)
             a0_1 = v8_xpa(a0_1, w1, x)
             a0_2 = v8_xpa(a0_2, w2, x)
             a0_3 = v8_xpa(a0_3, w3, x)
-            x = v8_bcast(xp, b1 + o)
+            x = a8_bcast(xp, b1 + o)
             a1_0 = v8_xpa(a1_0, w0, x)
             a1_1 = v8_xpa(a1_1, w1, x)
             a1_2 = v8_xpa(a1_2, w2, x)
             a1_3 = v8_xpa(a1_3, w3, x)
-            x = v8_bcast(xp, b2 + o)
+            x = a8_bcast(xp, b2 + o)
             a2_0 = v8_xpa(a2_0, w0, x)
             a2_1 = v8_xpa(a2_1, w1, x)
             a2_2 = v8_xpa(a2_2, w2, x)
             a2_3 = v8_xpa(a2_3, w3, x)
     else:
         for t in range(ntaps):
-            o = toff[t]
+            o = a_i64(toff, t)
             for c in range(wg):
-                w0 = v8_load(wt, wi + 0)
-                w1 = v8_load(wt, wi + 8)
-                w2 = v8_load(wt, wi + 16)
-                w3 = v8_load(wt, wi + 24)
+                w0 = a8_load(wt, wi + 0)
+                w1 = a8_load(wt, wi + 8)
+                w2 = a8_load(wt, wi + 16)
+                w3 = a8_load(wt, wi + 24)
                 wi += 32
-                x = v8_bcast(xp, b0 + o + c)
+                x = a8_bcast(xp, b0 + o + c)
                 a0_0 = v8_xpa(a0_0, w0, x)
                 a0_1 = v8_xpa(a0_1, w1, x)
                 a0_2 = v8_xpa(a0_2, w2, x)
                 a0_3 = v8_xpa(a0_3, w3, x)
-                x = v8_bcast(xp, b1 + o + c)
+                x = a8_bcast(xp, b1 + o + c)
                 a1_0 = v8_xpa(a1_0, w0, x)
                 a1_1 = v8_xpa(a1_1, w1, x)
                 a1_2 = v8_xpa(a1_2, w2, x)
                 a1_3 = v8_xpa(a1_3, w3, x)
-                x = v8_bcast(xp, b2 + o + c)
+                x = a8_bcast(xp, b2 + o + c)
                 a2_0 = v8_xpa(a2_0, w0, x)
                 a2_1 = v8_xpa(a2_1, w1, x)
                 a2_2 = v8_xpa(a2_2, w2, x)
                 a2_3 = v8_xpa(a2_3, w3, x)
-    z = v8_zero()
     if direct == 1:
-        ob = obases[0]
-        v8_store_acc_i32(out, ob + 0, a0_0, k, z)
-        v8_store_acc_i32(out, ob + 8, a0_1, k, z)
-        v8_store_acc_i32(out, ob + 16, a0_2, k, z)
-        v8_store_acc_i32(out, ob + 24, a0_3, k, z)
-        ob = obases[1]
-        v8_store_acc_i32(out, ob + 0, a1_0, k, z)
-        v8_store_acc_i32(out, ob + 8, a1_1, k, z)
-        v8_store_acc_i32(out, ob + 16, a1_2, k, z)
-        v8_store_acc_i32(out, ob + 24, a1_3, k, z)
-        ob = obases[2]
-        v8_store_acc_i32(out, ob + 0, a2_0, k, z)
-        v8_store_acc_i32(out, ob + 8, a2_1, k, z)
-        v8_store_acc_i32(out, ob + 16, a2_2, k, z)
-        v8_store_acc_i32(out, ob + 24, a2_3, k, z)
+        ob = a_i64(obases, 0)
+        a8_store_acc_i32(out, ob + 0, a0_0, k)
+        a8_store_acc_i32(out, ob + 8, a0_1, k)
+        a8_store_acc_i32(out, ob + 16, a0_2, k)
+        a8_store_acc_i32(out, ob + 24, a0_3, k)
+        ob = a_i64(obases, 1)
+        a8_store_acc_i32(out, ob + 0, a1_0, k)
+        a8_store_acc_i32(out, ob + 8, a1_1, k)
+        a8_store_acc_i32(out, ob + 16, a1_2, k)
+        a8_store_acc_i32(out, ob + 24, a1_3, k)
+        ob = a_i64(obases, 2)
+        a8_store_acc_i32(out, ob + 0, a2_0, k)
+        a8_store_acc_i32(out, ob + 8, a2_1, k)
+        a8_store_acc_i32(out, ob + 16, a2_2, k)
+        a8_store_acc_i32(out, ob + 24, a2_3, k)
     elif direct == 2:
-        d0 = v8_load(dirn, o0 + 0)
-        t0 = v8_load(thr, o0 + 0)
-        d1 = v8_load(dirn, o0 + 8)
-        t1 = v8_load(thr, o0 + 8)
-        d2 = v8_load(dirn, o0 + 16)
-        t2 = v8_load(thr, o0 + 16)
-        d3 = v8_load(dirn, o0 + 24)
-        t3 = v8_load(thr, o0 + 24)
+        d0 = a8_load(dirn, o0 + 0)
+        t0 = a8_load(thr, o0 + 0)
+        d1 = a8_load(dirn, o0 + 8)
+        t1 = a8_load(thr, o0 + 8)
+        d2 = a8_load(dirn, o0 + 16)
+        t2 = a8_load(thr, o0 + 16)
+        d3 = a8_load(dirn, o0 + 24)
+        t3 = a8_load(thr, o0 + 24)
+        z = v8_zero()
         bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
         bits |= (v8_threshold_bits(a0_1, k, z, d1, t1) << 8)
         bits |= (v8_threshold_bits(a0_2, k, z, d2, t2) << 16)
         bits |= (v8_threshold_bits(a0_3, k, z, d3, t3) << 24)
-        out_bits[obases[0]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 0), bits << shift)
         bits = (v8_threshold_bits(a1_0, k, z, d0, t0) << 0)
         bits |= (v8_threshold_bits(a1_1, k, z, d1, t1) << 8)
         bits |= (v8_threshold_bits(a1_2, k, z, d2, t2) << 16)
         bits |= (v8_threshold_bits(a1_3, k, z, d3, t3) << 24)
-        out_bits[obases[1]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 1), bits << shift)
         bits = (v8_threshold_bits(a2_0, k, z, d0, t0) << 0)
         bits |= (v8_threshold_bits(a2_1, k, z, d1, t1) << 8)
         bits |= (v8_threshold_bits(a2_2, k, z, d2, t2) << 16)
         bits |= (v8_threshold_bits(a2_3, k, z, d3, t3) << 24)
-        out_bits[obases[2]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 2), bits << shift)
     else:
-        v8_store(acc, 0, a0_0)
-        v8_store(acc, 8, a0_1)
-        v8_store(acc, 16, a0_2)
-        v8_store(acc, 24, a0_3)
-        v8_store(acc, 32, a1_0)
-        v8_store(acc, 40, a1_1)
-        v8_store(acc, 48, a1_2)
-        v8_store(acc, 56, a1_3)
-        v8_store(acc, 64, a2_0)
-        v8_store(acc, 72, a2_1)
-        v8_store(acc, 80, a2_2)
-        v8_store(acc, 88, a2_3)
+        a8_store(acc, 0, a0_0)
+        a8_store(acc, 8, a0_1)
+        a8_store(acc, 16, a0_2)
+        a8_store(acc, 24, a0_3)
+        a8_store(acc, 32, a1_0)
+        a8_store(acc, 40, a1_1)
+        a8_store(acc, 48, a1_2)
+        a8_store(acc, 56, a1_3)
+        a8_store(acc, 64, a2_0)
+        a8_store(acc, 72, a2_1)
+        a8_store(acc, 80, a2_2)
+        a8_store(acc, 88, a2_3)
 
 
 @njit(cache=True)
 def _t4x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
         k, direct, out_bits, dirn, thr, o0, shift):
-    b0 = bases[0]
-    b1 = bases[1]
-    b2 = bases[2]
-    b3 = bases[3]
+    b0 = a_i64(bases, 0)
+    b1 = a_i64(bases, 1)
+    b2 = a_i64(bases, 2)
+    b3 = a_i64(bases, 3)
     a0_0 = v8_zero()
     a0_1 = v8_zero()
     a0_2 = v8_zero()
@@ -333,139 +337,139 @@ def _t4x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
     wi = wbase
     if wg == 1:
         for t in range(ntaps):
-            o = toff[t]
-            w0 = v8_load(wt, wi + 0)
-            w1 = v8_load(wt, wi + 8)
-            w2 = v8_load(wt, wi + 16)
-            w3 = v8_load(wt, wi + 24)
+            o = a_i64(toff, t)
+            w0 = a8_load(wt, wi + 0)
+            w1 = a8_load(wt, wi + 8)
+            w2 = a8_load(wt, wi + 16)
+            w3 = a8_load(wt, wi + 24)
             wi += 32
-            x = v8_bcast(xp, b0 + o)
+            x = a8_bcast(xp, b0 + o)
             a0_0 = v8_xpa(a0_0, w0, x)
             a0_1 = v8_xpa(a0_1, w1, x)
             a0_2 = v8_xpa(a0_2, w2, x)
             a0_3 = v8_xpa(a0_3, w3, x)
-            x = v8_bcast(xp, b1 + o)
+            x = a8_bcast(xp, b1 + o)
             a1_0 = v8_xpa(a1_0, w0, x)
             a1_1 = v8_xpa(a1_1, w1, x)
             a1_2 = v8_xpa(a1_2, w2, x)
             a1_3 = v8_xpa(a1_3, w3, x)
-            x = v8_bcast(xp, b2 + o)
+            x = a8_bcast(xp, b2 + o)
             a2_0 = v8_xpa(a2_0, w0, x)
             a2_1 = v8_xpa(a2_1, w1, x)
             a2_2 = v8_xpa(a2_2, w2, x)
             a2_3 = v8_xpa(a2_3, w3, x)
-            x = v8_bcast(xp, b3 + o)
+            x = a8_bcast(xp, b3 + o)
             a3_0 = v8_xpa(a3_0, w0, x)
             a3_1 = v8_xpa(a3_1, w1, x)
             a3_2 = v8_xpa(a3_2, w2, x)
             a3_3 = v8_xpa(a3_3, w3, x)
     else:
         for t in range(ntaps):
-            o = toff[t]
+            o = a_i64(toff, t)
             for c in range(wg):
-                w0 = v8_load(wt, wi + 0)
-                w1 = v8_load(wt, wi + 8)
-                w2 = v8_load(wt, wi + 16)
-                w3 = v8_load(wt, wi + 24)
+                w0 = a8_load(wt, wi + 0)
+                w1 = a8_load(wt, wi + 8)
+                w2 = a8_load(wt, wi + 16)
+                w3 = a8_load(wt, wi + 24)
                 wi += 32
-                x = v8_bcast(xp, b0 + o + c)
+                x = a8_bcast(xp, b0 + o + c)
                 a0_0 = v8_xpa(a0_0, w0, x)
                 a0_1 = v8_xpa(a0_1, w1, x)
                 a0_2 = v8_xpa(a0_2, w2, x)
                 a0_3 = v8_xpa(a0_3, w3, x)
-                x = v8_bcast(xp, b1 + o + c)
+                x = a8_bcast(xp, b1 + o + c)
                 a1_0 = v8_xpa(a1_0, w0, x)
                 a1_1 = v8_xpa(a1_1, w1, x)
                 a1_2 = v8_xpa(a1_2, w2, x)
                 a1_3 = v8_xpa(a1_3, w3, x)
-                x = v8_bcast(xp, b2 + o + c)
+                x = a8_bcast(xp, b2 + o + c)
                 a2_0 = v8_xpa(a2_0, w0, x)
                 a2_1 = v8_xpa(a2_1, w1, x)
                 a2_2 = v8_xpa(a2_2, w2, x)
                 a2_3 = v8_xpa(a2_3, w3, x)
-                x = v8_bcast(xp, b3 + o + c)
+                x = a8_bcast(xp, b3 + o + c)
                 a3_0 = v8_xpa(a3_0, w0, x)
                 a3_1 = v8_xpa(a3_1, w1, x)
                 a3_2 = v8_xpa(a3_2, w2, x)
                 a3_3 = v8_xpa(a3_3, w3, x)
-    z = v8_zero()
     if direct == 1:
-        ob = obases[0]
-        v8_store_acc_i32(out, ob + 0, a0_0, k, z)
-        v8_store_acc_i32(out, ob + 8, a0_1, k, z)
-        v8_store_acc_i32(out, ob + 16, a0_2, k, z)
-        v8_store_acc_i32(out, ob + 24, a0_3, k, z)
-        ob = obases[1]
-        v8_store_acc_i32(out, ob + 0, a1_0, k, z)
-        v8_store_acc_i32(out, ob + 8, a1_1, k, z)
-        v8_store_acc_i32(out, ob + 16, a1_2, k, z)
-        v8_store_acc_i32(out, ob + 24, a1_3, k, z)
-        ob = obases[2]
-        v8_store_acc_i32(out, ob + 0, a2_0, k, z)
-        v8_store_acc_i32(out, ob + 8, a2_1, k, z)
-        v8_store_acc_i32(out, ob + 16, a2_2, k, z)
-        v8_store_acc_i32(out, ob + 24, a2_3, k, z)
-        ob = obases[3]
-        v8_store_acc_i32(out, ob + 0, a3_0, k, z)
-        v8_store_acc_i32(out, ob + 8, a3_1, k, z)
-        v8_store_acc_i32(out, ob + 16, a3_2, k, z)
-        v8_store_acc_i32(out, ob + 24, a3_3, k, z)
+        ob = a_i64(obases, 0)
+        a8_store_acc_i32(out, ob + 0, a0_0, k)
+        a8_store_acc_i32(out, ob + 8, a0_1, k)
+        a8_store_acc_i32(out, ob + 16, a0_2, k)
+        a8_store_acc_i32(out, ob + 24, a0_3, k)
+        ob = a_i64(obases, 1)
+        a8_store_acc_i32(out, ob + 0, a1_0, k)
+        a8_store_acc_i32(out, ob + 8, a1_1, k)
+        a8_store_acc_i32(out, ob + 16, a1_2, k)
+        a8_store_acc_i32(out, ob + 24, a1_3, k)
+        ob = a_i64(obases, 2)
+        a8_store_acc_i32(out, ob + 0, a2_0, k)
+        a8_store_acc_i32(out, ob + 8, a2_1, k)
+        a8_store_acc_i32(out, ob + 16, a2_2, k)
+        a8_store_acc_i32(out, ob + 24, a2_3, k)
+        ob = a_i64(obases, 3)
+        a8_store_acc_i32(out, ob + 0, a3_0, k)
+        a8_store_acc_i32(out, ob + 8, a3_1, k)
+        a8_store_acc_i32(out, ob + 16, a3_2, k)
+        a8_store_acc_i32(out, ob + 24, a3_3, k)
     elif direct == 2:
-        d0 = v8_load(dirn, o0 + 0)
-        t0 = v8_load(thr, o0 + 0)
-        d1 = v8_load(dirn, o0 + 8)
-        t1 = v8_load(thr, o0 + 8)
-        d2 = v8_load(dirn, o0 + 16)
-        t2 = v8_load(thr, o0 + 16)
-        d3 = v8_load(dirn, o0 + 24)
-        t3 = v8_load(thr, o0 + 24)
+        d0 = a8_load(dirn, o0 + 0)
+        t0 = a8_load(thr, o0 + 0)
+        d1 = a8_load(dirn, o0 + 8)
+        t1 = a8_load(thr, o0 + 8)
+        d2 = a8_load(dirn, o0 + 16)
+        t2 = a8_load(thr, o0 + 16)
+        d3 = a8_load(dirn, o0 + 24)
+        t3 = a8_load(thr, o0 + 24)
+        z = v8_zero()
         bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
         bits |= (v8_threshold_bits(a0_1, k, z, d1, t1) << 8)
         bits |= (v8_threshold_bits(a0_2, k, z, d2, t2) << 16)
         bits |= (v8_threshold_bits(a0_3, k, z, d3, t3) << 24)
-        out_bits[obases[0]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 0), bits << shift)
         bits = (v8_threshold_bits(a1_0, k, z, d0, t0) << 0)
         bits |= (v8_threshold_bits(a1_1, k, z, d1, t1) << 8)
         bits |= (v8_threshold_bits(a1_2, k, z, d2, t2) << 16)
         bits |= (v8_threshold_bits(a1_3, k, z, d3, t3) << 24)
-        out_bits[obases[1]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 1), bits << shift)
         bits = (v8_threshold_bits(a2_0, k, z, d0, t0) << 0)
         bits |= (v8_threshold_bits(a2_1, k, z, d1, t1) << 8)
         bits |= (v8_threshold_bits(a2_2, k, z, d2, t2) << 16)
         bits |= (v8_threshold_bits(a2_3, k, z, d3, t3) << 24)
-        out_bits[obases[2]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 2), bits << shift)
         bits = (v8_threshold_bits(a3_0, k, z, d0, t0) << 0)
         bits |= (v8_threshold_bits(a3_1, k, z, d1, t1) << 8)
         bits |= (v8_threshold_bits(a3_2, k, z, d2, t2) << 16)
         bits |= (v8_threshold_bits(a3_3, k, z, d3, t3) << 24)
-        out_bits[obases[3]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 3), bits << shift)
     else:
-        v8_store(acc, 0, a0_0)
-        v8_store(acc, 8, a0_1)
-        v8_store(acc, 16, a0_2)
-        v8_store(acc, 24, a0_3)
-        v8_store(acc, 32, a1_0)
-        v8_store(acc, 40, a1_1)
-        v8_store(acc, 48, a1_2)
-        v8_store(acc, 56, a1_3)
-        v8_store(acc, 64, a2_0)
-        v8_store(acc, 72, a2_1)
-        v8_store(acc, 80, a2_2)
-        v8_store(acc, 88, a2_3)
-        v8_store(acc, 96, a3_0)
-        v8_store(acc, 104, a3_1)
-        v8_store(acc, 112, a3_2)
-        v8_store(acc, 120, a3_3)
+        a8_store(acc, 0, a0_0)
+        a8_store(acc, 8, a0_1)
+        a8_store(acc, 16, a0_2)
+        a8_store(acc, 24, a0_3)
+        a8_store(acc, 32, a1_0)
+        a8_store(acc, 40, a1_1)
+        a8_store(acc, 48, a1_2)
+        a8_store(acc, 56, a1_3)
+        a8_store(acc, 64, a2_0)
+        a8_store(acc, 72, a2_1)
+        a8_store(acc, 80, a2_2)
+        a8_store(acc, 88, a2_3)
+        a8_store(acc, 96, a3_0)
+        a8_store(acc, 104, a3_1)
+        a8_store(acc, 112, a3_2)
+        a8_store(acc, 120, a3_3)
 
 
 @njit(cache=True)
 def _t5x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
         k, direct, out_bits, dirn, thr, o0, shift):
-    b0 = bases[0]
-    b1 = bases[1]
-    b2 = bases[2]
-    b3 = bases[3]
-    b4 = bases[4]
+    b0 = a_i64(bases, 0)
+    b1 = a_i64(bases, 1)
+    b2 = a_i64(bases, 2)
+    b3 = a_i64(bases, 3)
+    b4 = a_i64(bases, 4)
     a0_0 = v8_zero()
     a0_1 = v8_zero()
     a0_2 = v8_zero()
@@ -489,164 +493,164 @@ def _t5x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
     wi = wbase
     if wg == 1:
         for t in range(ntaps):
-            o = toff[t]
-            w0 = v8_load(wt, wi + 0)
-            w1 = v8_load(wt, wi + 8)
-            w2 = v8_load(wt, wi + 16)
-            w3 = v8_load(wt, wi + 24)
+            o = a_i64(toff, t)
+            w0 = a8_load(wt, wi + 0)
+            w1 = a8_load(wt, wi + 8)
+            w2 = a8_load(wt, wi + 16)
+            w3 = a8_load(wt, wi + 24)
             wi += 32
-            x = v8_bcast(xp, b0 + o)
+            x = a8_bcast(xp, b0 + o)
             a0_0 = v8_xpa(a0_0, w0, x)
             a0_1 = v8_xpa(a0_1, w1, x)
             a0_2 = v8_xpa(a0_2, w2, x)
             a0_3 = v8_xpa(a0_3, w3, x)
-            x = v8_bcast(xp, b1 + o)
+            x = a8_bcast(xp, b1 + o)
             a1_0 = v8_xpa(a1_0, w0, x)
             a1_1 = v8_xpa(a1_1, w1, x)
             a1_2 = v8_xpa(a1_2, w2, x)
             a1_3 = v8_xpa(a1_3, w3, x)
-            x = v8_bcast(xp, b2 + o)
+            x = a8_bcast(xp, b2 + o)
             a2_0 = v8_xpa(a2_0, w0, x)
             a2_1 = v8_xpa(a2_1, w1, x)
             a2_2 = v8_xpa(a2_2, w2, x)
             a2_3 = v8_xpa(a2_3, w3, x)
-            x = v8_bcast(xp, b3 + o)
+            x = a8_bcast(xp, b3 + o)
             a3_0 = v8_xpa(a3_0, w0, x)
             a3_1 = v8_xpa(a3_1, w1, x)
             a3_2 = v8_xpa(a3_2, w2, x)
             a3_3 = v8_xpa(a3_3, w3, x)
-            x = v8_bcast(xp, b4 + o)
+            x = a8_bcast(xp, b4 + o)
             a4_0 = v8_xpa(a4_0, w0, x)
             a4_1 = v8_xpa(a4_1, w1, x)
             a4_2 = v8_xpa(a4_2, w2, x)
             a4_3 = v8_xpa(a4_3, w3, x)
     else:
         for t in range(ntaps):
-            o = toff[t]
+            o = a_i64(toff, t)
             for c in range(wg):
-                w0 = v8_load(wt, wi + 0)
-                w1 = v8_load(wt, wi + 8)
-                w2 = v8_load(wt, wi + 16)
-                w3 = v8_load(wt, wi + 24)
+                w0 = a8_load(wt, wi + 0)
+                w1 = a8_load(wt, wi + 8)
+                w2 = a8_load(wt, wi + 16)
+                w3 = a8_load(wt, wi + 24)
                 wi += 32
-                x = v8_bcast(xp, b0 + o + c)
+                x = a8_bcast(xp, b0 + o + c)
                 a0_0 = v8_xpa(a0_0, w0, x)
                 a0_1 = v8_xpa(a0_1, w1, x)
                 a0_2 = v8_xpa(a0_2, w2, x)
                 a0_3 = v8_xpa(a0_3, w3, x)
-                x = v8_bcast(xp, b1 + o + c)
+                x = a8_bcast(xp, b1 + o + c)
                 a1_0 = v8_xpa(a1_0, w0, x)
                 a1_1 = v8_xpa(a1_1, w1, x)
                 a1_2 = v8_xpa(a1_2, w2, x)
                 a1_3 = v8_xpa(a1_3, w3, x)
-                x = v8_bcast(xp, b2 + o + c)
+                x = a8_bcast(xp, b2 + o + c)
                 a2_0 = v8_xpa(a2_0, w0, x)
                 a2_1 = v8_xpa(a2_1, w1, x)
                 a2_2 = v8_xpa(a2_2, w2, x)
                 a2_3 = v8_xpa(a2_3, w3, x)
-                x = v8_bcast(xp, b3 + o + c)
+                x = a8_bcast(xp, b3 + o + c)
                 a3_0 = v8_xpa(a3_0, w0, x)
                 a3_1 = v8_xpa(a3_1, w1, x)
                 a3_2 = v8_xpa(a3_2, w2, x)
                 a3_3 = v8_xpa(a3_3, w3, x)
-                x = v8_bcast(xp, b4 + o + c)
+                x = a8_bcast(xp, b4 + o + c)
                 a4_0 = v8_xpa(a4_0, w0, x)
                 a4_1 = v8_xpa(a4_1, w1, x)
                 a4_2 = v8_xpa(a4_2, w2, x)
                 a4_3 = v8_xpa(a4_3, w3, x)
-    z = v8_zero()
     if direct == 1:
-        ob = obases[0]
-        v8_store_acc_i32(out, ob + 0, a0_0, k, z)
-        v8_store_acc_i32(out, ob + 8, a0_1, k, z)
-        v8_store_acc_i32(out, ob + 16, a0_2, k, z)
-        v8_store_acc_i32(out, ob + 24, a0_3, k, z)
-        ob = obases[1]
-        v8_store_acc_i32(out, ob + 0, a1_0, k, z)
-        v8_store_acc_i32(out, ob + 8, a1_1, k, z)
-        v8_store_acc_i32(out, ob + 16, a1_2, k, z)
-        v8_store_acc_i32(out, ob + 24, a1_3, k, z)
-        ob = obases[2]
-        v8_store_acc_i32(out, ob + 0, a2_0, k, z)
-        v8_store_acc_i32(out, ob + 8, a2_1, k, z)
-        v8_store_acc_i32(out, ob + 16, a2_2, k, z)
-        v8_store_acc_i32(out, ob + 24, a2_3, k, z)
-        ob = obases[3]
-        v8_store_acc_i32(out, ob + 0, a3_0, k, z)
-        v8_store_acc_i32(out, ob + 8, a3_1, k, z)
-        v8_store_acc_i32(out, ob + 16, a3_2, k, z)
-        v8_store_acc_i32(out, ob + 24, a3_3, k, z)
-        ob = obases[4]
-        v8_store_acc_i32(out, ob + 0, a4_0, k, z)
-        v8_store_acc_i32(out, ob + 8, a4_1, k, z)
-        v8_store_acc_i32(out, ob + 16, a4_2, k, z)
-        v8_store_acc_i32(out, ob + 24, a4_3, k, z)
+        ob = a_i64(obases, 0)
+        a8_store_acc_i32(out, ob + 0, a0_0, k)
+        a8_store_acc_i32(out, ob + 8, a0_1, k)
+        a8_store_acc_i32(out, ob + 16, a0_2, k)
+        a8_store_acc_i32(out, ob + 24, a0_3, k)
+        ob = a_i64(obases, 1)
+        a8_store_acc_i32(out, ob + 0, a1_0, k)
+        a8_store_acc_i32(out, ob + 8, a1_1, k)
+        a8_store_acc_i32(out, ob + 16, a1_2, k)
+        a8_store_acc_i32(out, ob + 24, a1_3, k)
+        ob = a_i64(obases, 2)
+        a8_store_acc_i32(out, ob + 0, a2_0, k)
+        a8_store_acc_i32(out, ob + 8, a2_1, k)
+        a8_store_acc_i32(out, ob + 16, a2_2, k)
+        a8_store_acc_i32(out, ob + 24, a2_3, k)
+        ob = a_i64(obases, 3)
+        a8_store_acc_i32(out, ob + 0, a3_0, k)
+        a8_store_acc_i32(out, ob + 8, a3_1, k)
+        a8_store_acc_i32(out, ob + 16, a3_2, k)
+        a8_store_acc_i32(out, ob + 24, a3_3, k)
+        ob = a_i64(obases, 4)
+        a8_store_acc_i32(out, ob + 0, a4_0, k)
+        a8_store_acc_i32(out, ob + 8, a4_1, k)
+        a8_store_acc_i32(out, ob + 16, a4_2, k)
+        a8_store_acc_i32(out, ob + 24, a4_3, k)
     elif direct == 2:
-        d0 = v8_load(dirn, o0 + 0)
-        t0 = v8_load(thr, o0 + 0)
-        d1 = v8_load(dirn, o0 + 8)
-        t1 = v8_load(thr, o0 + 8)
-        d2 = v8_load(dirn, o0 + 16)
-        t2 = v8_load(thr, o0 + 16)
-        d3 = v8_load(dirn, o0 + 24)
-        t3 = v8_load(thr, o0 + 24)
+        d0 = a8_load(dirn, o0 + 0)
+        t0 = a8_load(thr, o0 + 0)
+        d1 = a8_load(dirn, o0 + 8)
+        t1 = a8_load(thr, o0 + 8)
+        d2 = a8_load(dirn, o0 + 16)
+        t2 = a8_load(thr, o0 + 16)
+        d3 = a8_load(dirn, o0 + 24)
+        t3 = a8_load(thr, o0 + 24)
+        z = v8_zero()
         bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
         bits |= (v8_threshold_bits(a0_1, k, z, d1, t1) << 8)
         bits |= (v8_threshold_bits(a0_2, k, z, d2, t2) << 16)
         bits |= (v8_threshold_bits(a0_3, k, z, d3, t3) << 24)
-        out_bits[obases[0]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 0), bits << shift)
         bits = (v8_threshold_bits(a1_0, k, z, d0, t0) << 0)
         bits |= (v8_threshold_bits(a1_1, k, z, d1, t1) << 8)
         bits |= (v8_threshold_bits(a1_2, k, z, d2, t2) << 16)
         bits |= (v8_threshold_bits(a1_3, k, z, d3, t3) << 24)
-        out_bits[obases[1]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 1), bits << shift)
         bits = (v8_threshold_bits(a2_0, k, z, d0, t0) << 0)
         bits |= (v8_threshold_bits(a2_1, k, z, d1, t1) << 8)
         bits |= (v8_threshold_bits(a2_2, k, z, d2, t2) << 16)
         bits |= (v8_threshold_bits(a2_3, k, z, d3, t3) << 24)
-        out_bits[obases[2]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 2), bits << shift)
         bits = (v8_threshold_bits(a3_0, k, z, d0, t0) << 0)
         bits |= (v8_threshold_bits(a3_1, k, z, d1, t1) << 8)
         bits |= (v8_threshold_bits(a3_2, k, z, d2, t2) << 16)
         bits |= (v8_threshold_bits(a3_3, k, z, d3, t3) << 24)
-        out_bits[obases[3]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 3), bits << shift)
         bits = (v8_threshold_bits(a4_0, k, z, d0, t0) << 0)
         bits |= (v8_threshold_bits(a4_1, k, z, d1, t1) << 8)
         bits |= (v8_threshold_bits(a4_2, k, z, d2, t2) << 16)
         bits |= (v8_threshold_bits(a4_3, k, z, d3, t3) << 24)
-        out_bits[obases[4]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 4), bits << shift)
     else:
-        v8_store(acc, 0, a0_0)
-        v8_store(acc, 8, a0_1)
-        v8_store(acc, 16, a0_2)
-        v8_store(acc, 24, a0_3)
-        v8_store(acc, 32, a1_0)
-        v8_store(acc, 40, a1_1)
-        v8_store(acc, 48, a1_2)
-        v8_store(acc, 56, a1_3)
-        v8_store(acc, 64, a2_0)
-        v8_store(acc, 72, a2_1)
-        v8_store(acc, 80, a2_2)
-        v8_store(acc, 88, a2_3)
-        v8_store(acc, 96, a3_0)
-        v8_store(acc, 104, a3_1)
-        v8_store(acc, 112, a3_2)
-        v8_store(acc, 120, a3_3)
-        v8_store(acc, 128, a4_0)
-        v8_store(acc, 136, a4_1)
-        v8_store(acc, 144, a4_2)
-        v8_store(acc, 152, a4_3)
+        a8_store(acc, 0, a0_0)
+        a8_store(acc, 8, a0_1)
+        a8_store(acc, 16, a0_2)
+        a8_store(acc, 24, a0_3)
+        a8_store(acc, 32, a1_0)
+        a8_store(acc, 40, a1_1)
+        a8_store(acc, 48, a1_2)
+        a8_store(acc, 56, a1_3)
+        a8_store(acc, 64, a2_0)
+        a8_store(acc, 72, a2_1)
+        a8_store(acc, 80, a2_2)
+        a8_store(acc, 88, a2_3)
+        a8_store(acc, 96, a3_0)
+        a8_store(acc, 104, a3_1)
+        a8_store(acc, 112, a3_2)
+        a8_store(acc, 120, a3_3)
+        a8_store(acc, 128, a4_0)
+        a8_store(acc, 136, a4_1)
+        a8_store(acc, 144, a4_2)
+        a8_store(acc, 152, a4_3)
 
 
 @njit(cache=True)
 def _t6x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
         k, direct, out_bits, dirn, thr, o0, shift):
-    b0 = bases[0]
-    b1 = bases[1]
-    b2 = bases[2]
-    b3 = bases[3]
-    b4 = bases[4]
-    b5 = bases[5]
+    b0 = a_i64(bases, 0)
+    b1 = a_i64(bases, 1)
+    b2 = a_i64(bases, 2)
+    b3 = a_i64(bases, 3)
+    b4 = a_i64(bases, 4)
+    b5 = a_i64(bases, 5)
     a0_0 = v8_zero()
     a0_1 = v8_zero()
     a0_2 = v8_zero()
@@ -674,228 +678,228 @@ def _t6x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
     wi = wbase
     if wg == 1:
         for t in range(ntaps):
-            o = toff[t]
-            w0 = v8_load(wt, wi + 0)
-            w1 = v8_load(wt, wi + 8)
-            w2 = v8_load(wt, wi + 16)
-            w3 = v8_load(wt, wi + 24)
+            o = a_i64(toff, t)
+            w0 = a8_load(wt, wi + 0)
+            w1 = a8_load(wt, wi + 8)
+            w2 = a8_load(wt, wi + 16)
+            w3 = a8_load(wt, wi + 24)
             wi += 32
-            x = v8_bcast(xp, b0 + o)
+            x = a8_bcast(xp, b0 + o)
             a0_0 = v8_xpa(a0_0, w0, x)
             a0_1 = v8_xpa(a0_1, w1, x)
             a0_2 = v8_xpa(a0_2, w2, x)
             a0_3 = v8_xpa(a0_3, w3, x)
-            x = v8_bcast(xp, b1 + o)
+            x = a8_bcast(xp, b1 + o)
             a1_0 = v8_xpa(a1_0, w0, x)
             a1_1 = v8_xpa(a1_1, w1, x)
             a1_2 = v8_xpa(a1_2, w2, x)
             a1_3 = v8_xpa(a1_3, w3, x)
-            x = v8_bcast(xp, b2 + o)
+            x = a8_bcast(xp, b2 + o)
             a2_0 = v8_xpa(a2_0, w0, x)
             a2_1 = v8_xpa(a2_1, w1, x)
             a2_2 = v8_xpa(a2_2, w2, x)
             a2_3 = v8_xpa(a2_3, w3, x)
-            x = v8_bcast(xp, b3 + o)
+            x = a8_bcast(xp, b3 + o)
             a3_0 = v8_xpa(a3_0, w0, x)
             a3_1 = v8_xpa(a3_1, w1, x)
             a3_2 = v8_xpa(a3_2, w2, x)
             a3_3 = v8_xpa(a3_3, w3, x)
-            x = v8_bcast(xp, b4 + o)
+            x = a8_bcast(xp, b4 + o)
             a4_0 = v8_xpa(a4_0, w0, x)
             a4_1 = v8_xpa(a4_1, w1, x)
             a4_2 = v8_xpa(a4_2, w2, x)
             a4_3 = v8_xpa(a4_3, w3, x)
-            x = v8_bcast(xp, b5 + o)
+            x = a8_bcast(xp, b5 + o)
             a5_0 = v8_xpa(a5_0, w0, x)
             a5_1 = v8_xpa(a5_1, w1, x)
             a5_2 = v8_xpa(a5_2, w2, x)
             a5_3 = v8_xpa(a5_3, w3, x)
     else:
         for t in range(ntaps):
-            o = toff[t]
+            o = a_i64(toff, t)
             for c in range(wg):
-                w0 = v8_load(wt, wi + 0)
-                w1 = v8_load(wt, wi + 8)
-                w2 = v8_load(wt, wi + 16)
-                w3 = v8_load(wt, wi + 24)
+                w0 = a8_load(wt, wi + 0)
+                w1 = a8_load(wt, wi + 8)
+                w2 = a8_load(wt, wi + 16)
+                w3 = a8_load(wt, wi + 24)
                 wi += 32
-                x = v8_bcast(xp, b0 + o + c)
+                x = a8_bcast(xp, b0 + o + c)
                 a0_0 = v8_xpa(a0_0, w0, x)
                 a0_1 = v8_xpa(a0_1, w1, x)
                 a0_2 = v8_xpa(a0_2, w2, x)
                 a0_3 = v8_xpa(a0_3, w3, x)
-                x = v8_bcast(xp, b1 + o + c)
+                x = a8_bcast(xp, b1 + o + c)
                 a1_0 = v8_xpa(a1_0, w0, x)
                 a1_1 = v8_xpa(a1_1, w1, x)
                 a1_2 = v8_xpa(a1_2, w2, x)
                 a1_3 = v8_xpa(a1_3, w3, x)
-                x = v8_bcast(xp, b2 + o + c)
+                x = a8_bcast(xp, b2 + o + c)
                 a2_0 = v8_xpa(a2_0, w0, x)
                 a2_1 = v8_xpa(a2_1, w1, x)
                 a2_2 = v8_xpa(a2_2, w2, x)
                 a2_3 = v8_xpa(a2_3, w3, x)
-                x = v8_bcast(xp, b3 + o + c)
+                x = a8_bcast(xp, b3 + o + c)
                 a3_0 = v8_xpa(a3_0, w0, x)
                 a3_1 = v8_xpa(a3_1, w1, x)
                 a3_2 = v8_xpa(a3_2, w2, x)
                 a3_3 = v8_xpa(a3_3, w3, x)
-                x = v8_bcast(xp, b4 + o + c)
+                x = a8_bcast(xp, b4 + o + c)
                 a4_0 = v8_xpa(a4_0, w0, x)
                 a4_1 = v8_xpa(a4_1, w1, x)
                 a4_2 = v8_xpa(a4_2, w2, x)
                 a4_3 = v8_xpa(a4_3, w3, x)
-                x = v8_bcast(xp, b5 + o + c)
+                x = a8_bcast(xp, b5 + o + c)
                 a5_0 = v8_xpa(a5_0, w0, x)
                 a5_1 = v8_xpa(a5_1, w1, x)
                 a5_2 = v8_xpa(a5_2, w2, x)
                 a5_3 = v8_xpa(a5_3, w3, x)
-    z = v8_zero()
     if direct == 1:
-        ob = obases[0]
-        v8_store_acc_i32(out, ob + 0, a0_0, k, z)
-        v8_store_acc_i32(out, ob + 8, a0_1, k, z)
-        v8_store_acc_i32(out, ob + 16, a0_2, k, z)
-        v8_store_acc_i32(out, ob + 24, a0_3, k, z)
-        ob = obases[1]
-        v8_store_acc_i32(out, ob + 0, a1_0, k, z)
-        v8_store_acc_i32(out, ob + 8, a1_1, k, z)
-        v8_store_acc_i32(out, ob + 16, a1_2, k, z)
-        v8_store_acc_i32(out, ob + 24, a1_3, k, z)
-        ob = obases[2]
-        v8_store_acc_i32(out, ob + 0, a2_0, k, z)
-        v8_store_acc_i32(out, ob + 8, a2_1, k, z)
-        v8_store_acc_i32(out, ob + 16, a2_2, k, z)
-        v8_store_acc_i32(out, ob + 24, a2_3, k, z)
-        ob = obases[3]
-        v8_store_acc_i32(out, ob + 0, a3_0, k, z)
-        v8_store_acc_i32(out, ob + 8, a3_1, k, z)
-        v8_store_acc_i32(out, ob + 16, a3_2, k, z)
-        v8_store_acc_i32(out, ob + 24, a3_3, k, z)
-        ob = obases[4]
-        v8_store_acc_i32(out, ob + 0, a4_0, k, z)
-        v8_store_acc_i32(out, ob + 8, a4_1, k, z)
-        v8_store_acc_i32(out, ob + 16, a4_2, k, z)
-        v8_store_acc_i32(out, ob + 24, a4_3, k, z)
-        ob = obases[5]
-        v8_store_acc_i32(out, ob + 0, a5_0, k, z)
-        v8_store_acc_i32(out, ob + 8, a5_1, k, z)
-        v8_store_acc_i32(out, ob + 16, a5_2, k, z)
-        v8_store_acc_i32(out, ob + 24, a5_3, k, z)
+        ob = a_i64(obases, 0)
+        a8_store_acc_i32(out, ob + 0, a0_0, k)
+        a8_store_acc_i32(out, ob + 8, a0_1, k)
+        a8_store_acc_i32(out, ob + 16, a0_2, k)
+        a8_store_acc_i32(out, ob + 24, a0_3, k)
+        ob = a_i64(obases, 1)
+        a8_store_acc_i32(out, ob + 0, a1_0, k)
+        a8_store_acc_i32(out, ob + 8, a1_1, k)
+        a8_store_acc_i32(out, ob + 16, a1_2, k)
+        a8_store_acc_i32(out, ob + 24, a1_3, k)
+        ob = a_i64(obases, 2)
+        a8_store_acc_i32(out, ob + 0, a2_0, k)
+        a8_store_acc_i32(out, ob + 8, a2_1, k)
+        a8_store_acc_i32(out, ob + 16, a2_2, k)
+        a8_store_acc_i32(out, ob + 24, a2_3, k)
+        ob = a_i64(obases, 3)
+        a8_store_acc_i32(out, ob + 0, a3_0, k)
+        a8_store_acc_i32(out, ob + 8, a3_1, k)
+        a8_store_acc_i32(out, ob + 16, a3_2, k)
+        a8_store_acc_i32(out, ob + 24, a3_3, k)
+        ob = a_i64(obases, 4)
+        a8_store_acc_i32(out, ob + 0, a4_0, k)
+        a8_store_acc_i32(out, ob + 8, a4_1, k)
+        a8_store_acc_i32(out, ob + 16, a4_2, k)
+        a8_store_acc_i32(out, ob + 24, a4_3, k)
+        ob = a_i64(obases, 5)
+        a8_store_acc_i32(out, ob + 0, a5_0, k)
+        a8_store_acc_i32(out, ob + 8, a5_1, k)
+        a8_store_acc_i32(out, ob + 16, a5_2, k)
+        a8_store_acc_i32(out, ob + 24, a5_3, k)
     elif direct == 2:
-        d0 = v8_load(dirn, o0 + 0)
-        t0 = v8_load(thr, o0 + 0)
-        d1 = v8_load(dirn, o0 + 8)
-        t1 = v8_load(thr, o0 + 8)
-        d2 = v8_load(dirn, o0 + 16)
-        t2 = v8_load(thr, o0 + 16)
-        d3 = v8_load(dirn, o0 + 24)
-        t3 = v8_load(thr, o0 + 24)
+        d0 = a8_load(dirn, o0 + 0)
+        t0 = a8_load(thr, o0 + 0)
+        d1 = a8_load(dirn, o0 + 8)
+        t1 = a8_load(thr, o0 + 8)
+        d2 = a8_load(dirn, o0 + 16)
+        t2 = a8_load(thr, o0 + 16)
+        d3 = a8_load(dirn, o0 + 24)
+        t3 = a8_load(thr, o0 + 24)
+        z = v8_zero()
         bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
         bits |= (v8_threshold_bits(a0_1, k, z, d1, t1) << 8)
         bits |= (v8_threshold_bits(a0_2, k, z, d2, t2) << 16)
         bits |= (v8_threshold_bits(a0_3, k, z, d3, t3) << 24)
-        out_bits[obases[0]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 0), bits << shift)
         bits = (v8_threshold_bits(a1_0, k, z, d0, t0) << 0)
         bits |= (v8_threshold_bits(a1_1, k, z, d1, t1) << 8)
         bits |= (v8_threshold_bits(a1_2, k, z, d2, t2) << 16)
         bits |= (v8_threshold_bits(a1_3, k, z, d3, t3) << 24)
-        out_bits[obases[1]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 1), bits << shift)
         bits = (v8_threshold_bits(a2_0, k, z, d0, t0) << 0)
         bits |= (v8_threshold_bits(a2_1, k, z, d1, t1) << 8)
         bits |= (v8_threshold_bits(a2_2, k, z, d2, t2) << 16)
         bits |= (v8_threshold_bits(a2_3, k, z, d3, t3) << 24)
-        out_bits[obases[2]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 2), bits << shift)
         bits = (v8_threshold_bits(a3_0, k, z, d0, t0) << 0)
         bits |= (v8_threshold_bits(a3_1, k, z, d1, t1) << 8)
         bits |= (v8_threshold_bits(a3_2, k, z, d2, t2) << 16)
         bits |= (v8_threshold_bits(a3_3, k, z, d3, t3) << 24)
-        out_bits[obases[3]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 3), bits << shift)
         bits = (v8_threshold_bits(a4_0, k, z, d0, t0) << 0)
         bits |= (v8_threshold_bits(a4_1, k, z, d1, t1) << 8)
         bits |= (v8_threshold_bits(a4_2, k, z, d2, t2) << 16)
         bits |= (v8_threshold_bits(a4_3, k, z, d3, t3) << 24)
-        out_bits[obases[4]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 4), bits << shift)
         bits = (v8_threshold_bits(a5_0, k, z, d0, t0) << 0)
         bits |= (v8_threshold_bits(a5_1, k, z, d1, t1) << 8)
         bits |= (v8_threshold_bits(a5_2, k, z, d2, t2) << 16)
         bits |= (v8_threshold_bits(a5_3, k, z, d3, t3) << 24)
-        out_bits[obases[5]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 5), bits << shift)
     else:
-        v8_store(acc, 0, a0_0)
-        v8_store(acc, 8, a0_1)
-        v8_store(acc, 16, a0_2)
-        v8_store(acc, 24, a0_3)
-        v8_store(acc, 32, a1_0)
-        v8_store(acc, 40, a1_1)
-        v8_store(acc, 48, a1_2)
-        v8_store(acc, 56, a1_3)
-        v8_store(acc, 64, a2_0)
-        v8_store(acc, 72, a2_1)
-        v8_store(acc, 80, a2_2)
-        v8_store(acc, 88, a2_3)
-        v8_store(acc, 96, a3_0)
-        v8_store(acc, 104, a3_1)
-        v8_store(acc, 112, a3_2)
-        v8_store(acc, 120, a3_3)
-        v8_store(acc, 128, a4_0)
-        v8_store(acc, 136, a4_1)
-        v8_store(acc, 144, a4_2)
-        v8_store(acc, 152, a4_3)
-        v8_store(acc, 160, a5_0)
-        v8_store(acc, 168, a5_1)
-        v8_store(acc, 176, a5_2)
-        v8_store(acc, 184, a5_3)
+        a8_store(acc, 0, a0_0)
+        a8_store(acc, 8, a0_1)
+        a8_store(acc, 16, a0_2)
+        a8_store(acc, 24, a0_3)
+        a8_store(acc, 32, a1_0)
+        a8_store(acc, 40, a1_1)
+        a8_store(acc, 48, a1_2)
+        a8_store(acc, 56, a1_3)
+        a8_store(acc, 64, a2_0)
+        a8_store(acc, 72, a2_1)
+        a8_store(acc, 80, a2_2)
+        a8_store(acc, 88, a2_3)
+        a8_store(acc, 96, a3_0)
+        a8_store(acc, 104, a3_1)
+        a8_store(acc, 112, a3_2)
+        a8_store(acc, 120, a3_3)
+        a8_store(acc, 128, a4_0)
+        a8_store(acc, 136, a4_1)
+        a8_store(acc, 144, a4_2)
+        a8_store(acc, 152, a4_3)
+        a8_store(acc, 160, a5_0)
+        a8_store(acc, 168, a5_1)
+        a8_store(acc, 176, a5_2)
+        a8_store(acc, 184, a5_3)
 
 
 @njit(cache=True)
 def _t1x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
         k, direct, out_bits, dirn, thr, o0, shift):
-    b0 = bases[0]
+    b0 = a_i64(bases, 0)
     a0_0 = v8_zero()
     a0_1 = v8_zero()
     wi = wbase
     if wg == 1:
         for t in range(ntaps):
-            o = toff[t]
-            w0 = v8_load(wt, wi + 0)
-            w1 = v8_load(wt, wi + 8)
+            o = a_i64(toff, t)
+            w0 = a8_load(wt, wi + 0)
+            w1 = a8_load(wt, wi + 8)
             wi += 16
-            x = v8_bcast(xp, b0 + o)
+            x = a8_bcast(xp, b0 + o)
             a0_0 = v8_xpa(a0_0, w0, x)
             a0_1 = v8_xpa(a0_1, w1, x)
     else:
         for t in range(ntaps):
-            o = toff[t]
+            o = a_i64(toff, t)
             for c in range(wg):
-                w0 = v8_load(wt, wi + 0)
-                w1 = v8_load(wt, wi + 8)
+                w0 = a8_load(wt, wi + 0)
+                w1 = a8_load(wt, wi + 8)
                 wi += 16
-                x = v8_bcast(xp, b0 + o + c)
+                x = a8_bcast(xp, b0 + o + c)
                 a0_0 = v8_xpa(a0_0, w0, x)
                 a0_1 = v8_xpa(a0_1, w1, x)
-    z = v8_zero()
     if direct == 1:
-        ob = obases[0]
-        v8_store_acc_i32(out, ob + 0, a0_0, k, z)
-        v8_store_acc_i32(out, ob + 8, a0_1, k, z)
+        ob = a_i64(obases, 0)
+        a8_store_acc_i32(out, ob + 0, a0_0, k)
+        a8_store_acc_i32(out, ob + 8, a0_1, k)
     elif direct == 2:
-        d0 = v8_load(dirn, o0 + 0)
-        t0 = v8_load(thr, o0 + 0)
-        d1 = v8_load(dirn, o0 + 8)
-        t1 = v8_load(thr, o0 + 8)
+        d0 = a8_load(dirn, o0 + 0)
+        t0 = a8_load(thr, o0 + 0)
+        d1 = a8_load(dirn, o0 + 8)
+        t1 = a8_load(thr, o0 + 8)
+        z = v8_zero()
         bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
         bits |= (v8_threshold_bits(a0_1, k, z, d1, t1) << 8)
-        out_bits[obases[0]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 0), bits << shift)
     else:
-        v8_store(acc, 0, a0_0)
-        v8_store(acc, 8, a0_1)
+        a8_store(acc, 0, a0_0)
+        a8_store(acc, 8, a0_1)
 
 
 @njit(cache=True)
 def _t2x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
         k, direct, out_bits, dirn, thr, o0, shift):
-    b0 = bases[0]
-    b1 = bases[1]
+    b0 = a_i64(bases, 0)
+    b1 = a_i64(bases, 1)
     a0_0 = v8_zero()
     a0_1 = v8_zero()
     a1_0 = v8_zero()
@@ -903,61 +907,61 @@ def _t2x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
     wi = wbase
     if wg == 1:
         for t in range(ntaps):
-            o = toff[t]
-            w0 = v8_load(wt, wi + 0)
-            w1 = v8_load(wt, wi + 8)
+            o = a_i64(toff, t)
+            w0 = a8_load(wt, wi + 0)
+            w1 = a8_load(wt, wi + 8)
             wi += 16
-            x = v8_bcast(xp, b0 + o)
+            x = a8_bcast(xp, b0 + o)
             a0_0 = v8_xpa(a0_0, w0, x)
             a0_1 = v8_xpa(a0_1, w1, x)
-            x = v8_bcast(xp, b1 + o)
+            x = a8_bcast(xp, b1 + o)
             a1_0 = v8_xpa(a1_0, w0, x)
             a1_1 = v8_xpa(a1_1, w1, x)
     else:
         for t in range(ntaps):
-            o = toff[t]
+            o = a_i64(toff, t)
             for c in range(wg):
-                w0 = v8_load(wt, wi + 0)
-                w1 = v8_load(wt, wi + 8)
+                w0 = a8_load(wt, wi + 0)
+                w1 = a8_load(wt, wi + 8)
                 wi += 16
-                x = v8_bcast(xp, b0 + o + c)
+                x = a8_bcast(xp, b0 + o + c)
                 a0_0 = v8_xpa(a0_0, w0, x)
                 a0_1 = v8_xpa(a0_1, w1, x)
-                x = v8_bcast(xp, b1 + o + c)
+                x = a8_bcast(xp, b1 + o + c)
                 a1_0 = v8_xpa(a1_0, w0, x)
                 a1_1 = v8_xpa(a1_1, w1, x)
-    z = v8_zero()
     if direct == 1:
-        ob = obases[0]
-        v8_store_acc_i32(out, ob + 0, a0_0, k, z)
-        v8_store_acc_i32(out, ob + 8, a0_1, k, z)
-        ob = obases[1]
-        v8_store_acc_i32(out, ob + 0, a1_0, k, z)
-        v8_store_acc_i32(out, ob + 8, a1_1, k, z)
+        ob = a_i64(obases, 0)
+        a8_store_acc_i32(out, ob + 0, a0_0, k)
+        a8_store_acc_i32(out, ob + 8, a0_1, k)
+        ob = a_i64(obases, 1)
+        a8_store_acc_i32(out, ob + 0, a1_0, k)
+        a8_store_acc_i32(out, ob + 8, a1_1, k)
     elif direct == 2:
-        d0 = v8_load(dirn, o0 + 0)
-        t0 = v8_load(thr, o0 + 0)
-        d1 = v8_load(dirn, o0 + 8)
-        t1 = v8_load(thr, o0 + 8)
+        d0 = a8_load(dirn, o0 + 0)
+        t0 = a8_load(thr, o0 + 0)
+        d1 = a8_load(dirn, o0 + 8)
+        t1 = a8_load(thr, o0 + 8)
+        z = v8_zero()
         bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
         bits |= (v8_threshold_bits(a0_1, k, z, d1, t1) << 8)
-        out_bits[obases[0]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 0), bits << shift)
         bits = (v8_threshold_bits(a1_0, k, z, d0, t0) << 0)
         bits |= (v8_threshold_bits(a1_1, k, z, d1, t1) << 8)
-        out_bits[obases[1]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 1), bits << shift)
     else:
-        v8_store(acc, 0, a0_0)
-        v8_store(acc, 8, a0_1)
-        v8_store(acc, 16, a1_0)
-        v8_store(acc, 24, a1_1)
+        a8_store(acc, 0, a0_0)
+        a8_store(acc, 8, a0_1)
+        a8_store(acc, 16, a1_0)
+        a8_store(acc, 24, a1_1)
 
 
 @njit(cache=True)
 def _t3x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
         k, direct, out_bits, dirn, thr, o0, shift):
-    b0 = bases[0]
-    b1 = bases[1]
-    b2 = bases[2]
+    b0 = a_i64(bases, 0)
+    b1 = a_i64(bases, 1)
+    b2 = a_i64(bases, 2)
     a0_0 = v8_zero()
     a0_1 = v8_zero()
     a1_0 = v8_zero()
@@ -967,76 +971,76 @@ def _t3x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
     wi = wbase
     if wg == 1:
         for t in range(ntaps):
-            o = toff[t]
-            w0 = v8_load(wt, wi + 0)
-            w1 = v8_load(wt, wi + 8)
+            o = a_i64(toff, t)
+            w0 = a8_load(wt, wi + 0)
+            w1 = a8_load(wt, wi + 8)
             wi += 16
-            x = v8_bcast(xp, b0 + o)
+            x = a8_bcast(xp, b0 + o)
             a0_0 = v8_xpa(a0_0, w0, x)
             a0_1 = v8_xpa(a0_1, w1, x)
-            x = v8_bcast(xp, b1 + o)
+            x = a8_bcast(xp, b1 + o)
             a1_0 = v8_xpa(a1_0, w0, x)
             a1_1 = v8_xpa(a1_1, w1, x)
-            x = v8_bcast(xp, b2 + o)
+            x = a8_bcast(xp, b2 + o)
             a2_0 = v8_xpa(a2_0, w0, x)
             a2_1 = v8_xpa(a2_1, w1, x)
     else:
         for t in range(ntaps):
-            o = toff[t]
+            o = a_i64(toff, t)
             for c in range(wg):
-                w0 = v8_load(wt, wi + 0)
-                w1 = v8_load(wt, wi + 8)
+                w0 = a8_load(wt, wi + 0)
+                w1 = a8_load(wt, wi + 8)
                 wi += 16
-                x = v8_bcast(xp, b0 + o + c)
+                x = a8_bcast(xp, b0 + o + c)
                 a0_0 = v8_xpa(a0_0, w0, x)
                 a0_1 = v8_xpa(a0_1, w1, x)
-                x = v8_bcast(xp, b1 + o + c)
+                x = a8_bcast(xp, b1 + o + c)
                 a1_0 = v8_xpa(a1_0, w0, x)
                 a1_1 = v8_xpa(a1_1, w1, x)
-                x = v8_bcast(xp, b2 + o + c)
+                x = a8_bcast(xp, b2 + o + c)
                 a2_0 = v8_xpa(a2_0, w0, x)
                 a2_1 = v8_xpa(a2_1, w1, x)
-    z = v8_zero()
     if direct == 1:
-        ob = obases[0]
-        v8_store_acc_i32(out, ob + 0, a0_0, k, z)
-        v8_store_acc_i32(out, ob + 8, a0_1, k, z)
-        ob = obases[1]
-        v8_store_acc_i32(out, ob + 0, a1_0, k, z)
-        v8_store_acc_i32(out, ob + 8, a1_1, k, z)
-        ob = obases[2]
-        v8_store_acc_i32(out, ob + 0, a2_0, k, z)
-        v8_store_acc_i32(out, ob + 8, a2_1, k, z)
+        ob = a_i64(obases, 0)
+        a8_store_acc_i32(out, ob + 0, a0_0, k)
+        a8_store_acc_i32(out, ob + 8, a0_1, k)
+        ob = a_i64(obases, 1)
+        a8_store_acc_i32(out, ob + 0, a1_0, k)
+        a8_store_acc_i32(out, ob + 8, a1_1, k)
+        ob = a_i64(obases, 2)
+        a8_store_acc_i32(out, ob + 0, a2_0, k)
+        a8_store_acc_i32(out, ob + 8, a2_1, k)
     elif direct == 2:
-        d0 = v8_load(dirn, o0 + 0)
-        t0 = v8_load(thr, o0 + 0)
-        d1 = v8_load(dirn, o0 + 8)
-        t1 = v8_load(thr, o0 + 8)
+        d0 = a8_load(dirn, o0 + 0)
+        t0 = a8_load(thr, o0 + 0)
+        d1 = a8_load(dirn, o0 + 8)
+        t1 = a8_load(thr, o0 + 8)
+        z = v8_zero()
         bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
         bits |= (v8_threshold_bits(a0_1, k, z, d1, t1) << 8)
-        out_bits[obases[0]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 0), bits << shift)
         bits = (v8_threshold_bits(a1_0, k, z, d0, t0) << 0)
         bits |= (v8_threshold_bits(a1_1, k, z, d1, t1) << 8)
-        out_bits[obases[1]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 1), bits << shift)
         bits = (v8_threshold_bits(a2_0, k, z, d0, t0) << 0)
         bits |= (v8_threshold_bits(a2_1, k, z, d1, t1) << 8)
-        out_bits[obases[2]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 2), bits << shift)
     else:
-        v8_store(acc, 0, a0_0)
-        v8_store(acc, 8, a0_1)
-        v8_store(acc, 16, a1_0)
-        v8_store(acc, 24, a1_1)
-        v8_store(acc, 32, a2_0)
-        v8_store(acc, 40, a2_1)
+        a8_store(acc, 0, a0_0)
+        a8_store(acc, 8, a0_1)
+        a8_store(acc, 16, a1_0)
+        a8_store(acc, 24, a1_1)
+        a8_store(acc, 32, a2_0)
+        a8_store(acc, 40, a2_1)
 
 
 @njit(cache=True)
 def _t4x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
         k, direct, out_bits, dirn, thr, o0, shift):
-    b0 = bases[0]
-    b1 = bases[1]
-    b2 = bases[2]
-    b3 = bases[3]
+    b0 = a_i64(bases, 0)
+    b1 = a_i64(bases, 1)
+    b2 = a_i64(bases, 2)
+    b3 = a_i64(bases, 3)
     a0_0 = v8_zero()
     a0_1 = v8_zero()
     a1_0 = v8_zero()
@@ -1048,91 +1052,91 @@ def _t4x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
     wi = wbase
     if wg == 1:
         for t in range(ntaps):
-            o = toff[t]
-            w0 = v8_load(wt, wi + 0)
-            w1 = v8_load(wt, wi + 8)
+            o = a_i64(toff, t)
+            w0 = a8_load(wt, wi + 0)
+            w1 = a8_load(wt, wi + 8)
             wi += 16
-            x = v8_bcast(xp, b0 + o)
+            x = a8_bcast(xp, b0 + o)
             a0_0 = v8_xpa(a0_0, w0, x)
             a0_1 = v8_xpa(a0_1, w1, x)
-            x = v8_bcast(xp, b1 + o)
+            x = a8_bcast(xp, b1 + o)
             a1_0 = v8_xpa(a1_0, w0, x)
             a1_1 = v8_xpa(a1_1, w1, x)
-            x = v8_bcast(xp, b2 + o)
+            x = a8_bcast(xp, b2 + o)
             a2_0 = v8_xpa(a2_0, w0, x)
             a2_1 = v8_xpa(a2_1, w1, x)
-            x = v8_bcast(xp, b3 + o)
+            x = a8_bcast(xp, b3 + o)
             a3_0 = v8_xpa(a3_0, w0, x)
             a3_1 = v8_xpa(a3_1, w1, x)
     else:
         for t in range(ntaps):
-            o = toff[t]
+            o = a_i64(toff, t)
             for c in range(wg):
-                w0 = v8_load(wt, wi + 0)
-                w1 = v8_load(wt, wi + 8)
+                w0 = a8_load(wt, wi + 0)
+                w1 = a8_load(wt, wi + 8)
                 wi += 16
-                x = v8_bcast(xp, b0 + o + c)
+                x = a8_bcast(xp, b0 + o + c)
                 a0_0 = v8_xpa(a0_0, w0, x)
                 a0_1 = v8_xpa(a0_1, w1, x)
-                x = v8_bcast(xp, b1 + o + c)
+                x = a8_bcast(xp, b1 + o + c)
                 a1_0 = v8_xpa(a1_0, w0, x)
                 a1_1 = v8_xpa(a1_1, w1, x)
-                x = v8_bcast(xp, b2 + o + c)
+                x = a8_bcast(xp, b2 + o + c)
                 a2_0 = v8_xpa(a2_0, w0, x)
                 a2_1 = v8_xpa(a2_1, w1, x)
-                x = v8_bcast(xp, b3 + o + c)
+                x = a8_bcast(xp, b3 + o + c)
                 a3_0 = v8_xpa(a3_0, w0, x)
                 a3_1 = v8_xpa(a3_1, w1, x)
-    z = v8_zero()
     if direct == 1:
-        ob = obases[0]
-        v8_store_acc_i32(out, ob + 0, a0_0, k, z)
-        v8_store_acc_i32(out, ob + 8, a0_1, k, z)
-        ob = obases[1]
-        v8_store_acc_i32(out, ob + 0, a1_0, k, z)
-        v8_store_acc_i32(out, ob + 8, a1_1, k, z)
-        ob = obases[2]
-        v8_store_acc_i32(out, ob + 0, a2_0, k, z)
-        v8_store_acc_i32(out, ob + 8, a2_1, k, z)
-        ob = obases[3]
-        v8_store_acc_i32(out, ob + 0, a3_0, k, z)
-        v8_store_acc_i32(out, ob + 8, a3_1, k, z)
+        ob = a_i64(obases, 0)
+        a8_store_acc_i32(out, ob + 0, a0_0, k)
+        a8_store_acc_i32(out, ob + 8, a0_1, k)
+        ob = a_i64(obases, 1)
+        a8_store_acc_i32(out, ob + 0, a1_0, k)
+        a8_store_acc_i32(out, ob + 8, a1_1, k)
+        ob = a_i64(obases, 2)
+        a8_store_acc_i32(out, ob + 0, a2_0, k)
+        a8_store_acc_i32(out, ob + 8, a2_1, k)
+        ob = a_i64(obases, 3)
+        a8_store_acc_i32(out, ob + 0, a3_0, k)
+        a8_store_acc_i32(out, ob + 8, a3_1, k)
     elif direct == 2:
-        d0 = v8_load(dirn, o0 + 0)
-        t0 = v8_load(thr, o0 + 0)
-        d1 = v8_load(dirn, o0 + 8)
-        t1 = v8_load(thr, o0 + 8)
+        d0 = a8_load(dirn, o0 + 0)
+        t0 = a8_load(thr, o0 + 0)
+        d1 = a8_load(dirn, o0 + 8)
+        t1 = a8_load(thr, o0 + 8)
+        z = v8_zero()
         bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
         bits |= (v8_threshold_bits(a0_1, k, z, d1, t1) << 8)
-        out_bits[obases[0]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 0), bits << shift)
         bits = (v8_threshold_bits(a1_0, k, z, d0, t0) << 0)
         bits |= (v8_threshold_bits(a1_1, k, z, d1, t1) << 8)
-        out_bits[obases[1]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 1), bits << shift)
         bits = (v8_threshold_bits(a2_0, k, z, d0, t0) << 0)
         bits |= (v8_threshold_bits(a2_1, k, z, d1, t1) << 8)
-        out_bits[obases[2]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 2), bits << shift)
         bits = (v8_threshold_bits(a3_0, k, z, d0, t0) << 0)
         bits |= (v8_threshold_bits(a3_1, k, z, d1, t1) << 8)
-        out_bits[obases[3]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 3), bits << shift)
     else:
-        v8_store(acc, 0, a0_0)
-        v8_store(acc, 8, a0_1)
-        v8_store(acc, 16, a1_0)
-        v8_store(acc, 24, a1_1)
-        v8_store(acc, 32, a2_0)
-        v8_store(acc, 40, a2_1)
-        v8_store(acc, 48, a3_0)
-        v8_store(acc, 56, a3_1)
+        a8_store(acc, 0, a0_0)
+        a8_store(acc, 8, a0_1)
+        a8_store(acc, 16, a1_0)
+        a8_store(acc, 24, a1_1)
+        a8_store(acc, 32, a2_0)
+        a8_store(acc, 40, a2_1)
+        a8_store(acc, 48, a3_0)
+        a8_store(acc, 56, a3_1)
 
 
 @njit(cache=True)
 def _t5x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
         k, direct, out_bits, dirn, thr, o0, shift):
-    b0 = bases[0]
-    b1 = bases[1]
-    b2 = bases[2]
-    b3 = bases[3]
-    b4 = bases[4]
+    b0 = a_i64(bases, 0)
+    b1 = a_i64(bases, 1)
+    b2 = a_i64(bases, 2)
+    b3 = a_i64(bases, 3)
+    b4 = a_i64(bases, 4)
     a0_0 = v8_zero()
     a0_1 = v8_zero()
     a1_0 = v8_zero()
@@ -1146,106 +1150,106 @@ def _t5x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
     wi = wbase
     if wg == 1:
         for t in range(ntaps):
-            o = toff[t]
-            w0 = v8_load(wt, wi + 0)
-            w1 = v8_load(wt, wi + 8)
+            o = a_i64(toff, t)
+            w0 = a8_load(wt, wi + 0)
+            w1 = a8_load(wt, wi + 8)
             wi += 16
-            x = v8_bcast(xp, b0 + o)
+            x = a8_bcast(xp, b0 + o)
             a0_0 = v8_xpa(a0_0, w0, x)
             a0_1 = v8_xpa(a0_1, w1, x)
-            x = v8_bcast(xp, b1 + o)
+            x = a8_bcast(xp, b1 + o)
             a1_0 = v8_xpa(a1_0, w0, x)
             a1_1 = v8_xpa(a1_1, w1, x)
-            x = v8_bcast(xp, b2 + o)
+            x = a8_bcast(xp, b2 + o)
             a2_0 = v8_xpa(a2_0, w0, x)
             a2_1 = v8_xpa(a2_1, w1, x)
-            x = v8_bcast(xp, b3 + o)
+            x = a8_bcast(xp, b3 + o)
             a3_0 = v8_xpa(a3_0, w0, x)
             a3_1 = v8_xpa(a3_1, w1, x)
-            x = v8_bcast(xp, b4 + o)
+            x = a8_bcast(xp, b4 + o)
             a4_0 = v8_xpa(a4_0, w0, x)
             a4_1 = v8_xpa(a4_1, w1, x)
     else:
         for t in range(ntaps):
-            o = toff[t]
+            o = a_i64(toff, t)
             for c in range(wg):
-                w0 = v8_load(wt, wi + 0)
-                w1 = v8_load(wt, wi + 8)
+                w0 = a8_load(wt, wi + 0)
+                w1 = a8_load(wt, wi + 8)
                 wi += 16
-                x = v8_bcast(xp, b0 + o + c)
+                x = a8_bcast(xp, b0 + o + c)
                 a0_0 = v8_xpa(a0_0, w0, x)
                 a0_1 = v8_xpa(a0_1, w1, x)
-                x = v8_bcast(xp, b1 + o + c)
+                x = a8_bcast(xp, b1 + o + c)
                 a1_0 = v8_xpa(a1_0, w0, x)
                 a1_1 = v8_xpa(a1_1, w1, x)
-                x = v8_bcast(xp, b2 + o + c)
+                x = a8_bcast(xp, b2 + o + c)
                 a2_0 = v8_xpa(a2_0, w0, x)
                 a2_1 = v8_xpa(a2_1, w1, x)
-                x = v8_bcast(xp, b3 + o + c)
+                x = a8_bcast(xp, b3 + o + c)
                 a3_0 = v8_xpa(a3_0, w0, x)
                 a3_1 = v8_xpa(a3_1, w1, x)
-                x = v8_bcast(xp, b4 + o + c)
+                x = a8_bcast(xp, b4 + o + c)
                 a4_0 = v8_xpa(a4_0, w0, x)
                 a4_1 = v8_xpa(a4_1, w1, x)
-    z = v8_zero()
     if direct == 1:
-        ob = obases[0]
-        v8_store_acc_i32(out, ob + 0, a0_0, k, z)
-        v8_store_acc_i32(out, ob + 8, a0_1, k, z)
-        ob = obases[1]
-        v8_store_acc_i32(out, ob + 0, a1_0, k, z)
-        v8_store_acc_i32(out, ob + 8, a1_1, k, z)
-        ob = obases[2]
-        v8_store_acc_i32(out, ob + 0, a2_0, k, z)
-        v8_store_acc_i32(out, ob + 8, a2_1, k, z)
-        ob = obases[3]
-        v8_store_acc_i32(out, ob + 0, a3_0, k, z)
-        v8_store_acc_i32(out, ob + 8, a3_1, k, z)
-        ob = obases[4]
-        v8_store_acc_i32(out, ob + 0, a4_0, k, z)
-        v8_store_acc_i32(out, ob + 8, a4_1, k, z)
+        ob = a_i64(obases, 0)
+        a8_store_acc_i32(out, ob + 0, a0_0, k)
+        a8_store_acc_i32(out, ob + 8, a0_1, k)
+        ob = a_i64(obases, 1)
+        a8_store_acc_i32(out, ob + 0, a1_0, k)
+        a8_store_acc_i32(out, ob + 8, a1_1, k)
+        ob = a_i64(obases, 2)
+        a8_store_acc_i32(out, ob + 0, a2_0, k)
+        a8_store_acc_i32(out, ob + 8, a2_1, k)
+        ob = a_i64(obases, 3)
+        a8_store_acc_i32(out, ob + 0, a3_0, k)
+        a8_store_acc_i32(out, ob + 8, a3_1, k)
+        ob = a_i64(obases, 4)
+        a8_store_acc_i32(out, ob + 0, a4_0, k)
+        a8_store_acc_i32(out, ob + 8, a4_1, k)
     elif direct == 2:
-        d0 = v8_load(dirn, o0 + 0)
-        t0 = v8_load(thr, o0 + 0)
-        d1 = v8_load(dirn, o0 + 8)
-        t1 = v8_load(thr, o0 + 8)
+        d0 = a8_load(dirn, o0 + 0)
+        t0 = a8_load(thr, o0 + 0)
+        d1 = a8_load(dirn, o0 + 8)
+        t1 = a8_load(thr, o0 + 8)
+        z = v8_zero()
         bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
         bits |= (v8_threshold_bits(a0_1, k, z, d1, t1) << 8)
-        out_bits[obases[0]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 0), bits << shift)
         bits = (v8_threshold_bits(a1_0, k, z, d0, t0) << 0)
         bits |= (v8_threshold_bits(a1_1, k, z, d1, t1) << 8)
-        out_bits[obases[1]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 1), bits << shift)
         bits = (v8_threshold_bits(a2_0, k, z, d0, t0) << 0)
         bits |= (v8_threshold_bits(a2_1, k, z, d1, t1) << 8)
-        out_bits[obases[2]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 2), bits << shift)
         bits = (v8_threshold_bits(a3_0, k, z, d0, t0) << 0)
         bits |= (v8_threshold_bits(a3_1, k, z, d1, t1) << 8)
-        out_bits[obases[3]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 3), bits << shift)
         bits = (v8_threshold_bits(a4_0, k, z, d0, t0) << 0)
         bits |= (v8_threshold_bits(a4_1, k, z, d1, t1) << 8)
-        out_bits[obases[4]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 4), bits << shift)
     else:
-        v8_store(acc, 0, a0_0)
-        v8_store(acc, 8, a0_1)
-        v8_store(acc, 16, a1_0)
-        v8_store(acc, 24, a1_1)
-        v8_store(acc, 32, a2_0)
-        v8_store(acc, 40, a2_1)
-        v8_store(acc, 48, a3_0)
-        v8_store(acc, 56, a3_1)
-        v8_store(acc, 64, a4_0)
-        v8_store(acc, 72, a4_1)
+        a8_store(acc, 0, a0_0)
+        a8_store(acc, 8, a0_1)
+        a8_store(acc, 16, a1_0)
+        a8_store(acc, 24, a1_1)
+        a8_store(acc, 32, a2_0)
+        a8_store(acc, 40, a2_1)
+        a8_store(acc, 48, a3_0)
+        a8_store(acc, 56, a3_1)
+        a8_store(acc, 64, a4_0)
+        a8_store(acc, 72, a4_1)
 
 
 @njit(cache=True)
 def _t6x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
         k, direct, out_bits, dirn, thr, o0, shift):
-    b0 = bases[0]
-    b1 = bases[1]
-    b2 = bases[2]
-    b3 = bases[3]
-    b4 = bases[4]
-    b5 = bases[5]
+    b0 = a_i64(bases, 0)
+    b1 = a_i64(bases, 1)
+    b2 = a_i64(bases, 2)
+    b3 = a_i64(bases, 3)
+    b4 = a_i64(bases, 4)
+    b5 = a_i64(bases, 5)
     a0_0 = v8_zero()
     a0_1 = v8_zero()
     a1_0 = v8_zero()
@@ -1261,253 +1265,253 @@ def _t6x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
     wi = wbase
     if wg == 1:
         for t in range(ntaps):
-            o = toff[t]
-            w0 = v8_load(wt, wi + 0)
-            w1 = v8_load(wt, wi + 8)
+            o = a_i64(toff, t)
+            w0 = a8_load(wt, wi + 0)
+            w1 = a8_load(wt, wi + 8)
             wi += 16
-            x = v8_bcast(xp, b0 + o)
+            x = a8_bcast(xp, b0 + o)
             a0_0 = v8_xpa(a0_0, w0, x)
             a0_1 = v8_xpa(a0_1, w1, x)
-            x = v8_bcast(xp, b1 + o)
+            x = a8_bcast(xp, b1 + o)
             a1_0 = v8_xpa(a1_0, w0, x)
             a1_1 = v8_xpa(a1_1, w1, x)
-            x = v8_bcast(xp, b2 + o)
+            x = a8_bcast(xp, b2 + o)
             a2_0 = v8_xpa(a2_0, w0, x)
             a2_1 = v8_xpa(a2_1, w1, x)
-            x = v8_bcast(xp, b3 + o)
+            x = a8_bcast(xp, b3 + o)
             a3_0 = v8_xpa(a3_0, w0, x)
             a3_1 = v8_xpa(a3_1, w1, x)
-            x = v8_bcast(xp, b4 + o)
+            x = a8_bcast(xp, b4 + o)
             a4_0 = v8_xpa(a4_0, w0, x)
             a4_1 = v8_xpa(a4_1, w1, x)
-            x = v8_bcast(xp, b5 + o)
+            x = a8_bcast(xp, b5 + o)
             a5_0 = v8_xpa(a5_0, w0, x)
             a5_1 = v8_xpa(a5_1, w1, x)
     else:
         for t in range(ntaps):
-            o = toff[t]
+            o = a_i64(toff, t)
             for c in range(wg):
-                w0 = v8_load(wt, wi + 0)
-                w1 = v8_load(wt, wi + 8)
+                w0 = a8_load(wt, wi + 0)
+                w1 = a8_load(wt, wi + 8)
                 wi += 16
-                x = v8_bcast(xp, b0 + o + c)
+                x = a8_bcast(xp, b0 + o + c)
                 a0_0 = v8_xpa(a0_0, w0, x)
                 a0_1 = v8_xpa(a0_1, w1, x)
-                x = v8_bcast(xp, b1 + o + c)
+                x = a8_bcast(xp, b1 + o + c)
                 a1_0 = v8_xpa(a1_0, w0, x)
                 a1_1 = v8_xpa(a1_1, w1, x)
-                x = v8_bcast(xp, b2 + o + c)
+                x = a8_bcast(xp, b2 + o + c)
                 a2_0 = v8_xpa(a2_0, w0, x)
                 a2_1 = v8_xpa(a2_1, w1, x)
-                x = v8_bcast(xp, b3 + o + c)
+                x = a8_bcast(xp, b3 + o + c)
                 a3_0 = v8_xpa(a3_0, w0, x)
                 a3_1 = v8_xpa(a3_1, w1, x)
-                x = v8_bcast(xp, b4 + o + c)
+                x = a8_bcast(xp, b4 + o + c)
                 a4_0 = v8_xpa(a4_0, w0, x)
                 a4_1 = v8_xpa(a4_1, w1, x)
-                x = v8_bcast(xp, b5 + o + c)
+                x = a8_bcast(xp, b5 + o + c)
                 a5_0 = v8_xpa(a5_0, w0, x)
                 a5_1 = v8_xpa(a5_1, w1, x)
-    z = v8_zero()
     if direct == 1:
-        ob = obases[0]
-        v8_store_acc_i32(out, ob + 0, a0_0, k, z)
-        v8_store_acc_i32(out, ob + 8, a0_1, k, z)
-        ob = obases[1]
-        v8_store_acc_i32(out, ob + 0, a1_0, k, z)
-        v8_store_acc_i32(out, ob + 8, a1_1, k, z)
-        ob = obases[2]
-        v8_store_acc_i32(out, ob + 0, a2_0, k, z)
-        v8_store_acc_i32(out, ob + 8, a2_1, k, z)
-        ob = obases[3]
-        v8_store_acc_i32(out, ob + 0, a3_0, k, z)
-        v8_store_acc_i32(out, ob + 8, a3_1, k, z)
-        ob = obases[4]
-        v8_store_acc_i32(out, ob + 0, a4_0, k, z)
-        v8_store_acc_i32(out, ob + 8, a4_1, k, z)
-        ob = obases[5]
-        v8_store_acc_i32(out, ob + 0, a5_0, k, z)
-        v8_store_acc_i32(out, ob + 8, a5_1, k, z)
+        ob = a_i64(obases, 0)
+        a8_store_acc_i32(out, ob + 0, a0_0, k)
+        a8_store_acc_i32(out, ob + 8, a0_1, k)
+        ob = a_i64(obases, 1)
+        a8_store_acc_i32(out, ob + 0, a1_0, k)
+        a8_store_acc_i32(out, ob + 8, a1_1, k)
+        ob = a_i64(obases, 2)
+        a8_store_acc_i32(out, ob + 0, a2_0, k)
+        a8_store_acc_i32(out, ob + 8, a2_1, k)
+        ob = a_i64(obases, 3)
+        a8_store_acc_i32(out, ob + 0, a3_0, k)
+        a8_store_acc_i32(out, ob + 8, a3_1, k)
+        ob = a_i64(obases, 4)
+        a8_store_acc_i32(out, ob + 0, a4_0, k)
+        a8_store_acc_i32(out, ob + 8, a4_1, k)
+        ob = a_i64(obases, 5)
+        a8_store_acc_i32(out, ob + 0, a5_0, k)
+        a8_store_acc_i32(out, ob + 8, a5_1, k)
     elif direct == 2:
-        d0 = v8_load(dirn, o0 + 0)
-        t0 = v8_load(thr, o0 + 0)
-        d1 = v8_load(dirn, o0 + 8)
-        t1 = v8_load(thr, o0 + 8)
+        d0 = a8_load(dirn, o0 + 0)
+        t0 = a8_load(thr, o0 + 0)
+        d1 = a8_load(dirn, o0 + 8)
+        t1 = a8_load(thr, o0 + 8)
+        z = v8_zero()
         bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
         bits |= (v8_threshold_bits(a0_1, k, z, d1, t1) << 8)
-        out_bits[obases[0]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 0), bits << shift)
         bits = (v8_threshold_bits(a1_0, k, z, d0, t0) << 0)
         bits |= (v8_threshold_bits(a1_1, k, z, d1, t1) << 8)
-        out_bits[obases[1]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 1), bits << shift)
         bits = (v8_threshold_bits(a2_0, k, z, d0, t0) << 0)
         bits |= (v8_threshold_bits(a2_1, k, z, d1, t1) << 8)
-        out_bits[obases[2]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 2), bits << shift)
         bits = (v8_threshold_bits(a3_0, k, z, d0, t0) << 0)
         bits |= (v8_threshold_bits(a3_1, k, z, d1, t1) << 8)
-        out_bits[obases[3]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 3), bits << shift)
         bits = (v8_threshold_bits(a4_0, k, z, d0, t0) << 0)
         bits |= (v8_threshold_bits(a4_1, k, z, d1, t1) << 8)
-        out_bits[obases[4]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 4), bits << shift)
         bits = (v8_threshold_bits(a5_0, k, z, d0, t0) << 0)
         bits |= (v8_threshold_bits(a5_1, k, z, d1, t1) << 8)
-        out_bits[obases[5]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 5), bits << shift)
     else:
-        v8_store(acc, 0, a0_0)
-        v8_store(acc, 8, a0_1)
-        v8_store(acc, 16, a1_0)
-        v8_store(acc, 24, a1_1)
-        v8_store(acc, 32, a2_0)
-        v8_store(acc, 40, a2_1)
-        v8_store(acc, 48, a3_0)
-        v8_store(acc, 56, a3_1)
-        v8_store(acc, 64, a4_0)
-        v8_store(acc, 72, a4_1)
-        v8_store(acc, 80, a5_0)
-        v8_store(acc, 88, a5_1)
+        a8_store(acc, 0, a0_0)
+        a8_store(acc, 8, a0_1)
+        a8_store(acc, 16, a1_0)
+        a8_store(acc, 24, a1_1)
+        a8_store(acc, 32, a2_0)
+        a8_store(acc, 40, a2_1)
+        a8_store(acc, 48, a3_0)
+        a8_store(acc, 56, a3_1)
+        a8_store(acc, 64, a4_0)
+        a8_store(acc, 72, a4_1)
+        a8_store(acc, 80, a5_0)
+        a8_store(acc, 88, a5_1)
 
 
 @njit(cache=True)
 def _t1x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
         k, direct, out_bits, dirn, thr, o0, shift):
-    b0 = bases[0]
+    b0 = a_i64(bases, 0)
     a0_0 = v8_zero()
     wi = wbase
     if wg == 1:
         for t in range(ntaps):
-            o = toff[t]
-            w0 = v8_load(wt, wi + 0)
+            o = a_i64(toff, t)
+            w0 = a8_load(wt, wi + 0)
             wi += 8
-            x = v8_bcast(xp, b0 + o)
+            x = a8_bcast(xp, b0 + o)
             a0_0 = v8_xpa(a0_0, w0, x)
     else:
         for t in range(ntaps):
-            o = toff[t]
+            o = a_i64(toff, t)
             for c in range(wg):
-                w0 = v8_load(wt, wi + 0)
+                w0 = a8_load(wt, wi + 0)
                 wi += 8
-                x = v8_bcast(xp, b0 + o + c)
+                x = a8_bcast(xp, b0 + o + c)
                 a0_0 = v8_xpa(a0_0, w0, x)
-    z = v8_zero()
     if direct == 1:
-        ob = obases[0]
-        v8_store_acc_i32(out, ob + 0, a0_0, k, z)
+        ob = a_i64(obases, 0)
+        a8_store_acc_i32(out, ob + 0, a0_0, k)
     elif direct == 2:
-        d0 = v8_load(dirn, o0 + 0)
-        t0 = v8_load(thr, o0 + 0)
+        d0 = a8_load(dirn, o0 + 0)
+        t0 = a8_load(thr, o0 + 0)
+        z = v8_zero()
         bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
-        out_bits[obases[0]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 0), bits << shift)
     else:
-        v8_store(acc, 0, a0_0)
+        a8_store(acc, 0, a0_0)
 
 
 @njit(cache=True)
 def _t2x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
         k, direct, out_bits, dirn, thr, o0, shift):
-    b0 = bases[0]
-    b1 = bases[1]
+    b0 = a_i64(bases, 0)
+    b1 = a_i64(bases, 1)
     a0_0 = v8_zero()
     a1_0 = v8_zero()
     wi = wbase
     if wg == 1:
         for t in range(ntaps):
-            o = toff[t]
-            w0 = v8_load(wt, wi + 0)
+            o = a_i64(toff, t)
+            w0 = a8_load(wt, wi + 0)
             wi += 8
-            x = v8_bcast(xp, b0 + o)
+            x = a8_bcast(xp, b0 + o)
             a0_0 = v8_xpa(a0_0, w0, x)
-            x = v8_bcast(xp, b1 + o)
+            x = a8_bcast(xp, b1 + o)
             a1_0 = v8_xpa(a1_0, w0, x)
     else:
         for t in range(ntaps):
-            o = toff[t]
+            o = a_i64(toff, t)
             for c in range(wg):
-                w0 = v8_load(wt, wi + 0)
+                w0 = a8_load(wt, wi + 0)
                 wi += 8
-                x = v8_bcast(xp, b0 + o + c)
+                x = a8_bcast(xp, b0 + o + c)
                 a0_0 = v8_xpa(a0_0, w0, x)
-                x = v8_bcast(xp, b1 + o + c)
+                x = a8_bcast(xp, b1 + o + c)
                 a1_0 = v8_xpa(a1_0, w0, x)
-    z = v8_zero()
     if direct == 1:
-        ob = obases[0]
-        v8_store_acc_i32(out, ob + 0, a0_0, k, z)
-        ob = obases[1]
-        v8_store_acc_i32(out, ob + 0, a1_0, k, z)
+        ob = a_i64(obases, 0)
+        a8_store_acc_i32(out, ob + 0, a0_0, k)
+        ob = a_i64(obases, 1)
+        a8_store_acc_i32(out, ob + 0, a1_0, k)
     elif direct == 2:
-        d0 = v8_load(dirn, o0 + 0)
-        t0 = v8_load(thr, o0 + 0)
+        d0 = a8_load(dirn, o0 + 0)
+        t0 = a8_load(thr, o0 + 0)
+        z = v8_zero()
         bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
-        out_bits[obases[0]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 0), bits << shift)
         bits = (v8_threshold_bits(a1_0, k, z, d0, t0) << 0)
-        out_bits[obases[1]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 1), bits << shift)
     else:
-        v8_store(acc, 0, a0_0)
-        v8_store(acc, 8, a1_0)
+        a8_store(acc, 0, a0_0)
+        a8_store(acc, 8, a1_0)
 
 
 @njit(cache=True)
 def _t3x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
         k, direct, out_bits, dirn, thr, o0, shift):
-    b0 = bases[0]
-    b1 = bases[1]
-    b2 = bases[2]
+    b0 = a_i64(bases, 0)
+    b1 = a_i64(bases, 1)
+    b2 = a_i64(bases, 2)
     a0_0 = v8_zero()
     a1_0 = v8_zero()
     a2_0 = v8_zero()
     wi = wbase
     if wg == 1:
         for t in range(ntaps):
-            o = toff[t]
-            w0 = v8_load(wt, wi + 0)
+            o = a_i64(toff, t)
+            w0 = a8_load(wt, wi + 0)
             wi += 8
-            x = v8_bcast(xp, b0 + o)
+            x = a8_bcast(xp, b0 + o)
             a0_0 = v8_xpa(a0_0, w0, x)
-            x = v8_bcast(xp, b1 + o)
+            x = a8_bcast(xp, b1 + o)
             a1_0 = v8_xpa(a1_0, w0, x)
-            x = v8_bcast(xp, b2 + o)
+            x = a8_bcast(xp, b2 + o)
             a2_0 = v8_xpa(a2_0, w0, x)
     else:
         for t in range(ntaps):
-            o = toff[t]
+            o = a_i64(toff, t)
             for c in range(wg):
-                w0 = v8_load(wt, wi + 0)
+                w0 = a8_load(wt, wi + 0)
                 wi += 8
-                x = v8_bcast(xp, b0 + o + c)
+                x = a8_bcast(xp, b0 + o + c)
                 a0_0 = v8_xpa(a0_0, w0, x)
-                x = v8_bcast(xp, b1 + o + c)
+                x = a8_bcast(xp, b1 + o + c)
                 a1_0 = v8_xpa(a1_0, w0, x)
-                x = v8_bcast(xp, b2 + o + c)
+                x = a8_bcast(xp, b2 + o + c)
                 a2_0 = v8_xpa(a2_0, w0, x)
-    z = v8_zero()
     if direct == 1:
-        ob = obases[0]
-        v8_store_acc_i32(out, ob + 0, a0_0, k, z)
-        ob = obases[1]
-        v8_store_acc_i32(out, ob + 0, a1_0, k, z)
-        ob = obases[2]
-        v8_store_acc_i32(out, ob + 0, a2_0, k, z)
+        ob = a_i64(obases, 0)
+        a8_store_acc_i32(out, ob + 0, a0_0, k)
+        ob = a_i64(obases, 1)
+        a8_store_acc_i32(out, ob + 0, a1_0, k)
+        ob = a_i64(obases, 2)
+        a8_store_acc_i32(out, ob + 0, a2_0, k)
     elif direct == 2:
-        d0 = v8_load(dirn, o0 + 0)
-        t0 = v8_load(thr, o0 + 0)
+        d0 = a8_load(dirn, o0 + 0)
+        t0 = a8_load(thr, o0 + 0)
+        z = v8_zero()
         bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
-        out_bits[obases[0]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 0), bits << shift)
         bits = (v8_threshold_bits(a1_0, k, z, d0, t0) << 0)
-        out_bits[obases[1]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 1), bits << shift)
         bits = (v8_threshold_bits(a2_0, k, z, d0, t0) << 0)
-        out_bits[obases[2]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 2), bits << shift)
     else:
-        v8_store(acc, 0, a0_0)
-        v8_store(acc, 8, a1_0)
-        v8_store(acc, 16, a2_0)
+        a8_store(acc, 0, a0_0)
+        a8_store(acc, 8, a1_0)
+        a8_store(acc, 16, a2_0)
 
 
 @njit(cache=True)
 def _t4x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
         k, direct, out_bits, dirn, thr, o0, shift):
-    b0 = bases[0]
-    b1 = bases[1]
-    b2 = bases[2]
-    b3 = bases[3]
+    b0 = a_i64(bases, 0)
+    b1 = a_i64(bases, 1)
+    b2 = a_i64(bases, 2)
+    b3 = a_i64(bases, 3)
     a0_0 = v8_zero()
     a1_0 = v8_zero()
     a2_0 = v8_zero()
@@ -1515,67 +1519,67 @@ def _t4x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
     wi = wbase
     if wg == 1:
         for t in range(ntaps):
-            o = toff[t]
-            w0 = v8_load(wt, wi + 0)
+            o = a_i64(toff, t)
+            w0 = a8_load(wt, wi + 0)
             wi += 8
-            x = v8_bcast(xp, b0 + o)
+            x = a8_bcast(xp, b0 + o)
             a0_0 = v8_xpa(a0_0, w0, x)
-            x = v8_bcast(xp, b1 + o)
+            x = a8_bcast(xp, b1 + o)
             a1_0 = v8_xpa(a1_0, w0, x)
-            x = v8_bcast(xp, b2 + o)
+            x = a8_bcast(xp, b2 + o)
             a2_0 = v8_xpa(a2_0, w0, x)
-            x = v8_bcast(xp, b3 + o)
+            x = a8_bcast(xp, b3 + o)
             a3_0 = v8_xpa(a3_0, w0, x)
     else:
         for t in range(ntaps):
-            o = toff[t]
+            o = a_i64(toff, t)
             for c in range(wg):
-                w0 = v8_load(wt, wi + 0)
+                w0 = a8_load(wt, wi + 0)
                 wi += 8
-                x = v8_bcast(xp, b0 + o + c)
+                x = a8_bcast(xp, b0 + o + c)
                 a0_0 = v8_xpa(a0_0, w0, x)
-                x = v8_bcast(xp, b1 + o + c)
+                x = a8_bcast(xp, b1 + o + c)
                 a1_0 = v8_xpa(a1_0, w0, x)
-                x = v8_bcast(xp, b2 + o + c)
+                x = a8_bcast(xp, b2 + o + c)
                 a2_0 = v8_xpa(a2_0, w0, x)
-                x = v8_bcast(xp, b3 + o + c)
+                x = a8_bcast(xp, b3 + o + c)
                 a3_0 = v8_xpa(a3_0, w0, x)
-    z = v8_zero()
     if direct == 1:
-        ob = obases[0]
-        v8_store_acc_i32(out, ob + 0, a0_0, k, z)
-        ob = obases[1]
-        v8_store_acc_i32(out, ob + 0, a1_0, k, z)
-        ob = obases[2]
-        v8_store_acc_i32(out, ob + 0, a2_0, k, z)
-        ob = obases[3]
-        v8_store_acc_i32(out, ob + 0, a3_0, k, z)
+        ob = a_i64(obases, 0)
+        a8_store_acc_i32(out, ob + 0, a0_0, k)
+        ob = a_i64(obases, 1)
+        a8_store_acc_i32(out, ob + 0, a1_0, k)
+        ob = a_i64(obases, 2)
+        a8_store_acc_i32(out, ob + 0, a2_0, k)
+        ob = a_i64(obases, 3)
+        a8_store_acc_i32(out, ob + 0, a3_0, k)
     elif direct == 2:
-        d0 = v8_load(dirn, o0 + 0)
-        t0 = v8_load(thr, o0 + 0)
+        d0 = a8_load(dirn, o0 + 0)
+        t0 = a8_load(thr, o0 + 0)
+        z = v8_zero()
         bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
-        out_bits[obases[0]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 0), bits << shift)
         bits = (v8_threshold_bits(a1_0, k, z, d0, t0) << 0)
-        out_bits[obases[1]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 1), bits << shift)
         bits = (v8_threshold_bits(a2_0, k, z, d0, t0) << 0)
-        out_bits[obases[2]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 2), bits << shift)
         bits = (v8_threshold_bits(a3_0, k, z, d0, t0) << 0)
-        out_bits[obases[3]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 3), bits << shift)
     else:
-        v8_store(acc, 0, a0_0)
-        v8_store(acc, 8, a1_0)
-        v8_store(acc, 16, a2_0)
-        v8_store(acc, 24, a3_0)
+        a8_store(acc, 0, a0_0)
+        a8_store(acc, 8, a1_0)
+        a8_store(acc, 16, a2_0)
+        a8_store(acc, 24, a3_0)
 
 
 @njit(cache=True)
 def _t5x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
         k, direct, out_bits, dirn, thr, o0, shift):
-    b0 = bases[0]
-    b1 = bases[1]
-    b2 = bases[2]
-    b3 = bases[3]
-    b4 = bases[4]
+    b0 = a_i64(bases, 0)
+    b1 = a_i64(bases, 1)
+    b2 = a_i64(bases, 2)
+    b3 = a_i64(bases, 3)
+    b4 = a_i64(bases, 4)
     a0_0 = v8_zero()
     a1_0 = v8_zero()
     a2_0 = v8_zero()
@@ -1584,77 +1588,77 @@ def _t5x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
     wi = wbase
     if wg == 1:
         for t in range(ntaps):
-            o = toff[t]
-            w0 = v8_load(wt, wi + 0)
+            o = a_i64(toff, t)
+            w0 = a8_load(wt, wi + 0)
             wi += 8
-            x = v8_bcast(xp, b0 + o)
+            x = a8_bcast(xp, b0 + o)
             a0_0 = v8_xpa(a0_0, w0, x)
-            x = v8_bcast(xp, b1 + o)
+            x = a8_bcast(xp, b1 + o)
             a1_0 = v8_xpa(a1_0, w0, x)
-            x = v8_bcast(xp, b2 + o)
+            x = a8_bcast(xp, b2 + o)
             a2_0 = v8_xpa(a2_0, w0, x)
-            x = v8_bcast(xp, b3 + o)
+            x = a8_bcast(xp, b3 + o)
             a3_0 = v8_xpa(a3_0, w0, x)
-            x = v8_bcast(xp, b4 + o)
+            x = a8_bcast(xp, b4 + o)
             a4_0 = v8_xpa(a4_0, w0, x)
     else:
         for t in range(ntaps):
-            o = toff[t]
+            o = a_i64(toff, t)
             for c in range(wg):
-                w0 = v8_load(wt, wi + 0)
+                w0 = a8_load(wt, wi + 0)
                 wi += 8
-                x = v8_bcast(xp, b0 + o + c)
+                x = a8_bcast(xp, b0 + o + c)
                 a0_0 = v8_xpa(a0_0, w0, x)
-                x = v8_bcast(xp, b1 + o + c)
+                x = a8_bcast(xp, b1 + o + c)
                 a1_0 = v8_xpa(a1_0, w0, x)
-                x = v8_bcast(xp, b2 + o + c)
+                x = a8_bcast(xp, b2 + o + c)
                 a2_0 = v8_xpa(a2_0, w0, x)
-                x = v8_bcast(xp, b3 + o + c)
+                x = a8_bcast(xp, b3 + o + c)
                 a3_0 = v8_xpa(a3_0, w0, x)
-                x = v8_bcast(xp, b4 + o + c)
+                x = a8_bcast(xp, b4 + o + c)
                 a4_0 = v8_xpa(a4_0, w0, x)
-    z = v8_zero()
     if direct == 1:
-        ob = obases[0]
-        v8_store_acc_i32(out, ob + 0, a0_0, k, z)
-        ob = obases[1]
-        v8_store_acc_i32(out, ob + 0, a1_0, k, z)
-        ob = obases[2]
-        v8_store_acc_i32(out, ob + 0, a2_0, k, z)
-        ob = obases[3]
-        v8_store_acc_i32(out, ob + 0, a3_0, k, z)
-        ob = obases[4]
-        v8_store_acc_i32(out, ob + 0, a4_0, k, z)
+        ob = a_i64(obases, 0)
+        a8_store_acc_i32(out, ob + 0, a0_0, k)
+        ob = a_i64(obases, 1)
+        a8_store_acc_i32(out, ob + 0, a1_0, k)
+        ob = a_i64(obases, 2)
+        a8_store_acc_i32(out, ob + 0, a2_0, k)
+        ob = a_i64(obases, 3)
+        a8_store_acc_i32(out, ob + 0, a3_0, k)
+        ob = a_i64(obases, 4)
+        a8_store_acc_i32(out, ob + 0, a4_0, k)
     elif direct == 2:
-        d0 = v8_load(dirn, o0 + 0)
-        t0 = v8_load(thr, o0 + 0)
+        d0 = a8_load(dirn, o0 + 0)
+        t0 = a8_load(thr, o0 + 0)
+        z = v8_zero()
         bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
-        out_bits[obases[0]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 0), bits << shift)
         bits = (v8_threshold_bits(a1_0, k, z, d0, t0) << 0)
-        out_bits[obases[1]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 1), bits << shift)
         bits = (v8_threshold_bits(a2_0, k, z, d0, t0) << 0)
-        out_bits[obases[2]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 2), bits << shift)
         bits = (v8_threshold_bits(a3_0, k, z, d0, t0) << 0)
-        out_bits[obases[3]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 3), bits << shift)
         bits = (v8_threshold_bits(a4_0, k, z, d0, t0) << 0)
-        out_bits[obases[4]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 4), bits << shift)
     else:
-        v8_store(acc, 0, a0_0)
-        v8_store(acc, 8, a1_0)
-        v8_store(acc, 16, a2_0)
-        v8_store(acc, 24, a3_0)
-        v8_store(acc, 32, a4_0)
+        a8_store(acc, 0, a0_0)
+        a8_store(acc, 8, a1_0)
+        a8_store(acc, 16, a2_0)
+        a8_store(acc, 24, a3_0)
+        a8_store(acc, 32, a4_0)
 
 
 @njit(cache=True)
 def _t6x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
         k, direct, out_bits, dirn, thr, o0, shift):
-    b0 = bases[0]
-    b1 = bases[1]
-    b2 = bases[2]
-    b3 = bases[3]
-    b4 = bases[4]
-    b5 = bases[5]
+    b0 = a_i64(bases, 0)
+    b1 = a_i64(bases, 1)
+    b2 = a_i64(bases, 2)
+    b3 = a_i64(bases, 3)
+    b4 = a_i64(bases, 4)
+    b5 = a_i64(bases, 5)
     a0_0 = v8_zero()
     a1_0 = v8_zero()
     a2_0 = v8_zero()
@@ -1664,75 +1668,75 @@ def _t6x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
     wi = wbase
     if wg == 1:
         for t in range(ntaps):
-            o = toff[t]
-            w0 = v8_load(wt, wi + 0)
+            o = a_i64(toff, t)
+            w0 = a8_load(wt, wi + 0)
             wi += 8
-            x = v8_bcast(xp, b0 + o)
+            x = a8_bcast(xp, b0 + o)
             a0_0 = v8_xpa(a0_0, w0, x)
-            x = v8_bcast(xp, b1 + o)
+            x = a8_bcast(xp, b1 + o)
             a1_0 = v8_xpa(a1_0, w0, x)
-            x = v8_bcast(xp, b2 + o)
+            x = a8_bcast(xp, b2 + o)
             a2_0 = v8_xpa(a2_0, w0, x)
-            x = v8_bcast(xp, b3 + o)
+            x = a8_bcast(xp, b3 + o)
             a3_0 = v8_xpa(a3_0, w0, x)
-            x = v8_bcast(xp, b4 + o)
+            x = a8_bcast(xp, b4 + o)
             a4_0 = v8_xpa(a4_0, w0, x)
-            x = v8_bcast(xp, b5 + o)
+            x = a8_bcast(xp, b5 + o)
             a5_0 = v8_xpa(a5_0, w0, x)
     else:
         for t in range(ntaps):
-            o = toff[t]
+            o = a_i64(toff, t)
             for c in range(wg):
-                w0 = v8_load(wt, wi + 0)
+                w0 = a8_load(wt, wi + 0)
                 wi += 8
-                x = v8_bcast(xp, b0 + o + c)
+                x = a8_bcast(xp, b0 + o + c)
                 a0_0 = v8_xpa(a0_0, w0, x)
-                x = v8_bcast(xp, b1 + o + c)
+                x = a8_bcast(xp, b1 + o + c)
                 a1_0 = v8_xpa(a1_0, w0, x)
-                x = v8_bcast(xp, b2 + o + c)
+                x = a8_bcast(xp, b2 + o + c)
                 a2_0 = v8_xpa(a2_0, w0, x)
-                x = v8_bcast(xp, b3 + o + c)
+                x = a8_bcast(xp, b3 + o + c)
                 a3_0 = v8_xpa(a3_0, w0, x)
-                x = v8_bcast(xp, b4 + o + c)
+                x = a8_bcast(xp, b4 + o + c)
                 a4_0 = v8_xpa(a4_0, w0, x)
-                x = v8_bcast(xp, b5 + o + c)
+                x = a8_bcast(xp, b5 + o + c)
                 a5_0 = v8_xpa(a5_0, w0, x)
-    z = v8_zero()
     if direct == 1:
-        ob = obases[0]
-        v8_store_acc_i32(out, ob + 0, a0_0, k, z)
-        ob = obases[1]
-        v8_store_acc_i32(out, ob + 0, a1_0, k, z)
-        ob = obases[2]
-        v8_store_acc_i32(out, ob + 0, a2_0, k, z)
-        ob = obases[3]
-        v8_store_acc_i32(out, ob + 0, a3_0, k, z)
-        ob = obases[4]
-        v8_store_acc_i32(out, ob + 0, a4_0, k, z)
-        ob = obases[5]
-        v8_store_acc_i32(out, ob + 0, a5_0, k, z)
+        ob = a_i64(obases, 0)
+        a8_store_acc_i32(out, ob + 0, a0_0, k)
+        ob = a_i64(obases, 1)
+        a8_store_acc_i32(out, ob + 0, a1_0, k)
+        ob = a_i64(obases, 2)
+        a8_store_acc_i32(out, ob + 0, a2_0, k)
+        ob = a_i64(obases, 3)
+        a8_store_acc_i32(out, ob + 0, a3_0, k)
+        ob = a_i64(obases, 4)
+        a8_store_acc_i32(out, ob + 0, a4_0, k)
+        ob = a_i64(obases, 5)
+        a8_store_acc_i32(out, ob + 0, a5_0, k)
     elif direct == 2:
-        d0 = v8_load(dirn, o0 + 0)
-        t0 = v8_load(thr, o0 + 0)
+        d0 = a8_load(dirn, o0 + 0)
+        t0 = a8_load(thr, o0 + 0)
+        z = v8_zero()
         bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
-        out_bits[obases[0]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 0), bits << shift)
         bits = (v8_threshold_bits(a1_0, k, z, d0, t0) << 0)
-        out_bits[obases[1]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 1), bits << shift)
         bits = (v8_threshold_bits(a2_0, k, z, d0, t0) << 0)
-        out_bits[obases[2]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 2), bits << shift)
         bits = (v8_threshold_bits(a3_0, k, z, d0, t0) << 0)
-        out_bits[obases[3]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 3), bits << shift)
         bits = (v8_threshold_bits(a4_0, k, z, d0, t0) << 0)
-        out_bits[obases[4]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 4), bits << shift)
         bits = (v8_threshold_bits(a5_0, k, z, d0, t0) << 0)
-        out_bits[obases[5]] |= bits << shift
+        a_or_u64(out_bits, a_i64(obases, 5), bits << shift)
     else:
-        v8_store(acc, 0, a0_0)
-        v8_store(acc, 8, a1_0)
-        v8_store(acc, 16, a2_0)
-        v8_store(acc, 24, a3_0)
-        v8_store(acc, 32, a4_0)
-        v8_store(acc, 40, a5_0)
+        a8_store(acc, 0, a0_0)
+        a8_store(acc, 8, a1_0)
+        a8_store(acc, 16, a2_0)
+        a8_store(acc, 24, a3_0)
+        a8_store(acc, 32, a4_0)
+        a8_store(acc, 40, a5_0)
 
 
 @njit(cache=True)

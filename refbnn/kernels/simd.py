@@ -265,3 +265,98 @@ def v8_store_f32(typingctx, out, index, pc, k, corr, scale, shift, o, lce):
         return context.get_dummy_value()
 
     return types.none(out, index, vec8, k, vec8, scale, shift, o, lce), codegen
+
+
+# -- raw-address variants: an array argument costs a Numba call ~7 machine words, an address one.
+# ``addr`` is ``array.ctypes.data`` of a live array; ``index`` counts elements of the stated type.
+
+def _gep(context, builder, addr, addr_ty, index, scalar_llty, vec_llty=None):
+    """Pointer to element ``index`` (of ``scalar_llty``) at address ``addr``, cast to ``vec_llty``."""
+    base = builder.inttoptr(context.cast(builder, addr, addr_ty, types.uintp),
+                            ir.PointerType(scalar_llty))
+    ptr = builder.gep(base, [index])
+    return builder.bitcast(ptr, ir.PointerType(vec_llty)) if vec_llty is not None else ptr
+
+
+@intrinsic
+def a_i64(typingctx, addr, index):
+    """The int64 at element ``index`` of the int64 array at ``addr``."""
+    if not (isinstance(addr, types.Integer) and isinstance(index, types.Integer)):
+        return None
+    def codegen(context, builder, sig, args):
+        return builder.load(_gep(context, builder, args[0], sig.args[0], args[1], _I64), align=8)
+
+    return types.int64(addr, index), codegen
+
+
+@intrinsic
+def a_or_u64(typingctx, addr, index, value):
+    """``array[index] |= value`` for the uint64 array at ``addr``."""
+    if not (isinstance(addr, types.Integer) and isinstance(index, types.Integer)):
+        return None
+    def codegen(context, builder, sig, args):
+        ptr = _gep(context, builder, args[0], sig.args[0], args[1], _I64)
+        v = context.cast(builder, args[2], sig.args[2], types.uint64)
+        builder.store(builder.or_(builder.load(ptr, align=8), v), ptr, align=8)
+        return context.get_dummy_value()
+
+    return types.none(addr, index, value), codegen
+
+
+@intrinsic
+def a8_load(typingctx, addr, index):
+    """Eight 64-bit elements from ``index`` of the array at ``addr`` (see :func:`v8_load`)."""
+    if not (isinstance(addr, types.Integer) and isinstance(index, types.Integer)):
+        return None
+    def codegen(context, builder, sig, args):
+        return builder.load(_gep(context, builder, args[0], sig.args[0], args[1], _I64, _V8),
+                            align=8)
+
+    return vec8(addr, index), codegen
+
+
+@intrinsic
+def a8_bcast(typingctx, addr, index):
+    """Element ``index`` of the 64-bit array at ``addr`` in all eight lanes."""
+    if not (isinstance(addr, types.Integer) and isinstance(index, types.Integer)):
+        return None
+    def codegen(context, builder, sig, args):
+        s = builder.load(_gep(context, builder, args[0], sig.args[0], args[1], _I64), align=8)
+        return _splat(builder, s)
+
+    return vec8(addr, index), codegen
+
+
+@intrinsic
+def a8_store(typingctx, addr, index, v):
+    """Store ``v`` to elements ``index .. index + 7`` of the 64-bit array at ``addr``."""
+    if not (isinstance(addr, types.Integer) and isinstance(index, types.Integer)):
+        return None
+    if v != vec8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        builder.store(args[2], _gep(context, builder, args[0], sig.args[0], args[1], _I64, _V8),
+                      align=8)
+        return context.get_dummy_value()
+
+    return types.none(addr, index, vec8), codegen
+
+
+@intrinsic
+def a8_store_acc_i32(typingctx, addr, index, pc, k):
+    """``int32(k - 2 * pc)`` to elements ``index .. index + 7`` of the int32 array at ``addr``."""
+    if not (isinstance(addr, types.Integer) and isinstance(index, types.Integer)):
+        return None
+    if pc != vec8 or not isinstance(k, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        kvec = _splat(builder, context.cast(builder, args[3], sig.args[3], types.int64))
+        a = builder.sub(kvec, builder.shl(args[2], ir.Constant(_V8, [1] * 8)))
+        v32 = ir.VectorType(ir.IntType(32), 8)
+        ptr = _gep(context, builder, args[0], sig.args[0], args[1], ir.IntType(32), v32)
+        builder.store(builder.trunc(a, v32), ptr, align=4)
+        return context.get_dummy_value()
+
+    return types.none(addr, index, vec8, k), codegen
