@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 import refbnn
 from refbnn import nn, reference
+from refbnn.nn import functional as F
 from refbnn.nn.binary import act_grad_factor
 from refbnn.nn.functional import conv2d
 
@@ -116,9 +117,19 @@ def test_act_grad_formulas(kind):
 
 
 @given(bconv_case(), st.sampled_from(["ste", "approx_sign", "identity"]),
-       st.sampled_from(["none", "mean_abs"]), st.sampled_from([0, 1, -1]))
-def test_backward_equals_masked_float_conv(case, kind, scale, pad_value):
-    layer, x = case
+       st.sampled_from(["none", "mean_abs"]), st.sampled_from([0, 1, -1]),
+       st.sampled_from([0, 10**9]))
+def test_backward_equals_masked_float_conv(case, kind, scale, pad_value, pixel_major_max):
+    # pixel_major_max selects conv2d_backward's channel-major (0) or pixel-major (1e9) GEMMs
+    old = F.PIXEL_MAJOR_MAX_P
+    F.PIXEL_MAJOR_MAX_P = pixel_major_max
+    try:
+        _check_backward(*case, kind, scale, pad_value)
+    finally:
+        F.PIXEL_MAJOR_MAX_P = old
+
+
+def _check_backward(layer, x, kind, scale, pad_value):
     x = x.astype(np.float64)
     layer.weight.data = (layer.weight.data * 0.8).astype(np.float64)  # some |W| > 1, some <= 1
     layer.act_grad, layer.scale, layer.pad_value = kind, scale, float(pad_value)

@@ -122,8 +122,8 @@ def test_batch_norm_kernels_equal_oracle(n, c, spatial, dtype, seed):
     np.testing.assert_allclose(db, rdb, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("reduce_split", [False, True])
-def test_threaded_matmul_equals_numpy(monkeypatch, reduce_split):
+@pytest.mark.parametrize("split", ["cols", "rows", "reduce"])
+def test_threaded_matmul_equals_numpy(monkeypatch, split):
     import numba
     monkeypatch.setattr(F, "MIN_SPLIT_MACS", 0)
     rng = np.random.default_rng(0)
@@ -132,9 +132,29 @@ def test_threaded_matmul_equals_numpy(monkeypatch, reduce_split):
     old = numba.get_num_threads()
     numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
     try:
-        got = F.matmul(a, b, reduce_split=reduce_split)
+        got = F.matmul(a, b, split=split)
     finally:
         numba.set_num_threads(old)
     # float32 sums of 300 O(1) products, BLAS blocking or K-chunk order may differ: 1e-4
     np.testing.assert_allclose(got, a.astype(np.float64) @ b, rtol=1e-4, atol=1e-4)
     assert got.shape == (2, 5, 200)
+
+
+@given(conv_case(), st.integers(1, 3), st.sampled_from([None, "ste", "approx_sign"]))
+def test_col2im_pixel_major_equals_oracle(case, groups, act_grad):
+    x, (kh, kw, sh, sw, ph, pw, dh, dw) = case
+    x = np.repeat(x, groups, axis=1)
+    c = x.shape[1]
+    geom = F.ConvGeometry(x.shape, (groups, c // groups, kh, kw), (sh, sw), (ph, pw), (dh, dw),
+                          groups)
+    rng = np.random.default_rng(2)
+    dpm = rng.standard_normal((groups, geom.n * geom.oh * geom.ow, c // groups * kh * kw))
+    dpm = dpm.astype(x.dtype)
+    ref = F.col2im_reference(F.pixel_major_to_channel_major(dpm, geom), x.shape, kh, kw, sh, sw,
+                             ph, pw, dh, dw)
+    if act_grad:
+        ref = ref * F.act_grad_factor(x, act_grad)
+    # the same <= KH*KW = 16 additions per element in another order: a few ulp of the sum
+    tol = 1e-5 if x.dtype == np.float32 else 1e-13
+    np.testing.assert_allclose(F.col2im_pixel_major(dpm, geom, x, act_grad), ref, rtol=tol,
+                               atol=tol)

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from refbnn import nn
+from refbnn.nn import functional as F
 
 EPS = 1e-6
 
@@ -68,8 +69,19 @@ seeds = st.integers(0, 2**31 - 1)
 
 
 @given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.integers(1, 3),
-       st.integers(1, 2), st.integers(0, 2), st.integers(1, 2), st.booleans(), seeds)
-def test_conv2d(n, cg, og, k, stride, pad, dil, bias, seed):
+       st.integers(1, 2), st.integers(0, 2), st.integers(1, 2), st.booleans(), seeds,
+       st.sampled_from([0, 10**9]))
+def test_conv2d(n, cg, og, k, stride, pad, dil, bias, seed, pixel_major_max):
+    # pixel_major_max selects conv2d_backward's channel-major (0) or pixel-major (1e9) GEMMs
+    old = F.PIXEL_MAJOR_MAX_P
+    F.PIXEL_MAJOR_MAX_P = pixel_major_max
+    try:
+        _check_conv2d(n, cg, og, k, stride, pad, dil, bias, seed)
+    finally:
+        F.PIXEL_MAJOR_MAX_P = old
+
+
+def _check_conv2d(n, cg, og, k, stride, pad, dil, bias, seed):
     rng = np.random.default_rng(seed)
     groups = int(rng.integers(1, 3))
     size = (k - 1) * dil + 1 + int(rng.integers(0, 4))

@@ -107,3 +107,38 @@ def col2im_kernel(dcols, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, x, gate, dx):
                 for xx in range(w):
                     dx[ni, ci, y, xx] *= dx.dtype.type(_gate(x[ni, ci, y, xx], gate))
     return dx
+
+
+@nb.njit(cache=True, parallel=True)
+def col2im_pm_kernel(dcols_pm, groups, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, x, gate, dx):
+    """Adjoint of im2col for pixel-major columns ``dcols_pm`` (groups, N*OH*OW, C/g*KH*KW):
+    ``dx`` (N, C, H, W) is zeroed, then for each image, output pixel (i, j) in row-major order and
+    tap (a, b), the in-range values are added at their source positions. ``gate`` as in
+    :func:`col2im_kernel`. One image per task."""
+    n, c, h, w = dx.shape
+    cg = c // groups
+    d5 = dcols_pm.reshape(groups, n, oh, ow, cg * kh * kw)
+    for ni in nb.prange(n):
+        for ci in range(c):
+            for y in range(h):
+                for xx in range(w):
+                    dx[ni, ci, y, xx] = 0
+        for i in range(oh):
+            for a in range(kh):
+                y = i * sh + a * dh - ph
+                if y < 0 or y >= h:
+                    continue
+                for j in range(ow):
+                    for b in range(kw):
+                        xx = j * sw + b * dw - pw
+                        if xx < 0 or xx >= w:
+                            continue
+                        for g in range(groups):
+                            for cl in range(cg):
+                                dx[ni, g * cg + cl, y, xx] += d5[g, ni, i, j, (cl * kh + a) * kw + b]
+        if gate != 0:
+            for ci in range(c):
+                for y in range(h):
+                    for xx in range(w):
+                        dx[ni, ci, y, xx] *= dx.dtype.type(_gate(x[ni, ci, y, xx], gate))
+    return dx

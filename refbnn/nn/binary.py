@@ -143,8 +143,8 @@ class BinaryConv2d(_BinaryMixin, Module):
         dcols, dwq = F.conv2d_backward(grad_out, self._cols, wq, geom)
         self._weight_grad(dwq)
         if self.binarize_input:
-            return F.col2im(dcols, geom, x, self.act_grad)
-        return F.col2im(dcols, geom)
+            return F.input_grad(dcols, geom, x, self.act_grad)
+        return F.input_grad(dcols, geom)
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

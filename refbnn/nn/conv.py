@@ -63,7 +63,7 @@ class Conv2d(Module):
         self.weight.accumulate(dw)
         if self.bias is not None:
             self.bias.accumulate(grad_out.sum(axis=(0, 2, 3)))
-        return F.col2im(dcols, geom)
+        return F.input_grad(dcols, geom)
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
