@@ -127,14 +127,15 @@ class BinaryConv2d(_BinaryMixin, Module):
         geom = self._geometry(x)
         cols = self._columns(x, geom, out=self._cols)
         self._cols = cols
-        wq = self.binarized_weight(x.dtype)
+        wb = self.binarized_weight(x.dtype)
+        # the GEMM runs on +-1 weights so that acc is exact; alpha scales its result. Backward
+        # uses the scaled weights wq = alpha * wb (the weight the layer effectively applies).
+        acc = F.conv2d_gemm(cols, wb, geom)
+        wq = wb
         if self.scale == "mean_abs":
-            wq = wq * self.weight_scale(x.dtype)[:, None, None, None]
-        # acc * alpha == conv(cols, alpha * wb) up to rounding; conv with wq keeps it one GEMM
-        # for backward, but forward multiplies after the GEMM so that acc stays exact.
-        acc = F.conv2d_gemm(cols, self.binarized_weight(x.dtype), geom)
-        if self.scale == "mean_abs":
-            acc *= self.weight_scale(x.dtype)[:, None, None]
+            alpha = self.weight_scale(x.dtype)
+            acc *= alpha[:, None, None]
+            wq = wb * alpha[:, None, None, None]
         self._cache = (x, geom, wq) if self.training else None
         return acc
 
