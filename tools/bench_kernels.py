@@ -34,9 +34,10 @@ FLOOR_1T = {1: 750e9, 2: 400e9}
 FLOOR_2T_STRIDE1 = 1400e9
 
 
-def _median_time(fn, min_seconds: float, repeats: int, best: list | None = None) -> float:
+def _median_time(fn, min_seconds: float, repeats: int, best: list | None = None,
+                 clock=time.perf_counter) -> float:
     """Median seconds per call over ``repeats`` batches of calls lasting ``min_seconds`` each
-    (the fastest batch is appended to ``best`` when given)."""
+    (the fastest batch is appended to ``best`` when given). ``clock``: wall time by default."""
     for _ in range(3):
         fn()
     t0 = time.perf_counter()
@@ -45,10 +46,10 @@ def _median_time(fn, min_seconds: float, repeats: int, best: list | None = None)
     inner = max(1, int(min_seconds / once))
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(inner):
             fn()
-        times.append((time.perf_counter() - t0) / inner)
+        times.append((clock() - t0) / inner)
     times.sort()
     if best is not None:
         best.append(times[0])
@@ -77,6 +78,9 @@ def _bench_layer(np, refbnn, torch, x, k, s, args) -> dict:
     best = []
     r["conv_s"] = _median_time(lambda: plan.run_padded(buf), args.min_time, args.repeats, best)
     r["conv_best_s"] = best[0]
+    if args.threads == 1:  # CPU time of this (the only) thread: excludes time other jobs ran
+        r["conv_thread_cpu_s"] = _median_time(lambda: plan.run_padded(buf), args.min_time,
+                                              args.repeats, clock=time.thread_time)
     mul = np.random.default_rng(1).standard_normal(o).astype(np.float32)
     fused = refbnn.BConv2DPlan(refbnn.pack_kernel(k), c, (h, h), s, "same", 0, output="bits",
                                multiplier=mul, bias=-mul, impl=args.impl)
@@ -143,13 +147,15 @@ def _fmt_row(r) -> str:
     return (f"{r['layer']:>16} s{r['stride']} b{r['batch']:<3} t{r['threads']} "
             f"{us('pack_s')} {us('conv_s')} {us('conv_bits_s')} "
             f"{r['binary_macs_per_s'] / 1e9:7.0f} {r['binary_macs'] / r['conv_best_s'] / 1e9:7.0f} "
+            f"{r['binary_macs'] / r.get('conv_thread_cpu_s', float('nan')) / 1e9:7.0f} "
             f"{100 * r['pack_fraction_of_conv']:5.1f}% {us('numpy_fp32_s')} {us('torch_fp32_s')} "
             f"{us('torch_bf16_s')} {ratio('speedup_vs_numpy_fp32')} "
             f"{ratio('speedup_vs_torch_fp32')} {ratio('speedup_vs_torch_bf16')}")
 
 
 HEADER = (f"{'layer':>16} {'':2} {'batch':<4} {'th':2} {'pack us':>9} {'conv us':>9} "
-          f"{'+bits us':>9} {'G/s med':>7} {'G/s max':>7} {'pack%':>6} {'numpy us':>9} "
+          f"{'+bits us':>9} {'G/s med':>7} {'G/s max':>7} {'G/s cpu':>7} {'pack%':>6} "
+          f"{'numpy us':>9} "
           f"{'torch32':>9} {'torchbf16':>9} "
           f"{'xnumpy':>7} {'xt32':>7} {'xbf16':>7}")
 
