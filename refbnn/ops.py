@@ -226,7 +226,8 @@ def output_thresholds(multiplier, bias, k: int, sign_at_zero: int = 1):
     if not 0 <= k < 2 ** 24:
         raise ValueError(f"k must be in [0, 2**24) so every acc is an exact float32, got {k}")
     acc = np.arange(-k, k + 1, dtype=np.float32)[:, None]
-    y = (acc * m).astype(np.float32) + b
+    with np.errstate(over="ignore"):  # a huge multiplier may round the product to +-inf: fine
+        y = (acc * m).astype(np.float32) + b
     neg = (y < 0) if saz == 1 else (y <= 0)  # (2k+1, O): the packed bit for each acc
     ones = neg.sum(axis=0).astype(np.int64)
     prefix = np.arange(2 * k + 1)[:, None] < ones  # ones first, then zeros
