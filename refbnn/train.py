@@ -88,7 +88,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     # heavy imports after argument parsing, so --help is instant
     import numba
-    import numpy as np
     from threadpoolctl import threadpool_limits
     from tqdm import tqdm
 
@@ -155,15 +154,15 @@ def main(argv=None) -> int:
             config = models.get_config(model_name, input_shape=[1, h, w],
                                        num_classes=len(train_set.class_names),
                                        width_multiplier=values["width"])
-        np.random.seed(seed)  # layer initialisers draw from numpy's global generator
-        model = models.build(config)
+        model = models.build(config, seed=seed)
     except ValueError as e:
         return fail(e)
     trainer = Trainer(model, train_set, recipe, seed=seed)
     if resumed is not None:
         try:
             model.load_state_dict(resumed.state_dict)
-            trainer.optimizer.load_state_dict(resumed.optimizer_state, resumed.optimizer_hyperparameters)
+            trainer.optimizer.load_state_dict({"state": resumed.optimizer_state,
+                                               "hparams": resumed.optimizer_hyperparameters})
             trainer.restore_position(resumed.epoch, resumed.rng_state)
             trainer.history = list(resumed.history)
         except (KeyError, ValueError) as e:
@@ -177,13 +176,15 @@ def main(argv=None) -> int:
                 "command": command if resumed is None else resumed.provenance["run"]["command"]}
     input_spec = {"shape": [1, h, w], "layout": "NCHW", "channel_order": "L",
                   "mean": [spec.mean], "std": [spec.std]}
-    common = {"config": config, "binary_weights": model.binary_weights(), "input_spec": input_spec,
+    common = {"config": config, "input_spec": input_spec,
               "class_names": list(train_set.class_names), "dataset": dataset_name}
 
     def save_checkpoint():
-        state, hyper = trainer.optimizer.state_dict()
+        opt = trainer.optimizer.state_dict()
         fileformat.save_checkpoint(
-            ckpt_path, model.state_dict(), optimizer_state=state, optimizer_hyperparameters=hyper,
+            ckpt_path, model.state_dict(), binary_weights=model.binary_weights(),
+            optimizer_state=opt["state"],
+            optimizer_hyperparameters=opt["hparams"],
             rng_state=trainer.position(), epoch=trainer.epoch, history=trainer.history,
             metrics=trainer.history[-1] if trainer.history else {}, provenance={"run": run_info}, **common)
 
@@ -232,7 +233,8 @@ def main(argv=None) -> int:
                 return 130
             t = time.perf_counter()
             test = evaluate(model, test_set)
-            record = {"epoch": epoch, "lr": trainer.learning_rate(trainer.epoch * trainer.steps_per_epoch - 1),
+            last_step = trainer.epoch * trainer.steps_per_epoch - 1
+            record = {"epoch": epoch, "lr": trainer.learning_rate(last_step),
                       "train_loss": stats.loss, "train_accuracy": stats.accuracy,
                       "test_loss": test["loss"], "test_accuracy": test["accuracy"],
                       "train_seconds": stats.seconds, "eval_seconds": time.perf_counter() - t,
@@ -241,10 +243,12 @@ def main(argv=None) -> int:
             save_checkpoint()
             write_logs()
             print(f"epoch {epoch}: train loss {stats.loss:.4f} acc {stats.accuracy:.4f} | test loss "
-                  f"{test['loss']:.4f} acc {test['accuracy']:.4f} | {record['images_per_second']:.0f} img/s, "
+                  f"{test['loss']:.4f} acc {test['accuracy']:.4f} | "
+                  f"{record['images_per_second']:.0f} img/s, "
                   f"{stats.seconds:.0f} s", file=sys.stderr)
     except NonFiniteLoss as e:
-        kept = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written"
+        kept = (f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists()
+                else "no checkpoint was written")
         return fail(f"{e}; stopped, {kept}", status=3)
     except KeyboardInterrupt:
         print("interrupted twice: stopped without saving the current epoch", file=sys.stderr)
@@ -253,7 +257,7 @@ def main(argv=None) -> int:
         signal.signal(signal.SIGINT, previous_handler)
 
     final = trainer.history[-1]
-    fileformat.save_model(out_path, model.state_dict(), metrics={
+    fileformat.save_model(out_path, model.state_dict(), binary_weights=model.binary_weights(), metrics={
         "test_accuracy": final["test_accuracy"], "test_loss": final["test_loss"], "epochs": recipe.epochs},
         provenance={"run": run_info}, **common)
     print(f"wrote {out_path} (test accuracy {final['test_accuracy']:.4f})", file=sys.stderr)

@@ -147,9 +147,17 @@ class BNNResNet(nn.Module):
         self.fc = nn.Linear(prev, cfg["num_classes"], bias=True)
 
     def binary_weights(self) -> dict:
-        """``{state-dict name: {"groups": g, "sign_at_zero": s}}`` for every binary layer's weight."""
-        return {f"{name}.weight": {"groups": m.groups, "sign_at_zero": m.sign_at_zero}
-                for name, m in self.named_modules() if isinstance(m, (nn.BinaryConv2d, nn.BinaryLinear))}
+        """``{state-dict name: {"groups": g, "sign_at_zero": s[, "scale": alpha]}}`` for every binary
+        layer's weight (what :func:`refbnn.fileformat.save_model` packs); ``scale`` is Bi-Real's
+        per-channel ``mean |W|`` for ``scale="mean_abs"`` layers, which packed-only files need."""
+        out = {}
+        for name, m in self.named_modules():
+            if isinstance(m, (nn.BinaryConv2d, nn.BinaryLinear)):
+                spec = {"groups": getattr(m, "groups", 1), "sign_at_zero": m.sign_at_zero}
+                if m.scale == "mean_abs":
+                    spec["scale"] = m.weight_scale()
+                out[f"{name}.weight"] = spec
+        return out
 
     def features(self, x):
         """Everything up to and including the global average pool: ``(N, C_last)``."""

@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from refbnn import nn
 from refbnn.data import batches
 from refbnn.training.losses import cross_entropy
 from refbnn.training.optim import SGD, Adam, AdamW, param_groups
@@ -56,7 +55,11 @@ class Recipe:
 
 
 def make_optimizer(model, recipe: Recipe):
-    groups = param_groups(model, recipe.weight_decay)
+    """The recipe's optimizer over ``model``'s parameters: no weight decay on parameters flagged
+    ``decay=False`` (BatchNorm, slopes, biases); binary latent weights clipped to [-1, 1] after each
+    step when ``recipe.clip_latent``."""
+    groups = param_groups(model, recipe.weight_decay,
+                          clip_latent=(-1.0, 1.0) if recipe.clip_latent else None)
     name = recipe.optimizer.lower()
     if name == "adam":
         return Adam(groups, lr=recipe.lr)
@@ -65,11 +68,6 @@ def make_optimizer(model, recipe: Recipe):
     if name == "sgd":
         return SGD(groups, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov)
     raise ValueError(f"unknown optimizer {recipe.optimizer!r}; use adam, adamw or sgd")
-
-
-def binary_latent_weights(model) -> list:
-    """Latent weights of every binary layer (clipped to [-1, 1] after each step)."""
-    return [m.weight for _, m in model.named_modules() if isinstance(m, (nn.BinaryConv2d, nn.BinaryLinear))]
 
 
 def evaluate(model, dataset, batch_size: int = 500) -> dict:
@@ -119,7 +117,6 @@ class Trainer:
         self.batches_done = 0           # batches completed in the current epoch
         self.epoch_start_state = self.rng.bit_generator.state
         self.history: list[dict] = []
-        self.latent = binary_latent_weights(model) if recipe.clip_latent else []
         self.stop_requested = False     # set (e.g. by a SIGINT handler) to stop between two steps
 
     @property
@@ -174,8 +171,6 @@ class Trainer:
             self.model.zero_grad()
             self.model.backward(dlogits)
             self.optimizer.step()
-            for w in self.latent:
-                np.clip(w.data, -1.0, 1.0, out=w.data)
             self.batches_done += 1
             stats.loss_sum += float(loss) * len(y)
             stats.correct += int((logits.argmax(axis=1) == y).sum())
