@@ -9,8 +9,9 @@ count; the per-layer geometry arrives precomputed (``refbnn.ops.BConv2DPlan`` bu
   output channel ``g*Og + t*8*NV + l`` (zero words past ``Og``); ``toff[tap]`` is the tap's word
   offset in ``xp`` (``(kh*dh*Wp + kw*dw) * CW``).
 * Output pixels ``p = (n*OH + oh)*OW + ow`` are cut into ``ntiles`` balanced tiles of at most 6
-  pixels; each of ``min(nthreads, ntiles)`` workers (``nthreads``: ``numba.get_num_threads()``)
-  takes a contiguous run of tiles.
+  pixels (a multiple of the worker count when there are enough pixels); each of
+  ``min(nthreads, ntiles)`` workers (``nthreads``: ``numba.get_num_threads()``) takes a
+  contiguous run of tiles.
 
 Per output value: ``acc = K - 2*popcount`` (one-padding, ``K = ntaps * Cg``) ``+ corr[rc[oh], cc[ow], o]``
 (zero/-1 padding correction ``(pad_value - 1) * sum of w's signs over the padded taps``, flat
@@ -50,6 +51,7 @@ def bconv_fast(xp, Hp, Wp, CW, wt, nv, G, Wg, T, toff, K,
     P = N * OH * OW
     ntiles = (P + MR - 1) // MR
     nchunks = min(nthreads, ntiles)
+    ntiles = min(P, (ntiles + nchunks - 1) // nchunks * nchunks)  # equal tile counts per worker
     q, r = P // ntiles, P % ntiles
     ntaps = toff.shape[0]
     to = 8 * nv
