@@ -2,7 +2,7 @@
 
 Numba cannot keep an array of vectors in registers, so each tile shape is written out with named
 accumulators. The output is a real module (cacheable by Numba, unlike ``exec``'d strings),
-committed to the repository; ``tests/test_kernels_bconv.py`` checks it is up to date. Regenerate
+committed to the repository; ``tests/test_kernels_misc.py`` checks it is up to date. Regenerate
 with ``python -m refbnn.kernels._codegen``.
 """
 
