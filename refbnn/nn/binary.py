@@ -13,6 +13,10 @@ Backward: ``dL/dx = dL/dxb * g(x)`` with ``act_grad`` g: ``"ste"`` 1 on ``|x| <=
 ``"approx_sign"`` (Bi-Real) ``2 + 2x`` on [-1, 0), ``2 - 2x`` on [0, 1), 0 elsewhere;
 ``"identity"`` 1. ``dL/dW = dL/dWq * (|W| <= 1)`` where ``Wq = alpha * wb`` is the weight the
 conv used (clipped straight-through estimator). Padded taps get no gradient.
+
+BinaryConv2d's forward runs on the bit-packed XNOR-popcount kernels of :func:`refbnn.bconv2d`
+when it can (sign_at_zero +-1, binarized input), else as a float GEMM of +-1 values; the
+backward pass always uses float GEMMs on the binarized patches.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from refbnn.nn import functional as F
 from refbnn.nn._checks import check_grad, check_input, param, positive_int
 from refbnn.nn.init import uniform_fan_in
 from refbnn.nn.module import Module, Parameter
+from refbnn.ops import bconv2d as packed_bconv2d
 
 SCALES = ("none", "mean_abs")
 ACT_GRADS = F.ACT_GRADS
@@ -104,6 +109,9 @@ class BinaryConv2d(_BinaryMixin, Module):
                                                in_channels // groups * kh * kw))
         self._cache = None
         self._cols = None
+        # forward on refbnn.bconv2d's packed kernels (sign_at_zero +-1, binarized input); False
+        # forces the float GEMM of +-1 values. Both give the same integers (tested).
+        self.use_packed = True
 
     def _geometry(self, x):
         return F.ConvGeometry(x.shape, self.weight.shape, self.stride, self.padding,
@@ -114,34 +122,52 @@ class BinaryConv2d(_BinaryMixin, Module):
         return F.im2col(x, geom, self.pad_value,
                         self.sign_at_zero if self.binarize_input else None, out=out)
 
+    def _packed_path(self) -> bool:
+        """Whether the forward pass can run on refbnn's bit-packed XNOR-popcount kernels."""
+        return self.use_packed and self.binarize_input and self.sign_at_zero in (1, -1)
+
     def accumulators(self, x) -> np.ndarray:
         """Pre-scale accumulators ``acc`` (N, O, OH, OW), float in the dtype of ``x``: integers
         for binarized input, equal to ``refbnn.reference.bconv2d`` after NCHW/NHWC transposes.
         Uses no cache and does not disturb a pending backward."""
         x = check_input(x, (4,), "BinaryConv2d", self.in_channels)
         geom = self._geometry(x)
+        if self._packed_path():
+            _check_nan(x, "BinaryConv2d")
+            acc = packed_bconv2d(x.transpose(0, 2, 3, 1), self.weight.data.transpose(2, 3, 1, 0),
+                                 stride=self.stride, padding=self.padding,
+                                 pad_value=int(self.pad_value), dilation=self.dilation,
+                                 groups=self.groups, sign_at_zero=self.sign_at_zero)
+            out = np.empty((geom.n, geom.o, geom.oh, geom.ow), dtype=x.dtype)
+            np.copyto(out, acc.transpose(0, 3, 1, 2), casting="unsafe")  # |acc| <= K < 2**24
+            return out
         return F.conv2d_gemm(self._columns(x, geom), self.binarized_weight(x.dtype), geom)
 
     def forward(self, x):
         x = check_input(x, (4,), "BinaryConv2d", self.in_channels)
         geom = self._geometry(x)
-        cols = self._columns(x, geom, out=self._cols)
-        self._cols = cols
         wb = self.binarized_weight(x.dtype)
-        # the GEMM runs on +-1 weights so that acc is exact; alpha scales its result. Backward
-        # uses the scaled weights wq = alpha * wb (the weight the layer effectively applies).
-        acc = F.conv2d_gemm(cols, wb, geom)
+        if self._packed_path():
+            acc = self.accumulators(x)
+            cols = None  # built in backward, from the cached x
+        else:
+            # the GEMM runs on +-1 weights so that acc is exact
+            cols = self._cols = self._columns(x, geom, out=self._cols)
+            acc = F.conv2d_gemm(cols, wb, geom)
+        # alpha scales the result; backward uses wq = alpha * wb, the weight effectively applied
         wq = wb
         if self.scale == "mean_abs":
             alpha = self.weight_scale(x.dtype)
             acc *= alpha[:, None, None]
             wq = wb * alpha[:, None, None, None]
-        self._cache = (x, geom, wq) if self.training else None
+        self._cache = (x, geom, wq, cols) if self.training else None
         return acc
 
     def backward(self, grad_out):
-        x, geom, wq = check_grad(self._cache, "BinaryConv2d")
-        dcols, dwq = F.conv2d_backward(grad_out, self._cols, wq, geom)
+        x, geom, wq, cols = check_grad(self._cache, "BinaryConv2d")
+        if cols is None:
+            cols = self._cols = self._columns(x, geom, out=self._cols)
+        dcols, dwq = F.conv2d_backward(grad_out, cols, wq, geom)
         self._weight_grad(dwq)
         if self.binarize_input:
             return F.input_grad(dcols, geom, x, self.act_grad)
