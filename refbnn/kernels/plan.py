@@ -183,6 +183,8 @@ class BConv2DPlan:
     The fast path (``impl="fast"``) reads a physically padded input ``(N, Hp, Wp, G*Wg)`` with
     all-zero pad words; :meth:`padded_input` hands out such a buffer and ``input_offset`` says where
     the image starts in it. The portable path reads the unpadded input (offset ``(0, 0)``).
+    A plan owns that buffer, so one plan must not run in two Python threads at once; the kernels
+    themselves run on ``numba.get_num_threads()`` threads.
     """
 
     def __init__(self, w_packed, in_channels: int, input_hw, stride=1, padding="same",
