@@ -98,3 +98,10 @@ def test_plan_reuses_padded_buffer_without_stale_data():
     for _ in range(2):
         x = rng.standard_normal((2, 6, 6, 20)).astype(np.float32)
         assert np.array_equal(plan(x), ref.bconv2d(x, k))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_empty_batch(impl):
+    k = np.ones((3, 3, 3, 5), np.float32)
+    out = refbnn.bconv2d(np.zeros((0, 4, 4, 3), np.float32), k, impl=impl)
+    assert out.shape == (0, 4, 4, 5) and out.dtype == np.int32
