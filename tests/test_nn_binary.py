@@ -200,3 +200,17 @@ def test_bad_input_and_options():
     layer.forward(np.zeros((1, 2, 3, 3), np.float32))
     with pytest.raises(RuntimeError, match="backward"):
         layer.backward(np.zeros((1, 2, 3, 3), np.float32))
+
+
+@given(bconv_case())
+def test_accumulators_do_not_disturb_a_pending_backward(case):
+    layer, x = case
+    y = layer.forward(x)
+    dy = np.random.default_rng(5).standard_normal(y.shape).astype(np.float32)
+    dx_plain = layer.backward(dy.copy())
+    g_plain = layer.weight.grad.copy()
+    layer.zero_grad()
+    layer.forward(x)
+    layer.accumulators(-x)  # another input in between
+    np.testing.assert_array_equal(layer.backward(dy.copy()), dx_plain)
+    np.testing.assert_array_equal(layer.weight.grad, g_plain)

@@ -176,3 +176,26 @@ def test_state_dict_names_match_torch():
     for k in sd:
         assert sd[k].shape == tuple(tsd[k].shape), k
     ours.load_state_dict({k: v.numpy() for k, v in tsd.items()})
+
+
+def test_binary_linear_and_residual_match_torch():
+    rng = np.random.default_rng(6)
+    m = nn.BinaryLinear(12, 5, bias=True, scale="mean_abs", act_grad="approx_sign")
+    m.weight.data = rng.uniform(-1.2, 1.2, m.weight.shape).astype(np.float32)
+    tw, tb = _t(m.weight.data), _t(m.bias.data)
+
+    def bireal_linear(xt):
+        alpha = tw.abs().mean(dim=1, keepdim=True).detach()
+        clipped = torch.clamp(tw, -1.0, 1.0)
+        wq = (alpha * torch.where(tw >= 0, 1.0, -1.0)).detach() - clipped.detach() + clipped
+        return TF.linear(_ApproxSign.apply(xt), wq, tb)
+
+    _run(m, bireal_linear, rng.standard_normal((4, 12)).astype(np.float32), rng)
+    _grad_close(m.weight, tw)
+    _grad_close(m.bias, tb)
+    res = nn.Residual(nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.ReLU()), nn.Conv2d(3, 3, 1))
+    w1, w2 = _t(res.body[0].weight.data), _t(res.shortcut.weight.data)
+    _run(res, lambda xt: torch.relu(TF.conv2d(xt, w1, padding=1)) + TF.conv2d(xt, w2),
+         rng.standard_normal((2, 3, 5, 5)).astype(np.float32), rng)
+    _grad_close(res.body[0].weight, w1)
+    _grad_close(res.shortcut.weight, w2)
