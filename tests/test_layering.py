@@ -23,6 +23,7 @@ RANKS = {
     "refbnn.engine": 5,
     "refbnn.fileformat": 6,
     "refbnn.interop": 6,
+    "refbnn.goldenlib": 6,
     "refbnn.budget": 7,
     "refbnn.train": 7,
     "refbnn.infer": 7,
