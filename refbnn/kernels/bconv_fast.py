@@ -123,7 +123,7 @@ def bconv_fast(xp, Hp, Wp, CW, wt, nv, G, Wg, T, toff, K,
                     else:
                         tile_nv1(m, a_xp, a_bases, a_wt, wbase, a_toff, ntaps, Wg, a_acc, a_out,
                                  a_obases, K, direct, a_bits, a_dirn, a_thr, o0, shift)
-                    for i in range(m):
+                    for i in range(m if direct == 0 or tile_border else 0):
                         border = has_corr and (rcs[i] | ccs[i]) != 0
                         cbase = (rcs[i] * ncc + ccs[i]) * O
                         l0 = 0
