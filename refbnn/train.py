@@ -56,6 +56,8 @@ def parse_args(argv):
     p.add_argument("--out-dir", help="run folder (default runs/<dataset>-<model>)")
     p.add_argument("--out", help="final model file (default <out-dir>/model.h5)")
     p.add_argument("--resume", metavar="CHECKPOINT", help="continue a run from its checkpoint.h5")
+    p.add_argument("--limit-train", type=int, help="use only the first N training images (smoke tests)")
+    p.add_argument("--limit-test", type=int, help="evaluate on only the first N test images")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -92,7 +94,7 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     from refbnn import fileformat, models
-    from refbnn.data import DATASETS, DataError, load_dataset
+    from refbnn.data import DATASETS, DataError, load_dataset, subset
     from refbnn.plot import line_chart
     from refbnn.training.trainer import NonFiniteLoss, Recipe, Trainer, evaluate
 
@@ -146,6 +148,13 @@ def main(argv=None) -> int:
         test_set = load_dataset(dataset_name, "test", data_dir=args.data_dir, download=not args.no_download)
     except DataError as e:
         return fail(e)
+    for limit, name in ((args.limit_train, "--limit-train"), (args.limit_test, "--limit-test")):
+        if limit is not None and limit < 1:
+            return fail(f"{name} must be positive")
+    if args.limit_train:
+        train_set = subset(train_set, min(args.limit_train, len(train_set)))
+    if args.limit_test:
+        test_set = subset(test_set, min(args.limit_test, len(test_set)))
     spec = DATASETS[dataset_name]
     h, w = train_set.images.shape[1:]
 
