@@ -51,8 +51,12 @@ def load_model(args):
         return net
     if args.batch < 2:
         raise ValueError("--batch must be >= 2 (BatchNorm training needs 2 values per channel)")
-    return models.build(args.model or "birealnet18", seed=args.seed, input_shape=args.input_shape,
-                        width_multiplier=args.width, num_classes=args.num_classes)
+    from refbnn.goldenlib.model import randomize_state
+
+    net = models.build(args.model or "birealnet18", seed=args.seed, input_shape=args.input_shape,
+                       width_multiplier=args.width, num_classes=args.num_classes)
+    randomize_state(net, args.seed)  # BatchNorm and slopes off their initial values (and ties)
+    return net
 
 
 def run_check(paths) -> int:

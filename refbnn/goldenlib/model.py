@@ -2,8 +2,9 @@
 
 The file's ``/weights`` group holds the model's state dict and its ``meta`` the resolved config.
 Case ``eval`` (op ``model_eval``): input ``x`` (N, C, H, W) float32; outputs ``out.<layer>`` for
-every leaf layer in call order, ``in.<layer>`` for each binary layer's (pre-sign) input, and
-``logits``. Case ``train_step`` (op ``model_train_step``): inputs ``x`` and ``labels`` (int64);
+every leaf layer in call order, ``in.<layer>`` for the input of each layer with a kink at 0
+(binary layers' pre-sign input, ReLU, PReLU, FPReLU), and ``logits``. Case ``train_step`` (op
+``model_train_step``): inputs ``x`` and ``labels`` (int64);
 the model in train mode (BatchNorm on batch statistics) gives ``out.<layer>``/``in.<layer>`` and
 ``logits``; mean cross-entropy gives ``loss``; backward gives ``grad.<param>`` for every parameter;
 one ``SGD(lr, momentum, weight_decay)`` step (``params``) gives ``updated.<param>``, and
@@ -37,13 +38,51 @@ def is_binary(layer) -> bool:
     return isinstance(layer, (nn.BinaryConv2d, nn.BinaryLinear)) and layer.binarize_input
 
 
+def kink_rule(layer) -> str | None:
+    """Where a layer's forward or derivative jumps at ``x = 0``, the test that decides the side:
+    ``"ge"`` (``x >= 0``: sign with sign_at_zero +1, FPReLU), ``"gt"`` (``x > 0``: sign with -1,
+    ReLU, PReLU), ``"sign"`` (torch.sign, ternary); ``None`` for a layer without such a kink."""
+    if is_binary(layer):
+        return {1: "ge", -1: "gt", 0: "sign"}[layer.sign_at_zero]
+    if isinstance(layer, (nn.ReLU, nn.PReLU)):
+        return "gt"
+    if isinstance(layer, nn.FPReLU):
+        return "ge"
+    return None
+
+
+def randomize_state(model, seed: int) -> None:
+    """Give BatchNorm and the non-linearities trained-looking values (seeded): scales N(1, 0.5)
+    (some negative), shifts and running means N(0, 0.5), running variances U(0.5, 2), slopes
+    N(1, 0.3) / PReLU N(0.25, 0.1). Fresh layers (shift 0 after an integer-valued binary conv) put
+    many values at exactly 0, where ReLU's derivative jumps; this keeps the test off those ties."""
+    rng = np.random.default_rng(seed)
+    state = model.state_dict()
+    for name, v in state.items():
+        leaf = name.rsplit(".", 1)[-1]
+        layer = dict(model.named_modules())[name.rsplit(".", 1)[0]]
+        if isinstance(layer, (nn.BatchNorm2d, nn.BatchNorm1d)):
+            if leaf == "weight":
+                v = rng.normal(1.0, 0.5, v.shape)
+            elif leaf in ("bias", "running_mean"):
+                v = rng.normal(0.0, 0.5, v.shape)
+            elif leaf == "running_var":
+                v = rng.uniform(0.5, 2.0, v.shape)
+        elif isinstance(layer, nn.FPReLU):
+            v = rng.normal(1.0, 0.3, v.shape)
+        elif isinstance(layer, nn.PReLU):
+            v = rng.normal(0.25, 0.1, v.shape)
+        state[name] = np.asarray(v, dtype=state[name].dtype)
+    model.load_state_dict(state)
+
+
 def forward_record(model, x, mode: str) -> dict:
-    """``out.<layer>``, ``in.<binary layer>`` and ``logits`` of one forward in ``mode``; the model
+    """``out.<layer>``, ``in.<layer with a kink>`` and ``logits`` of one forward in ``mode``; the model
     is left in ``mode`` with its backward caches filled."""
     out = {}
     records = trace(model, x, mode=mode)
     for name, layer, inp, y in records:
-        if is_binary(layer):
+        if kink_rule(layer):
             out[f"in.{name}"] = np.asarray(inp)
         out[f"out.{name}"] = np.asarray(y)
     model.train(mode == "train")
