@@ -102,3 +102,19 @@ def test_bad_input_is_one_line_and_status_2(case, model_file, tmp_path, monkeypa
     assert r.stderr.startswith("error: ")
     if case == "future":
         assert "version" in r.stderr
+
+
+def test_export_packed_only_runs_the_same(model_file, tmp_path):
+    dst = tmp_path / "packed.h5"
+    r = subprocess.run([sys.executable, "-m", "refbnn.export", str(model_file), str(dst), "--packed-only"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert fileformat.load(dst).kind == "packed"
+    assert dst.stat().st_size < model_file.stat().st_size
+    x = np.random.default_rng(0).standard_normal((4, 1, 28, 28)).astype(np.float32)
+    a, _ = infer.load_runner(str(model_file), "packed")
+    b, _ = infer.load_runner(str(dst), "packed")
+    np.testing.assert_array_equal(a(x), b(x))
+    r = subprocess.run([sys.executable, "-m", "refbnn.export", str(tmp_path / "none.h5"), str(dst),
+                        "--packed-only"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr

@@ -31,6 +31,7 @@ RANKS = {
     "refbnn.crosscheck": 7,
     "refbnn.experiments": 7,
     "refbnn.cli": 7,
+    "refbnn.export": 7,
 }
 
 

@@ -38,9 +38,9 @@ def tiny_model(seed=0):
 
 
 def test_loss_decreases_on_real_mnist(mnist_small):
-    trainer = Trainer(tiny_model(), mnist_small, Recipe(epochs=4, batch_size=50, lr=5e-3, augment=0))
-    losses = [trainer.train_epoch().loss for _ in range(4)]
-    assert losses[-1] < 0.8 * losses[0], losses
+    trainer = Trainer(tiny_model(), mnist_small, Recipe(epochs=3, batch_size=50, lr=5e-3, augment=0))
+    losses = [trainer.train_epoch().loss for _ in range(3)]
+    assert losses[0] > losses[1] > losses[2] and losses[2] < 0.9 * losses[0], losses
 
 
 def test_stop_mid_epoch_and_restore_is_bit_identical(mnist_small):

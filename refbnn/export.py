@@ -1,0 +1,36 @@
+"""``python -m refbnn.export SRC.h5 DST.h5 --packed-only``: a deployment-only copy of a model.
+
+Drops the latent float32 weights of the binary layers (keeping their packed sign bits and, for
+Bi-Real layers, the per-channel scale) and any optimizer state: the result runs with
+``python -m refbnn.infer DST.h5`` and is about 30x smaller for the binary layers. Exit status 2 with a
+one-line message on any problem; the destination is written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from refbnn import fileformat
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m refbnn.export", description=__doc__.splitlines()[0])
+    p.add_argument("src", help="a refbnn model or checkpoint file")
+    p.add_argument("dst", help="where to write the packed-only file")
+    p.add_argument("--packed-only", action="store_true", required=True,
+                   help="drop latent binary weights (the only export kind so far)")
+    args = p.parse_args(argv)
+    try:
+        fileformat.export_packed(args.src, args.dst)
+    except (fileformat.FormatError, ValueError, OSError) as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        return 2
+    import os
+    before, after = os.path.getsize(args.src), os.path.getsize(args.dst)
+    print(f"wrote {args.dst}: {after:,} bytes ({before / after:.1f}x smaller than {args.src})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
