@@ -13,6 +13,7 @@ exact while K < 2**24.
 
 from __future__ import annotations
 
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numba as nb
@@ -212,11 +213,26 @@ def _gate_args(dx, x, act_grad):
 
 # --- threaded GEMMs ------------------------------------------------------------------------------
 # refbnn splits its large GEMMs over ``numba.get_num_threads()`` Python threads (NumPy releases the
-# GIL inside BLAS) and expects BLAS itself to be single-threaded (``OPENBLAS_NUM_THREADS=1`` at
-# process start). Measured on a loaded 2-core machine, OpenBLAS's own spinning worker threads made
-# a training step 4-8x slower, while blocking Python threads degrade gracefully.
+# GIL inside BLAS) and runs BLAS itself single-threaded: during each call BLAS is limited to one
+# thread with threadpoolctl (restored afterwards; ~20 us). Measured on a loaded 2-core machine,
+# OpenBLAS's own spinning worker threads made a training step 4-8x slower, while blocking Python
+# threads degrade gracefully.
 _POOL: list = [None, 0]
+_BLAS: list = [None]
 MIN_SPLIT_MACS = 8_000_000
+
+
+def _single_threaded_blas():
+    """A context limiting every BLAS library to one thread (a no-op without threadpoolctl)."""
+    if _BLAS[0] is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+            _BLAS[0] = ThreadpoolController()
+        except ImportError:  # pragma: no cover - threadpoolctl is a dependency
+            _BLAS[0] = False
+    if not _BLAS[0]:
+        return contextlib.nullcontext()
+    return _BLAS[0].limit(limits=1, user_api="blas")
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
@@ -240,6 +256,11 @@ def matmul(a, b, out=None, split="cols"):
     ``"rows"``: the M rows of ``a`` and ``out``; ``"reduce"``: the K axis, and the partial products
     are summed in chunk order (for ``dW``, where K = N*OH*OW is the long axis). Row and column
     splits give each output element one BLAS dot product, as an unsplit call does."""
+    with _single_threaded_blas():
+        return _matmul(a, b, out, split)
+
+
+def _matmul(a, b, out, split):
     threads = nb.get_num_threads()
     g, m, k = a.shape
     p = b.shape[2]
