@@ -33,7 +33,7 @@ import numpy as np
 from numba import njit, prange
 
 from .bconv_tiles import tile_nv1, tile_nv2, tile_nv4
-from .simd import v8_load, v8_store_f32, v8_threshold_bits, v8_zero
+from .simd import v8_load, v8_store_acc_i32, v8_store_f32, v8_threshold_bits, v8_zero
 
 MR = 6  # pixels per tile; bconv_tiles holds kernels for 1..MR
 
@@ -105,7 +105,7 @@ def bconv_fast(xp, Hp, Wp, CW, wt, nv, G, Wg, T, toff, K,
                     o0 = g * og + t * to
                     nl = min(to, og - t * to)
                     # direct 1/2: the tile writes int32 K - 2*pc / its packed bits itself
-                    direct = 1 if mode == 0 and nl == to else 0
+                    direct = 1 if mode == 0 and nl == to and not tile_border else 0
                     shift = 0
                     if mode == 3 and nl == to and not tile_border \
                             and oword[o0 + to - 1] == oword[o0] \
@@ -123,19 +123,24 @@ def bconv_fast(xp, Hp, Wp, CW, wt, nv, G, Wg, T, toff, K,
                     else:
                         tile_nv1(m, a_xp, a_bases, a_wt, wbase, a_toff, ntaps, Wg, a_acc, a_out,
                                  a_obases, K, direct, a_bits, a_dirn, a_thr, o0, shift)
-                    for i in range(m if direct == 0 or tile_border else 0):
+                    # otherwise the epilogue reads the scratch popcounts: whole 8-lane groups as
+                    # vectors (K - 2*pc + corr, then the output mode), the other lanes scalar
+                    for i in range(m if direct == 0 else 0):
                         border = has_corr and (rcs[i] | ccs[i]) != 0
                         cbase = (rcs[i] * ncc + ccs[i]) * O
-                        l0 = 0
-                        if mode == 1 or mode == 2:  # whole 8-lane groups as vectors
-                            l0 = 8 * (nl // 8)
+                        l0 = 8 * (nl // 8)
+                        if mode == 0:
+                            for l in range(0, l0, 8):
+                                cv = v8_load(corr, cbase + o0 + l) if border else v8_zero()
+                                v8_store_acc_i32(out_i32, oidx[i] + o0 + l,
+                                                 v8_load(acc, i * to + l), K, cv)
+                        elif mode == 1 or mode == 2:
                             for l in range(0, l0, 8):
                                 cv = v8_load(corr, cbase + o0 + l) if border else v8_zero()
                                 v8_store_f32(out_f32, oidx[i] + o0 + l, v8_load(acc, i * to + l),
                                              K, cv, mul, bias if mode == 1 else off, o0 + l,
                                              mode == 2)
-                        if mode == 3 and direct == 0:  # whole 8-lane groups: vector compare, one OR per group
-                            l0 = 8 * (nl // 8)
+                        else:  # bits: a vector compare, then one OR per 8-bit run
                             for l in range(0, l0, 8):
                                 o = o0 + l
                                 cv = v8_load(corr, cbase + o) if border else v8_zero()
@@ -148,13 +153,9 @@ def bconv_fast(xp, Hp, Wp, CW, wt, nv, G, Wg, T, toff, K,
                                         if (b8 >> np.uint64(j)) & np.uint64(1):
                                             out_bits[oidx[i] + oword[o + j]] |= \
                                                 np.uint64(1) << np.uint64(obit[o + j])
-                        if not direct:
-                            _epilogue(acc, i * to, l0, nl, o0, K, border, corr, cbase, mode, mul,
-                                      bias, off, thr, dirn, oword, obit, out_i32, out_f32,
-                                      out_bits, oidx[i])
-                        elif border and direct == 1:
-                            for l in range(nl):
-                                out_i32[obases[i] + l] += np.int32(corr[cbase + o0 + l])
+                        _epilogue(acc, i * to, l0, nl, o0, K, border, corr, cbase, mode, mul,
+                                  bias, off, thr, dirn, oword, obit, out_i32, out_f32,
+                                  out_bits, oidx[i])
             p0 += m
 
 
