@@ -1,0 +1,152 @@
+"""refbnn against its PyTorch twin (refbnn.interop.torch) for every preset, and weights both ways.
+
+Tolerances (float32): the twin sums convolutions, matmuls and batch statistics in another order, so
+each layer differs by a few ulp of its largest partial sum; through ~20 layers that stays far below
+1e-4 of each array's largest value (measured: logits <= 3e-7, gradients <= 6e-6 relative). Binary
+layers are exact on equal signs; a value within rounding of 0 may binarize differently, which the
+tests count and report rather than hide.
+"""
+
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+
+from refbnn import models
+from refbnn.crosscheck import NEAR_ZERO, run_refbnn, run_torch
+from refbnn.goldenlib.model import is_binary, randomize_state
+
+torch = pytest.importorskip("torch")
+from refbnn.interop.torch import (  # noqa: E402  (needs torch)
+    from_torch_state,
+    load_official_birealnet,
+    to_torch_state,
+    twin,
+)
+
+RTOL_LOGITS = 1e-4
+RTOL_GRAD = 1e-4
+SMALL = {"input_shape": [1, 12, 12], "width_multiplier": 0.125, "num_classes": 10}
+
+
+def _pair(name, seed=0):
+    model = models.build(name, seed=seed, **SMALL)
+    randomize_state(model, seed)  # off BatchNorm's initial zeros, where ReLU's derivative jumps
+    tmodel = twin(model.config)
+    tmodel.load_state_dict(to_torch_state(model.state_dict()))
+    return model, tmodel
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64).reshape(np.shape(a))
+    scale = np.abs(b).max()
+    return np.abs(a - b).max() / scale if scale else np.abs(a - b).max()
+
+
+def _binary_input_flips(model, ref, other):
+    """(flipped signs, of which within rounding of 0) over every binary layer's input."""
+    flips = near = 0
+    for name, layer in model.named_modules():
+        if not is_binary(layer):
+            continue
+        a, b = ref.inputs[name], other.inputs[name].reshape(ref.inputs[name].shape)
+        sa, sb = (a >= 0, b >= 0) if layer.sign_at_zero == 1 else \
+            (a > 0, b > 0) if layer.sign_at_zero == -1 else (np.sign(a), np.sign(b))
+        flipped = sa != sb
+        flips += int(flipped.sum())
+        near += int((flipped & (np.abs(a) <= NEAR_ZERO * np.abs(a).max())).sum())
+    return flips, near
+
+
+@pytest.mark.parametrize("name", models.list_models())
+def test_preset_matches_twin(name):
+    model, tmodel = _pair(name)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, *model.config["input_shape"])).astype(np.float32)
+    labels = rng.integers(0, 10, 2)
+
+    ref, other = run_refbnn(model, x), run_torch(tmodel, x)
+    assert _rel(ref.outputs["logits"], other.outputs["logits"]) <= RTOL_LOGITS
+    flips, near = _binary_input_flips(model, ref, other)
+    print(f"{name} eval: {flips} binary input sign flips, {near} within rounding of 0")
+    assert flips == near
+
+    ref, other = run_refbnn(model, x, labels), run_torch(tmodel, x, labels)
+    flips, near = _binary_input_flips(model, ref, other)
+    print(f"{name} train: {flips} binary input sign flips, {near} within rounding of 0")
+    assert flips == near
+    assert list(ref.grads) == list(other.grads)
+    worst = max((_rel(ref.grads[k], other.grads[k]), k) for k in ref.grads)
+    print(f"{name} train: worst relative gradient difference {worst[0]:.2e} ({worst[1]})")
+    assert worst[0] <= RTOL_GRAD, worst
+
+
+def test_twin_detects_a_changed_weight():
+    """The comparison can fail: one flipped latent weight sign changes the logits."""
+    model, tmodel = _pair("birealnet18")
+    with torch.no_grad():
+        w = tmodel.layer1[0].binary_conv.weight
+        w[0, 0, 1, 1] = -w[0, 0, 1, 1] if w[0, 0, 1, 1] != 0 else -1.0
+    x = np.random.default_rng(2).standard_normal((2, 1, 12, 12)).astype(np.float32)
+    assert _rel(run_refbnn(model, x).outputs["logits"], run_torch(tmodel, x).outputs["logits"]) > 1e-3
+
+
+def test_state_dict_round_trip_exact():
+    model = models.build("ftbnn18_g2", seed=4, **SMALL)
+    randomize_state(model, 4)
+    state = model.state_dict()
+    tmodel = twin(model.config)
+    assert list(tmodel.state_dict()) == list(state)
+    tmodel.load_state_dict(to_torch_state(state))
+    back = from_torch_state(tmodel.state_dict())
+    assert list(back) == list(state)
+    for k, v in state.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape, k
+        assert np.atleast_1d(back[k]).tobytes() == np.atleast_1d(v).tobytes(), k  # bit for bit
+    again = models.BNNResNet(model.config)
+    again.load_state_dict(back)
+    assert all(np.array_equal(again.state_dict()[k], v) for k, v in state.items())
+
+
+def _official_layout(state):
+    """A synthetic checkpoint in the official Bi-Real Net layout: ``module.`` prefixes,
+    ``binary_conv.weights`` flattened to ``(O*I*9, 1)``, wrapped in ``{"state_dict": ...}``."""
+    out = OrderedDict()
+    for k, v in state.items():
+        t = torch.from_numpy(np.array(v, copy=True))
+        if k.endswith("binary_conv.weight"):
+            k, t = k[: -len("weight")] + "weights", t.reshape(-1, 1)
+        out["module." + k] = t
+    return {"state_dict": out}
+
+
+def test_load_official_birealnet_layout():
+    config = models.get_config("birealnet18", **SMALL)
+    model = models.BNNResNet(config)
+    randomize_state(model, 5)
+    state = model.state_dict()
+    ckpt = _official_layout(state)
+    w = ckpt["state_dict"]["module.layer1.0.binary_conv.weights"]
+    assert w.shape == (8 * 8 * 9, 1)
+    loaded = load_official_birealnet(ckpt, config)
+    assert list(loaded) == list(state)
+    for k, v in state.items():
+        assert np.array_equal(loaded[k], v), k
+    target = models.BNNResNet(config)
+    target.load_state_dict(loaded)
+    x = np.random.default_rng(0).standard_normal((2, 1, 12, 12)).astype(np.float32)
+    model.eval()
+    target.eval()
+    assert np.array_equal(model(x), target(x))
+
+
+def test_load_official_birealnet_names_problems():
+    config = models.get_config("birealnet18", **SMALL)
+    state = models.BNNResNet(config).state_dict()
+    ckpt = _official_layout(state)["state_dict"]
+    extra = OrderedDict(ckpt, **{"module.layer9.0.bn1.weight": torch.zeros(3)})
+    with pytest.raises(KeyError, match=r"layer9\.0\.bn1\.weight"):
+        load_official_birealnet(extra, config)
+    missing = OrderedDict((k, v) for k, v in ckpt.items() if "layer2.1.bn1" not in k)
+    with pytest.raises(KeyError, match=r"layer2\.1\.bn1"):
+        load_official_birealnet(missing, config)
