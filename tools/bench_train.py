@@ -12,8 +12,8 @@ clip latent weights to [-1, 1]. Both frameworks run alternately in the same work
 worker per thread count (OpenMP/MKL/Numba pools sized by environment variables before import,
 ``OMP_WAIT_POLICY=PASSIVE``, ``torch.set_num_threads``, ``numba.set_num_threads``; numpy's
 OpenBLAS is pinned to one thread because refbnn splits its GEMMs over its own threads). Reported:
-median seconds per step, and refbnn's split by layer type (forward + backward, exclusive; shares
-of the mean step).
+median seconds per step, and refbnn's split by layer type and pass (exclusive; shares of the mean
+step).
 
     python tools/bench_train.py --widths 32 64 --threads 1 2 --out bench-results/train.json
 
@@ -76,7 +76,7 @@ class LayerTimer:
         for cls in classes:
             for meth in ("forward", "backward"):
                 orig = getattr(cls, meth)
-                setattr(cls, meth, self._wrap(orig, cls.__name__))
+                setattr(cls, meth, self._wrap(orig, f"{cls.__name__}.{meth}"))
                 self._patched.append((cls, meth, orig))
 
     def _wrap(self, fn, name):
@@ -281,7 +281,7 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"\nC={width} threads={t}: refbnn time by layer type (ms per step)")
             for k, v in row["refbnn_split_s"].items():
-                print(f"  {k:<20s} {1e3 * v:9.1f}  {100 * v / row['refbnn_mean_s']:5.1f}%")
+                print(f"  {k:<26s} {1e3 * v:9.1f}  {100 * v / row['refbnn_mean_s']:5.1f}%")
     print(f"\n{'C':>4} {'thr':>4} {'batch':>6} {'refbnn ms':>10} {'torch ms':>10} {'ratio':>6}"
           f" {'min ratio':>9}  floor <= {FLOOR_RATIO}x (medians)")
     for r in rows:
