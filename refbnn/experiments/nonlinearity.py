@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from refbnn import nn
+from refbnn.models.diagnostics import binary_input_stats
 from refbnn.nn import functional as F
 
 VARIANTS = OrderedDict(linear="Linear", binary="Binary", prelu="PReLU", relu="ReLU")
@@ -213,8 +214,10 @@ def train_run(variant: str, seed: int, cfg: StudyConfig, train_set, test_set, pr
 
         trainer.train_epoch(on_batch)
     accuracy, feats, labels = evaluate(model, test_set)
+    balance = [round(s.positive_fraction, 4) for s in binary_input_stats(model, probe_x)]
     return {"model": variant, "seed": seed, "accuracy": accuracy,
             "discrepancy": curve[-1][1], "relative_error": curve[-1][2],
+            "positive_fraction": balance,
             "curve": {"epoch": [c[0] for c in curve], "discrepancy": [c[1] for c in curve],
                       "relative_error": [c[2] for c in curve]},
             "seconds": time.perf_counter() - t0, "features": feats, "labels": labels}
@@ -238,6 +241,7 @@ def summarize(runs: list, cfg: StudyConfig) -> dict:
         entry["curve_epoch"] = mine[0]["curve"]["epoch"]
         entry["curve_discrepancy"] = [float(v) for v in
                                       np.mean([r["curve"]["discrepancy"] for r in mine], axis=0)]
+        entry["positive_fraction"] = [r["positive_fraction"] for r in mine]
         entry["seconds"] = [round(r["seconds"], 1) for r in mine]
         out[variant] = entry
     return out
