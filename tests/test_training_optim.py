@@ -169,3 +169,31 @@ def test_bad_input():
     sd = SGD(m.parameters(), 0.1).state_dict()
     with pytest.raises(ValueError, match="not Adam"):
         Adam(m.parameters()).load_state_dict(sd)
+
+
+def test_small_binary_net_learns_a_separable_task():
+    # end to end: layers + loss + Adam with latent clipping must fit a trivially separable task
+    from refbnn.training import cross_entropy
+    nn.init.manual_seed(0)
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 128)
+    x = rng.standard_normal((128, 1, 8, 8)).astype(np.float32) * 0.5
+    x[y == 1, :, :4] += 1.5  # class 1: bright top half
+    x[y == 0, :, 4:] += 1.5  # class 0: bright bottom half
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8),
+                          nn.Residual(nn.Sequential(nn.BinaryConv2d(8, 8), nn.BatchNorm2d(8))),
+                          nn.GlobalAvgPool2d(), nn.Linear(8, 2))
+    # global pooling hides "where": the first conv must learn a vertical-gradient detector
+    opt = Adam(param_groups(model, 0.0, clip_latent=(-1.0, 1.0)), lr=0.02)
+    losses = []
+    for _ in range(80):
+        logits = model.forward(x)
+        loss, d = cross_entropy(logits, y)
+        losses.append(loss)
+        model.zero_grad()
+        model.backward(d)
+        opt.step()
+    model.eval()
+    acc = (model.forward(x).argmax(1) == y).mean()
+    assert losses[-1] < 0.5 * losses[0] and acc > 0.9, (losses[0], losses[-1], acc)
+    assert np.abs(model[2].body[0].weight.data).max() <= 1.0
