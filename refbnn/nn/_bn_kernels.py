@@ -1,7 +1,7 @@
 """Numba loops for training-mode batch normalisation over a (N, C, L) view, one channel per task.
 
 Statistics accumulate in float64; element-wise results are computed in the data's dtype.
-``refbnn.nn.functional.batch_norm_train_reference`` / ``batch_norm_backward_reference`` are the
+``refbnn.nn.batchnorm.batch_norm_train_reference`` / ``batch_norm_backward_reference`` are the
 NumPy oracles these are tested against.
 """
 

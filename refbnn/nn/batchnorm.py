@@ -6,16 +6,71 @@ statistics then move as ``r = (1 - m) * r + m * stat`` with ``stat`` the batch m
 unbiased variance ``var * M / (M - 1)`` (M values per channel), ``m = momentum`` (or
 ``1 / num_batches_tracked`` when ``momentum is None``, a cumulative average). Evaluation uses the
 running statistics. ``weight``/``bias`` take no weight decay by default. Training statistics
-accumulate in float64 (``functional.batch_norm_train``); element-wise math is in the input dtype.
+accumulate in float64 (:func:`batch_norm_train`); element-wise math is in the input dtype.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from refbnn.nn import functional as F
+from refbnn.nn import _bn_kernels as _bn
 from refbnn.nn._checks import check_grad, check_input, param, positive_int
 from refbnn.nn.module import Module, Parameter
+
+
+# --- training-mode arithmetic: NumPy oracles and Numba fast paths --------------------------------
+def _ncl(a):
+    """(N, C), (N, C, L) or (N, C, H, W) as a contiguous (N, C, L) view or copy."""
+    a = np.ascontiguousarray(a)
+    return a.reshape(a.shape[0], a.shape[1], -1)
+
+
+def batch_norm_train_reference(x, w, b, eps):
+    """NumPy oracle: ``(y, mean, var, inv)`` with per-channel (axis 1) ``mean``, biased ``var``,
+    ``inv = 1 / sqrt(var + eps)``, ``y = (x - mean) * inv * w + b``; statistics in float64."""
+    x3 = _ncl(x).astype(np.float64)
+    mean = x3.mean(axis=(0, 2))
+    var = ((x3 - mean[:, None]) ** 2).mean(axis=(0, 2))
+    inv = 1.0 / np.sqrt(var + eps)
+    y = (x3 - mean[:, None]) * inv[:, None] * w[:, None] + b[:, None]
+    return y.astype(x.dtype).reshape(x.shape), mean, var, inv
+
+
+def batch_norm_backward_reference(dy, x, mean, inv, w):
+    """NumPy oracle of the training-mode gradients ``(dx, dw, db)`` in float64:
+    ``xhat = (x - mean) * inv``, ``db = sum dy``, ``dw = sum dy * xhat``,
+    ``dx = w * inv * (dy - db / M - xhat * dw / M)``, sums over all axes but 1."""
+    d3, x3 = _ncl(dy).astype(np.float64), _ncl(x).astype(np.float64)
+    m = d3.shape[0] * d3.shape[2]
+    xhat = (x3 - np.asarray(mean, np.float64)[:, None]) * np.asarray(inv, np.float64)[:, None]
+    db = d3.sum(axis=(0, 2))
+    dw = (d3 * xhat).sum(axis=(0, 2))
+    dx = (w * inv)[:, None] * (d3 - db[:, None] / m - xhat * dw[:, None] / m)
+    return dx.astype(dy.dtype).reshape(dy.shape), dw, db
+
+
+def batch_norm_train(x, w, b, eps):
+    """Fast :func:`batch_norm_train_reference` (Numba, one channel per task): returns
+    ``(y, mean, var, inv)``; ``mean``/``var`` float64, ``inv`` in the dtype of ``x``."""
+    x3 = _ncl(x)
+    c = x3.shape[1]
+    y = np.empty_like(x3)
+    mean, var = np.empty(c), np.empty(c)
+    inv = np.empty(c, dtype=x.dtype)
+    _bn.bn_forward_kernel(x3, w.astype(x.dtype, copy=False), b.astype(x.dtype, copy=False),
+                          float(eps), y, mean, var, inv)
+    return y.reshape(x.shape), mean, var, inv
+
+
+def batch_norm_backward(dy, x, mean, inv, w):
+    """Fast :func:`batch_norm_backward_reference`: ``(dx, dw, db)``; ``dw``/``db`` float64."""
+    d3, x3 = _ncl(dy.astype(x.dtype, copy=False)), _ncl(x)
+    c = x3.shape[1]
+    dx = np.empty_like(x3)
+    dw, db = np.empty(c), np.empty(c)
+    _bn.bn_backward_kernel(d3, x3, mean, inv.astype(x.dtype, copy=False),
+                           w.astype(x.dtype, copy=False), dx, dw, db)
+    return dx.reshape(x.shape), dw, db
 
 
 class _BatchNorm(Module):
@@ -55,7 +110,7 @@ class _BatchNorm(Module):
         if m < 2:
             raise ValueError(f"{type(self).__name__}: training needs more than 1 value per "
                              f"channel, got input shape {x.shape}")
-        y, mean, var, inv = F.batch_norm_train(x, param(self.weight, x.dtype),
+        y, mean, var, inv = batch_norm_train(x, param(self.weight, x.dtype),
                                                param(self.bias, x.dtype), self.eps)
         self._update_running(mean, var, m)
         self._cache = (x, mean, inv, param(self.weight, x.dtype))
@@ -71,7 +126,7 @@ class _BatchNorm(Module):
 
     def backward(self, grad_out):
         x, mean, inv, w = check_grad(self._cache, type(self).__name__)
-        dx, dw, db = F.batch_norm_backward(grad_out, x, mean, inv, w)
+        dx, dw, db = batch_norm_backward(grad_out, x, mean, inv, w)
         self.weight.accumulate(dw)
         self.bias.accumulate(db)
         return dx

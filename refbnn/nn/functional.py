@@ -1,7 +1,8 @@
-"""Stateless array helpers shared by the layers: padding, im2col/col2im and the conv GEMMs.
+"""Stateless array helpers shared by the conv layers: padding, im2col/col2im, the conv GEMMs.
 
 Layout: NCHW images, OIHW kernels (PyTorch). Every function computes in the dtype of its input
-(float32 in training, float64 in gradient checks); nothing here binarizes.
+(float32 in training, float64 in gradient checks). :func:`im2col` can binarize while it gathers
+(:func:`binarize` states the sign rules) and :func:`col2im` can apply a straight-through gate.
 
 Convolution is cross-correlation (no kernel flip), computed as one GEMM per group:
 ``cols[(c, a, b), (n, i, j)] = xpad[n, c, i*sh + a*dh, j*sw + b*dw]`` and
@@ -20,7 +21,6 @@ import numba as nb
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from refbnn.nn import _bn_kernels as _bn
 from refbnn.nn import _conv_kernels as _k
 
 
@@ -374,58 +374,3 @@ def conv2d(x, w, stride=1, padding=0, dilation=1, groups=1, pad_value=0.0):
     """Plain float cross-correlation, NCHW/OIHW (PyTorch ``conv2d`` semantics, no bias)."""
     geom = ConvGeometry(x.shape, w.shape, pair(stride), pair(padding), pair(dilation), groups)
     return conv2d_gemm(im2col(x, geom, pad_value), w.astype(x.dtype, copy=False), geom)
-
-
-# --- batch normalisation (training mode) ---------------------------------------------------------
-def _ncl(a):
-    """(N, C), (N, C, L) or (N, C, H, W) as a contiguous (N, C, L) view or copy."""
-    a = np.ascontiguousarray(a)
-    return a.reshape(a.shape[0], a.shape[1], -1)
-
-
-def batch_norm_train_reference(x, w, b, eps):
-    """NumPy oracle: ``(y, mean, var, inv)`` with per-channel (axis 1) ``mean``, biased ``var``,
-    ``inv = 1 / sqrt(var + eps)``, ``y = (x - mean) * inv * w + b``; statistics in float64."""
-    x3 = _ncl(x).astype(np.float64)
-    mean = x3.mean(axis=(0, 2))
-    var = ((x3 - mean[:, None]) ** 2).mean(axis=(0, 2))
-    inv = 1.0 / np.sqrt(var + eps)
-    y = (x3 - mean[:, None]) * inv[:, None] * w[:, None] + b[:, None]
-    return y.astype(x.dtype).reshape(x.shape), mean, var, inv
-
-
-def batch_norm_backward_reference(dy, x, mean, inv, w):
-    """NumPy oracle of the training-mode gradients ``(dx, dw, db)`` in float64:
-    ``xhat = (x - mean) * inv``, ``db = sum dy``, ``dw = sum dy * xhat``,
-    ``dx = w * inv * (dy - db / M - xhat * dw / M)``, sums over all axes but 1."""
-    d3, x3 = _ncl(dy).astype(np.float64), _ncl(x).astype(np.float64)
-    m = d3.shape[0] * d3.shape[2]
-    xhat = (x3 - np.asarray(mean, np.float64)[:, None]) * np.asarray(inv, np.float64)[:, None]
-    db = d3.sum(axis=(0, 2))
-    dw = (d3 * xhat).sum(axis=(0, 2))
-    dx = (w * inv)[:, None] * (d3 - db[:, None] / m - xhat * dw[:, None] / m)
-    return dx.astype(dy.dtype).reshape(dy.shape), dw, db
-
-
-def batch_norm_train(x, w, b, eps):
-    """Fast :func:`batch_norm_train_reference` (Numba, one channel per task): returns
-    ``(y, mean, var, inv)``; ``mean``/``var`` float64, ``inv`` in the dtype of ``x``."""
-    x3 = _ncl(x)
-    c = x3.shape[1]
-    y = np.empty_like(x3)
-    mean, var = np.empty(c), np.empty(c)
-    inv = np.empty(c, dtype=x.dtype)
-    _bn.bn_forward_kernel(x3, w.astype(x.dtype, copy=False), b.astype(x.dtype, copy=False),
-                          float(eps), y, mean, var, inv)
-    return y.reshape(x.shape), mean, var, inv
-
-
-def batch_norm_backward(dy, x, mean, inv, w):
-    """Fast :func:`batch_norm_backward_reference`: ``(dx, dw, db)``; ``dw``/``db`` float64."""
-    d3, x3 = _ncl(dy.astype(x.dtype, copy=False)), _ncl(x)
-    c = x3.shape[1]
-    dx = np.empty_like(x3)
-    dw, db = np.empty(c), np.empty(c)
-    _bn.bn_backward_kernel(d3, x3, mean, inv.astype(x.dtype, copy=False),
-                           w.astype(x.dtype, copy=False), dx, dw, db)
-    return dx.reshape(x.shape), dw, db
