@@ -26,7 +26,7 @@ from refbnn.interop.torch import (  # noqa: E402  (needs torch)
 
 RTOL_LOGITS = 1e-4
 RTOL_GRAD = 1e-4
-SMALL = {"input_shape": [1, 12, 12], "width_multiplier": 0.125, "num_classes": 10}
+SMALL = {"input_shape": [1, 10, 10], "width_multiplier": 0.125, "num_classes": 10}
 
 
 def _pair(name, seed=0):
@@ -87,7 +87,7 @@ def test_twin_detects_a_changed_weight():
     with torch.no_grad():
         w = tmodel.layer1[0].binary_conv.weight
         w[0, 0, 1, 1] = -w[0, 0, 1, 1] if w[0, 0, 1, 1] != 0 else -1.0
-    x = np.random.default_rng(2).standard_normal((2, 1, 12, 12)).astype(np.float32)
+    x = np.random.default_rng(2).standard_normal((2, 1, 10, 10)).astype(np.float32)
     assert _rel(run_refbnn(model, x).outputs["logits"], run_torch(tmodel, x).outputs["logits"]) > 1e-3
 
 
@@ -134,7 +134,7 @@ def test_load_official_birealnet_layout():
         assert np.array_equal(loaded[k], v), k
     target = models.BNNResNet(config)
     target.load_state_dict(loaded)
-    x = np.random.default_rng(0).standard_normal((2, 1, 12, 12)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((2, 1, 10, 10)).astype(np.float32)
     model.eval()
     target.eval()
     assert np.array_equal(model(x), target(x))
