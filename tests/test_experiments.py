@@ -67,10 +67,26 @@ def test_quick_study_discrepancy_zero_without_binarization(quick_run):
         assert min(models[name]["curve_discrepancy"]) > 0
 
 
+def test_parallel_workers_give_the_same_runs(quick_run, data_dir, tmp_path):
+    # every run is a pure function of (model, seed, data, recipe): two worker processes must
+    # reproduce the in-process runs exactly
+    _, out = quick_run
+    status = study.main(["--quick", "--out-dir", str(tmp_path), "--data-dir", str(data_dir),
+                         "--no-download", "--models", "binary,linear", "--jobs", "2"])
+    assert status == 0
+    serial = json.loads((out / "results.json").read_text())["models"]
+    parallel = json.loads((tmp_path / "results.json").read_text())["models"]
+    assert list(parallel) == ["binary", "linear"]
+    for name in parallel:
+        for key in ("accuracy", "discrepancy", "relative_error", "curve_discrepancy"):
+            assert parallel[name][key] == serial[name][key], (name, key)
+
+
 # --- bad arguments: one line, exit status 2 ------------------------------------------------------
 @pytest.mark.parametrize("args", [
     ["--seeds", "0"], ["--epochs", "-1"], ["--lr", "0"], ["--batch-size", "1"], ["--width", "0"],
-    ["--models", "linear,cnn"], ["--train-size", "-5"], ["--threads", "0"], ["--seeds", "two"],
+    ["--models", "linear,cnn"], ["--train-size", "-5"], ["--threads", "0"], ["--jobs", "0"],
+    ["--seeds", "two"],
     ["--no-such-flag"],
 ])
 def test_bad_arguments_one_line_exit_2(args, tmp_path):

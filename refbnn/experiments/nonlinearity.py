@@ -24,7 +24,9 @@ over seeds). Exit status: 0 done, 2 bad arguments or data, 3 a loss became NaN/i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -321,6 +323,8 @@ def parse_args(argv):
     p.add_argument("--train-size", type=int, help="training images (default all)")
     p.add_argument("--test-size", type=int, help="test images (default all)")
     p.add_argument("--models", help=f"comma-separated subset of {','.join(VARIANTS)}")
+    p.add_argument("--jobs", type=int,
+                   help="worker processes training in parallel (default: the core count; 1 with --quick)")
     p.add_argument("--threads", type=int, default=1,
                    help="Numba threads (default 1: faster for these small layers, see docs)")
     return p.parse_args(argv)
@@ -369,27 +373,65 @@ def load_data(cfg: StudyConfig, data_dir, download: bool):
     return train, test
 
 
-def run_study(cfg: StudyConfig, out_dir: Path, data_dir=None, download=True, log=print) -> dict:
-    """Train every model for every seed, write the outputs, return the JSON-able results."""
+def probe_batch(test, cfg: StudyConfig) -> np.ndarray:
+    """The first ``probe_size`` test images (normalised), on which the discrepancy is measured."""
     from refbnn.data import batches
 
+    n = min(cfg.probe_size, len(test))
+    return next(batches(test, n, np.random.default_rng(0), shuffle=False))[0]
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(cfg: StudyConfig, data_dir, threads: int, data=None) -> None:
+    """Load the data once per process (``data``: already loaded, in-process runs)."""
+    if threads:  # a spawned worker: single-threaded BLAS, ``threads`` Numba threads
+        import numba
+        from threadpoolctl import threadpool_limits
+
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        threadpool_limits(1)
+    train, test = data if data is not None else load_data(cfg, data_dir, download=False)
+    _WORKER.update(cfg=cfg, train=train, test=test, probe=probe_batch(test, cfg))
+
+
+def _run_task(task) -> dict:
+    variant, seed = task
+    w = _WORKER
+    return train_run(variant, seed, w["cfg"], w["train"], w["test"], w["probe"])
+
+
+def run_study(cfg: StudyConfig, out_dir: Path, data_dir=None, download=True, jobs=1, threads=1,
+              log=print) -> dict:
+    """Train every model for every seed (``jobs`` worker processes, each with ``threads`` Numba
+    threads; runs are independent, so the results do not depend on ``jobs``), write the outputs
+    and return the JSON-able results."""
     train, test = load_data(cfg, data_dir, download)
     out_dir.mkdir(parents=True, exist_ok=True)
-    probe_n = min(cfg.probe_size, len(test))
-    probe_x = next(batches(test, probe_n, np.random.default_rng(0), shuffle=False))[0]
+    tasks = [(variant, seed) for variant in cfg.models for seed in range(cfg.seeds)]
     t0, load_start = time.perf_counter(), os.getloadavg()
     runs = []
-    for variant in cfg.models:
-        for seed in range(cfg.seeds):
-            r = train_run(variant, seed, cfg, train, test, probe_x)
+    with contextlib.ExitStack() as stack:
+        if jobs == 1:
+            _init_worker(cfg, data_dir, 0, data=(train, test))
+            finished = map(_run_task, tasks)
+        else:
+            ctx = multiprocessing.get_context("spawn")
+            pool = stack.enter_context(ctx.Pool(min(jobs, len(tasks)), initializer=_init_worker,
+                                                initargs=(cfg, data_dir, threads)))
+            finished = pool.imap_unordered(_run_task, tasks)
+        for r in finished:
             runs.append(r)
-            log(f"{VARIANTS[variant]:>6} seed {seed}: test accuracy {r['accuracy']:.4f}, "
+            log(f"{VARIANTS[r['model']]:>6} seed {r['seed']}: test accuracy {r['accuracy']:.4f}, "
                 f"discrepancy {r['discrepancy']:.4f}, relative error {r['relative_error']:.4f} "
-                f"({r['seconds']:.0f} s)")
+                f"({r['seconds']:.0f} s; {time.perf_counter() - t0:.0f} s elapsed)")
+    _WORKER.clear()
+    runs.sort(key=lambda r: tasks.index((r["model"], r["seed"])))
     summary = summarize(runs, cfg)
     results = {"config": asdict(cfg), "train_images": len(train), "test_images": len(test),
-               "probe_images": probe_n, "seconds": round(time.perf_counter() - t0, 1),
-               "load_average_start": list(load_start),
+               "probe_images": min(cfg.probe_size, len(test)), "jobs": jobs, "threads": threads,
+               "seconds": round(time.perf_counter() - t0, 1), "load_average_start": list(load_start),
                "load_average_end": list(os.getloadavg()), "models": summary}
     write_text_atomic(out_dir / "results.json", json.dumps(results, indent=1) + "\n")
     write_text_atomic(out_dir / "results.md", markdown_table(summary, cfg.seeds))
@@ -407,25 +449,34 @@ def main(argv=None) -> int:
         cfg = make_config(args)
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        jobs = args.jobs if args.jobs is not None else (1 if args.quick else os.cpu_count() or 1)
+        if jobs < 1:
+            raise ValueError(f"--jobs must be >= 1, got {jobs}")
     except ValueError as e:
         return fail(e)
     import numba
     from threadpoolctl import threadpool_limits
 
+    numba_threads = numba.get_num_threads()
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     # refbnn splits its GEMMs over Python threads and wants BLAS single-threaded (nn.functional)
     with threadpool_limits(1):
         try:
             results = run_study(cfg, Path(args.out_dir), args.data_dir, not args.no_download,
-                                log=lambda s: print(s, flush=True))
+                                jobs=jobs, threads=args.threads, log=lambda s: print(s, flush=True))
         except (DataError, ValueError, OSError) as e:
             return fail(e)
         except NonFiniteLoss as e:
             return fail(e, status=3)
+        finally:
+            numba.set_num_threads(numba_threads)
     print(markdown_table(results["models"], cfg.seeds), end="")
     print(f"total {results['seconds']:.0f} s; outputs in {args.out_dir}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the importable module's main, so worker processes find its functions by their real name
+    from refbnn.experiments.nonlinearity import main as _main
+
+    sys.exit(_main())
