@@ -51,9 +51,9 @@ class StudyConfig:
 
     seeds: int = 5               # runs per model, seeds 0 .. seeds-1
     epochs: int = 2
-    batch_size: int = 100
-    lr: float = 2e-3             # Adam, cosine decay to 0, no weight decay, no augmentation
-    width: int = 16              # channels of the first stage (the second has twice as many)
+    batch_size: int = 64
+    lr: float = 5e-3             # Adam, cosine decay to 0, no weight decay, no augmentation
+    width: int = 12              # channels of the first stage (the second has twice as many)
     train_size: int = 0          # training images (0: all 60000)
     test_size: int = 0           # test images (0: all 10000)
     probe_size: int = 500        # test images on which the discrepancy is measured
