@@ -290,7 +290,7 @@ def main(argv=None) -> int:
         other, x, labels = _other_run(args, model.config, model.state_dict(), x,
                                       labels if args.train else None)
         ref = run_refbnn(model, x, labels)
-    except (UserError, fileformat.FormatError, models.ConfigError, KeyError, OSError) as e:
+    except (UserError, fileformat.FormatError, ValueError, KeyError, OSError) as e:
         return fail(e)
     rows = compare(ref, other, kink_rules(model), args.rtol, args.grad_rtol, args.train)
     bad = first_failure(rows)

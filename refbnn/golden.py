@@ -41,6 +41,8 @@ def load_model(args):
     """The model to record: from ``--weights`` or a freshly seeded preset."""
     from refbnn import fileformat, models
 
+    if args.batch < 2:
+        raise ValueError("--batch must be >= 2 (BatchNorm training needs 2 values per channel)")
     if args.weights:
         loaded = fileformat.load(args.weights)
         if loaded.kind == "packed":
@@ -49,8 +51,6 @@ def load_model(args):
         net = models.BNNResNet(loaded.config)
         net.load_state_dict(loaded.state_dict)
         return net
-    if args.batch < 2:
-        raise ValueError("--batch must be >= 2 (BatchNorm training needs 2 values per channel)")
     from refbnn.goldenlib.model import randomize_state
 
     net = models.build(args.model or "birealnet18", seed=args.seed, input_shape=args.input_shape,
