@@ -229,13 +229,26 @@ def main(argv=None) -> int:
     if args.out:
         meta = {"load_avg_before": load, "load_avg_after": load_after, "cpu": _cpu_name(),
                 "python": sys.version.split()[0], "notes": notes}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=args.out.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"meta": meta, "results": rows}, f, indent=1)
-        os.replace(tmp, args.out)
+        try:
+            _write_json(args.out, {"meta": meta, "results": rows})
+        except OSError as e:
+            print(f"error: cannot write {args.out}: {e}", file=sys.stderr)
+            return 1
         print(f"wrote {args.out}")
     return 0
+
+
+def _write_json(path: Path, obj) -> None:
+    """Write ``obj`` as JSON to a temp file beside ``path``, then ``os.replace`` it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def _cpu_name() -> str:
