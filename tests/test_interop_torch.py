@@ -150,3 +150,79 @@ def test_load_official_birealnet_names_problems():
     missing = OrderedDict((k, v) for k, v in ckpt.items() if "layer2.1.bn1" not in k)
     with pytest.raises(KeyError, match=r"layer2\.1\.bn1"):
         load_official_birealnet(missing, config)
+
+
+def _torch_layer(op, kw):
+    """The PyTorch module for a golden layer case, or None where the twin has no such layer."""
+    from refbnn.interop import torch as tw
+
+    tnn = torch.nn
+    if op == "BinaryConv2d":
+        if kw.get("dilation", 1) != 1:
+            return None  # the twin's binary conv has no dilation (no model uses it)
+        return tw.BinaryConv2d(kw["in_channels"], kw["out_channels"], kw["kernel_size"],
+                               kw.get("stride", 1), kw.get("padding", 1), kw.get("groups", 1),
+                               kw.get("scale", "none"), kw.get("sign_at_zero", 1),
+                               kw.get("act_grad", "approx_sign"), kw.get("pad_value", 0))
+    if op in ("BatchNorm2d", "BatchNorm1d"):
+        return getattr(tnn, op)(kw["num_features"], momentum=kw.get("momentum", 0.1))
+    simple = {
+        "FPReLU": lambda: tw.FPReLU(kw["num_channels"]),
+        "PReLU": lambda: tnn.PReLU(kw["num_parameters"]),
+        "ReLU": tnn.ReLU,
+        "MaxPool2d": lambda: tnn.MaxPool2d(kw["kernel_size"], kw.get("stride"), kw.get("padding", 0)),
+        "AvgPool2d": lambda: tnn.AvgPool2d(kw["kernel_size"], kw.get("stride"), kw.get("padding", 0),
+                                           kw.get("ceil_mode", False), kw.get("count_include_pad", True)),
+        "GlobalAvgPool2d": lambda: tnn.Sequential(tnn.AdaptiveAvgPool2d(1), tnn.Flatten()),
+        "ChannelRepeat": lambda: tw.ChannelRepeat(kw["times"]),
+        "Conv2d": lambda: tnn.Conv2d(kw["in_channels"], kw["out_channels"], kw["kernel_size"],
+                                     kw.get("stride", 1), kw.get("padding", 0), bias=kw.get("bias", False)),
+        "Linear": lambda: tnn.Linear(kw["in_features"], kw["out_features"], bias=kw.get("bias", True)),
+    }
+    return simple[op]() if op in simple else None
+
+
+def _torch_outputs(case):
+    if case.op == "cross_entropy":
+        z = torch.tensor(case.inputs["logits"], requires_grad=True)
+        loss = torch.nn.functional.cross_entropy(z, torch.from_numpy(case.inputs["labels"]),
+                                                 label_smoothing=case.params["label_smoothing"])
+        loss.backward()
+        return {"loss": loss.item(), "grad_logits": z.grad.numpy()}
+    m = _torch_layer(case.op, case.params["kwargs"])
+    if m is None:
+        return None
+    own = m.state_dict()
+    m.load_state_dict({k: torch.tensor(case.inputs[k]) for k in own})
+    train = case.params["mode"] == "train"
+    m.train(train)
+    x = torch.tensor(case.inputs["x"], requires_grad=True)
+    y = m(x)
+    out = {"y": y.detach().numpy()}
+    if train:
+        y.backward(torch.tensor(case.inputs["grad_out"]))
+        out["grad_x"] = x.grad.numpy()
+        out.update({f"grad.{k}": p.grad.numpy() for k, p in m.named_parameters()})
+        out.update({f"state.{k}": b.numpy() for k, b in m.named_buffers()})
+    return out
+
+
+def test_golden_layer_cases_reproduce_in_torch(tmp_path):
+    """layers.h5 read back from disk and recomputed with PyTorch meets its stated tolerances: the
+    golden tolerances are realistic for another float32 implementation."""
+    from refbnn import goldenlib
+    from refbnn.goldenlib import fileio, layers
+
+    path = tmp_path / "layers.h5"
+    fileio.write(path, fileio.GoldenFile("layers", 0, {}, layers.layer_cases(0)), "test")
+    checked, problems = 0, []
+    for case in fileio.read(path).cases:
+        got = _torch_outputs(case)
+        if got is None:
+            continue
+        for key, expected in case.outputs.items():
+            problem = goldenlib.compare(expected, got[key], *case.tolerance[key])
+            checked += 1
+            if problem:
+                problems.append(f"{case.name}/{key}: {problem}")
+    assert checked >= 50 and not problems, problems

@@ -22,11 +22,22 @@ LAYERS = {name: getattr(nn, name) for name in (
     "PReLU", "FPReLU", "MaxPool2d", "AvgPool2d", "GlobalAvgPool2d", "ChannelRepeat")}
 
 # Float32 tolerance (rtol relative to max |expected|, docs/golden.md): element-wise layers are
-# exact up to one rounding per element; layers with sums (GEMMs, batch statistics, pooling, weight
-# gradients) may add their terms in another order, a few ulp of the largest partial sum.
+# exact up to one rounding per element; layers with sums (GEMMs, batch statistics, pooling, every
+# parameter gradient) may add their terms in another order, a few ulp of the largest partial sum.
+# Measured against PyTorch (tests/test_interop_torch.py): a shared PReLU slope's gradient, a sum of
+# 200 products, differs by 1.7e-6 relative.
 ELEMENTWISE = ("ReLU", "PReLU", "FPReLU", "MaxPool2d", "ChannelRepeat")
 RTOL_ELEMENTWISE = 1e-6
 RTOL_SUMS = 1e-5
+
+
+def tolerance(op: str, key: str, value) -> tuple[float, float]:
+    """``(rtol, atol)`` of one output: integers exact; parameter gradients are sums over the batch."""
+    if np.asarray(value).dtype.kind in "iu":
+        return (0.0, 0.0)
+    if op in ELEMENTWISE and not key.startswith("grad."):
+        return (RTOL_ELEMENTWISE, 0.0)
+    return (RTOL_SUMS, 0.0)
 
 
 def run_layer(op: str, params: dict, inputs: dict) -> dict:
@@ -143,7 +154,5 @@ def layer_cases(seed: int) -> list:
                           {"logits": logits, "labels": rng.integers(0, 10, 5).astype(np.int64)}, {}))
     for case in cases:
         case.outputs = run_layer(case.op, case.params, case.inputs)
-        rtol = RTOL_ELEMENTWISE if case.op in ELEMENTWISE else RTOL_SUMS
-        case.tolerance = {k: (0.0, 0.0) if np.asarray(v).dtype.kind in "iu" else (rtol, 0.0)
-                          for k, v in case.outputs.items()}
+        case.tolerance = {k: tolerance(case.op, k, v) for k, v in case.outputs.items()}
     return cases
