@@ -226,3 +226,36 @@ def test_golden_layer_cases_reproduce_in_torch(tmp_path):
             if problem:
                 problems.append(f"{case.name}/{key}: {problem}")
     assert checked >= 50 and not problems, problems
+
+
+def test_golden_bconv_cases_reproduce_in_torch():
+    """ops.h5's binary convolutions, recomputed from docs/golden.md's formula with torch.conv2d on
+    +-1 float64 tensors (exact for these sizes): padding spec, pad value, stride, dilation, groups."""
+    from refbnn.goldenlib import ops
+
+    checked = 0
+    for case in ops.op_cases(0):
+        if case.op not in ("bconv2d", "bconv2d_output"):
+            continue
+        p = case.params
+        ge = (lambda v: v >= 0) if p["sign_at_zero"] == 1 else (lambda v: v > 0)
+        x = torch.tensor(np.where(ge(case.inputs["x"]), 1.0, -1.0)).permute(0, 3, 1, 2)
+        w = torch.tensor(np.where(ge(case.inputs["kernel"]), 1.0, -1.0)).permute(3, 2, 0, 1)
+        (kh, kw), (h, wd) = w.shape[2:], x.shape[2:]
+        pad = p["padding"]
+        if pad == "valid":
+            pad = [0, 0, 0, 0]
+        elif pad == "same":
+            pad = []
+            for n, k, s, d in zip((h, wd), (kh, kw), p["stride"], p["dilation"]):
+                total = max((-(-n // s) - 1) * s + (k - 1) * d + 1 - n, 0)
+                pad += [total // 2, total - total // 2]
+        elif len(pad) == 2:
+            pad = [pad[0], pad[0], pad[1], pad[1]]
+        top, bottom, left, right = pad
+        xp = torch.nn.functional.pad(x, (left, right, top, bottom), value=float(p["pad_value"]))
+        acc = torch.nn.functional.conv2d(xp, w, stride=tuple(p["stride"]),
+                                         dilation=tuple(p["dilation"]), groups=p["groups"])
+        assert np.array_equal(acc.permute(0, 2, 3, 1).numpy(), case.outputs["acc"]), case.name
+        checked += 1
+    assert checked >= 10
