@@ -5,8 +5,12 @@ Writes into ``--out-dir`` (default ``runs/<dataset>-<model>``): ``checkpoint.h5`
 accuracy per epoch) and, at the end, the trained model (``--out``, default ``<out-dir>/model.h5``)
 which ``python -m refbnn.infer`` runs. Every file is written to a temporary name and renamed.
 
-Exit status: 0 done, 2 bad arguments or data, 3 the loss became NaN/inf (the last good checkpoint is
-kept), 130 interrupted (a resumable checkpoint was saved).
+``--stop-after K`` ends this invocation after K epochs with a checkpoint that ``--resume`` continues
+bit-identically (N epochs straight and K epochs + resume give the same weights, for the same thread
+count).
+
+Exit status: 0 done (or stopped by ``--stop-after``), 2 bad arguments or data, 3 the loss became
+NaN/inf (the last good checkpoint is kept), 130 interrupted (a resumable checkpoint was saved).
 """
 
 from __future__ import annotations
@@ -56,6 +60,8 @@ def parse_args(argv):
     p.add_argument("--out-dir", help="run folder (default runs/<dataset>-<model>)")
     p.add_argument("--out", help="final model file (default <out-dir>/model.h5)")
     p.add_argument("--resume", metavar="CHECKPOINT", help="continue a run from its checkpoint.h5")
+    p.add_argument("--stop-after", type=int, metavar="EPOCHS",
+                   help="stop after this many epochs in this invocation (resumable, like Ctrl-C)")
     p.add_argument("--limit-train", type=int, help="use only the first N training images (smoke tests)")
     p.add_argument("--limit-test", type=int, help="evaluate on only the first N test images")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -102,7 +108,7 @@ def main(argv=None) -> int:
     if threads < 1:
         return fail(f"--threads must be >= 1, got {threads}")
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    threadpool_limits(threads)
+    threadpool_limits(1)  # refbnn.nn splits its GEMMs over numba's threads and keeps BLAS at one
 
     # --- what to train: from the checkpoint, or from the flags -------------------------------
     resumed = None
@@ -132,6 +138,8 @@ def main(argv=None) -> int:
         return fail(f"unknown dataset {dataset_name!r}; known: {', '.join(sorted(DATASETS))}")
     if recipe.epochs < 1 or recipe.batch_size < 1 or not recipe.lr > 0:
         return fail("--epochs, --batch-size and --lr must be positive")
+    if args.stop_after is not None and args.stop_after < 1:
+        return fail("--stop-after must be positive")
 
     out_dir = Path(args.out_dir or (Path(args.resume).parent if args.resume
                                     else Path("runs") / f"{dataset_name}-{model_name}"))
@@ -219,8 +227,11 @@ def main(argv=None) -> int:
           f"{sum(p.data.size for p in model.parameters()):,} parameters) on {dataset_name}: "
           f"{len(train_set)} train / {len(test_set)} test images, {threads} threads, "
           f"epochs {trainer.epoch + 1}..{recipe.epochs}", file=sys.stderr)
+    stop_at = recipe.epochs
+    if args.stop_after is not None:
+        stop_at = min(recipe.epochs, trainer.epoch + args.stop_after)
     try:
-        while trainer.epoch < recipe.epochs:
+        while trainer.epoch < stop_at:
             epoch = trainer.epoch + 1
             bar = tqdm(total=trainer.steps_per_epoch, initial=trainer.batches_done, unit="batch",
                        desc=f"epoch {epoch}/{recipe.epochs}", disable=args.quiet, leave=True,
@@ -255,6 +266,10 @@ def main(argv=None) -> int:
                   f"{test['loss']:.4f} acc {test['accuracy']:.4f} | "
                   f"{record['images_per_second']:.0f} img/s, "
                   f"{stats.seconds:.0f} s", file=sys.stderr)
+        if trainer.epoch < recipe.epochs:
+            print(f"stopped after epoch {trainer.epoch} of {recipe.epochs} as asked; continue with "
+                  f"python -m refbnn.train --resume {ckpt_path}", file=sys.stderr)
+            return 0
     except NonFiniteLoss as e:
         kept = (f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists()
                 else "no checkpoint was written")

@@ -71,10 +71,10 @@ def test_cli_resume_gives_bit_identical_weights(data_dir, tmp_path):
     env = {"REFBNN_DATA_DIR": str(data_dir)}
     r = run_cli([*TINY, "--epochs", "2", "--out-dir", "straight"], tmp_path, env=env)
     assert r.returncode == 0, r.stderr
-    r = run_cli([*TINY, "--epochs", "1", "--out-dir", "split"], tmp_path, env=env)
-    assert r.returncode == 0, r.stderr
-    r = run_cli(["--resume", "split/checkpoint.h5", "--epochs", "2", "--quiet", "--threads", "1"],
-                tmp_path, env=env)
+    r = run_cli([*TINY, "--epochs", "2", "--stop-after", "1", "--out-dir", "split"], tmp_path, env=env)
+    assert r.returncode == 0 and "--resume" in r.stderr, r.stderr
+    assert not (tmp_path / "split" / "model.h5").exists()
+    r = run_cli(["--resume", "split/checkpoint.h5", "--quiet", "--threads", "1"], tmp_path, env=env)
     assert r.returncode == 0, r.stderr
     a = fileformat.load(tmp_path / "straight" / "model.h5")
     b = fileformat.load(tmp_path / "split" / "model.h5")
@@ -106,6 +106,11 @@ def test_ctrl_c_saves_a_resumable_checkpoint(data_dir, tmp_path):
     assert not (tmp_path / "run" / "model.h5").exists()
     leftovers = [p.name for p in (tmp_path / "run").iterdir() if ".tmp" in p.name]
     assert leftovers == []
+    r = subprocess.run([sys.executable, "-m", "refbnn.train", "--resume", str(ckpt), "--epochs",
+                        str(f.epoch + 1), "--quiet", "--threads", "1"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert fileformat.load(tmp_path / "run" / "model.h5").metrics["epochs"] == f.epoch + 1
 
 
 def write_idx_gz(path, array, code=0x08):
