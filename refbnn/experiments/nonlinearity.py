@@ -13,7 +13,8 @@ layer computes and the real-valued convolution ``conv2d(x, W)`` of its latent (p
 scale alpha), then ``mean |z_layer - z_real|`` is taken per layer and averaged over layers. It is
 exactly 0 for the linear model. A second, scale-sensitive measure, ``relative_error = mean
 |alpha * acc - conv2d(x, W)| / mean |conv2d(x, W)|`` with Bi-Real's ``alpha = mean |W|`` per
-output channel, is reported beside it.
+output channel, is reported beside it, and so is the share of +1 in each binary conv's binarized
+input after training (``positive_fraction``: a dead conv of the ReLU trap would show 1.0).
 
 Writes into ``--out-dir``: ``results.json``, ``results.md`` (accuracy and discrepancy, mean +- std
 over seeds), ``features.png`` (2-D test-set features of each model's first seed, one panel per
@@ -35,11 +36,19 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numba
 import numpy as np
+from PIL import Image
+from threadpoolctl import threadpool_limits
 
 from refbnn import nn
+from refbnn.cli_util import fail
+from refbnn.data import DataError, batches, load_dataset, subset
 from refbnn.models.diagnostics import binary_input_stats
 from refbnn.nn import functional as F
+from refbnn.nn.init import manual_seed
+from refbnn.plot import line_chart, save_png, scatter
+from refbnn.training.trainer import NonFiniteLoss, Recipe, Trainer
 
 VARIANTS = OrderedDict(linear="Linear", binary="Binary", prelu="PReLU", relu="ReLU")
 N_CLASSES = 10
@@ -179,7 +188,6 @@ def discrepancy(model, x) -> tuple[float, float]:
 
 def evaluate(model, dataset, batch_size: int = 500):
     """``(accuracy, features (N, 2) float32, labels (N,))`` of ``model`` in eval mode."""
-    from refbnn.data import batches
     model.eval()
     feats, labels, correct = [], [], 0
     for x, y in batches(dataset, batch_size, np.random.default_rng(0), shuffle=False):
@@ -194,9 +202,6 @@ def evaluate(model, dataset, batch_size: int = 500):
 # --- one run, the study --------------------------------------------------------------------------
 def train_run(variant: str, seed: int, cfg: StudyConfig, train_set, test_set, probe_x) -> dict:
     """Train one model; returns accuracy, final discrepancy, its curve and the test features."""
-    from refbnn.nn.init import manual_seed
-    from refbnn.training.trainer import Recipe, Trainer
-
     t0 = time.perf_counter()
     manual_seed(seed)
     model = build_model(variant, cfg.width)
@@ -275,10 +280,6 @@ def write_text_atomic(path: Path, text: str) -> None:
 def write_figures(out_dir: Path, runs: list, summary: dict, class_names) -> None:
     """``features-<model>.png`` (first seed of each model), ``features.png`` (the panels side by
     side, two per row) and ``discrepancy.png``."""
-    from PIL import Image
-
-    from refbnn.plot import line_chart, save_png, scatter
-
     panels = []
     for variant, entry in summary.items():
         first = next(r for r in runs if r["model"] == variant)
@@ -358,8 +359,6 @@ def make_config(args) -> StudyConfig:
 
 
 def load_data(cfg: StudyConfig, data_dir, download: bool):
-    from refbnn.data import load_dataset, subset
-
     train = load_dataset("mnist", "train", data_dir=data_dir, download=download)
     test = load_dataset("mnist", "test", data_dir=data_dir, download=download)
     for key, ds in (("train_size", train), ("test_size", test)):
@@ -375,8 +374,6 @@ def load_data(cfg: StudyConfig, data_dir, download: bool):
 
 def probe_batch(test, cfg: StudyConfig) -> np.ndarray:
     """The first ``probe_size`` test images (normalised), on which the discrepancy is measured."""
-    from refbnn.data import batches
-
     n = min(cfg.probe_size, len(test))
     return next(batches(test, n, np.random.default_rng(0), shuffle=False))[0]
 
@@ -387,9 +384,6 @@ _WORKER: dict = {}
 def _init_worker(cfg: StudyConfig, data_dir, threads: int, data=None) -> None:
     """Load the data once per process (``data``: already loaded, in-process runs)."""
     if threads:  # a spawned worker: single-threaded BLAS, ``threads`` Numba threads
-        import numba
-        from threadpoolctl import threadpool_limits
-
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
         threadpool_limits(1)
     train, test = data if data is not None else load_data(cfg, data_dir, download=False)
@@ -441,10 +435,6 @@ def run_study(cfg: StudyConfig, out_dir: Path, data_dir=None, download=True, job
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from refbnn.cli_util import fail
-    from refbnn.data import DataError
-    from refbnn.training.trainer import NonFiniteLoss
-
     try:
         cfg = make_config(args)
         if args.threads < 1:
@@ -454,9 +444,6 @@ def main(argv=None) -> int:
             raise ValueError(f"--jobs must be >= 1, got {jobs}")
     except ValueError as e:
         return fail(e)
-    import numba
-    from threadpoolctl import threadpool_limits
-
     numba_threads = numba.get_num_threads()
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     # refbnn splits its GEMMs over Python threads and wants BLAS single-threaded (nn.functional)
