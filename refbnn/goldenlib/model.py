@@ -27,7 +27,7 @@ SGD_PARAMS = {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0}
 # Tolerances (rtol relative to max |expected| of each array; docs/golden.md). Another float32
 # implementation sums convolutions and batch statistics in another order: a few ulp of the largest
 # partial sum per layer, growing slowly with depth (measured against PyTorch: logits within 3e-7,
-# gradients within 6e-6 on small models). The margins cover that, not sign flips: a value within
+# gradients within 2e-5 on small models). The margins cover that, not sign flips: a value within
 # rounding of 0 before a binary layer can flip its sign and change that layer's output by a whole
 # step (docs/golden.md, "Sign flips").
 RTOL_OUTPUT = 1e-4
