@@ -14,6 +14,15 @@ from refbnn.interop.torch import to_torch_state, twin  # noqa: E402  (needs torc
 SMALL = {"input_shape": [1, 12, 12], "width_multiplier": 0.125, "num_classes": 10}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny tensors: one intra-op thread (PyTorch's spinning workers only slow a shared machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def net():
     model = models.build("ftbnn18_purified", seed=7, **SMALL)

@@ -29,6 +29,15 @@ RTOL_GRAD = 1e-4
 SMALL = {"input_shape": [1, 10, 10], "width_multiplier": 0.125, "num_classes": 10}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny tensors: one intra-op thread (PyTorch's spinning workers only slow a shared machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _pair(name, seed=0):
     model = models.build(name, seed=seed, **SMALL)
     randomize_state(model, seed)  # off BatchNorm's initial zeros, where ReLU's derivative jumps
