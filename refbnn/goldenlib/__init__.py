@@ -38,14 +38,15 @@ def generate(out_dir, net, seed: int = 0, batch: int = 4, version: str = "") -> 
     return paths
 
 
-def recompute(golden: GoldenFile, case: Case) -> dict:
-    """A case's outputs recomputed by refbnn's fast paths (kernels for the bit ops, the layers)."""
+def recompute(golden: GoldenFile, case: Case, impl: str | None = None) -> dict:
+    """A case's outputs recomputed by refbnn's fast paths (kernels for the bit ops, the layers);
+    ``impl`` selects the convolution kernel path (``"portable"``, ``"fast"``, ``None``: auto)."""
     try:
         if golden.kind == "ops":
             fn = ops.FAST.get(case.op)
             if fn is None:
                 raise GoldenError(f"case {case.name}: unknown bit op {case.op!r}")
-            return fn(case.params, case.inputs)
+            return fn(case.params, case.inputs, impl)
         if golden.kind == "layers":
             if case.op != "cross_entropy" and case.op not in layers.LAYERS:
                 raise GoldenError(f"case {case.name}: unknown layer {case.op!r}")
@@ -89,19 +90,23 @@ def compare(expected, actual, rtol: float = 0.0, atol: float = 0.0) -> str | Non
 
 
 def check(path) -> list[Mismatch]:
-    """Every mismatch between a golden file and refbnn's recomputation (empty: all agree).
+    """Every mismatch between a golden file and refbnn's recomputation (empty: all agree); the
+    binary convolutions are recomputed with both kernel paths.
 
     Raises :class:`GoldenError` if the file cannot be read or a case cannot be run."""
     golden = read(path)
     mismatches = []
     for case in golden.cases:
-        got = recompute(golden, case)
-        for key, expected in case.outputs.items():
-            if key not in got:
-                mismatches.append(Mismatch(f"{case.name}/{key}: not produced by refbnn"))
-                continue
-            rtol, atol = case.tolerance.get(key, (0.0, 0.0))
-            problem = compare(expected, got[key], rtol, atol)
-            if problem:
-                mismatches.append(Mismatch(f"{case.name}/{key}: {problem}"))
+        both = golden.kind == "ops" and case.op in ops.KERNEL_OPS
+        for impl in ("portable", "fast") if both else (None,):
+            got = recompute(golden, case, impl)
+            where = f" [{impl} kernels]" if impl else ""
+            for key, expected in case.outputs.items():
+                if key not in got:
+                    mismatches.append(Mismatch(f"{case.name}/{key}: not produced by refbnn{where}"))
+                    continue
+                rtol, atol = case.tolerance.get(key, (0.0, 0.0))
+                problem = compare(expected, got[key], rtol, atol)
+                if problem:
+                    mismatches.append(Mismatch(f"{case.name}/{key}: {problem}{where}"))
     return mismatches

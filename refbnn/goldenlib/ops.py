@@ -2,7 +2,8 @@
 
 Every op here is exact (integers, sign bits, or float32 transforms with a fixed rounding order), so
 every output's tolerance is 0. ``REFERENCE[op]`` computes a case with :mod:`refbnn.reference`;
-``FAST[op]`` with :mod:`refbnn.ops` (the Numba kernels). Layouts follow ``docs/semantics.md``:
+``FAST[op](params, inputs, impl)`` with :mod:`refbnn.ops` (the Numba kernels; ``impl`` picks the
+portable or the fast convolution path for the ops in ``KERNEL_OPS``). Layouts follow ``docs/semantics.md``:
 NHWC images, HWIO kernels, bit 1 = -1, least significant bit first.
 """
 
@@ -86,50 +87,54 @@ REFERENCE = {"sign": _ref_sign, "pack": _ref_pack, "bconv2d": _ref_bconv2d,
 
 # --- fast paths ---------------------------------------------------------------------------------
 
-def _fast_sign(p, i):
+def _fast_sign(p, i, impl=None):
     return {"y": ops.sign(i["x"], p["sign_at_zero"])}
 
 
-def _fast_pack(p, i):
+def _fast_pack(p, i, impl=None):
     words = ops.pack_bits(i["x"], word_bits=p["word_bits"], sign_at_zero=p["sign_at_zero"])
     return {"words": words.view(np.uint32) if p["word_bits"] == 32 else words}
 
 
-def _fast_bconv2d(p, i):
-    return {"acc": ops.bconv2d(i["x"], i["kernel"], **_conv_kwargs(p))}
+def _fast_bconv2d(p, i, impl=None):
+    return {"acc": ops.bconv2d(i["x"], i["kernel"], **_conv_kwargs(p), impl=impl)}
 
 
-def _fast_bconv2d_output(p, i):
+def _fast_bconv2d_output(p, i, impl=None):
     kw = _conv_kwargs(p)
     saz, groups = kw.pop("sign_at_zero"), kw["groups"]
     x, kernel = i["x"], i["kernel"]
     xp = ops.pack_groups(x, groups, saz)
     wp = ops.pack_kernel(kernel, saz)
-    out = {"acc": ops.bconv2d_packed(xp, wp, x.shape[3], **kw)}
+    out = {"acc": ops.bconv2d_packed(xp, wp, x.shape[3], **kw, impl=impl)}
     modes = {"y": "float", "y_lce": "float_lce", "bits": "bits"}
     if p["pad_value"] == 0:
         del modes["y_lce"]
     for key, mode in modes.items():
-        out[key] = ops.bconv2d_packed(xp, wp, x.shape[3], **kw, output=mode,
+        out[key] = ops.bconv2d_packed(xp, wp, x.shape[3], **kw, output=mode, impl=impl,
                                       multiplier=i["multiplier"], bias=i["bias"], sign_at_zero=saz)
     return out
 
 
-def _fast_thresholds(p, i):
+def _fast_thresholds(p, i, impl=None):
     thr, direction = ops.output_thresholds(i["multiplier"], i["bias"], p["k"], p["sign_at_zero"])
     return {"thr": thr, "direction": direction}
 
 
-def _fast_maxpool(p, i):
+def _fast_maxpool(p, i, impl=None):
     c = i["x"].shape[3]
     words = ops.pack_bits(i["x"], sign_at_zero=p["sign_at_zero"])
     y = ops.maxpool2d_packed(words, tuple(p["pool"]), tuple(p["stride"]), _padding(p["padding"]))
     return {"y": ops.unpack_bits(y, c)}
 
 
-def _fast_bgemm(p, i):
-    return {"acc": ops.bgemm(i["x"], i["w"], p["sign_at_zero"])}
+def _fast_bgemm(p, i, impl=None):
+    return {"acc": ops.bgemm(i["x"], i["w"], p["sign_at_zero"], impl=impl)}
 
+
+# ops whose kernels come in two paths ("portable" and "fast", refbnn.kernels.dispatch); both are
+# exact on every CPU, and --check runs both
+KERNEL_OPS = ("bconv2d", "bconv2d_output", "bgemm")
 
 FAST = {"sign": _fast_sign, "pack": _fast_pack, "bconv2d": _fast_bconv2d,
         "bconv2d_output": _fast_bconv2d_output, "output_thresholds": _fast_thresholds,
