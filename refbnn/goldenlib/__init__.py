@@ -57,7 +57,7 @@ def recompute(golden: GoldenFile, case: Case, impl: str | None = None) -> dict:
                                case.inputs)
     except GoldenError:
         raise
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, IndexError, TypeError, ValueError) as e:
         raise GoldenError(f"case {case.name}: cannot run it ({type(e).__name__}: {e})") from None
 
 
