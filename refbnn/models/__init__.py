@@ -5,6 +5,7 @@ from __future__ import annotations
 from refbnn.models.config import ConfigError, from_json, resolve, to_json
 from refbnn.models.network import BNNResNet
 from refbnn.models.presets import PRESETS
+from refbnn.nn import init
 
 __all__ = ["PRESETS", "BNNResNet", "ConfigError", "build", "from_json", "get_config", "list_models",
            "resolve", "to_json"]
@@ -22,8 +23,13 @@ def get_config(name: str, **overrides) -> dict:
     return resolve({**PRESETS[name], "name": name, **overrides})
 
 
-def build(config, **overrides) -> BNNResNet:
-    """A freshly initialised model from a preset name or a config dict (plus ``overrides``)."""
-    if isinstance(config, str):
-        return BNNResNet(get_config(config, **overrides))
-    return BNNResNet(resolve({**config, **overrides}))
+def build(config, seed: int | None = None, **overrides) -> BNNResNet:
+    """A freshly initialised model from a preset name or a config dict (plus ``overrides``).
+
+    ``seed``: reseed the layer initialiser first (``refbnn.nn.init.manual_seed``), so the same seed
+    gives the same initial weights.
+    """
+    cfg = get_config(config, **overrides) if isinstance(config, str) else resolve({**config, **overrides})
+    if seed is not None:
+        init.manual_seed(seed)
+    return BNNResNet(cfg)
