@@ -6,8 +6,8 @@ count; the per-layer geometry arrives precomputed (``refbnn.ops.BConv2DPlan`` bu
 * ``xp``: flat ``uint64`` input, physically padded ``(N, Hp, Wp, CW)`` with ``CW = G * Wg`` words per
   pixel (group ``g`` at words ``g*Wg ..``); padded pixels are all-zero words (= +1 values).
 * ``wt``: flat weight tiles ``(G, T, ntaps, Wg, 8*NV)``: lane ``l`` of tile ``t`` of group ``g`` is
-  output channel ``g*Og + t*8*NV + l`` (zero words past ``Og``); ``toff[tap]`` is the tap's word
-  offset in ``xp`` (``(kh*dh*Wp + kw*dw) * CW``).
+  output channel ``g*Og + t*8*NV + l`` (zero words past ``Og``); ``soff[tap * Wg + c]`` is the
+  word offset in ``xp`` of word ``c`` of tap ``tap`` (``(kh*dh*Wp + kw*dw) * CW + c``).
 * Output pixels ``p = (n*OH + oh)*OW + ow`` are cut into ``ntiles`` balanced tiles of at most 6
   pixels (a multiple of the worker count when there are enough pixels); each of
   ``min(nthreads, ntiles)`` workers (``nthreads``: ``numba.get_num_threads()``) takes a
@@ -32,18 +32,18 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .bconv_tiles import tile_nv1, tile_nv2, tile_nv4
+from .bconv_tiles import tile_nv1, tile_nv4
 from .simd import v8_load, v8_store_acc_i32, v8_store_f32, v8_threshold_bits, v8_zero
 
 MR = 6  # pixels per tile; bconv_tiles holds kernels for 1..MR
 
 # Numba's cache does not notice edits to imported kernels; this digest of simd.py, bconv_tiles.py
 # (tests/test_kernels_misc.py recomputes it) forces an edit here, hence a recompile.
-DEPS_DIGEST = "8842ed9bb1402350"
+DEPS_DIGEST = "650e53178dc37ec5"
 
 
 @njit(cache=True, parallel=True)
-def bconv_fast(xp, Hp, Wp, CW, wt, nv, G, Wg, T, toff, K,
+def bconv_fast(xp, Hp, Wp, CW, wt, nv, G, Wg, T, soff, K,
                N, OH, OW, O, sh, sw,
                rc, cc, corr, ncc, has_corr,
                mode, mul, bias, off, thr, dirn, oword, obit, run8,
@@ -53,11 +53,11 @@ def bconv_fast(xp, Hp, Wp, CW, wt, nv, G, Wg, T, toff, K,
     nchunks = min(nthreads, ntiles)
     ntiles = min(P, (ntiles + nchunks - 1) // nchunks * nchunks)  # equal tile counts per worker
     q, r = P // ntiles, P % ntiles
-    ntaps = toff.shape[0]
+    nsteps = soff.shape[0]
     to = 8 * nv
     og = O // G
-    wstep = ntaps * Wg * to
-    a_xp, a_wt, a_toff, a_out = xp.ctypes.data, wt.ctypes.data, toff.ctypes.data, out_i32.ctypes.data
+    wstep = nsteps * to
+    a_xp, a_wt, a_soff, a_out = xp.ctypes.data, wt.ctypes.data, soff.ctypes.data, out_i32.ctypes.data
     a_bits, a_dirn, a_thr = out_bits.ctypes.data, dirn.ctypes.data, thr.ctypes.data
     for ch in prange(nchunks):
         acc = np.empty(MR * to, np.int64)
@@ -115,13 +115,10 @@ def bconv_fast(xp, Hp, Wp, CW, wt, nv, G, Wg, T, toff, K,
                     for i in range(m):
                         obases[i] = oidx[i] + (oword[o0] if direct == 2 else o0)
                     if nv == 4:
-                        tile_nv4(m, a_xp, a_bases, a_wt, wbase, a_toff, ntaps, Wg, a_acc, a_out,
-                                 a_obases, K, direct, a_bits, a_dirn, a_thr, o0, shift)
-                    elif nv == 2:
-                        tile_nv2(m, a_xp, a_bases, a_wt, wbase, a_toff, ntaps, Wg, a_acc, a_out,
+                        tile_nv4(m, a_xp, a_bases, a_wt, wbase, a_soff, nsteps, a_acc, a_out,
                                  a_obases, K, direct, a_bits, a_dirn, a_thr, o0, shift)
                     else:
-                        tile_nv1(m, a_xp, a_bases, a_wt, wbase, a_toff, ntaps, Wg, a_acc, a_out,
+                        tile_nv1(m, a_xp, a_bases, a_wt, wbase, a_soff, nsteps, a_acc, a_out,
                                  a_obases, K, direct, a_bits, a_dirn, a_thr, o0, shift)
                     # otherwise the epilogue reads the scratch popcounts: whole 8-lane groups as
                     # vectors (K - 2*pc + corr, then the output mode), the other lanes scalar

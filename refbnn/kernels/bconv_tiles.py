@@ -7,8 +7,9 @@ Array arguments are raw addresses (``array.ctypes.data``; a Numba array argument
 machine words per call, an address one), indices count elements:
 
 * ``xp``: flat packed, physically padded input (uint64); ``bases[i]``: flat index of output pixel
-  ``i``'s first tap (its top-left input word of the group); ``toff[t]``: offset of tap ``t``.
-* ``wt``: flat weight tiles (uint64), ``ntaps * wg`` steps of ``NV * 8`` words from ``wbase``: lane
+  ``i``'s first tap (its top-left input word of the group); ``soff[s]``: offset of step ``s``,
+  one step per (tap ``t``, word ``c``): ``toff[t] + c``, ``nsteps = ntaps * wg`` of them.
+* ``wt``: flat weight tiles (uint64), ``nsteps`` steps of ``NV * 8`` words from ``wbase``: lane
   ``l`` of vector ``v`` at step ``(t, c)`` is output channel ``8 * v + l``'s word ``c`` of tap ``t``.
 * ``direct == 0``: int64 scratch ``acc`` receives pixel ``i``'s popcounts at
   ``acc[i * 8 * NV : (i + 1) * 8 * NV]``;
@@ -33,7 +34,7 @@ from .simd import (
 
 
 @njit(cache=True)
-def _t1x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+def _t1x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
         k, direct, out_bits, dirn, thr, o0, shift):
     b0 = a_i64(bases, 0)
     a0_0 = v8_zero()
@@ -41,33 +42,18 @@ def _t1x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
     a0_2 = v8_zero()
     a0_3 = v8_zero()
     wi = wbase
-    if wg == 1:
-        for t in range(ntaps):
-            o = a_i64(toff, t)
-            w0 = a8_load(wt, wi + 0)
-            w1 = a8_load(wt, wi + 8)
-            w2 = a8_load(wt, wi + 16)
-            w3 = a8_load(wt, wi + 24)
-            wi += 32
-            x = a8_bcast(xp, b0 + o)
-            a0_0 = v8_xpa(a0_0, w0, x)
-            a0_1 = v8_xpa(a0_1, w1, x)
-            a0_2 = v8_xpa(a0_2, w2, x)
-            a0_3 = v8_xpa(a0_3, w3, x)
-    else:
-        for t in range(ntaps):
-            o = a_i64(toff, t)
-            for c in range(wg):
-                w0 = a8_load(wt, wi + 0)
-                w1 = a8_load(wt, wi + 8)
-                w2 = a8_load(wt, wi + 16)
-                w3 = a8_load(wt, wi + 24)
-                wi += 32
-                x = a8_bcast(xp, b0 + o + c)
-                a0_0 = v8_xpa(a0_0, w0, x)
-                a0_1 = v8_xpa(a0_1, w1, x)
-                a0_2 = v8_xpa(a0_2, w2, x)
-                a0_3 = v8_xpa(a0_3, w3, x)
+    for s in range(nsteps):  # one step = one word of one tap
+        o = a_i64(soff, s)
+        w0 = a8_load(wt, wi + 0)
+        w1 = a8_load(wt, wi + 8)
+        w2 = a8_load(wt, wi + 16)
+        w3 = a8_load(wt, wi + 24)
+        wi += 32
+        x = a8_bcast(xp, b0 + o)
+        a0_0 = v8_xpa(a0_0, w0, x)
+        a0_1 = v8_xpa(a0_1, w1, x)
+        a0_2 = v8_xpa(a0_2, w2, x)
+        a0_3 = v8_xpa(a0_3, w3, x)
     if direct == 1:
         ob = a_i64(obases, 0)
         a8_store_acc_i32(out, ob + 0, a0_0, k)
@@ -97,7 +83,7 @@ def _t1x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
 
 
 @njit(cache=True)
-def _t2x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+def _t2x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
         k, direct, out_bits, dirn, thr, o0, shift):
     b0 = a_i64(bases, 0)
     b1 = a_i64(bases, 1)
@@ -110,43 +96,23 @@ def _t2x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
     a1_2 = v8_zero()
     a1_3 = v8_zero()
     wi = wbase
-    if wg == 1:
-        for t in range(ntaps):
-            o = a_i64(toff, t)
-            w0 = a8_load(wt, wi + 0)
-            w1 = a8_load(wt, wi + 8)
-            w2 = a8_load(wt, wi + 16)
-            w3 = a8_load(wt, wi + 24)
-            wi += 32
-            x = a8_bcast(xp, b0 + o)
-            a0_0 = v8_xpa(a0_0, w0, x)
-            a0_1 = v8_xpa(a0_1, w1, x)
-            a0_2 = v8_xpa(a0_2, w2, x)
-            a0_3 = v8_xpa(a0_3, w3, x)
-            x = a8_bcast(xp, b1 + o)
-            a1_0 = v8_xpa(a1_0, w0, x)
-            a1_1 = v8_xpa(a1_1, w1, x)
-            a1_2 = v8_xpa(a1_2, w2, x)
-            a1_3 = v8_xpa(a1_3, w3, x)
-    else:
-        for t in range(ntaps):
-            o = a_i64(toff, t)
-            for c in range(wg):
-                w0 = a8_load(wt, wi + 0)
-                w1 = a8_load(wt, wi + 8)
-                w2 = a8_load(wt, wi + 16)
-                w3 = a8_load(wt, wi + 24)
-                wi += 32
-                x = a8_bcast(xp, b0 + o + c)
-                a0_0 = v8_xpa(a0_0, w0, x)
-                a0_1 = v8_xpa(a0_1, w1, x)
-                a0_2 = v8_xpa(a0_2, w2, x)
-                a0_3 = v8_xpa(a0_3, w3, x)
-                x = a8_bcast(xp, b1 + o + c)
-                a1_0 = v8_xpa(a1_0, w0, x)
-                a1_1 = v8_xpa(a1_1, w1, x)
-                a1_2 = v8_xpa(a1_2, w2, x)
-                a1_3 = v8_xpa(a1_3, w3, x)
+    for s in range(nsteps):  # one step = one word of one tap
+        o = a_i64(soff, s)
+        w0 = a8_load(wt, wi + 0)
+        w1 = a8_load(wt, wi + 8)
+        w2 = a8_load(wt, wi + 16)
+        w3 = a8_load(wt, wi + 24)
+        wi += 32
+        x = a8_bcast(xp, b0 + o)
+        a0_0 = v8_xpa(a0_0, w0, x)
+        a0_1 = v8_xpa(a0_1, w1, x)
+        a0_2 = v8_xpa(a0_2, w2, x)
+        a0_3 = v8_xpa(a0_3, w3, x)
+        x = a8_bcast(xp, b1 + o)
+        a1_0 = v8_xpa(a1_0, w0, x)
+        a1_1 = v8_xpa(a1_1, w1, x)
+        a1_2 = v8_xpa(a1_2, w2, x)
+        a1_3 = v8_xpa(a1_3, w3, x)
     if direct == 1:
         ob = a_i64(obases, 0)
         a8_store_acc_i32(out, ob + 0, a0_0, k)
@@ -190,7 +156,7 @@ def _t2x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
 
 
 @njit(cache=True)
-def _t3x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+def _t3x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
         k, direct, out_bits, dirn, thr, o0, shift):
     b0 = a_i64(bases, 0)
     b1 = a_i64(bases, 1)
@@ -208,53 +174,28 @@ def _t3x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
     a2_2 = v8_zero()
     a2_3 = v8_zero()
     wi = wbase
-    if wg == 1:
-        for t in range(ntaps):
-            o = a_i64(toff, t)
-            w0 = a8_load(wt, wi + 0)
-            w1 = a8_load(wt, wi + 8)
-            w2 = a8_load(wt, wi + 16)
-            w3 = a8_load(wt, wi + 24)
-            wi += 32
-            x = a8_bcast(xp, b0 + o)
-            a0_0 = v8_xpa(a0_0, w0, x)
-            a0_1 = v8_xpa(a0_1, w1, x)
-            a0_2 = v8_xpa(a0_2, w2, x)
-            a0_3 = v8_xpa(a0_3, w3, x)
-            x = a8_bcast(xp, b1 + o)
-            a1_0 = v8_xpa(a1_0, w0, x)
-            a1_1 = v8_xpa(a1_1, w1, x)
-            a1_2 = v8_xpa(a1_2, w2, x)
-            a1_3 = v8_xpa(a1_3, w3, x)
-            x = a8_bcast(xp, b2 + o)
-            a2_0 = v8_xpa(a2_0, w0, x)
-            a2_1 = v8_xpa(a2_1, w1, x)
-            a2_2 = v8_xpa(a2_2, w2, x)
-            a2_3 = v8_xpa(a2_3, w3, x)
-    else:
-        for t in range(ntaps):
-            o = a_i64(toff, t)
-            for c in range(wg):
-                w0 = a8_load(wt, wi + 0)
-                w1 = a8_load(wt, wi + 8)
-                w2 = a8_load(wt, wi + 16)
-                w3 = a8_load(wt, wi + 24)
-                wi += 32
-                x = a8_bcast(xp, b0 + o + c)
-                a0_0 = v8_xpa(a0_0, w0, x)
-                a0_1 = v8_xpa(a0_1, w1, x)
-                a0_2 = v8_xpa(a0_2, w2, x)
-                a0_3 = v8_xpa(a0_3, w3, x)
-                x = a8_bcast(xp, b1 + o + c)
-                a1_0 = v8_xpa(a1_0, w0, x)
-                a1_1 = v8_xpa(a1_1, w1, x)
-                a1_2 = v8_xpa(a1_2, w2, x)
-                a1_3 = v8_xpa(a1_3, w3, x)
-                x = a8_bcast(xp, b2 + o + c)
-                a2_0 = v8_xpa(a2_0, w0, x)
-                a2_1 = v8_xpa(a2_1, w1, x)
-                a2_2 = v8_xpa(a2_2, w2, x)
-                a2_3 = v8_xpa(a2_3, w3, x)
+    for s in range(nsteps):  # one step = one word of one tap
+        o = a_i64(soff, s)
+        w0 = a8_load(wt, wi + 0)
+        w1 = a8_load(wt, wi + 8)
+        w2 = a8_load(wt, wi + 16)
+        w3 = a8_load(wt, wi + 24)
+        wi += 32
+        x = a8_bcast(xp, b0 + o)
+        a0_0 = v8_xpa(a0_0, w0, x)
+        a0_1 = v8_xpa(a0_1, w1, x)
+        a0_2 = v8_xpa(a0_2, w2, x)
+        a0_3 = v8_xpa(a0_3, w3, x)
+        x = a8_bcast(xp, b1 + o)
+        a1_0 = v8_xpa(a1_0, w0, x)
+        a1_1 = v8_xpa(a1_1, w1, x)
+        a1_2 = v8_xpa(a1_2, w2, x)
+        a1_3 = v8_xpa(a1_3, w3, x)
+        x = a8_bcast(xp, b2 + o)
+        a2_0 = v8_xpa(a2_0, w0, x)
+        a2_1 = v8_xpa(a2_1, w1, x)
+        a2_2 = v8_xpa(a2_2, w2, x)
+        a2_3 = v8_xpa(a2_3, w3, x)
     if direct == 1:
         ob = a_i64(obases, 0)
         a8_store_acc_i32(out, ob + 0, a0_0, k)
@@ -312,7 +253,7 @@ def _t3x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
 
 
 @njit(cache=True)
-def _t4x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+def _t4x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
         k, direct, out_bits, dirn, thr, o0, shift):
     b0 = a_i64(bases, 0)
     b1 = a_i64(bases, 1)
@@ -335,63 +276,33 @@ def _t4x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
     a3_2 = v8_zero()
     a3_3 = v8_zero()
     wi = wbase
-    if wg == 1:
-        for t in range(ntaps):
-            o = a_i64(toff, t)
-            w0 = a8_load(wt, wi + 0)
-            w1 = a8_load(wt, wi + 8)
-            w2 = a8_load(wt, wi + 16)
-            w3 = a8_load(wt, wi + 24)
-            wi += 32
-            x = a8_bcast(xp, b0 + o)
-            a0_0 = v8_xpa(a0_0, w0, x)
-            a0_1 = v8_xpa(a0_1, w1, x)
-            a0_2 = v8_xpa(a0_2, w2, x)
-            a0_3 = v8_xpa(a0_3, w3, x)
-            x = a8_bcast(xp, b1 + o)
-            a1_0 = v8_xpa(a1_0, w0, x)
-            a1_1 = v8_xpa(a1_1, w1, x)
-            a1_2 = v8_xpa(a1_2, w2, x)
-            a1_3 = v8_xpa(a1_3, w3, x)
-            x = a8_bcast(xp, b2 + o)
-            a2_0 = v8_xpa(a2_0, w0, x)
-            a2_1 = v8_xpa(a2_1, w1, x)
-            a2_2 = v8_xpa(a2_2, w2, x)
-            a2_3 = v8_xpa(a2_3, w3, x)
-            x = a8_bcast(xp, b3 + o)
-            a3_0 = v8_xpa(a3_0, w0, x)
-            a3_1 = v8_xpa(a3_1, w1, x)
-            a3_2 = v8_xpa(a3_2, w2, x)
-            a3_3 = v8_xpa(a3_3, w3, x)
-    else:
-        for t in range(ntaps):
-            o = a_i64(toff, t)
-            for c in range(wg):
-                w0 = a8_load(wt, wi + 0)
-                w1 = a8_load(wt, wi + 8)
-                w2 = a8_load(wt, wi + 16)
-                w3 = a8_load(wt, wi + 24)
-                wi += 32
-                x = a8_bcast(xp, b0 + o + c)
-                a0_0 = v8_xpa(a0_0, w0, x)
-                a0_1 = v8_xpa(a0_1, w1, x)
-                a0_2 = v8_xpa(a0_2, w2, x)
-                a0_3 = v8_xpa(a0_3, w3, x)
-                x = a8_bcast(xp, b1 + o + c)
-                a1_0 = v8_xpa(a1_0, w0, x)
-                a1_1 = v8_xpa(a1_1, w1, x)
-                a1_2 = v8_xpa(a1_2, w2, x)
-                a1_3 = v8_xpa(a1_3, w3, x)
-                x = a8_bcast(xp, b2 + o + c)
-                a2_0 = v8_xpa(a2_0, w0, x)
-                a2_1 = v8_xpa(a2_1, w1, x)
-                a2_2 = v8_xpa(a2_2, w2, x)
-                a2_3 = v8_xpa(a2_3, w3, x)
-                x = a8_bcast(xp, b3 + o + c)
-                a3_0 = v8_xpa(a3_0, w0, x)
-                a3_1 = v8_xpa(a3_1, w1, x)
-                a3_2 = v8_xpa(a3_2, w2, x)
-                a3_3 = v8_xpa(a3_3, w3, x)
+    for s in range(nsteps):  # one step = one word of one tap
+        o = a_i64(soff, s)
+        w0 = a8_load(wt, wi + 0)
+        w1 = a8_load(wt, wi + 8)
+        w2 = a8_load(wt, wi + 16)
+        w3 = a8_load(wt, wi + 24)
+        wi += 32
+        x = a8_bcast(xp, b0 + o)
+        a0_0 = v8_xpa(a0_0, w0, x)
+        a0_1 = v8_xpa(a0_1, w1, x)
+        a0_2 = v8_xpa(a0_2, w2, x)
+        a0_3 = v8_xpa(a0_3, w3, x)
+        x = a8_bcast(xp, b1 + o)
+        a1_0 = v8_xpa(a1_0, w0, x)
+        a1_1 = v8_xpa(a1_1, w1, x)
+        a1_2 = v8_xpa(a1_2, w2, x)
+        a1_3 = v8_xpa(a1_3, w3, x)
+        x = a8_bcast(xp, b2 + o)
+        a2_0 = v8_xpa(a2_0, w0, x)
+        a2_1 = v8_xpa(a2_1, w1, x)
+        a2_2 = v8_xpa(a2_2, w2, x)
+        a2_3 = v8_xpa(a2_3, w3, x)
+        x = a8_bcast(xp, b3 + o)
+        a3_0 = v8_xpa(a3_0, w0, x)
+        a3_1 = v8_xpa(a3_1, w1, x)
+        a3_2 = v8_xpa(a3_2, w2, x)
+        a3_3 = v8_xpa(a3_3, w3, x)
     if direct == 1:
         ob = a_i64(obases, 0)
         a8_store_acc_i32(out, ob + 0, a0_0, k)
@@ -463,7 +374,7 @@ def _t4x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
 
 
 @njit(cache=True)
-def _t5x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+def _t5x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
         k, direct, out_bits, dirn, thr, o0, shift):
     b0 = a_i64(bases, 0)
     b1 = a_i64(bases, 1)
@@ -491,73 +402,38 @@ def _t5x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
     a4_2 = v8_zero()
     a4_3 = v8_zero()
     wi = wbase
-    if wg == 1:
-        for t in range(ntaps):
-            o = a_i64(toff, t)
-            w0 = a8_load(wt, wi + 0)
-            w1 = a8_load(wt, wi + 8)
-            w2 = a8_load(wt, wi + 16)
-            w3 = a8_load(wt, wi + 24)
-            wi += 32
-            x = a8_bcast(xp, b0 + o)
-            a0_0 = v8_xpa(a0_0, w0, x)
-            a0_1 = v8_xpa(a0_1, w1, x)
-            a0_2 = v8_xpa(a0_2, w2, x)
-            a0_3 = v8_xpa(a0_3, w3, x)
-            x = a8_bcast(xp, b1 + o)
-            a1_0 = v8_xpa(a1_0, w0, x)
-            a1_1 = v8_xpa(a1_1, w1, x)
-            a1_2 = v8_xpa(a1_2, w2, x)
-            a1_3 = v8_xpa(a1_3, w3, x)
-            x = a8_bcast(xp, b2 + o)
-            a2_0 = v8_xpa(a2_0, w0, x)
-            a2_1 = v8_xpa(a2_1, w1, x)
-            a2_2 = v8_xpa(a2_2, w2, x)
-            a2_3 = v8_xpa(a2_3, w3, x)
-            x = a8_bcast(xp, b3 + o)
-            a3_0 = v8_xpa(a3_0, w0, x)
-            a3_1 = v8_xpa(a3_1, w1, x)
-            a3_2 = v8_xpa(a3_2, w2, x)
-            a3_3 = v8_xpa(a3_3, w3, x)
-            x = a8_bcast(xp, b4 + o)
-            a4_0 = v8_xpa(a4_0, w0, x)
-            a4_1 = v8_xpa(a4_1, w1, x)
-            a4_2 = v8_xpa(a4_2, w2, x)
-            a4_3 = v8_xpa(a4_3, w3, x)
-    else:
-        for t in range(ntaps):
-            o = a_i64(toff, t)
-            for c in range(wg):
-                w0 = a8_load(wt, wi + 0)
-                w1 = a8_load(wt, wi + 8)
-                w2 = a8_load(wt, wi + 16)
-                w3 = a8_load(wt, wi + 24)
-                wi += 32
-                x = a8_bcast(xp, b0 + o + c)
-                a0_0 = v8_xpa(a0_0, w0, x)
-                a0_1 = v8_xpa(a0_1, w1, x)
-                a0_2 = v8_xpa(a0_2, w2, x)
-                a0_3 = v8_xpa(a0_3, w3, x)
-                x = a8_bcast(xp, b1 + o + c)
-                a1_0 = v8_xpa(a1_0, w0, x)
-                a1_1 = v8_xpa(a1_1, w1, x)
-                a1_2 = v8_xpa(a1_2, w2, x)
-                a1_3 = v8_xpa(a1_3, w3, x)
-                x = a8_bcast(xp, b2 + o + c)
-                a2_0 = v8_xpa(a2_0, w0, x)
-                a2_1 = v8_xpa(a2_1, w1, x)
-                a2_2 = v8_xpa(a2_2, w2, x)
-                a2_3 = v8_xpa(a2_3, w3, x)
-                x = a8_bcast(xp, b3 + o + c)
-                a3_0 = v8_xpa(a3_0, w0, x)
-                a3_1 = v8_xpa(a3_1, w1, x)
-                a3_2 = v8_xpa(a3_2, w2, x)
-                a3_3 = v8_xpa(a3_3, w3, x)
-                x = a8_bcast(xp, b4 + o + c)
-                a4_0 = v8_xpa(a4_0, w0, x)
-                a4_1 = v8_xpa(a4_1, w1, x)
-                a4_2 = v8_xpa(a4_2, w2, x)
-                a4_3 = v8_xpa(a4_3, w3, x)
+    for s in range(nsteps):  # one step = one word of one tap
+        o = a_i64(soff, s)
+        w0 = a8_load(wt, wi + 0)
+        w1 = a8_load(wt, wi + 8)
+        w2 = a8_load(wt, wi + 16)
+        w3 = a8_load(wt, wi + 24)
+        wi += 32
+        x = a8_bcast(xp, b0 + o)
+        a0_0 = v8_xpa(a0_0, w0, x)
+        a0_1 = v8_xpa(a0_1, w1, x)
+        a0_2 = v8_xpa(a0_2, w2, x)
+        a0_3 = v8_xpa(a0_3, w3, x)
+        x = a8_bcast(xp, b1 + o)
+        a1_0 = v8_xpa(a1_0, w0, x)
+        a1_1 = v8_xpa(a1_1, w1, x)
+        a1_2 = v8_xpa(a1_2, w2, x)
+        a1_3 = v8_xpa(a1_3, w3, x)
+        x = a8_bcast(xp, b2 + o)
+        a2_0 = v8_xpa(a2_0, w0, x)
+        a2_1 = v8_xpa(a2_1, w1, x)
+        a2_2 = v8_xpa(a2_2, w2, x)
+        a2_3 = v8_xpa(a2_3, w3, x)
+        x = a8_bcast(xp, b3 + o)
+        a3_0 = v8_xpa(a3_0, w0, x)
+        a3_1 = v8_xpa(a3_1, w1, x)
+        a3_2 = v8_xpa(a3_2, w2, x)
+        a3_3 = v8_xpa(a3_3, w3, x)
+        x = a8_bcast(xp, b4 + o)
+        a4_0 = v8_xpa(a4_0, w0, x)
+        a4_1 = v8_xpa(a4_1, w1, x)
+        a4_2 = v8_xpa(a4_2, w2, x)
+        a4_3 = v8_xpa(a4_3, w3, x)
     if direct == 1:
         ob = a_i64(obases, 0)
         a8_store_acc_i32(out, ob + 0, a0_0, k)
@@ -643,7 +519,7 @@ def _t5x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
 
 
 @njit(cache=True)
-def _t6x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+def _t6x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
         k, direct, out_bits, dirn, thr, o0, shift):
     b0 = a_i64(bases, 0)
     b1 = a_i64(bases, 1)
@@ -676,83 +552,43 @@ def _t6x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
     a5_2 = v8_zero()
     a5_3 = v8_zero()
     wi = wbase
-    if wg == 1:
-        for t in range(ntaps):
-            o = a_i64(toff, t)
-            w0 = a8_load(wt, wi + 0)
-            w1 = a8_load(wt, wi + 8)
-            w2 = a8_load(wt, wi + 16)
-            w3 = a8_load(wt, wi + 24)
-            wi += 32
-            x = a8_bcast(xp, b0 + o)
-            a0_0 = v8_xpa(a0_0, w0, x)
-            a0_1 = v8_xpa(a0_1, w1, x)
-            a0_2 = v8_xpa(a0_2, w2, x)
-            a0_3 = v8_xpa(a0_3, w3, x)
-            x = a8_bcast(xp, b1 + o)
-            a1_0 = v8_xpa(a1_0, w0, x)
-            a1_1 = v8_xpa(a1_1, w1, x)
-            a1_2 = v8_xpa(a1_2, w2, x)
-            a1_3 = v8_xpa(a1_3, w3, x)
-            x = a8_bcast(xp, b2 + o)
-            a2_0 = v8_xpa(a2_0, w0, x)
-            a2_1 = v8_xpa(a2_1, w1, x)
-            a2_2 = v8_xpa(a2_2, w2, x)
-            a2_3 = v8_xpa(a2_3, w3, x)
-            x = a8_bcast(xp, b3 + o)
-            a3_0 = v8_xpa(a3_0, w0, x)
-            a3_1 = v8_xpa(a3_1, w1, x)
-            a3_2 = v8_xpa(a3_2, w2, x)
-            a3_3 = v8_xpa(a3_3, w3, x)
-            x = a8_bcast(xp, b4 + o)
-            a4_0 = v8_xpa(a4_0, w0, x)
-            a4_1 = v8_xpa(a4_1, w1, x)
-            a4_2 = v8_xpa(a4_2, w2, x)
-            a4_3 = v8_xpa(a4_3, w3, x)
-            x = a8_bcast(xp, b5 + o)
-            a5_0 = v8_xpa(a5_0, w0, x)
-            a5_1 = v8_xpa(a5_1, w1, x)
-            a5_2 = v8_xpa(a5_2, w2, x)
-            a5_3 = v8_xpa(a5_3, w3, x)
-    else:
-        for t in range(ntaps):
-            o = a_i64(toff, t)
-            for c in range(wg):
-                w0 = a8_load(wt, wi + 0)
-                w1 = a8_load(wt, wi + 8)
-                w2 = a8_load(wt, wi + 16)
-                w3 = a8_load(wt, wi + 24)
-                wi += 32
-                x = a8_bcast(xp, b0 + o + c)
-                a0_0 = v8_xpa(a0_0, w0, x)
-                a0_1 = v8_xpa(a0_1, w1, x)
-                a0_2 = v8_xpa(a0_2, w2, x)
-                a0_3 = v8_xpa(a0_3, w3, x)
-                x = a8_bcast(xp, b1 + o + c)
-                a1_0 = v8_xpa(a1_0, w0, x)
-                a1_1 = v8_xpa(a1_1, w1, x)
-                a1_2 = v8_xpa(a1_2, w2, x)
-                a1_3 = v8_xpa(a1_3, w3, x)
-                x = a8_bcast(xp, b2 + o + c)
-                a2_0 = v8_xpa(a2_0, w0, x)
-                a2_1 = v8_xpa(a2_1, w1, x)
-                a2_2 = v8_xpa(a2_2, w2, x)
-                a2_3 = v8_xpa(a2_3, w3, x)
-                x = a8_bcast(xp, b3 + o + c)
-                a3_0 = v8_xpa(a3_0, w0, x)
-                a3_1 = v8_xpa(a3_1, w1, x)
-                a3_2 = v8_xpa(a3_2, w2, x)
-                a3_3 = v8_xpa(a3_3, w3, x)
-                x = a8_bcast(xp, b4 + o + c)
-                a4_0 = v8_xpa(a4_0, w0, x)
-                a4_1 = v8_xpa(a4_1, w1, x)
-                a4_2 = v8_xpa(a4_2, w2, x)
-                a4_3 = v8_xpa(a4_3, w3, x)
-                x = a8_bcast(xp, b5 + o + c)
-                a5_0 = v8_xpa(a5_0, w0, x)
-                a5_1 = v8_xpa(a5_1, w1, x)
-                a5_2 = v8_xpa(a5_2, w2, x)
-                a5_3 = v8_xpa(a5_3, w3, x)
+    for s in range(nsteps):  # one step = one word of one tap
+        o = a_i64(soff, s)
+        w0 = a8_load(wt, wi + 0)
+        w1 = a8_load(wt, wi + 8)
+        w2 = a8_load(wt, wi + 16)
+        w3 = a8_load(wt, wi + 24)
+        wi += 32
+        x = a8_bcast(xp, b0 + o)
+        a0_0 = v8_xpa(a0_0, w0, x)
+        a0_1 = v8_xpa(a0_1, w1, x)
+        a0_2 = v8_xpa(a0_2, w2, x)
+        a0_3 = v8_xpa(a0_3, w3, x)
+        x = a8_bcast(xp, b1 + o)
+        a1_0 = v8_xpa(a1_0, w0, x)
+        a1_1 = v8_xpa(a1_1, w1, x)
+        a1_2 = v8_xpa(a1_2, w2, x)
+        a1_3 = v8_xpa(a1_3, w3, x)
+        x = a8_bcast(xp, b2 + o)
+        a2_0 = v8_xpa(a2_0, w0, x)
+        a2_1 = v8_xpa(a2_1, w1, x)
+        a2_2 = v8_xpa(a2_2, w2, x)
+        a2_3 = v8_xpa(a2_3, w3, x)
+        x = a8_bcast(xp, b3 + o)
+        a3_0 = v8_xpa(a3_0, w0, x)
+        a3_1 = v8_xpa(a3_1, w1, x)
+        a3_2 = v8_xpa(a3_2, w2, x)
+        a3_3 = v8_xpa(a3_3, w3, x)
+        x = a8_bcast(xp, b4 + o)
+        a4_0 = v8_xpa(a4_0, w0, x)
+        a4_1 = v8_xpa(a4_1, w1, x)
+        a4_2 = v8_xpa(a4_2, w2, x)
+        a4_3 = v8_xpa(a4_3, w3, x)
+        x = a8_bcast(xp, b5 + o)
+        a5_0 = v8_xpa(a5_0, w0, x)
+        a5_1 = v8_xpa(a5_1, w1, x)
+        a5_2 = v8_xpa(a5_2, w2, x)
+        a5_3 = v8_xpa(a5_3, w3, x)
     if direct == 1:
         ob = a_i64(obases, 0)
         a8_store_acc_i32(out, ob + 0, a0_0, k)
@@ -852,545 +688,17 @@ def _t6x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
 
 
 @njit(cache=True)
-def _t1x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
-        k, direct, out_bits, dirn, thr, o0, shift):
-    b0 = a_i64(bases, 0)
-    a0_0 = v8_zero()
-    a0_1 = v8_zero()
-    wi = wbase
-    if wg == 1:
-        for t in range(ntaps):
-            o = a_i64(toff, t)
-            w0 = a8_load(wt, wi + 0)
-            w1 = a8_load(wt, wi + 8)
-            wi += 16
-            x = a8_bcast(xp, b0 + o)
-            a0_0 = v8_xpa(a0_0, w0, x)
-            a0_1 = v8_xpa(a0_1, w1, x)
-    else:
-        for t in range(ntaps):
-            o = a_i64(toff, t)
-            for c in range(wg):
-                w0 = a8_load(wt, wi + 0)
-                w1 = a8_load(wt, wi + 8)
-                wi += 16
-                x = a8_bcast(xp, b0 + o + c)
-                a0_0 = v8_xpa(a0_0, w0, x)
-                a0_1 = v8_xpa(a0_1, w1, x)
-    if direct == 1:
-        ob = a_i64(obases, 0)
-        a8_store_acc_i32(out, ob + 0, a0_0, k)
-        a8_store_acc_i32(out, ob + 8, a0_1, k)
-    elif direct == 2:
-        d0 = a8_load(dirn, o0 + 0)
-        t0 = a8_load(thr, o0 + 0)
-        d1 = a8_load(dirn, o0 + 8)
-        t1 = a8_load(thr, o0 + 8)
-        z = v8_zero()
-        bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
-        bits |= (v8_threshold_bits(a0_1, k, z, d1, t1) << 8)
-        a_or_u64(out_bits, a_i64(obases, 0), bits << shift)
-    else:
-        a8_store(acc, 0, a0_0)
-        a8_store(acc, 8, a0_1)
-
-
-@njit(cache=True)
-def _t2x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
-        k, direct, out_bits, dirn, thr, o0, shift):
-    b0 = a_i64(bases, 0)
-    b1 = a_i64(bases, 1)
-    a0_0 = v8_zero()
-    a0_1 = v8_zero()
-    a1_0 = v8_zero()
-    a1_1 = v8_zero()
-    wi = wbase
-    if wg == 1:
-        for t in range(ntaps):
-            o = a_i64(toff, t)
-            w0 = a8_load(wt, wi + 0)
-            w1 = a8_load(wt, wi + 8)
-            wi += 16
-            x = a8_bcast(xp, b0 + o)
-            a0_0 = v8_xpa(a0_0, w0, x)
-            a0_1 = v8_xpa(a0_1, w1, x)
-            x = a8_bcast(xp, b1 + o)
-            a1_0 = v8_xpa(a1_0, w0, x)
-            a1_1 = v8_xpa(a1_1, w1, x)
-    else:
-        for t in range(ntaps):
-            o = a_i64(toff, t)
-            for c in range(wg):
-                w0 = a8_load(wt, wi + 0)
-                w1 = a8_load(wt, wi + 8)
-                wi += 16
-                x = a8_bcast(xp, b0 + o + c)
-                a0_0 = v8_xpa(a0_0, w0, x)
-                a0_1 = v8_xpa(a0_1, w1, x)
-                x = a8_bcast(xp, b1 + o + c)
-                a1_0 = v8_xpa(a1_0, w0, x)
-                a1_1 = v8_xpa(a1_1, w1, x)
-    if direct == 1:
-        ob = a_i64(obases, 0)
-        a8_store_acc_i32(out, ob + 0, a0_0, k)
-        a8_store_acc_i32(out, ob + 8, a0_1, k)
-        ob = a_i64(obases, 1)
-        a8_store_acc_i32(out, ob + 0, a1_0, k)
-        a8_store_acc_i32(out, ob + 8, a1_1, k)
-    elif direct == 2:
-        d0 = a8_load(dirn, o0 + 0)
-        t0 = a8_load(thr, o0 + 0)
-        d1 = a8_load(dirn, o0 + 8)
-        t1 = a8_load(thr, o0 + 8)
-        z = v8_zero()
-        bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
-        bits |= (v8_threshold_bits(a0_1, k, z, d1, t1) << 8)
-        a_or_u64(out_bits, a_i64(obases, 0), bits << shift)
-        bits = (v8_threshold_bits(a1_0, k, z, d0, t0) << 0)
-        bits |= (v8_threshold_bits(a1_1, k, z, d1, t1) << 8)
-        a_or_u64(out_bits, a_i64(obases, 1), bits << shift)
-    else:
-        a8_store(acc, 0, a0_0)
-        a8_store(acc, 8, a0_1)
-        a8_store(acc, 16, a1_0)
-        a8_store(acc, 24, a1_1)
-
-
-@njit(cache=True)
-def _t3x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
-        k, direct, out_bits, dirn, thr, o0, shift):
-    b0 = a_i64(bases, 0)
-    b1 = a_i64(bases, 1)
-    b2 = a_i64(bases, 2)
-    a0_0 = v8_zero()
-    a0_1 = v8_zero()
-    a1_0 = v8_zero()
-    a1_1 = v8_zero()
-    a2_0 = v8_zero()
-    a2_1 = v8_zero()
-    wi = wbase
-    if wg == 1:
-        for t in range(ntaps):
-            o = a_i64(toff, t)
-            w0 = a8_load(wt, wi + 0)
-            w1 = a8_load(wt, wi + 8)
-            wi += 16
-            x = a8_bcast(xp, b0 + o)
-            a0_0 = v8_xpa(a0_0, w0, x)
-            a0_1 = v8_xpa(a0_1, w1, x)
-            x = a8_bcast(xp, b1 + o)
-            a1_0 = v8_xpa(a1_0, w0, x)
-            a1_1 = v8_xpa(a1_1, w1, x)
-            x = a8_bcast(xp, b2 + o)
-            a2_0 = v8_xpa(a2_0, w0, x)
-            a2_1 = v8_xpa(a2_1, w1, x)
-    else:
-        for t in range(ntaps):
-            o = a_i64(toff, t)
-            for c in range(wg):
-                w0 = a8_load(wt, wi + 0)
-                w1 = a8_load(wt, wi + 8)
-                wi += 16
-                x = a8_bcast(xp, b0 + o + c)
-                a0_0 = v8_xpa(a0_0, w0, x)
-                a0_1 = v8_xpa(a0_1, w1, x)
-                x = a8_bcast(xp, b1 + o + c)
-                a1_0 = v8_xpa(a1_0, w0, x)
-                a1_1 = v8_xpa(a1_1, w1, x)
-                x = a8_bcast(xp, b2 + o + c)
-                a2_0 = v8_xpa(a2_0, w0, x)
-                a2_1 = v8_xpa(a2_1, w1, x)
-    if direct == 1:
-        ob = a_i64(obases, 0)
-        a8_store_acc_i32(out, ob + 0, a0_0, k)
-        a8_store_acc_i32(out, ob + 8, a0_1, k)
-        ob = a_i64(obases, 1)
-        a8_store_acc_i32(out, ob + 0, a1_0, k)
-        a8_store_acc_i32(out, ob + 8, a1_1, k)
-        ob = a_i64(obases, 2)
-        a8_store_acc_i32(out, ob + 0, a2_0, k)
-        a8_store_acc_i32(out, ob + 8, a2_1, k)
-    elif direct == 2:
-        d0 = a8_load(dirn, o0 + 0)
-        t0 = a8_load(thr, o0 + 0)
-        d1 = a8_load(dirn, o0 + 8)
-        t1 = a8_load(thr, o0 + 8)
-        z = v8_zero()
-        bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
-        bits |= (v8_threshold_bits(a0_1, k, z, d1, t1) << 8)
-        a_or_u64(out_bits, a_i64(obases, 0), bits << shift)
-        bits = (v8_threshold_bits(a1_0, k, z, d0, t0) << 0)
-        bits |= (v8_threshold_bits(a1_1, k, z, d1, t1) << 8)
-        a_or_u64(out_bits, a_i64(obases, 1), bits << shift)
-        bits = (v8_threshold_bits(a2_0, k, z, d0, t0) << 0)
-        bits |= (v8_threshold_bits(a2_1, k, z, d1, t1) << 8)
-        a_or_u64(out_bits, a_i64(obases, 2), bits << shift)
-    else:
-        a8_store(acc, 0, a0_0)
-        a8_store(acc, 8, a0_1)
-        a8_store(acc, 16, a1_0)
-        a8_store(acc, 24, a1_1)
-        a8_store(acc, 32, a2_0)
-        a8_store(acc, 40, a2_1)
-
-
-@njit(cache=True)
-def _t4x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
-        k, direct, out_bits, dirn, thr, o0, shift):
-    b0 = a_i64(bases, 0)
-    b1 = a_i64(bases, 1)
-    b2 = a_i64(bases, 2)
-    b3 = a_i64(bases, 3)
-    a0_0 = v8_zero()
-    a0_1 = v8_zero()
-    a1_0 = v8_zero()
-    a1_1 = v8_zero()
-    a2_0 = v8_zero()
-    a2_1 = v8_zero()
-    a3_0 = v8_zero()
-    a3_1 = v8_zero()
-    wi = wbase
-    if wg == 1:
-        for t in range(ntaps):
-            o = a_i64(toff, t)
-            w0 = a8_load(wt, wi + 0)
-            w1 = a8_load(wt, wi + 8)
-            wi += 16
-            x = a8_bcast(xp, b0 + o)
-            a0_0 = v8_xpa(a0_0, w0, x)
-            a0_1 = v8_xpa(a0_1, w1, x)
-            x = a8_bcast(xp, b1 + o)
-            a1_0 = v8_xpa(a1_0, w0, x)
-            a1_1 = v8_xpa(a1_1, w1, x)
-            x = a8_bcast(xp, b2 + o)
-            a2_0 = v8_xpa(a2_0, w0, x)
-            a2_1 = v8_xpa(a2_1, w1, x)
-            x = a8_bcast(xp, b3 + o)
-            a3_0 = v8_xpa(a3_0, w0, x)
-            a3_1 = v8_xpa(a3_1, w1, x)
-    else:
-        for t in range(ntaps):
-            o = a_i64(toff, t)
-            for c in range(wg):
-                w0 = a8_load(wt, wi + 0)
-                w1 = a8_load(wt, wi + 8)
-                wi += 16
-                x = a8_bcast(xp, b0 + o + c)
-                a0_0 = v8_xpa(a0_0, w0, x)
-                a0_1 = v8_xpa(a0_1, w1, x)
-                x = a8_bcast(xp, b1 + o + c)
-                a1_0 = v8_xpa(a1_0, w0, x)
-                a1_1 = v8_xpa(a1_1, w1, x)
-                x = a8_bcast(xp, b2 + o + c)
-                a2_0 = v8_xpa(a2_0, w0, x)
-                a2_1 = v8_xpa(a2_1, w1, x)
-                x = a8_bcast(xp, b3 + o + c)
-                a3_0 = v8_xpa(a3_0, w0, x)
-                a3_1 = v8_xpa(a3_1, w1, x)
-    if direct == 1:
-        ob = a_i64(obases, 0)
-        a8_store_acc_i32(out, ob + 0, a0_0, k)
-        a8_store_acc_i32(out, ob + 8, a0_1, k)
-        ob = a_i64(obases, 1)
-        a8_store_acc_i32(out, ob + 0, a1_0, k)
-        a8_store_acc_i32(out, ob + 8, a1_1, k)
-        ob = a_i64(obases, 2)
-        a8_store_acc_i32(out, ob + 0, a2_0, k)
-        a8_store_acc_i32(out, ob + 8, a2_1, k)
-        ob = a_i64(obases, 3)
-        a8_store_acc_i32(out, ob + 0, a3_0, k)
-        a8_store_acc_i32(out, ob + 8, a3_1, k)
-    elif direct == 2:
-        d0 = a8_load(dirn, o0 + 0)
-        t0 = a8_load(thr, o0 + 0)
-        d1 = a8_load(dirn, o0 + 8)
-        t1 = a8_load(thr, o0 + 8)
-        z = v8_zero()
-        bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
-        bits |= (v8_threshold_bits(a0_1, k, z, d1, t1) << 8)
-        a_or_u64(out_bits, a_i64(obases, 0), bits << shift)
-        bits = (v8_threshold_bits(a1_0, k, z, d0, t0) << 0)
-        bits |= (v8_threshold_bits(a1_1, k, z, d1, t1) << 8)
-        a_or_u64(out_bits, a_i64(obases, 1), bits << shift)
-        bits = (v8_threshold_bits(a2_0, k, z, d0, t0) << 0)
-        bits |= (v8_threshold_bits(a2_1, k, z, d1, t1) << 8)
-        a_or_u64(out_bits, a_i64(obases, 2), bits << shift)
-        bits = (v8_threshold_bits(a3_0, k, z, d0, t0) << 0)
-        bits |= (v8_threshold_bits(a3_1, k, z, d1, t1) << 8)
-        a_or_u64(out_bits, a_i64(obases, 3), bits << shift)
-    else:
-        a8_store(acc, 0, a0_0)
-        a8_store(acc, 8, a0_1)
-        a8_store(acc, 16, a1_0)
-        a8_store(acc, 24, a1_1)
-        a8_store(acc, 32, a2_0)
-        a8_store(acc, 40, a2_1)
-        a8_store(acc, 48, a3_0)
-        a8_store(acc, 56, a3_1)
-
-
-@njit(cache=True)
-def _t5x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
-        k, direct, out_bits, dirn, thr, o0, shift):
-    b0 = a_i64(bases, 0)
-    b1 = a_i64(bases, 1)
-    b2 = a_i64(bases, 2)
-    b3 = a_i64(bases, 3)
-    b4 = a_i64(bases, 4)
-    a0_0 = v8_zero()
-    a0_1 = v8_zero()
-    a1_0 = v8_zero()
-    a1_1 = v8_zero()
-    a2_0 = v8_zero()
-    a2_1 = v8_zero()
-    a3_0 = v8_zero()
-    a3_1 = v8_zero()
-    a4_0 = v8_zero()
-    a4_1 = v8_zero()
-    wi = wbase
-    if wg == 1:
-        for t in range(ntaps):
-            o = a_i64(toff, t)
-            w0 = a8_load(wt, wi + 0)
-            w1 = a8_load(wt, wi + 8)
-            wi += 16
-            x = a8_bcast(xp, b0 + o)
-            a0_0 = v8_xpa(a0_0, w0, x)
-            a0_1 = v8_xpa(a0_1, w1, x)
-            x = a8_bcast(xp, b1 + o)
-            a1_0 = v8_xpa(a1_0, w0, x)
-            a1_1 = v8_xpa(a1_1, w1, x)
-            x = a8_bcast(xp, b2 + o)
-            a2_0 = v8_xpa(a2_0, w0, x)
-            a2_1 = v8_xpa(a2_1, w1, x)
-            x = a8_bcast(xp, b3 + o)
-            a3_0 = v8_xpa(a3_0, w0, x)
-            a3_1 = v8_xpa(a3_1, w1, x)
-            x = a8_bcast(xp, b4 + o)
-            a4_0 = v8_xpa(a4_0, w0, x)
-            a4_1 = v8_xpa(a4_1, w1, x)
-    else:
-        for t in range(ntaps):
-            o = a_i64(toff, t)
-            for c in range(wg):
-                w0 = a8_load(wt, wi + 0)
-                w1 = a8_load(wt, wi + 8)
-                wi += 16
-                x = a8_bcast(xp, b0 + o + c)
-                a0_0 = v8_xpa(a0_0, w0, x)
-                a0_1 = v8_xpa(a0_1, w1, x)
-                x = a8_bcast(xp, b1 + o + c)
-                a1_0 = v8_xpa(a1_0, w0, x)
-                a1_1 = v8_xpa(a1_1, w1, x)
-                x = a8_bcast(xp, b2 + o + c)
-                a2_0 = v8_xpa(a2_0, w0, x)
-                a2_1 = v8_xpa(a2_1, w1, x)
-                x = a8_bcast(xp, b3 + o + c)
-                a3_0 = v8_xpa(a3_0, w0, x)
-                a3_1 = v8_xpa(a3_1, w1, x)
-                x = a8_bcast(xp, b4 + o + c)
-                a4_0 = v8_xpa(a4_0, w0, x)
-                a4_1 = v8_xpa(a4_1, w1, x)
-    if direct == 1:
-        ob = a_i64(obases, 0)
-        a8_store_acc_i32(out, ob + 0, a0_0, k)
-        a8_store_acc_i32(out, ob + 8, a0_1, k)
-        ob = a_i64(obases, 1)
-        a8_store_acc_i32(out, ob + 0, a1_0, k)
-        a8_store_acc_i32(out, ob + 8, a1_1, k)
-        ob = a_i64(obases, 2)
-        a8_store_acc_i32(out, ob + 0, a2_0, k)
-        a8_store_acc_i32(out, ob + 8, a2_1, k)
-        ob = a_i64(obases, 3)
-        a8_store_acc_i32(out, ob + 0, a3_0, k)
-        a8_store_acc_i32(out, ob + 8, a3_1, k)
-        ob = a_i64(obases, 4)
-        a8_store_acc_i32(out, ob + 0, a4_0, k)
-        a8_store_acc_i32(out, ob + 8, a4_1, k)
-    elif direct == 2:
-        d0 = a8_load(dirn, o0 + 0)
-        t0 = a8_load(thr, o0 + 0)
-        d1 = a8_load(dirn, o0 + 8)
-        t1 = a8_load(thr, o0 + 8)
-        z = v8_zero()
-        bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
-        bits |= (v8_threshold_bits(a0_1, k, z, d1, t1) << 8)
-        a_or_u64(out_bits, a_i64(obases, 0), bits << shift)
-        bits = (v8_threshold_bits(a1_0, k, z, d0, t0) << 0)
-        bits |= (v8_threshold_bits(a1_1, k, z, d1, t1) << 8)
-        a_or_u64(out_bits, a_i64(obases, 1), bits << shift)
-        bits = (v8_threshold_bits(a2_0, k, z, d0, t0) << 0)
-        bits |= (v8_threshold_bits(a2_1, k, z, d1, t1) << 8)
-        a_or_u64(out_bits, a_i64(obases, 2), bits << shift)
-        bits = (v8_threshold_bits(a3_0, k, z, d0, t0) << 0)
-        bits |= (v8_threshold_bits(a3_1, k, z, d1, t1) << 8)
-        a_or_u64(out_bits, a_i64(obases, 3), bits << shift)
-        bits = (v8_threshold_bits(a4_0, k, z, d0, t0) << 0)
-        bits |= (v8_threshold_bits(a4_1, k, z, d1, t1) << 8)
-        a_or_u64(out_bits, a_i64(obases, 4), bits << shift)
-    else:
-        a8_store(acc, 0, a0_0)
-        a8_store(acc, 8, a0_1)
-        a8_store(acc, 16, a1_0)
-        a8_store(acc, 24, a1_1)
-        a8_store(acc, 32, a2_0)
-        a8_store(acc, 40, a2_1)
-        a8_store(acc, 48, a3_0)
-        a8_store(acc, 56, a3_1)
-        a8_store(acc, 64, a4_0)
-        a8_store(acc, 72, a4_1)
-
-
-@njit(cache=True)
-def _t6x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
-        k, direct, out_bits, dirn, thr, o0, shift):
-    b0 = a_i64(bases, 0)
-    b1 = a_i64(bases, 1)
-    b2 = a_i64(bases, 2)
-    b3 = a_i64(bases, 3)
-    b4 = a_i64(bases, 4)
-    b5 = a_i64(bases, 5)
-    a0_0 = v8_zero()
-    a0_1 = v8_zero()
-    a1_0 = v8_zero()
-    a1_1 = v8_zero()
-    a2_0 = v8_zero()
-    a2_1 = v8_zero()
-    a3_0 = v8_zero()
-    a3_1 = v8_zero()
-    a4_0 = v8_zero()
-    a4_1 = v8_zero()
-    a5_0 = v8_zero()
-    a5_1 = v8_zero()
-    wi = wbase
-    if wg == 1:
-        for t in range(ntaps):
-            o = a_i64(toff, t)
-            w0 = a8_load(wt, wi + 0)
-            w1 = a8_load(wt, wi + 8)
-            wi += 16
-            x = a8_bcast(xp, b0 + o)
-            a0_0 = v8_xpa(a0_0, w0, x)
-            a0_1 = v8_xpa(a0_1, w1, x)
-            x = a8_bcast(xp, b1 + o)
-            a1_0 = v8_xpa(a1_0, w0, x)
-            a1_1 = v8_xpa(a1_1, w1, x)
-            x = a8_bcast(xp, b2 + o)
-            a2_0 = v8_xpa(a2_0, w0, x)
-            a2_1 = v8_xpa(a2_1, w1, x)
-            x = a8_bcast(xp, b3 + o)
-            a3_0 = v8_xpa(a3_0, w0, x)
-            a3_1 = v8_xpa(a3_1, w1, x)
-            x = a8_bcast(xp, b4 + o)
-            a4_0 = v8_xpa(a4_0, w0, x)
-            a4_1 = v8_xpa(a4_1, w1, x)
-            x = a8_bcast(xp, b5 + o)
-            a5_0 = v8_xpa(a5_0, w0, x)
-            a5_1 = v8_xpa(a5_1, w1, x)
-    else:
-        for t in range(ntaps):
-            o = a_i64(toff, t)
-            for c in range(wg):
-                w0 = a8_load(wt, wi + 0)
-                w1 = a8_load(wt, wi + 8)
-                wi += 16
-                x = a8_bcast(xp, b0 + o + c)
-                a0_0 = v8_xpa(a0_0, w0, x)
-                a0_1 = v8_xpa(a0_1, w1, x)
-                x = a8_bcast(xp, b1 + o + c)
-                a1_0 = v8_xpa(a1_0, w0, x)
-                a1_1 = v8_xpa(a1_1, w1, x)
-                x = a8_bcast(xp, b2 + o + c)
-                a2_0 = v8_xpa(a2_0, w0, x)
-                a2_1 = v8_xpa(a2_1, w1, x)
-                x = a8_bcast(xp, b3 + o + c)
-                a3_0 = v8_xpa(a3_0, w0, x)
-                a3_1 = v8_xpa(a3_1, w1, x)
-                x = a8_bcast(xp, b4 + o + c)
-                a4_0 = v8_xpa(a4_0, w0, x)
-                a4_1 = v8_xpa(a4_1, w1, x)
-                x = a8_bcast(xp, b5 + o + c)
-                a5_0 = v8_xpa(a5_0, w0, x)
-                a5_1 = v8_xpa(a5_1, w1, x)
-    if direct == 1:
-        ob = a_i64(obases, 0)
-        a8_store_acc_i32(out, ob + 0, a0_0, k)
-        a8_store_acc_i32(out, ob + 8, a0_1, k)
-        ob = a_i64(obases, 1)
-        a8_store_acc_i32(out, ob + 0, a1_0, k)
-        a8_store_acc_i32(out, ob + 8, a1_1, k)
-        ob = a_i64(obases, 2)
-        a8_store_acc_i32(out, ob + 0, a2_0, k)
-        a8_store_acc_i32(out, ob + 8, a2_1, k)
-        ob = a_i64(obases, 3)
-        a8_store_acc_i32(out, ob + 0, a3_0, k)
-        a8_store_acc_i32(out, ob + 8, a3_1, k)
-        ob = a_i64(obases, 4)
-        a8_store_acc_i32(out, ob + 0, a4_0, k)
-        a8_store_acc_i32(out, ob + 8, a4_1, k)
-        ob = a_i64(obases, 5)
-        a8_store_acc_i32(out, ob + 0, a5_0, k)
-        a8_store_acc_i32(out, ob + 8, a5_1, k)
-    elif direct == 2:
-        d0 = a8_load(dirn, o0 + 0)
-        t0 = a8_load(thr, o0 + 0)
-        d1 = a8_load(dirn, o0 + 8)
-        t1 = a8_load(thr, o0 + 8)
-        z = v8_zero()
-        bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
-        bits |= (v8_threshold_bits(a0_1, k, z, d1, t1) << 8)
-        a_or_u64(out_bits, a_i64(obases, 0), bits << shift)
-        bits = (v8_threshold_bits(a1_0, k, z, d0, t0) << 0)
-        bits |= (v8_threshold_bits(a1_1, k, z, d1, t1) << 8)
-        a_or_u64(out_bits, a_i64(obases, 1), bits << shift)
-        bits = (v8_threshold_bits(a2_0, k, z, d0, t0) << 0)
-        bits |= (v8_threshold_bits(a2_1, k, z, d1, t1) << 8)
-        a_or_u64(out_bits, a_i64(obases, 2), bits << shift)
-        bits = (v8_threshold_bits(a3_0, k, z, d0, t0) << 0)
-        bits |= (v8_threshold_bits(a3_1, k, z, d1, t1) << 8)
-        a_or_u64(out_bits, a_i64(obases, 3), bits << shift)
-        bits = (v8_threshold_bits(a4_0, k, z, d0, t0) << 0)
-        bits |= (v8_threshold_bits(a4_1, k, z, d1, t1) << 8)
-        a_or_u64(out_bits, a_i64(obases, 4), bits << shift)
-        bits = (v8_threshold_bits(a5_0, k, z, d0, t0) << 0)
-        bits |= (v8_threshold_bits(a5_1, k, z, d1, t1) << 8)
-        a_or_u64(out_bits, a_i64(obases, 5), bits << shift)
-    else:
-        a8_store(acc, 0, a0_0)
-        a8_store(acc, 8, a0_1)
-        a8_store(acc, 16, a1_0)
-        a8_store(acc, 24, a1_1)
-        a8_store(acc, 32, a2_0)
-        a8_store(acc, 40, a2_1)
-        a8_store(acc, 48, a3_0)
-        a8_store(acc, 56, a3_1)
-        a8_store(acc, 64, a4_0)
-        a8_store(acc, 72, a4_1)
-        a8_store(acc, 80, a5_0)
-        a8_store(acc, 88, a5_1)
-
-
-@njit(cache=True)
-def _t1x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+def _t1x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
         k, direct, out_bits, dirn, thr, o0, shift):
     b0 = a_i64(bases, 0)
     a0_0 = v8_zero()
     wi = wbase
-    if wg == 1:
-        for t in range(ntaps):
-            o = a_i64(toff, t)
-            w0 = a8_load(wt, wi + 0)
-            wi += 8
-            x = a8_bcast(xp, b0 + o)
-            a0_0 = v8_xpa(a0_0, w0, x)
-    else:
-        for t in range(ntaps):
-            o = a_i64(toff, t)
-            for c in range(wg):
-                w0 = a8_load(wt, wi + 0)
-                wi += 8
-                x = a8_bcast(xp, b0 + o + c)
-                a0_0 = v8_xpa(a0_0, w0, x)
+    for s in range(nsteps):  # one step = one word of one tap
+        o = a_i64(soff, s)
+        w0 = a8_load(wt, wi + 0)
+        wi += 8
+        x = a8_bcast(xp, b0 + o)
+        a0_0 = v8_xpa(a0_0, w0, x)
     if direct == 1:
         ob = a_i64(obases, 0)
         a8_store_acc_i32(out, ob + 0, a0_0, k)
@@ -1405,32 +713,21 @@ def _t1x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
 
 
 @njit(cache=True)
-def _t2x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+def _t2x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
         k, direct, out_bits, dirn, thr, o0, shift):
     b0 = a_i64(bases, 0)
     b1 = a_i64(bases, 1)
     a0_0 = v8_zero()
     a1_0 = v8_zero()
     wi = wbase
-    if wg == 1:
-        for t in range(ntaps):
-            o = a_i64(toff, t)
-            w0 = a8_load(wt, wi + 0)
-            wi += 8
-            x = a8_bcast(xp, b0 + o)
-            a0_0 = v8_xpa(a0_0, w0, x)
-            x = a8_bcast(xp, b1 + o)
-            a1_0 = v8_xpa(a1_0, w0, x)
-    else:
-        for t in range(ntaps):
-            o = a_i64(toff, t)
-            for c in range(wg):
-                w0 = a8_load(wt, wi + 0)
-                wi += 8
-                x = a8_bcast(xp, b0 + o + c)
-                a0_0 = v8_xpa(a0_0, w0, x)
-                x = a8_bcast(xp, b1 + o + c)
-                a1_0 = v8_xpa(a1_0, w0, x)
+    for s in range(nsteps):  # one step = one word of one tap
+        o = a_i64(soff, s)
+        w0 = a8_load(wt, wi + 0)
+        wi += 8
+        x = a8_bcast(xp, b0 + o)
+        a0_0 = v8_xpa(a0_0, w0, x)
+        x = a8_bcast(xp, b1 + o)
+        a1_0 = v8_xpa(a1_0, w0, x)
     if direct == 1:
         ob = a_i64(obases, 0)
         a8_store_acc_i32(out, ob + 0, a0_0, k)
@@ -1450,7 +747,7 @@ def _t2x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
 
 
 @njit(cache=True)
-def _t3x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+def _t3x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
         k, direct, out_bits, dirn, thr, o0, shift):
     b0 = a_i64(bases, 0)
     b1 = a_i64(bases, 1)
@@ -1459,29 +756,16 @@ def _t3x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
     a1_0 = v8_zero()
     a2_0 = v8_zero()
     wi = wbase
-    if wg == 1:
-        for t in range(ntaps):
-            o = a_i64(toff, t)
-            w0 = a8_load(wt, wi + 0)
-            wi += 8
-            x = a8_bcast(xp, b0 + o)
-            a0_0 = v8_xpa(a0_0, w0, x)
-            x = a8_bcast(xp, b1 + o)
-            a1_0 = v8_xpa(a1_0, w0, x)
-            x = a8_bcast(xp, b2 + o)
-            a2_0 = v8_xpa(a2_0, w0, x)
-    else:
-        for t in range(ntaps):
-            o = a_i64(toff, t)
-            for c in range(wg):
-                w0 = a8_load(wt, wi + 0)
-                wi += 8
-                x = a8_bcast(xp, b0 + o + c)
-                a0_0 = v8_xpa(a0_0, w0, x)
-                x = a8_bcast(xp, b1 + o + c)
-                a1_0 = v8_xpa(a1_0, w0, x)
-                x = a8_bcast(xp, b2 + o + c)
-                a2_0 = v8_xpa(a2_0, w0, x)
+    for s in range(nsteps):  # one step = one word of one tap
+        o = a_i64(soff, s)
+        w0 = a8_load(wt, wi + 0)
+        wi += 8
+        x = a8_bcast(xp, b0 + o)
+        a0_0 = v8_xpa(a0_0, w0, x)
+        x = a8_bcast(xp, b1 + o)
+        a1_0 = v8_xpa(a1_0, w0, x)
+        x = a8_bcast(xp, b2 + o)
+        a2_0 = v8_xpa(a2_0, w0, x)
     if direct == 1:
         ob = a_i64(obases, 0)
         a8_store_acc_i32(out, ob + 0, a0_0, k)
@@ -1506,7 +790,7 @@ def _t3x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
 
 
 @njit(cache=True)
-def _t4x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+def _t4x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
         k, direct, out_bits, dirn, thr, o0, shift):
     b0 = a_i64(bases, 0)
     b1 = a_i64(bases, 1)
@@ -1517,33 +801,18 @@ def _t4x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
     a2_0 = v8_zero()
     a3_0 = v8_zero()
     wi = wbase
-    if wg == 1:
-        for t in range(ntaps):
-            o = a_i64(toff, t)
-            w0 = a8_load(wt, wi + 0)
-            wi += 8
-            x = a8_bcast(xp, b0 + o)
-            a0_0 = v8_xpa(a0_0, w0, x)
-            x = a8_bcast(xp, b1 + o)
-            a1_0 = v8_xpa(a1_0, w0, x)
-            x = a8_bcast(xp, b2 + o)
-            a2_0 = v8_xpa(a2_0, w0, x)
-            x = a8_bcast(xp, b3 + o)
-            a3_0 = v8_xpa(a3_0, w0, x)
-    else:
-        for t in range(ntaps):
-            o = a_i64(toff, t)
-            for c in range(wg):
-                w0 = a8_load(wt, wi + 0)
-                wi += 8
-                x = a8_bcast(xp, b0 + o + c)
-                a0_0 = v8_xpa(a0_0, w0, x)
-                x = a8_bcast(xp, b1 + o + c)
-                a1_0 = v8_xpa(a1_0, w0, x)
-                x = a8_bcast(xp, b2 + o + c)
-                a2_0 = v8_xpa(a2_0, w0, x)
-                x = a8_bcast(xp, b3 + o + c)
-                a3_0 = v8_xpa(a3_0, w0, x)
+    for s in range(nsteps):  # one step = one word of one tap
+        o = a_i64(soff, s)
+        w0 = a8_load(wt, wi + 0)
+        wi += 8
+        x = a8_bcast(xp, b0 + o)
+        a0_0 = v8_xpa(a0_0, w0, x)
+        x = a8_bcast(xp, b1 + o)
+        a1_0 = v8_xpa(a1_0, w0, x)
+        x = a8_bcast(xp, b2 + o)
+        a2_0 = v8_xpa(a2_0, w0, x)
+        x = a8_bcast(xp, b3 + o)
+        a3_0 = v8_xpa(a3_0, w0, x)
     if direct == 1:
         ob = a_i64(obases, 0)
         a8_store_acc_i32(out, ob + 0, a0_0, k)
@@ -1573,7 +842,7 @@ def _t4x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
 
 
 @njit(cache=True)
-def _t5x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+def _t5x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
         k, direct, out_bits, dirn, thr, o0, shift):
     b0 = a_i64(bases, 0)
     b1 = a_i64(bases, 1)
@@ -1586,37 +855,20 @@ def _t5x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
     a3_0 = v8_zero()
     a4_0 = v8_zero()
     wi = wbase
-    if wg == 1:
-        for t in range(ntaps):
-            o = a_i64(toff, t)
-            w0 = a8_load(wt, wi + 0)
-            wi += 8
-            x = a8_bcast(xp, b0 + o)
-            a0_0 = v8_xpa(a0_0, w0, x)
-            x = a8_bcast(xp, b1 + o)
-            a1_0 = v8_xpa(a1_0, w0, x)
-            x = a8_bcast(xp, b2 + o)
-            a2_0 = v8_xpa(a2_0, w0, x)
-            x = a8_bcast(xp, b3 + o)
-            a3_0 = v8_xpa(a3_0, w0, x)
-            x = a8_bcast(xp, b4 + o)
-            a4_0 = v8_xpa(a4_0, w0, x)
-    else:
-        for t in range(ntaps):
-            o = a_i64(toff, t)
-            for c in range(wg):
-                w0 = a8_load(wt, wi + 0)
-                wi += 8
-                x = a8_bcast(xp, b0 + o + c)
-                a0_0 = v8_xpa(a0_0, w0, x)
-                x = a8_bcast(xp, b1 + o + c)
-                a1_0 = v8_xpa(a1_0, w0, x)
-                x = a8_bcast(xp, b2 + o + c)
-                a2_0 = v8_xpa(a2_0, w0, x)
-                x = a8_bcast(xp, b3 + o + c)
-                a3_0 = v8_xpa(a3_0, w0, x)
-                x = a8_bcast(xp, b4 + o + c)
-                a4_0 = v8_xpa(a4_0, w0, x)
+    for s in range(nsteps):  # one step = one word of one tap
+        o = a_i64(soff, s)
+        w0 = a8_load(wt, wi + 0)
+        wi += 8
+        x = a8_bcast(xp, b0 + o)
+        a0_0 = v8_xpa(a0_0, w0, x)
+        x = a8_bcast(xp, b1 + o)
+        a1_0 = v8_xpa(a1_0, w0, x)
+        x = a8_bcast(xp, b2 + o)
+        a2_0 = v8_xpa(a2_0, w0, x)
+        x = a8_bcast(xp, b3 + o)
+        a3_0 = v8_xpa(a3_0, w0, x)
+        x = a8_bcast(xp, b4 + o)
+        a4_0 = v8_xpa(a4_0, w0, x)
     if direct == 1:
         ob = a_i64(obases, 0)
         a8_store_acc_i32(out, ob + 0, a0_0, k)
@@ -1651,7 +903,7 @@ def _t5x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
 
 
 @njit(cache=True)
-def _t6x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+def _t6x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
         k, direct, out_bits, dirn, thr, o0, shift):
     b0 = a_i64(bases, 0)
     b1 = a_i64(bases, 1)
@@ -1666,41 +918,22 @@ def _t6x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
     a4_0 = v8_zero()
     a5_0 = v8_zero()
     wi = wbase
-    if wg == 1:
-        for t in range(ntaps):
-            o = a_i64(toff, t)
-            w0 = a8_load(wt, wi + 0)
-            wi += 8
-            x = a8_bcast(xp, b0 + o)
-            a0_0 = v8_xpa(a0_0, w0, x)
-            x = a8_bcast(xp, b1 + o)
-            a1_0 = v8_xpa(a1_0, w0, x)
-            x = a8_bcast(xp, b2 + o)
-            a2_0 = v8_xpa(a2_0, w0, x)
-            x = a8_bcast(xp, b3 + o)
-            a3_0 = v8_xpa(a3_0, w0, x)
-            x = a8_bcast(xp, b4 + o)
-            a4_0 = v8_xpa(a4_0, w0, x)
-            x = a8_bcast(xp, b5 + o)
-            a5_0 = v8_xpa(a5_0, w0, x)
-    else:
-        for t in range(ntaps):
-            o = a_i64(toff, t)
-            for c in range(wg):
-                w0 = a8_load(wt, wi + 0)
-                wi += 8
-                x = a8_bcast(xp, b0 + o + c)
-                a0_0 = v8_xpa(a0_0, w0, x)
-                x = a8_bcast(xp, b1 + o + c)
-                a1_0 = v8_xpa(a1_0, w0, x)
-                x = a8_bcast(xp, b2 + o + c)
-                a2_0 = v8_xpa(a2_0, w0, x)
-                x = a8_bcast(xp, b3 + o + c)
-                a3_0 = v8_xpa(a3_0, w0, x)
-                x = a8_bcast(xp, b4 + o + c)
-                a4_0 = v8_xpa(a4_0, w0, x)
-                x = a8_bcast(xp, b5 + o + c)
-                a5_0 = v8_xpa(a5_0, w0, x)
+    for s in range(nsteps):  # one step = one word of one tap
+        o = a_i64(soff, s)
+        w0 = a8_load(wt, wi + 0)
+        wi += 8
+        x = a8_bcast(xp, b0 + o)
+        a0_0 = v8_xpa(a0_0, w0, x)
+        x = a8_bcast(xp, b1 + o)
+        a1_0 = v8_xpa(a1_0, w0, x)
+        x = a8_bcast(xp, b2 + o)
+        a2_0 = v8_xpa(a2_0, w0, x)
+        x = a8_bcast(xp, b3 + o)
+        a3_0 = v8_xpa(a3_0, w0, x)
+        x = a8_bcast(xp, b4 + o)
+        a4_0 = v8_xpa(a4_0, w0, x)
+        x = a8_bcast(xp, b5 + o)
+        a5_0 = v8_xpa(a5_0, w0, x)
     if direct == 1:
         ob = a_i64(obases, 0)
         a8_store_acc_i32(out, ob + 0, a0_0, k)
@@ -1740,69 +973,46 @@ def _t6x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
 
 
 @njit(cache=True)
-def tile_nv4(m, xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+def tile_nv4(m, xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
         k, direct, out_bits, dirn, thr, o0, shift):
     if m == 6:
-        _t6x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+        _t6x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
                 k, direct, out_bits, dirn, thr, o0, shift)
     elif m == 5:
-        _t5x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+        _t5x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
                 k, direct, out_bits, dirn, thr, o0, shift)
     elif m == 4:
-        _t4x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+        _t4x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
                 k, direct, out_bits, dirn, thr, o0, shift)
     elif m == 3:
-        _t3x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+        _t3x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
                 k, direct, out_bits, dirn, thr, o0, shift)
     elif m == 2:
-        _t2x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+        _t2x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
                 k, direct, out_bits, dirn, thr, o0, shift)
     elif m == 1:
-        _t1x4(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+        _t1x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
                 k, direct, out_bits, dirn, thr, o0, shift)
 
 
 @njit(cache=True)
-def tile_nv2(m, xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+def tile_nv1(m, xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
         k, direct, out_bits, dirn, thr, o0, shift):
     if m == 6:
-        _t6x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+        _t6x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
                 k, direct, out_bits, dirn, thr, o0, shift)
     elif m == 5:
-        _t5x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+        _t5x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
                 k, direct, out_bits, dirn, thr, o0, shift)
     elif m == 4:
-        _t4x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+        _t4x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
                 k, direct, out_bits, dirn, thr, o0, shift)
     elif m == 3:
-        _t3x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+        _t3x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
                 k, direct, out_bits, dirn, thr, o0, shift)
     elif m == 2:
-        _t2x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+        _t2x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
                 k, direct, out_bits, dirn, thr, o0, shift)
     elif m == 1:
-        _t1x2(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
-                k, direct, out_bits, dirn, thr, o0, shift)
-
-
-@njit(cache=True)
-def tile_nv1(m, xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
-        k, direct, out_bits, dirn, thr, o0, shift):
-    if m == 6:
-        _t6x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
-                k, direct, out_bits, dirn, thr, o0, shift)
-    elif m == 5:
-        _t5x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
-                k, direct, out_bits, dirn, thr, o0, shift)
-    elif m == 4:
-        _t4x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
-                k, direct, out_bits, dirn, thr, o0, shift)
-    elif m == 3:
-        _t3x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
-                k, direct, out_bits, dirn, thr, o0, shift)
-    elif m == 2:
-        _t2x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
-                k, direct, out_bits, dirn, thr, o0, shift)
-    elif m == 1:
-        _t1x1(xp, bases, wt, wbase, toff, ntaps, wg, acc, out, obases,
+        _t1x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
                 k, direct, out_bits, dirn, thr, o0, shift)

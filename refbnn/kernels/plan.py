@@ -261,7 +261,7 @@ class BConv2DPlan:
         o, kh, kw, wg = w.shape
         g = self.groups
         og = o // g
-        nv = 4 if og > 16 else 2 if og > 8 else 1
+        nv = 4 if og > 8 else 1
         lanes = 8 * nv
         t = -(-og // lanes)
         ntaps = kh * kw
@@ -274,8 +274,9 @@ class BConv2DPlan:
         wp = self.padded_hw[1]
         dh, dw = self.dilation
         cw = g * wg
-        self._toff = np.array([(a * dh * wp + b * dw) * cw for a in range(kh) for b in range(kw)],
-                              np.int64)
+        # one step per (tap, word): the micro-kernel walks them in the weight tiles' order
+        self._soff = np.array([(a * dh * wp + b * dw) * cw + c
+                               for a in range(kh) for b in range(kw) for c in range(wg)], np.int64)
         rows = self._oob(self.in_hw[0], self.out_hw[0], kh, self.stride[0], dh, self.pads[0])
         cols = self._oob(self.in_hw[1], self.out_hw[1], kw, self.stride[1], dw, self.pads[2])
         (self._rc, rkeys), (self._cc, ckeys) = rows, cols
@@ -406,7 +407,7 @@ class BConv2DPlan:
         if self.impl == "fast":
             hp, wp = self.padded_hw
             bconv_fast(xf, hp, wp, self.groups * self.wg, self._wt, self._nv, self.groups,
-                       self.wg, self._t, self._toff, self.k, n, oh, ow, o, *self.stride,
+                       self.wg, self._t, self._soff, self.k, n, oh, ow, o, *self.stride,
                        self._rc, self._cc, self._corr, self._ncc, self._has_corr,
                        mode, self._mul, self._bias, self._off, self._thr, self._dirn,
                        self._oword, self._obit, self._run8, out_i32, out_f32, out_bits,
