@@ -124,3 +124,22 @@ def test_two_binary_layers_chain_without_unpacking(impl):
     got = plan2.run_padded(buf)
     hidden = ref.threshold_output(ref.bconv2d(x, k1, 2, "same", 0), mul, bias)
     assert np.array_equal(got, ref.bconv2d(hidden, k2, 1, "same", 0))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("padding, pad_value", [("valid", 0), ("same", 1), ("same", 0)])
+def test_bits_output_whole_words_mixed_sign_multipliers(impl, padding, pad_value):
+    """64 channels in one word and interior tiles: the fast path's in-register threshold (popcount
+    domain, sign flip for negative multipliers), with thresholds inside [-K, K]."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 6, 7, 64)).astype(np.float32)
+    k = rng.standard_normal((3, 3, 64, 64)).astype(np.float32)
+    mul = rng.standard_normal(64).astype(np.float32)
+    bias = (rng.standard_normal(64) * 20).astype(np.float32)
+    for saz in (1, -1):
+        plan = refbnn.BConv2DPlan(refbnn.pack_kernel(k), 64, (6, 7), 1, padding, pad_value,
+                                  output="bits", multiplier=mul, bias=bias, sign_at_zero=saz,
+                                  impl=impl)
+        acc = ref.bconv2d(x, k, 1, padding, pad_value)
+        want = ref.pack(ref.threshold_output(acc, mul, bias, saz))
+        assert np.array_equal(plan(x), want)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 ARGS = ("xp, bases, wt, wbase, soff, nsteps, acc, out, obases,\n"
-        "        k, direct, out_bits, dirn, thr, o0, shift")
+        "        k, direct, out_bits, pcflip, pcthr, o0, shift")
 MR_MAX = 6  # output pixels per tile (rows of the register tile)
 NV_CHOICES = (4, 1)  # 8-lane vectors per tile: 32 or 8 output channels
 
@@ -32,7 +32,8 @@ machine words per call, an address one), indices count elements:
   ``acc[i * 8 * NV : (i + 1) * 8 * NV]``;
 * ``direct == 1``: ``out[obases[i] : obases[i] + 8 * NV] = int32(k - 2 * popcount)`` (int32);
 * ``direct == 2``: bit ``shift + l`` of ``out_bits[obases[i]]`` is set when
-  ``(k - 2 * popcount[l]) * dirn[o0 + l] < thr[o0 + l]`` (all 8*NV lanes in one word).
+  ``(popcount[l] ^ pcflip[o0 + l]) > pcthr[o0 + l]`` (the threshold in popcount terms, no border
+  correction; all 8*NV lanes in one word).
 """
 
 from numba import njit
@@ -44,7 +45,7 @@ from .simd import (
     a8_store_acc_i32,
     a_i64,
     a_or_u64,
-    v8_threshold_bits,
+    v8_pc_bits,
     v8_xpa,
     v8_zero,
 )
@@ -76,12 +77,10 @@ def _tile(m: int, nv: int) -> str:
             lines.append(f"        a8_store_acc_i32(out, ob + {8 * v}, a{i}_{v}, k)")
     lines.append("    elif direct == 2:")
     for v in range(nv):
-        lines.append(f"        d{v} = a8_load(dirn, o0 + {8 * v})")
-        lines.append(f"        t{v} = a8_load(thr, o0 + {8 * v})")
+        lines.append(f"        d{v} = a8_load(pcflip, o0 + {8 * v})")
+        lines.append(f"        t{v} = a8_load(pcthr, o0 + {8 * v})")
     for i in range(m):
-        terms = [f"(v8_threshold_bits(a{i}_{v}, k, z, d{v}, t{v}) << {8 * v})" for v in range(nv)]
-        if i == 0:
-            lines.append("        z = v8_zero()")
+        terms = [f"(v8_pc_bits(a{i}_{v}, d{v}, t{v}) << {8 * v})" for v in range(nv)]
         lines.append(f"        bits = {terms[0]}")
         for term in terms[1:]:
             lines.append(f"        bits |= {term}")

@@ -21,7 +21,8 @@ epilogue ``mode``:
 * 0 ``out_i32[p*O + o] = acc``
 * 1 ``out_f32[p*O + o] = float32(float32(acc) * mul[o]) + bias[o]`` (two roundings, no FMA)
 * 2 LCE: ``float32(float32(2 * ((K - acc) // 2)) * (-mul[o])) + off[o]``, ``off`` = LCE offset
-* 3 bits: bit ``obit[o]`` of word ``oword[o]`` of output pixel ``p`` is ``acc * dirn[o] < thr[o]``,
+* 3 bits: bit ``obit[o]`` of word ``oword[o]`` of output pixel ``p`` is ``acc * dirn[o] < thr[o]``
+  (in tiles without border pixels, equivalently ``(pc ^ pcflip[o]) > pcthr[o]``),
   written into a (possibly padded) ``uint64`` buffer ``out_bits`` of ``(N, OHp, OWp, OWords)``
   with the image at offset ``(opt, opl)``; the pixel's words are zeroed first. ``run8[o]`` is
   true when channels ``o .. o+7`` are consecutive bits of one word (one OR for eight bits).
@@ -39,14 +40,14 @@ MR = 6  # pixels per tile; bconv_tiles holds kernels for 1..MR
 
 # Numba's cache does not notice edits to imported kernels; this digest of simd.py, bconv_tiles.py
 # (tests/test_kernels_misc.py recomputes it) forces an edit here, hence a recompile.
-DEPS_DIGEST = "650e53178dc37ec5"
+DEPS_DIGEST = "f2119a1b8761233c"
 
 
 @njit(cache=True, parallel=True)
 def bconv_fast(xp, Hp, Wp, CW, wt, nv, G, Wg, T, soff, K,
                N, OH, OW, O, sh, sw,
                rc, cc, corr, ncc, has_corr,
-               mode, mul, bias, off, thr, dirn, oword, obit, run8,
+               mode, mul, bias, off, thr, dirn, pcflip, pcthr, oword, obit, run8,
                out_i32, out_f32, out_bits, OHp, OWp, OWords, opt, opl, nthreads):
     P = N * OH * OW
     ntiles = (P + MR - 1) // MR
@@ -58,7 +59,7 @@ def bconv_fast(xp, Hp, Wp, CW, wt, nv, G, Wg, T, soff, K,
     og = O // G
     wstep = nsteps * to
     a_xp, a_wt, a_soff, a_out = xp.ctypes.data, wt.ctypes.data, soff.ctypes.data, out_i32.ctypes.data
-    a_bits, a_dirn, a_thr = out_bits.ctypes.data, dirn.ctypes.data, thr.ctypes.data
+    a_bits, a_flip, a_pct = out_bits.ctypes.data, pcflip.ctypes.data, pcthr.ctypes.data
     for ch in prange(nchunks):
         acc = np.empty(MR * to, np.int64)
         bases = np.empty(MR, np.int64)
@@ -116,10 +117,10 @@ def bconv_fast(xp, Hp, Wp, CW, wt, nv, G, Wg, T, soff, K,
                         obases[i] = oidx[i] + (oword[o0] if direct == 2 else o0)
                     if nv == 4:
                         tile_nv4(m, a_xp, a_bases, a_wt, wbase, a_soff, nsteps, a_acc, a_out,
-                                 a_obases, K, direct, a_bits, a_dirn, a_thr, o0, shift)
+                                 a_obases, K, direct, a_bits, a_flip, a_pct, o0, shift)
                     else:
                         tile_nv1(m, a_xp, a_bases, a_wt, wbase, a_soff, nsteps, a_acc, a_out,
-                                 a_obases, K, direct, a_bits, a_dirn, a_thr, o0, shift)
+                                 a_obases, K, direct, a_bits, a_flip, a_pct, o0, shift)
                     # otherwise the epilogue reads the scratch popcounts: whole 8-lane groups as
                     # vectors (K - 2*pc + corr, then the output mode), the other lanes scalar
                     for i in range(m if direct == 0 else 0):

@@ -15,7 +15,8 @@ machine words per call, an address one), indices count elements:
   ``acc[i * 8 * NV : (i + 1) * 8 * NV]``;
 * ``direct == 1``: ``out[obases[i] : obases[i] + 8 * NV] = int32(k - 2 * popcount)`` (int32);
 * ``direct == 2``: bit ``shift + l`` of ``out_bits[obases[i]]`` is set when
-  ``(k - 2 * popcount[l]) * dirn[o0 + l] < thr[o0 + l]`` (all 8*NV lanes in one word).
+  ``(popcount[l] ^ pcflip[o0 + l]) > pcthr[o0 + l]`` (the threshold in popcount terms, no border
+  correction; all 8*NV lanes in one word).
 """
 
 from numba import njit
@@ -27,7 +28,7 @@ from .simd import (
     a8_store_acc_i32,
     a_i64,
     a_or_u64,
-    v8_threshold_bits,
+    v8_pc_bits,
     v8_xpa,
     v8_zero,
 )
@@ -35,7 +36,7 @@ from .simd import (
 
 @njit(cache=True)
 def _t1x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-        k, direct, out_bits, dirn, thr, o0, shift):
+        k, direct, out_bits, pcflip, pcthr, o0, shift):
     b0 = a_i64(bases, 0)
     a0_0 = v8_zero()
     a0_1 = v8_zero()
@@ -61,19 +62,18 @@ def _t1x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
         a8_store_acc_i32(out, ob + 16, a0_2, k)
         a8_store_acc_i32(out, ob + 24, a0_3, k)
     elif direct == 2:
-        d0 = a8_load(dirn, o0 + 0)
-        t0 = a8_load(thr, o0 + 0)
-        d1 = a8_load(dirn, o0 + 8)
-        t1 = a8_load(thr, o0 + 8)
-        d2 = a8_load(dirn, o0 + 16)
-        t2 = a8_load(thr, o0 + 16)
-        d3 = a8_load(dirn, o0 + 24)
-        t3 = a8_load(thr, o0 + 24)
-        z = v8_zero()
-        bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
-        bits |= (v8_threshold_bits(a0_1, k, z, d1, t1) << 8)
-        bits |= (v8_threshold_bits(a0_2, k, z, d2, t2) << 16)
-        bits |= (v8_threshold_bits(a0_3, k, z, d3, t3) << 24)
+        d0 = a8_load(pcflip, o0 + 0)
+        t0 = a8_load(pcthr, o0 + 0)
+        d1 = a8_load(pcflip, o0 + 8)
+        t1 = a8_load(pcthr, o0 + 8)
+        d2 = a8_load(pcflip, o0 + 16)
+        t2 = a8_load(pcthr, o0 + 16)
+        d3 = a8_load(pcflip, o0 + 24)
+        t3 = a8_load(pcthr, o0 + 24)
+        bits = (v8_pc_bits(a0_0, d0, t0) << 0)
+        bits |= (v8_pc_bits(a0_1, d1, t1) << 8)
+        bits |= (v8_pc_bits(a0_2, d2, t2) << 16)
+        bits |= (v8_pc_bits(a0_3, d3, t3) << 24)
         a_or_u64(out_bits, a_i64(obases, 0), bits << shift)
     else:
         a8_store(acc, 0, a0_0)
@@ -84,7 +84,7 @@ def _t1x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
 
 @njit(cache=True)
 def _t2x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-        k, direct, out_bits, dirn, thr, o0, shift):
+        k, direct, out_bits, pcflip, pcthr, o0, shift):
     b0 = a_i64(bases, 0)
     b1 = a_i64(bases, 1)
     a0_0 = v8_zero()
@@ -125,24 +125,23 @@ def _t2x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
         a8_store_acc_i32(out, ob + 16, a1_2, k)
         a8_store_acc_i32(out, ob + 24, a1_3, k)
     elif direct == 2:
-        d0 = a8_load(dirn, o0 + 0)
-        t0 = a8_load(thr, o0 + 0)
-        d1 = a8_load(dirn, o0 + 8)
-        t1 = a8_load(thr, o0 + 8)
-        d2 = a8_load(dirn, o0 + 16)
-        t2 = a8_load(thr, o0 + 16)
-        d3 = a8_load(dirn, o0 + 24)
-        t3 = a8_load(thr, o0 + 24)
-        z = v8_zero()
-        bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
-        bits |= (v8_threshold_bits(a0_1, k, z, d1, t1) << 8)
-        bits |= (v8_threshold_bits(a0_2, k, z, d2, t2) << 16)
-        bits |= (v8_threshold_bits(a0_3, k, z, d3, t3) << 24)
+        d0 = a8_load(pcflip, o0 + 0)
+        t0 = a8_load(pcthr, o0 + 0)
+        d1 = a8_load(pcflip, o0 + 8)
+        t1 = a8_load(pcthr, o0 + 8)
+        d2 = a8_load(pcflip, o0 + 16)
+        t2 = a8_load(pcthr, o0 + 16)
+        d3 = a8_load(pcflip, o0 + 24)
+        t3 = a8_load(pcthr, o0 + 24)
+        bits = (v8_pc_bits(a0_0, d0, t0) << 0)
+        bits |= (v8_pc_bits(a0_1, d1, t1) << 8)
+        bits |= (v8_pc_bits(a0_2, d2, t2) << 16)
+        bits |= (v8_pc_bits(a0_3, d3, t3) << 24)
         a_or_u64(out_bits, a_i64(obases, 0), bits << shift)
-        bits = (v8_threshold_bits(a1_0, k, z, d0, t0) << 0)
-        bits |= (v8_threshold_bits(a1_1, k, z, d1, t1) << 8)
-        bits |= (v8_threshold_bits(a1_2, k, z, d2, t2) << 16)
-        bits |= (v8_threshold_bits(a1_3, k, z, d3, t3) << 24)
+        bits = (v8_pc_bits(a1_0, d0, t0) << 0)
+        bits |= (v8_pc_bits(a1_1, d1, t1) << 8)
+        bits |= (v8_pc_bits(a1_2, d2, t2) << 16)
+        bits |= (v8_pc_bits(a1_3, d3, t3) << 24)
         a_or_u64(out_bits, a_i64(obases, 1), bits << shift)
     else:
         a8_store(acc, 0, a0_0)
@@ -157,7 +156,7 @@ def _t2x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
 
 @njit(cache=True)
 def _t3x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-        k, direct, out_bits, dirn, thr, o0, shift):
+        k, direct, out_bits, pcflip, pcthr, o0, shift):
     b0 = a_i64(bases, 0)
     b1 = a_i64(bases, 1)
     b2 = a_i64(bases, 2)
@@ -213,29 +212,28 @@ def _t3x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
         a8_store_acc_i32(out, ob + 16, a2_2, k)
         a8_store_acc_i32(out, ob + 24, a2_3, k)
     elif direct == 2:
-        d0 = a8_load(dirn, o0 + 0)
-        t0 = a8_load(thr, o0 + 0)
-        d1 = a8_load(dirn, o0 + 8)
-        t1 = a8_load(thr, o0 + 8)
-        d2 = a8_load(dirn, o0 + 16)
-        t2 = a8_load(thr, o0 + 16)
-        d3 = a8_load(dirn, o0 + 24)
-        t3 = a8_load(thr, o0 + 24)
-        z = v8_zero()
-        bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
-        bits |= (v8_threshold_bits(a0_1, k, z, d1, t1) << 8)
-        bits |= (v8_threshold_bits(a0_2, k, z, d2, t2) << 16)
-        bits |= (v8_threshold_bits(a0_3, k, z, d3, t3) << 24)
+        d0 = a8_load(pcflip, o0 + 0)
+        t0 = a8_load(pcthr, o0 + 0)
+        d1 = a8_load(pcflip, o0 + 8)
+        t1 = a8_load(pcthr, o0 + 8)
+        d2 = a8_load(pcflip, o0 + 16)
+        t2 = a8_load(pcthr, o0 + 16)
+        d3 = a8_load(pcflip, o0 + 24)
+        t3 = a8_load(pcthr, o0 + 24)
+        bits = (v8_pc_bits(a0_0, d0, t0) << 0)
+        bits |= (v8_pc_bits(a0_1, d1, t1) << 8)
+        bits |= (v8_pc_bits(a0_2, d2, t2) << 16)
+        bits |= (v8_pc_bits(a0_3, d3, t3) << 24)
         a_or_u64(out_bits, a_i64(obases, 0), bits << shift)
-        bits = (v8_threshold_bits(a1_0, k, z, d0, t0) << 0)
-        bits |= (v8_threshold_bits(a1_1, k, z, d1, t1) << 8)
-        bits |= (v8_threshold_bits(a1_2, k, z, d2, t2) << 16)
-        bits |= (v8_threshold_bits(a1_3, k, z, d3, t3) << 24)
+        bits = (v8_pc_bits(a1_0, d0, t0) << 0)
+        bits |= (v8_pc_bits(a1_1, d1, t1) << 8)
+        bits |= (v8_pc_bits(a1_2, d2, t2) << 16)
+        bits |= (v8_pc_bits(a1_3, d3, t3) << 24)
         a_or_u64(out_bits, a_i64(obases, 1), bits << shift)
-        bits = (v8_threshold_bits(a2_0, k, z, d0, t0) << 0)
-        bits |= (v8_threshold_bits(a2_1, k, z, d1, t1) << 8)
-        bits |= (v8_threshold_bits(a2_2, k, z, d2, t2) << 16)
-        bits |= (v8_threshold_bits(a2_3, k, z, d3, t3) << 24)
+        bits = (v8_pc_bits(a2_0, d0, t0) << 0)
+        bits |= (v8_pc_bits(a2_1, d1, t1) << 8)
+        bits |= (v8_pc_bits(a2_2, d2, t2) << 16)
+        bits |= (v8_pc_bits(a2_3, d3, t3) << 24)
         a_or_u64(out_bits, a_i64(obases, 2), bits << shift)
     else:
         a8_store(acc, 0, a0_0)
@@ -254,7 +252,7 @@ def _t3x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
 
 @njit(cache=True)
 def _t4x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-        k, direct, out_bits, dirn, thr, o0, shift):
+        k, direct, out_bits, pcflip, pcthr, o0, shift):
     b0 = a_i64(bases, 0)
     b1 = a_i64(bases, 1)
     b2 = a_i64(bases, 2)
@@ -325,34 +323,33 @@ def _t4x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
         a8_store_acc_i32(out, ob + 16, a3_2, k)
         a8_store_acc_i32(out, ob + 24, a3_3, k)
     elif direct == 2:
-        d0 = a8_load(dirn, o0 + 0)
-        t0 = a8_load(thr, o0 + 0)
-        d1 = a8_load(dirn, o0 + 8)
-        t1 = a8_load(thr, o0 + 8)
-        d2 = a8_load(dirn, o0 + 16)
-        t2 = a8_load(thr, o0 + 16)
-        d3 = a8_load(dirn, o0 + 24)
-        t3 = a8_load(thr, o0 + 24)
-        z = v8_zero()
-        bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
-        bits |= (v8_threshold_bits(a0_1, k, z, d1, t1) << 8)
-        bits |= (v8_threshold_bits(a0_2, k, z, d2, t2) << 16)
-        bits |= (v8_threshold_bits(a0_3, k, z, d3, t3) << 24)
+        d0 = a8_load(pcflip, o0 + 0)
+        t0 = a8_load(pcthr, o0 + 0)
+        d1 = a8_load(pcflip, o0 + 8)
+        t1 = a8_load(pcthr, o0 + 8)
+        d2 = a8_load(pcflip, o0 + 16)
+        t2 = a8_load(pcthr, o0 + 16)
+        d3 = a8_load(pcflip, o0 + 24)
+        t3 = a8_load(pcthr, o0 + 24)
+        bits = (v8_pc_bits(a0_0, d0, t0) << 0)
+        bits |= (v8_pc_bits(a0_1, d1, t1) << 8)
+        bits |= (v8_pc_bits(a0_2, d2, t2) << 16)
+        bits |= (v8_pc_bits(a0_3, d3, t3) << 24)
         a_or_u64(out_bits, a_i64(obases, 0), bits << shift)
-        bits = (v8_threshold_bits(a1_0, k, z, d0, t0) << 0)
-        bits |= (v8_threshold_bits(a1_1, k, z, d1, t1) << 8)
-        bits |= (v8_threshold_bits(a1_2, k, z, d2, t2) << 16)
-        bits |= (v8_threshold_bits(a1_3, k, z, d3, t3) << 24)
+        bits = (v8_pc_bits(a1_0, d0, t0) << 0)
+        bits |= (v8_pc_bits(a1_1, d1, t1) << 8)
+        bits |= (v8_pc_bits(a1_2, d2, t2) << 16)
+        bits |= (v8_pc_bits(a1_3, d3, t3) << 24)
         a_or_u64(out_bits, a_i64(obases, 1), bits << shift)
-        bits = (v8_threshold_bits(a2_0, k, z, d0, t0) << 0)
-        bits |= (v8_threshold_bits(a2_1, k, z, d1, t1) << 8)
-        bits |= (v8_threshold_bits(a2_2, k, z, d2, t2) << 16)
-        bits |= (v8_threshold_bits(a2_3, k, z, d3, t3) << 24)
+        bits = (v8_pc_bits(a2_0, d0, t0) << 0)
+        bits |= (v8_pc_bits(a2_1, d1, t1) << 8)
+        bits |= (v8_pc_bits(a2_2, d2, t2) << 16)
+        bits |= (v8_pc_bits(a2_3, d3, t3) << 24)
         a_or_u64(out_bits, a_i64(obases, 2), bits << shift)
-        bits = (v8_threshold_bits(a3_0, k, z, d0, t0) << 0)
-        bits |= (v8_threshold_bits(a3_1, k, z, d1, t1) << 8)
-        bits |= (v8_threshold_bits(a3_2, k, z, d2, t2) << 16)
-        bits |= (v8_threshold_bits(a3_3, k, z, d3, t3) << 24)
+        bits = (v8_pc_bits(a3_0, d0, t0) << 0)
+        bits |= (v8_pc_bits(a3_1, d1, t1) << 8)
+        bits |= (v8_pc_bits(a3_2, d2, t2) << 16)
+        bits |= (v8_pc_bits(a3_3, d3, t3) << 24)
         a_or_u64(out_bits, a_i64(obases, 3), bits << shift)
     else:
         a8_store(acc, 0, a0_0)
@@ -375,7 +372,7 @@ def _t4x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
 
 @njit(cache=True)
 def _t5x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-        k, direct, out_bits, dirn, thr, o0, shift):
+        k, direct, out_bits, pcflip, pcthr, o0, shift):
     b0 = a_i64(bases, 0)
     b1 = a_i64(bases, 1)
     b2 = a_i64(bases, 2)
@@ -461,39 +458,38 @@ def _t5x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
         a8_store_acc_i32(out, ob + 16, a4_2, k)
         a8_store_acc_i32(out, ob + 24, a4_3, k)
     elif direct == 2:
-        d0 = a8_load(dirn, o0 + 0)
-        t0 = a8_load(thr, o0 + 0)
-        d1 = a8_load(dirn, o0 + 8)
-        t1 = a8_load(thr, o0 + 8)
-        d2 = a8_load(dirn, o0 + 16)
-        t2 = a8_load(thr, o0 + 16)
-        d3 = a8_load(dirn, o0 + 24)
-        t3 = a8_load(thr, o0 + 24)
-        z = v8_zero()
-        bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
-        bits |= (v8_threshold_bits(a0_1, k, z, d1, t1) << 8)
-        bits |= (v8_threshold_bits(a0_2, k, z, d2, t2) << 16)
-        bits |= (v8_threshold_bits(a0_3, k, z, d3, t3) << 24)
+        d0 = a8_load(pcflip, o0 + 0)
+        t0 = a8_load(pcthr, o0 + 0)
+        d1 = a8_load(pcflip, o0 + 8)
+        t1 = a8_load(pcthr, o0 + 8)
+        d2 = a8_load(pcflip, o0 + 16)
+        t2 = a8_load(pcthr, o0 + 16)
+        d3 = a8_load(pcflip, o0 + 24)
+        t3 = a8_load(pcthr, o0 + 24)
+        bits = (v8_pc_bits(a0_0, d0, t0) << 0)
+        bits |= (v8_pc_bits(a0_1, d1, t1) << 8)
+        bits |= (v8_pc_bits(a0_2, d2, t2) << 16)
+        bits |= (v8_pc_bits(a0_3, d3, t3) << 24)
         a_or_u64(out_bits, a_i64(obases, 0), bits << shift)
-        bits = (v8_threshold_bits(a1_0, k, z, d0, t0) << 0)
-        bits |= (v8_threshold_bits(a1_1, k, z, d1, t1) << 8)
-        bits |= (v8_threshold_bits(a1_2, k, z, d2, t2) << 16)
-        bits |= (v8_threshold_bits(a1_3, k, z, d3, t3) << 24)
+        bits = (v8_pc_bits(a1_0, d0, t0) << 0)
+        bits |= (v8_pc_bits(a1_1, d1, t1) << 8)
+        bits |= (v8_pc_bits(a1_2, d2, t2) << 16)
+        bits |= (v8_pc_bits(a1_3, d3, t3) << 24)
         a_or_u64(out_bits, a_i64(obases, 1), bits << shift)
-        bits = (v8_threshold_bits(a2_0, k, z, d0, t0) << 0)
-        bits |= (v8_threshold_bits(a2_1, k, z, d1, t1) << 8)
-        bits |= (v8_threshold_bits(a2_2, k, z, d2, t2) << 16)
-        bits |= (v8_threshold_bits(a2_3, k, z, d3, t3) << 24)
+        bits = (v8_pc_bits(a2_0, d0, t0) << 0)
+        bits |= (v8_pc_bits(a2_1, d1, t1) << 8)
+        bits |= (v8_pc_bits(a2_2, d2, t2) << 16)
+        bits |= (v8_pc_bits(a2_3, d3, t3) << 24)
         a_or_u64(out_bits, a_i64(obases, 2), bits << shift)
-        bits = (v8_threshold_bits(a3_0, k, z, d0, t0) << 0)
-        bits |= (v8_threshold_bits(a3_1, k, z, d1, t1) << 8)
-        bits |= (v8_threshold_bits(a3_2, k, z, d2, t2) << 16)
-        bits |= (v8_threshold_bits(a3_3, k, z, d3, t3) << 24)
+        bits = (v8_pc_bits(a3_0, d0, t0) << 0)
+        bits |= (v8_pc_bits(a3_1, d1, t1) << 8)
+        bits |= (v8_pc_bits(a3_2, d2, t2) << 16)
+        bits |= (v8_pc_bits(a3_3, d3, t3) << 24)
         a_or_u64(out_bits, a_i64(obases, 3), bits << shift)
-        bits = (v8_threshold_bits(a4_0, k, z, d0, t0) << 0)
-        bits |= (v8_threshold_bits(a4_1, k, z, d1, t1) << 8)
-        bits |= (v8_threshold_bits(a4_2, k, z, d2, t2) << 16)
-        bits |= (v8_threshold_bits(a4_3, k, z, d3, t3) << 24)
+        bits = (v8_pc_bits(a4_0, d0, t0) << 0)
+        bits |= (v8_pc_bits(a4_1, d1, t1) << 8)
+        bits |= (v8_pc_bits(a4_2, d2, t2) << 16)
+        bits |= (v8_pc_bits(a4_3, d3, t3) << 24)
         a_or_u64(out_bits, a_i64(obases, 4), bits << shift)
     else:
         a8_store(acc, 0, a0_0)
@@ -520,7 +516,7 @@ def _t5x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
 
 @njit(cache=True)
 def _t6x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-        k, direct, out_bits, dirn, thr, o0, shift):
+        k, direct, out_bits, pcflip, pcthr, o0, shift):
     b0 = a_i64(bases, 0)
     b1 = a_i64(bases, 1)
     b2 = a_i64(bases, 2)
@@ -621,44 +617,43 @@ def _t6x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
         a8_store_acc_i32(out, ob + 16, a5_2, k)
         a8_store_acc_i32(out, ob + 24, a5_3, k)
     elif direct == 2:
-        d0 = a8_load(dirn, o0 + 0)
-        t0 = a8_load(thr, o0 + 0)
-        d1 = a8_load(dirn, o0 + 8)
-        t1 = a8_load(thr, o0 + 8)
-        d2 = a8_load(dirn, o0 + 16)
-        t2 = a8_load(thr, o0 + 16)
-        d3 = a8_load(dirn, o0 + 24)
-        t3 = a8_load(thr, o0 + 24)
-        z = v8_zero()
-        bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
-        bits |= (v8_threshold_bits(a0_1, k, z, d1, t1) << 8)
-        bits |= (v8_threshold_bits(a0_2, k, z, d2, t2) << 16)
-        bits |= (v8_threshold_bits(a0_3, k, z, d3, t3) << 24)
+        d0 = a8_load(pcflip, o0 + 0)
+        t0 = a8_load(pcthr, o0 + 0)
+        d1 = a8_load(pcflip, o0 + 8)
+        t1 = a8_load(pcthr, o0 + 8)
+        d2 = a8_load(pcflip, o0 + 16)
+        t2 = a8_load(pcthr, o0 + 16)
+        d3 = a8_load(pcflip, o0 + 24)
+        t3 = a8_load(pcthr, o0 + 24)
+        bits = (v8_pc_bits(a0_0, d0, t0) << 0)
+        bits |= (v8_pc_bits(a0_1, d1, t1) << 8)
+        bits |= (v8_pc_bits(a0_2, d2, t2) << 16)
+        bits |= (v8_pc_bits(a0_3, d3, t3) << 24)
         a_or_u64(out_bits, a_i64(obases, 0), bits << shift)
-        bits = (v8_threshold_bits(a1_0, k, z, d0, t0) << 0)
-        bits |= (v8_threshold_bits(a1_1, k, z, d1, t1) << 8)
-        bits |= (v8_threshold_bits(a1_2, k, z, d2, t2) << 16)
-        bits |= (v8_threshold_bits(a1_3, k, z, d3, t3) << 24)
+        bits = (v8_pc_bits(a1_0, d0, t0) << 0)
+        bits |= (v8_pc_bits(a1_1, d1, t1) << 8)
+        bits |= (v8_pc_bits(a1_2, d2, t2) << 16)
+        bits |= (v8_pc_bits(a1_3, d3, t3) << 24)
         a_or_u64(out_bits, a_i64(obases, 1), bits << shift)
-        bits = (v8_threshold_bits(a2_0, k, z, d0, t0) << 0)
-        bits |= (v8_threshold_bits(a2_1, k, z, d1, t1) << 8)
-        bits |= (v8_threshold_bits(a2_2, k, z, d2, t2) << 16)
-        bits |= (v8_threshold_bits(a2_3, k, z, d3, t3) << 24)
+        bits = (v8_pc_bits(a2_0, d0, t0) << 0)
+        bits |= (v8_pc_bits(a2_1, d1, t1) << 8)
+        bits |= (v8_pc_bits(a2_2, d2, t2) << 16)
+        bits |= (v8_pc_bits(a2_3, d3, t3) << 24)
         a_or_u64(out_bits, a_i64(obases, 2), bits << shift)
-        bits = (v8_threshold_bits(a3_0, k, z, d0, t0) << 0)
-        bits |= (v8_threshold_bits(a3_1, k, z, d1, t1) << 8)
-        bits |= (v8_threshold_bits(a3_2, k, z, d2, t2) << 16)
-        bits |= (v8_threshold_bits(a3_3, k, z, d3, t3) << 24)
+        bits = (v8_pc_bits(a3_0, d0, t0) << 0)
+        bits |= (v8_pc_bits(a3_1, d1, t1) << 8)
+        bits |= (v8_pc_bits(a3_2, d2, t2) << 16)
+        bits |= (v8_pc_bits(a3_3, d3, t3) << 24)
         a_or_u64(out_bits, a_i64(obases, 3), bits << shift)
-        bits = (v8_threshold_bits(a4_0, k, z, d0, t0) << 0)
-        bits |= (v8_threshold_bits(a4_1, k, z, d1, t1) << 8)
-        bits |= (v8_threshold_bits(a4_2, k, z, d2, t2) << 16)
-        bits |= (v8_threshold_bits(a4_3, k, z, d3, t3) << 24)
+        bits = (v8_pc_bits(a4_0, d0, t0) << 0)
+        bits |= (v8_pc_bits(a4_1, d1, t1) << 8)
+        bits |= (v8_pc_bits(a4_2, d2, t2) << 16)
+        bits |= (v8_pc_bits(a4_3, d3, t3) << 24)
         a_or_u64(out_bits, a_i64(obases, 4), bits << shift)
-        bits = (v8_threshold_bits(a5_0, k, z, d0, t0) << 0)
-        bits |= (v8_threshold_bits(a5_1, k, z, d1, t1) << 8)
-        bits |= (v8_threshold_bits(a5_2, k, z, d2, t2) << 16)
-        bits |= (v8_threshold_bits(a5_3, k, z, d3, t3) << 24)
+        bits = (v8_pc_bits(a5_0, d0, t0) << 0)
+        bits |= (v8_pc_bits(a5_1, d1, t1) << 8)
+        bits |= (v8_pc_bits(a5_2, d2, t2) << 16)
+        bits |= (v8_pc_bits(a5_3, d3, t3) << 24)
         a_or_u64(out_bits, a_i64(obases, 5), bits << shift)
     else:
         a8_store(acc, 0, a0_0)
@@ -689,7 +684,7 @@ def _t6x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
 
 @njit(cache=True)
 def _t1x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-        k, direct, out_bits, dirn, thr, o0, shift):
+        k, direct, out_bits, pcflip, pcthr, o0, shift):
     b0 = a_i64(bases, 0)
     a0_0 = v8_zero()
     wi = wbase
@@ -703,10 +698,9 @@ def _t1x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
         ob = a_i64(obases, 0)
         a8_store_acc_i32(out, ob + 0, a0_0, k)
     elif direct == 2:
-        d0 = a8_load(dirn, o0 + 0)
-        t0 = a8_load(thr, o0 + 0)
-        z = v8_zero()
-        bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
+        d0 = a8_load(pcflip, o0 + 0)
+        t0 = a8_load(pcthr, o0 + 0)
+        bits = (v8_pc_bits(a0_0, d0, t0) << 0)
         a_or_u64(out_bits, a_i64(obases, 0), bits << shift)
     else:
         a8_store(acc, 0, a0_0)
@@ -714,7 +708,7 @@ def _t1x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
 
 @njit(cache=True)
 def _t2x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-        k, direct, out_bits, dirn, thr, o0, shift):
+        k, direct, out_bits, pcflip, pcthr, o0, shift):
     b0 = a_i64(bases, 0)
     b1 = a_i64(bases, 1)
     a0_0 = v8_zero()
@@ -734,12 +728,11 @@ def _t2x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
         ob = a_i64(obases, 1)
         a8_store_acc_i32(out, ob + 0, a1_0, k)
     elif direct == 2:
-        d0 = a8_load(dirn, o0 + 0)
-        t0 = a8_load(thr, o0 + 0)
-        z = v8_zero()
-        bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
+        d0 = a8_load(pcflip, o0 + 0)
+        t0 = a8_load(pcthr, o0 + 0)
+        bits = (v8_pc_bits(a0_0, d0, t0) << 0)
         a_or_u64(out_bits, a_i64(obases, 0), bits << shift)
-        bits = (v8_threshold_bits(a1_0, k, z, d0, t0) << 0)
+        bits = (v8_pc_bits(a1_0, d0, t0) << 0)
         a_or_u64(out_bits, a_i64(obases, 1), bits << shift)
     else:
         a8_store(acc, 0, a0_0)
@@ -748,7 +741,7 @@ def _t2x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
 
 @njit(cache=True)
 def _t3x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-        k, direct, out_bits, dirn, thr, o0, shift):
+        k, direct, out_bits, pcflip, pcthr, o0, shift):
     b0 = a_i64(bases, 0)
     b1 = a_i64(bases, 1)
     b2 = a_i64(bases, 2)
@@ -774,14 +767,13 @@ def _t3x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
         ob = a_i64(obases, 2)
         a8_store_acc_i32(out, ob + 0, a2_0, k)
     elif direct == 2:
-        d0 = a8_load(dirn, o0 + 0)
-        t0 = a8_load(thr, o0 + 0)
-        z = v8_zero()
-        bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
+        d0 = a8_load(pcflip, o0 + 0)
+        t0 = a8_load(pcthr, o0 + 0)
+        bits = (v8_pc_bits(a0_0, d0, t0) << 0)
         a_or_u64(out_bits, a_i64(obases, 0), bits << shift)
-        bits = (v8_threshold_bits(a1_0, k, z, d0, t0) << 0)
+        bits = (v8_pc_bits(a1_0, d0, t0) << 0)
         a_or_u64(out_bits, a_i64(obases, 1), bits << shift)
-        bits = (v8_threshold_bits(a2_0, k, z, d0, t0) << 0)
+        bits = (v8_pc_bits(a2_0, d0, t0) << 0)
         a_or_u64(out_bits, a_i64(obases, 2), bits << shift)
     else:
         a8_store(acc, 0, a0_0)
@@ -791,7 +783,7 @@ def _t3x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
 
 @njit(cache=True)
 def _t4x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-        k, direct, out_bits, dirn, thr, o0, shift):
+        k, direct, out_bits, pcflip, pcthr, o0, shift):
     b0 = a_i64(bases, 0)
     b1 = a_i64(bases, 1)
     b2 = a_i64(bases, 2)
@@ -823,16 +815,15 @@ def _t4x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
         ob = a_i64(obases, 3)
         a8_store_acc_i32(out, ob + 0, a3_0, k)
     elif direct == 2:
-        d0 = a8_load(dirn, o0 + 0)
-        t0 = a8_load(thr, o0 + 0)
-        z = v8_zero()
-        bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
+        d0 = a8_load(pcflip, o0 + 0)
+        t0 = a8_load(pcthr, o0 + 0)
+        bits = (v8_pc_bits(a0_0, d0, t0) << 0)
         a_or_u64(out_bits, a_i64(obases, 0), bits << shift)
-        bits = (v8_threshold_bits(a1_0, k, z, d0, t0) << 0)
+        bits = (v8_pc_bits(a1_0, d0, t0) << 0)
         a_or_u64(out_bits, a_i64(obases, 1), bits << shift)
-        bits = (v8_threshold_bits(a2_0, k, z, d0, t0) << 0)
+        bits = (v8_pc_bits(a2_0, d0, t0) << 0)
         a_or_u64(out_bits, a_i64(obases, 2), bits << shift)
-        bits = (v8_threshold_bits(a3_0, k, z, d0, t0) << 0)
+        bits = (v8_pc_bits(a3_0, d0, t0) << 0)
         a_or_u64(out_bits, a_i64(obases, 3), bits << shift)
     else:
         a8_store(acc, 0, a0_0)
@@ -843,7 +834,7 @@ def _t4x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
 
 @njit(cache=True)
 def _t5x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-        k, direct, out_bits, dirn, thr, o0, shift):
+        k, direct, out_bits, pcflip, pcthr, o0, shift):
     b0 = a_i64(bases, 0)
     b1 = a_i64(bases, 1)
     b2 = a_i64(bases, 2)
@@ -881,18 +872,17 @@ def _t5x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
         ob = a_i64(obases, 4)
         a8_store_acc_i32(out, ob + 0, a4_0, k)
     elif direct == 2:
-        d0 = a8_load(dirn, o0 + 0)
-        t0 = a8_load(thr, o0 + 0)
-        z = v8_zero()
-        bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
+        d0 = a8_load(pcflip, o0 + 0)
+        t0 = a8_load(pcthr, o0 + 0)
+        bits = (v8_pc_bits(a0_0, d0, t0) << 0)
         a_or_u64(out_bits, a_i64(obases, 0), bits << shift)
-        bits = (v8_threshold_bits(a1_0, k, z, d0, t0) << 0)
+        bits = (v8_pc_bits(a1_0, d0, t0) << 0)
         a_or_u64(out_bits, a_i64(obases, 1), bits << shift)
-        bits = (v8_threshold_bits(a2_0, k, z, d0, t0) << 0)
+        bits = (v8_pc_bits(a2_0, d0, t0) << 0)
         a_or_u64(out_bits, a_i64(obases, 2), bits << shift)
-        bits = (v8_threshold_bits(a3_0, k, z, d0, t0) << 0)
+        bits = (v8_pc_bits(a3_0, d0, t0) << 0)
         a_or_u64(out_bits, a_i64(obases, 3), bits << shift)
-        bits = (v8_threshold_bits(a4_0, k, z, d0, t0) << 0)
+        bits = (v8_pc_bits(a4_0, d0, t0) << 0)
         a_or_u64(out_bits, a_i64(obases, 4), bits << shift)
     else:
         a8_store(acc, 0, a0_0)
@@ -904,7 +894,7 @@ def _t5x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
 
 @njit(cache=True)
 def _t6x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-        k, direct, out_bits, dirn, thr, o0, shift):
+        k, direct, out_bits, pcflip, pcthr, o0, shift):
     b0 = a_i64(bases, 0)
     b1 = a_i64(bases, 1)
     b2 = a_i64(bases, 2)
@@ -948,20 +938,19 @@ def _t6x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
         ob = a_i64(obases, 5)
         a8_store_acc_i32(out, ob + 0, a5_0, k)
     elif direct == 2:
-        d0 = a8_load(dirn, o0 + 0)
-        t0 = a8_load(thr, o0 + 0)
-        z = v8_zero()
-        bits = (v8_threshold_bits(a0_0, k, z, d0, t0) << 0)
+        d0 = a8_load(pcflip, o0 + 0)
+        t0 = a8_load(pcthr, o0 + 0)
+        bits = (v8_pc_bits(a0_0, d0, t0) << 0)
         a_or_u64(out_bits, a_i64(obases, 0), bits << shift)
-        bits = (v8_threshold_bits(a1_0, k, z, d0, t0) << 0)
+        bits = (v8_pc_bits(a1_0, d0, t0) << 0)
         a_or_u64(out_bits, a_i64(obases, 1), bits << shift)
-        bits = (v8_threshold_bits(a2_0, k, z, d0, t0) << 0)
+        bits = (v8_pc_bits(a2_0, d0, t0) << 0)
         a_or_u64(out_bits, a_i64(obases, 2), bits << shift)
-        bits = (v8_threshold_bits(a3_0, k, z, d0, t0) << 0)
+        bits = (v8_pc_bits(a3_0, d0, t0) << 0)
         a_or_u64(out_bits, a_i64(obases, 3), bits << shift)
-        bits = (v8_threshold_bits(a4_0, k, z, d0, t0) << 0)
+        bits = (v8_pc_bits(a4_0, d0, t0) << 0)
         a_or_u64(out_bits, a_i64(obases, 4), bits << shift)
-        bits = (v8_threshold_bits(a5_0, k, z, d0, t0) << 0)
+        bits = (v8_pc_bits(a5_0, d0, t0) << 0)
         a_or_u64(out_bits, a_i64(obases, 5), bits << shift)
     else:
         a8_store(acc, 0, a0_0)
@@ -974,45 +963,45 @@ def _t6x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
 
 @njit(cache=True)
 def tile_nv4(m, xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-        k, direct, out_bits, dirn, thr, o0, shift):
+        k, direct, out_bits, pcflip, pcthr, o0, shift):
     if m == 6:
         _t6x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-                k, direct, out_bits, dirn, thr, o0, shift)
+                k, direct, out_bits, pcflip, pcthr, o0, shift)
     elif m == 5:
         _t5x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-                k, direct, out_bits, dirn, thr, o0, shift)
+                k, direct, out_bits, pcflip, pcthr, o0, shift)
     elif m == 4:
         _t4x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-                k, direct, out_bits, dirn, thr, o0, shift)
+                k, direct, out_bits, pcflip, pcthr, o0, shift)
     elif m == 3:
         _t3x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-                k, direct, out_bits, dirn, thr, o0, shift)
+                k, direct, out_bits, pcflip, pcthr, o0, shift)
     elif m == 2:
         _t2x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-                k, direct, out_bits, dirn, thr, o0, shift)
+                k, direct, out_bits, pcflip, pcthr, o0, shift)
     elif m == 1:
         _t1x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-                k, direct, out_bits, dirn, thr, o0, shift)
+                k, direct, out_bits, pcflip, pcthr, o0, shift)
 
 
 @njit(cache=True)
 def tile_nv1(m, xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-        k, direct, out_bits, dirn, thr, o0, shift):
+        k, direct, out_bits, pcflip, pcthr, o0, shift):
     if m == 6:
         _t6x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-                k, direct, out_bits, dirn, thr, o0, shift)
+                k, direct, out_bits, pcflip, pcthr, o0, shift)
     elif m == 5:
         _t5x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-                k, direct, out_bits, dirn, thr, o0, shift)
+                k, direct, out_bits, pcflip, pcthr, o0, shift)
     elif m == 4:
         _t4x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-                k, direct, out_bits, dirn, thr, o0, shift)
+                k, direct, out_bits, pcflip, pcthr, o0, shift)
     elif m == 3:
         _t3x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-                k, direct, out_bits, dirn, thr, o0, shift)
+                k, direct, out_bits, pcflip, pcthr, o0, shift)
     elif m == 2:
         _t2x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-                k, direct, out_bits, dirn, thr, o0, shift)
+                k, direct, out_bits, pcflip, pcthr, o0, shift)
     elif m == 1:
         _t1x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-                k, direct, out_bits, dirn, thr, o0, shift)
+                k, direct, out_bits, pcflip, pcthr, o0, shift)

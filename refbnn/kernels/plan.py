@@ -238,6 +238,7 @@ class BConv2DPlan:
         o = self.out_channels
         self._mul = self._bias = self._off = _F32
         self._thr = self._dirn = self._oword = self._obit = self._run8 = _I64
+        self._pcflip = self._pcthr = _I64
         self.out_groups, self.out_words = 1, 0
         if output == "int32":
             return
@@ -250,6 +251,12 @@ class BConv2DPlan:
             wg2 = bits.words_for(og2, 64)
             self.out_groups, self.out_words = int(out_groups), int(out_groups) * wg2
             self._thr, self._dirn = output_thresholds(self._mul, self._bias, self.k, sign_at_zero)
+            # the same test on pc = (K - acc) / 2: acc < thr  <=>  pc > (K - thr) // 2, and
+            # -acc < thr  <=>  pc <= h = ceil((K + thr) / 2) - 1  <=>  ~pc > -h - 2
+            k, thr, up = self.k, self._thr, self._dirn > 0
+            h = -((-(k + thr)) // 2) - 1
+            self._pcflip = np.where(up, 0, -1).astype(np.int64)
+            self._pcthr = np.where(up, (k - thr) // 2, -h - 2).astype(np.int64)
             ch = np.arange(o)
             self._oword = ((ch // og2) * wg2 + (ch % og2) // 64).astype(np.int64)
             self._obit = ((ch % og2) % 64).astype(np.int64)
@@ -410,7 +417,8 @@ class BConv2DPlan:
                        self.wg, self._t, self._soff, self.k, n, oh, ow, o, *self.stride,
                        self._rc, self._cc, self._corr, self._ncc, self._has_corr,
                        mode, self._mul, self._bias, self._off, self._thr, self._dirn,
-                       self._oword, self._obit, self._run8, out_i32, out_f32, out_bits,
+                       self._pcflip, self._pcthr, self._oword, self._obit, self._run8,
+                       out_i32, out_f32, out_bits,
                        ohp, owp, self.out_words, opt, opl, numba.get_num_threads())
             return out
         acc = out_i32 if mode == 0 else np.empty(n * oh * ow * o, np.int32)

@@ -360,3 +360,18 @@ def a8_store_acc_i32(typingctx, addr, index, pc, k):
         return context.get_dummy_value()
 
     return types.none(addr, index, vec8, k), codegen
+
+
+@intrinsic
+def v8_pc_bits(typingctx, pc, flip, thr):
+    """Eight output bits straight from popcounts: bit ``l`` = ``(pc[l] ^ flip[l]) > thr[l]``
+    (signed), in the low 8 bits of a ``uint64``. With ``flip`` 0 this is ``pc > thr``; with
+    ``flip`` -1 (``~pc = -pc - 1``) it tests ``pc < -thr - 1``."""
+    if not (pc == vec8 and flip == vec8 and thr == vec8):
+        return None
+
+    def codegen(context, builder, sig, args):
+        mask = builder.icmp_signed(">", builder.xor(args[0], args[1]), args[2])
+        return builder.zext(builder.bitcast(mask, ir.IntType(8)), _I64)
+
+    return types.uint64(vec8, vec8, vec8), codegen
