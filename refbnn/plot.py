@@ -45,7 +45,7 @@ def _nice_range(lo, hi):
 class _Frame:
     """Axes box inside a ``width x height`` canvas with a title and axis labels."""
 
-    def __init__(self, width, height, title, xlabel, ylabel, xr, yr):
+    def __init__(self, width, height, title, xlabel, ylabel, xr, yr, xticks=True):
         self.img = Image.new("RGB", (width, height), "white")
         self.draw = ImageDraw.Draw(self.img)
         self.l, self.t, self.r, self.b = 70, 40, width - 20, height - 50
@@ -54,12 +54,13 @@ class _Frame:
         d.text((width / 2, 12), title, fill="black", font=_font(16), anchor="mt")
         d.rectangle([self.l, self.t, self.r, self.b], outline="black")
         d.text(((self.l + self.r) / 2, height - 10), xlabel, fill="black", font=f, anchor="mb")
-        d.text((8, (self.t + self.b) / 2), ylabel, fill="black", font=f, anchor="lm")
+        d.text((8, self.t - 6), ylabel, fill="black", font=f, anchor="lb")
         for i in range(5):
             xv = xr[0] + (xr[1] - xr[0]) * i / 4
             yv = yr[0] + (yr[1] - yr[0]) * i / 4
             x, y = self.px(xv, yr[0])
-            d.text((x, self.b + 4), f"{xv:.3g}", fill="black", font=_font(11), anchor="mt")
+            if xticks:
+                d.text((x, self.b + 4), f"{xv:.3g}", fill="black", font=_font(11), anchor="mt")
             x, y = self.px(xr[0], yv)
             d.text((self.l - 4, y), f"{yv:.3g}", fill="black", font=_font(11), anchor="rm")
             d.line([self.l, y, self.r, y], fill="#e0e0e0")
@@ -110,7 +111,7 @@ def stacked_bars(path, bars: dict, parts: list, title="", ylabel="", size=(560, 
     """``bars``: ``{bar label: [value per part]}``, stacked bottom-up in the order of ``parts``."""
     top = max(sum(v) for v in bars.values()) * 1.15
     n = len(bars)
-    fr = _Frame(*size, title, "", ylabel, (0, n), (0, top))
+    fr = _Frame(*size, title, "", ylabel, (0, n), (0, top), xticks=False)
     width = 0.5
     for i, (label, values) in enumerate(bars.items()):
         base = 0.0

@@ -125,6 +125,9 @@ def main(argv=None) -> int:
             return fail(f"--resume continues the saved recipe; drop --{given[0].replace('_', '-')}")
         run = resumed.provenance["run"]
         dataset_name, model_name, seed = resumed.dataset, run["model"], run["seed"]
+        if args.limit_train is not None or args.limit_test is not None:
+            return fail("--resume continues with the saved data limits; drop --limit-train/--limit-test")
+        args.limit_train, args.limit_test = run.get("limit_train"), run.get("limit_test")
         recipe = Recipe.from_dict(run["recipe"])
         if args.epochs is not None:
             recipe.epochs = args.epochs
@@ -190,6 +193,7 @@ def main(argv=None) -> int:
 
     command = "python -m refbnn.train " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     run_info = {"model": model_name, "seed": seed, "recipe": recipe.to_dict(), "threads": threads,
+                "limit_train": args.limit_train, "limit_test": args.limit_test,
                 "command": command if resumed is None else resumed.provenance["run"]["command"]}
     input_spec = {"shape": [1, h, w], "layout": "NCHW", "channel_order": "L",
                   "mean": [spec.mean], "std": [spec.std]}
