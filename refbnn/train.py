@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 DEFAULTS = {
-    "model": "ftbnn18", "width": 0.25, "epochs": 10, "batch_size": 100, "optimizer": "adam",
-    "lr": 2e-3, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0, "schedule": "cosine",
+    "model": "ftbnn18", "width": 0.25, "epochs": 8, "batch_size": 128, "optimizer": "adam",
+    "lr": 3e-3, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0, "schedule": "cosine",
     "warmup_epochs": 0.0, "step_epochs": 0, "label_smoothing": 0.0, "augment": 1, "seed": 0,
 }
 RECIPE_FLAGS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "nesterov", "weight_decay",
