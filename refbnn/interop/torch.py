@@ -237,6 +237,10 @@ def load_official_birealnet(state, config) -> OrderedDict:
 
     Strips ``module.``; reshapes ``*.binary_conv.weights`` ``(O*I*9, 1)`` to ``weight (O, I, 3, 3)``.
     Raises ``KeyError`` naming missing or unexpected tensors.
+
+    The official code binarizes with ``torch.sign`` (0 at 0). To reproduce its outputs exactly, use
+    ``get_config("birealnet18", sign_at_zero=0)`` (float path only; the packed engine needs +1 or -1,
+    which differ from it only where an activation or weight is exactly 0).
     """
     if "state_dict" in state:
         state = state["state_dict"]
