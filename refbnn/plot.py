@@ -79,6 +79,19 @@ class _Frame:
 
 def line_chart(path, series: dict, title="", xlabel="", ylabel="", size=(640, 400)) -> Path:
     """``series``: ``{label: (xs, ys)}``; one polyline (with dots) per label."""
+    return save_png(_line_image(series, title, xlabel, ylabel, size), path)
+
+
+def line_panels(path, panels: list, size=(520, 380)) -> Path:
+    """Several line charts side by side: ``panels`` = ``[(series, title, xlabel, ylabel), ...]``."""
+    images = [_line_image(series, title, xlabel, ylabel, size) for series, title, xlabel, ylabel in panels]
+    canvas = Image.new("RGB", (size[0] * len(images), size[1]), "white")
+    for i, im in enumerate(images):
+        canvas.paste(im, (i * size[0], 0))
+    return save_png(canvas, path)
+
+
+def _line_image(series, title, xlabel, ylabel, size):
     xs = [x for xv, _ in series.values() for x in xv]
     ys = [y for _, yv in series.values() for y in yv]
     fr = _Frame(*size, title, xlabel, ylabel, _nice_range(min(xs), max(xs)), _nice_range(min(ys), max(ys)))
@@ -90,7 +103,7 @@ def line_chart(path, series: dict, title="", xlabel="", ylabel="", size=(640, 40
         for x, y in pts:
             fr.draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
     fr.legend(series)
-    return save_png(fr.img, path)
+    return fr.img
 
 
 def scatter(path, xy, labels, title="", class_names=None, size=(520, 520), radius=1.5) -> Path:

@@ -92,6 +92,19 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
+def write_curves(path, history, title):
+    """Two panels like the paper's Figure 5: train/test loss, and test accuracy (%), per epoch."""
+    from refbnn.plot import line_panels
+
+    epochs = [r["epoch"] for r in history]
+    line_panels(path, [
+        ({"train loss": (epochs, [r["train_loss"] for r in history]),
+          "test loss": (epochs, [r["test_loss"] for r in history])}, f"{title}: loss", "epoch", "loss"),
+        ({"test accuracy %": (epochs, [100 * r["test_accuracy"] for r in history]),
+          "train accuracy %": (epochs, [100 * r["train_accuracy"] for r in history])},
+         f"{title}: accuracy", "epoch", "%")])
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     # heavy imports after argument parsing, so --help is instant
@@ -101,7 +114,6 @@ def main(argv=None) -> int:
 
     from refbnn import fileformat, models
     from refbnn.data import DATASETS, DataError, load_dataset, subset
-    from refbnn.plot import line_chart
     from refbnn.training.trainer import NonFiniteLoss, Recipe, Trainer, evaluate
 
     threads = args.threads or os.cpu_count() or 1
@@ -211,12 +223,7 @@ def main(argv=None) -> int:
 
     def write_logs():
         write_text_atomic(out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in trainer.history))
-        epochs = [r["epoch"] for r in trainer.history]
-        line_chart(out_dir / "curves.png", {
-            "train loss": (epochs, [r["train_loss"] for r in trainer.history]),
-            "test loss": (epochs, [r["test_loss"] for r in trainer.history]),
-            "test error %": (epochs, [100 * (1 - r["test_accuracy"]) for r in trainer.history])},
-            title=f"{model_name} on {dataset_name}", xlabel="epoch", ylabel="loss / error %")
+        write_curves(out_dir / "curves.png", trainer.history, f"{model_name} on {dataset_name}")
 
     interrupted = {"count": 0}
 
