@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from refbnn.cli_util import write_text_atomic
+
 DEFAULTS = {
     "model": "ftbnn18", "width": 0.25, "epochs": 8, "batch_size": 128, "optimizer": "adam",
     "lr": 3e-3, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0, "schedule": "cosine",
@@ -79,17 +81,6 @@ def check_writable(folder: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".write-test-")
     os.close(fd)
     os.unlink(tmp)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_curves(path, history, title):

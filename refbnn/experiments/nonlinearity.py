@@ -30,7 +30,6 @@ import json
 import multiprocessing
 import os
 import sys
-import tempfile
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
@@ -42,7 +41,7 @@ from PIL import Image
 from threadpoolctl import threadpool_limits
 
 from refbnn import nn
-from refbnn.cli_util import fail
+from refbnn.cli_util import fail, write_text_atomic
 from refbnn.data import DataError, batches, load_dataset, subset
 from refbnn.models.diagnostics import binary_input_stats
 from refbnn.nn import functional as F
@@ -266,17 +265,6 @@ def markdown_table(summary: dict, n_seeds: int) -> str:
 
 
 # --- outputs -------------------------------------------------------------------------------------
-def write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_figures(out_dir: Path, runs: list, summary: dict, class_names) -> None:
     """``features-<model>.png`` (first seed of each model), ``features.png`` (the panels side by
     side, two per row) and ``discrepancy.png``."""
