@@ -18,7 +18,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.ge
 
 def _data_root():
     root = os.environ.get("REFBNN_DATA_DIR")
-    return Path(root) if root else None
+    return Path(root).resolve() if root else None  # absolute: subprocess tests run elsewhere
 
 
 @pytest.fixture(scope="session")
