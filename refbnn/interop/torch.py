@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refbnn.models.config import resolve
+from refbnn.models.config import binary_options, bridge_spec, resolve, stage_specs
 
 
 def sign_t(x, sign_at_zero=1):
@@ -169,32 +169,20 @@ class TorchBNNResNet(nn.Module):
         self.conv1 = nn.Conv2d(cfg["input_shape"][0], cfg["stem_channels"], k, s, k // 2, bias=False)
         self.bn1 = nn.BatchNorm2d(cfg["stem_channels"])
         self.maxpool = nn.MaxPool2d(3, 2, 1) if cfg["stem_pool"] else nn.Identity()
-        binary = {"scale": cfg["scale"], "sign_at_zero": cfg["sign_at_zero"],
-                  "act_grad": cfg["act_grad"], "pad_value": cfg["pad_value"]}
-        kinds, positions = cfg["nonlinearity"], cfg["nonlinearity_position"]
-        prev = cfg["stem_channels"]
+        binary = binary_options(cfg)
+        bridge = bridge_spec(cfg)
         self.bridge = None
-        if cfg["bridge_channels"] is not None:
-            nl = "fprelu" if any(kd != "none" for kd in kinds) else "none"
-            self.bridge = Bridge(prev, cfg["bridge_channels"], binary,
-                                 make_nonlinearity(nl, cfg["bridge_channels"]))
-            prev = cfg["bridge_channels"]
-        index = 0
-        for si, (width, nblocks) in enumerate(zip(cfg["widths"], cfg["blocks"])):
-            blocks = []
-            for bi in range(nblocks):
-                stride = 2 if (si > 0 and bi == 0) else 1
-                groups = cfg["reduction_groups"] if stride == 2 else cfg["groups"]
-                down = None
-                if stride != 1 or prev != width:
-                    down = _downsample(cfg["downsample"], prev, width, binary)
-                blocks.append(BasicBlock(prev, width, stride, groups, binary, down,
-                                         make_nonlinearity(kinds[index], width), positions[index]))
-                prev = width
-                index += 1
+        if bridge is not None:
+            cin, cout, kind = bridge
+            self.bridge = Bridge(cin, cout, binary, make_nonlinearity(kind, cout))
+        for si, specs in enumerate(stage_specs(cfg)):
+            blocks = [BasicBlock(b.cin, b.cout, b.stride, b.groups, binary,
+                                 _downsample(cfg["downsample"], b.cin, b.cout, binary)
+                                 if b.downsample else None,
+                                 make_nonlinearity(b.nonlinearity, b.cout), b.position) for b in specs]
             self.add_module(f"layer{si + 1}", nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(prev, cfg["num_classes"])
+        self.fc = nn.Linear(cfg["widths"][-1], cfg["num_classes"])
         self.nstages = len(cfg["widths"])
 
     def forward(self, x):

@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from dataclasses import dataclass
 
 NONLINEARITIES = ("none", "relu", "prelu", "fprelu")
 POSITIONS = ("after_add", "before_add")
@@ -211,3 +212,49 @@ def from_json(text: str) -> dict:
     if not isinstance(cfg, dict):
         raise ConfigError("model config JSON must be an object")
     return resolve(cfg)
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """One basic block as a resolved config lays it out (the single source for every builder)."""
+
+    cin: int
+    cout: int
+    stride: int
+    groups: int
+    downsample: bool        # needs a shortcut other than the identity
+    nonlinearity: str
+    position: str
+
+
+def binary_options(cfg: dict) -> dict:
+    """Keyword arguments shared by every binary conv of the network."""
+    return {k: cfg[k] for k in ("scale", "sign_at_zero", "act_grad", "pad_value")}
+
+
+def bridge_spec(cfg: dict):
+    """``(cin, cout, nonlinearity)`` of the derived models' bridge, or ``None``. Its non-linearity is
+    FPReLU whenever the blocks use any non-linearity."""
+    if cfg["bridge_channels"] is None:
+        return None
+    kind = "fprelu" if any(k != "none" for k in cfg["nonlinearity"]) else "none"
+    return cfg["stem_channels"], cfg["bridge_channels"], kind
+
+
+def stage_specs(cfg: dict) -> list[list[BlockSpec]]:
+    """The blocks of every stage: the first block of stages 2.. has stride 2 and
+    ``reduction_groups``; a block whose stride or width changes gets a downsampling shortcut."""
+    prev = cfg["bridge_channels"] or cfg["stem_channels"]
+    index = 0
+    stages = []
+    for si, (width, nblocks) in enumerate(zip(cfg["widths"], cfg["blocks"])):
+        blocks = []
+        for bi in range(nblocks):
+            stride = 2 if (si > 0 and bi == 0) else 1
+            groups = cfg["reduction_groups"] if stride == 2 else cfg["groups"]
+            blocks.append(BlockSpec(prev, width, stride, groups, stride != 1 or prev != width,
+                                    cfg["nonlinearity"][index], cfg["nonlinearity_position"][index]))
+            prev = width
+            index += 1
+        stages.append(blocks)
+    return stages

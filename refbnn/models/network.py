@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from refbnn import nn
-from refbnn.models.config import resolve
+from refbnn.models.config import binary_options, bridge_spec, resolve, stage_specs
 
 
 def make_nonlinearity(kind: str, channels: int):
@@ -115,36 +115,23 @@ class BNNResNet(nn.Module):
         self.conv1 = nn.Conv2d(cin, cfg["stem_channels"], k, stride=s, padding=k // 2, bias=False)
         self.bn1 = nn.BatchNorm2d(cfg["stem_channels"])
         self.maxpool = nn.MaxPool2d(3, 2, 1) if cfg["stem_pool"] else None
-        binary = {"scale": cfg["scale"], "sign_at_zero": cfg["sign_at_zero"],
-                  "act_grad": cfg["act_grad"], "pad_value": cfg["pad_value"]}
-        prev = cfg["stem_channels"]
-        kinds, positions = cfg["nonlinearity"], cfg["nonlinearity_position"]
+        binary = binary_options(cfg)
+        bridge = bridge_spec(cfg)
         self.bridge = None
-        if cfg["bridge_channels"] is not None:
-            # the bridge's non-linearity: FPReLU whenever the blocks use any non-linearity
-            bridge_nl = "fprelu" if any(kd != "none" for kd in kinds) else "none"
-            self.bridge = Bridge(prev, cfg["bridge_channels"], binary,
-                                 make_nonlinearity(bridge_nl, cfg["bridge_channels"]))
-            prev = cfg["bridge_channels"]
-        index = 0
+        if bridge is not None:
+            cin, cout, kind = bridge
+            self.bridge = Bridge(cin, cout, binary, make_nonlinearity(kind, cout))
         self.stages = []
-        for si, (width, nblocks) in enumerate(zip(cfg["widths"], cfg["blocks"])):
-            blocks = []
-            for bi in range(nblocks):
-                stride = 2 if (si > 0 and bi == 0) else 1
-                groups = cfg["reduction_groups"] if stride == 2 else cfg["groups"]
-                down = None
-                if stride != 1 or prev != width:
-                    down = make_downsample(cfg["downsample"], prev, width, groups, binary)
-                blocks.append(BasicBlock(prev, width, stride, groups, binary, down,
-                                         make_nonlinearity(kinds[index], width), positions[index]))
-                prev = width
-                index += 1
+        for si, specs in enumerate(stage_specs(cfg)):
+            blocks = [BasicBlock(b.cin, b.cout, b.stride, b.groups, binary,
+                                 make_downsample(cfg["downsample"], b.cin, b.cout, b.groups, binary)
+                                 if b.downsample else None,
+                                 make_nonlinearity(b.nonlinearity, b.cout), b.position) for b in specs]
             stage = nn.Sequential(*blocks)
             self.add_module(f"layer{si + 1}", stage)
             self.stages.append(stage)
         self.avgpool = nn.GlobalAvgPool2d()
-        self.fc = nn.Linear(prev, cfg["num_classes"], bias=True)
+        self.fc = nn.Linear(cfg["widths"][-1], cfg["num_classes"], bias=True)
 
     def binary_weights(self) -> dict:
         """``{state-dict name: {"groups": g, "sign_at_zero": s[, "scale": alpha]}}`` for every binary
