@@ -28,9 +28,10 @@ from pathlib import Path
 from refbnn.cli_util import write_text_atomic
 
 DEFAULTS = {
-    "model": "ftbnn18", "width": 0.25, "epochs": 8, "batch_size": 128, "optimizer": "adam",
-    "lr": 3e-3, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0, "schedule": "cosine",
-    "warmup_epochs": 0.0, "step_epochs": 0, "label_smoothing": 0.0, "augment": 1, "seed": 0,
+    "model": "ftbnn18", "width": 0.375, "stem_pool": True, "epochs": 10, "batch_size": 128,
+    "optimizer": "adam", "lr": 3e-3, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0,
+    "schedule": "cosine", "warmup_epochs": 0.0, "step_epochs": 0, "label_smoothing": 0.0,
+    "augment": 1, "seed": 0,
 }
 RECIPE_FLAGS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "nesterov", "weight_decay",
                 "schedule", "warmup_epochs", "step_epochs", "label_smoothing", "augment")
@@ -45,6 +46,8 @@ def parse_args(argv):
     p.add_argument("--no-download", action="store_true", help="never try to download the data")
     p.add_argument("--model", help=f"model preset (default {DEFAULTS['model']})")
     p.add_argument("--width", type=float, help=f"width multiplier (default {DEFAULTS['width']})")
+    p.add_argument("--stem-pool", action=argparse.BooleanOptionalAction, default=None,
+                   help="3x3/2 max-pool after the stem (default on: 28x28 input -> 14x14 stages)")
     p.add_argument("--epochs", type=int, help=f"default {DEFAULTS['epochs']}")
     p.add_argument("--batch-size", type=int, help=f"default {DEFAULTS['batch_size']}")
     p.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), help="default adam")
@@ -122,7 +125,7 @@ def main(argv=None) -> int:
             return fail(e)
         if resumed.kind != "checkpoint":
             return fail(f"{args.resume}: is a {resumed.kind} file, not a training checkpoint")
-        given = [f for f in RECIPE_FLAGS + ("model", "width", "seed")
+        given = [f for f in RECIPE_FLAGS + ("model", "width", "stem_pool", "seed")
                  if getattr(args, f) is not None and f != "epochs"]
         if given:
             return fail(f"--resume continues the saved recipe; drop --{given[0].replace('_', '-')}")
@@ -176,7 +179,8 @@ def main(argv=None) -> int:
         if config is None:
             config = models.get_config(model_name, input_shape=[1, h, w],
                                        num_classes=len(train_set.class_names),
-                                       width_multiplier=values["width"])
+                                       width_multiplier=values["width"],
+                                       stem_pool=values["stem_pool"])
         model = models.build(config, seed=seed)
     except ValueError as e:
         return fail(e)

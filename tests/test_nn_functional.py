@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from refbnn.nn import activation as A
 from refbnn.nn import batchnorm as BN
 from refbnn.nn import functional as F
 
@@ -121,6 +122,31 @@ def test_batch_norm_kernels_equal_oracle(n, c, spatial, dtype, seed):
     np.testing.assert_allclose(dx, rdx, rtol=tol, atol=10 * tol)
     np.testing.assert_allclose(dw, rdw, rtol=tol, atol=tol)
     np.testing.assert_allclose(db, rdb, rtol=1e-12, atol=1e-12)
+
+
+@given(st.integers(1, 5), st.integers(1, 4), st.sampled_from([(), (3,), (2, 5)]),
+       st.sampled_from([np.float32, np.float64]), st.integers(0, 2**31 - 1))
+def test_fprelu_kernels_equal_oracle(n, c, spatial, dtype, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, c) + spatial).astype(dtype)
+    x.reshape(-1)[::4] = 0.0
+    x.reshape(-1)[1::7] = -0.0  # -0.0 >= 0: takes the positive slope
+    m = A.FPReLU(c)
+    m.pos_slope.data[:] = rng.uniform(-2, 2, c)
+    m.neg_slope.data[:] = rng.uniform(-2, 2, c)
+    y = m.forward(x)
+    # one multiplication per element on both paths: exact
+    np.testing.assert_array_equal(y, A.fprelu_forward_reference(x, m.pos_slope.data,
+                                                                 m.neg_slope.data))
+    assert y.dtype == dtype and y.shape == x.shape
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    dx = m.backward(dy)
+    rdx, rdpos, rdneg = A.fprelu_backward_reference(dy, x, m.pos_slope.data, m.neg_slope.data)
+    np.testing.assert_array_equal(dx, rdx)
+    # slope gradients: float64 sums of the same products in another order, then stored as float32
+    # (Parameter.grad): agree to float32 rounding of O(10) sums
+    np.testing.assert_allclose(m.pos_slope.grad, rdpos, rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(m.neg_slope.grad, rdneg, rtol=1e-6, atol=1e-5)
 
 
 @pytest.mark.parametrize("split", ["cols", "rows", "reduce"])

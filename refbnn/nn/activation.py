@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from refbnn.nn import _act_kernels as _act
 from refbnn.nn._checks import check_grad, check_input, param, positive_int
 from refbnn.nn.module import Module, Parameter
 
@@ -76,6 +77,30 @@ class PReLU(Module):
         return f"num_parameters={self.num_parameters}"
 
 
+def _ncl(a):
+    """(N, C), (N, C, L) or (N, C, H, W) as a contiguous (N, C, L) view or copy."""
+    a = np.ascontiguousarray(a)
+    return a.reshape(a.shape[0], a.shape[1], -1)
+
+
+def fprelu_forward_reference(x, pos_slope, neg_slope):
+    """NumPy oracle of FPReLU: ``y = pos_slope[c] * x`` on ``x >= 0``, ``neg_slope[c] * x`` below;
+    ``c`` is axis 1; computed in the dtype of ``x``."""
+    pos = _channel_view(pos_slope.astype(x.dtype), x.ndim)
+    neg = _channel_view(neg_slope.astype(x.dtype), x.ndim)
+    return np.where(x >= 0, pos, neg) * x
+
+
+def fprelu_backward_reference(dy, x, pos_slope, neg_slope):
+    """NumPy oracle of FPReLU's gradients ``(dx, dpos, dneg)``: ``dx = slope * dy``; ``dpos[c]``
+    and ``dneg[c]`` sum ``x * dy`` over ``x >= 0`` / ``x < 0`` (all axes but 1), in float64."""
+    pos = x >= 0
+    dx = np.where(pos, _channel_view(pos_slope.astype(x.dtype), x.ndim),
+                  _channel_view(neg_slope.astype(x.dtype), x.ndim)) * dy
+    xg = (x * dy).astype(np.float64)
+    return dx, _sum_but_channel(np.where(pos, xg, 0)), _sum_but_channel(np.where(pos, 0, xg))
+
+
 class FPReLU(Module):
     """FTBNN's fully parametric ReLU: ``y = pos_slope[c] * x`` for ``x >= 0``, ``neg_slope[c] * x``
     for ``x < 0``; both slopes start at 1 (identity) and take no weight decay by default.
@@ -92,18 +117,24 @@ class FPReLU(Module):
 
     def forward(self, x):
         x = check_input(x, (2, 3, 4), "FPReLU", self.num_channels)
-        pos = x >= 0
-        slope = np.where(pos, _channel_view(param(self.pos_slope, x.dtype), x.ndim),
-                         _channel_view(param(self.neg_slope, x.dtype), x.ndim))
-        self._cache = (x, pos, slope) if self.training else None
-        return slope * x
+        x3 = _ncl(x)
+        y = np.empty_like(x3)
+        _act.fprelu_forward_kernel(x3, param(self.pos_slope, x.dtype),
+                                   param(self.neg_slope, x.dtype), y)
+        self._cache = x3 if self.training else None
+        return y.reshape(x.shape)
 
     def backward(self, grad_out):
-        x, pos, slope = check_grad(self._cache, "FPReLU")
-        xg = x * grad_out
-        self.pos_slope.accumulate(_sum_but_channel(np.where(pos, xg, 0)))
-        self.neg_slope.accumulate(_sum_but_channel(np.where(pos, 0, xg)))
-        return slope * grad_out
+        x3 = check_grad(self._cache, "FPReLU")
+        d3 = _ncl(grad_out.astype(x3.dtype, copy=False))
+        dx = np.empty_like(x3)
+        c = x3.shape[1]
+        dpos, dneg = np.empty(c), np.empty(c)
+        _act.fprelu_backward_kernel(d3, x3, param(self.pos_slope, x3.dtype),
+                                    param(self.neg_slope, x3.dtype), dx, dpos, dneg)
+        self.pos_slope.accumulate(dpos)
+        self.neg_slope.accumulate(dneg)
+        return dx.reshape(grad_out.shape)
 
     def extra_repr(self):
         return f"{self.num_channels}"
