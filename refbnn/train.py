@@ -31,7 +31,7 @@ DEFAULTS = {
     "model": "ftbnn18", "width": 0.375, "stem_pool": True, "epochs": 10, "batch_size": 128,
     "optimizer": "adam", "lr": 3e-3, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0,
     "schedule": "cosine", "warmup_epochs": 0.0, "step_epochs": 0, "label_smoothing": 0.0,
-    "augment": 1, "seed": 0,
+    "augment": 2, "seed": 0,
 }
 RECIPE_FLAGS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "nesterov", "weight_decay",
                 "schedule", "warmup_epochs", "step_epochs", "label_smoothing", "augment")
@@ -59,7 +59,7 @@ def parse_args(argv):
     p.add_argument("--warmup-epochs", type=float, help="linear warm-up (default 0)")
     p.add_argument("--step-epochs", type=int, help="step schedule: lr x0.1 every N epochs")
     p.add_argument("--label-smoothing", type=float, help="default 0")
-    p.add_argument("--augment", type=int, help="random shifts of up to N pixels (default 1; 0 off)")
+    p.add_argument("--augment", type=int, help="random shifts of up to N pixels (default 2; 0 off)")
     p.add_argument("--seed", type=int, help="default 0")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--out-dir", help="run folder (default runs/<dataset>-<model>)")
@@ -229,7 +229,7 @@ def main(argv=None) -> int:
         trainer.stop_requested = True
 
     previous_handler = signal.signal(signal.SIGINT, on_sigint)
-    print(f"training {model_name} (width x{config.get('width_multiplier', 1)}, "
+    print(f"training {model_name} (stage widths {'/'.join(map(str, model.config['widths']))}, "
           f"{sum(p.data.size for p in model.parameters()):,} parameters) on {dataset_name}: "
           f"{len(train_set)} train / {len(test_set)} test images, {threads} threads, "
           f"epochs {trainer.epoch + 1}..{recipe.epochs}", file=sys.stderr)

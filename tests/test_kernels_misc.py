@@ -125,3 +125,27 @@ def test_vector_float_epilogue_multiplies_then_adds_without_fma():
     assert np.array_equal(out, ref.output_transform(7 - 2 * pc, mul, bias))
     asm = epilogue.inspect_asm(epilogue.signatures[0])
     assert "vfmadd" not in asm and "vfmsub" not in asm and "vfnmadd" not in asm
+
+
+@given(st.integers(1, 3), st.integers(1, 5), st.integers(1, 4), st.integers(1, 3),
+       st.integers(1, 130), st.integers(0, 2), st.integers(0, 2), st.booleans(), st.data())
+def test_parallel_packing_equals_serial_packing(d0, d1, d2, groups, cg, pad1, pad2, nonpos, data):
+    # the public ops pack small inputs serially (tests/test_ops.py checks them against the
+    # oracle); the multi-threaded kernel must write the same words, padded layout included
+    from refbnn.kernels.packing import pack_rows_into, pack_rows_into_serial
+    c = groups * cg
+    x = data.draw(hnp.arrays(np.float32, (d0, d1, d2, c), elements=VALUES))
+    wg = (cg + 63) // 64
+    p1, p2 = d1 + 2 * pad1, d2 + 2 * pad2
+    outs = []
+    for kernel in (pack_rows_into, pack_rows_into_serial):
+        out = np.full((d0, p1, p2, groups * wg), 7, np.uint64)  # untouched border stays 7
+        nans = kernel(x.reshape(-1), d0, d1, d2, c, groups, out.reshape(-1), p1, p2, pad1, pad2,
+                      nonpos)
+        assert nans == 0
+        outs.append(out)
+    assert np.array_equal(outs[0], outs[1])
+    inner = outs[1][:, pad1:pad1 + d1, pad2:pad2 + d2]
+    want = np.stack([ref.pack(x[..., g * cg:(g + 1) * cg], 64, -1 if nonpos else 1)
+                     for g in range(groups)], axis=3).reshape(inner.shape)
+    assert np.array_equal(inner, want)

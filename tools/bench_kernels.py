@@ -7,9 +7,12 @@ sign-pack its float32 NHWC input, and the same layer as a
 float32 convolution through numpy/BLAS (im2col + matmul) and through PyTorch fp32 and bf16 (when
 installed). One binary MAC = one bit of XNOR-popcount. Each thread count runs in a fresh worker
 process whose BLAS/OpenMP/Numba pools are sized by environment variables before import, plus
-``numba.set_num_threads``/``torch.set_num_threads``. ``OMP_WAIT_POLICY=PASSIVE`` applies to torch's
-and to Numba's (``omp`` threading layer) OpenMP threads alike: on a shared, oversubscribed machine
-spinning workers made a 2-thread binary layer 60x slower (11.7 ms instead of 0.17 ms).
+``numba.set_num_threads``/``torch.set_num_threads``. ``OMP_WAIT_POLICY=PASSIVE`` (sleep as soon as a
+parallel region ends) is set for torch, as the issue asks; Numba's OpenMP workers (a separate
+libgomp) run with the spin count refbnn's import sets by default (``GOMP_SPINCOUNT=10000``, ~0.2 ms;
+an explicit spin count overrides the policy's 0), as they do for every refbnn user: sleeping after
+every call made a 2-thread batch-1 layer pay a thread wake-up per call (packing at 2 threads was
+slower than at 1).
 
     python tools/bench_kernels.py --out bench-results/kernels.json
 
@@ -110,11 +113,8 @@ def worker(args) -> list[dict]:
     import numba
     import numpy as np
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-    import refbnn
-    from refbnn.kernels.dispatch import resolve_kernel
-
-    numba.set_num_threads(args.threads)
+    # torch first: its OpenMP runtime reads OMP_WAIT_POLICY=PASSIVE (and no spin count) as it
+    # loads; refbnn's import then sets its GOMP_SPINCOUNT default for Numba's runtime
     torch = None
     if not args.no_torch:
         try:
@@ -122,6 +122,11 @@ def worker(args) -> list[dict]:
             torch.set_num_threads(args.threads)
         except ImportError:
             torch = None
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+    import refbnn
+    from refbnn.kernels.dispatch import resolve_kernel
+
+    numba.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     rows = []
     for batch in args.batches:

@@ -37,6 +37,26 @@ def _word(xf, start, count, nonpos):
     return w, nan
 
 
+@njit(cache=True, inline="always")
+def _pack_line(xf, q, d1, d2, channels, groups, out, p1, p2, off1, off2, nonpos):
+    """Pack the ``d2`` rows of line ``q = i0 * d1 + i1``; returns the number of NaN words."""
+    cg = channels // groups
+    wg = (cg + 63) // 64
+    cw = groups * wg
+    nans = 0
+    i0 = q // d1
+    i1 = q - i0 * d1
+    obase = ((i0 * p1 + i1 + off1) * p2 + off2) * cw
+    for i2 in range(d2):
+        base = (q * d2 + i2) * channels
+        for g in range(groups):
+            for k in range(wg):
+                w, nan = _word(xf, base + g * cg + k * 64, min(64, cg - k * 64), nonpos)
+                out[obase + i2 * cw + g * wg + k] = w
+                nans += nan
+    return nans
+
+
 @njit(cache=True, parallel=True)
 def pack_rows_into(xf, d0, d1, d2, channels, groups, out, p1, p2, off1, off2, nonpos):
     """Pack ``d0 * d1 * d2`` rows of ``channels`` values (flat, C-contiguous ``xf``) into ``out``.
@@ -45,23 +65,21 @@ def pack_rows_into(xf, d0, d1, d2, channels, groups, out, p1, p2, off1, off2, no
     goes to pixel ``(i0, i1 + off1, i2 + off2)`` (the interior of a padded buffer when
     ``p1 > d1``), ``Wg = ceil(channels / groups / 64)``: group ``g``'s ``Cg = channels / groups``
     values start at bit 0 of word ``g * Wg``. Returns the number of words that met a NaN (their
-    bits are meaningless; the caller raises).
+    bits are meaningless; the caller raises). Lines ``(i0, i1)`` are split over numba's threads.
     """
-    cg = channels // groups
-    wg = (cg + 63) // 64
-    cw = groups * wg
     nans = 0
     for q in prange(d0 * d1):  # one (i0, i1) line of d2 rows per iteration: no per-row division
-        i0 = q // d1
-        i1 = q - i0 * d1
-        obase = ((i0 * p1 + i1 + off1) * p2 + off2) * cw
-        for i2 in range(d2):
-            base = (q * d2 + i2) * channels
-            for g in range(groups):
-                for k in range(wg):
-                    w, nan = _word(xf, base + g * cg + k * 64, min(64, cg - k * 64), nonpos)
-                    out[obase + i2 * cw + g * wg + k] = w
-                    nans += nan
+        nans += _pack_line(xf, q, d1, d2, channels, groups, out, p1, p2, off1, off2, nonpos)
+    return nans
+
+
+@njit(cache=True)
+def pack_rows_into_serial(xf, d0, d1, d2, channels, groups, out, p1, p2, off1, off2, nonpos):
+    """:func:`pack_rows_into` on the calling thread only (same bits): for inputs so small that
+    waking the worker threads costs more than the packing."""
+    nans = 0
+    for q in range(d0 * d1):
+        nans += _pack_line(xf, q, d1, d2, channels, groups, out, p1, p2, off1, off2, nonpos)
     return nans
 
 

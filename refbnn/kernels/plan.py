@@ -14,7 +14,7 @@ from .. import bits
 from .bconv_fast import bconv_fast
 from .bconv_portable import bconv_portable, epilogue_pass
 from .dispatch import resolve_kernel
-from .packing import pack_rows_into
+from .packing import pack_rows_into, pack_rows_into_serial
 
 __all__ = ["OUTPUTS", "BConv2DPlan", "as_packable", "check_groups", "check_pair",
            "output_thresholds", "pack_last_axis", "resolve_padding"]
@@ -31,6 +31,11 @@ def as_packable(x, what="input") -> np.ndarray:
     elif x.dtype.type not in _NATIVE_PACK_DTYPES:
         raise ValueError(f"{what} must be float16/32/64 or int8/16/32/64, got dtype {x.dtype}")
     return np.ascontiguousarray(x)
+
+
+# Below this many input values packing runs on the calling thread: it streams memory at ~28 GB/s
+# on one core, and waking a second thread costs more than it saves (tools/bench_kernels.py).
+PACK_PARALLEL_MIN_VALUES = 1 << 20
 
 
 def pack_last_axis(x: np.ndarray, groups: int, sign_at_zero: int, out=None, offset=(0, 0),
@@ -52,8 +57,10 @@ def pack_last_axis(x: np.ndarray, groups: int, sign_at_zero: int, out=None, offs
         p1, p2 = out.shape[1:3]
     else:  # threads over rows
         d0, d1, d2, p1, p2 = 1, x.size // c, 1, x.size // c, 1
-    if d0 * d1 * d2 and pack_rows_into(x.reshape(-1), d0, d1, d2, c, groups, out.reshape(-1),
-                                       p1, p2, offset[0], offset[1], sign_at_zero == -1):
+    serial = x.size < PACK_PARALLEL_MIN_VALUES or numba.get_num_threads() == 1
+    pack = pack_rows_into_serial if serial else pack_rows_into
+    if d0 * d1 * d2 and pack(x.reshape(-1), d0, d1, d2, c, groups, out.reshape(-1),
+                             p1, p2, offset[0], offset[1], sign_at_zero == -1):
         raise ValueError(f"{what} contains NaN; sign(NaN) is undefined")
     return out
 

@@ -12,7 +12,8 @@
   checks the totals.
 
 Any preset takes overrides, e.g. ``get_config("ftbnn18", input_shape=[1, 28, 28], num_classes=10,
-width_multiplier=0.25)``: inputs smaller than 64 pixels get a 3x3 stride-1 stem and no max-pool.
+width_multiplier=0.25)``: inputs smaller than 64 pixels get a 3x3 stride-1 stem and no max-pool
+(``stem_pool=True`` adds the pool back, as the training CLI's default model does).
 """
 
 BIREAL = {"scale": "mean_abs", "nonlinearity": "none", "downsample": "real"}
