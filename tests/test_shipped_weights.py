@@ -24,9 +24,9 @@ def test_file_records_how_it_was_made(shipped):
     f, _ = shipped
     assert f.kind == "model" and f.dataset == "mnist"
     assert f.config == models.get_config("ftbnn18", input_shape=[1, 28, 28], num_classes=10,
-                                         width_multiplier=0.25)
+                                         width_multiplier=0.375, stem_pool=True)
     run = f.provenance["run"]
-    assert run["command"].startswith("python -m refbnn.train") and run["seed"] == 0
+    assert run["command"] == "python -m refbnn.train --dataset mnist" and run["seed"] == 0
     assert f.input_spec["shape"] == [1, 28, 28] and f.class_names == [str(i) for i in range(10)]
 
 
@@ -43,7 +43,6 @@ def test_engine_reaches_the_target_and_agrees_with_the_float_path(shipped, data_
         correct += int((a.argmax(1) == y).sum())
     assert agree == len(test)            # identical predictions on every test image
     assert worst <= 1e-4                 # the bound tests/test_engine.py states
-    # what the file claims, recomputed on the packed engine; the shipped file reaches 99.39%
-    # (issues 5/6 ask for >= 99.4%: not met yet, so this floor is the shipped file's own)
+    # what the file claims, recomputed on the packed engine, and the target of issues 5/6
     assert correct / len(test) == pytest.approx(f.metrics["test_accuracy"], abs=1e-12)
-    assert correct / len(test) >= 0.9939
+    assert correct / len(test) >= 0.994

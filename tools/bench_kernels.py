@@ -5,14 +5,14 @@ batch size and thread count, in the same run: refbnn's binary conv (``BConv2DPla
 int32 output; ``--impl``; also with the fused threshold -> packed-bits output), the time to
 sign-pack its float32 NHWC input, and the same layer as a
 float32 convolution through numpy/BLAS (im2col + matmul) and through PyTorch fp32 and bf16 (when
-installed). One binary MAC = one bit of XNOR-popcount. Each thread count runs in a fresh worker
-process whose BLAS/OpenMP/Numba pools are sized by environment variables before import, plus
-``numba.set_num_threads``/``torch.set_num_threads``. ``OMP_WAIT_POLICY=PASSIVE`` (sleep as soon as a
-parallel region ends) is set for torch, as the issue asks; Numba's OpenMP workers (a separate
-libgomp) run with the spin count refbnn's import sets by default (``GOMP_SPINCOUNT=10000``, ~0.2 ms;
-an explicit spin count overrides the policy's 0), as they do for every refbnn user: sleeping after
-every call made a 2-thread batch-1 layer pay a thread wake-up per call (packing at 2 threads was
-slower than at 1).
+installed). One binary MAC = one bit of XNOR-popcount. Each thread count runs in fresh worker
+processes whose BLAS/OpenMP/Numba pools are sized by environment variables before import, plus
+``numba.set_num_threads``/``torch.set_num_threads``: one process for refbnn and numpy, another for
+PyTorch with ``OMP_WAIT_POLICY=PASSIVE`` (as the issue asks). Separate processes because torch's
+bundled ``libgomp.so.1`` has the same soname as the system one: loaded first, it also becomes
+Numba's OpenMP runtime, and its passive policy then made Numba's workers sleep after every call
+(measured: a 2-thread 7x7x512 layer at batch 1 took 146 us instead of 60-67 us). refbnn's own
+process runs with refbnn's default spin count (``GOMP_SPINCOUNT=10000``, set by its import).
 
     python tools/bench_kernels.py --out bench-results/kernels.json
 
@@ -23,6 +23,7 @@ include Python call overhead, as a user of the public API pays it.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -71,8 +72,8 @@ def _im2col_conv(np, x, w_mat, stride):
     return cols @ w_mat
 
 
-def _bench_layer(np, refbnn, torch, x, k, s, args) -> dict:
-    """Times of one layer: binary pack and conv, numpy im2col, torch fp32 and bf16."""
+def _bench_layer(np, refbnn, x, k, s, args) -> dict:
+    """Times of one layer: binary pack and conv (int32 and fused bits output), numpy im2col."""
     batch, h, _, c = x.shape
     o = k.shape[3]
     plan = refbnn.BConv2DPlan(refbnn.pack_kernel(k), c, (h, h), s, "same", 0, impl=args.impl)
@@ -96,51 +97,62 @@ def _bench_layer(np, refbnn, torch, x, k, s, args) -> dict:
     w_mat = np.ascontiguousarray(k.reshape(9 * c, o))
     r["numpy_fp32_s"] = _median_time(lambda: _im2col_conv(np, x, w_mat, s), args.min_time,
                                      max(3, args.repeats // 3))
-    if torch is not None:
-        xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
-        kt = torch.from_numpy(k.transpose(3, 2, 0, 1).copy())
-        xb, kb = xt.bfloat16(), kt.bfloat16()
-        conv = torch.nn.functional.conv2d
-        with torch.inference_mode():
-            r["torch_fp32_s"] = _median_time(lambda: conv(xt, kt, stride=s, padding=1),
-                                             args.min_time, args.repeats)
-            r["torch_bf16_s"] = _median_time(lambda: conv(xb, kb, stride=s, padding=1),
-                                             args.min_time, args.repeats)
     return r
 
 
+def _torch_layer(np, torch, x, k, s, args) -> dict:
+    """PyTorch fp32 and bf16 times of one layer (NCHW copies of the same data)."""
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+    kt = torch.from_numpy(k.transpose(3, 2, 0, 1).copy())
+    xb, kb = xt.bfloat16(), kt.bfloat16()
+    conv = torch.nn.functional.conv2d
+    with torch.inference_mode():
+        return {"torch_fp32_s": _median_time(lambda: conv(xt, kt, stride=s, padding=1),
+                                             args.min_time, args.repeats),
+                "torch_bf16_s": _median_time(lambda: conv(xb, kb, stride=s, padding=1),
+                                             args.min_time, args.repeats)}
+
+
 def worker(args) -> list[dict]:
+    """One process, one thread count: refbnn and numpy rows, or (``--torch-only``) torch rows."""
     import numba
     import numpy as np
 
-    # torch first: its OpenMP runtime reads OMP_WAIT_POLICY=PASSIVE (and no spin count) as it
-    # loads; refbnn's import then sets its GOMP_SPINCOUNT default for Numba's runtime
     torch = None
-    if not args.no_torch:
-        try:
-            import torch
-            torch.set_num_threads(args.threads)
-        except ImportError:
-            torch = None
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-    import refbnn
-    from refbnn.kernels.dispatch import resolve_kernel
-
-    numba.set_num_threads(args.threads)
+    if args.torch_only:
+        import torch
+        torch.set_num_threads(args.threads)
+    else:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+        import refbnn
+        from refbnn.kernels.dispatch import resolve_kernel
+        numba.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     rows = []
     for batch in args.batches:
         for h, c, o, s in LAYERS:
             x = rng.standard_normal((batch, h, h, c)).astype(np.float32)
             k = rng.standard_normal((3, 3, c, o)).astype(np.float32)
-            r = dict(layer=f"{h}x{h}x{c}->{o}", stride=s, batch=batch, threads=args.threads,
-                     impl=resolve_kernel(args.impl))
-            r.update(_bench_layer(np, refbnn, torch, x, k, s, args))
-            for peer in ("numpy_fp32", "torch_fp32", "torch_bf16"):
-                if f"{peer}_s" in r:
-                    r[f"speedup_vs_{peer}"] = r[f"{peer}_s"] / r["binary_total_s"]
+            r = dict(layer=f"{h}x{h}x{c}->{o}", stride=s, batch=batch, threads=args.threads)
+            if torch is not None:
+                r.update(_torch_layer(np, torch, x, k, s, args))
+            else:
+                r["impl"] = resolve_kernel(args.impl)
+                r.update(_bench_layer(np, refbnn, x, k, s, args))
             rows.append(r)
             print(json.dumps(r), flush=True)
+    return rows
+
+
+def _merge(rows, torch_rows) -> list[dict]:
+    """Add the torch times to the matching refbnn rows, then every speedup ratio."""
+    peers = {(t["layer"], t["stride"], t["batch"], t["threads"]): t for t in torch_rows}
+    for r in rows:
+        t = peers.get((r["layer"], r["stride"], r["batch"], r["threads"]), {})
+        r.update({key: v for key, v in t.items() if key.startswith("torch_")})
+        for peer in ("numpy_fp32", "torch_fp32", "torch_bf16"):
+            if f"{peer}_s" in r:
+                r[f"speedup_vs_{peer}"] = r[f"{peer}_s"] / r["binary_total_s"]
     return rows
 
 
@@ -197,6 +209,7 @@ def main(argv=None) -> int:
     p.add_argument("--min-time", type=float, default=0.02, help="seconds per timed repeat")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch peers")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--torch-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     try:
         args.batches = [int(b) for b in args.batches.split(",")]
@@ -209,21 +222,25 @@ def main(argv=None) -> int:
         args.threads = threads[0]
         worker(args)
         return 0
-    rows = []
+    rows, torch_rows = [], []
     load = os.getloadavg()
     for t in threads:
-        env = dict(os.environ, OMP_NUM_THREADS=str(t), OPENBLAS_NUM_THREADS=str(t),
-                   MKL_NUM_THREADS=str(t), NUMBA_NUM_THREADS=str(t), OMP_WAIT_POLICY="PASSIVE")
+        base = dict(os.environ, OMP_NUM_THREADS=str(t), OPENBLAS_NUM_THREADS=str(t),
+                    MKL_NUM_THREADS=str(t), NUMBA_NUM_THREADS=str(t))
         cmd = [sys.executable, __file__, "--worker", "--threads", str(t),
                "--batches", ",".join(map(str, args.batches)), "--repeats", str(args.repeats),
-               "--min-time", str(args.min_time)] + (["--impl", args.impl] if args.impl else []) \
-            + (["--no-torch"] if args.no_torch else [])
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if proc.returncode:
-            sys.stderr.write(proc.stderr)
-            print(f"error: benchmark worker for {t} thread(s) failed", file=sys.stderr)
-            return 1
-        rows += [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+               "--min-time", str(args.min_time)] + (["--impl", args.impl] if args.impl else [])
+        jobs = [(cmd, base, rows)]
+        if not args.no_torch and importlib.util.find_spec("torch") is not None:
+            jobs.append((cmd + ["--torch-only"], dict(base, OMP_WAIT_POLICY="PASSIVE"), torch_rows))
+        for job_cmd, env, into in jobs:
+            proc = subprocess.run(job_cmd, env=env, capture_output=True, text=True)
+            if proc.returncode:
+                sys.stderr.write(proc.stderr)
+                print(f"error: benchmark worker for {t} thread(s) failed", file=sys.stderr)
+                return 1
+            into += [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    rows = _merge(rows, torch_rows)
     print(HEADER)
     for r in rows:
         print(_fmt_row(r))

@@ -105,8 +105,9 @@ def bconv_fast(xp, Hp, Wp, CW, wt, nv, G, Wg, T, soff, K,
                     wbase = (g * T + t) * wstep
                     o0 = g * og + t * to
                     nl = min(to, og - t * to)
-                    # direct 1/2: the tile writes int32 K - 2*pc / its packed bits itself
-                    direct = 1 if mode == 0 and nl == to and not tile_border else 0
+                    # direct 1/2: the tile writes int32 K - 2*pc / its packed bits itself (int32:
+                    # border pixels then get their padding correction added below)
+                    direct = 1 if mode == 0 and nl == to else 0
                     shift = 0
                     if mode == 3 and nl == to and not tile_border \
                             and oword[o0 + to - 1] == oword[o0] \
@@ -121,6 +122,13 @@ def bconv_fast(xp, Hp, Wp, CW, wt, nv, G, Wg, T, soff, K,
                     else:
                         tile_nv1(m, a_xp, a_bases, a_wt, wbase, a_soff, nsteps, a_acc, a_out,
                                  a_obases, K, direct, a_bits, a_flip, a_pct, o0, shift)
+                    if direct == 1 and tile_border:
+                        for i in range(m):
+                            if (rcs[i] | ccs[i]) != 0:
+                                cbase = (rcs[i] * ncc + ccs[i]) * O + o0
+                                ob = oidx[i] + o0
+                                for l in range(to):
+                                    out_i32[ob + l] += np.int32(corr[cbase + l])
                     # otherwise the epilogue reads the scratch popcounts: whole 8-lane groups as
                     # vectors (K - 2*pc + corr, then the output mode), the other lanes scalar
                     for i in range(m if direct == 0 else 0):

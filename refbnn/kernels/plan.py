@@ -33,9 +33,11 @@ def as_packable(x, what="input") -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
-# Below this many input values packing runs on the calling thread: it streams memory at ~28 GB/s
-# on one core, and waking a second thread costs more than it saves (tools/bench_kernels.py).
-PACK_PARALLEL_MIN_VALUES = 1 << 20
+# Below this many input values packing runs on the calling thread: the parallel region's start-up
+# costs more than the second thread saves. Measured at 2 threads (median of 200 calls): 14x14x256
+# (50k values) 7 us serial / 9-12 us parallel; 28x28x128 (100k) 19 / 14-16 us; 56x56x64 (200k)
+# 31-42 / 24-26 us.
+PACK_PARALLEL_MIN_VALUES = 1 << 16
 
 
 def pack_last_axis(x: np.ndarray, groups: int, sign_at_zero: int, out=None, offset=(0, 0),
