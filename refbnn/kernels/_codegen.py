@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-ARGS = ("xp, bases, wt, wbase, soff, nsteps, acc, out, obases,\n"
-        "        k, direct, out_bits, pcflip, pcthr, o0, shift")
+ARGS = ("xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,\n"
+        "        k, direct, out_bits, pcflip, pcthr, o0, shift, corr, cbases")
 MR_MAX = 6  # output pixels per tile (rows of the register tile)
 NV_CHOICES = (4, 1)  # 8-lane vectors per tile: 32 or 8 output channels
 
@@ -23,15 +23,18 @@ taps and words, holding the ``m * NV`` accumulators as ``<8 x i64>`` values (zmm
 Array arguments are raw addresses (``array.ctypes.data``; a Numba array argument costs seven
 machine words per call, an address one), indices count elements:
 
-* ``xp``: flat packed, physically padded input (uint64); ``bases[i]``: flat index of output pixel
-  ``i``'s first tap (its top-left input word of the group); ``soff[s]``: offset of step ``s``,
+* ``xp``: flat packed, physically padded input (uint64); ``bases[i] + boff``: flat index of output
+  pixel ``i``'s first tap (its top-left input word of the group); ``soff[s]``: offset of step ``s``,
   one step per (tap ``t``, word ``c``): ``toff[t] + c``, ``nsteps = ntaps * wg`` of them.
 * ``wt``: flat weight tiles (uint64), ``nsteps`` steps of ``NV * 8`` words from ``wbase``: lane
   ``l`` of vector ``v`` at step ``(t, c)`` is output channel ``8 * v + l``'s word ``c`` of tap ``t``.
 * ``direct == 0``: int64 scratch ``acc`` receives pixel ``i``'s popcounts at
   ``acc[i * 8 * NV : (i + 1) * 8 * NV]``;
-* ``direct == 1``: ``out[obases[i] : obases[i] + 8 * NV] = int32(k - 2 * popcount)`` (int32);
-* ``direct == 2``: bit ``shift + l`` of ``out_bits[obases[i]]`` is set when
+* ``direct == 1``: ``out[ob : ob + 8 * NV] = int32(k - 2 * popcount)`` (int32),
+  ``ob = obases[i] + ooff``;
+* ``direct == 3``: as 1, plus the padding correction ``corr[cb : cb + 8 * NV]`` (int64),
+  ``cb = cbases[i] + o0``;
+* ``direct == 2``: bit ``shift + l`` of ``out_bits[obases[i] + ooff]`` is set when
   ``(popcount[l] ^ pcflip[o0 + l]) > pcthr[o0 + l]`` (the threshold in popcount terms, no border
   correction; all 8*NV lanes in one word).
 """
@@ -42,6 +45,7 @@ from .simd import (
     a8_bcast,
     a8_load,
     a8_store,
+    a8_store_acc_corr_i32,
     a8_store_acc_i32,
     a_i64,
     a_or_u64,
@@ -56,7 +60,7 @@ def _tile(m: int, nv: int) -> str:
     lines = ["@njit(cache=True)",
              f"def _t{m}x{nv}({ARGS}):"]
     for i in range(m):
-        lines.append(f"    b{i} = a_i64(bases, {i})")
+        lines.append(f"    b{i} = a_i64(bases, {i}) + boff")
     for i in range(m):
         for v in range(nv):
             lines.append(f"    a{i}_{v} = v8_zero()")
@@ -72,9 +76,16 @@ def _tile(m: int, nv: int) -> str:
             lines.append(f"        a{i}_{v} = v8_xpa(a{i}_{v}, w{v}, x)")
     lines += ["    if direct == 1:"]
     for i in range(m):
-        lines.append(f"        ob = a_i64(obases, {i})")
+        lines.append(f"        ob = a_i64(obases, {i}) + ooff")
         for v in range(nv):
             lines.append(f"        a8_store_acc_i32(out, ob + {8 * v}, a{i}_{v}, k)")
+    lines.append("    elif direct == 3:")
+    for i in range(m):
+        lines.append(f"        ob = a_i64(obases, {i}) + ooff")
+        lines.append(f"        cb = a_i64(cbases, {i}) + o0")
+        for v in range(nv):
+            lines.append(f"        a8_store_acc_corr_i32(out, ob + {8 * v}, a{i}_{v}, k, corr, "
+                         f"cb + {8 * v})")
     lines.append("    elif direct == 2:")
     for v in range(nv):
         lines.append(f"        d{v} = a8_load(pcflip, o0 + {8 * v})")
@@ -84,7 +95,7 @@ def _tile(m: int, nv: int) -> str:
         lines.append(f"        bits = {terms[0]}")
         for term in terms[1:]:
             lines.append(f"        bits |= {term}")
-        lines.append(f"        a_or_u64(out_bits, a_i64(obases, {i}), bits << shift)")
+        lines.append(f"        a_or_u64(out_bits, a_i64(obases, {i}) + ooff, bits << shift)")
     lines.append("    else:")
     for i in range(m):
         for v in range(nv):

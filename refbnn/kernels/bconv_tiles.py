@@ -6,15 +6,18 @@ taps and words, holding the ``m * NV`` accumulators as ``<8 x i64>`` values (zmm
 Array arguments are raw addresses (``array.ctypes.data``; a Numba array argument costs seven
 machine words per call, an address one), indices count elements:
 
-* ``xp``: flat packed, physically padded input (uint64); ``bases[i]``: flat index of output pixel
-  ``i``'s first tap (its top-left input word of the group); ``soff[s]``: offset of step ``s``,
+* ``xp``: flat packed, physically padded input (uint64); ``bases[i] + boff``: flat index of output
+  pixel ``i``'s first tap (its top-left input word of the group); ``soff[s]``: offset of step ``s``,
   one step per (tap ``t``, word ``c``): ``toff[t] + c``, ``nsteps = ntaps * wg`` of them.
 * ``wt``: flat weight tiles (uint64), ``nsteps`` steps of ``NV * 8`` words from ``wbase``: lane
   ``l`` of vector ``v`` at step ``(t, c)`` is output channel ``8 * v + l``'s word ``c`` of tap ``t``.
 * ``direct == 0``: int64 scratch ``acc`` receives pixel ``i``'s popcounts at
   ``acc[i * 8 * NV : (i + 1) * 8 * NV]``;
-* ``direct == 1``: ``out[obases[i] : obases[i] + 8 * NV] = int32(k - 2 * popcount)`` (int32);
-* ``direct == 2``: bit ``shift + l`` of ``out_bits[obases[i]]`` is set when
+* ``direct == 1``: ``out[ob : ob + 8 * NV] = int32(k - 2 * popcount)`` (int32),
+  ``ob = obases[i] + ooff``;
+* ``direct == 3``: as 1, plus the padding correction ``corr[cb : cb + 8 * NV]`` (int64),
+  ``cb = cbases[i] + o0``;
+* ``direct == 2``: bit ``shift + l`` of ``out_bits[obases[i] + ooff]`` is set when
   ``(popcount[l] ^ pcflip[o0 + l]) > pcthr[o0 + l]`` (the threshold in popcount terms, no border
   correction; all 8*NV lanes in one word).
 """
@@ -25,6 +28,7 @@ from .simd import (
     a8_bcast,
     a8_load,
     a8_store,
+    a8_store_acc_corr_i32,
     a8_store_acc_i32,
     a_i64,
     a_or_u64,
@@ -35,9 +39,9 @@ from .simd import (
 
 
 @njit(cache=True)
-def _t1x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-        k, direct, out_bits, pcflip, pcthr, o0, shift):
-    b0 = a_i64(bases, 0)
+def _t1x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+        k, direct, out_bits, pcflip, pcthr, o0, shift, corr, cbases):
+    b0 = a_i64(bases, 0) + boff
     a0_0 = v8_zero()
     a0_1 = v8_zero()
     a0_2 = v8_zero()
@@ -56,11 +60,18 @@ def _t1x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
         a0_2 = v8_xpa(a0_2, w2, x)
         a0_3 = v8_xpa(a0_3, w3, x)
     if direct == 1:
-        ob = a_i64(obases, 0)
+        ob = a_i64(obases, 0) + ooff
         a8_store_acc_i32(out, ob + 0, a0_0, k)
         a8_store_acc_i32(out, ob + 8, a0_1, k)
         a8_store_acc_i32(out, ob + 16, a0_2, k)
         a8_store_acc_i32(out, ob + 24, a0_3, k)
+    elif direct == 3:
+        ob = a_i64(obases, 0) + ooff
+        cb = a_i64(cbases, 0) + o0
+        a8_store_acc_corr_i32(out, ob + 0, a0_0, k, corr, cb + 0)
+        a8_store_acc_corr_i32(out, ob + 8, a0_1, k, corr, cb + 8)
+        a8_store_acc_corr_i32(out, ob + 16, a0_2, k, corr, cb + 16)
+        a8_store_acc_corr_i32(out, ob + 24, a0_3, k, corr, cb + 24)
     elif direct == 2:
         d0 = a8_load(pcflip, o0 + 0)
         t0 = a8_load(pcthr, o0 + 0)
@@ -74,7 +85,7 @@ def _t1x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
         bits |= (v8_pc_bits(a0_1, d1, t1) << 8)
         bits |= (v8_pc_bits(a0_2, d2, t2) << 16)
         bits |= (v8_pc_bits(a0_3, d3, t3) << 24)
-        a_or_u64(out_bits, a_i64(obases, 0), bits << shift)
+        a_or_u64(out_bits, a_i64(obases, 0) + ooff, bits << shift)
     else:
         a8_store(acc, 0, a0_0)
         a8_store(acc, 8, a0_1)
@@ -83,10 +94,10 @@ def _t1x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
 
 
 @njit(cache=True)
-def _t2x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-        k, direct, out_bits, pcflip, pcthr, o0, shift):
-    b0 = a_i64(bases, 0)
-    b1 = a_i64(bases, 1)
+def _t2x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+        k, direct, out_bits, pcflip, pcthr, o0, shift, corr, cbases):
+    b0 = a_i64(bases, 0) + boff
+    b1 = a_i64(bases, 1) + boff
     a0_0 = v8_zero()
     a0_1 = v8_zero()
     a0_2 = v8_zero()
@@ -114,16 +125,29 @@ def _t2x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
         a1_2 = v8_xpa(a1_2, w2, x)
         a1_3 = v8_xpa(a1_3, w3, x)
     if direct == 1:
-        ob = a_i64(obases, 0)
+        ob = a_i64(obases, 0) + ooff
         a8_store_acc_i32(out, ob + 0, a0_0, k)
         a8_store_acc_i32(out, ob + 8, a0_1, k)
         a8_store_acc_i32(out, ob + 16, a0_2, k)
         a8_store_acc_i32(out, ob + 24, a0_3, k)
-        ob = a_i64(obases, 1)
+        ob = a_i64(obases, 1) + ooff
         a8_store_acc_i32(out, ob + 0, a1_0, k)
         a8_store_acc_i32(out, ob + 8, a1_1, k)
         a8_store_acc_i32(out, ob + 16, a1_2, k)
         a8_store_acc_i32(out, ob + 24, a1_3, k)
+    elif direct == 3:
+        ob = a_i64(obases, 0) + ooff
+        cb = a_i64(cbases, 0) + o0
+        a8_store_acc_corr_i32(out, ob + 0, a0_0, k, corr, cb + 0)
+        a8_store_acc_corr_i32(out, ob + 8, a0_1, k, corr, cb + 8)
+        a8_store_acc_corr_i32(out, ob + 16, a0_2, k, corr, cb + 16)
+        a8_store_acc_corr_i32(out, ob + 24, a0_3, k, corr, cb + 24)
+        ob = a_i64(obases, 1) + ooff
+        cb = a_i64(cbases, 1) + o0
+        a8_store_acc_corr_i32(out, ob + 0, a1_0, k, corr, cb + 0)
+        a8_store_acc_corr_i32(out, ob + 8, a1_1, k, corr, cb + 8)
+        a8_store_acc_corr_i32(out, ob + 16, a1_2, k, corr, cb + 16)
+        a8_store_acc_corr_i32(out, ob + 24, a1_3, k, corr, cb + 24)
     elif direct == 2:
         d0 = a8_load(pcflip, o0 + 0)
         t0 = a8_load(pcthr, o0 + 0)
@@ -137,12 +161,12 @@ def _t2x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
         bits |= (v8_pc_bits(a0_1, d1, t1) << 8)
         bits |= (v8_pc_bits(a0_2, d2, t2) << 16)
         bits |= (v8_pc_bits(a0_3, d3, t3) << 24)
-        a_or_u64(out_bits, a_i64(obases, 0), bits << shift)
+        a_or_u64(out_bits, a_i64(obases, 0) + ooff, bits << shift)
         bits = (v8_pc_bits(a1_0, d0, t0) << 0)
         bits |= (v8_pc_bits(a1_1, d1, t1) << 8)
         bits |= (v8_pc_bits(a1_2, d2, t2) << 16)
         bits |= (v8_pc_bits(a1_3, d3, t3) << 24)
-        a_or_u64(out_bits, a_i64(obases, 1), bits << shift)
+        a_or_u64(out_bits, a_i64(obases, 1) + ooff, bits << shift)
     else:
         a8_store(acc, 0, a0_0)
         a8_store(acc, 8, a0_1)
@@ -155,11 +179,11 @@ def _t2x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
 
 
 @njit(cache=True)
-def _t3x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-        k, direct, out_bits, pcflip, pcthr, o0, shift):
-    b0 = a_i64(bases, 0)
-    b1 = a_i64(bases, 1)
-    b2 = a_i64(bases, 2)
+def _t3x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+        k, direct, out_bits, pcflip, pcthr, o0, shift, corr, cbases):
+    b0 = a_i64(bases, 0) + boff
+    b1 = a_i64(bases, 1) + boff
+    b2 = a_i64(bases, 2) + boff
     a0_0 = v8_zero()
     a0_1 = v8_zero()
     a0_2 = v8_zero()
@@ -196,21 +220,40 @@ def _t3x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
         a2_2 = v8_xpa(a2_2, w2, x)
         a2_3 = v8_xpa(a2_3, w3, x)
     if direct == 1:
-        ob = a_i64(obases, 0)
+        ob = a_i64(obases, 0) + ooff
         a8_store_acc_i32(out, ob + 0, a0_0, k)
         a8_store_acc_i32(out, ob + 8, a0_1, k)
         a8_store_acc_i32(out, ob + 16, a0_2, k)
         a8_store_acc_i32(out, ob + 24, a0_3, k)
-        ob = a_i64(obases, 1)
+        ob = a_i64(obases, 1) + ooff
         a8_store_acc_i32(out, ob + 0, a1_0, k)
         a8_store_acc_i32(out, ob + 8, a1_1, k)
         a8_store_acc_i32(out, ob + 16, a1_2, k)
         a8_store_acc_i32(out, ob + 24, a1_3, k)
-        ob = a_i64(obases, 2)
+        ob = a_i64(obases, 2) + ooff
         a8_store_acc_i32(out, ob + 0, a2_0, k)
         a8_store_acc_i32(out, ob + 8, a2_1, k)
         a8_store_acc_i32(out, ob + 16, a2_2, k)
         a8_store_acc_i32(out, ob + 24, a2_3, k)
+    elif direct == 3:
+        ob = a_i64(obases, 0) + ooff
+        cb = a_i64(cbases, 0) + o0
+        a8_store_acc_corr_i32(out, ob + 0, a0_0, k, corr, cb + 0)
+        a8_store_acc_corr_i32(out, ob + 8, a0_1, k, corr, cb + 8)
+        a8_store_acc_corr_i32(out, ob + 16, a0_2, k, corr, cb + 16)
+        a8_store_acc_corr_i32(out, ob + 24, a0_3, k, corr, cb + 24)
+        ob = a_i64(obases, 1) + ooff
+        cb = a_i64(cbases, 1) + o0
+        a8_store_acc_corr_i32(out, ob + 0, a1_0, k, corr, cb + 0)
+        a8_store_acc_corr_i32(out, ob + 8, a1_1, k, corr, cb + 8)
+        a8_store_acc_corr_i32(out, ob + 16, a1_2, k, corr, cb + 16)
+        a8_store_acc_corr_i32(out, ob + 24, a1_3, k, corr, cb + 24)
+        ob = a_i64(obases, 2) + ooff
+        cb = a_i64(cbases, 2) + o0
+        a8_store_acc_corr_i32(out, ob + 0, a2_0, k, corr, cb + 0)
+        a8_store_acc_corr_i32(out, ob + 8, a2_1, k, corr, cb + 8)
+        a8_store_acc_corr_i32(out, ob + 16, a2_2, k, corr, cb + 16)
+        a8_store_acc_corr_i32(out, ob + 24, a2_3, k, corr, cb + 24)
     elif direct == 2:
         d0 = a8_load(pcflip, o0 + 0)
         t0 = a8_load(pcthr, o0 + 0)
@@ -224,17 +267,17 @@ def _t3x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
         bits |= (v8_pc_bits(a0_1, d1, t1) << 8)
         bits |= (v8_pc_bits(a0_2, d2, t2) << 16)
         bits |= (v8_pc_bits(a0_3, d3, t3) << 24)
-        a_or_u64(out_bits, a_i64(obases, 0), bits << shift)
+        a_or_u64(out_bits, a_i64(obases, 0) + ooff, bits << shift)
         bits = (v8_pc_bits(a1_0, d0, t0) << 0)
         bits |= (v8_pc_bits(a1_1, d1, t1) << 8)
         bits |= (v8_pc_bits(a1_2, d2, t2) << 16)
         bits |= (v8_pc_bits(a1_3, d3, t3) << 24)
-        a_or_u64(out_bits, a_i64(obases, 1), bits << shift)
+        a_or_u64(out_bits, a_i64(obases, 1) + ooff, bits << shift)
         bits = (v8_pc_bits(a2_0, d0, t0) << 0)
         bits |= (v8_pc_bits(a2_1, d1, t1) << 8)
         bits |= (v8_pc_bits(a2_2, d2, t2) << 16)
         bits |= (v8_pc_bits(a2_3, d3, t3) << 24)
-        a_or_u64(out_bits, a_i64(obases, 2), bits << shift)
+        a_or_u64(out_bits, a_i64(obases, 2) + ooff, bits << shift)
     else:
         a8_store(acc, 0, a0_0)
         a8_store(acc, 8, a0_1)
@@ -251,12 +294,12 @@ def _t3x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
 
 
 @njit(cache=True)
-def _t4x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-        k, direct, out_bits, pcflip, pcthr, o0, shift):
-    b0 = a_i64(bases, 0)
-    b1 = a_i64(bases, 1)
-    b2 = a_i64(bases, 2)
-    b3 = a_i64(bases, 3)
+def _t4x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+        k, direct, out_bits, pcflip, pcthr, o0, shift, corr, cbases):
+    b0 = a_i64(bases, 0) + boff
+    b1 = a_i64(bases, 1) + boff
+    b2 = a_i64(bases, 2) + boff
+    b3 = a_i64(bases, 3) + boff
     a0_0 = v8_zero()
     a0_1 = v8_zero()
     a0_2 = v8_zero()
@@ -302,26 +345,51 @@ def _t4x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
         a3_2 = v8_xpa(a3_2, w2, x)
         a3_3 = v8_xpa(a3_3, w3, x)
     if direct == 1:
-        ob = a_i64(obases, 0)
+        ob = a_i64(obases, 0) + ooff
         a8_store_acc_i32(out, ob + 0, a0_0, k)
         a8_store_acc_i32(out, ob + 8, a0_1, k)
         a8_store_acc_i32(out, ob + 16, a0_2, k)
         a8_store_acc_i32(out, ob + 24, a0_3, k)
-        ob = a_i64(obases, 1)
+        ob = a_i64(obases, 1) + ooff
         a8_store_acc_i32(out, ob + 0, a1_0, k)
         a8_store_acc_i32(out, ob + 8, a1_1, k)
         a8_store_acc_i32(out, ob + 16, a1_2, k)
         a8_store_acc_i32(out, ob + 24, a1_3, k)
-        ob = a_i64(obases, 2)
+        ob = a_i64(obases, 2) + ooff
         a8_store_acc_i32(out, ob + 0, a2_0, k)
         a8_store_acc_i32(out, ob + 8, a2_1, k)
         a8_store_acc_i32(out, ob + 16, a2_2, k)
         a8_store_acc_i32(out, ob + 24, a2_3, k)
-        ob = a_i64(obases, 3)
+        ob = a_i64(obases, 3) + ooff
         a8_store_acc_i32(out, ob + 0, a3_0, k)
         a8_store_acc_i32(out, ob + 8, a3_1, k)
         a8_store_acc_i32(out, ob + 16, a3_2, k)
         a8_store_acc_i32(out, ob + 24, a3_3, k)
+    elif direct == 3:
+        ob = a_i64(obases, 0) + ooff
+        cb = a_i64(cbases, 0) + o0
+        a8_store_acc_corr_i32(out, ob + 0, a0_0, k, corr, cb + 0)
+        a8_store_acc_corr_i32(out, ob + 8, a0_1, k, corr, cb + 8)
+        a8_store_acc_corr_i32(out, ob + 16, a0_2, k, corr, cb + 16)
+        a8_store_acc_corr_i32(out, ob + 24, a0_3, k, corr, cb + 24)
+        ob = a_i64(obases, 1) + ooff
+        cb = a_i64(cbases, 1) + o0
+        a8_store_acc_corr_i32(out, ob + 0, a1_0, k, corr, cb + 0)
+        a8_store_acc_corr_i32(out, ob + 8, a1_1, k, corr, cb + 8)
+        a8_store_acc_corr_i32(out, ob + 16, a1_2, k, corr, cb + 16)
+        a8_store_acc_corr_i32(out, ob + 24, a1_3, k, corr, cb + 24)
+        ob = a_i64(obases, 2) + ooff
+        cb = a_i64(cbases, 2) + o0
+        a8_store_acc_corr_i32(out, ob + 0, a2_0, k, corr, cb + 0)
+        a8_store_acc_corr_i32(out, ob + 8, a2_1, k, corr, cb + 8)
+        a8_store_acc_corr_i32(out, ob + 16, a2_2, k, corr, cb + 16)
+        a8_store_acc_corr_i32(out, ob + 24, a2_3, k, corr, cb + 24)
+        ob = a_i64(obases, 3) + ooff
+        cb = a_i64(cbases, 3) + o0
+        a8_store_acc_corr_i32(out, ob + 0, a3_0, k, corr, cb + 0)
+        a8_store_acc_corr_i32(out, ob + 8, a3_1, k, corr, cb + 8)
+        a8_store_acc_corr_i32(out, ob + 16, a3_2, k, corr, cb + 16)
+        a8_store_acc_corr_i32(out, ob + 24, a3_3, k, corr, cb + 24)
     elif direct == 2:
         d0 = a8_load(pcflip, o0 + 0)
         t0 = a8_load(pcthr, o0 + 0)
@@ -335,22 +403,22 @@ def _t4x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
         bits |= (v8_pc_bits(a0_1, d1, t1) << 8)
         bits |= (v8_pc_bits(a0_2, d2, t2) << 16)
         bits |= (v8_pc_bits(a0_3, d3, t3) << 24)
-        a_or_u64(out_bits, a_i64(obases, 0), bits << shift)
+        a_or_u64(out_bits, a_i64(obases, 0) + ooff, bits << shift)
         bits = (v8_pc_bits(a1_0, d0, t0) << 0)
         bits |= (v8_pc_bits(a1_1, d1, t1) << 8)
         bits |= (v8_pc_bits(a1_2, d2, t2) << 16)
         bits |= (v8_pc_bits(a1_3, d3, t3) << 24)
-        a_or_u64(out_bits, a_i64(obases, 1), bits << shift)
+        a_or_u64(out_bits, a_i64(obases, 1) + ooff, bits << shift)
         bits = (v8_pc_bits(a2_0, d0, t0) << 0)
         bits |= (v8_pc_bits(a2_1, d1, t1) << 8)
         bits |= (v8_pc_bits(a2_2, d2, t2) << 16)
         bits |= (v8_pc_bits(a2_3, d3, t3) << 24)
-        a_or_u64(out_bits, a_i64(obases, 2), bits << shift)
+        a_or_u64(out_bits, a_i64(obases, 2) + ooff, bits << shift)
         bits = (v8_pc_bits(a3_0, d0, t0) << 0)
         bits |= (v8_pc_bits(a3_1, d1, t1) << 8)
         bits |= (v8_pc_bits(a3_2, d2, t2) << 16)
         bits |= (v8_pc_bits(a3_3, d3, t3) << 24)
-        a_or_u64(out_bits, a_i64(obases, 3), bits << shift)
+        a_or_u64(out_bits, a_i64(obases, 3) + ooff, bits << shift)
     else:
         a8_store(acc, 0, a0_0)
         a8_store(acc, 8, a0_1)
@@ -371,13 +439,13 @@ def _t4x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
 
 
 @njit(cache=True)
-def _t5x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-        k, direct, out_bits, pcflip, pcthr, o0, shift):
-    b0 = a_i64(bases, 0)
-    b1 = a_i64(bases, 1)
-    b2 = a_i64(bases, 2)
-    b3 = a_i64(bases, 3)
-    b4 = a_i64(bases, 4)
+def _t5x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+        k, direct, out_bits, pcflip, pcthr, o0, shift, corr, cbases):
+    b0 = a_i64(bases, 0) + boff
+    b1 = a_i64(bases, 1) + boff
+    b2 = a_i64(bases, 2) + boff
+    b3 = a_i64(bases, 3) + boff
+    b4 = a_i64(bases, 4) + boff
     a0_0 = v8_zero()
     a0_1 = v8_zero()
     a0_2 = v8_zero()
@@ -432,31 +500,62 @@ def _t5x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
         a4_2 = v8_xpa(a4_2, w2, x)
         a4_3 = v8_xpa(a4_3, w3, x)
     if direct == 1:
-        ob = a_i64(obases, 0)
+        ob = a_i64(obases, 0) + ooff
         a8_store_acc_i32(out, ob + 0, a0_0, k)
         a8_store_acc_i32(out, ob + 8, a0_1, k)
         a8_store_acc_i32(out, ob + 16, a0_2, k)
         a8_store_acc_i32(out, ob + 24, a0_3, k)
-        ob = a_i64(obases, 1)
+        ob = a_i64(obases, 1) + ooff
         a8_store_acc_i32(out, ob + 0, a1_0, k)
         a8_store_acc_i32(out, ob + 8, a1_1, k)
         a8_store_acc_i32(out, ob + 16, a1_2, k)
         a8_store_acc_i32(out, ob + 24, a1_3, k)
-        ob = a_i64(obases, 2)
+        ob = a_i64(obases, 2) + ooff
         a8_store_acc_i32(out, ob + 0, a2_0, k)
         a8_store_acc_i32(out, ob + 8, a2_1, k)
         a8_store_acc_i32(out, ob + 16, a2_2, k)
         a8_store_acc_i32(out, ob + 24, a2_3, k)
-        ob = a_i64(obases, 3)
+        ob = a_i64(obases, 3) + ooff
         a8_store_acc_i32(out, ob + 0, a3_0, k)
         a8_store_acc_i32(out, ob + 8, a3_1, k)
         a8_store_acc_i32(out, ob + 16, a3_2, k)
         a8_store_acc_i32(out, ob + 24, a3_3, k)
-        ob = a_i64(obases, 4)
+        ob = a_i64(obases, 4) + ooff
         a8_store_acc_i32(out, ob + 0, a4_0, k)
         a8_store_acc_i32(out, ob + 8, a4_1, k)
         a8_store_acc_i32(out, ob + 16, a4_2, k)
         a8_store_acc_i32(out, ob + 24, a4_3, k)
+    elif direct == 3:
+        ob = a_i64(obases, 0) + ooff
+        cb = a_i64(cbases, 0) + o0
+        a8_store_acc_corr_i32(out, ob + 0, a0_0, k, corr, cb + 0)
+        a8_store_acc_corr_i32(out, ob + 8, a0_1, k, corr, cb + 8)
+        a8_store_acc_corr_i32(out, ob + 16, a0_2, k, corr, cb + 16)
+        a8_store_acc_corr_i32(out, ob + 24, a0_3, k, corr, cb + 24)
+        ob = a_i64(obases, 1) + ooff
+        cb = a_i64(cbases, 1) + o0
+        a8_store_acc_corr_i32(out, ob + 0, a1_0, k, corr, cb + 0)
+        a8_store_acc_corr_i32(out, ob + 8, a1_1, k, corr, cb + 8)
+        a8_store_acc_corr_i32(out, ob + 16, a1_2, k, corr, cb + 16)
+        a8_store_acc_corr_i32(out, ob + 24, a1_3, k, corr, cb + 24)
+        ob = a_i64(obases, 2) + ooff
+        cb = a_i64(cbases, 2) + o0
+        a8_store_acc_corr_i32(out, ob + 0, a2_0, k, corr, cb + 0)
+        a8_store_acc_corr_i32(out, ob + 8, a2_1, k, corr, cb + 8)
+        a8_store_acc_corr_i32(out, ob + 16, a2_2, k, corr, cb + 16)
+        a8_store_acc_corr_i32(out, ob + 24, a2_3, k, corr, cb + 24)
+        ob = a_i64(obases, 3) + ooff
+        cb = a_i64(cbases, 3) + o0
+        a8_store_acc_corr_i32(out, ob + 0, a3_0, k, corr, cb + 0)
+        a8_store_acc_corr_i32(out, ob + 8, a3_1, k, corr, cb + 8)
+        a8_store_acc_corr_i32(out, ob + 16, a3_2, k, corr, cb + 16)
+        a8_store_acc_corr_i32(out, ob + 24, a3_3, k, corr, cb + 24)
+        ob = a_i64(obases, 4) + ooff
+        cb = a_i64(cbases, 4) + o0
+        a8_store_acc_corr_i32(out, ob + 0, a4_0, k, corr, cb + 0)
+        a8_store_acc_corr_i32(out, ob + 8, a4_1, k, corr, cb + 8)
+        a8_store_acc_corr_i32(out, ob + 16, a4_2, k, corr, cb + 16)
+        a8_store_acc_corr_i32(out, ob + 24, a4_3, k, corr, cb + 24)
     elif direct == 2:
         d0 = a8_load(pcflip, o0 + 0)
         t0 = a8_load(pcthr, o0 + 0)
@@ -470,27 +569,27 @@ def _t5x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
         bits |= (v8_pc_bits(a0_1, d1, t1) << 8)
         bits |= (v8_pc_bits(a0_2, d2, t2) << 16)
         bits |= (v8_pc_bits(a0_3, d3, t3) << 24)
-        a_or_u64(out_bits, a_i64(obases, 0), bits << shift)
+        a_or_u64(out_bits, a_i64(obases, 0) + ooff, bits << shift)
         bits = (v8_pc_bits(a1_0, d0, t0) << 0)
         bits |= (v8_pc_bits(a1_1, d1, t1) << 8)
         bits |= (v8_pc_bits(a1_2, d2, t2) << 16)
         bits |= (v8_pc_bits(a1_3, d3, t3) << 24)
-        a_or_u64(out_bits, a_i64(obases, 1), bits << shift)
+        a_or_u64(out_bits, a_i64(obases, 1) + ooff, bits << shift)
         bits = (v8_pc_bits(a2_0, d0, t0) << 0)
         bits |= (v8_pc_bits(a2_1, d1, t1) << 8)
         bits |= (v8_pc_bits(a2_2, d2, t2) << 16)
         bits |= (v8_pc_bits(a2_3, d3, t3) << 24)
-        a_or_u64(out_bits, a_i64(obases, 2), bits << shift)
+        a_or_u64(out_bits, a_i64(obases, 2) + ooff, bits << shift)
         bits = (v8_pc_bits(a3_0, d0, t0) << 0)
         bits |= (v8_pc_bits(a3_1, d1, t1) << 8)
         bits |= (v8_pc_bits(a3_2, d2, t2) << 16)
         bits |= (v8_pc_bits(a3_3, d3, t3) << 24)
-        a_or_u64(out_bits, a_i64(obases, 3), bits << shift)
+        a_or_u64(out_bits, a_i64(obases, 3) + ooff, bits << shift)
         bits = (v8_pc_bits(a4_0, d0, t0) << 0)
         bits |= (v8_pc_bits(a4_1, d1, t1) << 8)
         bits |= (v8_pc_bits(a4_2, d2, t2) << 16)
         bits |= (v8_pc_bits(a4_3, d3, t3) << 24)
-        a_or_u64(out_bits, a_i64(obases, 4), bits << shift)
+        a_or_u64(out_bits, a_i64(obases, 4) + ooff, bits << shift)
     else:
         a8_store(acc, 0, a0_0)
         a8_store(acc, 8, a0_1)
@@ -515,14 +614,14 @@ def _t5x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
 
 
 @njit(cache=True)
-def _t6x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-        k, direct, out_bits, pcflip, pcthr, o0, shift):
-    b0 = a_i64(bases, 0)
-    b1 = a_i64(bases, 1)
-    b2 = a_i64(bases, 2)
-    b3 = a_i64(bases, 3)
-    b4 = a_i64(bases, 4)
-    b5 = a_i64(bases, 5)
+def _t6x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+        k, direct, out_bits, pcflip, pcthr, o0, shift, corr, cbases):
+    b0 = a_i64(bases, 0) + boff
+    b1 = a_i64(bases, 1) + boff
+    b2 = a_i64(bases, 2) + boff
+    b3 = a_i64(bases, 3) + boff
+    b4 = a_i64(bases, 4) + boff
+    b5 = a_i64(bases, 5) + boff
     a0_0 = v8_zero()
     a0_1 = v8_zero()
     a0_2 = v8_zero()
@@ -586,36 +685,73 @@ def _t6x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
         a5_2 = v8_xpa(a5_2, w2, x)
         a5_3 = v8_xpa(a5_3, w3, x)
     if direct == 1:
-        ob = a_i64(obases, 0)
+        ob = a_i64(obases, 0) + ooff
         a8_store_acc_i32(out, ob + 0, a0_0, k)
         a8_store_acc_i32(out, ob + 8, a0_1, k)
         a8_store_acc_i32(out, ob + 16, a0_2, k)
         a8_store_acc_i32(out, ob + 24, a0_3, k)
-        ob = a_i64(obases, 1)
+        ob = a_i64(obases, 1) + ooff
         a8_store_acc_i32(out, ob + 0, a1_0, k)
         a8_store_acc_i32(out, ob + 8, a1_1, k)
         a8_store_acc_i32(out, ob + 16, a1_2, k)
         a8_store_acc_i32(out, ob + 24, a1_3, k)
-        ob = a_i64(obases, 2)
+        ob = a_i64(obases, 2) + ooff
         a8_store_acc_i32(out, ob + 0, a2_0, k)
         a8_store_acc_i32(out, ob + 8, a2_1, k)
         a8_store_acc_i32(out, ob + 16, a2_2, k)
         a8_store_acc_i32(out, ob + 24, a2_3, k)
-        ob = a_i64(obases, 3)
+        ob = a_i64(obases, 3) + ooff
         a8_store_acc_i32(out, ob + 0, a3_0, k)
         a8_store_acc_i32(out, ob + 8, a3_1, k)
         a8_store_acc_i32(out, ob + 16, a3_2, k)
         a8_store_acc_i32(out, ob + 24, a3_3, k)
-        ob = a_i64(obases, 4)
+        ob = a_i64(obases, 4) + ooff
         a8_store_acc_i32(out, ob + 0, a4_0, k)
         a8_store_acc_i32(out, ob + 8, a4_1, k)
         a8_store_acc_i32(out, ob + 16, a4_2, k)
         a8_store_acc_i32(out, ob + 24, a4_3, k)
-        ob = a_i64(obases, 5)
+        ob = a_i64(obases, 5) + ooff
         a8_store_acc_i32(out, ob + 0, a5_0, k)
         a8_store_acc_i32(out, ob + 8, a5_1, k)
         a8_store_acc_i32(out, ob + 16, a5_2, k)
         a8_store_acc_i32(out, ob + 24, a5_3, k)
+    elif direct == 3:
+        ob = a_i64(obases, 0) + ooff
+        cb = a_i64(cbases, 0) + o0
+        a8_store_acc_corr_i32(out, ob + 0, a0_0, k, corr, cb + 0)
+        a8_store_acc_corr_i32(out, ob + 8, a0_1, k, corr, cb + 8)
+        a8_store_acc_corr_i32(out, ob + 16, a0_2, k, corr, cb + 16)
+        a8_store_acc_corr_i32(out, ob + 24, a0_3, k, corr, cb + 24)
+        ob = a_i64(obases, 1) + ooff
+        cb = a_i64(cbases, 1) + o0
+        a8_store_acc_corr_i32(out, ob + 0, a1_0, k, corr, cb + 0)
+        a8_store_acc_corr_i32(out, ob + 8, a1_1, k, corr, cb + 8)
+        a8_store_acc_corr_i32(out, ob + 16, a1_2, k, corr, cb + 16)
+        a8_store_acc_corr_i32(out, ob + 24, a1_3, k, corr, cb + 24)
+        ob = a_i64(obases, 2) + ooff
+        cb = a_i64(cbases, 2) + o0
+        a8_store_acc_corr_i32(out, ob + 0, a2_0, k, corr, cb + 0)
+        a8_store_acc_corr_i32(out, ob + 8, a2_1, k, corr, cb + 8)
+        a8_store_acc_corr_i32(out, ob + 16, a2_2, k, corr, cb + 16)
+        a8_store_acc_corr_i32(out, ob + 24, a2_3, k, corr, cb + 24)
+        ob = a_i64(obases, 3) + ooff
+        cb = a_i64(cbases, 3) + o0
+        a8_store_acc_corr_i32(out, ob + 0, a3_0, k, corr, cb + 0)
+        a8_store_acc_corr_i32(out, ob + 8, a3_1, k, corr, cb + 8)
+        a8_store_acc_corr_i32(out, ob + 16, a3_2, k, corr, cb + 16)
+        a8_store_acc_corr_i32(out, ob + 24, a3_3, k, corr, cb + 24)
+        ob = a_i64(obases, 4) + ooff
+        cb = a_i64(cbases, 4) + o0
+        a8_store_acc_corr_i32(out, ob + 0, a4_0, k, corr, cb + 0)
+        a8_store_acc_corr_i32(out, ob + 8, a4_1, k, corr, cb + 8)
+        a8_store_acc_corr_i32(out, ob + 16, a4_2, k, corr, cb + 16)
+        a8_store_acc_corr_i32(out, ob + 24, a4_3, k, corr, cb + 24)
+        ob = a_i64(obases, 5) + ooff
+        cb = a_i64(cbases, 5) + o0
+        a8_store_acc_corr_i32(out, ob + 0, a5_0, k, corr, cb + 0)
+        a8_store_acc_corr_i32(out, ob + 8, a5_1, k, corr, cb + 8)
+        a8_store_acc_corr_i32(out, ob + 16, a5_2, k, corr, cb + 16)
+        a8_store_acc_corr_i32(out, ob + 24, a5_3, k, corr, cb + 24)
     elif direct == 2:
         d0 = a8_load(pcflip, o0 + 0)
         t0 = a8_load(pcthr, o0 + 0)
@@ -629,32 +765,32 @@ def _t6x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
         bits |= (v8_pc_bits(a0_1, d1, t1) << 8)
         bits |= (v8_pc_bits(a0_2, d2, t2) << 16)
         bits |= (v8_pc_bits(a0_3, d3, t3) << 24)
-        a_or_u64(out_bits, a_i64(obases, 0), bits << shift)
+        a_or_u64(out_bits, a_i64(obases, 0) + ooff, bits << shift)
         bits = (v8_pc_bits(a1_0, d0, t0) << 0)
         bits |= (v8_pc_bits(a1_1, d1, t1) << 8)
         bits |= (v8_pc_bits(a1_2, d2, t2) << 16)
         bits |= (v8_pc_bits(a1_3, d3, t3) << 24)
-        a_or_u64(out_bits, a_i64(obases, 1), bits << shift)
+        a_or_u64(out_bits, a_i64(obases, 1) + ooff, bits << shift)
         bits = (v8_pc_bits(a2_0, d0, t0) << 0)
         bits |= (v8_pc_bits(a2_1, d1, t1) << 8)
         bits |= (v8_pc_bits(a2_2, d2, t2) << 16)
         bits |= (v8_pc_bits(a2_3, d3, t3) << 24)
-        a_or_u64(out_bits, a_i64(obases, 2), bits << shift)
+        a_or_u64(out_bits, a_i64(obases, 2) + ooff, bits << shift)
         bits = (v8_pc_bits(a3_0, d0, t0) << 0)
         bits |= (v8_pc_bits(a3_1, d1, t1) << 8)
         bits |= (v8_pc_bits(a3_2, d2, t2) << 16)
         bits |= (v8_pc_bits(a3_3, d3, t3) << 24)
-        a_or_u64(out_bits, a_i64(obases, 3), bits << shift)
+        a_or_u64(out_bits, a_i64(obases, 3) + ooff, bits << shift)
         bits = (v8_pc_bits(a4_0, d0, t0) << 0)
         bits |= (v8_pc_bits(a4_1, d1, t1) << 8)
         bits |= (v8_pc_bits(a4_2, d2, t2) << 16)
         bits |= (v8_pc_bits(a4_3, d3, t3) << 24)
-        a_or_u64(out_bits, a_i64(obases, 4), bits << shift)
+        a_or_u64(out_bits, a_i64(obases, 4) + ooff, bits << shift)
         bits = (v8_pc_bits(a5_0, d0, t0) << 0)
         bits |= (v8_pc_bits(a5_1, d1, t1) << 8)
         bits |= (v8_pc_bits(a5_2, d2, t2) << 16)
         bits |= (v8_pc_bits(a5_3, d3, t3) << 24)
-        a_or_u64(out_bits, a_i64(obases, 5), bits << shift)
+        a_or_u64(out_bits, a_i64(obases, 5) + ooff, bits << shift)
     else:
         a8_store(acc, 0, a0_0)
         a8_store(acc, 8, a0_1)
@@ -683,9 +819,9 @@ def _t6x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
 
 
 @njit(cache=True)
-def _t1x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-        k, direct, out_bits, pcflip, pcthr, o0, shift):
-    b0 = a_i64(bases, 0)
+def _t1x1(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+        k, direct, out_bits, pcflip, pcthr, o0, shift, corr, cbases):
+    b0 = a_i64(bases, 0) + boff
     a0_0 = v8_zero()
     wi = wbase
     for s in range(nsteps):  # one step = one word of one tap
@@ -695,22 +831,26 @@ def _t1x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
         x = a8_bcast(xp, b0 + o)
         a0_0 = v8_xpa(a0_0, w0, x)
     if direct == 1:
-        ob = a_i64(obases, 0)
+        ob = a_i64(obases, 0) + ooff
         a8_store_acc_i32(out, ob + 0, a0_0, k)
+    elif direct == 3:
+        ob = a_i64(obases, 0) + ooff
+        cb = a_i64(cbases, 0) + o0
+        a8_store_acc_corr_i32(out, ob + 0, a0_0, k, corr, cb + 0)
     elif direct == 2:
         d0 = a8_load(pcflip, o0 + 0)
         t0 = a8_load(pcthr, o0 + 0)
         bits = (v8_pc_bits(a0_0, d0, t0) << 0)
-        a_or_u64(out_bits, a_i64(obases, 0), bits << shift)
+        a_or_u64(out_bits, a_i64(obases, 0) + ooff, bits << shift)
     else:
         a8_store(acc, 0, a0_0)
 
 
 @njit(cache=True)
-def _t2x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-        k, direct, out_bits, pcflip, pcthr, o0, shift):
-    b0 = a_i64(bases, 0)
-    b1 = a_i64(bases, 1)
+def _t2x1(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+        k, direct, out_bits, pcflip, pcthr, o0, shift, corr, cbases):
+    b0 = a_i64(bases, 0) + boff
+    b1 = a_i64(bases, 1) + boff
     a0_0 = v8_zero()
     a1_0 = v8_zero()
     wi = wbase
@@ -723,28 +863,35 @@ def _t2x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
         x = a8_bcast(xp, b1 + o)
         a1_0 = v8_xpa(a1_0, w0, x)
     if direct == 1:
-        ob = a_i64(obases, 0)
+        ob = a_i64(obases, 0) + ooff
         a8_store_acc_i32(out, ob + 0, a0_0, k)
-        ob = a_i64(obases, 1)
+        ob = a_i64(obases, 1) + ooff
         a8_store_acc_i32(out, ob + 0, a1_0, k)
+    elif direct == 3:
+        ob = a_i64(obases, 0) + ooff
+        cb = a_i64(cbases, 0) + o0
+        a8_store_acc_corr_i32(out, ob + 0, a0_0, k, corr, cb + 0)
+        ob = a_i64(obases, 1) + ooff
+        cb = a_i64(cbases, 1) + o0
+        a8_store_acc_corr_i32(out, ob + 0, a1_0, k, corr, cb + 0)
     elif direct == 2:
         d0 = a8_load(pcflip, o0 + 0)
         t0 = a8_load(pcthr, o0 + 0)
         bits = (v8_pc_bits(a0_0, d0, t0) << 0)
-        a_or_u64(out_bits, a_i64(obases, 0), bits << shift)
+        a_or_u64(out_bits, a_i64(obases, 0) + ooff, bits << shift)
         bits = (v8_pc_bits(a1_0, d0, t0) << 0)
-        a_or_u64(out_bits, a_i64(obases, 1), bits << shift)
+        a_or_u64(out_bits, a_i64(obases, 1) + ooff, bits << shift)
     else:
         a8_store(acc, 0, a0_0)
         a8_store(acc, 8, a1_0)
 
 
 @njit(cache=True)
-def _t3x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-        k, direct, out_bits, pcflip, pcthr, o0, shift):
-    b0 = a_i64(bases, 0)
-    b1 = a_i64(bases, 1)
-    b2 = a_i64(bases, 2)
+def _t3x1(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+        k, direct, out_bits, pcflip, pcthr, o0, shift, corr, cbases):
+    b0 = a_i64(bases, 0) + boff
+    b1 = a_i64(bases, 1) + boff
+    b2 = a_i64(bases, 2) + boff
     a0_0 = v8_zero()
     a1_0 = v8_zero()
     a2_0 = v8_zero()
@@ -760,21 +907,31 @@ def _t3x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
         x = a8_bcast(xp, b2 + o)
         a2_0 = v8_xpa(a2_0, w0, x)
     if direct == 1:
-        ob = a_i64(obases, 0)
+        ob = a_i64(obases, 0) + ooff
         a8_store_acc_i32(out, ob + 0, a0_0, k)
-        ob = a_i64(obases, 1)
+        ob = a_i64(obases, 1) + ooff
         a8_store_acc_i32(out, ob + 0, a1_0, k)
-        ob = a_i64(obases, 2)
+        ob = a_i64(obases, 2) + ooff
         a8_store_acc_i32(out, ob + 0, a2_0, k)
+    elif direct == 3:
+        ob = a_i64(obases, 0) + ooff
+        cb = a_i64(cbases, 0) + o0
+        a8_store_acc_corr_i32(out, ob + 0, a0_0, k, corr, cb + 0)
+        ob = a_i64(obases, 1) + ooff
+        cb = a_i64(cbases, 1) + o0
+        a8_store_acc_corr_i32(out, ob + 0, a1_0, k, corr, cb + 0)
+        ob = a_i64(obases, 2) + ooff
+        cb = a_i64(cbases, 2) + o0
+        a8_store_acc_corr_i32(out, ob + 0, a2_0, k, corr, cb + 0)
     elif direct == 2:
         d0 = a8_load(pcflip, o0 + 0)
         t0 = a8_load(pcthr, o0 + 0)
         bits = (v8_pc_bits(a0_0, d0, t0) << 0)
-        a_or_u64(out_bits, a_i64(obases, 0), bits << shift)
+        a_or_u64(out_bits, a_i64(obases, 0) + ooff, bits << shift)
         bits = (v8_pc_bits(a1_0, d0, t0) << 0)
-        a_or_u64(out_bits, a_i64(obases, 1), bits << shift)
+        a_or_u64(out_bits, a_i64(obases, 1) + ooff, bits << shift)
         bits = (v8_pc_bits(a2_0, d0, t0) << 0)
-        a_or_u64(out_bits, a_i64(obases, 2), bits << shift)
+        a_or_u64(out_bits, a_i64(obases, 2) + ooff, bits << shift)
     else:
         a8_store(acc, 0, a0_0)
         a8_store(acc, 8, a1_0)
@@ -782,12 +939,12 @@ def _t3x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
 
 
 @njit(cache=True)
-def _t4x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-        k, direct, out_bits, pcflip, pcthr, o0, shift):
-    b0 = a_i64(bases, 0)
-    b1 = a_i64(bases, 1)
-    b2 = a_i64(bases, 2)
-    b3 = a_i64(bases, 3)
+def _t4x1(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+        k, direct, out_bits, pcflip, pcthr, o0, shift, corr, cbases):
+    b0 = a_i64(bases, 0) + boff
+    b1 = a_i64(bases, 1) + boff
+    b2 = a_i64(bases, 2) + boff
+    b3 = a_i64(bases, 3) + boff
     a0_0 = v8_zero()
     a1_0 = v8_zero()
     a2_0 = v8_zero()
@@ -806,25 +963,38 @@ def _t4x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
         x = a8_bcast(xp, b3 + o)
         a3_0 = v8_xpa(a3_0, w0, x)
     if direct == 1:
-        ob = a_i64(obases, 0)
+        ob = a_i64(obases, 0) + ooff
         a8_store_acc_i32(out, ob + 0, a0_0, k)
-        ob = a_i64(obases, 1)
+        ob = a_i64(obases, 1) + ooff
         a8_store_acc_i32(out, ob + 0, a1_0, k)
-        ob = a_i64(obases, 2)
+        ob = a_i64(obases, 2) + ooff
         a8_store_acc_i32(out, ob + 0, a2_0, k)
-        ob = a_i64(obases, 3)
+        ob = a_i64(obases, 3) + ooff
         a8_store_acc_i32(out, ob + 0, a3_0, k)
+    elif direct == 3:
+        ob = a_i64(obases, 0) + ooff
+        cb = a_i64(cbases, 0) + o0
+        a8_store_acc_corr_i32(out, ob + 0, a0_0, k, corr, cb + 0)
+        ob = a_i64(obases, 1) + ooff
+        cb = a_i64(cbases, 1) + o0
+        a8_store_acc_corr_i32(out, ob + 0, a1_0, k, corr, cb + 0)
+        ob = a_i64(obases, 2) + ooff
+        cb = a_i64(cbases, 2) + o0
+        a8_store_acc_corr_i32(out, ob + 0, a2_0, k, corr, cb + 0)
+        ob = a_i64(obases, 3) + ooff
+        cb = a_i64(cbases, 3) + o0
+        a8_store_acc_corr_i32(out, ob + 0, a3_0, k, corr, cb + 0)
     elif direct == 2:
         d0 = a8_load(pcflip, o0 + 0)
         t0 = a8_load(pcthr, o0 + 0)
         bits = (v8_pc_bits(a0_0, d0, t0) << 0)
-        a_or_u64(out_bits, a_i64(obases, 0), bits << shift)
+        a_or_u64(out_bits, a_i64(obases, 0) + ooff, bits << shift)
         bits = (v8_pc_bits(a1_0, d0, t0) << 0)
-        a_or_u64(out_bits, a_i64(obases, 1), bits << shift)
+        a_or_u64(out_bits, a_i64(obases, 1) + ooff, bits << shift)
         bits = (v8_pc_bits(a2_0, d0, t0) << 0)
-        a_or_u64(out_bits, a_i64(obases, 2), bits << shift)
+        a_or_u64(out_bits, a_i64(obases, 2) + ooff, bits << shift)
         bits = (v8_pc_bits(a3_0, d0, t0) << 0)
-        a_or_u64(out_bits, a_i64(obases, 3), bits << shift)
+        a_or_u64(out_bits, a_i64(obases, 3) + ooff, bits << shift)
     else:
         a8_store(acc, 0, a0_0)
         a8_store(acc, 8, a1_0)
@@ -833,13 +1003,13 @@ def _t4x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
 
 
 @njit(cache=True)
-def _t5x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-        k, direct, out_bits, pcflip, pcthr, o0, shift):
-    b0 = a_i64(bases, 0)
-    b1 = a_i64(bases, 1)
-    b2 = a_i64(bases, 2)
-    b3 = a_i64(bases, 3)
-    b4 = a_i64(bases, 4)
+def _t5x1(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+        k, direct, out_bits, pcflip, pcthr, o0, shift, corr, cbases):
+    b0 = a_i64(bases, 0) + boff
+    b1 = a_i64(bases, 1) + boff
+    b2 = a_i64(bases, 2) + boff
+    b3 = a_i64(bases, 3) + boff
+    b4 = a_i64(bases, 4) + boff
     a0_0 = v8_zero()
     a1_0 = v8_zero()
     a2_0 = v8_zero()
@@ -861,29 +1031,45 @@ def _t5x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
         x = a8_bcast(xp, b4 + o)
         a4_0 = v8_xpa(a4_0, w0, x)
     if direct == 1:
-        ob = a_i64(obases, 0)
+        ob = a_i64(obases, 0) + ooff
         a8_store_acc_i32(out, ob + 0, a0_0, k)
-        ob = a_i64(obases, 1)
+        ob = a_i64(obases, 1) + ooff
         a8_store_acc_i32(out, ob + 0, a1_0, k)
-        ob = a_i64(obases, 2)
+        ob = a_i64(obases, 2) + ooff
         a8_store_acc_i32(out, ob + 0, a2_0, k)
-        ob = a_i64(obases, 3)
+        ob = a_i64(obases, 3) + ooff
         a8_store_acc_i32(out, ob + 0, a3_0, k)
-        ob = a_i64(obases, 4)
+        ob = a_i64(obases, 4) + ooff
         a8_store_acc_i32(out, ob + 0, a4_0, k)
+    elif direct == 3:
+        ob = a_i64(obases, 0) + ooff
+        cb = a_i64(cbases, 0) + o0
+        a8_store_acc_corr_i32(out, ob + 0, a0_0, k, corr, cb + 0)
+        ob = a_i64(obases, 1) + ooff
+        cb = a_i64(cbases, 1) + o0
+        a8_store_acc_corr_i32(out, ob + 0, a1_0, k, corr, cb + 0)
+        ob = a_i64(obases, 2) + ooff
+        cb = a_i64(cbases, 2) + o0
+        a8_store_acc_corr_i32(out, ob + 0, a2_0, k, corr, cb + 0)
+        ob = a_i64(obases, 3) + ooff
+        cb = a_i64(cbases, 3) + o0
+        a8_store_acc_corr_i32(out, ob + 0, a3_0, k, corr, cb + 0)
+        ob = a_i64(obases, 4) + ooff
+        cb = a_i64(cbases, 4) + o0
+        a8_store_acc_corr_i32(out, ob + 0, a4_0, k, corr, cb + 0)
     elif direct == 2:
         d0 = a8_load(pcflip, o0 + 0)
         t0 = a8_load(pcthr, o0 + 0)
         bits = (v8_pc_bits(a0_0, d0, t0) << 0)
-        a_or_u64(out_bits, a_i64(obases, 0), bits << shift)
+        a_or_u64(out_bits, a_i64(obases, 0) + ooff, bits << shift)
         bits = (v8_pc_bits(a1_0, d0, t0) << 0)
-        a_or_u64(out_bits, a_i64(obases, 1), bits << shift)
+        a_or_u64(out_bits, a_i64(obases, 1) + ooff, bits << shift)
         bits = (v8_pc_bits(a2_0, d0, t0) << 0)
-        a_or_u64(out_bits, a_i64(obases, 2), bits << shift)
+        a_or_u64(out_bits, a_i64(obases, 2) + ooff, bits << shift)
         bits = (v8_pc_bits(a3_0, d0, t0) << 0)
-        a_or_u64(out_bits, a_i64(obases, 3), bits << shift)
+        a_or_u64(out_bits, a_i64(obases, 3) + ooff, bits << shift)
         bits = (v8_pc_bits(a4_0, d0, t0) << 0)
-        a_or_u64(out_bits, a_i64(obases, 4), bits << shift)
+        a_or_u64(out_bits, a_i64(obases, 4) + ooff, bits << shift)
     else:
         a8_store(acc, 0, a0_0)
         a8_store(acc, 8, a1_0)
@@ -893,14 +1079,14 @@ def _t5x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
 
 
 @njit(cache=True)
-def _t6x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-        k, direct, out_bits, pcflip, pcthr, o0, shift):
-    b0 = a_i64(bases, 0)
-    b1 = a_i64(bases, 1)
-    b2 = a_i64(bases, 2)
-    b3 = a_i64(bases, 3)
-    b4 = a_i64(bases, 4)
-    b5 = a_i64(bases, 5)
+def _t6x1(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+        k, direct, out_bits, pcflip, pcthr, o0, shift, corr, cbases):
+    b0 = a_i64(bases, 0) + boff
+    b1 = a_i64(bases, 1) + boff
+    b2 = a_i64(bases, 2) + boff
+    b3 = a_i64(bases, 3) + boff
+    b4 = a_i64(bases, 4) + boff
+    b5 = a_i64(bases, 5) + boff
     a0_0 = v8_zero()
     a1_0 = v8_zero()
     a2_0 = v8_zero()
@@ -925,33 +1111,52 @@ def _t6x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
         x = a8_bcast(xp, b5 + o)
         a5_0 = v8_xpa(a5_0, w0, x)
     if direct == 1:
-        ob = a_i64(obases, 0)
+        ob = a_i64(obases, 0) + ooff
         a8_store_acc_i32(out, ob + 0, a0_0, k)
-        ob = a_i64(obases, 1)
+        ob = a_i64(obases, 1) + ooff
         a8_store_acc_i32(out, ob + 0, a1_0, k)
-        ob = a_i64(obases, 2)
+        ob = a_i64(obases, 2) + ooff
         a8_store_acc_i32(out, ob + 0, a2_0, k)
-        ob = a_i64(obases, 3)
+        ob = a_i64(obases, 3) + ooff
         a8_store_acc_i32(out, ob + 0, a3_0, k)
-        ob = a_i64(obases, 4)
+        ob = a_i64(obases, 4) + ooff
         a8_store_acc_i32(out, ob + 0, a4_0, k)
-        ob = a_i64(obases, 5)
+        ob = a_i64(obases, 5) + ooff
         a8_store_acc_i32(out, ob + 0, a5_0, k)
+    elif direct == 3:
+        ob = a_i64(obases, 0) + ooff
+        cb = a_i64(cbases, 0) + o0
+        a8_store_acc_corr_i32(out, ob + 0, a0_0, k, corr, cb + 0)
+        ob = a_i64(obases, 1) + ooff
+        cb = a_i64(cbases, 1) + o0
+        a8_store_acc_corr_i32(out, ob + 0, a1_0, k, corr, cb + 0)
+        ob = a_i64(obases, 2) + ooff
+        cb = a_i64(cbases, 2) + o0
+        a8_store_acc_corr_i32(out, ob + 0, a2_0, k, corr, cb + 0)
+        ob = a_i64(obases, 3) + ooff
+        cb = a_i64(cbases, 3) + o0
+        a8_store_acc_corr_i32(out, ob + 0, a3_0, k, corr, cb + 0)
+        ob = a_i64(obases, 4) + ooff
+        cb = a_i64(cbases, 4) + o0
+        a8_store_acc_corr_i32(out, ob + 0, a4_0, k, corr, cb + 0)
+        ob = a_i64(obases, 5) + ooff
+        cb = a_i64(cbases, 5) + o0
+        a8_store_acc_corr_i32(out, ob + 0, a5_0, k, corr, cb + 0)
     elif direct == 2:
         d0 = a8_load(pcflip, o0 + 0)
         t0 = a8_load(pcthr, o0 + 0)
         bits = (v8_pc_bits(a0_0, d0, t0) << 0)
-        a_or_u64(out_bits, a_i64(obases, 0), bits << shift)
+        a_or_u64(out_bits, a_i64(obases, 0) + ooff, bits << shift)
         bits = (v8_pc_bits(a1_0, d0, t0) << 0)
-        a_or_u64(out_bits, a_i64(obases, 1), bits << shift)
+        a_or_u64(out_bits, a_i64(obases, 1) + ooff, bits << shift)
         bits = (v8_pc_bits(a2_0, d0, t0) << 0)
-        a_or_u64(out_bits, a_i64(obases, 2), bits << shift)
+        a_or_u64(out_bits, a_i64(obases, 2) + ooff, bits << shift)
         bits = (v8_pc_bits(a3_0, d0, t0) << 0)
-        a_or_u64(out_bits, a_i64(obases, 3), bits << shift)
+        a_or_u64(out_bits, a_i64(obases, 3) + ooff, bits << shift)
         bits = (v8_pc_bits(a4_0, d0, t0) << 0)
-        a_or_u64(out_bits, a_i64(obases, 4), bits << shift)
+        a_or_u64(out_bits, a_i64(obases, 4) + ooff, bits << shift)
         bits = (v8_pc_bits(a5_0, d0, t0) << 0)
-        a_or_u64(out_bits, a_i64(obases, 5), bits << shift)
+        a_or_u64(out_bits, a_i64(obases, 5) + ooff, bits << shift)
     else:
         a8_store(acc, 0, a0_0)
         a8_store(acc, 8, a1_0)
@@ -962,46 +1167,46 @@ def _t6x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
 
 
 @njit(cache=True)
-def tile_nv4(m, xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-        k, direct, out_bits, pcflip, pcthr, o0, shift):
+def tile_nv4(m, xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+        k, direct, out_bits, pcflip, pcthr, o0, shift, corr, cbases):
     if m == 6:
-        _t6x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-                k, direct, out_bits, pcflip, pcthr, o0, shift)
+        _t6x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+                k, direct, out_bits, pcflip, pcthr, o0, shift, corr, cbases)
     elif m == 5:
-        _t5x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-                k, direct, out_bits, pcflip, pcthr, o0, shift)
+        _t5x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+                k, direct, out_bits, pcflip, pcthr, o0, shift, corr, cbases)
     elif m == 4:
-        _t4x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-                k, direct, out_bits, pcflip, pcthr, o0, shift)
+        _t4x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+                k, direct, out_bits, pcflip, pcthr, o0, shift, corr, cbases)
     elif m == 3:
-        _t3x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-                k, direct, out_bits, pcflip, pcthr, o0, shift)
+        _t3x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+                k, direct, out_bits, pcflip, pcthr, o0, shift, corr, cbases)
     elif m == 2:
-        _t2x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-                k, direct, out_bits, pcflip, pcthr, o0, shift)
+        _t2x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+                k, direct, out_bits, pcflip, pcthr, o0, shift, corr, cbases)
     elif m == 1:
-        _t1x4(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-                k, direct, out_bits, pcflip, pcthr, o0, shift)
+        _t1x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+                k, direct, out_bits, pcflip, pcthr, o0, shift, corr, cbases)
 
 
 @njit(cache=True)
-def tile_nv1(m, xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-        k, direct, out_bits, pcflip, pcthr, o0, shift):
+def tile_nv1(m, xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+        k, direct, out_bits, pcflip, pcthr, o0, shift, corr, cbases):
     if m == 6:
-        _t6x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-                k, direct, out_bits, pcflip, pcthr, o0, shift)
+        _t6x1(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+                k, direct, out_bits, pcflip, pcthr, o0, shift, corr, cbases)
     elif m == 5:
-        _t5x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-                k, direct, out_bits, pcflip, pcthr, o0, shift)
+        _t5x1(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+                k, direct, out_bits, pcflip, pcthr, o0, shift, corr, cbases)
     elif m == 4:
-        _t4x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-                k, direct, out_bits, pcflip, pcthr, o0, shift)
+        _t4x1(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+                k, direct, out_bits, pcflip, pcthr, o0, shift, corr, cbases)
     elif m == 3:
-        _t3x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-                k, direct, out_bits, pcflip, pcthr, o0, shift)
+        _t3x1(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+                k, direct, out_bits, pcflip, pcthr, o0, shift, corr, cbases)
     elif m == 2:
-        _t2x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-                k, direct, out_bits, pcflip, pcthr, o0, shift)
+        _t2x1(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+                k, direct, out_bits, pcflip, pcthr, o0, shift, corr, cbases)
     elif m == 1:
-        _t1x1(xp, bases, wt, wbase, soff, nsteps, acc, out, obases,
-                k, direct, out_bits, pcflip, pcthr, o0, shift)
+        _t1x1(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+                k, direct, out_bits, pcflip, pcthr, o0, shift, corr, cbases)

@@ -11,7 +11,7 @@ import numba
 import numpy as np
 
 from .. import bits
-from .bconv_fast import bconv_fast
+from .bconv_fast import bconv_fast, tile_table
 from .bconv_portable import bconv_portable, epilogue_pass
 from .dispatch import resolve_kernel
 from .packing import pack_rows_into, pack_rows_into_serial
@@ -234,6 +234,7 @@ class BConv2DPlan:
         self.padded_hw = (hp, wp) if self.impl == "fast" else (h, wd)
         self.input_offset = (pt, pl) if self.impl == "fast" else (0, 0)
         self._buffers = {}
+        self._tables = {}
         wsum = cg - 2 * np.bitwise_count(w).sum(axis=-1, dtype=np.int64)  # (O, KH, KW)
         self._setup_epilogue(output, multiplier, bias, out_groups, sign_at_zero)
         if self.impl == "fast":
@@ -319,6 +320,18 @@ class BConv2DPlan:
                 ids[i] = len(keys)
                 keys.append(row)
         return ids, np.array(keys)
+
+    def _tile_table(self, n, nthreads, bits_out):
+        """:func:`tile_table` for this call's batch, threads and output geometry (a few kept)."""
+        key = (n, nthreads, bits_out)
+        table = self._tables.get(key)
+        if table is None:
+            if len(self._tables) >= 4:
+                self._tables.pop(next(iter(self._tables)))
+            table = self._tables[key] = tile_table(
+                n, self.out_hw, self.padded_hw, self.groups * self.wg, self.stride, self._rc,
+                self._cc, self._ncc, self.out_channels, self._has_corr, nthreads, bits_out)
+        return table
 
     # -- buffers -----------------------------------------------------------------------------
     def padded_input(self, n: int) -> np.ndarray:
@@ -421,14 +434,12 @@ class BConv2DPlan:
             return out
         xf = buf.reshape(-1)
         if self.impl == "fast":
-            hp, wp = self.padded_hw
-            bconv_fast(xf, hp, wp, self.groups * self.wg, self._wt, self._nv, self.groups,
-                       self.wg, self._t, self._soff, self.k, n, oh, ow, o, *self.stride,
-                       self._rc, self._cc, self._corr, self._ncc, self._has_corr,
-                       mode, self._mul, self._bias, self._off, self._thr, self._dirn,
-                       self._pcflip, self._pcthr, self._oword, self._obit, self._run8,
-                       out_i32, out_f32, out_bits,
-                       ohp, owp, self.out_words, opt, opl, numba.get_num_threads())
+            bits_out = (ohp, owp, self.out_words, opt, opl) if mode == 3 else None
+            table = self._tile_table(n, numba.get_num_threads(), bits_out)
+            bconv_fast(xf, self._wt, self._nv, self.groups, self.wg, self._t, self._soff, self.k,
+                       o, *table, self._corr, mode, self._mul, self._bias, self._off, self._thr,
+                       self._dirn, self._pcflip, self._pcthr, self._oword, self._obit,
+                       self._run8, out_i32, out_f32, out_bits, self.out_words)
             return out
         acc = out_i32 if mode == 0 else np.empty(n * oh * ow * o, np.int32)
         h, w = self.in_hw

@@ -363,6 +363,28 @@ def a8_store_acc_i32(typingctx, addr, index, pc, k):
 
 
 @intrinsic
+def a8_store_acc_corr_i32(typingctx, addr, index, pc, k, caddr, cindex):
+    """``int32(k - 2 * pc + corr)`` to elements ``index .. index + 7`` of the int32 array at
+    ``addr``, ``corr`` being elements ``cindex .. cindex + 7`` of the int64 array at ``caddr``."""
+    if not all(isinstance(a, types.Integer) for a in (addr, index, k, caddr, cindex)):
+        return None
+    if pc != vec8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        kvec = _splat(builder, context.cast(builder, args[3], sig.args[3], types.int64))
+        corr = builder.load(_gep(context, builder, args[4], sig.args[4], args[5], _I64, _V8),
+                            align=8)
+        a = builder.add(builder.sub(kvec, builder.shl(args[2], ir.Constant(_V8, [1] * 8))), corr)
+        v32 = ir.VectorType(ir.IntType(32), 8)
+        ptr = _gep(context, builder, args[0], sig.args[0], args[1], ir.IntType(32), v32)
+        builder.store(builder.trunc(a, v32), ptr, align=4)
+        return context.get_dummy_value()
+
+    return types.none(addr, index, vec8, k, caddr, cindex), codegen
+
+
+@intrinsic
 def v8_pc_bits(typingctx, pc, flip, thr):
     """Eight output bits straight from popcounts: bit ``l`` = ``(pc[l] ^ flip[l]) > thr[l]``
     (signed), in the low 8 bits of a ``uint64``. With ``flip`` 0 this is ``pc > thr``; with
