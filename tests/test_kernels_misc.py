@@ -149,3 +149,24 @@ def test_parallel_packing_equals_serial_packing(d0, d1, d2, groups, cg, pad1, pa
     want = np.stack([ref.pack(x[..., g * cg:(g + 1) * cg], 64, -1 if nonpos else 1)
                      for g in range(groups)], axis=3).reshape(inner.shape)
     assert np.array_equal(inner, want)
+
+
+@given(st.sampled_from([np.float32, np.float64]), st.integers(1, 2), st.integers(1, 3),
+       st.integers(1, 3), st.integers(1, 2), st.booleans(), st.data())
+def test_full_word_packing_counts_nan_words_exactly(dtype, d1, d2, wg, groups, nonpos, data):
+    # whole 64-value words take a fast path that proves "no NaN" by a finite running sum: NaN,
+    # +-inf, inf - inf and overflow to inf (0.75 * max + 0.75 * max) must neither hide a NaN nor
+    # invent one; the count is the number of words holding a NaN
+    from refbnn.kernels.packing import pack_rows_into, pack_rows_into_serial
+    cg = 64 * wg
+    c = groups * cg
+    big = float(np.finfo(dtype).max) * 0.75
+    edge = st.sampled_from([0.0, -0.0, 1.0, -1.0, np.nan, np.inf, -np.inf, big, -big])
+    x = data.draw(hnp.arrays(dtype, (1, d1, d2, c), elements=edge | st.floats(-2, 2, width=32)))
+    want_nans = int(np.isnan(x.reshape(-1, 64)).any(axis=1).sum())
+    for kernel in (pack_rows_into, pack_rows_into_serial):
+        out = np.zeros((1, d1, d2, groups * wg), np.uint64)
+        assert kernel(x.reshape(-1), 1, d1, d2, c, groups, out.reshape(-1), d1, d2, 0, 0,
+                      nonpos) == want_nans
+        if not want_nans:
+            assert np.array_equal(out, ref.pack(x, 64, -1 if nonpos else 1))

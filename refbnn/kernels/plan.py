@@ -34,9 +34,9 @@ def as_packable(x, what="input") -> np.ndarray:
 
 
 # Below this many input values packing runs on the calling thread: the parallel region's start-up
-# costs more than the second thread saves. Measured at 2 threads (median of 200 calls): 14x14x256
-# (50k values) 7 us serial / 9-12 us parallel; 28x28x128 (100k) 19 / 14-16 us; 56x56x64 (200k)
-# 31-42 / 24-26 us.
+# costs more than the second thread saves. Measured at 2 threads (kernel only, median of 7 x 2000
+# calls, full-word path): 14x14x256 (50k values) 2.6 us serial / 2.9 us parallel; 28x28x128 (100k)
+# 5.3 / 4.1 us; 56x56x64 (200k) 11.4 / 6.5 us.
 PACK_PARALLEL_MIN_VALUES = 1 << 16
 
 

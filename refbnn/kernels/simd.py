@@ -108,6 +108,59 @@ def nan_bits64(typingctx, arr, start):
 
 
 @intrinsic
+def sum_into64(typingctx, acc, arr, start):
+    """``acc`` (a :data:`vec8` holding 512 bits of ``arr``'s float type) plus the 64 values from
+    ``arr[start]``, summed as a tree of 512-bit vectors. NaN propagates through every add, so a
+    finite final sum proves the values held no NaN (a non-finite one means NaN, an infinity or
+    overflow: the caller checks exactly). Integer arrays: returns ``acc`` unchanged."""
+    if not isinstance(arr, types.Array) or not isinstance(start, types.Integer) or acc != vec8:
+        return None
+    dtype = arr.dtype
+    if not isinstance(dtype, (types.Float, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        if not isinstance(dtype, types.Float):
+            return args[0]
+        elt = context.get_data_type(dtype)
+        lanes = 512 // dtype.bitwidth
+        v = builder.load(_elem_ptr(context, builder, sig.args[1], args[1], args[2],
+                                   ir.VectorType(elt, 64)), align=dtype.bitwidth // 8)
+        parts = [builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), lanes),
+                                                          list(range(i, i + lanes))))
+                 for i in range(0, 64, lanes)]
+        while len(parts) > 1:
+            parts = [builder.fadd(parts[i], parts[i + 1]) for i in range(0, len(parts), 2)]
+        total = builder.fadd(builder.bitcast(args[0], ir.VectorType(elt, lanes)), parts[0])
+        return builder.bitcast(total, _V8)
+
+    return vec8(acc, arr, start), codegen
+
+
+@intrinsic
+def all_finite(typingctx, acc, like):
+    """True when every lane of ``acc``, read as 512 bits of ``like``'s float type, is finite
+    (always true for integer ``like``)."""
+    if acc != vec8 or not isinstance(like, types.Array):
+        return None
+    dtype = like.dtype
+
+    def codegen(context, builder, sig, args):
+        if not isinstance(dtype, types.Float):
+            return ir.Constant(ir.IntType(1), 1)
+        elt = context.get_data_type(dtype)
+        v = builder.bitcast(args[0], ir.VectorType(elt, 512 // dtype.bitwidth))
+        # x - x is 0 for finite x, NaN for NaN and +-inf
+        d = builder.fsub(v, v)
+        ok = builder.fcmp_ordered("==", d, ir.Constant(d.type, None))
+        n = 512 // dtype.bitwidth
+        return builder.icmp_unsigned("==", builder.bitcast(ok, ir.IntType(n)),
+                                     ir.Constant(ir.IntType(n), (1 << n) - 1))
+
+    return types.boolean(vec8, like), codegen
+
+
+@intrinsic
 def popcount64(typingctx, x):
     """Population count of a 64-bit integer via ``llvm.ctpop.i64``; returns int64."""
     if not isinstance(x, types.Integer):
