@@ -36,7 +36,10 @@ machine words per call, an address one), indices count elements:
   ``cb = cbases[i] + o0``;
 * ``direct == 2``: bit ``shift + l`` of ``out_bits[obases[i] + ooff]`` is set when
   ``(popcount[l] ^ pcflip[o0 + l]) > pcthr[o0 + l]`` (the threshold in popcount terms, no border
-  correction; all 8*NV lanes in one word).
+  correction; all 8*NV lanes in one word);
+* ``direct == 4``: as 2 for tiles with padded taps: the bit is set when
+  ``(k - 2 * popcount[l] + corr[cb + l]) * pcflip[o0 + l] < pcthr[o0 + l]``, ``cb`` as for 3; the
+  caller passes the plan's direction (+-1) and accumulator threshold arrays as ``pcflip, pcthr``.
 """
 
 from numba import njit
@@ -47,6 +50,7 @@ from .simd import (
     a8_store,
     a8_store_acc_corr_i32,
     a8_store_acc_i32,
+    a8_threshold_bits,
     a_i64,
     a_or_u64,
     v8_pc_bits,
@@ -92,6 +96,18 @@ def _tile(m: int, nv: int) -> str:
         lines.append(f"        t{v} = a8_load(pcthr, o0 + {8 * v})")
     for i in range(m):
         terms = [f"(v8_pc_bits(a{i}_{v}, d{v}, t{v}) << {8 * v})" for v in range(nv)]
+        lines.append(f"        bits = {terms[0]}")
+        for term in terms[1:]:
+            lines.append(f"        bits |= {term}")
+        lines.append(f"        a_or_u64(out_bits, a_i64(obases, {i}) + ooff, bits << shift)")
+    lines.append("    elif direct == 4:")
+    for v in range(nv):
+        lines.append(f"        d{v} = a8_load(pcflip, o0 + {8 * v})")
+        lines.append(f"        t{v} = a8_load(pcthr, o0 + {8 * v})")
+    for i in range(m):
+        lines.append(f"        cb = a_i64(cbases, {i}) + o0")
+        terms = [f"(a8_threshold_bits(a{i}_{v}, k, corr, cb + {8 * v}, d{v}, t{v}) << {8 * v})"
+                 for v in range(nv)]
         lines.append(f"        bits = {terms[0]}")
         for term in terms[1:]:
             lines.append(f"        bits |= {term}")

@@ -43,7 +43,7 @@ MR = 6  # pixels per tile; bconv_tiles holds kernels for 1..MR
 
 # Numba's cache does not notice edits to imported kernels; this digest of simd.py, bconv_tiles.py
 # (tests/test_kernels_misc.py recomputes it) forces an edit here, hence a recompile.
-DEPS_DIGEST = "e988f5cdea292250"
+DEPS_DIGEST = "edc4486b3c374ca5"
 
 
 def tile_table(n, out_hw, padded_hw, words_per_pixel, stride, rc, cc, ncc, out_channels,
@@ -98,6 +98,7 @@ def bconv_fast(xp, wt, nv, G, Wg, T, soff, K, O, tpix, tout, tcor, tm, tborder, 
     a_xp, a_wt, a_soff, a_o32 = xp.ctypes.data, wt.ctypes.data, soff.ctypes.data, \
         out_i32.ctypes.data
     a_bits, a_flip, a_pct = out_bits.ctypes.data, pcflip.ctypes.data, pcthr.ctypes.data
+    a_dirn, a_thr = dirn.ctypes.data, thr.ctypes.data
     a_pix, a_out, a_cor, a_corr = tpix.ctypes.data, tout.ctypes.data, tcor.ctypes.data, \
         corr.ctypes.data
     for ch in prange(nchunks):
@@ -118,25 +119,27 @@ def bconv_fast(xp, wt, nv, G, Wg, T, soff, K, O, tpix, tout, tcor, tm, tborder, 
                     o0 = g * og + t * to
                     nl = min(to, og - t * to)
                     # direct 1/3: the tile writes int32 K - 2*pc (+ the padding correction);
-                    # direct 2: its packed bits (no correction, so interior tiles only)
+                    # direct 2/4: its packed bits (popcount thresholds / with the correction)
                     direct = 0
                     shift = 0
                     ooff = o0
+                    a_t1, a_t2 = a_flip, a_pct
                     if mode == 0 and nl == to:
                         direct = 3 if border else 1
-                    elif mode == 3 and nl == to and not border \
-                            and oword[o0 + to - 1] == oword[o0] \
+                    elif mode == 3 and nl == to and oword[o0 + to - 1] == oword[o0] \
                             and obit[o0 + to - 1] == obit[o0] + to - 1:
-                        direct = 2
+                        direct = 4 if border else 2
                         shift = obit[o0]
                         ooff = oword[o0]
+                        if border:
+                            a_t1, a_t2 = a_dirn, a_thr
                     if nv == 4:
                         tile_nv4(m, a_xp, a_tp, g * Wg, a_wt, wbase, a_soff, nsteps, a_acc, a_o32,
-                                 a_to, ooff, K, direct, a_bits, a_flip, a_pct, o0, shift, a_corr,
+                                 a_to, ooff, K, direct, a_bits, a_t1, a_t2, o0, shift, a_corr,
                                  a_tc)
                     else:
                         tile_nv1(m, a_xp, a_tp, g * Wg, a_wt, wbase, a_soff, nsteps, a_acc, a_o32,
-                                 a_to, ooff, K, direct, a_bits, a_flip, a_pct, o0, shift, a_corr,
+                                 a_to, ooff, K, direct, a_bits, a_t1, a_t2, o0, shift, a_corr,
                                  a_tc)
                     # otherwise the epilogue reads the scratch popcounts: whole 8-lane groups as
                     # vectors (K - 2*pc + corr, then the output mode), the other lanes scalar

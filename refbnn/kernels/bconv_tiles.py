@@ -19,7 +19,10 @@ machine words per call, an address one), indices count elements:
   ``cb = cbases[i] + o0``;
 * ``direct == 2``: bit ``shift + l`` of ``out_bits[obases[i] + ooff]`` is set when
   ``(popcount[l] ^ pcflip[o0 + l]) > pcthr[o0 + l]`` (the threshold in popcount terms, no border
-  correction; all 8*NV lanes in one word).
+  correction; all 8*NV lanes in one word);
+* ``direct == 4``: as 2 for tiles with padded taps: the bit is set when
+  ``(k - 2 * popcount[l] + corr[cb + l]) * pcflip[o0 + l] < pcthr[o0 + l]``, ``cb`` as for 3; the
+  caller passes the plan's direction (+-1) and accumulator threshold arrays as ``pcflip, pcthr``.
 """
 
 from numba import njit
@@ -30,6 +33,7 @@ from .simd import (
     a8_store,
     a8_store_acc_corr_i32,
     a8_store_acc_i32,
+    a8_threshold_bits,
     a_i64,
     a_or_u64,
     v8_pc_bits,
@@ -85,6 +89,21 @@ def _t1x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
         bits |= (v8_pc_bits(a0_1, d1, t1) << 8)
         bits |= (v8_pc_bits(a0_2, d2, t2) << 16)
         bits |= (v8_pc_bits(a0_3, d3, t3) << 24)
+        a_or_u64(out_bits, a_i64(obases, 0) + ooff, bits << shift)
+    elif direct == 4:
+        d0 = a8_load(pcflip, o0 + 0)
+        t0 = a8_load(pcthr, o0 + 0)
+        d1 = a8_load(pcflip, o0 + 8)
+        t1 = a8_load(pcthr, o0 + 8)
+        d2 = a8_load(pcflip, o0 + 16)
+        t2 = a8_load(pcthr, o0 + 16)
+        d3 = a8_load(pcflip, o0 + 24)
+        t3 = a8_load(pcthr, o0 + 24)
+        cb = a_i64(cbases, 0) + o0
+        bits = (a8_threshold_bits(a0_0, k, corr, cb + 0, d0, t0) << 0)
+        bits |= (a8_threshold_bits(a0_1, k, corr, cb + 8, d1, t1) << 8)
+        bits |= (a8_threshold_bits(a0_2, k, corr, cb + 16, d2, t2) << 16)
+        bits |= (a8_threshold_bits(a0_3, k, corr, cb + 24, d3, t3) << 24)
         a_or_u64(out_bits, a_i64(obases, 0) + ooff, bits << shift)
     else:
         a8_store(acc, 0, a0_0)
@@ -166,6 +185,27 @@ def _t2x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
         bits |= (v8_pc_bits(a1_1, d1, t1) << 8)
         bits |= (v8_pc_bits(a1_2, d2, t2) << 16)
         bits |= (v8_pc_bits(a1_3, d3, t3) << 24)
+        a_or_u64(out_bits, a_i64(obases, 1) + ooff, bits << shift)
+    elif direct == 4:
+        d0 = a8_load(pcflip, o0 + 0)
+        t0 = a8_load(pcthr, o0 + 0)
+        d1 = a8_load(pcflip, o0 + 8)
+        t1 = a8_load(pcthr, o0 + 8)
+        d2 = a8_load(pcflip, o0 + 16)
+        t2 = a8_load(pcthr, o0 + 16)
+        d3 = a8_load(pcflip, o0 + 24)
+        t3 = a8_load(pcthr, o0 + 24)
+        cb = a_i64(cbases, 0) + o0
+        bits = (a8_threshold_bits(a0_0, k, corr, cb + 0, d0, t0) << 0)
+        bits |= (a8_threshold_bits(a0_1, k, corr, cb + 8, d1, t1) << 8)
+        bits |= (a8_threshold_bits(a0_2, k, corr, cb + 16, d2, t2) << 16)
+        bits |= (a8_threshold_bits(a0_3, k, corr, cb + 24, d3, t3) << 24)
+        a_or_u64(out_bits, a_i64(obases, 0) + ooff, bits << shift)
+        cb = a_i64(cbases, 1) + o0
+        bits = (a8_threshold_bits(a1_0, k, corr, cb + 0, d0, t0) << 0)
+        bits |= (a8_threshold_bits(a1_1, k, corr, cb + 8, d1, t1) << 8)
+        bits |= (a8_threshold_bits(a1_2, k, corr, cb + 16, d2, t2) << 16)
+        bits |= (a8_threshold_bits(a1_3, k, corr, cb + 24, d3, t3) << 24)
         a_or_u64(out_bits, a_i64(obases, 1) + ooff, bits << shift)
     else:
         a8_store(acc, 0, a0_0)
@@ -277,6 +317,33 @@ def _t3x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
         bits |= (v8_pc_bits(a2_1, d1, t1) << 8)
         bits |= (v8_pc_bits(a2_2, d2, t2) << 16)
         bits |= (v8_pc_bits(a2_3, d3, t3) << 24)
+        a_or_u64(out_bits, a_i64(obases, 2) + ooff, bits << shift)
+    elif direct == 4:
+        d0 = a8_load(pcflip, o0 + 0)
+        t0 = a8_load(pcthr, o0 + 0)
+        d1 = a8_load(pcflip, o0 + 8)
+        t1 = a8_load(pcthr, o0 + 8)
+        d2 = a8_load(pcflip, o0 + 16)
+        t2 = a8_load(pcthr, o0 + 16)
+        d3 = a8_load(pcflip, o0 + 24)
+        t3 = a8_load(pcthr, o0 + 24)
+        cb = a_i64(cbases, 0) + o0
+        bits = (a8_threshold_bits(a0_0, k, corr, cb + 0, d0, t0) << 0)
+        bits |= (a8_threshold_bits(a0_1, k, corr, cb + 8, d1, t1) << 8)
+        bits |= (a8_threshold_bits(a0_2, k, corr, cb + 16, d2, t2) << 16)
+        bits |= (a8_threshold_bits(a0_3, k, corr, cb + 24, d3, t3) << 24)
+        a_or_u64(out_bits, a_i64(obases, 0) + ooff, bits << shift)
+        cb = a_i64(cbases, 1) + o0
+        bits = (a8_threshold_bits(a1_0, k, corr, cb + 0, d0, t0) << 0)
+        bits |= (a8_threshold_bits(a1_1, k, corr, cb + 8, d1, t1) << 8)
+        bits |= (a8_threshold_bits(a1_2, k, corr, cb + 16, d2, t2) << 16)
+        bits |= (a8_threshold_bits(a1_3, k, corr, cb + 24, d3, t3) << 24)
+        a_or_u64(out_bits, a_i64(obases, 1) + ooff, bits << shift)
+        cb = a_i64(cbases, 2) + o0
+        bits = (a8_threshold_bits(a2_0, k, corr, cb + 0, d0, t0) << 0)
+        bits |= (a8_threshold_bits(a2_1, k, corr, cb + 8, d1, t1) << 8)
+        bits |= (a8_threshold_bits(a2_2, k, corr, cb + 16, d2, t2) << 16)
+        bits |= (a8_threshold_bits(a2_3, k, corr, cb + 24, d3, t3) << 24)
         a_or_u64(out_bits, a_i64(obases, 2) + ooff, bits << shift)
     else:
         a8_store(acc, 0, a0_0)
@@ -418,6 +485,39 @@ def _t4x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
         bits |= (v8_pc_bits(a3_1, d1, t1) << 8)
         bits |= (v8_pc_bits(a3_2, d2, t2) << 16)
         bits |= (v8_pc_bits(a3_3, d3, t3) << 24)
+        a_or_u64(out_bits, a_i64(obases, 3) + ooff, bits << shift)
+    elif direct == 4:
+        d0 = a8_load(pcflip, o0 + 0)
+        t0 = a8_load(pcthr, o0 + 0)
+        d1 = a8_load(pcflip, o0 + 8)
+        t1 = a8_load(pcthr, o0 + 8)
+        d2 = a8_load(pcflip, o0 + 16)
+        t2 = a8_load(pcthr, o0 + 16)
+        d3 = a8_load(pcflip, o0 + 24)
+        t3 = a8_load(pcthr, o0 + 24)
+        cb = a_i64(cbases, 0) + o0
+        bits = (a8_threshold_bits(a0_0, k, corr, cb + 0, d0, t0) << 0)
+        bits |= (a8_threshold_bits(a0_1, k, corr, cb + 8, d1, t1) << 8)
+        bits |= (a8_threshold_bits(a0_2, k, corr, cb + 16, d2, t2) << 16)
+        bits |= (a8_threshold_bits(a0_3, k, corr, cb + 24, d3, t3) << 24)
+        a_or_u64(out_bits, a_i64(obases, 0) + ooff, bits << shift)
+        cb = a_i64(cbases, 1) + o0
+        bits = (a8_threshold_bits(a1_0, k, corr, cb + 0, d0, t0) << 0)
+        bits |= (a8_threshold_bits(a1_1, k, corr, cb + 8, d1, t1) << 8)
+        bits |= (a8_threshold_bits(a1_2, k, corr, cb + 16, d2, t2) << 16)
+        bits |= (a8_threshold_bits(a1_3, k, corr, cb + 24, d3, t3) << 24)
+        a_or_u64(out_bits, a_i64(obases, 1) + ooff, bits << shift)
+        cb = a_i64(cbases, 2) + o0
+        bits = (a8_threshold_bits(a2_0, k, corr, cb + 0, d0, t0) << 0)
+        bits |= (a8_threshold_bits(a2_1, k, corr, cb + 8, d1, t1) << 8)
+        bits |= (a8_threshold_bits(a2_2, k, corr, cb + 16, d2, t2) << 16)
+        bits |= (a8_threshold_bits(a2_3, k, corr, cb + 24, d3, t3) << 24)
+        a_or_u64(out_bits, a_i64(obases, 2) + ooff, bits << shift)
+        cb = a_i64(cbases, 3) + o0
+        bits = (a8_threshold_bits(a3_0, k, corr, cb + 0, d0, t0) << 0)
+        bits |= (a8_threshold_bits(a3_1, k, corr, cb + 8, d1, t1) << 8)
+        bits |= (a8_threshold_bits(a3_2, k, corr, cb + 16, d2, t2) << 16)
+        bits |= (a8_threshold_bits(a3_3, k, corr, cb + 24, d3, t3) << 24)
         a_or_u64(out_bits, a_i64(obases, 3) + ooff, bits << shift)
     else:
         a8_store(acc, 0, a0_0)
@@ -589,6 +689,45 @@ def _t5x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
         bits |= (v8_pc_bits(a4_1, d1, t1) << 8)
         bits |= (v8_pc_bits(a4_2, d2, t2) << 16)
         bits |= (v8_pc_bits(a4_3, d3, t3) << 24)
+        a_or_u64(out_bits, a_i64(obases, 4) + ooff, bits << shift)
+    elif direct == 4:
+        d0 = a8_load(pcflip, o0 + 0)
+        t0 = a8_load(pcthr, o0 + 0)
+        d1 = a8_load(pcflip, o0 + 8)
+        t1 = a8_load(pcthr, o0 + 8)
+        d2 = a8_load(pcflip, o0 + 16)
+        t2 = a8_load(pcthr, o0 + 16)
+        d3 = a8_load(pcflip, o0 + 24)
+        t3 = a8_load(pcthr, o0 + 24)
+        cb = a_i64(cbases, 0) + o0
+        bits = (a8_threshold_bits(a0_0, k, corr, cb + 0, d0, t0) << 0)
+        bits |= (a8_threshold_bits(a0_1, k, corr, cb + 8, d1, t1) << 8)
+        bits |= (a8_threshold_bits(a0_2, k, corr, cb + 16, d2, t2) << 16)
+        bits |= (a8_threshold_bits(a0_3, k, corr, cb + 24, d3, t3) << 24)
+        a_or_u64(out_bits, a_i64(obases, 0) + ooff, bits << shift)
+        cb = a_i64(cbases, 1) + o0
+        bits = (a8_threshold_bits(a1_0, k, corr, cb + 0, d0, t0) << 0)
+        bits |= (a8_threshold_bits(a1_1, k, corr, cb + 8, d1, t1) << 8)
+        bits |= (a8_threshold_bits(a1_2, k, corr, cb + 16, d2, t2) << 16)
+        bits |= (a8_threshold_bits(a1_3, k, corr, cb + 24, d3, t3) << 24)
+        a_or_u64(out_bits, a_i64(obases, 1) + ooff, bits << shift)
+        cb = a_i64(cbases, 2) + o0
+        bits = (a8_threshold_bits(a2_0, k, corr, cb + 0, d0, t0) << 0)
+        bits |= (a8_threshold_bits(a2_1, k, corr, cb + 8, d1, t1) << 8)
+        bits |= (a8_threshold_bits(a2_2, k, corr, cb + 16, d2, t2) << 16)
+        bits |= (a8_threshold_bits(a2_3, k, corr, cb + 24, d3, t3) << 24)
+        a_or_u64(out_bits, a_i64(obases, 2) + ooff, bits << shift)
+        cb = a_i64(cbases, 3) + o0
+        bits = (a8_threshold_bits(a3_0, k, corr, cb + 0, d0, t0) << 0)
+        bits |= (a8_threshold_bits(a3_1, k, corr, cb + 8, d1, t1) << 8)
+        bits |= (a8_threshold_bits(a3_2, k, corr, cb + 16, d2, t2) << 16)
+        bits |= (a8_threshold_bits(a3_3, k, corr, cb + 24, d3, t3) << 24)
+        a_or_u64(out_bits, a_i64(obases, 3) + ooff, bits << shift)
+        cb = a_i64(cbases, 4) + o0
+        bits = (a8_threshold_bits(a4_0, k, corr, cb + 0, d0, t0) << 0)
+        bits |= (a8_threshold_bits(a4_1, k, corr, cb + 8, d1, t1) << 8)
+        bits |= (a8_threshold_bits(a4_2, k, corr, cb + 16, d2, t2) << 16)
+        bits |= (a8_threshold_bits(a4_3, k, corr, cb + 24, d3, t3) << 24)
         a_or_u64(out_bits, a_i64(obases, 4) + ooff, bits << shift)
     else:
         a8_store(acc, 0, a0_0)
@@ -791,6 +930,51 @@ def _t6x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
         bits |= (v8_pc_bits(a5_2, d2, t2) << 16)
         bits |= (v8_pc_bits(a5_3, d3, t3) << 24)
         a_or_u64(out_bits, a_i64(obases, 5) + ooff, bits << shift)
+    elif direct == 4:
+        d0 = a8_load(pcflip, o0 + 0)
+        t0 = a8_load(pcthr, o0 + 0)
+        d1 = a8_load(pcflip, o0 + 8)
+        t1 = a8_load(pcthr, o0 + 8)
+        d2 = a8_load(pcflip, o0 + 16)
+        t2 = a8_load(pcthr, o0 + 16)
+        d3 = a8_load(pcflip, o0 + 24)
+        t3 = a8_load(pcthr, o0 + 24)
+        cb = a_i64(cbases, 0) + o0
+        bits = (a8_threshold_bits(a0_0, k, corr, cb + 0, d0, t0) << 0)
+        bits |= (a8_threshold_bits(a0_1, k, corr, cb + 8, d1, t1) << 8)
+        bits |= (a8_threshold_bits(a0_2, k, corr, cb + 16, d2, t2) << 16)
+        bits |= (a8_threshold_bits(a0_3, k, corr, cb + 24, d3, t3) << 24)
+        a_or_u64(out_bits, a_i64(obases, 0) + ooff, bits << shift)
+        cb = a_i64(cbases, 1) + o0
+        bits = (a8_threshold_bits(a1_0, k, corr, cb + 0, d0, t0) << 0)
+        bits |= (a8_threshold_bits(a1_1, k, corr, cb + 8, d1, t1) << 8)
+        bits |= (a8_threshold_bits(a1_2, k, corr, cb + 16, d2, t2) << 16)
+        bits |= (a8_threshold_bits(a1_3, k, corr, cb + 24, d3, t3) << 24)
+        a_or_u64(out_bits, a_i64(obases, 1) + ooff, bits << shift)
+        cb = a_i64(cbases, 2) + o0
+        bits = (a8_threshold_bits(a2_0, k, corr, cb + 0, d0, t0) << 0)
+        bits |= (a8_threshold_bits(a2_1, k, corr, cb + 8, d1, t1) << 8)
+        bits |= (a8_threshold_bits(a2_2, k, corr, cb + 16, d2, t2) << 16)
+        bits |= (a8_threshold_bits(a2_3, k, corr, cb + 24, d3, t3) << 24)
+        a_or_u64(out_bits, a_i64(obases, 2) + ooff, bits << shift)
+        cb = a_i64(cbases, 3) + o0
+        bits = (a8_threshold_bits(a3_0, k, corr, cb + 0, d0, t0) << 0)
+        bits |= (a8_threshold_bits(a3_1, k, corr, cb + 8, d1, t1) << 8)
+        bits |= (a8_threshold_bits(a3_2, k, corr, cb + 16, d2, t2) << 16)
+        bits |= (a8_threshold_bits(a3_3, k, corr, cb + 24, d3, t3) << 24)
+        a_or_u64(out_bits, a_i64(obases, 3) + ooff, bits << shift)
+        cb = a_i64(cbases, 4) + o0
+        bits = (a8_threshold_bits(a4_0, k, corr, cb + 0, d0, t0) << 0)
+        bits |= (a8_threshold_bits(a4_1, k, corr, cb + 8, d1, t1) << 8)
+        bits |= (a8_threshold_bits(a4_2, k, corr, cb + 16, d2, t2) << 16)
+        bits |= (a8_threshold_bits(a4_3, k, corr, cb + 24, d3, t3) << 24)
+        a_or_u64(out_bits, a_i64(obases, 4) + ooff, bits << shift)
+        cb = a_i64(cbases, 5) + o0
+        bits = (a8_threshold_bits(a5_0, k, corr, cb + 0, d0, t0) << 0)
+        bits |= (a8_threshold_bits(a5_1, k, corr, cb + 8, d1, t1) << 8)
+        bits |= (a8_threshold_bits(a5_2, k, corr, cb + 16, d2, t2) << 16)
+        bits |= (a8_threshold_bits(a5_3, k, corr, cb + 24, d3, t3) << 24)
+        a_or_u64(out_bits, a_i64(obases, 5) + ooff, bits << shift)
     else:
         a8_store(acc, 0, a0_0)
         a8_store(acc, 8, a0_1)
@@ -842,6 +1026,12 @@ def _t1x1(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
         t0 = a8_load(pcthr, o0 + 0)
         bits = (v8_pc_bits(a0_0, d0, t0) << 0)
         a_or_u64(out_bits, a_i64(obases, 0) + ooff, bits << shift)
+    elif direct == 4:
+        d0 = a8_load(pcflip, o0 + 0)
+        t0 = a8_load(pcthr, o0 + 0)
+        cb = a_i64(cbases, 0) + o0
+        bits = (a8_threshold_bits(a0_0, k, corr, cb + 0, d0, t0) << 0)
+        a_or_u64(out_bits, a_i64(obases, 0) + ooff, bits << shift)
     else:
         a8_store(acc, 0, a0_0)
 
@@ -880,6 +1070,15 @@ def _t2x1(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
         bits = (v8_pc_bits(a0_0, d0, t0) << 0)
         a_or_u64(out_bits, a_i64(obases, 0) + ooff, bits << shift)
         bits = (v8_pc_bits(a1_0, d0, t0) << 0)
+        a_or_u64(out_bits, a_i64(obases, 1) + ooff, bits << shift)
+    elif direct == 4:
+        d0 = a8_load(pcflip, o0 + 0)
+        t0 = a8_load(pcthr, o0 + 0)
+        cb = a_i64(cbases, 0) + o0
+        bits = (a8_threshold_bits(a0_0, k, corr, cb + 0, d0, t0) << 0)
+        a_or_u64(out_bits, a_i64(obases, 0) + ooff, bits << shift)
+        cb = a_i64(cbases, 1) + o0
+        bits = (a8_threshold_bits(a1_0, k, corr, cb + 0, d0, t0) << 0)
         a_or_u64(out_bits, a_i64(obases, 1) + ooff, bits << shift)
     else:
         a8_store(acc, 0, a0_0)
@@ -931,6 +1130,18 @@ def _t3x1(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
         bits = (v8_pc_bits(a1_0, d0, t0) << 0)
         a_or_u64(out_bits, a_i64(obases, 1) + ooff, bits << shift)
         bits = (v8_pc_bits(a2_0, d0, t0) << 0)
+        a_or_u64(out_bits, a_i64(obases, 2) + ooff, bits << shift)
+    elif direct == 4:
+        d0 = a8_load(pcflip, o0 + 0)
+        t0 = a8_load(pcthr, o0 + 0)
+        cb = a_i64(cbases, 0) + o0
+        bits = (a8_threshold_bits(a0_0, k, corr, cb + 0, d0, t0) << 0)
+        a_or_u64(out_bits, a_i64(obases, 0) + ooff, bits << shift)
+        cb = a_i64(cbases, 1) + o0
+        bits = (a8_threshold_bits(a1_0, k, corr, cb + 0, d0, t0) << 0)
+        a_or_u64(out_bits, a_i64(obases, 1) + ooff, bits << shift)
+        cb = a_i64(cbases, 2) + o0
+        bits = (a8_threshold_bits(a2_0, k, corr, cb + 0, d0, t0) << 0)
         a_or_u64(out_bits, a_i64(obases, 2) + ooff, bits << shift)
     else:
         a8_store(acc, 0, a0_0)
@@ -994,6 +1205,21 @@ def _t4x1(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
         bits = (v8_pc_bits(a2_0, d0, t0) << 0)
         a_or_u64(out_bits, a_i64(obases, 2) + ooff, bits << shift)
         bits = (v8_pc_bits(a3_0, d0, t0) << 0)
+        a_or_u64(out_bits, a_i64(obases, 3) + ooff, bits << shift)
+    elif direct == 4:
+        d0 = a8_load(pcflip, o0 + 0)
+        t0 = a8_load(pcthr, o0 + 0)
+        cb = a_i64(cbases, 0) + o0
+        bits = (a8_threshold_bits(a0_0, k, corr, cb + 0, d0, t0) << 0)
+        a_or_u64(out_bits, a_i64(obases, 0) + ooff, bits << shift)
+        cb = a_i64(cbases, 1) + o0
+        bits = (a8_threshold_bits(a1_0, k, corr, cb + 0, d0, t0) << 0)
+        a_or_u64(out_bits, a_i64(obases, 1) + ooff, bits << shift)
+        cb = a_i64(cbases, 2) + o0
+        bits = (a8_threshold_bits(a2_0, k, corr, cb + 0, d0, t0) << 0)
+        a_or_u64(out_bits, a_i64(obases, 2) + ooff, bits << shift)
+        cb = a_i64(cbases, 3) + o0
+        bits = (a8_threshold_bits(a3_0, k, corr, cb + 0, d0, t0) << 0)
         a_or_u64(out_bits, a_i64(obases, 3) + ooff, bits << shift)
     else:
         a8_store(acc, 0, a0_0)
@@ -1069,6 +1295,24 @@ def _t5x1(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
         bits = (v8_pc_bits(a3_0, d0, t0) << 0)
         a_or_u64(out_bits, a_i64(obases, 3) + ooff, bits << shift)
         bits = (v8_pc_bits(a4_0, d0, t0) << 0)
+        a_or_u64(out_bits, a_i64(obases, 4) + ooff, bits << shift)
+    elif direct == 4:
+        d0 = a8_load(pcflip, o0 + 0)
+        t0 = a8_load(pcthr, o0 + 0)
+        cb = a_i64(cbases, 0) + o0
+        bits = (a8_threshold_bits(a0_0, k, corr, cb + 0, d0, t0) << 0)
+        a_or_u64(out_bits, a_i64(obases, 0) + ooff, bits << shift)
+        cb = a_i64(cbases, 1) + o0
+        bits = (a8_threshold_bits(a1_0, k, corr, cb + 0, d0, t0) << 0)
+        a_or_u64(out_bits, a_i64(obases, 1) + ooff, bits << shift)
+        cb = a_i64(cbases, 2) + o0
+        bits = (a8_threshold_bits(a2_0, k, corr, cb + 0, d0, t0) << 0)
+        a_or_u64(out_bits, a_i64(obases, 2) + ooff, bits << shift)
+        cb = a_i64(cbases, 3) + o0
+        bits = (a8_threshold_bits(a3_0, k, corr, cb + 0, d0, t0) << 0)
+        a_or_u64(out_bits, a_i64(obases, 3) + ooff, bits << shift)
+        cb = a_i64(cbases, 4) + o0
+        bits = (a8_threshold_bits(a4_0, k, corr, cb + 0, d0, t0) << 0)
         a_or_u64(out_bits, a_i64(obases, 4) + ooff, bits << shift)
     else:
         a8_store(acc, 0, a0_0)
@@ -1156,6 +1400,27 @@ def _t6x1(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
         bits = (v8_pc_bits(a4_0, d0, t0) << 0)
         a_or_u64(out_bits, a_i64(obases, 4) + ooff, bits << shift)
         bits = (v8_pc_bits(a5_0, d0, t0) << 0)
+        a_or_u64(out_bits, a_i64(obases, 5) + ooff, bits << shift)
+    elif direct == 4:
+        d0 = a8_load(pcflip, o0 + 0)
+        t0 = a8_load(pcthr, o0 + 0)
+        cb = a_i64(cbases, 0) + o0
+        bits = (a8_threshold_bits(a0_0, k, corr, cb + 0, d0, t0) << 0)
+        a_or_u64(out_bits, a_i64(obases, 0) + ooff, bits << shift)
+        cb = a_i64(cbases, 1) + o0
+        bits = (a8_threshold_bits(a1_0, k, corr, cb + 0, d0, t0) << 0)
+        a_or_u64(out_bits, a_i64(obases, 1) + ooff, bits << shift)
+        cb = a_i64(cbases, 2) + o0
+        bits = (a8_threshold_bits(a2_0, k, corr, cb + 0, d0, t0) << 0)
+        a_or_u64(out_bits, a_i64(obases, 2) + ooff, bits << shift)
+        cb = a_i64(cbases, 3) + o0
+        bits = (a8_threshold_bits(a3_0, k, corr, cb + 0, d0, t0) << 0)
+        a_or_u64(out_bits, a_i64(obases, 3) + ooff, bits << shift)
+        cb = a_i64(cbases, 4) + o0
+        bits = (a8_threshold_bits(a4_0, k, corr, cb + 0, d0, t0) << 0)
+        a_or_u64(out_bits, a_i64(obases, 4) + ooff, bits << shift)
+        cb = a_i64(cbases, 5) + o0
+        bits = (a8_threshold_bits(a5_0, k, corr, cb + 0, d0, t0) << 0)
         a_or_u64(out_bits, a_i64(obases, 5) + ooff, bits << shift)
     else:
         a8_store(acc, 0, a0_0)

@@ -15,7 +15,7 @@ from .simd import all_finite, nan_bits64, neg_bits64, nonpos_bits64, sum_into64,
 
 # Numba's cache does not notice edits to imported kernels; this digest of simd.py
 # (tests/test_kernels_misc.py recomputes it) forces an edit here, hence a recompile.
-DEPS_DIGEST = "09a04ada3fac7946"
+DEPS_DIGEST = "422a695eba46823c"
 
 
 @njit(cache=True, inline="always")

@@ -287,6 +287,25 @@ def v8_threshold_bits(typingctx, pc, k, corr, direction, thr):
 
 
 @intrinsic
+def a8_threshold_bits(typingctx, pc, k, caddr, cindex, direction, thr):
+    """:func:`v8_threshold_bits` with the correction read as elements ``cindex .. cindex + 7`` of
+    the int64 array at ``caddr``."""
+    if not (pc == vec8 and direction == vec8 and thr == vec8
+            and all(isinstance(a, types.Integer) for a in (k, caddr, cindex))):
+        return None
+
+    def codegen(context, builder, sig, args):
+        pcv, kv, ca, ci, dv, tv = args
+        cv = builder.load(_gep(context, builder, ca, sig.args[2], ci, _I64, _V8), align=8)
+        kvec = _splat(builder, context.cast(builder, kv, sig.args[1], types.int64))
+        a = builder.add(builder.sub(kvec, builder.shl(pcv, ir.Constant(_V8, [1] * 8))), cv)
+        mask = builder.icmp_signed("<", builder.mul(a, dv), tv)
+        return builder.zext(builder.bitcast(mask, ir.IntType(8)), _I64)
+
+    return types.uint64(vec8, k, caddr, cindex, vec8, vec8), codegen
+
+
+@intrinsic
 def v8_store_f32(typingctx, out, index, pc, k, corr, scale, shift, o, lce):
     """Float output of eight lanes, ``a = k - 2*pc + corr`` (int64 lanes), stored as float32 to
     ``out[index : index + 8]`` with per-channel ``scale[o : o + 8]``, ``shift[o : o + 8]``:
