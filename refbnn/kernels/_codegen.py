@@ -78,40 +78,31 @@ def _tile(m: int, nv: int) -> str:
         lines.append(f"        x = a8_bcast(xp, b{i} + o)")
         for v in range(nv):
             lines.append(f"        a{i}_{v} = v8_xpa(a{i}_{v}, w{v}, x)")
-    lines += ["    if direct == 1:"]
-    for i in range(m):
-        lines.append(f"        ob = a_i64(obases, {i}) + ooff")
+    # int32 stores: direct 1 plain, 3 with the padding correction
+    stores = {1: "a8_store_acc_i32(out, ob + {o}, a{i}_{v}, k)",
+              3: "a8_store_acc_corr_i32(out, ob + {o}, a{i}_{v}, k, corr, cb + {o})"}
+    for direct, store in stores.items():
+        lines.append(f"    {'if' if direct == 1 else 'elif'} direct == {direct}:")
+        for i in range(m):
+            lines.append(f"        ob = a_i64(obases, {i}) + ooff")
+            if direct == 3:
+                lines.append(f"        cb = a_i64(cbases, {i}) + o0")
+            lines += ["        " + store.format(o=8 * v, i=i, v=v) for v in range(nv)]
+    # packed bits: direct 2 from popcount thresholds, 4 from corrected accumulator thresholds
+    tests = {2: "v8_pc_bits(a{i}_{v}, d{v}, t{v})",
+             4: "a8_threshold_bits(a{i}_{v}, k, corr, cb + {o}, d{v}, t{v})"}
+    for direct, test in tests.items():
+        lines.append(f"    elif direct == {direct}:")
         for v in range(nv):
-            lines.append(f"        a8_store_acc_i32(out, ob + {8 * v}, a{i}_{v}, k)")
-    lines.append("    elif direct == 3:")
-    for i in range(m):
-        lines.append(f"        ob = a_i64(obases, {i}) + ooff")
-        lines.append(f"        cb = a_i64(cbases, {i}) + o0")
-        for v in range(nv):
-            lines.append(f"        a8_store_acc_corr_i32(out, ob + {8 * v}, a{i}_{v}, k, corr, "
-                         f"cb + {8 * v})")
-    lines.append("    elif direct == 2:")
-    for v in range(nv):
-        lines.append(f"        d{v} = a8_load(pcflip, o0 + {8 * v})")
-        lines.append(f"        t{v} = a8_load(pcthr, o0 + {8 * v})")
-    for i in range(m):
-        terms = [f"(v8_pc_bits(a{i}_{v}, d{v}, t{v}) << {8 * v})" for v in range(nv)]
-        lines.append(f"        bits = {terms[0]}")
-        for term in terms[1:]:
-            lines.append(f"        bits |= {term}")
-        lines.append(f"        a_or_u64(out_bits, a_i64(obases, {i}) + ooff, bits << shift)")
-    lines.append("    elif direct == 4:")
-    for v in range(nv):
-        lines.append(f"        d{v} = a8_load(pcflip, o0 + {8 * v})")
-        lines.append(f"        t{v} = a8_load(pcthr, o0 + {8 * v})")
-    for i in range(m):
-        lines.append(f"        cb = a_i64(cbases, {i}) + o0")
-        terms = [f"(a8_threshold_bits(a{i}_{v}, k, corr, cb + {8 * v}, d{v}, t{v}) << {8 * v})"
-                 for v in range(nv)]
-        lines.append(f"        bits = {terms[0]}")
-        for term in terms[1:]:
-            lines.append(f"        bits |= {term}")
-        lines.append(f"        a_or_u64(out_bits, a_i64(obases, {i}) + ooff, bits << shift)")
+            lines.append(f"        d{v} = a8_load(pcflip, o0 + {8 * v})")
+            lines.append(f"        t{v} = a8_load(pcthr, o0 + {8 * v})")
+        for i in range(m):
+            if direct == 4:
+                lines.append(f"        cb = a_i64(cbases, {i}) + o0")
+            terms = [f"({test.format(o=8 * v, i=i, v=v)} << {8 * v})" for v in range(nv)]
+            lines.append(f"        bits = {terms[0]}")
+            lines += [f"        bits |= {term}" for term in terms[1:]]
+            lines.append(f"        a_or_u64(out_bits, a_i64(obases, {i}) + ooff, bits << shift)")
     lines.append("    else:")
     for i in range(m):
         for v in range(nv):
