@@ -25,9 +25,10 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from _bench_common import cpu_name, source_revision, write_json
 
 
 def median_ms(fn, min_runs=3, budget=2.0):
@@ -153,13 +154,9 @@ def main(argv=None):
         print(f"{r['model']:<36}{r['batch']:>6}{pk:>11.3f}{1e3 * r['batch'] / pk:>9.0f}{r['float_ms']:>10.2f}"
               f"{(tw_ms or float('nan')):>10.2f}{(rn or float('nan')):>13.2f}{r['float_ms'] / pk:>9.1f}"
               f"{(tw_ms or float('nan')) / pk:>9.1f}{(rn or float('nan')) / pk:>8.1f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump({"uptime_load": os.getloadavg(), "rows": rows}, fh, indent=1)
-    os.replace(tmp, out)
-    print(f"wrote {out}", file=sys.stderr)
+    write_json(Path(args.out), {"uptime_load": os.getloadavg(), "cpu": cpu_name(),
+                                "source": source_revision(), "rows": rows})
+    print(f"wrote {args.out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

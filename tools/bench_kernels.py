@@ -34,9 +34,10 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from _bench_common import cpu_name, source_revision, write_json
 
 # (H, C_in, C_out, stride) of ResNet-18's binary 3x3 convolutions at 224x224 input
 LAYERS = [(56, 64, 64, 1), (28, 128, 128, 1), (14, 256, 256, 1), (7, 512, 512, 1),
@@ -284,39 +285,16 @@ def main(argv=None) -> int:
     load_after = os.getloadavg()
     print(f"load average before {load[0]:.2f}, after {load_after[0]:.2f}")
     if args.out:
-        meta = {"load_avg_before": load, "load_avg_after": load_after, "cpu": _cpu_name(),
-                "runs": args.runs,
+        meta = {"load_avg_before": load, "load_avg_after": load_after, "cpu": cpu_name(),
+                "source": source_revision(), "runs": args.runs,
                 "python": sys.version.split()[0], "notes": notes}
         try:
-            _write_json(args.out, {"meta": meta, "results": rows})
+            write_json(args.out, {"meta": meta, "results": rows})
         except OSError as e:
             print(f"error: cannot write {args.out}: {e}", file=sys.stderr)
             return 1
         print(f"wrote {args.out}")
     return 0
-
-
-def _write_json(path: Path, obj) -> None:
-    """Write ``obj`` as JSON to a temp file beside ``path``, then ``os.replace`` it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

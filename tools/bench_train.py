@@ -28,10 +28,11 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+
+from _bench_common import cpu_name, source_revision, write_json
 
 FLOOR_RATIO = 1.5
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
@@ -289,15 +290,11 @@ def main(argv=None) -> int:
         print(f"{r['width']:>4} {r['threads']:>4} {r['batch']:>6} {1e3 * r['refbnn_s']:>10.1f} "
               f"{1e3 * r['torch_s']:>10.1f} {r['ratio']:>6.2f} "
               f"{r['refbnn_min_s'] / r['torch_min_s']:>9.2f}  {ok}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"benchmark": "bench_train", "floor_ratio": FLOOR_RATIO, "cpu_count": os.cpu_count(),
-            "input": [1, H, W], "optimizer": "Adam"}
-    with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as f:
-        json.dump({"meta": meta, "results": rows}, f, indent=1)
-        tmp = f.name
-    os.replace(tmp, out)
-    print(f"wrote {out}")
+            "cpu": cpu_name(), "source": source_revision(), "input": [1, H, W],
+            "optimizer": "Adam"}
+    write_json(Path(args.out), {"meta": meta, "results": rows})
+    print(f"wrote {args.out}")
     if args.check and any(r["ratio"] > FLOOR_RATIO for r in rows):
         return 1
     return 0
