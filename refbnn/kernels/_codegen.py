@@ -8,6 +8,7 @@ with ``python -m refbnn.kernels._codegen``.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 ARGS = ("xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,\n"
@@ -51,6 +52,8 @@ from .simd import (
     a8_store_acc_corr_i32,
     a8_store_acc_i32,
     a8_threshold_bits,
+    a16_store_acc_corr_i32,
+    a16_store_acc_i32,
     a_i64,
     a_or_u64,
     v8_pc_bits,
@@ -79,15 +82,21 @@ def _tile(m: int, nv: int) -> str:
         for v in range(nv):
             lines.append(f"        a{i}_{v} = v8_xpa(a{i}_{v}, w{v}, x)")
     # int32 stores: direct 1 plain, 3 with the padding correction
-    stores = {1: "a8_store_acc_i32(out, ob + {o}, a{i}_{v}, k)",
-              3: "a8_store_acc_corr_i32(out, ob + {o}, a{i}_{v}, k, corr, cb + {o})"}
-    for direct, store in stores.items():
+    # (pairs of vectors as one 16-lane int32 store, a last odd vector alone)
+    stores = {1: ("a16_store_acc_i32(out, ob + {o}, a{i}_{v}, a{i}_{w}, k)",
+                  "a8_store_acc_i32(out, ob + {o}, a{i}_{v}, k)"),
+              3: ("a16_store_acc_corr_i32(out, ob + {o}, a{i}_{v}, a{i}_{w}, k, corr, cb + {o})",
+                  "a8_store_acc_corr_i32(out, ob + {o}, a{i}_{v}, k, corr, cb + {o})")}
+    for direct, (pair, single) in stores.items():
         lines.append(f"    {'if' if direct == 1 else 'elif'} direct == {direct}:")
         for i in range(m):
             lines.append(f"        ob = a_i64(obases, {i}) + ooff")
             if direct == 3:
                 lines.append(f"        cb = a_i64(cbases, {i}) + o0")
-            lines += ["        " + store.format(o=8 * v, i=i, v=v) for v in range(nv)]
+            lines += ["        " + pair.format(o=8 * v, i=i, v=v, w=v + 1)
+                      for v in range(0, nv - 1, 2)]
+            if nv % 2:
+                lines.append("        " + single.format(o=8 * (nv - 1), i=i, v=nv - 1))
     # packed bits: direct 2 from popcount thresholds, 4 from corrected accumulator thresholds
     tests = {2: "v8_pc_bits(a{i}_{v}, d{v}, t{v})",
              4: "a8_threshold_bits(a{i}_{v}, k, corr, cb + {o}, d{v}, t{v})"}
@@ -120,8 +129,16 @@ def _dispatch(nv: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _deps_digest() -> str:
+    """First 16 hex digits of the SHA-256 of simd.py, whose intrinsics the tiles inline."""
+    return hashlib.sha256(Path(__file__).with_name("simd.py").read_bytes()).hexdigest()[:16]
+
+
 def generate() -> str:
-    parts = [HEADER]
+    digest = ("# Numba's cache does not notice edits to imported kernels; this digest of simd.py\n"
+              "# (written by the generator) makes an edit of simd.py change this file, hence a "
+              f"recompile.\nDEPS_DIGEST = \"{_deps_digest()}\"\n")
+    parts = [HEADER + "\n" + digest]
     for nv in NV_CHOICES:
         parts += [_tile(m, nv) for m in range(1, MR_MAX + 1)]
     parts += [_dispatch(nv) for nv in NV_CHOICES]

@@ -34,12 +34,18 @@ from .simd import (
     a8_store_acc_corr_i32,
     a8_store_acc_i32,
     a8_threshold_bits,
+    a16_store_acc_corr_i32,
+    a16_store_acc_i32,
     a_i64,
     a_or_u64,
     v8_pc_bits,
     v8_xpa,
     v8_zero,
 )
+
+# Numba's cache does not notice edits to imported kernels; this digest of simd.py
+# (written by the generator) makes an edit of simd.py change this file, hence a recompile.
+DEPS_DIGEST = "66cab4a1c1d76181"
 
 
 @njit(cache=True)
@@ -65,17 +71,13 @@ def _t1x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
         a0_3 = v8_xpa(a0_3, w3, x)
     if direct == 1:
         ob = a_i64(obases, 0) + ooff
-        a8_store_acc_i32(out, ob + 0, a0_0, k)
-        a8_store_acc_i32(out, ob + 8, a0_1, k)
-        a8_store_acc_i32(out, ob + 16, a0_2, k)
-        a8_store_acc_i32(out, ob + 24, a0_3, k)
+        a16_store_acc_i32(out, ob + 0, a0_0, a0_1, k)
+        a16_store_acc_i32(out, ob + 16, a0_2, a0_3, k)
     elif direct == 3:
         ob = a_i64(obases, 0) + ooff
         cb = a_i64(cbases, 0) + o0
-        a8_store_acc_corr_i32(out, ob + 0, a0_0, k, corr, cb + 0)
-        a8_store_acc_corr_i32(out, ob + 8, a0_1, k, corr, cb + 8)
-        a8_store_acc_corr_i32(out, ob + 16, a0_2, k, corr, cb + 16)
-        a8_store_acc_corr_i32(out, ob + 24, a0_3, k, corr, cb + 24)
+        a16_store_acc_corr_i32(out, ob + 0, a0_0, a0_1, k, corr, cb + 0)
+        a16_store_acc_corr_i32(out, ob + 16, a0_2, a0_3, k, corr, cb + 16)
     elif direct == 2:
         d0 = a8_load(pcflip, o0 + 0)
         t0 = a8_load(pcthr, o0 + 0)
@@ -145,28 +147,20 @@ def _t2x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
         a1_3 = v8_xpa(a1_3, w3, x)
     if direct == 1:
         ob = a_i64(obases, 0) + ooff
-        a8_store_acc_i32(out, ob + 0, a0_0, k)
-        a8_store_acc_i32(out, ob + 8, a0_1, k)
-        a8_store_acc_i32(out, ob + 16, a0_2, k)
-        a8_store_acc_i32(out, ob + 24, a0_3, k)
+        a16_store_acc_i32(out, ob + 0, a0_0, a0_1, k)
+        a16_store_acc_i32(out, ob + 16, a0_2, a0_3, k)
         ob = a_i64(obases, 1) + ooff
-        a8_store_acc_i32(out, ob + 0, a1_0, k)
-        a8_store_acc_i32(out, ob + 8, a1_1, k)
-        a8_store_acc_i32(out, ob + 16, a1_2, k)
-        a8_store_acc_i32(out, ob + 24, a1_3, k)
+        a16_store_acc_i32(out, ob + 0, a1_0, a1_1, k)
+        a16_store_acc_i32(out, ob + 16, a1_2, a1_3, k)
     elif direct == 3:
         ob = a_i64(obases, 0) + ooff
         cb = a_i64(cbases, 0) + o0
-        a8_store_acc_corr_i32(out, ob + 0, a0_0, k, corr, cb + 0)
-        a8_store_acc_corr_i32(out, ob + 8, a0_1, k, corr, cb + 8)
-        a8_store_acc_corr_i32(out, ob + 16, a0_2, k, corr, cb + 16)
-        a8_store_acc_corr_i32(out, ob + 24, a0_3, k, corr, cb + 24)
+        a16_store_acc_corr_i32(out, ob + 0, a0_0, a0_1, k, corr, cb + 0)
+        a16_store_acc_corr_i32(out, ob + 16, a0_2, a0_3, k, corr, cb + 16)
         ob = a_i64(obases, 1) + ooff
         cb = a_i64(cbases, 1) + o0
-        a8_store_acc_corr_i32(out, ob + 0, a1_0, k, corr, cb + 0)
-        a8_store_acc_corr_i32(out, ob + 8, a1_1, k, corr, cb + 8)
-        a8_store_acc_corr_i32(out, ob + 16, a1_2, k, corr, cb + 16)
-        a8_store_acc_corr_i32(out, ob + 24, a1_3, k, corr, cb + 24)
+        a16_store_acc_corr_i32(out, ob + 0, a1_0, a1_1, k, corr, cb + 0)
+        a16_store_acc_corr_i32(out, ob + 16, a1_2, a1_3, k, corr, cb + 16)
     elif direct == 2:
         d0 = a8_load(pcflip, o0 + 0)
         t0 = a8_load(pcthr, o0 + 0)
@@ -261,39 +255,27 @@ def _t3x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
         a2_3 = v8_xpa(a2_3, w3, x)
     if direct == 1:
         ob = a_i64(obases, 0) + ooff
-        a8_store_acc_i32(out, ob + 0, a0_0, k)
-        a8_store_acc_i32(out, ob + 8, a0_1, k)
-        a8_store_acc_i32(out, ob + 16, a0_2, k)
-        a8_store_acc_i32(out, ob + 24, a0_3, k)
+        a16_store_acc_i32(out, ob + 0, a0_0, a0_1, k)
+        a16_store_acc_i32(out, ob + 16, a0_2, a0_3, k)
         ob = a_i64(obases, 1) + ooff
-        a8_store_acc_i32(out, ob + 0, a1_0, k)
-        a8_store_acc_i32(out, ob + 8, a1_1, k)
-        a8_store_acc_i32(out, ob + 16, a1_2, k)
-        a8_store_acc_i32(out, ob + 24, a1_3, k)
+        a16_store_acc_i32(out, ob + 0, a1_0, a1_1, k)
+        a16_store_acc_i32(out, ob + 16, a1_2, a1_3, k)
         ob = a_i64(obases, 2) + ooff
-        a8_store_acc_i32(out, ob + 0, a2_0, k)
-        a8_store_acc_i32(out, ob + 8, a2_1, k)
-        a8_store_acc_i32(out, ob + 16, a2_2, k)
-        a8_store_acc_i32(out, ob + 24, a2_3, k)
+        a16_store_acc_i32(out, ob + 0, a2_0, a2_1, k)
+        a16_store_acc_i32(out, ob + 16, a2_2, a2_3, k)
     elif direct == 3:
         ob = a_i64(obases, 0) + ooff
         cb = a_i64(cbases, 0) + o0
-        a8_store_acc_corr_i32(out, ob + 0, a0_0, k, corr, cb + 0)
-        a8_store_acc_corr_i32(out, ob + 8, a0_1, k, corr, cb + 8)
-        a8_store_acc_corr_i32(out, ob + 16, a0_2, k, corr, cb + 16)
-        a8_store_acc_corr_i32(out, ob + 24, a0_3, k, corr, cb + 24)
+        a16_store_acc_corr_i32(out, ob + 0, a0_0, a0_1, k, corr, cb + 0)
+        a16_store_acc_corr_i32(out, ob + 16, a0_2, a0_3, k, corr, cb + 16)
         ob = a_i64(obases, 1) + ooff
         cb = a_i64(cbases, 1) + o0
-        a8_store_acc_corr_i32(out, ob + 0, a1_0, k, corr, cb + 0)
-        a8_store_acc_corr_i32(out, ob + 8, a1_1, k, corr, cb + 8)
-        a8_store_acc_corr_i32(out, ob + 16, a1_2, k, corr, cb + 16)
-        a8_store_acc_corr_i32(out, ob + 24, a1_3, k, corr, cb + 24)
+        a16_store_acc_corr_i32(out, ob + 0, a1_0, a1_1, k, corr, cb + 0)
+        a16_store_acc_corr_i32(out, ob + 16, a1_2, a1_3, k, corr, cb + 16)
         ob = a_i64(obases, 2) + ooff
         cb = a_i64(cbases, 2) + o0
-        a8_store_acc_corr_i32(out, ob + 0, a2_0, k, corr, cb + 0)
-        a8_store_acc_corr_i32(out, ob + 8, a2_1, k, corr, cb + 8)
-        a8_store_acc_corr_i32(out, ob + 16, a2_2, k, corr, cb + 16)
-        a8_store_acc_corr_i32(out, ob + 24, a2_3, k, corr, cb + 24)
+        a16_store_acc_corr_i32(out, ob + 0, a2_0, a2_1, k, corr, cb + 0)
+        a16_store_acc_corr_i32(out, ob + 16, a2_2, a2_3, k, corr, cb + 16)
     elif direct == 2:
         d0 = a8_load(pcflip, o0 + 0)
         t0 = a8_load(pcthr, o0 + 0)
@@ -413,50 +395,34 @@ def _t4x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
         a3_3 = v8_xpa(a3_3, w3, x)
     if direct == 1:
         ob = a_i64(obases, 0) + ooff
-        a8_store_acc_i32(out, ob + 0, a0_0, k)
-        a8_store_acc_i32(out, ob + 8, a0_1, k)
-        a8_store_acc_i32(out, ob + 16, a0_2, k)
-        a8_store_acc_i32(out, ob + 24, a0_3, k)
+        a16_store_acc_i32(out, ob + 0, a0_0, a0_1, k)
+        a16_store_acc_i32(out, ob + 16, a0_2, a0_3, k)
         ob = a_i64(obases, 1) + ooff
-        a8_store_acc_i32(out, ob + 0, a1_0, k)
-        a8_store_acc_i32(out, ob + 8, a1_1, k)
-        a8_store_acc_i32(out, ob + 16, a1_2, k)
-        a8_store_acc_i32(out, ob + 24, a1_3, k)
+        a16_store_acc_i32(out, ob + 0, a1_0, a1_1, k)
+        a16_store_acc_i32(out, ob + 16, a1_2, a1_3, k)
         ob = a_i64(obases, 2) + ooff
-        a8_store_acc_i32(out, ob + 0, a2_0, k)
-        a8_store_acc_i32(out, ob + 8, a2_1, k)
-        a8_store_acc_i32(out, ob + 16, a2_2, k)
-        a8_store_acc_i32(out, ob + 24, a2_3, k)
+        a16_store_acc_i32(out, ob + 0, a2_0, a2_1, k)
+        a16_store_acc_i32(out, ob + 16, a2_2, a2_3, k)
         ob = a_i64(obases, 3) + ooff
-        a8_store_acc_i32(out, ob + 0, a3_0, k)
-        a8_store_acc_i32(out, ob + 8, a3_1, k)
-        a8_store_acc_i32(out, ob + 16, a3_2, k)
-        a8_store_acc_i32(out, ob + 24, a3_3, k)
+        a16_store_acc_i32(out, ob + 0, a3_0, a3_1, k)
+        a16_store_acc_i32(out, ob + 16, a3_2, a3_3, k)
     elif direct == 3:
         ob = a_i64(obases, 0) + ooff
         cb = a_i64(cbases, 0) + o0
-        a8_store_acc_corr_i32(out, ob + 0, a0_0, k, corr, cb + 0)
-        a8_store_acc_corr_i32(out, ob + 8, a0_1, k, corr, cb + 8)
-        a8_store_acc_corr_i32(out, ob + 16, a0_2, k, corr, cb + 16)
-        a8_store_acc_corr_i32(out, ob + 24, a0_3, k, corr, cb + 24)
+        a16_store_acc_corr_i32(out, ob + 0, a0_0, a0_1, k, corr, cb + 0)
+        a16_store_acc_corr_i32(out, ob + 16, a0_2, a0_3, k, corr, cb + 16)
         ob = a_i64(obases, 1) + ooff
         cb = a_i64(cbases, 1) + o0
-        a8_store_acc_corr_i32(out, ob + 0, a1_0, k, corr, cb + 0)
-        a8_store_acc_corr_i32(out, ob + 8, a1_1, k, corr, cb + 8)
-        a8_store_acc_corr_i32(out, ob + 16, a1_2, k, corr, cb + 16)
-        a8_store_acc_corr_i32(out, ob + 24, a1_3, k, corr, cb + 24)
+        a16_store_acc_corr_i32(out, ob + 0, a1_0, a1_1, k, corr, cb + 0)
+        a16_store_acc_corr_i32(out, ob + 16, a1_2, a1_3, k, corr, cb + 16)
         ob = a_i64(obases, 2) + ooff
         cb = a_i64(cbases, 2) + o0
-        a8_store_acc_corr_i32(out, ob + 0, a2_0, k, corr, cb + 0)
-        a8_store_acc_corr_i32(out, ob + 8, a2_1, k, corr, cb + 8)
-        a8_store_acc_corr_i32(out, ob + 16, a2_2, k, corr, cb + 16)
-        a8_store_acc_corr_i32(out, ob + 24, a2_3, k, corr, cb + 24)
+        a16_store_acc_corr_i32(out, ob + 0, a2_0, a2_1, k, corr, cb + 0)
+        a16_store_acc_corr_i32(out, ob + 16, a2_2, a2_3, k, corr, cb + 16)
         ob = a_i64(obases, 3) + ooff
         cb = a_i64(cbases, 3) + o0
-        a8_store_acc_corr_i32(out, ob + 0, a3_0, k, corr, cb + 0)
-        a8_store_acc_corr_i32(out, ob + 8, a3_1, k, corr, cb + 8)
-        a8_store_acc_corr_i32(out, ob + 16, a3_2, k, corr, cb + 16)
-        a8_store_acc_corr_i32(out, ob + 24, a3_3, k, corr, cb + 24)
+        a16_store_acc_corr_i32(out, ob + 0, a3_0, a3_1, k, corr, cb + 0)
+        a16_store_acc_corr_i32(out, ob + 16, a3_2, a3_3, k, corr, cb + 16)
     elif direct == 2:
         d0 = a8_load(pcflip, o0 + 0)
         t0 = a8_load(pcthr, o0 + 0)
@@ -601,61 +567,41 @@ def _t5x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
         a4_3 = v8_xpa(a4_3, w3, x)
     if direct == 1:
         ob = a_i64(obases, 0) + ooff
-        a8_store_acc_i32(out, ob + 0, a0_0, k)
-        a8_store_acc_i32(out, ob + 8, a0_1, k)
-        a8_store_acc_i32(out, ob + 16, a0_2, k)
-        a8_store_acc_i32(out, ob + 24, a0_3, k)
+        a16_store_acc_i32(out, ob + 0, a0_0, a0_1, k)
+        a16_store_acc_i32(out, ob + 16, a0_2, a0_3, k)
         ob = a_i64(obases, 1) + ooff
-        a8_store_acc_i32(out, ob + 0, a1_0, k)
-        a8_store_acc_i32(out, ob + 8, a1_1, k)
-        a8_store_acc_i32(out, ob + 16, a1_2, k)
-        a8_store_acc_i32(out, ob + 24, a1_3, k)
+        a16_store_acc_i32(out, ob + 0, a1_0, a1_1, k)
+        a16_store_acc_i32(out, ob + 16, a1_2, a1_3, k)
         ob = a_i64(obases, 2) + ooff
-        a8_store_acc_i32(out, ob + 0, a2_0, k)
-        a8_store_acc_i32(out, ob + 8, a2_1, k)
-        a8_store_acc_i32(out, ob + 16, a2_2, k)
-        a8_store_acc_i32(out, ob + 24, a2_3, k)
+        a16_store_acc_i32(out, ob + 0, a2_0, a2_1, k)
+        a16_store_acc_i32(out, ob + 16, a2_2, a2_3, k)
         ob = a_i64(obases, 3) + ooff
-        a8_store_acc_i32(out, ob + 0, a3_0, k)
-        a8_store_acc_i32(out, ob + 8, a3_1, k)
-        a8_store_acc_i32(out, ob + 16, a3_2, k)
-        a8_store_acc_i32(out, ob + 24, a3_3, k)
+        a16_store_acc_i32(out, ob + 0, a3_0, a3_1, k)
+        a16_store_acc_i32(out, ob + 16, a3_2, a3_3, k)
         ob = a_i64(obases, 4) + ooff
-        a8_store_acc_i32(out, ob + 0, a4_0, k)
-        a8_store_acc_i32(out, ob + 8, a4_1, k)
-        a8_store_acc_i32(out, ob + 16, a4_2, k)
-        a8_store_acc_i32(out, ob + 24, a4_3, k)
+        a16_store_acc_i32(out, ob + 0, a4_0, a4_1, k)
+        a16_store_acc_i32(out, ob + 16, a4_2, a4_3, k)
     elif direct == 3:
         ob = a_i64(obases, 0) + ooff
         cb = a_i64(cbases, 0) + o0
-        a8_store_acc_corr_i32(out, ob + 0, a0_0, k, corr, cb + 0)
-        a8_store_acc_corr_i32(out, ob + 8, a0_1, k, corr, cb + 8)
-        a8_store_acc_corr_i32(out, ob + 16, a0_2, k, corr, cb + 16)
-        a8_store_acc_corr_i32(out, ob + 24, a0_3, k, corr, cb + 24)
+        a16_store_acc_corr_i32(out, ob + 0, a0_0, a0_1, k, corr, cb + 0)
+        a16_store_acc_corr_i32(out, ob + 16, a0_2, a0_3, k, corr, cb + 16)
         ob = a_i64(obases, 1) + ooff
         cb = a_i64(cbases, 1) + o0
-        a8_store_acc_corr_i32(out, ob + 0, a1_0, k, corr, cb + 0)
-        a8_store_acc_corr_i32(out, ob + 8, a1_1, k, corr, cb + 8)
-        a8_store_acc_corr_i32(out, ob + 16, a1_2, k, corr, cb + 16)
-        a8_store_acc_corr_i32(out, ob + 24, a1_3, k, corr, cb + 24)
+        a16_store_acc_corr_i32(out, ob + 0, a1_0, a1_1, k, corr, cb + 0)
+        a16_store_acc_corr_i32(out, ob + 16, a1_2, a1_3, k, corr, cb + 16)
         ob = a_i64(obases, 2) + ooff
         cb = a_i64(cbases, 2) + o0
-        a8_store_acc_corr_i32(out, ob + 0, a2_0, k, corr, cb + 0)
-        a8_store_acc_corr_i32(out, ob + 8, a2_1, k, corr, cb + 8)
-        a8_store_acc_corr_i32(out, ob + 16, a2_2, k, corr, cb + 16)
-        a8_store_acc_corr_i32(out, ob + 24, a2_3, k, corr, cb + 24)
+        a16_store_acc_corr_i32(out, ob + 0, a2_0, a2_1, k, corr, cb + 0)
+        a16_store_acc_corr_i32(out, ob + 16, a2_2, a2_3, k, corr, cb + 16)
         ob = a_i64(obases, 3) + ooff
         cb = a_i64(cbases, 3) + o0
-        a8_store_acc_corr_i32(out, ob + 0, a3_0, k, corr, cb + 0)
-        a8_store_acc_corr_i32(out, ob + 8, a3_1, k, corr, cb + 8)
-        a8_store_acc_corr_i32(out, ob + 16, a3_2, k, corr, cb + 16)
-        a8_store_acc_corr_i32(out, ob + 24, a3_3, k, corr, cb + 24)
+        a16_store_acc_corr_i32(out, ob + 0, a3_0, a3_1, k, corr, cb + 0)
+        a16_store_acc_corr_i32(out, ob + 16, a3_2, a3_3, k, corr, cb + 16)
         ob = a_i64(obases, 4) + ooff
         cb = a_i64(cbases, 4) + o0
-        a8_store_acc_corr_i32(out, ob + 0, a4_0, k, corr, cb + 0)
-        a8_store_acc_corr_i32(out, ob + 8, a4_1, k, corr, cb + 8)
-        a8_store_acc_corr_i32(out, ob + 16, a4_2, k, corr, cb + 16)
-        a8_store_acc_corr_i32(out, ob + 24, a4_3, k, corr, cb + 24)
+        a16_store_acc_corr_i32(out, ob + 0, a4_0, a4_1, k, corr, cb + 0)
+        a16_store_acc_corr_i32(out, ob + 16, a4_2, a4_3, k, corr, cb + 16)
     elif direct == 2:
         d0 = a8_load(pcflip, o0 + 0)
         t0 = a8_load(pcthr, o0 + 0)
@@ -825,72 +771,48 @@ def _t6x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
         a5_3 = v8_xpa(a5_3, w3, x)
     if direct == 1:
         ob = a_i64(obases, 0) + ooff
-        a8_store_acc_i32(out, ob + 0, a0_0, k)
-        a8_store_acc_i32(out, ob + 8, a0_1, k)
-        a8_store_acc_i32(out, ob + 16, a0_2, k)
-        a8_store_acc_i32(out, ob + 24, a0_3, k)
+        a16_store_acc_i32(out, ob + 0, a0_0, a0_1, k)
+        a16_store_acc_i32(out, ob + 16, a0_2, a0_3, k)
         ob = a_i64(obases, 1) + ooff
-        a8_store_acc_i32(out, ob + 0, a1_0, k)
-        a8_store_acc_i32(out, ob + 8, a1_1, k)
-        a8_store_acc_i32(out, ob + 16, a1_2, k)
-        a8_store_acc_i32(out, ob + 24, a1_3, k)
+        a16_store_acc_i32(out, ob + 0, a1_0, a1_1, k)
+        a16_store_acc_i32(out, ob + 16, a1_2, a1_3, k)
         ob = a_i64(obases, 2) + ooff
-        a8_store_acc_i32(out, ob + 0, a2_0, k)
-        a8_store_acc_i32(out, ob + 8, a2_1, k)
-        a8_store_acc_i32(out, ob + 16, a2_2, k)
-        a8_store_acc_i32(out, ob + 24, a2_3, k)
+        a16_store_acc_i32(out, ob + 0, a2_0, a2_1, k)
+        a16_store_acc_i32(out, ob + 16, a2_2, a2_3, k)
         ob = a_i64(obases, 3) + ooff
-        a8_store_acc_i32(out, ob + 0, a3_0, k)
-        a8_store_acc_i32(out, ob + 8, a3_1, k)
-        a8_store_acc_i32(out, ob + 16, a3_2, k)
-        a8_store_acc_i32(out, ob + 24, a3_3, k)
+        a16_store_acc_i32(out, ob + 0, a3_0, a3_1, k)
+        a16_store_acc_i32(out, ob + 16, a3_2, a3_3, k)
         ob = a_i64(obases, 4) + ooff
-        a8_store_acc_i32(out, ob + 0, a4_0, k)
-        a8_store_acc_i32(out, ob + 8, a4_1, k)
-        a8_store_acc_i32(out, ob + 16, a4_2, k)
-        a8_store_acc_i32(out, ob + 24, a4_3, k)
+        a16_store_acc_i32(out, ob + 0, a4_0, a4_1, k)
+        a16_store_acc_i32(out, ob + 16, a4_2, a4_3, k)
         ob = a_i64(obases, 5) + ooff
-        a8_store_acc_i32(out, ob + 0, a5_0, k)
-        a8_store_acc_i32(out, ob + 8, a5_1, k)
-        a8_store_acc_i32(out, ob + 16, a5_2, k)
-        a8_store_acc_i32(out, ob + 24, a5_3, k)
+        a16_store_acc_i32(out, ob + 0, a5_0, a5_1, k)
+        a16_store_acc_i32(out, ob + 16, a5_2, a5_3, k)
     elif direct == 3:
         ob = a_i64(obases, 0) + ooff
         cb = a_i64(cbases, 0) + o0
-        a8_store_acc_corr_i32(out, ob + 0, a0_0, k, corr, cb + 0)
-        a8_store_acc_corr_i32(out, ob + 8, a0_1, k, corr, cb + 8)
-        a8_store_acc_corr_i32(out, ob + 16, a0_2, k, corr, cb + 16)
-        a8_store_acc_corr_i32(out, ob + 24, a0_3, k, corr, cb + 24)
+        a16_store_acc_corr_i32(out, ob + 0, a0_0, a0_1, k, corr, cb + 0)
+        a16_store_acc_corr_i32(out, ob + 16, a0_2, a0_3, k, corr, cb + 16)
         ob = a_i64(obases, 1) + ooff
         cb = a_i64(cbases, 1) + o0
-        a8_store_acc_corr_i32(out, ob + 0, a1_0, k, corr, cb + 0)
-        a8_store_acc_corr_i32(out, ob + 8, a1_1, k, corr, cb + 8)
-        a8_store_acc_corr_i32(out, ob + 16, a1_2, k, corr, cb + 16)
-        a8_store_acc_corr_i32(out, ob + 24, a1_3, k, corr, cb + 24)
+        a16_store_acc_corr_i32(out, ob + 0, a1_0, a1_1, k, corr, cb + 0)
+        a16_store_acc_corr_i32(out, ob + 16, a1_2, a1_3, k, corr, cb + 16)
         ob = a_i64(obases, 2) + ooff
         cb = a_i64(cbases, 2) + o0
-        a8_store_acc_corr_i32(out, ob + 0, a2_0, k, corr, cb + 0)
-        a8_store_acc_corr_i32(out, ob + 8, a2_1, k, corr, cb + 8)
-        a8_store_acc_corr_i32(out, ob + 16, a2_2, k, corr, cb + 16)
-        a8_store_acc_corr_i32(out, ob + 24, a2_3, k, corr, cb + 24)
+        a16_store_acc_corr_i32(out, ob + 0, a2_0, a2_1, k, corr, cb + 0)
+        a16_store_acc_corr_i32(out, ob + 16, a2_2, a2_3, k, corr, cb + 16)
         ob = a_i64(obases, 3) + ooff
         cb = a_i64(cbases, 3) + o0
-        a8_store_acc_corr_i32(out, ob + 0, a3_0, k, corr, cb + 0)
-        a8_store_acc_corr_i32(out, ob + 8, a3_1, k, corr, cb + 8)
-        a8_store_acc_corr_i32(out, ob + 16, a3_2, k, corr, cb + 16)
-        a8_store_acc_corr_i32(out, ob + 24, a3_3, k, corr, cb + 24)
+        a16_store_acc_corr_i32(out, ob + 0, a3_0, a3_1, k, corr, cb + 0)
+        a16_store_acc_corr_i32(out, ob + 16, a3_2, a3_3, k, corr, cb + 16)
         ob = a_i64(obases, 4) + ooff
         cb = a_i64(cbases, 4) + o0
-        a8_store_acc_corr_i32(out, ob + 0, a4_0, k, corr, cb + 0)
-        a8_store_acc_corr_i32(out, ob + 8, a4_1, k, corr, cb + 8)
-        a8_store_acc_corr_i32(out, ob + 16, a4_2, k, corr, cb + 16)
-        a8_store_acc_corr_i32(out, ob + 24, a4_3, k, corr, cb + 24)
+        a16_store_acc_corr_i32(out, ob + 0, a4_0, a4_1, k, corr, cb + 0)
+        a16_store_acc_corr_i32(out, ob + 16, a4_2, a4_3, k, corr, cb + 16)
         ob = a_i64(obases, 5) + ooff
         cb = a_i64(cbases, 5) + o0
-        a8_store_acc_corr_i32(out, ob + 0, a5_0, k, corr, cb + 0)
-        a8_store_acc_corr_i32(out, ob + 8, a5_1, k, corr, cb + 8)
-        a8_store_acc_corr_i32(out, ob + 16, a5_2, k, corr, cb + 16)
-        a8_store_acc_corr_i32(out, ob + 24, a5_3, k, corr, cb + 24)
+        a16_store_acc_corr_i32(out, ob + 0, a5_0, a5_1, k, corr, cb + 0)
+        a16_store_acc_corr_i32(out, ob + 16, a5_2, a5_3, k, corr, cb + 16)
     elif direct == 2:
         d0 = a8_load(pcflip, o0 + 0)
         t0 = a8_load(pcthr, o0 + 0)

@@ -434,6 +434,66 @@ def a8_store_acc_i32(typingctx, addr, index, pc, k):
     return types.none(addr, index, vec8, k), codegen
 
 
+_V16 = ir.VectorType(ir.IntType(32), 16)
+
+
+def _low_dwords(builder, lo, hi):
+    """``<16 x i32>`` of the low halves of the 64-bit lanes of ``lo`` then ``hi`` (one shuffle;
+    little-endian: dword ``2j`` is lane ``j``'s low half)."""
+    even = ir.Constant(ir.VectorType(ir.IntType(32), 16), list(range(0, 32, 2)))
+    return builder.shuffle_vector(builder.bitcast(lo, _V16), builder.bitcast(hi, _V16), even)
+
+
+def _store_acc16(context, builder, sig, args, corr):
+    """Store ``int32(k - 2 * pc [+ corr])`` for ``pc`` = lanes of ``args[2]`` then ``args[3]``,
+    computed in int32 (exact: popcounts, ``k`` and corrections fit in 31 bits)."""
+    pc = _low_dwords(builder, args[2], args[3])
+    k32 = builder.trunc(context.cast(builder, args[4], sig.args[4], types.int64), ir.IntType(32))
+    kvec = builder.shuffle_vector(
+        builder.insert_element(ir.Constant(_V16, None), k32, ir.Constant(ir.IntType(32), 0)),
+        ir.Constant(_V16, None), ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16))
+    a = builder.sub(kvec, builder.shl(pc, ir.Constant(_V16, [1] * 16)))
+    if corr is not None:
+        a = builder.add(a, corr)
+    ptr = _gep(context, builder, args[0], sig.args[0], args[1], ir.IntType(32), _V16)
+    builder.store(a, ptr, align=4)
+    return context.get_dummy_value()
+
+
+@intrinsic
+def a16_store_acc_i32(typingctx, addr, index, lo, hi, k):
+    """``int32(k - 2 * pc)`` for the 16 popcounts ``lo`` then ``hi`` to elements
+    ``index .. index + 15`` of the int32 array at ``addr`` (one 512-bit store)."""
+    if not all(isinstance(a, types.Integer) for a in (addr, index, k)):
+        return None
+    if lo != vec8 or hi != vec8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _store_acc16(context, builder, sig, args, None)
+
+    return types.none(addr, index, vec8, vec8, k), codegen
+
+
+@intrinsic
+def a16_store_acc_corr_i32(typingctx, addr, index, lo, hi, k, caddr, cindex):
+    """:func:`a16_store_acc_i32` plus the corrections at elements ``cindex .. cindex + 15`` of
+    the int64 array at ``caddr``."""
+    if not all(isinstance(a, types.Integer) for a in (addr, index, k, caddr, cindex)):
+        return None
+    if lo != vec8 or hi != vec8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        ca, ci = args[5], args[6]
+        c_lo = builder.load(_gep(context, builder, ca, sig.args[5], ci, _I64, _V8), align=8)
+        c_hi = builder.load(_gep(context, builder, ca, sig.args[5],
+                                 builder.add(ci, ir.Constant(ci.type, 8)), _I64, _V8), align=8)
+        return _store_acc16(context, builder, sig, args, _low_dwords(builder, c_lo, c_hi))
+
+    return types.none(addr, index, vec8, vec8, k, caddr, cindex), codegen
+
+
 @intrinsic
 def a8_store_acc_corr_i32(typingctx, addr, index, pc, k, caddr, cindex):
     """``int32(k - 2 * pc + corr)`` to elements ``index .. index + 7`` of the int32 array at
