@@ -71,8 +71,8 @@ def test_kernel_choice_env_and_argument(monkeypatch):
 @pytest.mark.skipif(not dispatch.host_has_avx512_popcount(),
                     reason="host has no AVX-512 VPOPCNTDQ, so no zmm vpopcntq is expected")
 def test_fast_tile_compiles_to_zmm_vpopcntq():
-    """The 6x32 micro-kernel's inner loop is 512-bit XOR/POPCNT/ADD (compiled afresh, as
-    inspect_asm is unavailable for cached code)."""
+    """The 6x32 micro-kernel's inner loop is 512-bit XOR/POPCNT/ADD and its int32 stores are
+    16 lanes wide (compiled afresh, as inspect_asm is unavailable for cached code)."""
     from numba import njit
 
     from refbnn.kernels import bconv_tiles
@@ -85,6 +85,9 @@ def test_fast_tile_compiles_to_zmm_vpopcntq():
     asm = fn.inspect_asm(fn.signatures[0])
     assert len(re.findall(r"vpopcntq\s+[^\n]*zmm", asm)) == 24
     assert not re.search(r"vpopcntq\s+[^\n]*ymm", asm)
+    # int32 stores narrow two 8-lane vectors with one 2-source permute (direct 1 and 3: 6 pixels
+    # x 2 pairs each), not with two vpmovqd
+    assert len(re.findall(r"vperm[ti]2d", asm)) >= 24
 
 
 @pytest.mark.parametrize("module, deps", [
