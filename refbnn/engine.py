@@ -11,6 +11,11 @@
 * fuses "non-linearity, residual add, non-linearity" into one pass (:mod:`refbnn.kernels.elementwise`);
 * runs the real-valued layers (stem, 1x1 shortcuts, classifier) in float32 with BLAS.
 
+Threads: the binary kernels run on ``numba.get_num_threads()`` threads. Keep BLAS at one thread
+beside them (``threadpoolctl.threadpool_limits(1)``, as ``refbnn.infer`` does): a multi-threaded
+OpenBLAS keeps its workers polling after each call and takes their cores (measured with two threads
+on weights/ftbnn18.h5: 2,688-2,910 images/s with BLAS at two threads, 4,066-5,334 at one).
+
 Agreement with the float training path (eval mode): for ``scale="none"`` models (FTBNN) every binary
 layer's output equals the float path's exactly, because ``acc`` is an exact integer and the float
 path computes ``acc * scale + shift`` with the same two roundings; the only differences come from the
