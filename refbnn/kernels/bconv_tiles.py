@@ -45,7 +45,7 @@ from .simd import (
 
 # Numba's cache does not notice edits to imported kernels; this digest of simd.py
 # (written by the generator) makes an edit of simd.py change this file, hence a recompile.
-DEPS_DIGEST = "66cab4a1c1d76181"
+DEPS_DIGEST = "68d12f2556026faf"
 
 
 @njit(cache=True)

@@ -15,7 +15,7 @@ from .simd import all_finite, nan_bits64, neg_bits64, nonpos_bits64, sum_into64,
 
 # Numba's cache does not notice edits to imported kernels; this digest of simd.py
 # (tests/test_kernels_misc.py recomputes it) forces an edit here, hence a recompile.
-DEPS_DIGEST = "66cab4a1c1d76181"
+DEPS_DIGEST = "68d12f2556026faf"
 
 
 @njit(cache=True, inline="always")

@@ -252,11 +252,9 @@ def v8_store_acc_i32(typingctx, out, index, pc, k, corr):
 
     def codegen(context, builder, sig, args):
         _, _, pcv, kv, cv = args
-        kvec = _splat(builder, context.cast(builder, kv, sig.args[3], types.int64))
-        a = builder.add(builder.sub(kvec, builder.shl(pcv, ir.Constant(_V8, [1] * 8))), cv)
+        a = _acc8(context, builder, kv, sig.args[3], pcv, cv)
         v32 = ir.VectorType(ir.IntType(32), 8)
-        ptr = _elem_ptr(context, builder, sig.args[0], args[0], args[1], v32)
-        builder.store(builder.trunc(a, v32), ptr, align=4)
+        _store_i32x8(builder, _elem_ptr(context, builder, sig.args[0], args[0], args[1], v32), a)
         return context.get_dummy_value()
 
     return types.none(out, index, vec8, k, vec8), codegen
@@ -266,6 +264,24 @@ def _splat(builder, value):
     v = builder.insert_element(ir.Constant(_V8, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
     return builder.shuffle_vector(v, ir.Constant(_V8, ir.Undefined),
                                   ir.Constant(ir.VectorType(ir.IntType(32), 8), None))
+
+
+def _acc8(context, builder, k, k_ty, pc, corr=None):
+    """``k - 2 * pc (+ corr)`` on ``<8 x i64>`` lanes (``k`` a scalar of Numba type ``k_ty``)."""
+    kvec = _splat(builder, context.cast(builder, k, k_ty, types.int64))
+    a = builder.sub(kvec, builder.shl(pc, ir.Constant(_V8, [1] * 8)))
+    return a if corr is None else builder.add(a, corr)
+
+
+def _store_i32x8(builder, ptr, a):
+    """Store the low 32 bits of the eight lanes of ``a`` at ``ptr`` (``<8 x i32>*``)."""
+    builder.store(builder.trunc(a, ir.VectorType(ir.IntType(32), 8)), ptr, align=4)
+
+
+def _bits_below(builder, a, direction, thr):
+    """Low 8 bits of a ``uint64``: bit ``l`` = ``a[l] * direction[l] < thr[l]`` (signed)."""
+    mask = builder.icmp_signed("<", builder.mul(a, direction), thr)
+    return builder.zext(builder.bitcast(mask, ir.IntType(8)), _I64)
 
 
 @intrinsic
@@ -278,10 +294,7 @@ def v8_threshold_bits(typingctx, pc, k, corr, direction, thr):
 
     def codegen(context, builder, sig, args):
         pcv, kv, cv, dv, tv = args
-        kvec = _splat(builder, context.cast(builder, kv, sig.args[1], types.int64))
-        a = builder.add(builder.sub(kvec, builder.shl(pcv, ir.Constant(_V8, [1] * 8))), cv)
-        mask = builder.icmp_signed("<", builder.mul(a, dv), tv)
-        return builder.zext(builder.bitcast(mask, ir.IntType(8)), _I64)
+        return _bits_below(builder, _acc8(context, builder, kv, sig.args[1], pcv, cv), dv, tv)
 
     return types.uint64(vec8, k, vec8, vec8, vec8), codegen
 
@@ -297,10 +310,7 @@ def a8_threshold_bits(typingctx, pc, k, caddr, cindex, direction, thr):
     def codegen(context, builder, sig, args):
         pcv, kv, ca, ci, dv, tv = args
         cv = builder.load(_gep(context, builder, ca, sig.args[2], ci, _I64, _V8), align=8)
-        kvec = _splat(builder, context.cast(builder, kv, sig.args[1], types.int64))
-        a = builder.add(builder.sub(kvec, builder.shl(pcv, ir.Constant(_V8, [1] * 8))), cv)
-        mask = builder.icmp_signed("<", builder.mul(a, dv), tv)
-        return builder.zext(builder.bitcast(mask, ir.IntType(8)), _I64)
+        return _bits_below(builder, _acc8(context, builder, kv, sig.args[1], pcv, cv), dv, tv)
 
     return types.uint64(vec8, k, caddr, cindex, vec8, vec8), codegen
 
@@ -324,7 +334,7 @@ def v8_store_f32(typingctx, out, index, pc, k, corr, scale, shift, o, lce):
         outv, idx, pcv, kv, cv, sc, sh, ov, lce_v = args
         f8 = ir.VectorType(ir.FloatType(), 8)
         kvec = _splat(builder, context.cast(builder, kv, sig.args[3], types.int64))
-        a = builder.add(builder.sub(kvec, builder.shl(pcv, ir.Constant(_V8, [1] * 8))), cv)
+        a = _acc8(context, builder, kv, sig.args[3], pcv, cv)
         m = builder.load(_elem_ptr(context, builder, sig.args[5], sc, ov, f8), align=4)
         b = builder.load(_elem_ptr(context, builder, sig.args[6], sh, ov, f8), align=4)
         plain = builder.fmul(builder.sitofp(a, f8), m)
@@ -424,11 +434,10 @@ def a8_store_acc_i32(typingctx, addr, index, pc, k):
         return None
 
     def codegen(context, builder, sig, args):
-        kvec = _splat(builder, context.cast(builder, args[3], sig.args[3], types.int64))
-        a = builder.sub(kvec, builder.shl(args[2], ir.Constant(_V8, [1] * 8)))
+        a = _acc8(context, builder, args[3], sig.args[3], args[2])
         v32 = ir.VectorType(ir.IntType(32), 8)
-        ptr = _gep(context, builder, args[0], sig.args[0], args[1], ir.IntType(32), v32)
-        builder.store(builder.trunc(a, v32), ptr, align=4)
+        _store_i32x8(builder, _gep(context, builder, args[0], sig.args[0], args[1],
+                                   ir.IntType(32), v32), a)
         return context.get_dummy_value()
 
     return types.none(addr, index, vec8, k), codegen
@@ -504,13 +513,12 @@ def a8_store_acc_corr_i32(typingctx, addr, index, pc, k, caddr, cindex):
         return None
 
     def codegen(context, builder, sig, args):
-        kvec = _splat(builder, context.cast(builder, args[3], sig.args[3], types.int64))
         corr = builder.load(_gep(context, builder, args[4], sig.args[4], args[5], _I64, _V8),
                             align=8)
-        a = builder.add(builder.sub(kvec, builder.shl(args[2], ir.Constant(_V8, [1] * 8))), corr)
+        a = _acc8(context, builder, args[3], sig.args[3], args[2], corr)
         v32 = ir.VectorType(ir.IntType(32), 8)
-        ptr = _gep(context, builder, args[0], sig.args[0], args[1], ir.IntType(32), v32)
-        builder.store(builder.trunc(a, v32), ptr, align=4)
+        _store_i32x8(builder, _gep(context, builder, args[0], sig.args[0], args[1],
+                                   ir.IntType(32), v32), a)
         return context.get_dummy_value()
 
     return types.none(addr, index, vec8, k, caddr, cindex), codegen
