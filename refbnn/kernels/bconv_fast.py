@@ -71,19 +71,15 @@ def tile_table(n, out_hw, padded_hw, words_per_pixel, stride, rc, cc, ncc, out_c
     img, rest = np.divmod(p, oh * ow)
     y, x = np.divmod(rest, ow)
     tpix = ((img * hp + y * sh) * wp + x * sw) * words_per_pixel
-    if has_corr:
-        tcor = np.where(valid, (np.asarray(rc)[y] * ncc + np.asarray(cc)[x]) * out_channels, 0)
-    else:
-        tcor = np.zeros_like(p)
+    tcor = (np.asarray(rc)[y] * ncc + np.asarray(cc)[x]) * out_channels if has_corr else 0 * p
     if bits_out is None:
         tout = p * out_channels
     else:
         ohp, owp, owords, opt, opl = bits_out
         tout = ((img * ohp + y + opt) * owp + x + opl) * owords
+    tpix, tout, tcor = (np.where(valid, a, 0).astype(np.int64) for a in (tpix, tout, tcor))
     tborder = (tcor != 0).any(axis=1)
-    flat = [np.ascontiguousarray(np.where(valid, a, 0), np.int64).reshape(-1)
-            for a in (tpix, tout, tcor)]
-    return (*flat, tm, tborder, nchunks)
+    return (tpix.reshape(-1), tout.reshape(-1), tcor.reshape(-1), tm, tborder, nchunks)
 
 
 @njit(cache=True, parallel=True)

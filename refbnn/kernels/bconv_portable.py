@@ -22,7 +22,7 @@ from .simd import popcount64
 
 # Numba's cache does not notice edits to imported kernels; this digest of simd.py, bconv_tiles.py,
 # bconv_fast.py (tests/test_kernels_misc.py recomputes it) forces an edit here, hence a recompile.
-DEPS_DIGEST = "c26a53bef575fb85"
+DEPS_DIGEST = "ec02d32c925cfeaa"
 
 
 @njit(cache=True, parallel=True)
