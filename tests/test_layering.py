@@ -11,6 +11,7 @@ PACKAGE = Path(refbnn.__file__).parent
 RANKS = {
     "refbnn.bits": 0,
     "refbnn.reference": 0,
+    "refbnn.scale": 0,
     "refbnn.kernels": 1,
     "refbnn.ops": 2,
     "refbnn": 2,  # the package facade re-exports the public ops

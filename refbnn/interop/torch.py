@@ -7,7 +7,8 @@ sign semantics (``sign_at_zero``: +1 Larq/LCE, -1 Caffe, 0 ``torch.sign``):
 
 * activations: ``sign(x)`` forward; backward ``approx_sign`` (2 + 2x on [-1, 0), 2 - 2x on [0, 1)),
   ``ste`` (1 on |x| <= 1) or ``identity``;
-* weights: ``alpha * sign(W)`` (``alpha = mean |W|`` per output channel, detached, or 1), gradient
+* weights: ``alpha * sign(W)`` (``alpha = mean |W|`` per output channel, the exact mean rounded
+  once, :func:`refbnn.scale.mean_abs_scale`, detached; or 1), gradient
   ``dL/dWb`` passed to ``W`` where ``|W| <= 1`` (Bi-Real's clamp trick);
 * padding applied after ``sign`` with the layer's ``pad_value``.
 
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from refbnn.models.config import binary_options, bridge_spec, resolve, stage_specs
+from refbnn.scale import mean_abs_scale
 
 
 def sign_t(x, sign_at_zero=1):
@@ -63,7 +65,9 @@ class BinarizeWeight(torch.autograd.Function):
         ctx.save_for_backward(w)
         wb = sign_t(w, sign_at_zero)
         if scale == "mean_abs":
-            wb = wb * w.abs().mean(dim=tuple(range(1, w.dim())), keepdim=True)
+            dtype = np.float64 if w.dtype == torch.float64 else np.float32
+            alpha = torch.from_numpy(mean_abs_scale(w.detach().cpu().numpy(), dtype))
+            wb = wb * alpha.to(w.device).view(-1, *[1] * (w.dim() - 1))
         return wb
 
     @staticmethod

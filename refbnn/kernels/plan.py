@@ -235,7 +235,7 @@ class BConv2DPlan:
         self.input_offset = (pt, pl) if self.impl == "fast" else (0, 0)
         self._buffers = {}
         self._tables = {}
-        wsum = cg - 2 * np.bitwise_count(w).sum(axis=-1, dtype=np.int64)  # (O, KH, KW)
+        wsum = cg - 2 * bits.popcount(w).sum(axis=-1, dtype=np.int64)  # (O, KH, KW)
         self._setup_epilogue(output, multiplier, bias, out_groups, sign_at_zero)
         if self.impl == "fast":
             self._setup_fast(w, wsum)

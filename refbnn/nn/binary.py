@@ -4,7 +4,8 @@ Forward (``binarize_input=True``): ``xb = sign(x)``, padded with ``pad_value`` a
 (0: zero padding, as Bi-Real's PyTorch code; +1 or -1: that value), correlated with ``wb =
 sign(W)``; the result ``acc`` is an integer held exactly in float (a GEMM of +-1 values with
 K < 2**24). Then ``y = alpha[o] * acc`` with ``alpha[o] = mean |W[o]|`` for ``scale="mean_abs"``
-(Bi-Real; alpha gets no gradient) or ``y = acc`` for ``scale="none"`` (FTBNN: BN absorbs it).
+(Bi-Real; the exact mean rounded once, :mod:`refbnn.scale`; alpha gets no gradient) or
+``y = acc`` for ``scale="none"`` (FTBNN: BN absorbs it).
 
 sign: ``sign_at_zero=1``: ``x >= 0 -> +1`` (Larq/LCE, also -0.0); ``-1``: ``x > 0 -> +1`` (Caffe);
 ``0``: ``np.sign`` (torch.sign, ternary {-1, 0, +1}; float training path only). NaN raises.
@@ -28,6 +29,7 @@ from refbnn.nn._checks import check_grad, check_input, param, positive_int
 from refbnn.nn.init import uniform_fan_in
 from refbnn.nn.module import Module, Parameter
 from refbnn.ops import bconv2d as packed_bconv2d
+from refbnn.scale import mean_abs_scale
 
 SCALES = ("none", "mean_abs")
 ACT_GRADS = F.ACT_GRADS
@@ -56,11 +58,11 @@ class _BinaryMixin:
         return F.binarize(param(self.weight, np.dtype(dtype)), self.sign_at_zero)
 
     def weight_scale(self, dtype=np.float32) -> np.ndarray:
-        """``alpha`` per output channel: ``mean |W[o]|`` (``scale="mean_abs"``) or ones."""
-        w = param(self.weight, np.dtype(dtype))
+        """``alpha`` per output channel: the exact mean of ``|W[o]|`` rounded once to ``dtype``
+        (:func:`refbnn.scale.mean_abs_scale`, ``scale="mean_abs"``) or ones."""
         if self.scale == "mean_abs":
-            return np.abs(w).reshape(w.shape[0], -1).mean(axis=1)
-        return np.ones(w.shape[0], dtype=dtype)
+            return mean_abs_scale(self.weight.data, dtype)
+        return np.ones(self.weight.data.shape[0], dtype=dtype)
 
     def binarized_input(self, x) -> np.ndarray:
         """``sign(x)`` as this layer sees it (``x`` itself when ``binarize_input=False``)."""
