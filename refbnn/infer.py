@@ -74,8 +74,8 @@ def load_runner(path, engine_kind):
         return model.forward, f
     try:
         engine = compile_model(model, packed=dict(f.packed), scales=scales)
-    except EngineError as e:
-        raise UserError(f"{path}: {e}") from None
+    except EngineError as e:  # e.g. sign_at_zero=0 (converted official Bi-Real Net checkpoints)
+        raise UserError(f"{path}: {e}; --engine reference runs it on the float path") from None
     return engine.forward, f
 
 

@@ -33,6 +33,7 @@ RANKS = {
     "refbnn.experiments": 7,
     "refbnn.cli": 7,
     "refbnn.export": 7,
+    "refbnn.convert": 7,
 }
 
 

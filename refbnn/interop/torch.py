@@ -13,7 +13,8 @@ sign semantics (``sign_at_zero``: +1 Larq/LCE, -1 Caffe, 0 ``torch.sign``):
 * padding applied after ``sign`` with the layer's ``pad_value``.
 
 :func:`load_official_birealnet` reads the official Bi-Real Net checkpoint layout
-(``module.`` prefixes, ``binary_conv.weights`` stored flat as ``(O*I*9, 1)``).
+(``module.`` prefixes, ``binary_conv.weights`` stored flat as ``(O*I*9, 1)``; files:
+:mod:`refbnn.interop.checkpoints` and ``python -m refbnn.convert``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from refbnn.interop.checkpoints import map_state, strip_prefix
 from refbnn.models.config import binary_options, bridge_spec, resolve, stage_specs
 from refbnn.scale import mean_abs_scale
 
@@ -225,28 +227,18 @@ def from_torch_state(state) -> OrderedDict:
 
 def load_official_birealnet(state, config) -> OrderedDict:
     """Map an official Bi-Real Net PyTorch checkpoint (a ``state_dict`` or ``{"state_dict": ...}``)
-    to a refbnn state dict for ``config`` (e.g. ``get_config("birealnet18")``).
+    to a refbnn state dict for ``config`` (e.g. :func:`refbnn.interop.checkpoints.official_config`).
 
-    Strips ``module.``; reshapes ``*.binary_conv.weights`` ``(O*I*9, 1)`` to ``weight (O, I, 3, 3)``.
-    Raises ``KeyError`` naming missing or unexpected tensors.
+    Strips ``module.``; reshapes ``*.binary_conv.weights`` ``(O*I*9, 1)`` to ``weight (O, I, 3, 3)``
+    (:func:`refbnn.interop.checkpoints.map_state`). Raises ``ConversionError`` naming missing,
+    unexpected or misshapen tensors.
 
-    The official code binarizes with ``torch.sign`` (0 at 0). To reproduce its outputs exactly, use
-    ``get_config("birealnet18", sign_at_zero=0)`` (float path only; the packed engine needs +1 or -1,
-    which differ from it only where an activation or weight is exactly 0).
+    The official code binarizes with ``torch.sign`` (0 at 0): ``sign_at_zero=0`` reproduces it (float
+    path only; the packed engine needs +1 or -1, which differ from it only where an activation or a
+    weight is exactly 0).
     """
     if "state_dict" in state:
         state = state["state_dict"]
-    expected = TorchBNNResNet(config).state_dict()
-    out = OrderedDict()
-    for key, value in state.items():
-        name = key[len("module."):] if key.startswith("module.") else key
-        if name.endswith("binary_conv.weights"):
-            name = name[: -len("weights")] + "weight"
-        if name not in expected:
-            raise KeyError(f"unexpected tensor {key} in the Bi-Real Net checkpoint")
-        arr = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
-        out[name] = arr.reshape(tuple(expected[name].shape)).copy()
-    missing = [k for k in expected if k not in out]
-    if missing:
-        raise KeyError(f"the Bi-Real Net checkpoint lacks {missing[:5]}")
-    return OrderedDict((k, out[k]) for k in expected)
+    arrays = OrderedDict((k, v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v))
+                         for k, v in state.items())
+    return map_state(strip_prefix(arrays), config)
