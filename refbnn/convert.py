@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import sys
 
@@ -97,6 +98,8 @@ def convert(args) -> str:
     from refbnn import fileformat, models
     from refbnn.interop import checkpoints
 
+    if args.source == "twin" and not (math.isfinite(args.width_multiplier) and args.width_multiplier > 0):
+        raise UserError(f"--width-multiplier must be a finite number > 0, got {args.width_multiplier}")
     if os.path.abspath(args.out) == os.path.abspath(args.checkpoint):
         raise UserError(f"{args.out}: the output would replace the checkpoint being read")
     raw, meta = _read(args.checkpoint)

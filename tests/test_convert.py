@@ -224,6 +224,17 @@ def test_twin_state_dict_converts(tmp_path, capsys):
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     assert convert.main(["twin", str(tmp_path / "twin.pt"), str(tmp_path / "t2.h5"),
                          "--config", str(tmp_path / "cfg.json")]) == 0
+    capsys.readouterr()
+    for bad in ("0", "nan", "-1"):
+        assert convert.main(["twin", str(tmp_path / "twin.pt"), str(tmp_path / "t3.h5"), "--model",
+                             "ftbnn18", "--width-multiplier", bad]) == 2
+        assert "--width-multiplier" in _one_error(capsys)
+    assert convert.main(["twin", str(tmp_path / "twin.pt"), str(tmp_path / "t3.h5"), "--model",
+                         "ftbnn18", "--input-shape", "1,12,12"]) == 2  # full width: shapes differ
+    assert "needs" in _one_error(capsys)
+    assert convert.main(["twin", str(tmp_path / "twin.pt"), str(tmp_path / "t3.h5"), "--model",
+                         "nosuchmodel"]) == 2
+    assert "unknown model" in _one_error(capsys)
     # a Bi-Real twin's state dict through the bireal command (4-D weights, no prefixes)
     bcfg = models.get_config("birealnet18", input_shape=[3, 32, 32], width_multiplier=0.125,
                              num_classes=10, stem_kernel=7, stem_stride=2, stem_pool=True)
