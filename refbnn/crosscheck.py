@@ -247,6 +247,10 @@ def _other_run(args, config, state, x, labels):
         tmodel = twin(config)
         tmodel.load_state_dict(to_torch_state(state))
         return run_torch(tmodel, x, labels), x, labels
+    if impl in ("keras", "lce", "qonnx"):  # refbnn.interop.external: Larq/Keras, LCE, QONNX
+        from refbnn.interop.external import other_run
+
+        return other_run(impl, rest, config, state, x, labels, Run), x, labels
     if impl not in ("golden", "onnx") or len(rest) != 1:
         raise UserError("--against must be 'torch', 'golden FILE' or 'onnx MODEL.onnx'")
     if impl == "onnx":

@@ -32,6 +32,7 @@ RANKS = {
     "refbnn.experiments": 7,
     "refbnn.cli": 7,
     "refbnn.export": 7,
+    "refbnn.convert_larq": 7,
 }
 
 
