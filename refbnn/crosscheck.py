@@ -166,13 +166,16 @@ def _row(name, kind, ref, other, rtol) -> Row:
 
 
 def compare(ref: Run, other: Run, rules: dict, rtol=RTOL, grad_rtol=GRAD_RTOL,
-            train=False) -> list[Row]:
+            train=False, missing: str = "fail") -> list[Row]:
     """One row per refbnn layer output (and per gradient when ``train``), in refbnn's order.
 
     ``rules``: layer name -> the test deciding its side of 0 (:func:`kink_rules`), for counting
-    inputs that fall on different sides in the two runs ("flips")."""
+    inputs that fall on different sides in the two runs ("flips"). ``missing``: ``"fail"`` (a layer
+    absent in the other run is a failing row) or ``"skip"`` (no row; ``logits`` always compared)."""
     rows = []
     for name, r in ref.outputs.items():
+        if name not in other.outputs and missing == "skip" and name != "logits":
+            continue
         if name not in other.outputs:
             rows.append(Row(name, "output", np.inf, np.inf, False, note="missing in the other run"))
             continue
@@ -296,7 +299,8 @@ def main(argv=None) -> int:
         ref = run_refbnn(model, x, labels)
     except (UserError, fileformat.FormatError, ValueError, KeyError, OSError) as e:
         return fail(e)
-    rows = compare(ref, other, kink_rules(model), args.rtol, args.grad_rtol, args.train)
+    rows = compare(ref, other, kink_rules(model), args.rtol, args.grad_rtol, args.train,
+                   missing="skip" if args.against[0] == "lce" else "fail")  # LCE exposes logits only
     bad = first_failure(rows)
     shown = rows if bad is None else rows[: rows.index(bad) + 1]
     print(format_table(shown))

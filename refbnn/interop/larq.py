@@ -344,3 +344,76 @@ def convert_file(src, dest) -> dict:
                           provenance={"converted_from": os.path.basename(os.fspath(src)),
                                       "converter": "refbnn.interop.larq"})
     return net.config
+
+
+def to_keras(net):
+    """The Keras (Larq) model of a built refbnn ``BNNResNet`` in Keras's conventions, weights
+    included: the inverse of :func:`from_keras` (no softmax: it outputs logits). Needs
+    ``conv_padding="tf"``, ``sign_at_zero=1``, pad values 0/+1, no non-linearity, no bridge and a
+    real or binary shortcut; anything else raises :class:`UnsupportedModel`."""
+    tf, larq = import_tf()
+    cfg = net.config
+    problems = [msg for bad, msg in [
+        (cfg["conv_padding"] != "tf", "conv_padding must be 'tf' (Keras 'same')"),
+        (cfg["sign_at_zero"] != 1, "Larq's quantizers map x >= 0 to +1: sign_at_zero must be 1"),
+        (any(k != "none" for k in cfg["nonlinearity"]), "non-linearities have no Larq form here"),
+        (cfg["bridge_channels"] is not None, "the derived models' bridge has no Larq form here"),
+        (cfg["downsample"] == "cheap", "the cheap (channel-repeat) shortcut has no Larq form here"),
+        (cfg["pad_value"] == -1 or -1 in cfg["pad_values"].values(), "Larq pads with 0 or +1 only"),
+    ] if bad]
+    if problems:
+        raise UnsupportedModel(f"{cfg['name']}: not expressible in Larq/Keras: {problems[0]}")
+    state = net.state_dict()
+    layers = tf.keras.layers
+    iq = {"approx_sign": "approx_sign", "ste": "ste_sign",
+          "identity": larq.quantizers.SteSign(clip_value=None)}[cfg["act_grad"]]
+    kq = "magnitude_aware_sign" if cfg["scale"] == "mean_abs" else "ste_sign"
+    eps = float(cfg["bn_eps"])
+    weights = {}  # keras layer -> arrays to set once the model is built
+
+    def bn(x, prefix):
+        layer = layers.BatchNormalization(epsilon=eps)
+        weights[layer] = [state[f"{prefix}.{k}"] for k in ("weight", "bias", "running_mean", "running_var")]
+        return layer(x)
+
+    def qconv(x, prefix, cout, k, stride, groups):
+        pad = float(cfg["pad_values"].get(prefix, cfg["pad_value"]))
+        layer = larq.layers.QuantConv2D(cout, k, strides=stride, padding="same" if k > 1 else "valid",
+                                        pad_values=pad, groups=groups, input_quantizer=iq,
+                                        kernel_quantizer=kq, kernel_constraint="weight_clip",
+                                        use_bias=False)
+        weights[layer] = [state[f"{prefix}.weight"].transpose(2, 3, 1, 0)]
+        return layer(x)
+
+    c, h, w = cfg["input_shape"]
+    inp = tf.keras.Input((h, w, c))
+    stem = layers.Conv2D(cfg["stem_channels"], cfg["stem_kernel"], strides=cfg["stem_stride"], padding="same",
+                         use_bias=False)
+    weights[stem] = [state["conv1.weight"].transpose(2, 3, 1, 0)]
+    x = bn(stem(inp), "bn1")
+    if cfg["stem_pool"]:
+        x = layers.MaxPool2D(3, strides=2, padding="same")(x)
+    from refbnn.models.config import stage_specs
+
+    for si, specs in enumerate(stage_specs(cfg)):
+        for bi, b in enumerate(specs):
+            p = f"layer{si + 1}.{bi}"
+            short = x
+            if b.downsample:
+                short = layers.AvgPool2D(2, strides=2, padding="same")(short)
+                if cfg["downsample"] == "real":
+                    conv = layers.Conv2D(b.cout, 1, use_bias=False)
+                    weights[conv] = [state[f"{p}.downsample.1.weight"].transpose(2, 3, 1, 0)]
+                    short = conv(short)
+                else:
+                    short = qconv(short, f"{p}.downsample.1", b.cout, 1, 1, 1)
+                short = bn(short, f"{p}.downsample.2")
+            y = bn(qconv(x, f"{p}.binary_conv", b.cout, 3, b.stride, b.groups), f"{p}.bn1")
+            x = layers.add([y, short])
+    x = layers.GlobalAveragePooling2D()(x)
+    fc = layers.Dense(cfg["num_classes"])
+    weights[fc] = [state["fc.weight"].T, state["fc.bias"]]
+    model = tf.keras.Model(inp, fc(x), name=str(cfg["name"]))
+    for layer, arrays in weights.items():
+        layer.set_weights([np.asarray(a, np.float32) for a in arrays])
+    return model
