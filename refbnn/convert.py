@@ -1,4 +1,4 @@
-"""``python -m refbnn.convert``: PyTorch checkpoints -> refbnn weight files.
+"""``python -m refbnn.convert``: PyTorch checkpoints and Larq (Keras) models -> refbnn weight files.
 
 * ``bireal CKPT OUT.h5 [--model birealnet18|birealnet34] [--input-shape C,H,W] [--sign-at-zero S]``:
   a checkpoint of the official Bi-Real Net code as its ``train.py`` saves it
@@ -14,7 +14,11 @@
   a state dict of refbnn's PyTorch twin (:func:`refbnn.interop.torch.twin`) of any config; ``--config``
   takes a JSON config or a refbnn ``.h5`` file (its config and input spec).
 
-Files are read with ``torch.load(..., weights_only=True)`` (nothing in the file runs; needs the
+* ``larq MODEL.h5|MODEL.keras OUT.h5``: a Larq (Keras) model (:mod:`refbnn.interop.larq` says which
+  models convert; needs the ``larq`` extra: tensorflow, tf-keras, larq). An unsupported layer or
+  option: one line naming the layer and its class, exit 2.
+
+PyTorch files are read with ``torch.load(..., weights_only=True)`` (nothing in the file runs; needs the
 ``torch`` extra). A tensor that does not fit: one line naming it and both shapes, exit 2; the
 destination is written atomically and never equal to the source.
 """
@@ -52,7 +56,19 @@ def parse_args(argv):
     src.add_argument("--model", help="refbnn preset the twin was built from")
     src.add_argument("--config", metavar="FILE", help="JSON config, or a refbnn .h5 file")
     t.add_argument("--width-multiplier", type=float, default=1.0, help="with --model (default 1)")
+    k = sub.add_parser("larq", help="Larq (Keras) model file (.h5 or .keras)")
+    k.add_argument("checkpoint", metavar="model", help="Keras model file (.h5 or .keras) with Larq layers")
+    k.add_argument("out", help="refbnn model file to write (.h5)")
     return p.parse_args(argv)
+
+
+def convert_larq(src, dest) -> dict:
+    """Convert the Larq/Keras model file ``src`` to the refbnn file ``dest``; returns the config."""
+    from refbnn.interop import larq
+
+    if os.path.exists(dest) and os.path.exists(src) and os.path.samefile(src, dest):
+        raise UserError(f"{dest}: the output would overwrite the input")
+    return larq.convert_file(src, dest)
 
 
 def _read(path):
@@ -98,6 +114,11 @@ def convert(args) -> str:
     from refbnn import fileformat, models
     from refbnn.interop import checkpoints
 
+    if args.source == "larq":
+        cfg = convert_larq(args.checkpoint, args.out)
+        return (f"wrote {args.out}: {cfg['name']}, input {cfg['input_shape']}, widths {cfg['widths']}, "
+                f"blocks {cfg['blocks']}, scale {cfg['scale']}, bn_eps {cfg['bn_eps']:g}, "
+                f"pad_values {cfg['pad_values'] or {}} (default {cfg['pad_value']})")
     if args.source == "twin" and not (math.isfinite(args.width_multiplier) and args.width_multiplier > 0):
         raise UserError(f"--width-multiplier must be a finite number > 0, got {args.width_multiplier}")
     if os.path.abspath(args.out) == os.path.abspath(args.checkpoint):
@@ -143,10 +164,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from refbnn import fileformat
     from refbnn.interop.checkpoints import ConversionError
+    from refbnn.models.config import ConfigError
 
     try:
         print(convert(args))
-    except (UserError, ConversionError, fileformat.FormatError, ValueError, OSError) as e:
+    except (UserError, ConversionError, ConfigError, fileformat.FormatError, ValueError, OSError) as e:
         return fail(e)
     return 0
 

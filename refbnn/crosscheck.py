@@ -225,6 +225,8 @@ def compare(ref: Run, other: Run, rules: dict, rtol=RTOL, grad_rtol=GRAD_RTOL,
     other_rules = other_rules or {}
     rows = []
     for name, r in ref.outputs.items():
+        if name not in other.outputs and missing == "skip" and name != "logits":
+            continue
         if name not in other.outputs:
             if missing == "fail" or name == "logits":
                 rows.append(Row(name, "output", np.inf, np.inf, False,
@@ -298,8 +300,10 @@ def kink_rules(model) -> dict:
     return {name: kink_rule(m) for name, m in model.named_modules() if kink_rule(m)}
 
 
-IMPLS = {"torch": 0, "golden": 1, "onnx": 1, "torch-module": 1}  # impl -> how many values follow
-AGAINST_FORMS = "'torch', 'golden FILE', 'onnx MODEL.onnx' or 'torch-module PKG.MODULE:FACTORY'"
+IMPLS = {"torch": 0, "golden": 1, "onnx": 1, "torch-module": 1,  # impl -> how many values follow
+         "keras": 1, "lce": 1, "qonnx": 1}
+AGAINST_FORMS = ("'torch', 'golden FILE', 'onnx MODEL.onnx', 'torch-module PKG.MODULE:FACTORY', "
+                 "'keras MODEL.h5', 'lce MODEL.tflite' or 'qonnx MODEL.onnx'")
 
 
 def parse_args(argv):
@@ -342,7 +346,7 @@ def _check_against(args):
         raise UserError("--checkpoint is for --against torch-module")
     if args.rename and impl not in ("onnx", "torch-module"):
         raise UserError("--rename is for --against onnx or torch-module")
-    if impl in ("onnx", "torch-module") and args.train:
+    if impl in ("onnx", "torch-module", "keras", "lce", "qonnx") and args.train:
         raise UserError(f"--against {impl} compares eval mode only; drop --train")
     if impl in ("torch", "torch-module") and importlib.util.find_spec("torch") is None:
         raise UserError(f"--against {impl} needs PyTorch, which is not installed")
@@ -383,6 +387,10 @@ def _other_run(args, config, state, x, labels):
         tmodel = twin(config)
         tmodel.load_state_dict(to_torch_state(state))
         return run_torch(tmodel, x, labels), x, labels
+    if impl in ("keras", "lce", "qonnx"):  # refbnn.interop.external: Larq/Keras, LCE, QONNX
+        from refbnn.interop.external import other_run
+
+        return other_run(impl, rest, config, state, x, labels, Run), x, labels
     if impl == "onnx":
         from refbnn.interop.torch_module import ModuleSpecError, read_rename
 
@@ -464,7 +472,7 @@ def main(argv=None) -> int:
     rules = kink_rules(model)
     binary = {n for n, m in model.named_modules() if is_binary(m)}
     other_rules = _resolve_other_rules(rules, binary, other, args.other_sign_at_zero)
-    foreign = args.against[0] in ("onnx", "torch-module")
+    foreign = args.against[0] in ("onnx", "torch-module", "lce")
     rows = compare(ref, other, rules, args.rtol, args.grad_rtol, args.train, other_rules,
                    missing="skip" if foreign else "fail")
     return report(rows, not_compared(ref, other) if foreign else ())

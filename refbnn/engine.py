@@ -275,6 +275,11 @@ def compile_model(model, packed=None, scales=None) -> Engine:
 
     ``packed``: optional ``{weight name: uint64 OHWI words}`` (e.g. from a packed-only file) used
     instead of packing the model's latent weights; ``scales``: optional ``{weight name: alpha}`` for
-    ``scale="mean_abs"`` layers whose latent weights are not available.
+    ``scale="mean_abs"`` layers whose latent weights are not available. A config in TensorFlow's
+    padding (``conv_padding="tf"``) is refused with :class:`EngineError` (run it with
+    ``--engine reference``); ``bn_eps`` and per-layer ``pad_values`` are folded as usual.
     """
+    if getattr(model, "config", {}).get("conv_padding", "symmetric") != "symmetric":
+        raise EngineError("the packed engine runs symmetric (PyTorch-style) padding only; this model "
+                          "uses conv_padding='tf' (Keras 'same'): use the float path (--engine reference)")
     return Engine(model, packed, scales)

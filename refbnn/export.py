@@ -1,4 +1,4 @@
-"""``python -m refbnn.export SRC.h5 DST --packed-only | --onnx``: other forms of a model.
+"""``python -m refbnn.export SRC.h5 DST --packed-only | --onnx | --qonnx | --lce``: other forms of a model.
 
 * ``--packed-only``: a deployment-only copy (``DST.h5``). Drops the latent float32 weights of the
   binary layers (keeping their packed sign bits and, for Bi-Real layers, the per-channel scale) and any
@@ -10,6 +10,9 @@
   is ``logits``; ``--layer-outputs`` adds every layer's output under refbnn's layer name, for
   ``python -m refbnn.crosscheck SRC.h5 --against onnx DST.onnx``; ``--batch N`` fixes the batch size
   (default: symbolic). Needs a file with latent weights (not a packed-only one).
+* ``--qonnx [--batch N]``: a QONNX graph (``BipolarQuant`` + ONNX ops, :mod:`refbnn.interop.qonnx`,
+  extra ``qonnx``) that runs in qonnx's own executor; static batch (default 1).
+* ``--lce``: a ``.tflite`` through Larq and LCE's converter (:mod:`refbnn.interop.lce`, extra ``larq``).
 
 Exit status 2 with a one-line message on any problem; the destination is written atomically and is
 never the source.
@@ -50,28 +53,44 @@ def main(argv=None) -> int:
     kind = p.add_mutually_exclusive_group(required=True)
     kind.add_argument("--packed-only", action="store_true",
                       help="a packed refbnn file without latent binary weights")
-    kind.add_argument("--onnx", action="store_true", help="an ONNX model")
+    kind.add_argument("--onnx", action="store_true", help="an ONNX model (refbnn.interop.onnx)")
+    kind.add_argument("--qonnx", action="store_true",
+                      help="a QONNX graph (BipolarQuant + ONNX ops; refbnn.interop.qonnx)")
+    kind.add_argument("--lce", action="store_true",
+                      help="a .tflite through Larq and LCE's converter (refbnn.interop.lce)")
     p.add_argument("--layer-outputs", action="store_true",
                    help="--onnx: every layer's output as an extra graph output")
-    p.add_argument("--batch", type=int, default=None, help="--onnx: static batch size (default: any)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="--onnx: static batch size (default: any); --qonnx: static batch (default 1)")
     args = p.parse_args(argv)
     try:
-        if not args.onnx and (args.layer_outputs or args.batch is not None):
-            raise UserError("--layer-outputs and --batch go with --onnx")
+        if args.layer_outputs and not args.onnx:
+            raise UserError("--layer-outputs goes with --onnx")
+        if args.batch is not None and not (args.onnx or args.qonnx):
+            raise UserError("--batch goes with --onnx or --qonnx")
         if args.batch is not None and args.batch < 1:
             raise UserError(f"--batch must be >= 1, got {args.batch}")
         if os.path.exists(args.dst) and os.path.samefile(args.src, args.dst):
             raise UserError(f"{args.dst}: the destination is the source file")
         if args.onnx:
             export_onnx_file(args.src, args.dst, args.layer_outputs, args.batch)
+            what = "ONNX model" + (" with layer outputs" if args.layer_outputs else "")
+        elif args.qonnx:
+            from refbnn.interop import qonnx
+
+            qonnx.export_file(args.src, args.dst, args.batch or 1)
+            what = "QONNX model"
+        elif args.lce:
+            from refbnn.interop import lce
+
+            lce.export_file(args.src, args.dst)
+            what = "LCE flatbuffer"
         else:
             fileformat.export_packed(args.src, args.dst)
+            what = f"{os.path.getsize(args.src) / os.path.getsize(args.dst):.1f}x smaller than {args.src}"
     except (UserError, fileformat.FormatError, ValueError, OSError) as e:
         return fail(e)
-    before, after = os.path.getsize(args.src), os.path.getsize(args.dst)
-    what = "ONNX model" + (" with layer outputs" if args.layer_outputs else "") if args.onnx else \
-        f"{before / after:.1f}x smaller than {args.src}"
-    print(f"wrote {args.dst}: {after:,} bytes ({what})")
+    print(f"wrote {args.dst}: {os.path.getsize(args.dst):,} bytes ({what})")
     return 0
 
 

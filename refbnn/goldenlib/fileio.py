@@ -27,7 +27,8 @@ class GoldenError(ValueError):
 
 @dataclass
 class Case:
-    """One golden case. ``tolerance[name] = (rtol, atol)``; an output without an entry is exact.
+    """One golden case. ``tolerance[name] = (rtol, atol)``; an output without an entry is exact;
+    ``stacks``: the other stacks that can express it (:mod:`refbnn.goldenlib.stacks`).
 
     An output ``a`` matches the expected ``e`` when shapes are equal and
     ``max |a - e| <= atol + rtol * max |e|`` (both 0: every element equal; NaN never matches).
@@ -39,6 +40,7 @@ class Case:
     inputs: dict
     outputs: dict
     tolerance: dict = field(default_factory=dict)
+    stacks: list = field(default_factory=list)  # docs/golden.md section 8; [] when unknown
 
 
 @dataclass
@@ -87,6 +89,7 @@ def write(path, golden: GoldenFile, version: str) -> None:
                 g.attrs["params"] = json.dumps(c.params, sort_keys=True)
                 g.attrs["inputs"] = json.dumps(list(c.inputs))
                 g.attrs["outputs"] = json.dumps(list(c.outputs))
+                g.attrs["stacks"] = json.dumps(list(c.stacks))
                 gi = g.create_group("inputs", track_order=True)
                 for k, v in c.inputs.items():
                     _dataset(gi, k, v)
@@ -183,6 +186,7 @@ def _read(f) -> GoldenFile:
         for k in outs:
             a = g["outputs"][k].attrs
             tol[k] = (float(a.get("rtol", 0.0)), float(a.get("atol", 0.0)))
+        stacks = _json(g, hpath, "stacks") if "stacks" in g.attrs else []
         cases.append(Case(name, _str(g, hpath, "op"), _json(g, hpath, "params"),
-                          _arrays(g["inputs"], hpath + "/inputs", ins), outputs, tol))
+                          _arrays(g["inputs"], hpath + "/inputs", ins), outputs, tol, stacks))
     return GoldenFile(kind, int(seed), _json(f, "/", "meta"), cases, arrays)

@@ -78,6 +78,31 @@ class BinarizeWeight(torch.autograd.Function):
         return g * (w.abs() <= 1).to(g.dtype), None, None
 
 
+def tf_same_pads(x, k, s):
+    """TensorFlow "same" padding of NCHW ``x`` for a ``k``x``k`` window of stride ``s``, in
+    ``F.pad``'s order ``(left, right, top, bottom)``: the odd row/column at the bottom/right."""
+    pads = []
+    for n in (x.shape[3], x.shape[2]):
+        total = max((-(-n // s) - 1) * s + k - n, 0)
+        pads += [total // 2, total - total // 2]
+    return tuple(pads)
+
+
+class TFConv2d(nn.Conv2d):
+    """``nn.Conv2d`` with TensorFlow's "same" zero padding (no padding of its own)."""
+
+    def forward(self, x):
+        return super().forward(F.pad(x, tf_same_pads(x, self.kernel_size[0], self.stride[0])))
+
+
+class TFMaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` with TensorFlow's "same" padding (padded taps never win)."""
+
+    def forward(self, x):
+        return super().forward(F.pad(x, tf_same_pads(x, self.kernel_size, self.stride),
+                                     value=-float("inf")))
+
+
 class BinaryConv2d(nn.Module):
     def __init__(self, cin, cout, k, stride=1, padding=1, groups=1, scale="none", sign_at_zero=1,
                  act_grad="approx_sign", pad_value=0):
@@ -90,7 +115,9 @@ class BinaryConv2d(nn.Module):
     def forward(self, x):
         xb = BinarizeActivation.apply(x, self.sign_at_zero, self.act_grad)
         p = self.padding
-        if p:
+        if p == "same":
+            xb = F.pad(xb, tf_same_pads(xb, self.weight.shape[2], self.stride), value=float(self.pad_value))
+        elif p:
             xb = F.pad(xb, (p, p, p, p), value=float(self.pad_value))
         wb = BinarizeWeight.apply(self.weight, self.sign_at_zero, self.scale)
         return F.conv2d(xb, wb, stride=self.stride, groups=self.groups)
@@ -120,10 +147,11 @@ class ChannelRepeat(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, cin, cout, stride, groups, binary, downsample, nonlinear, position):
+    def __init__(self, cin, cout, stride, groups, binary, downsample, nonlinear, position, padding=1,
+                 eps=1e-5):
         super().__init__()
-        self.binary_conv = BinaryConv2d(cin, cout, 3, stride, 1, groups, **binary)
-        self.bn1 = nn.BatchNorm2d(cout)
+        self.binary_conv = BinaryConv2d(cin, cout, 3, stride, padding, groups, **binary)
+        self.bn1 = nn.BatchNorm2d(cout, eps=eps)
         if downsample is not None:
             self.downsample = downsample
         if nonlinear is not None:
@@ -142,10 +170,10 @@ class BasicBlock(nn.Module):
 
 
 class Bridge(nn.Module):
-    def __init__(self, cin, cout, binary, nonlinear):
+    def __init__(self, cin, cout, binary, nonlinear, padding=1, eps=1e-5):
         super().__init__()
-        self.binary_conv = BinaryConv2d(cin, cout, 3, 1, 1, 1, **binary)
-        self.bn1 = nn.BatchNorm2d(cout)
+        self.binary_conv = BinaryConv2d(cin, cout, 3, 1, padding, 1, **binary)
+        self.bn1 = nn.BatchNorm2d(cout, eps=eps)
         if nonlinear is not None:
             self.nonlinear = nonlinear
         self.has_nl = nonlinear is not None
@@ -155,12 +183,13 @@ class Bridge(nn.Module):
         return self.nonlinear(y) if self.has_nl else y
 
 
-def _downsample(kind, cin, cout, binary):
+def _downsample(kind, cin, cout, binary, eps=1e-5):
     pool = nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False)
     if kind == "real":
-        return nn.Sequential(pool, nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        return nn.Sequential(pool, nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout, eps=eps))
     if kind == "binary":
-        return nn.Sequential(pool, BinaryConv2d(cin, cout, 1, 1, 0, 1, **binary), nn.BatchNorm2d(cout))
+        return nn.Sequential(pool, BinaryConv2d(cin, cout, 1, 1, 0, 1, **binary),
+                             nn.BatchNorm2d(cout, eps=eps))
     return nn.Sequential(pool, ChannelRepeat(cout // cin))
 
 
@@ -172,20 +201,34 @@ class TorchBNNResNet(nn.Module):
         cfg = resolve(config)
         self.config = cfg
         k, s = cfg["stem_kernel"], cfg["stem_stride"]
-        self.conv1 = nn.Conv2d(cfg["input_shape"][0], cfg["stem_channels"], k, s, k // 2, bias=False)
-        self.bn1 = nn.BatchNorm2d(cfg["stem_channels"])
-        self.maxpool = nn.MaxPool2d(3, 2, 1) if cfg["stem_pool"] else nn.Identity()
-        binary = binary_options(cfg)
+        tf, eps = cfg["conv_padding"] == "tf", cfg["bn_eps"]
+        if tf:
+            self.conv1 = TFConv2d(cfg["input_shape"][0], cfg["stem_channels"], k, s, 0, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(cfg["input_shape"][0], cfg["stem_channels"], k, s, k // 2, bias=False)
+        self.bn1 = nn.BatchNorm2d(cfg["stem_channels"], eps=eps)
+        self.maxpool = ((TFMaxPool2d(3, 2) if tf else nn.MaxPool2d(3, 2, 1)) if cfg["stem_pool"]
+                        else nn.Identity())
+        pad3 = "same" if tf else 1
+
+        def binary(name):
+            opts = binary_options(cfg)
+            opts["pad_value"] = cfg["pad_values"].get(name, opts["pad_value"])
+            return opts
+
         bridge = bridge_spec(cfg)
         self.bridge = None
         if bridge is not None:
             cin, cout, kind = bridge
-            self.bridge = Bridge(cin, cout, binary, make_nonlinearity(kind, cout))
+            self.bridge = Bridge(cin, cout, binary("bridge.binary_conv"), make_nonlinearity(kind, cout),
+                                 pad3, eps)
         for si, specs in enumerate(stage_specs(cfg)):
-            blocks = [BasicBlock(b.cin, b.cout, b.stride, b.groups, binary,
-                                 _downsample(cfg["downsample"], b.cin, b.cout, binary)
+            blocks = [BasicBlock(b.cin, b.cout, b.stride, b.groups, binary(f"layer{si + 1}.{bi}.binary_conv"),
+                                 _downsample(cfg["downsample"], b.cin, b.cout,
+                                             binary(f"layer{si + 1}.{bi}.downsample.1"), eps)
                                  if b.downsample else None,
-                                 make_nonlinearity(b.nonlinearity, b.cout), b.position) for b in specs]
+                                 make_nonlinearity(b.nonlinearity, b.cout), b.position, pad3, eps)
+                      for bi, b in enumerate(specs)]
             self.add_module(f"layer{si + 1}", nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cfg["widths"][-1], cfg["num_classes"])

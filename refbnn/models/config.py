@@ -27,6 +27,13 @@ Fields (resolved form):
                          or ``"before_add"`` (on the residual branch, after BN)
 ``sign_at_zero``, ``act_grad``, ``pad_value``   binarization options of every binary conv
 ``width_multiplier``     scales every width (rounded); resolved form has it applied and set to 1.0
+``conv_padding``         ``"symmetric"`` (PyTorch: ``k // 2`` on every side of the stem conv and the
+                         3x3 binary convs, padding 1 around the stem max-pool) or ``"tf"``
+                         (TensorFlow/Keras ``"same"``: output ``ceil(in / stride)``, the odd padding
+                         row/column at the bottom/right, as Larq models)
+``pad_values``           ``{binary conv layer name: 0 | 1 | -1}``: per-layer pad values overriding
+                         ``pad_value`` (names from :func:`binary_conv_names`)
+``bn_eps``               epsilon of every BatchNorm (1e-5, PyTorch's; Keras uses 1e-3)
 """
 
 from __future__ import annotations
@@ -71,7 +78,11 @@ DEFAULTS = {
     "pad_value": 0,
     "width_multiplier": 1.0,
     "large_stem_kernel": 7,   # stem kernel on ImageNet-size input (3 for the derived models)
+    "conv_padding": "symmetric",
+    "pad_values": {},
+    "bn_eps": 1e-5,
 }
+CONV_PADDINGS = ("symmetric", "tf")
 
 
 class ConfigError(ValueError):
@@ -180,6 +191,12 @@ def validate(cfg: dict) -> None:
     need(cfg["act_grad"] in ("approx_sign", "ste", "identity"),
          "act_grad must be approx_sign, ste or identity")
     need(cfg["pad_value"] in (0, 1, -1), "pad_value must be 0, +1 or -1")
+    need(cfg["conv_padding"] in CONV_PADDINGS, f"conv_padding must be one of {CONV_PADDINGS}")
+    eps = cfg["bn_eps"]
+    need(isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 < eps <= 1,
+         "bn_eps must be a number in (0, 1]")
+    pv = cfg["pad_values"]
+    need(isinstance(pv, dict), "pad_values must be an object {binary conv name: 0 | 1 | -1}")
     need(cfg["stem_kernel"] % 2 == 1, "stem_kernel must be odd")
     need(int(cfg["num_classes"]) >= 1, "num_classes must be positive")
     prev = cfg["bridge_channels"] or cfg["stem_channels"]
@@ -197,6 +214,21 @@ def validate(cfg: dict) -> None:
             need(width == cfg["stem_channels"],
                  f"stage 1 width {width} must equal stem_channels {cfg['stem_channels']} without a bridge")
         prev = width
+    names = set(binary_conv_names(cfg))
+    for name, v in pv.items():
+        need(name in names, f"pad_values names {name!r}, not a binary conv of this network")
+        need(v in (0, 1, -1) and not isinstance(v, bool), f"pad_values[{name!r}] must be 0, +1 or -1")
+
+
+def binary_conv_names(cfg: dict) -> list[str]:
+    """Module paths of every binary conv of a resolved config's network, in call order."""
+    names = ["bridge.binary_conv"] if cfg["bridge_channels"] is not None else []
+    for si, blocks in enumerate(stage_specs(cfg)):
+        for bi, b in enumerate(blocks):
+            if b.downsample and cfg["downsample"] == "binary":
+                names.append(f"layer{si + 1}.{bi}.downsample.1")
+            names.append(f"layer{si + 1}.{bi}.binary_conv")
+    return names
 
 
 def to_json(cfg: dict) -> str:
