@@ -194,3 +194,57 @@ def f16_affine_store_n(typingctx, out, index, v, scale, shift, c0, n):
         return context.get_dummy_value()
 
     return types.none(out, index, f16, scale, shift, c0, n), codegen
+
+
+@intrinsic
+def f16_add(typingctx, a, b):
+    """``a + b`` per lane (one IEEE rounding each)."""
+    if not (a == f16 and b == f16):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fadd(args[0], args[1])
+
+    return f16(f16, f16), codegen
+
+
+@intrinsic
+def f16_div(typingctx, a, d):
+    """``a / d`` per lane for a float32 scalar ``d`` (IEEE division, as the scalar op rounds)."""
+    if not (a == f16 and isinstance(d, types.Float)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        s = context.cast(builder, args[1], sig.args[1], types.float32)
+        v = builder.insert_element(ir.Constant(_V16, ir.Undefined), s, ir.Constant(_I32, 0))
+        v = builder.shuffle_vector(v, ir.Constant(_V16, ir.Undefined),
+                                   ir.Constant(ir.VectorType(_I32, 16), None))
+        return builder.fdiv(args[0], v)
+
+    return f16(f16, d), codegen
+
+
+@intrinsic
+def f16_prelu(typingctx, v, a):
+    """``v if v > 0 else a * v`` per lane (PReLU's float32 formula)."""
+    if not (v == f16 and a == f16):
+        return None
+
+    def codegen(context, builder, sig, args):
+        gt = builder.fcmp_ordered(">", args[0], ir.Constant(_V16, None))
+        return builder.select(gt, args[0], builder.fmul(args[1], args[0]))
+
+    return f16(f16, f16), codegen
+
+
+@intrinsic
+def f16_fprelu(typingctx, v, pos, neg):
+    """``pos * v if v >= 0 else neg * v`` per lane (FPReLU's float32 formula)."""
+    if not (v == f16 and pos == f16 and neg == f16):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ge = builder.fcmp_ordered(">=", args[0], ir.Constant(_V16, None))
+        return builder.select(ge, builder.fmul(args[1], args[0]), builder.fmul(args[2], args[0]))
+
+    return f16(f16, f16, f16), codegen
