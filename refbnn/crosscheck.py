@@ -9,7 +9,9 @@ one cross-entropy backward, and every parameter's gradient too). The other side 
 * ``golden FILE``: a ``model.h5`` golden file (``docs/golden.md``), from refbnn or any other
   implementation; its own input batch is used;
 * ``onnx MODEL.onnx``: an ONNX model run by onnxruntime (graph outputs named like refbnn's layers
-  are compared, and the first graph output against the logits); eval mode only.
+  are compared, and the first graph output against the logits); eval mode only;
+* ``openvino MODEL.xml``: an OpenVINO IR written by ``python -m refbnn.export ... --openvino``
+  (:func:`refbnn.interop.openvino.run_layers`, f32); eval mode only.
 
 For each layer the table shows the max absolute difference, the relative difference
 ``max |a - r| / max |r|`` (``r`` = refbnn) and, at layers with a kink at 0 (binary layers' sign,
@@ -225,7 +227,7 @@ def parse_args(argv):
                                 description="Compare refbnn with another implementation per layer.")
     p.add_argument("weights", help="refbnn model or checkpoint file (.h5)")
     p.add_argument("--against", nargs="+", required=True, metavar=("IMPL", "FILE"),
-                   help="torch | golden FILE | onnx MODEL.onnx")
+                   help="torch | golden FILE | onnx MODEL.onnx | openvino MODEL.xml")
     p.add_argument("--train", action="store_true", help="train mode, and compare every gradient")
     p.add_argument("--seed", type=int, default=0, help="input batch seed (default 0)")
     p.add_argument("--batch", type=int, default=2, help="input batch size (default 2)")
@@ -247,8 +249,19 @@ def _other_run(args, config, state, x, labels):
         tmodel = twin(config)
         tmodel.load_state_dict(to_torch_state(state))
         return run_torch(tmodel, x, labels), x, labels
-    if impl not in ("golden", "onnx") or len(rest) != 1:
-        raise UserError("--against must be 'torch', 'golden FILE' or 'onnx MODEL.onnx'")
+    if impl not in ("golden", "onnx", "openvino") or len(rest) != 1:
+        raise UserError("--against must be 'torch', 'golden FILE', 'onnx MODEL.onnx' or "
+                        "'openvino MODEL.xml'")
+    if impl == "openvino":
+        if labels is not None:
+            raise UserError("--against openvino compares eval mode only; drop --train")
+        from refbnn.interop.openvino import run_layers
+        try:
+            return Run(run_layers(rest[0], x)), x, labels
+        except ImportError as e:
+            raise UserError(str(e)) from None
+        except RuntimeError as e:  # OpenVINO's own errors (unreadable IR, ...)
+            raise UserError(f"{rest[0]}: {e}") from None
     if impl == "onnx":
         if labels is not None:
             raise UserError("--against onnx compares eval mode only; drop --train")

@@ -1,4 +1,5 @@
-"""``python -m refbnn.export SRC.h5 DST.h5 --packed-only``: a deployment-only copy of a model.
+"""``python -m refbnn.export SRC.h5 DST.h5 --packed-only``: a deployment-only copy of a model;
+``python -m refbnn.export SRC.h5 OUT.xml --openvino``: the same network as OpenVINO IR.
 
 Drops the latent float32 weights of the binary layers (keeping their packed sign bits and, for
 Bi-Real layers, the per-channel scale) and any optimizer state: the result runs with
@@ -17,11 +18,21 @@ from refbnn import fileformat
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m refbnn.export", description=__doc__.splitlines()[0])
     p.add_argument("src", help="a refbnn model or checkpoint file")
-    p.add_argument("dst", help="where to write the packed-only file")
-    p.add_argument("--packed-only", action="store_true", required=True,
-                   help="drop latent binary weights (the only export kind so far)")
+    p.add_argument("dst", help="where to write the packed-only file (or the OpenVINO .xml)")
+    kind = p.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--packed-only", action="store_true", help="drop latent binary weights")
+    kind.add_argument("--openvino", action="store_true",
+                      help="OpenVINO IR (.xml + .bin) with per-layer outputs, refbnn.interop.openvino")
     args = p.parse_args(argv)
     try:
+        if args.openvino:
+            from refbnn.interop.openvino import export
+            try:
+                export(args.src, args.dst)
+            except (ImportError, RuntimeError) as e:  # no OpenVINO; OpenVINO's own errors
+                raise ValueError(str(e)) from None
+            print(f"wrote {args.dst} and {args.dst.rsplit('.', 1)[0]}.bin")
+            return 0
         fileformat.export_packed(args.src, args.dst)
     except (fileformat.FormatError, ValueError, OSError) as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)

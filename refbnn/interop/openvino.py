@@ -244,7 +244,7 @@ def compile_model(model, precision: str | None = "f32", threads: int | None = No
 
 def run_layers(source, x, precision: str | None = "f32") -> OrderedDict:
     """Run ``source`` (an IR ``.xml`` path written by :func:`export`, or an ``openvino.Model``) on
-    NCHW ``x``: ``{output name: array}``, ``logits`` first."""
+    NCHW ``x``: ``{output name: array}``, ``logits`` last (also as ``fc``, the classifier layer)."""
     ov, _ = _ov()
     model = ov.Core().read_model(str(source)) if isinstance(source, (str, os.PathLike)) else source
     x = np.ascontiguousarray(x, np.float32)
@@ -254,4 +254,6 @@ def run_layers(source, x, precision: str | None = "f32") -> OrderedDict:
     out = OrderedDict()
     for port in compiled.outputs:
         out[port.get_any_name()] = np.asarray(res[port])
+    out["fc"] = out["logits"]
+    out.move_to_end("logits")
     return out
