@@ -198,3 +198,16 @@ def test_packed_only_file_runs_like_the_full_file(name, tmp_path):
         np.testing.assert_allclose(a(x), want, rtol=0, atol=1e-4)
         # scale-free models are exact from the bits; Bi-Real's alpha * sign round-trips within 1 ulp
         np.testing.assert_allclose(b(x), a(x), rtol=0, atol=0 if name.startswith("ftbnn") else 1e-5)
+
+
+def test_stem_in_image_chunks_gives_the_same_logits(monkeypatch):
+    model = trained_looking("birealnet18", stem_pool=True)
+    x = np.random.default_rng(7).standard_normal((5, 1, 28, 28)).astype(np.float32)
+    whole = Engine.from_model(model)
+    want, want_pool = whole.forward(x), whole.layer_outputs(x)["maxpool"]
+    assert whole._plan(5).stem_chunk == 5
+    monkeypatch.setattr(runtime, "STEM_CHUNK_BYTES", 1)  # one image per chunk
+    chunked = Engine.from_model(model)
+    assert chunked._plan(5).stem_chunk == 1
+    np.testing.assert_array_equal(chunked.forward(x), want)
+    np.testing.assert_array_equal(chunked.layer_outputs(x)["maxpool"], want_pool)

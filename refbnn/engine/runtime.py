@@ -53,6 +53,9 @@ from refbnn.ops import BConv2DPlan
 
 MAX_PLANS = 4
 
+#: The stem's conv output buffer holds at most this many bytes of images (at least one image).
+STEM_CHUNK_BYTES = 8 << 20
+
 #: With adaptive threads, every this many forwards of a plan one runs with the other setting.
 PROBE_EVERY = 16
 
@@ -362,10 +365,16 @@ class _BatchPlan:
         sc = eng._stem_c
         nonpos = eng._nonpos
         self.xin = np.zeros((n, hp, wp, c), np.float32)  # zero border written once
-        self.stem_bases, self.stem_toff = rc.conv_geometry(n, hp, wp, c, eng._stem_k, st.stride,
-                                                           sh, sw)
-        self.stem_out = np.empty(n * sh * sw * sc, np.float32)
-        self.stem_work = n * sh * sw * sc * self.stem_toff.shape[0]
+        # with the max-pool, the stem runs on chunks of images so that its full-size output (3.2 MB
+        # per 224x224 image) stays a bounded buffer; without it the output is the residual stream
+        chunk = n
+        if net.stem_pool:
+            chunk = max(1, min(n, STEM_CHUNK_BYTES // (4 * sh * sw * sc)))
+        self.stem_chunk = chunk
+        self.stem_bases, self.stem_toff = rc.conv_geometry(chunk, hp, wp, c, eng._stem_k,
+                                                           st.stride, sh, sw)
+        self.stem_out = np.empty(chunk * sh * sw * sc, np.float32)
+        self.stem_work = chunk * sh * sw * sc * self.stem_toff.shape[0]
         first = eng._bridge[0] if eng._bridge is not None else eng._plans[0][1]
         self.first_target = _Target(first, n)
         self.pool_ip = np.zeros(0, np.int64)
@@ -416,23 +425,37 @@ class _BatchPlan:
         p = st.padding
         _c, h, w = net.input_shape
         self.xin[:, p:p + h, p:p + w, :] = x.transpose(0, 2, 3, 1)
-        th(self.stem_work)
-        rc.conv_taps(self.xin.reshape(-1), self.stem_bases, self.stem_bases.shape[0],
-                     self.stem_toff, eng._stem_w, eng._stem_nv, eng._stem_c, st.bn.scale,
-                     st.bn.shift, self.stem_out)
         sh, sw = net.stem_hw
         sc = eng._stem_c
         tgt = self.first_target
-        th(n * sh * sw * sc)
+        xin = self.xin.reshape(-1)
         if net.stem_pool:
             ph, pw = net.blocks[0].in_hw
-            rp.maxpool3s2_pack(self.stem_out, n, sh, sw, sc, ph, pw, self.pooled, tgt.buf,
-                               *tgt.geom, eng._nonpos)
+            ch = self.stem_chunk
+            img_in, img_pool = xin.shape[0] // n, ph * pw * sc
+            img_words = tgt.buf.shape[0] // n
+            stem_rec = []
+            for i0 in range(0, n, ch):
+                m = min(ch, n - i0)
+                th(self.stem_work * m // ch)
+                rc.conv_taps(xin[i0 * img_in:], self.stem_bases, m * sh * sw, self.stem_toff,
+                             eng._stem_w, eng._stem_nv, sc, st.bn.scale, st.bn.shift,
+                             self.stem_out)
+                th(m * sh * sw * sc)
+                rp.maxpool3s2_pack(self.stem_out, m, sh, sw, sc, ph, pw,
+                                   self.pooled[i0 * img_pool:], tgt.buf[i0 * img_words:],
+                                   *tgt.geom, eng._nonpos)
+                if record is not None:
+                    stem_rec.append(self.stem_out[:m * sh * sw * sc].reshape(m, sh, sw, sc).copy())
             stream = self.pooled
             if record is not None:
-                record["bn1"] = self.stem_out.reshape(n, sh, sw, sc).copy()
-                record["maxpool"] = self.pooled.reshape(n, *net.blocks[0].in_hw, sc).copy()
+                record["bn1"] = np.concatenate(stem_rec)
+                record["maxpool"] = self.pooled.reshape(n, ph, pw, sc).copy()
         else:
+            th(self.stem_work)
+            rc.conv_taps(xin, self.stem_bases, self.stem_bases.shape[0], self.stem_toff,
+                         eng._stem_w, eng._stem_nv, sc, st.bn.scale, st.bn.shift, self.stem_out)
+            th(n * sh * sw * sc)
             stream = self.stem_out
             ew.merge_pack(stream, _EMPTY_F32, self.pool_ip, self.pool_slopes, tgt.buf)
             if record is not None:
