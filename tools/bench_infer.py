@@ -5,6 +5,9 @@ Models: Bi-Real-18 and FTBNN-18 at 224x224, the derived FTBNN-18 with 2 groups (
 random weights with randomised BatchNorm statistics (so they matter), and the shipped MNIST model
 ``weights/ftbnn18.h5``. For each: batch 1 and 32, 1 and 2 threads (``--threads``):
 
+Each row's peers are timed interleaved (rounds running each once), so they share the machine's
+conditions; the medians are reported.
+
 * ``refbnn``: :class:`refbnn.engine.Engine` and its time split by stage (binary convs, stem,
   shortcuts, elementwise + glue; :meth:`Engine.profile`, batch 1 and 32, one thread);
 * ``ov f32`` / ``ov default``: OpenVINO's CPU plugin on :func:`refbnn.interop.openvino.to_openvino`
@@ -43,6 +46,24 @@ def timed(fn, min_runs=3, budget=1.0, max_runs=200):
         times.append(time.perf_counter() - t)
     s = sorted(times)
     return s[len(s) // 2], times
+
+
+def timed_interleaved(fns: dict, min_runs=3, budget=1.0, max_runs=200):
+    """Median seconds of each ``fns[name]()``, measured in rounds that run every function once (the
+    order rotating), so that the peers share the machine's conditions (this host is shared)."""
+    names = list(fns)
+    for f in fns.values():
+        f()  # warm-up
+    times = {k: [] for k in names}
+    t_end = time.perf_counter() + budget * len(names)
+    r = 0
+    while r < min_runs or (time.perf_counter() < t_end and r < max_runs):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            t = time.perf_counter()
+            fns[k]()
+            times[k].append(time.perf_counter() - t)
+        r += 1
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
 def randomise_bn(model, seed=0):
@@ -153,22 +174,21 @@ def main(argv=None):
         c, h, w = net.input_shape
         for b in batches:
             x = np.random.default_rng(b).standard_normal((b, c, h, w)).astype(np.float32)
-            compiled = {}
             if ovi is not None:
                 model = ovi.to_openvino(net)
                 model.reshape([b, c, h, w])
             for t in threads:
                 set_threads(t, torch)
                 row = {"model": label, "batch": b, "threads": t}
-                row["refbnn_ms"] = 1e3 * timed(lambda e=engine, v=x: e.forward(v), budget=args.budget)[0]
+                fns = {"refbnn_ms": lambda e=engine, v=x: e.forward(v)}
                 if ovi is not None:
-                    for prec in ("f32", None):
-                        cm = compiled[(prec, t)] = ovi.compile_model(model, prec, t)
-                        key = "ov_f32_ms" if prec else "ov_default_ms"
-                        req = cm.create_infer_request()
-                        row[key] = 1e3 * timed(lambda r=req, v=x: r.infer({0: v}), budget=args.budget)[0]
+                    for prec, key in (("f32", "ov_f32_ms"), (None, "ov_default_ms")):
+                        cm = ovi.compile_model(model, prec, t)
                         if prec is None:
                             ov_precision[label] = str(cm.get_property("INFERENCE_PRECISION_HINT"))
+                        req = cm.create_infer_request()
+                        fns[key] = lambda r=req, v=x: r.infer({0: v})
+                row.update({k: 1e3 * v for k, v in timed_interleaved(fns, budget=args.budget).items()})
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
             if 1 in threads:
@@ -187,13 +207,13 @@ def main(argv=None):
             rc.load_state_dict(resnet.state_dict())
             for t in threads:
                 set_threads(t, torch)
+                def bf16(m=rc, v=xc):
+                    with torch.autocast("cpu", dtype=torch.bfloat16):
+                        m(v)
                 with torch.no_grad():
-                    fp32 = timed(lambda v=x: resnet(v), budget=args.budget)[0]
-
-                    def bf16(m=rc, v=xc):
-                        with torch.autocast("cpu", dtype=torch.bfloat16):
-                            m(v)
-                    b16 = timed(bf16, budget=args.budget)[0]
+                    tt = timed_interleaved({"fp32": lambda v=x: resnet(v), "bf16": bf16},
+                                           budget=args.budget)
+                fp32, b16 = tt["fp32"], tt["bf16"]
                 for r in rows:
                     if r["batch"] == b and r["threads"] == t and r["model"].endswith("224x224"):
                         r["r18_fp32_ms"], r["r18_bf16_ms"] = 1e3 * fp32, 1e3 * b16
