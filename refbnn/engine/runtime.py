@@ -134,10 +134,10 @@ class _Threads:
     """Sets Numba's thread count for each stage (:func:`stage_threads`), skipping repeats."""
 
     def __init__(self, threads):
-        self.threads, self.current = threads, None
+        self.threads, self.current = threads, numba.get_num_threads()
 
     def __call__(self, work):
-        t = stage_threads(work, self.threads)
+        t = 1 if work < PARALLEL_MIN_WORK else self.threads
         if t != self.current:
             numba.set_num_threads(t)
             self.current = t
@@ -165,12 +165,14 @@ class _ConvStep:
         threads(self.work_conv)
         y4 = self.plan.run_padded(self.buf)
         y = y4.reshape(-1)
-        timer("binary_convs")
+        if timer.timer is not None:
+            timer("binary_convs")
         if record is not None:
             record[self.name + ".bn1"] = y4.copy()
         threads(self.work_ew)
         ew.merge_pack(y, self.short, self.ip, self.slopes, self.target.buf)
-        timer("elementwise_glue")
+        if timer.timer is not None:
+            timer("elementwise_glue")
         if record is not None:
             record[self.name] = y4.copy()
         return y
@@ -257,8 +259,8 @@ class Engine:
         return cls(network_from_file(f), **options)
 
     # -- plans -----------------------------------------------------------------------------
-    def _plan(self, n: int):
-        key = (n, numba.get_num_threads())
+    def _plan(self, n: int, threads: int | None = None):
+        key = (n, numba.get_num_threads() if threads is None else threads)
         plan = self._batch_plans.get(key)
         if plan is None:
             if len(self._batch_plans) >= MAX_PLANS:
@@ -292,7 +294,7 @@ class Engine:
         if x.shape[0] == 0:
             return np.zeros((0, self.net.fc_w.shape[1]), np.float32)
         threads = numba.get_num_threads()
-        plan = self._plan(x.shape[0])
+        plan = self._plan(x.shape[0], threads)
         try:
             if not self.adaptive_threads or threads == 1:
                 return plan.run(x).copy()
@@ -302,7 +304,8 @@ class Engine:
             plan.policy.record(use, time.perf_counter() - t0)
             return out
         finally:
-            numba.set_num_threads(threads)
+            if numba.get_num_threads() != threads:
+                numba.set_num_threads(threads)
 
     __call__ = forward
 
