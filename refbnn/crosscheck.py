@@ -16,7 +16,11 @@ one cross-entropy backward, and every parameter's gradient too). The other side 
 * ``torch-module PKG.MODULE:FACTORY --checkpoint FILE [--rename MAP.json] [--factory-kwargs JSON]``:
   any importable ``nn.Module`` filled from a PyTorch checkpoint; its leaf modules' outputs (copied when
   hooked, so later in-place ops cannot change them) are compared with refbnn's layers of the same
-  name (after ``--rename``'s prefix map ``{"theirs": "refbnn's"}``); eval mode only.
+  name (after ``--rename``'s prefix map ``{"theirs": "refbnn's"}``); eval mode only;
+* ``openvino MODEL.xml``: an OpenVINO IR written by ``python -m refbnn.export ... --openvino``
+  (:func:`refbnn.interop.openvino.run_layers`, f32); eval mode only;
+* ``keras MODEL.h5``, ``lce MODEL.tflite``, ``qonnx MODEL.onnx``: Larq/Keras, LCE's interpreter
+  (logits only) and QONNX's executor (:mod:`refbnn.interop.external`, ``docs/interop.md``).
 
 For ``onnx`` and ``torch-module`` the verdict rests on the layers both runs have (the logits at
 least); the others are listed as not compared. For ``torch`` and ``golden`` a missing layer fails.
@@ -301,9 +305,9 @@ def kink_rules(model) -> dict:
 
 
 IMPLS = {"torch": 0, "golden": 1, "onnx": 1, "torch-module": 1,  # impl -> how many values follow
-         "keras": 1, "lce": 1, "qonnx": 1}
+         "openvino": 1, "keras": 1, "lce": 1, "qonnx": 1}
 AGAINST_FORMS = ("'torch', 'golden FILE', 'onnx MODEL.onnx', 'torch-module PKG.MODULE:FACTORY', "
-                 "'keras MODEL.h5', 'lce MODEL.tflite' or 'qonnx MODEL.onnx'")
+                 "'openvino MODEL.xml', 'keras MODEL.h5', 'lce MODEL.tflite' or 'qonnx MODEL.onnx'")
 
 
 def parse_args(argv):
@@ -311,7 +315,8 @@ def parse_args(argv):
                                 description="Compare refbnn with another implementation per layer.")
     p.add_argument("weights", nargs="?", help="refbnn model or checkpoint file (.h5)")
     p.add_argument("--against", nargs="+", required=True, metavar=("IMPL", "ARG"),
-                   help="torch | golden FILE | onnx MODEL.onnx | torch-module PKG.MODULE:FACTORY")
+                   help="torch | golden FILE | onnx MODEL.onnx | torch-module PKG.MODULE:FACTORY | "
+                        "openvino MODEL.xml | keras MODEL.h5 | lce MODEL.tflite | qonnx MODEL.onnx")
     p.add_argument("--checkpoint", metavar="FILE", help="torch-module: the PyTorch checkpoint to load")
     p.add_argument("--rename", metavar="MAP.json",
                    help="onnx / torch-module: JSON {their layer prefix: refbnn's layer prefix}")
@@ -346,7 +351,7 @@ def _check_against(args):
         raise UserError("--checkpoint is for --against torch-module")
     if args.rename and impl not in ("onnx", "torch-module"):
         raise UserError("--rename is for --against onnx or torch-module")
-    if impl in ("onnx", "torch-module", "keras", "lce", "qonnx") and args.train:
+    if impl in ("onnx", "torch-module", "openvino", "keras", "lce", "qonnx") and args.train:
         raise UserError(f"--against {impl} compares eval mode only; drop --train")
     if impl in ("torch", "torch-module") and importlib.util.find_spec("torch") is None:
         raise UserError(f"--against {impl} needs PyTorch, which is not installed")
@@ -391,6 +396,15 @@ def _other_run(args, config, state, x, labels):
         from refbnn.interop.external import other_run
 
         return other_run(impl, rest, config, state, x, labels, Run), x, labels
+    if impl == "openvino":
+        from refbnn.interop.openvino import run_layers
+
+        try:
+            return Run(run_layers(rest[0], x)), x, labels
+        except ImportError as e:
+            raise UserError(str(e)) from None
+        except RuntimeError as e:  # OpenVINO's own errors (unreadable IR, ...)
+            raise UserError(f"{rest[0]}: {e}") from None
     if impl == "onnx":
         from refbnn.interop.torch_module import ModuleSpecError, read_rename
 

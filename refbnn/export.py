@@ -1,4 +1,4 @@
-"""``python -m refbnn.export SRC.h5 DST --packed-only | --onnx | --qonnx | --lce``: other forms of a model.
+"""``python -m refbnn.export SRC.h5 DST --packed-only | --onnx | --openvino | --qonnx | --lce``: other forms.
 
 * ``--packed-only``: a deployment-only copy (``DST.h5``). Drops the latent float32 weights of the
   binary layers (keeping their packed sign bits and, for Bi-Real layers, the per-channel scale) and any
@@ -10,6 +10,8 @@
   is ``logits``; ``--layer-outputs`` adds every layer's output under refbnn's layer name, for
   ``python -m refbnn.crosscheck SRC.h5 --against onnx DST.onnx``; ``--batch N`` fixes the batch size
   (default: symbolic). Needs a file with latent weights (not a packed-only one).
+* ``--openvino``: OpenVINO IR (``DST.xml`` + ``DST.bin``, :mod:`refbnn.interop.openvino`, extra
+  ``openvino``): FakeQuantize sign + BinaryConvolution, with per-layer outputs for crosscheck.
 * ``--qonnx [--batch N]``: a QONNX graph (``BipolarQuant`` + ONNX ops, :mod:`refbnn.interop.qonnx`,
   extra ``qonnx``) that runs in qonnx's own executor; static batch (default 1).
 * ``--lce``: a ``.tflite`` through Larq and LCE's converter (:mod:`refbnn.interop.lce`, extra ``larq``).
@@ -54,6 +56,8 @@ def main(argv=None) -> int:
     kind.add_argument("--packed-only", action="store_true",
                       help="a packed refbnn file without latent binary weights")
     kind.add_argument("--onnx", action="store_true", help="an ONNX model (refbnn.interop.onnx)")
+    kind.add_argument("--openvino", action="store_true",
+                      help="OpenVINO IR (.xml + .bin) with per-layer outputs, refbnn.interop.openvino")
     kind.add_argument("--qonnx", action="store_true",
                       help="a QONNX graph (BipolarQuant + ONNX ops; refbnn.interop.qonnx)")
     kind.add_argument("--lce", action="store_true",
@@ -75,6 +79,14 @@ def main(argv=None) -> int:
         if args.onnx:
             export_onnx_file(args.src, args.dst, args.layer_outputs, args.batch)
             what = "ONNX model" + (" with layer outputs" if args.layer_outputs else "")
+        elif args.openvino:
+            from refbnn.interop.openvino import export
+
+            try:
+                export(args.src, args.dst)
+            except (ImportError, RuntimeError) as e:  # no OpenVINO; OpenVINO's own errors
+                raise UserError(str(e)) from None
+            what = f"OpenVINO IR, weights in {args.dst.rsplit('.', 1)[0]}.bin"
         elif args.qonnx:
             from refbnn.interop import qonnx
 

@@ -21,7 +21,7 @@ RANKS = {
     "refbnn.nn": 3,
     "refbnn.models": 4,
     "refbnn.training": 5,
-    "refbnn.engine": 5,
+    "refbnn.engine": 6,  # Engine.from_file reads files (refbnn.fileformat)
     "refbnn.fileformat": 6,
     "refbnn.interop": 6,
     "refbnn.goldenlib": 6,
