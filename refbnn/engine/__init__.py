@@ -21,11 +21,14 @@ the bound.
 from refbnn.engine.network import (
     EngineError,
     Network,
+    fold_batchnorm,
+    fold_batchnorm_module,
     network_from_file,
     network_from_model,
     network_from_tensors,
 )
 from refbnn.engine.runtime import Engine, compile_model, stage_threads
 
-__all__ = ["Engine", "EngineError", "Network", "compile_model", "network_from_file",
+__all__ = ["Engine", "EngineError", "Network", "compile_model", "fold_batchnorm", "fold_batchnorm_module",
+           "network_from_file",
            "network_from_model", "network_from_tensors", "stage_threads"]

@@ -54,6 +54,22 @@ class BN:
     shift: np.ndarray
 
 
+def fold_batchnorm(gamma, beta, mean, var, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(scale, shift)`` float32 ``(C,)`` of an eval-mode BatchNorm, computed exactly as its float32
+    forward does: ``inv = 1 / sqrt(var + eps)``, ``scale = gamma * inv``, ``shift = beta - mean * scale``
+    (every operation rounded to float32)."""
+    f = np.float32
+    inv = f(1.0) / np.sqrt(np.asarray(var).astype(f) + f(eps))
+    scale = (np.asarray(gamma).astype(f) * inv).astype(f)
+    shift = (np.asarray(beta).astype(f) - np.asarray(mean).astype(f) * scale).astype(f)
+    return _f32(scale), _f32(shift)
+
+
+def fold_batchnorm_module(bn) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`fold_batchnorm` of a :class:`refbnn.nn.BatchNorm2d` (or 1d) module."""
+    return fold_batchnorm(bn.weight.data, bn.bias.data, bn.running_mean, bn.running_var, bn.eps)
+
+
 @dataclass(frozen=True)
 class RealConv:
     """A real conv (no bias, groups 1) followed by BatchNorm; NHWC, zero padding ``padding``."""
@@ -148,13 +164,9 @@ class _Tensors:
         return np.asarray(self.t[name])
 
     def bn(self, prefix) -> BN:
-        f = np.float32
-        var = self.get(f"{prefix}.running_var").astype(f)
-        inv = f(1.0) / np.sqrt(var + f(self.bn_eps))
-        scale = (self.get(f"{prefix}.weight").astype(f) * inv).astype(f)
-        shift = (self.get(f"{prefix}.bias").astype(f)
-                 - self.get(f"{prefix}.running_mean").astype(f) * scale).astype(f)
-        return BN(prefix, _f32(scale), _f32(shift))
+        scale, shift = fold_batchnorm(*(self.get(f"{prefix}.{k}") for k in
+                                        ("weight", "bias", "running_mean", "running_var")), self.bn_eps)
+        return BN(prefix, scale, shift)
 
     def act(self, kind, prefix, channels) -> Act:
         ones = np.ones(channels, np.float32)

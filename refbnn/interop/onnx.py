@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from refbnn import nn
-from refbnn.engine import fold_batchnorm
+from refbnn.engine import fold_batchnorm_module
 from refbnn.models.trace import trace
 
 OPSET = 17
@@ -116,7 +116,7 @@ class _Builder:
         return self._named(name, acc)
 
     def batchnorm(self, name, m, x):
-        scale, shift = fold_batchnorm(m)
+        scale, shift = fold_batchnorm_module(m)
         y = self.g.op("Mul", [x, self.g.const(name + ".scale", _col(scale))])
         return self._named(name, self.g.op("Add", [y, self.g.const(name + ".shift", _col(shift))],
                                            name))
