@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refbnn.models.config import binary_options, bridge_spec, resolve, stage_specs
+from refbnn.models.config import BN_EPS, binary_options, bridge_spec, resolve, stage_specs
 
 
 def sign_t(x, sign_at_zero=1):
@@ -184,6 +184,9 @@ class TorchBNNResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cfg["widths"][-1], cfg["num_classes"])
         self.nstages = len(cfg["widths"])
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eps = float(cfg.get("bn_eps", BN_EPS))
 
     def forward(self, x):
         x = self.maxpool(self.bn1(self.conv1(x)))
