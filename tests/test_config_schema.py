@@ -125,6 +125,7 @@ def test_json_is_parsed_with_bounded_depth_and_strictly():
     assert C.json_depth('{"a": [[1], "[[[["], "b": {}}') == 3
     assert C.loads_json('{"a": [1, 2]}') == {"a": [1, 2]}
     for text, words in (("[" * 700 + "]" * 700, "nests 700 levels"), ('{"a": NaN}', "not valid JSON"),
+                        ('{"a": -1e400}', "float64 range"),
                         ('{"a": 1, "a": 2}', "duplicate key"), ('["\\udc80"]', "not valid Unicode"),
                         ('{"\\ud800": 1}', "not valid Unicode"), ('{"a": 1', "not valid JSON")):
         with pytest.raises(ValueError, match=words):

@@ -467,14 +467,20 @@ def json_depth(text: str) -> int:
 
 def loads_json(text: str, what: str = "JSON", max_depth: int = MAX_JSON_DEPTH):
     """``json.loads`` of RFC 8259 JSON without recursion risk: the nesting depth is checked first;
-    ``NaN``/``Infinity``, duplicate object keys and lone surrogate escapes (``"\\udc80"``) are
-    refused. Raises ``ValueError`` naming ``what``."""
+    ``NaN``/``Infinity``, numbers beyond the float64 range (``1e400``), duplicate object keys and
+    lone surrogate escapes (``"\\udc80"``) are refused. Raises ``ValueError`` naming ``what``."""
     depth = json_depth(text)
     if depth > max_depth:
         raise ValueError(f"{what} nests {depth} levels deep, more than {max_depth}")
 
     def no_constant(c):
         raise ValueError(f"{c} is not JSON")
+
+    def finite(text):
+        value = float(text)
+        if not math.isfinite(value):
+            raise ValueError(f"number {text[:20]} is out of the float64 range")
+        return value
 
     def unique(pairs):
         out = {}
@@ -484,7 +490,8 @@ def loads_json(text: str, what: str = "JSON", max_depth: int = MAX_JSON_DEPTH):
             out[k] = v
         return out
     try:
-        value = json.loads(text, parse_constant=no_constant, object_pairs_hook=unique)
+        value = json.loads(text, parse_constant=no_constant, parse_float=finite,
+                           object_pairs_hook=unique)
     except (ValueError, RecursionError) as e:
         raise ValueError(f"{what} is not valid JSON ({e})") from None
     bad = _first_bad_string(value)
