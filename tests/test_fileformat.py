@@ -395,6 +395,8 @@ DAMAGE = {
                              "missing field 'act_grad'"),
     "unresolved config": (config_field("width_multiplier", 0.5), "/meta", "resolved"),
     "config that disagrees with the tensors": (config_field("num_classes", 11), "/meta", "class_names"),
+    "config bigger than the file": (change_meta(lambda m: m.update(class_names=None) or m["config"].update(
+        num_classes=100_000)), "/model", "more than the file's"),
     # HDF5 structure
     "attribute on the root": (lambda f: f.attrs.__setitem__("format", "refbnn"), "/", "attribute"),
     "attribute on a tensor": (lambda f: f["model/fc/bias"].attrs.__setitem__("scale", 2.0),
