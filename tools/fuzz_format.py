@@ -21,7 +21,9 @@ that dies is a *crash*), and counted by outcome: ``format_error`` / ``accepted``
 ``exception`` (anything but FormatError) / ``crash``. For up to ``--cli-files`` distinct accepted
 files it then runs the command lines a user would (``python -m refbnn.infer FILE a.png b.png
 --engine packed``, ``export FILE OUT --packed-only``, ``golden --weights FILE DIR``, ``crosscheck
-FILE --against torch``), each under the same limits, expecting exit status 0 or a one-line exit 2.
+FILE --against torch``, and for checkpoints ``train --resume FILE --epochs 2``), each under the same
+limits, expecting exit status 0 or a one-line exit 2. ``--train-base`` adds a base checkpoint written
+by ``python -m refbnn.train`` itself (MNIST from ``$REFBNN_DATA_DIR``), which ``--resume`` continues.
 Failures are listed with their recipe (and kept with ``--keep DIR``). Exit status: 0 when there were
 no hangs, crashes, exceptions or CLI failures, 1 otherwise.
 """
@@ -52,7 +54,7 @@ sys.path.insert(0, str(REPO))  # run from a checkout
 USERBLOCK = 512
 M32 = 0xFFFFFFFF
 PRESETS = ("ftbnn18", "birealnet18", "ftbnn18_g2", "ftbnn18_purified")
-CLIS = ("infer", "export", "golden", "crosscheck")
+CLIS = ("infer", "export", "golden", "crosscheck", "train")
 
 
 # --- checksums ---------------------------------------------------------------------------------
@@ -143,7 +145,7 @@ def restamp_hdf5(data: bytearray, start: int, end: int) -> None:
 SPEC = {"shape": [1, 12, 12], "layout": "NCHW", "channel_order": "L", "mean": [0.5], "std": [0.25]}
 
 
-def make_bases(folder: Path) -> list[Path]:
+def make_bases(folder: Path, train: bool = False) -> list[Path]:
     from refbnn import fileformat as ff
     from refbnn import models
 
@@ -167,7 +169,25 @@ def make_bases(folder: Path) -> list[Path]:
             else:
                 ff.save_model(path, state, packed_only=kind == "packed", **common)
             paths.append(path)
-    return paths
+    trained = _trained_checkpoint(folder) if train else None
+    return paths + ([trained] if trained else [])
+
+
+def _trained_checkpoint(folder: Path) -> Path | None:
+    """A checkpoint written by ``python -m refbnn.train`` itself (one epoch on 64 MNIST images), the
+    base that ``train --resume`` can really continue; None without MNIST in $REFBNN_DATA_DIR."""
+    data = os.environ.get("REFBNN_DATA_DIR")
+    if not data or not (Path(data) / "mnist").is_dir():
+        return None
+    run = folder / "trainrun"
+    r = subprocess.run([sys.executable, "-m", "refbnn.train", "--dataset", "mnist", "--width", "0.125",
+                        "--epochs", "1", "--batch-size", "32", "--limit-train", "64", "--limit-test",
+                        "32", "--threads", "1", "--out-dir", str(run), "--quiet", "--no-download"],
+                       capture_output=True, text=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    if r.returncode != 0:
+        raise RuntimeError(f"could not train the checkpoint base: {r.stderr[-500:]}")
+    shutil.copyfile(run / "checkpoint.h5", folder / "trained-checkpoint.h5")
+    return folder / "trained-checkpoint.h5"
 
 
 # --- recipes -----------------------------------------------------------------------------------
@@ -565,6 +585,8 @@ def cli_commands(path: Path, work: Path, images: list[Path]) -> dict[str, list[s
         "export": ["-m", "refbnn.export", str(path), str(work / "exported.h5"), "--packed-only"],
         "golden": ["-m", "refbnn.golden", "--weights", str(path), str(work / "golden")],
         "crosscheck": ["-m", "refbnn.crosscheck", str(path), "--against", "torch"],
+        "train": ["-m", "refbnn.train", "--resume", str(path), "--epochs", "2", "--out-dir",
+                  str(work / "run"), "--quiet", "--threads", "1"],
     }
 
 
@@ -600,10 +622,10 @@ def write_images(folder: Path) -> list[Path]:
 
 def fuzz(files: int, seed: int, work: Path, *, cli_files: int = 0, clis=CLIS, memory_mb: int = 3072,
          timeout_s: float = 10.0, cli_timeout_s: float = 180.0, keep: Path | None = None,
-         progress=None) -> dict:
+         progress=None, train_base: bool = False, only_base: str | None = None) -> dict:
     """Run the fuzzer; return the report (counts by outcome and recipe, failures with recipes)."""
     work.mkdir(parents=True, exist_ok=True)
-    bases = make_bases(work)
+    bases = [b for b in make_bases(work, train_base) if not only_base or only_base in b.name]
     images = write_images(work)
     worker = Worker(memory_mb, timeout_s)
     counts, by_recipe = Counter(), defaultdict(Counter)
@@ -646,6 +668,8 @@ def fuzz(files: int, seed: int, work: Path, *, cli_files: int = 0, clis=CLIS, me
     cli_counts, cli_failures = Counter(), []
     for path, record in accepted:
         for name in clis:
+            if name == "train" and record.get("kind") != "checkpoint":
+                continue                  # only checkpoints resume (others: one line, tested elsewhere)
             out = work / "cli"
             shutil.rmtree(out, ignore_errors=True)
             out.mkdir()
@@ -677,6 +701,9 @@ def main(argv=None) -> int:
     p.add_argument("--work", type=Path, help="work folder (default: a temporary one)")
     p.add_argument("--keep", type=Path, help="copy failing files here")
     p.add_argument("--json", type=Path, help="write the report here")
+    p.add_argument("--train-base", action="store_true",
+                   help="add a checkpoint written by refbnn.train (needs MNIST in $REFBNN_DATA_DIR)")
+    p.add_argument("--only-base", help="fuzz only the base files whose name contains this")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -685,7 +712,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="fuzz-format-") as tmp:
         report = fuzz(args.files, args.seed, args.work or Path(tmp), cli_files=args.cli_files, clis=clis,
                       memory_mb=args.memory_mb, timeout_s=args.timeout, keep=args.keep,
-                      progress=max(1, args.files // 20))
+                      progress=max(1, args.files // 20), train_base=args.train_base,
+                      only_base=args.only_base)
     text = json.dumps(report, indent=1)
     if args.json:
         args.json.write_text(text)
