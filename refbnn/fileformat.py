@@ -713,6 +713,8 @@ def load(path, expect: Mapping | None = None) -> LoadedFile:
     if not os.path.isfile(path):
         raise FormatError(path, "/", "is not a regular file")
     with open(path, "rb") as fh:
+        _check_seal(path, fh.read(USERBLOCK_SIZE), check_hash=False)  # before reading a foreign file
+        fh.seek(0)
         data = fh.read()
     version = _check_seal(path, data)
     if version == 1:
@@ -731,9 +733,10 @@ def _oneline(e: BaseException) -> str:
     return " ".join(str(e).split())[:300]
 
 
-def _check_seal(path: str, data: bytes) -> int:
+def _check_seal(path: str, data: bytes, check_hash: bool = True) -> int:
     """Check the user block before HDF5 parses anything (HDF5 can crash or hang on damaged
-    metadata); return the format version it names, or raise FormatError."""
+    metadata); return the format version it names, or raise FormatError. ``check_hash=False``:
+    only the first 512 bytes are given, check the magic line and version."""
     head = data[:USERBLOCK_SIZE]
     lines = head.split(b"\n")
     magic = lines[0].split(b" ")
@@ -748,6 +751,8 @@ def _check_seal(path: str, data: bytes) -> int:
     if int(digits) not in (1, FORMAT_VERSION):
         raise FormatError(path, "/", f"unknown format version {digits.decode()}")
     version = int(magic[1])
+    if not check_hash:
+        return version
     stored = lines[1][len(b"sha256 "):].decode("latin-1") if len(lines) > 1 else ""
     if len(stored) != 64 or not all(c in "0123456789abcdef" for c in stored) \
             or head != _userblock(stored, version):

@@ -767,3 +767,16 @@ def test_real_model_round_trip_and_packed_export_reproduce_its_outputs(tmp_path)
             rebuilt = models.build(loaded.config)
             rebuilt.load_state_dict(weights)
             assert_bit_equal(rebuilt.eval()(x), y, f"{preset} {loaded.kind}")
+
+
+def test_a_huge_foreign_file_is_refused_from_its_first_bytes(tmp_path):
+    """A 64 GiB (sparse) file that is not a refbnn file is refused without being read."""
+    path = tmp_path / "huge.h5"
+    with open(path, "wb") as fh:
+        fh.write(b"\x89HDF\r\n\x1a\n")
+        try:
+            fh.truncate(2 ** 36)
+        except OSError as e:
+            pytest.skip(f"this filesystem cannot hold a sparse 64 GiB file: {e}")
+    with pytest.raises(FormatError, match=r"huge\.h5: /: not a refbnn file"):
+        ff.load(path)
