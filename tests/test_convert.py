@@ -191,10 +191,11 @@ def test_converted_file_runs_everywhere(converted, tmp_path, capsys):
     assert golden.main([str(tmp_path / "g"), "--weights", str(converted), "--batch", "2"]) == 0
     assert crosscheck.main([str(converted), "--against", "golden", str(tmp_path / "g" / "model.h5")]) == 0
     assert crosscheck.main([str(converted), "--against", "torch"]) == 0  # the twin, torch.sign too
-    assert export.main([str(converted), str(tmp_path / "p.h5"), "--packed-only"]) == 0
     capsys.readouterr()
-    assert infer.main([str(tmp_path / "p.h5"), str(img), "--engine", "reference", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)[0]["top"] == top  # ternary layers kept unpacked
+    # one bit cannot hold a ternary sign: a packed-only export is refused in one line, nothing written
+    assert export.main([str(converted), str(tmp_path / "p.h5"), "--packed-only"]) == 2
+    assert "sign_at_zero=0" in _one_error(capsys)
+    assert not (tmp_path / "p.h5").exists()
     if importlib.util.find_spec("onnxruntime"):
         assert export.main([str(converted), str(tmp_path / "c.onnx"), "--onnx", "--layer-outputs"]) == 0
         capsys.readouterr()

@@ -18,11 +18,13 @@ RANKS = {
     "refbnn.data": 2,
     "refbnn.plot": 2,
     "refbnn.cli_util": 2,
+    "refbnn.atomicio": 2,
     "refbnn.nn": 3,
     "refbnn.models": 4,
     "refbnn.training": 5,
     "refbnn.engine": 6,  # Engine.from_file reads files (refbnn.fileformat)
     "refbnn.fileformat": 6,
+    "refbnn.fileformat_v1": 6,
     "refbnn.interop": 6,
     "refbnn.goldenlib": 6,
     "refbnn.budget": 7,

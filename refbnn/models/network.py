@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from refbnn import nn
-from refbnn.models.config import binary_options, bridge_spec, resolve, stage_specs
+from refbnn.models.config import BN_EPS, binary_options, bridge_spec, resolve, stage_specs
 
 
 def make_nonlinearity(kind: str, channels: int):
@@ -146,6 +146,9 @@ class BNNResNet(nn.Module):
             self.stages.append(stage)
         self.avgpool = nn.GlobalAvgPool2d()
         self.fc = nn.Linear(cfg["widths"][-1], cfg["num_classes"], bias=True)
+        for _, m in self.named_modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eps = float(cfg.get("bn_eps", BN_EPS))
 
     def binary_weights(self) -> dict:
         """``{state-dict name: {"groups": g, "sign_at_zero": s[, "scale": alpha]}}`` for every binary
