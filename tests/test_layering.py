@@ -23,6 +23,7 @@ RANKS = {
     "refbnn.engine": 5,
     "refbnn.fileformat": 6,
     "refbnn.interop": 6,
+    "refbnn.interop.train_torch": 7,  # a command-line tool (uses refbnn.train's recipe defaults)
     "refbnn.goldenlib": 6,
     "refbnn.budget": 7,
     "refbnn.train": 7,
