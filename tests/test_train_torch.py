@@ -274,6 +274,18 @@ def test_image_folder_training_writes_an_rgb_model(tmp_path, capsys):
     assert "0.png:" in capsys.readouterr().out
 
 
+def test_unreadable_image_is_one_line_exit_2(tmp_path, capsys):
+    _image_tree(tmp_path / "data", [(40, 30)])
+    bad = tmp_path / "data" / "train" / "cat" / "2.png"
+    bad.write_bytes(b"not a png")
+    rc = train_torch.main(["--data", str(tmp_path / "data"), "--image-size", "16", "--width", "0.0625",
+                           "--epochs", "1", "--batch-size", "8", "--workers", "1", "--threads", "1",
+                           "--quiet", "--out-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith(f"error: {bad}: not a readable image"), err
+    assert not (tmp_path / "run" / "checkpoint.h5").exists()
+
+
 @pytest.mark.parametrize("args, env, message", [
     (["--batch-size", "64", "--per-rank-batch-size", "8"], {}, "not both"),
     (["--batch-size", "65"], {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}, "multiple of the world size"),
@@ -281,6 +293,7 @@ def test_image_folder_training_writes_an_rgb_model(tmp_path, capsys):
     (["--dataset", "cifar"], {}, "unknown dataset"),
     (["--model", "resnet9000"], {}, "unknown model"),
     (["--epochs", "0"], {}, "--epochs must be positive"),
+    (["--schedule", "step"], {}, "step_size >= 1"),
     (["--resume", "/nonexistent.h5"], {}, "no such file"),
     (["--resume", "x.h5", "--lr", "0.1"], {}, "drop --lr"),
 ])

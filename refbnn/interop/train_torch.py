@@ -291,8 +291,10 @@ def plan_run(args, world: World) -> Plan:
         sync_default = True
     if not recipe.lr > 0:
         raise UserError("--lr must be positive")
-    if recipe.augment < 0 or recipe.label_smoothing < 0 or recipe.weight_decay < 0:
-        raise UserError("--augment, --label-smoothing and --weight-decay must be >= 0")
+    if recipe.augment < 0 or recipe.weight_decay < 0:
+        raise UserError("--augment and --weight-decay must be >= 0")
+    if not 0 <= recipe.label_smoothing <= 1:
+        raise UserError(f"--label-smoothing must be in [0, 1], got {recipe.label_smoothing}")
     if recipe.batch_size % world.size:
         raise UserError(f"the global batch {recipe.batch_size} is not a multiple of the world size "
                         f"{world.size}; pick --batch-size B with B % {world.size} == 0 "
@@ -433,6 +435,10 @@ def train(plan: Plan) -> int:
     # the refbnn model: initial weights, optimizer layout, schedule, binary-weight metadata
     ref_model = models.build(plan.config, seed=plan.seed)
     schedule = Trainer(ref_model, range(len(plan.train_set)), recipe, seed=plan.seed)
+    try:
+        schedule.learning_rate(schedule.total_steps - 1)
+    except ValueError as e:  # e.g. --schedule step without --step-epochs, too long a warm-up
+        raise UserError(f"learning-rate schedule: {e}") from None
     layout = refbnn_layout(schedule.optimizer.state_dict()["hparams"], ref_model.binary_weights(),
                            plan.decay_binary)
     net = twin(ref_model.config)
