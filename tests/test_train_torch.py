@@ -9,7 +9,8 @@ Claims and their tolerances:
   runs' weights agree to float32 rounding after a full epoch (measured: identical once rounded to
   float32, 0 relative difference; the bound asserted is 1e-6 relative per tensor).
 * resume: ``--stop-after 1`` + ``--resume`` equals the straight run bit for bit (same world size,
-  threads and device; every tensor and optimizer slot compared exactly).
+  threads and device; every tensor and optimizer slot compared exactly), and so does a resume
+  from a mid-epoch ``--checkpoint-every`` checkpoint.
 * refbnn's packed engine predicts what the twin predicts on the trained file: identical argmax
   except where the twin's two largest logits are within 1e-3 of each other (a sign flip of a value
   within float rounding of 0 may move a logit by that much; none were seen).
@@ -356,3 +357,27 @@ def test_bireal_layout_keeps_binary_weights_out_of_weight_decay():
     decayed = [n for g in layout["groups"] if g["weight_decay"] for n in g["names"]]
     assert "conv1.weight" in decayed and "fc.weight" in decayed
     assert sorted(n for g in layout["groups"] for n in g["names"]) == sorted(dict(ref.named_parameters()))
+
+
+def test_mid_epoch_checkpoint_resumes_bit_identically(data_dir, tmp_path, monkeypatch):
+    saved = []
+    original = fileformat.save_checkpoint
+
+    def keep_each(path, *a, **k):  # --checkpoint-every overwrites checkpoint.h5: keep every save
+        original(path, *a, **k)
+        saved.append(tmp_path / f"save{len(saved)}.h5")
+        shutil.copy(path, saved[-1])
+
+    monkeypatch.setattr(fileformat, "save_checkpoint", keep_each)
+    args = [*TINY, "--data-dir", str(data_dir / "mnist"), "--no-download", "--epochs", "2"]
+    assert train_torch.main([*args, "--checkpoint-every", "2", "--out-dir", str(tmp_path / "a")]) == 0
+    positions = [(f.epoch, f.rng_state["batches_done"]) for f in map(fileformat.load, saved)]
+    assert positions == [(0, 2), (1, 0), (1, 2), (2, 0)]  # 4 steps per epoch
+    monkeypatch.setattr(fileformat, "save_checkpoint", original)
+    (tmp_path / "b").mkdir()
+    shutil.copy(saved[2], tmp_path / "b" / "checkpoint.h5")  # epoch 2, after its 2nd step
+    assert train_torch.main(["--resume", str(tmp_path / "b" / "checkpoint.h5"), "--threads", "1",
+                             "--quiet", "--data-dir", str(data_dir / "mnist")]) == 0
+    _, a = tensors(tmp_path / "a" / "model.h5")
+    _, b = tensors(tmp_path / "b" / "model.h5")
+    assert all(np.array_equal(a[k], b[k]) for k in a)
