@@ -26,6 +26,7 @@ RANKS = {
     "refbnn.fileformat": 6,
     "refbnn.fileformat_v1": 6,
     "refbnn.interop": 6,
+    "refbnn.interop.train_torch": 7,  # a command-line tool (uses refbnn.train's recipe defaults)
     "refbnn.goldenlib": 6,
     "refbnn.budget": 7,
     "refbnn.train": 7,
