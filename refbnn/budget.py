@@ -43,8 +43,7 @@ def budget_split_figure(path, input_shape=(3, 224, 224)):
                         title="Budget split, ImageNet 224x224 (OPs in millions)", ylabel="M OPs")
 
 
-@cli_util.command
-def main(argv=None) -> int:
+def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m refbnn.budget", description=__doc__.splitlines()[0])
     p.add_argument("model", choices=models.list_models(), metavar="MODEL",
                    help=f"preset name ({', '.join(models.list_models())})")
@@ -56,6 +55,12 @@ def main(argv=None) -> int:
                    help="in (0, 4] (default 1)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--png", metavar="PATH", help="also write the real/binary budget split figure")
+    return p
+
+
+@cli_util.command
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.png:
         try:

@@ -38,8 +38,8 @@ class EngineError(ValueError):
     """A model the packed engine cannot run (e.g. ternary ``sign_at_zero=0``)."""
 
 
-def _f32(a):
-    return np.ascontiguousarray(a, dtype=np.float32)
+def _f32(a):  # a copy: the engine never shares memory with the model it was compiled from
+    return np.array(a, dtype=np.float32, order="C", copy=True)
 
 
 def fold_batchnorm(bn) -> tuple[np.ndarray, np.ndarray]:

@@ -15,13 +15,18 @@ from refbnn import cli_util
 from refbnn.cli_util import ArgumentParser, fail
 
 
-@cli_util.command
-def main(argv=None) -> int:
+def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m refbnn.export", description=__doc__.splitlines()[0])
     p.add_argument("src", type=cli_util.existing_file, help="a refbnn model or checkpoint file")
     p.add_argument("dst", help="where to write the packed-only file (not SRC itself)")
     p.add_argument("--packed-only", action="store_true", required=True,
                    help="drop latent binary weights (the only export kind so far)")
+    return p
+
+
+@cli_util.command
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if cli_util.same_file(args.src, args.dst):
         p.fail_flag("dst", f"{args.dst} is the source file; the packed-only copy would replace "

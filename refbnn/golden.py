@@ -30,7 +30,7 @@ def golden_shape(text: str) -> list[int]:
     return shape
 
 
-def parse_args(argv):
+def build_parser() -> ArgumentParser:
     from refbnn.models import list_models
 
     p = ArgumentParser(prog="python -m refbnn.golden",
@@ -52,6 +52,11 @@ def parse_args(argv):
                    help="preset width multiplier in (0, 4] (default 0.125)")
     p.add_argument("--num-classes", type=cli_util.int_in(1, 10_000), default=10,
                    help="preset classes, 1-10000 (default 10)")
+    return p
+
+
+def parse_args(argv):
+    p = build_parser()
     args = p.parse_args(argv)
     if (args.out_dir is None) == (args.check is None):
         p.error("give either OUT_DIR or --check FILE")

@@ -26,7 +26,7 @@ from refbnn.cli_util import ArgumentParser, UserError, fail
 from refbnn.predictor import ENGINES, INVERT, image_batch  # noqa: F401 - image_batch: for callers
 
 
-def parse_args(argv):
+def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m refbnn.infer", description=__doc__.splitlines()[0])
     p.add_argument("model", help="a refbnn .h5 model, checkpoint or packed file")
     p.add_argument("images", nargs="*", help="image files to classify (default: evaluate the test set)")
@@ -47,7 +47,11 @@ def parse_args(argv):
                    help="single-image runs timed for latency (default 200)")
     p.add_argument("--threads", type=cli_util.threads, default=None,
                    help="threads of refbnn's kernels (default: all cores; BLAS always runs on one)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv):
+    return build_parser().parse_args(argv)
 
 
 def load_runner(path, engine_kind):

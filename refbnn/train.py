@@ -126,11 +126,12 @@ def _paths(args, dataset_name, model_name):
     for name in ("checkpoint.h5", "metrics.jsonl", "curves.png"):
         if cli_util.same_file(out_dir / name, out_path):
             raise cli_util.UserError(f"argument --out: {out_path} is the run's own {name}")
-    try:
-        cli_util.check_writable(out_dir)
-        cli_util.check_writable(out_path.parent)
-    except OSError as e:
-        raise cli_util.UserError(f"cannot write to the output folder: {e}") from None
+    for folder, name in ((out_dir, "--out-dir"), (out_path.parent, "--out")):
+        try:
+            cli_util.check_writable(folder)
+        except OSError as e:
+            raise cli_util.UserError(f"argument {name}: cannot write to the output folder {folder}: "
+                                     f"{e}") from None
     return out_dir, out_path
 
 
@@ -205,16 +206,14 @@ def main(argv=None) -> int:
         command = run["command"]  # the command that started the run
     run_info = {"model": model_name, "threads": threads, "limit_train": limit_train,
                 "limit_test": limit_test, "command": command}
-    start = resumed.epoch + 1 if resumed is not None else 1
-    print(f"training {model_name} (stage widths {'/'.join(map(str, model.config['widths']))}, "
-          f"{sum(p.data.size for p in model.parameters()):,} parameters) on {dataset_name} from "
-          f"{folder}: {len(train_set)} train / {len(test_set)} test images, {threads} threads, "
-          f"epochs {start}..{recipe.epochs}", file=sys.stderr)
+    header = (f"training {model_name} (stage widths {'/'.join(map(str, model.config['widths']))}, "
+              f"{sum(p.data.size for p in model.parameters()):,} parameters) on {dataset_name} from "
+              f"{folder}: {len(train_set)} train / {len(test_set)} test images, {threads} threads")
     ckpt = out_dir / "checkpoint.h5"
     try:
         result = fit(model, recipe, train_set, test_set, out_dir, seed=seed,
-                     callbacks=[ConsoleLog(args.quiet)], resume=resumed, stop_after=args.stop_after,
-                     model_path=out_path, run_info=run_info)
+                     callbacks=[ConsoleLog(args.quiet, header=header)], resume=resumed,
+                     stop_after=args.stop_after, model_path=out_path, run_info=run_info)
     except NumericalFault as e:
         kept = f"the last good checkpoint is {ckpt}" if ckpt.exists() else "no checkpoint was written"
         return fail(f"{e}; stopped, {kept}", status=3)

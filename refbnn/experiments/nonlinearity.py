@@ -292,7 +292,7 @@ def write_figures(out_dir: Path, runs: list, summary: dict, class_names) -> None
 DEFAULT_OUT_DIR = "runs/nonlinearity"
 
 
-def parse_args(argv):
+def build_parser() -> ArgumentParser:
     d = StudyConfig()
     p = ArgumentParser(prog="python -m refbnn.experiments.nonlinearity",
                        description="FTBNN Figure 2: Linear / Binary / PReLU / ReLU CNNs on MNIST.")
@@ -317,12 +317,18 @@ def parse_args(argv):
                    help="worker processes training in parallel (default: the core count; 1 with --quick)")
     p.add_argument("--threads", type=cli_util.threads, default=1,
                    help="Numba threads (default 1: faster for these small layers, see docs)")
+    return p
+
+
+def parse_args(argv):
+    p = build_parser()
     args = p.parse_args(argv)
     if args.models is not None:
         names = [m.strip() for m in args.models.split(",") if m.strip()]
         unknown = [m for m in names if m not in VARIANTS]
-        if unknown or not names:
-            p.fail_flag("--models", f"expected a comma-separated subset of {','.join(VARIANTS)}, got "
+        if unknown or not names or len(set(names)) != len(names):
+            p.fail_flag("--models", f"expected a comma-separated subset of {','.join(VARIANTS)} "
+                                    f"without repeats, got "
                                     f"{args.models!r}")
     try:
         cli_util.check_writable(args.out_dir)

@@ -57,18 +57,20 @@ def check_finite(named_arrays, what: str) -> None:
         raise NumericalFault(f"{what} {name} holds NaN or infinite values")
 
 
-def locate_in_forward(model, x) -> str | None:
+def locate_in_forward(model, x, buffers: bool = True) -> str | None:
     """Where a NaN or an infinity first appears in ``model.forward(x)``: ``"the input batch"``,
     ``"parameter <name>"``, ``"buffer <name>"``, ``"the input of <layer>"`` or ``"the output of
     <layer>"`` (dotted module names, ``"the model"`` for the top one), or ``None`` when nothing
     is non-finite. Re-runs the forward pass (in the model's current mode) with every module's
-    ``forward`` wrapped; exceptions of that pass are swallowed."""
+    ``forward`` wrapped; exceptions of that pass are swallowed. ``buffers=False`` skips the check
+    of the buffers: after a failed training-mode forward pass BatchNorm's running statistics hold
+    what that pass computed, not a cause (training mode normalises with the batch's own)."""
     if _nonfinite(x):
         return "the input batch"
     name = first_nonfinite((n, p.data) for n, p in model.named_parameters())
     if name is not None:
         return f"parameter {name}"
-    name = first_nonfinite(model.named_buffers())
+    name = first_nonfinite(model.named_buffers()) if buffers else None
     if name is not None:
         return f"buffer {name}"
     found: list[str] = []

@@ -60,6 +60,9 @@ MODEL = "model.h5"
 class Callback:
     """Hooks of :func:`fit`; every method is optional (this base class does nothing)."""
 
+    def on_start(self, trainer: Trainer) -> None:
+        """Once, after a resumed run's state is restored and checked, before any step."""
+
     def on_epoch_start(self, trainer: Trainer) -> None:
         """Before the steps of epoch ``trainer.epoch + 1`` (``trainer.batches_done`` may be > 0)."""
 
@@ -75,10 +78,16 @@ class Callback:
 
 
 class ConsoleLog(Callback):
-    """A tqdm progress bar per epoch (unless ``quiet``) and one line per epoch on ``stream``."""
+    """A tqdm progress bar per epoch (unless ``quiet``) and one line per epoch on ``stream``
+    (default stderr), after ``header`` (with the epochs to run) once at the start."""
 
-    def __init__(self, quiet: bool = False, stream=None):
-        self.quiet, self.stream, self.bar = quiet, stream, None
+    def __init__(self, quiet: bool = False, stream=None, header: str | None = None):
+        self.quiet, self.stream, self.bar, self.header = quiet, stream, None, header
+
+    def on_start(self, trainer):
+        if self.header is not None:
+            print(f"{self.header}, epochs {trainer.epoch + 1}..{trainer.recipe.epochs}",
+                  file=self.stream or sys.stderr)
 
     def on_epoch_start(self, trainer):
         from tqdm import tqdm
@@ -191,6 +200,8 @@ class _RunFiles:
         self.out_dir = Path(out_dir)
         self.checkpoint = self.out_dir / CHECKPOINT
         self.model_path = Path(model_path) if model_path is not None else self.out_dir / MODEL
+        for folder in (self.out_dir, self.model_path.parent):
+            folder.mkdir(parents=True, exist_ok=True)
 
     @staticmethod
     def _write(path, save, *args, **kw) -> None:
@@ -260,6 +271,8 @@ def fit(model, recipe: Recipe, train_set, test_set=None, out_dir=None, *, seed: 
                 "provenance": {"run": run}}
         files = _RunFiles(trainer, out_dir, model_path, meta,
                           f"{model.config.get('name', 'model')} on {train_set.name}")
+    for cb in callbacks:
+        cb.on_start(trainer)
     stop_at = recipe.epochs if stop_after is None else min(recipe.epochs, trainer.epoch + stop_after)
     interrupts = {"count": 0}
 

@@ -179,7 +179,7 @@ class Trainer:
                                      f"{self._when()} (lr {self.optimizer.lr:g})")
 
     def _forward_fault(self, x, what: str) -> str:
-        where = locate_in_forward(self.model, x)
+        where = locate_in_forward(self.model, x, buffers=False)  # checked after the last step
         return f"{what} {self._when()}" + (f": first in {where}" if where else "")
 
     # --- one epoch -----------------------------------------------------------------------------
@@ -214,7 +214,7 @@ class Trainer:
             try:
                 logits = self.model.forward(x)
             except ValueError:  # e.g. a binary layer refusing NaN input
-                where = locate_in_forward(self.model, x)
+                where = locate_in_forward(self.model, x, buffers=False)  # checked after the last step
                 if where is None:
                     raise  # not a numerical fault
                 raise NumericalFault(f"NaN or infinite values {self._when()}: first in {where}") \
