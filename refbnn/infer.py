@@ -62,29 +62,20 @@ def load_runner(path, engine_kind):
 
 
 def _load(path, engine):
-    from refbnn import fileformat
     from refbnn.predictor import load
 
     try:
         return load(path, engine)
-    except FileNotFoundError as e:
-        raise UserError(str(e)) from None
-    except fileformat.FormatError as e:
-        raise UserError(str(e)) from None
-    except ValueError as e:
+    except (FileNotFoundError, ValueError) as e:  # FormatError is a ValueError
         raise UserError(str(e)) from None
     except OSError as e:
         raise UserError(f"{path}: cannot read: {e}") from None
 
 
 def classify(args, model):
-    from refbnn.predictor import ImageError
-
     try:
         probs = model.predict_files(args.images, args.invert)
-    except ImageError as e:
-        raise UserError(str(e)) from None
-    except ValueError as e:  # no input_spec
+    except ValueError as e:  # an ImageError, or a file without input_spec
         raise UserError(str(e)) from None
     k = min(args.top_k, probs.shape[1])
     results = []

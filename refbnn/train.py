@@ -112,7 +112,6 @@ def parse_args(argv):
     for k, v in MODEL_DEFAULTS.items():
         if getattr(args, k) is None and not args.resume:
             setattr(args, k, v)
-    args.parser = p
     return args
 
 

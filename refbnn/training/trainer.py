@@ -138,9 +138,9 @@ class Trainer:
                 "epoch_stats": self.stats.to_dict()}
 
     def restore_position(self, epoch: int, position: dict) -> None:
-        """Continue from :meth:`position`. A position without ``epoch_stats`` (checkpoints of
-        refbnn before 0.1.0's reliability fixes) restarts the epoch's sums at 0. Raises
-        ``ValueError`` for a position that does not fit this run."""
+        """Continue from :meth:`position`. A position without ``epoch_stats`` (checkpoints written
+        before positions carried them) restarts the epoch's sums at 0. Raises ``ValueError`` for a
+        position that does not fit this run."""
         if not isinstance(position, dict) or not isinstance(position.get("bit_generator"), dict):
             raise ValueError("the training position (rng_state) needs a bit_generator state")
         done = position.get("batches_done")
