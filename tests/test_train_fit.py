@@ -87,13 +87,14 @@ def test_sigint_after_the_last_step_still_finishes_and_exits_130(fake_mnist, tmp
         return real(*a, **k)
 
     monkeypatch.setattr(fileformat, "save_model", save_then_ctrl_c)
+    before = signal.getsignal(signal.SIGINT)  # SIG_IGN under nohup, else Python's default handler
     status = train.main(["--data-dir", str(fake_mnist), "--out-dir", str(tmp_path / "o"), "--width",
                          "0.0625", "--batch-size", "30", "--epochs", "1", "--quiet", "--threads", "1"])
     err = capsys.readouterr().err
     assert status == 130, err
     assert "Traceback" not in err and "finished" in err
     assert fileformat.load(tmp_path / "o" / "model.h5").kind == "model"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before  # the caller's handler is back
 
 
 # --- numerical faults ---------------------------------------------------------------------------------
