@@ -137,7 +137,7 @@ def output_transform(acc, multiplier, bias):
 
 
 def output_transform_lce(acc, k, multiplier, bias):
-    """LCE's float output transform, reproduced exactly (``lce-conventions.md``).
+    """LCE's float output transform, reproduced exactly (its ``core/bconv2d/output_transform.h``).
 
     With ``pc = (k - acc) / 2`` (the popcount of ``x XOR w``):
     ``y = float32(2 * pc) * (-multiplier) + float32(double(bias) + k * double(multiplier))``,

@@ -11,7 +11,7 @@ PACKAGE = Path(refbnn.__file__).parent
 RANKS = {
     "refbnn.bits": 0,
     "refbnn.reference": 0,
-    "refbnn.kernels": 1,
+    "refbnn.kernels": 1,  # pure compute: no validation, nothing from refbnn.ops
     "refbnn.ops": 2,
     "refbnn": 2,  # the package facade re-exports the public ops
     "refbnn.data": 2,
@@ -30,7 +30,6 @@ RANKS = {
     "refbnn.golden": 7,
     "refbnn.crosscheck": 7,
     "refbnn.experiments": 7,
-    "refbnn.cli": 7,
     "refbnn.export": 7,
 }
 
@@ -53,15 +52,38 @@ def module_name(path: Path) -> str:
 
 
 def refbnn_imports(path: Path):
+    """Every refbnn module ``path`` imports, absolute (``import refbnn.x``, ``from refbnn.x import``)
+    and relative (``from .x import``, ``from .. import bits``: each imported name that is a module
+    counts, else its package)."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     tree = ast.parse(path.read_text(), filename=str(path))
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name.split(".")[0] == "refbnn":
                     yield alias.name
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module.split(".")[0] == "refbnn":
-                yield node.module
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[:len(package.split(".")) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.split(".")[0] != "refbnn":
+                continue
+            for alias in node.names:
+                sub = f"{target}.{alias.name}"
+                yield sub if _exists(sub) else target
+
+
+def _exists(module: str) -> bool:
+    rel = Path(*module.split("."))
+    return (PACKAGE.parent / rel.with_suffix(".py")).is_file() or \
+        (PACKAGE.parent / rel / "__init__.py").is_file()
+
+
+def test_every_listed_layer_exists():
+    assert [m for m in RANKS if not _exists(m)] == []
 
 
 def test_no_module_imports_upward():
@@ -73,6 +95,14 @@ def test_no_module_imports_upward():
             if rank_of(imported) > own:
                 offences.append(f"{name} (layer {own}) imports {imported} (layer {rank_of(imported)})")
     assert not offences, "\n".join(offences)
+
+
+def test_relative_imports_are_seen():
+    """The kernels import each other relatively: the checker must resolve those (a test that
+    could not fail otherwise)."""
+    seen = set(refbnn_imports(PACKAGE / "kernels" / "bconv_fast.py"))
+    assert {"refbnn.kernels.bconv_tiles", "refbnn.kernels.epilogue", "refbnn.kernels.simd"} <= seen
+    assert "refbnn.bits" in set(refbnn_imports(PACKAGE / "ops" / "plan.py"))
 
 
 def test_reference_oracle_shares_no_code():

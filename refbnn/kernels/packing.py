@@ -11,11 +11,19 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .simd import all_finite, nan_bits64, neg_bits64, nonpos_bits64, sum_into64, v8_zero
+from .simd import (
+    all_finite,
+    nan_bits64,
+    neg_bits64,
+    nonpos_bits64,
+    popcount64,
+    sum_into64,
+    v8_zero,
+)
 
-# Numba's cache does not notice edits to imported kernels; this digest of simd.py
-# (tests/test_kernels_misc.py recomputes it) forces an edit here, hence a recompile.
-DEPS_DIGEST = "68d12f2556026faf"
+# Numba's cache does not notice edits to imported kernels; this digest of the modules this one
+# imports, transitively (written by ``python refbnn/kernels/_codegen.py``), forces a recompile.
+DEPS_DIGEST = "045e0d23f6321ba6"
 
 
 @njit(cache=True, inline="always")
@@ -110,3 +118,66 @@ def unpack_rows(words, rows, nwords, n, out):
         for c in range(n):
             bit = (words[r * nwords + c // 64] >> np.uint64(c % 64)) & np.uint64(1)
             out[r, c] = one - out.dtype.type(2) * out.dtype.type(bit)
+
+
+@njit(cache=True, inline="always")
+def _hwio_block(k, tj, cg, o, nonpos, out):
+    """Block ``tj = t * Wg + j`` of :func:`pack_hwio`; returns its number of NaN values."""
+    wg = (cg + 63) // 64
+    t = tj // wg
+    j = tj - t * wg
+    ob = tj * o
+    bad = 0
+    for q in range(o):
+        out[ob + q] = 0
+    for b in range(min(64, cg - 64 * j)):
+        kb = (t * cg + 64 * j + b) * o
+        shift = np.uint64(b)
+        if nonpos:
+            for q in range(o):
+                v = k[kb + q]
+                bad += v != v
+                out[ob + q] |= np.uint64(not v > 0) << shift
+        else:
+            for q in range(o):
+                v = k[kb + q]
+                bad += v != v
+                out[ob + q] |= np.uint64(v < 0) << shift
+    return bad
+
+
+@njit(cache=True, parallel=True)
+def pack_hwio(k, taps, cg, o, nonpos, out):
+    """Pack real weights along their input-channel axis without transposing the floats.
+
+    ``k``: flat, C-contiguous ``(taps, cg, o)`` (an HWIO kernel, ``taps = KH * KW``); ``out``:
+    flat ``uint64`` ``(taps, Wg, o)``, ``Wg = ceil(cg / 64)``: bit ``b`` of word ``(t, j, q)`` is
+    the sign bit of ``k[t, 64*j + b, q]`` (module docstring; unused high bits 0). Each input row
+    ``k[t, i, :]`` is read once, contiguously, into the ``o`` words of its block. Returns the
+    number of NaN values (their bits are meaningless; the caller raises). Blocks ``(t, j)`` are
+    split over numba's threads.
+    """
+    nans = 0
+    for tj in prange(taps * ((cg + 63) // 64)):
+        nans += _hwio_block(k, tj, cg, o, nonpos, out)
+    return nans
+
+
+@njit(cache=True)
+def pack_hwio_serial(k, taps, cg, o, nonpos, out):
+    """:func:`pack_hwio` on the calling thread only (same bits), for small kernels."""
+    nans = 0
+    for tj in range(taps * ((cg + 63) // 64)):
+        nans += _hwio_block(k, tj, cg, o, nonpos, out)
+    return nans
+
+
+@njit(cache=True)
+def sign_sums(words, rows, wg, n, out):
+    """``out[r] = n - 2 * popcount(words[r * wg : (r + 1) * wg])`` (int64): the sum of the ``n``
+    signs packed in row ``r`` of the flat ``uint64`` ``words``."""
+    for r in range(rows):
+        pc = 0
+        for c in range(wg):
+            pc += popcount64(words[r * wg + c])
+        out[r] = n - 2 * pc

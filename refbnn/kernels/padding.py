@@ -1,0 +1,49 @@
+"""The padding correction of a binary convolution: its one definition for every path.
+
+``docs/semantics.md`` section 4 states the meaning of a pad value ``p`` (0: padded taps add
+nothing; +1/-1: padded taps hold that value); ``refbnn.reference.bconv2d`` pads explicitly. The
+kernels do not: each reads the padded taps as some fixed value ``q`` and adds a correction,
+
+    ``acc = (what the kernel summed) + corr[rc[oh], cc[ow], o]``,
+    ``corr[r, c, o] = (p - q) * sum of the signs of o's weights over the taps padded at (r, c)``,
+
+* the fast path (:mod:`refbnn.kernels.bconv_fast`) reads a physically padded input whose pad words
+  are all zero bits, i.e. ``q = +1`` (no correction for ``p = +1``);
+* the portable path (:mod:`refbnn.kernels.bconv_portable`) skips the padded taps, i.e. ``q = 0``
+  (no correction for ``p = 0``).
+
+Output rows (columns) whose windows leave the image at the same taps form one class ``rc[oh]``
+(``cc[ow]``); class 0 is the interior (no padded tap), so row ``(0, 0)`` of ``corr`` is zero. Only
+the few border classes cost memory: ``corr`` is ``(n_row_classes, n_col_classes, O)`` int64.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def border_classes(n_in: int, n_out: int, k: int, s: int, d: int, p0: int):
+    """Classes of output rows along one axis: ``(ids, keys)``.
+
+    ``ids[i]`` (int64 ``(n_out,)``) is the class of output row ``i``; ``keys[j]`` (bool
+    ``(n_classes, k)``) says which of the ``k`` taps fall outside ``[0, n_in)`` in class ``j``;
+    ``keys[0]`` is all False. Tap ``a`` of row ``i`` reads input row ``i*s + a*d - p0``.
+    """
+    idx = np.arange(n_out)[:, None] * s + np.arange(k)[None, :] * d - p0
+    oob = (idx < 0) | (idx >= n_in)
+    keys, ids = np.unique(np.concatenate([np.zeros((1, k), bool), oob]), axis=0,
+                          return_inverse=True)
+    # rows sort lexicographically, False first: the all-False interior key is class 0
+    return ids.reshape(-1)[1:].astype(np.int64), keys
+
+
+def correction(row_keys, col_keys, tap_sign_sums, pad_value: int, read_as: int) -> np.ndarray:
+    """``corr`` ``(n_row_classes, n_col_classes, O)`` int64 (module docstring).
+
+    ``tap_sign_sums``: int64 ``(O, KH, KW)``, the sum of the signs of output channel ``o``'s
+    ``Cg`` weights at each tap (``Cg - 2 * popcount`` of its words); ``read_as``: the value ``q``
+    the kernel reads padded taps as.
+    """
+    mask = row_keys[:, None, :, None] | col_keys[None, :, None, :]  # (nr, nc, KH, KW)
+    sums = np.einsum("rcab,oab->rco", mask.astype(np.int64), tap_sign_sums)
+    return np.ascontiguousarray((pad_value - read_as) * sums)

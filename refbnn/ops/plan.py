@@ -1,0 +1,353 @@
+"""Prepared binary conv layers: :class:`BConv2DPlan` validates once, lays out once, then dispatches.
+
+A plan turns one layer's parameters into the records the Numba kernels read, once: weight tiles
+and step offsets (fast path) or transposed weights (portable path), the padding correction
+(:mod:`refbnn.kernels.padding`) and the output transform (:mod:`refbnn.kernels.epilogue`). A call
+then costs the kernel plus a few microseconds of Python: shape checks, the output array and a
+cached per-call table.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from .. import bits
+from ..kernels import bconv_fast, bconv_portable
+from ..kernels import epilogue as ep
+from ..kernels import padding as pad
+from ..kernels.dispatch import resolve_kernel
+from ..kernels.packing import sign_sums
+from .args import (
+    as_packable,
+    check_affine,
+    check_groups,
+    check_k,
+    check_pair,
+    check_tail_bits,
+    resolve_padding,
+)
+from .packing import pack_last_axis
+
+__all__ = ["OUTPUTS", "BConv2DPlan", "output_bases", "output_thresholds", "tile_table",
+           "weight_tiles"]
+
+OUTPUTS = tuple(ep.MODES)
+
+
+def output_thresholds(multiplier, bias, k: int, sign_at_zero: int = 1):
+    """Integer thresholds equal to ``sign(float32(float32(acc) * mul) + bias)`` for every acc.
+
+    For each output channel returns ``(thr, direction)`` (int64 arrays) such that, for every
+    integer ``acc`` in ``[-k, k]``, ``acc * direction < thr`` exactly when the float output is
+    negative (``sign_at_zero=+1``) or non-positive (``-1``), i.e. when the packed bit is 1
+    (:func:`refbnn.kernels.epilogue.thresholds`). ``multiplier``/``bias``: finite float32 per
+    channel; ``0 <= k < 2**24``.
+    """
+    saz = bits.check_sign_at_zero(sign_at_zero)
+    m, b = check_affine(multiplier, bias, None)
+    return ep.thresholds(m, b, check_k(k), saz)
+
+
+def weight_tiles(w, groups: int):
+    """Fast-path weight tiles of OHWI words ``w`` ``(O, KH, KW, Wg)``: ``(wt, nv, t)``.
+
+    ``wt``: flat ``(G, T, KH*KW, Wg, 8*NV)`` ``uint64`` (see :mod:`refbnn.kernels.bconv_fast`),
+    ``NV = 4`` (32-channel tiles) when a group has more than 8 output channels, else 1; ``T``
+    tiles per group; zero words past a group's ``Og`` channels.
+    """
+    o, kh, kw, wg = w.shape
+    og = o // groups
+    nv = 4 if og > 8 else 1
+    lanes = 8 * nv
+    t = -(-og // lanes)
+    ntaps = kh * kw
+    wt = np.zeros((groups, t * lanes, ntaps, wg), np.uint64)
+    wt[:, :og] = w.reshape(groups, og, ntaps, wg)
+    # (G, T, lanes, ntaps, Wg) -> (G, T, ntaps, Wg, lanes): one tap-word step = NV vectors
+    wt = wt.reshape(groups, t, lanes, ntaps, wg).transpose(0, 1, 3, 4, 2)
+    return np.ascontiguousarray(wt).reshape(-1), nv, t
+
+
+def output_bases(n, out_hw, out_channels, bits_out=None):
+    """Flat index of each output pixel's first element, int64 ``(N*OH*OW,)``.
+
+    ``bits_out = (OHp, OWp, OWords, opt, opl)``: into a (possibly padded) ``uint64``
+    ``(N, OHp, OWp, OWords)`` buffer with the image at ``(opt, opl)``; ``None``: ``p * O``.
+    """
+    oh, ow = out_hw
+    p = np.arange(n * oh * ow, dtype=np.int64)
+    if bits_out is None:
+        return p * out_channels
+    ohp, owp, owords, opt, opl = bits_out
+    img, rest = np.divmod(p, oh * ow)
+    y, x = np.divmod(rest, ow)
+    return ((img * ohp + y + opt) * owp + x + opl) * owords
+
+
+def tile_table(n, out_hw, padded_hw, words_per_pixel, stride, rc, cc, ncc, out_channels,
+               has_corr, nthreads, bits_out=None):
+    """The pixel table of :func:`refbnn.kernels.bconv_fast.bconv_fast` for a batch of ``n``.
+
+    Pixels are cut into balanced tiles of at most ``MR`` (a multiple of the worker count when
+    there are enough pixels). ``bits_out`` as for :func:`output_bases`. Returns
+    ``(tpix, tout, tcor, tm, tborder, nchunks)``: three int64 ``(ntiles * MR,)`` arrays (slots
+    past a tile's ``tm`` pixels hold 0), int64 ``tm``, bool ``tborder``, and the worker count.
+    """
+    mr = bconv_fast.MR
+    oh, ow = out_hw
+    hp, wp = padded_hw
+    sh, sw = stride
+    npix = n * oh * ow
+    ntiles = -(-npix // mr)
+    nchunks = min(nthreads, ntiles)
+    ntiles = min(npix, -(-ntiles // nchunks) * nchunks)  # equal tile counts per worker
+    q, r = divmod(npix, ntiles)
+    ti = np.arange(ntiles)
+    tm = np.where(ti < r, q + 1, q).astype(np.int64)
+    slot = np.arange(mr)
+    valid = slot[None, :] < tm[:, None]
+    p = np.where(valid, (ti * q + np.minimum(ti, r))[:, None] + slot[None, :], 0)
+    img, rest = np.divmod(p, oh * ow)
+    y, x = np.divmod(rest, ow)
+    tpix = ((img * hp + y * sh) * wp + x * sw) * words_per_pixel
+    tcor = (np.asarray(rc)[y] * ncc + np.asarray(cc)[x]) * out_channels if has_corr else 0 * p
+    tout = output_bases(n, out_hw, out_channels, bits_out)[p]
+    tpix, tout, tcor = (np.where(valid, a, 0).astype(np.int64) for a in (tpix, tout, tcor))
+    tborder = (tcor != 0).any(axis=1)
+    return (tpix.reshape(-1), tout.reshape(-1), tcor.reshape(-1), tm, tborder, nchunks)
+
+
+_NO_CORR = np.zeros(1, np.int64)
+
+
+class BConv2DPlan:
+    """One binary conv layer prepared for inputs of a fixed ``(H, W)``: low per-call overhead.
+
+    ``w_packed``: ``uint64`` OHWI words ``(O, KH, KW, ceil(Cg / 64))`` (:func:`refbnn.pack_kernel`),
+    ``Cg = in_channels / groups``. Accumulators are ``acc = sum over taps that take part of
+    (Cg - 2 * popcount(x XOR w))``, int32; ``pad_value`` 0 (zero padding: padded taps add 0), +1
+    or -1 (padded taps hold that value and count). ``output``:
+
+    * ``"int32"``: ``acc``, ``(N, OH, OW, O)``;
+    * ``"float"``: ``float32(float32(acc) * multiplier) + bias`` (= ``reference.output_transform``);
+    * ``"float_lce"``: LCE's ``float32(2*pc) * (-multiplier) + float32(bias + K*multiplier)`` with
+      ``pc = (K - acc) // 2``, ``K = KH*KW*Cg`` (= ``reference.output_transform_lce``);
+    * ``"bits"``: ``sign(float output)`` under ``sign_at_zero``, packed NHWC ``uint64``
+      ``(N, OH, OW, out_groups, ceil(O / out_groups / 64))`` (4-D for ``out_groups=1``): exactly
+      the input the next binary layer consumes, without unpacking.
+
+    The fast path (``impl="fast"``) reads a physically padded input ``(N, Hp, Wp, G*Wg)`` with
+    all-zero pad words; :meth:`padded_input` hands out such a buffer and ``input_offset`` says where
+    the image starts in it. The portable path reads the unpadded input (offset ``(0, 0)``).
+    Every call returns a new output array (or writes the caller's ``out``); the plan owns only its
+    input buffers, so one plan must not run in two Python threads at once. The kernels themselves
+    run on ``numba.get_num_threads()`` threads.
+    """
+
+    def __init__(self, w_packed, in_channels: int, input_hw, stride=1, padding="same",
+                 pad_value: int = 0, dilation=1, groups: int = 1, *, output: str = "int32",
+                 multiplier=None, bias=None, out_groups: int = 1, sign_at_zero: int = 1,
+                 impl: str | None = None):
+        w = np.asarray(w_packed)
+        if w.ndim != 4 or w.dtype != np.uint64:
+            raise ValueError(f"w_packed must be uint64 (O, KH, KW, words), got {w.dtype} {w.shape}")
+        w = np.ascontiguousarray(w)
+        o, kh, kw, wg = w.shape
+        if not isinstance(in_channels, (int, np.integer)) or in_channels < 1:
+            raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
+        groups = check_groups(groups, int(in_channels), "input channels")
+        check_groups(groups, o, "output channels")
+        cg = int(in_channels) // groups
+        if wg != bits.words_for(cg, 64):
+            raise ValueError(f"w_packed has {wg} words per tap, {cg} channels per group need "
+                             f"{bits.words_for(cg, 64)}")
+        check_tail_bits(w, cg, "w_packed")
+        h, wd = check_pair(input_hw, "input_hw")
+        sh, sw = self.stride = check_pair(stride, "stride")
+        dh, dw = self.dilation = check_pair(dilation, "dilation")
+        if pad_value not in (0, 1, -1):
+            raise ValueError(f"pad_value must be 0, +1 or -1, got {pad_value!r}")
+        pt, pb, pl, pr = self.pads = resolve_padding(padding, (h, wd), (kh, kw), stride, dilation)
+        hp, wp = h + pt + pb, wd + pl + pr
+        if hp < (kh - 1) * dh + 1 or wp < (kw - 1) * dw + 1:
+            raise ValueError(f"dilated kernel {(kh - 1) * dh + 1}x{(kw - 1) * dw + 1} is larger "
+                             f"than the padded input {hp}x{wp}")
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        self.impl = resolve_kernel(impl)
+        self.in_hw, self.groups, self.cg, self.wg = (h, wd), groups, cg, wg
+        self.in_channels, self.out_channels, self.kernel_hw = int(in_channels), o, (kh, kw)
+        self.pad_value, self.output = int(pad_value), output
+        self.k = kh * kw * cg
+        self.out_hw = ((hp - (kh - 1) * dh - 1) // sh + 1, (wp - (kw - 1) * dw - 1) // sw + 1)
+        fast = self.impl == "fast"
+        self.padded_hw = (hp, wp) if fast else (h, wd)
+        self.input_offset = (pt, pl) if fast else (0, 0)
+        self._buffers, self._tables = {}, {}
+        self._mode = ep.MODES[output]
+        self._epi = self._prepare_epilogue(multiplier, bias, out_groups, sign_at_zero)
+        tap_sums = np.empty(o * kh * kw, np.int64)
+        sign_sums(w.reshape(-1), o * kh * kw, wg, cg, tap_sums)
+        rc, rkeys = pad.border_classes(h, self.out_hw[0], kh, sh, dh, pt)
+        cc, ckeys = pad.border_classes(wd, self.out_hw[1], kw, sw, dw, pl)
+        self._rc, self._cc, self._ncc = rc, cc, len(ckeys)
+        read_as = 1 if fast else 0  # fast: zero pad words (+1); portable: skipped taps (0)
+        self._has_corr = self.pad_value != read_as and (len(rkeys) > 1 or len(ckeys) > 1)
+        corr = _NO_CORR
+        if self._has_corr:
+            corr = pad.correction(rkeys, ckeys, tap_sums.reshape(o, kh, kw), self.pad_value,
+                                  read_as).reshape(-1)
+        if fast:
+            wt, nv, t = weight_tiles(w, groups)
+            cw = groups * wg
+            soff = (((np.arange(kh)[:, None, None] * dh * wp + np.arange(kw)[None, :, None] * dw)
+                     * cw + np.arange(wg)[None, None, :]).reshape(-1).astype(np.int64))
+            self._conv = bconv_fast.make_conv(wt, soff, nv, groups, wg, t, o, corr, self._epi)
+        else:
+            if not self._has_corr:  # the kernel adds row (rc, cc) unconditionally
+                rc, cc, self._ncc = np.zeros_like(rc), np.zeros_like(cc), 1
+                corr = np.zeros(o, np.int64)
+            wt = np.ascontiguousarray(w.transpose(1, 2, 3, 0)).reshape(-1)
+            self._conv = bconv_portable.make_conv(
+                wt, h, wd, groups, wg, cg, o, kh, kw, sh, sw, dh, dw, pt, pl, *self.out_hw,
+                rc, cc, self._ncc, corr)
+
+    def _prepare_epilogue(self, multiplier, bias, out_groups, sign_at_zero):
+        o = self.out_channels
+        self.out_groups, self.out_words = 1, 0
+        if self._mode == ep.INT32:
+            return ep.prepare(ep.INT32, self.k, o)
+        mul, b = check_affine(multiplier, bias, o)
+        if self._mode == ep.BITS:
+            self.out_groups = check_groups(out_groups, o, "output channels (out_groups)")
+            saz = bits.check_sign_at_zero(sign_at_zero)
+            self.out_words = self.out_groups * bits.words_for(o // self.out_groups, 64)
+            return ep.prepare(ep.BITS, check_k(self.k), o, mul, b, self.out_groups, saz)
+        return ep.prepare(self._mode, self.k, o, mul, b)
+
+    def _table(self, n, bits_out):
+        """This call's fast-path :class:`~refbnn.kernels.bconv_fast.TileTable` or portable output
+        bases (a few configurations are kept)."""
+        nthreads = numba.get_num_threads() if self.impl == "fast" else 0
+        key = (n, nthreads, bits_out)
+        table = self._tables.get(key)
+        if table is None:
+            if len(self._tables) >= 4:
+                self._tables.pop(next(iter(self._tables)))
+            if self.impl == "fast":
+                table = bconv_fast.make_table(*tile_table(
+                    n, self.out_hw, self.padded_hw, self.groups * self.wg, self.stride, self._rc,
+                    self._cc, self._ncc, self.out_channels, self._has_corr, nthreads, bits_out))
+            else:
+                table = output_bases(n, self.out_hw, self.out_channels, bits_out)
+            self._tables[key] = table
+        return table
+
+    # -- buffers -----------------------------------------------------------------------------
+    def padded_input(self, n: int) -> np.ndarray:
+        """A zero-bordered ``uint64`` input buffer ``(n, Hp, Wp, G*Wg)`` owned by this plan.
+
+        The image goes at ``[:, top:top+H, left:left+W]`` (``input_offset``); the border is never
+        written, so it stays zero (= +1) across calls. Reused between calls with the same ``n``:
+        what a call packs into it is valid until the next call with that ``n``.
+        """
+        buf = self._buffers.get(n)
+        if buf is None:
+            buf = np.zeros((n, *self.padded_hw, self.groups * self.wg), np.uint64)
+            self._buffers[n] = buf
+        return buf
+
+    def _interior(self, buf):
+        (t, l), (h, w) = self.input_offset, self.in_hw
+        return buf[:, t:t + h, l:l + w, :]
+
+    def pack_input(self, x, sign_at_zero: int = 1) -> np.ndarray:
+        """Sign-pack real NHWC ``x`` (group-aware) into :meth:`padded_input`; returns the buffer."""
+        saz = bits.check_sign_at_zero(sign_at_zero)
+        x = np.asarray(x)
+        self._check_input_shape(x.shape, self.in_channels, "x")
+        x = as_packable(x, "x")
+        buf = self.padded_input(x.shape[0])
+        pack_last_axis(x, self.groups, saz, buf, self.input_offset, "x")
+        return buf
+
+    def _check_input_shape(self, shape, channels, what):
+        if len(shape) != 4 or tuple(shape[1:3]) != self.in_hw or shape[3] != channels:
+            raise ValueError(f"{what} must be (N, {self.in_hw[0]}, {self.in_hw[1]}, {channels}), "
+                             f"got {tuple(shape)}")
+
+    # -- running -----------------------------------------------------------------------------
+    def __call__(self, x, sign_at_zero: int = 1, out=None):
+        """Run on real NHWC ``x`` (binarized with ``sign_at_zero``)."""
+        return self.run_padded(self.pack_input(x, sign_at_zero), out=out)
+
+    def run_packed(self, x_packed, out=None):
+        """Run on packed input ``(N, H, W, G, Wg)`` or ``(N, H, W, G*Wg)`` (uint64, unpadded)."""
+        x = np.asarray(x_packed)
+        if x.dtype != np.uint64:
+            raise ValueError(f"x_packed must be uint64 words, got {x.dtype}")
+        cw = self.groups * self.wg
+        if x.ndim == 5 and x.shape[3:] == (self.groups, self.wg):
+            x = x.reshape(x.shape[:3] + (cw,))
+        self._check_input_shape(x.shape, cw, "x_packed (words)")
+        check_tail_bits(x.reshape(x.shape[:3] + (self.groups, self.wg)), self.cg, "x_packed")
+        buf = self.padded_input(x.shape[0])
+        self._interior(buf)[...] = x
+        return self.run_padded(buf, out=out)
+
+    def output_shape(self, n: int) -> tuple:
+        oh, ow = self.out_hw
+        if self.output == "bits":
+            if self.out_groups == 1:
+                return (n, oh, ow, self.out_words)
+            return (n, oh, ow, self.out_groups, self.out_words // self.out_groups)
+        return (n, oh, ow, self.out_channels)
+
+    def run_padded(self, buf, out=None, out_offset=(0, 0)):
+        """Run on a buffer laid out as :meth:`padded_input` (not checked beyond its shape).
+
+        ``out`` (``output="bits"`` only): a contiguous ``uint64`` ``(N, OHp, OWp, out_words)``
+        array, e.g. the next plan's :meth:`padded_input`, written at ``out_offset``; the words of
+        the output pixels are overwritten, the rest is left alone. Returns the output array (a new
+        one unless ``out`` is given).
+        """
+        n = buf.shape[0]
+        if buf.shape[1:] != (*self.padded_hw, self.groups * self.wg) or buf.dtype != np.uint64 \
+                or not buf.flags.c_contiguous:
+            raise ValueError(f"input buffer must be C-contiguous uint64 "
+                             f"{(n, *self.padded_hw, self.groups * self.wg)}, got {buf.shape}")
+        oh, ow = self.out_hw
+        mode = self._mode
+        bits_out = None
+        if mode == ep.BITS:
+            if out is None:
+                out = np.empty(self.output_shape(n), np.uint64)
+                bits_out = (oh, ow, self.out_words, 0, 0)
+            else:
+                opt, opl = out_offset
+                if out.dtype != np.uint64 or not out.flags.c_contiguous or out.shape[0] != n \
+                        or out.shape[-1] != self.out_words or out.shape[1] < oh + opt \
+                        or out.shape[2] < ow + opl:
+                    raise ValueError("out must be a C-contiguous uint64 (N, OHp, OWp, words) "
+                                     "buffer that holds the output at out_offset")
+                bits_out = (out.shape[1], out.shape[2], self.out_words, opt, opl)
+        elif out is not None:
+            raise ValueError("out= is only supported for output='bits'")
+        else:
+            out = np.empty((n, oh, ow, self.out_channels),
+                           np.int32 if mode == ep.INT32 else np.float32)
+        if n == 0:
+            return out
+        flat = out.reshape(-1)
+        if self.impl == "fast":
+            bconv_fast.bconv_fast(buf.reshape(-1), self._conv, self._table(n, bits_out),
+                                  flat.view(np.uint8))
+        elif mode == ep.INT32:
+            bconv_portable.bconv_portable(buf.reshape(-1), n, self._conv, flat)
+        else:
+            acc = np.empty(n * oh * ow * self.out_channels, np.int32)
+            bconv_portable.bconv_portable(buf.reshape(-1), n, self._conv, acc)
+            bconv_portable.epilogue_pass(acc, self.out_channels, self._epi,
+                                         self._table(n, bits_out), flat.view(np.uint8))
+        return out
