@@ -121,63 +121,88 @@ def unpack_rows(words, rows, nwords, n, out):
 
 
 @njit(cache=True, inline="always")
-def _hwio_block(k, tj, cg, o, nonpos, out):
-    """Block ``tj = t * Wg + j`` of :func:`pack_hwio`; returns its number of NaN values."""
-    wg = (cg + 63) // 64
+def _hwio_block(k3, tj, out3, below):
+    """Block ``tj = t * Wg + j`` of :func:`pack_hwio` (``k3`` ``(taps, cg, o)``, ``out3``
+    ``(taps, Wg, o)``); returns whether it met a NaN.
+
+    Rows are ORed into the block's ``o`` words eight at a time, along contiguous row views, with a
+    boolean NaN flag and a branch-free bit test: the loop over ``o`` vectorizes and each word is
+    read and written once per eight rows (3x3x512x512 on one Zen 4 core: 3.1 ms with an integer
+    NaN count, 0.3 ms one row at a time, 0.22 ms eight at a time)."""
+    cg = k3.shape[1]
+    wg = out3.shape[1]
     t = tj // wg
     j = tj - t * wg
-    ob = tj * o
-    bad = 0
-    for q in range(o):
-        out[ob + q] = 0
-    for b in range(min(64, cg - 64 * j)):
-        kb = (t * cg + 64 * j + b) * o
+    words = out3[t, j]
+    words[:] = 0
+    bad = False
+    nb = min(64, cg - 64 * j)
+    r = 64 * j
+    for b in range(0, nb - nb % 8, 8):
+        r0, r1, r2, r3 = k3[t, r + b], k3[t, r + b + 1], k3[t, r + b + 2], k3[t, r + b + 3]
+        r4, r5, r6, r7 = k3[t, r + b + 4], k3[t, r + b + 5], k3[t, r + b + 6], k3[t, r + b + 7]
         shift = np.uint64(b)
-        if nonpos:
-            for q in range(o):
-                v = k[kb + q]
-                bad += v != v
-                out[ob + q] |= np.uint64(not v > 0) << shift
-        else:
-            for q in range(o):
-                v = k[kb + q]
-                bad += v != v
-                out[ob + q] |= np.uint64(v < 0) << shift
+        for q in range(words.shape[0]):
+            v0, v1, v2, v3, v4, v5, v6, v7 = r0[q], r1[q], r2[q], r3[q], r4[q], r5[q], r6[q], r7[q]
+            bad |= (v0 != v0) | (v1 != v1) | (v2 != v2) | (v3 != v3) | (v4 != v4) | (v5 != v5) \
+                | (v6 != v6) | (v7 != v7)
+            x = np.uint64(v0 < below) | (np.uint64(v1 < below) << np.uint64(1)) \
+                | (np.uint64(v2 < below) << np.uint64(2)) | (np.uint64(v3 < below) << np.uint64(3)) \
+                | (np.uint64(v4 < below) << np.uint64(4)) | (np.uint64(v5 < below) << np.uint64(5)) \
+                | (np.uint64(v6 < below) << np.uint64(6)) | (np.uint64(v7 < below) << np.uint64(7))
+            words[q] |= x << shift
+    for b in range(nb - nb % 8, nb):
+        row = k3[t, r + b]
+        shift = np.uint64(b)
+        for q in range(words.shape[0]):
+            v = row[q]
+            bad |= v != v
+            words[q] |= np.uint64(v < below) << shift
     return bad
 
 
 @njit(cache=True, parallel=True)
-def pack_hwio(k, taps, cg, o, nonpos, out):
+def pack_hwio(k, taps, cg, o, below, out):
     """Pack real weights along their input-channel axis without transposing the floats.
 
     ``k``: flat, C-contiguous ``(taps, cg, o)`` (an HWIO kernel, ``taps = KH * KW``); ``out``:
     flat ``uint64`` ``(taps, Wg, o)``, ``Wg = ceil(cg / 64)``: bit ``b`` of word ``(t, j, q)`` is
-    the sign bit of ``k[t, 64*j + b, q]`` (module docstring; unused high bits 0). Each input row
+    ``k[t, 64*j + b, q] < below`` (unused high bits 0), ``below`` a scalar of ``k``'s dtype:
+    0 gives ``sign_at_zero=+1``; the smallest positive value of the dtype gives ``not v > 0``
+    (``sign_at_zero=-1``) for every non-NaN ``v``, ``-0.0`` included. Each input row
     ``k[t, i, :]`` is read once, contiguously, into the ``o`` words of its block. Returns the
-    number of NaN values (their bits are meaningless; the caller raises). Blocks ``(t, j)`` are
+    number of blocks that met a NaN (their bits are meaningless; the caller raises). Blocks ``(t, j)`` are
     split over numba's threads.
     """
+    k3 = k.reshape(taps, cg, o)
+    out3 = out.reshape(taps, (cg + 63) // 64, o)
     nans = 0
-    for tj in prange(taps * ((cg + 63) // 64)):
-        nans += _hwio_block(k, tj, cg, o, nonpos, out)
+    for tj in prange(taps * out3.shape[1]):
+        nans += _hwio_block(k3, tj, out3, below)
     return nans
 
 
 @njit(cache=True)
-def pack_hwio_serial(k, taps, cg, o, nonpos, out):
+def pack_hwio_serial(k, taps, cg, o, below, out):
     """:func:`pack_hwio` on the calling thread only (same bits), for small kernels."""
+    k3 = k.reshape(taps, cg, o)
+    out3 = out.reshape(taps, (cg + 63) // 64, o)
     nans = 0
-    for tj in range(taps * ((cg + 63) // 64)):
-        nans += _hwio_block(k, tj, cg, o, nonpos, out)
+    for tj in range(taps * out3.shape[1]):
+        nans += _hwio_block(k3, tj, out3, below)
     return nans
 
 
 @njit(cache=True)
-def sign_sums(words, rows, wg, n, out):
-    """``out[r] = n - 2 * popcount(words[r * wg : (r + 1) * wg])`` (int64): the sum of the ``n``
-    signs packed in row ``r`` of the flat ``uint64`` ``words``."""
-    for r in range(rows):
-        pc = 0
+def tap_sign_sums(tap_words, n, out):
+    """``out[o, t] = n - 2 * popcount(tap_words[t, :, o])`` (int64 ``(O, taps)``): the sum of the
+    ``n`` signs packed in output channel ``o``'s words of tap ``t``; ``tap_words`` ``uint64``
+    ``(taps, Wg, O)``, any layout."""
+    taps, wg, o = tap_words.shape
+    for t in range(taps):
+        for q in range(o):
+            out[q, t] = n
         for c in range(wg):
-            pc += popcount64(words[r * wg + c])
-        out[r] = n - 2 * pc
+            row = tap_words[t, c]
+            for q in range(o):  # contiguous for C-contiguous words: vectorizes
+                out[q, t] -= 2 * popcount64(row[q])

@@ -31,10 +31,15 @@ def border_classes(n_in: int, n_out: int, k: int, s: int, d: int, p0: int):
     """
     idx = np.arange(n_out)[:, None] * s + np.arange(k)[None, :] * d - p0
     oob = (idx < 0) | (idx >= n_in)
-    keys, ids = np.unique(np.concatenate([np.zeros((1, k), bool), oob]), axis=0,
-                          return_inverse=True)
-    # rows sort lexicographically, False first: the all-False interior key is class 0
-    return ids.reshape(-1)[1:].astype(np.int64), keys
+    if k > 62:  # pragma: no cover - kernels this wide: compare the rows themselves
+        keys, ids = np.unique(np.concatenate([np.zeros((1, k), bool), oob]), axis=0,
+                              return_inverse=True)
+        # rows sort lexicographically, False first: the all-False interior key is class 0
+        return ids.reshape(-1)[1:].astype(np.int64), keys
+    codes = oob.astype(np.int64) @ (np.int64(1) << np.arange(k, dtype=np.int64))
+    uniq, ids = np.unique(np.concatenate([[0], codes]), return_inverse=True)  # code 0 first
+    keys = (uniq[:, None] >> np.arange(k)) & 1 == 1
+    return ids[1:].astype(np.int64), keys
 
 
 def correction(row_keys, col_keys, tap_sign_sums, pad_value: int, read_as: int) -> np.ndarray:
@@ -45,5 +50,8 @@ def correction(row_keys, col_keys, tap_sign_sums, pad_value: int, read_as: int) 
     the kernel reads padded taps as.
     """
     mask = row_keys[:, None, :, None] | col_keys[None, :, None, :]  # (nr, nc, KH, KW)
-    sums = np.einsum("rcab,oab->rco", mask.astype(np.int64), tap_sign_sums)
-    return np.ascontiguousarray((pad_value - read_as) * sums)
+    nr, nc, kh, kw = mask.shape
+    # float64 BLAS, exact: every partial sum is an integer of magnitude <= KH*KW*Cg < 2**53
+    sums = mask.reshape(nr * nc, kh * kw).astype(np.float64) @ \
+        tap_sign_sums.reshape(-1, kh * kw).T.astype(np.float64)
+    return ((pad_value - read_as) * sums.astype(np.int64)).reshape(nr, nc, -1)

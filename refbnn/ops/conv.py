@@ -8,7 +8,7 @@ import numpy as np
 
 from ..kernels.pool import maxpool_packed
 from .args import check_groups, check_pair, resolve_padding
-from .packing import pack_bits, pack_kernel
+from .packing import pack_bits, pack_kernel_taps
 from .plan import BConv2DPlan
 
 
@@ -33,8 +33,9 @@ def bconv2d(x, kernel, stride=1, padding="same", pad_value: int = 0, dilation=1,
     if kernel.shape[2] * groups != x.shape[3]:
         raise ValueError(f"kernel has {kernel.shape[2]} input channels per group; x has "
                          f"{x.shape[3]} channels in {groups} groups")
-    plan = BConv2DPlan(pack_kernel(kernel, sign_at_zero), x.shape[3], x.shape[1:3], stride,
-                       padding, pad_value, dilation, groups, impl=impl)
+    plan = BConv2DPlan.from_tap_words(pack_kernel_taps(kernel, sign_at_zero), kernel.shape[:2],
+                                      x.shape[3], x.shape[1:3], stride, padding, pad_value,
+                                      dilation, groups, impl=impl)
     return plan(x, sign_at_zero)
 
 

@@ -139,13 +139,12 @@ def _check_axis(axis, ndim: int) -> int:
     return int(axis) % ndim
 
 
-def pack_kernel(kernel_hwio, sign_at_zero: int = 1) -> np.ndarray:
-    """Pack a real HWIO kernel (Keras/Larq; ``I = C_in / groups``) to OHWI words, as LCE does.
+def pack_kernel_taps(kernel_hwio, sign_at_zero: int = 1) -> np.ndarray:
+    """Tap-major words of a real HWIO kernel: ``uint64`` ``(KH*KW, ceil(I / 64), O)``, word
+    ``[t, j, o]`` holding input channels ``64*j ..`` of output ``o`` at tap ``t = a*KW + b``.
 
-    Returns ``uint64`` ``(O, KH, KW, ceil(I / 64))`` = ``pack_bits(kernel.transpose(3, 0, 1, 2))``;
-    for ``groups > 1`` output channel ``o`` belongs to group ``o // (O / groups)``. The floats are
-    read in place (packed along ``I`` from HWIO, :func:`refbnn.kernels.packing.pack_hwio`); only
-    the 64x smaller words are transposed.
+    :func:`pack_kernel` transposed (``words[t, j, o] == pack_kernel(k)[o, a, b, j]``). The floats
+    are read in place (:func:`refbnn.kernels.packing.pack_hwio`), never transposed.
     """
     saz = bits.check_sign_at_zero(sign_at_zero)
     k = np.asarray(kernel_hwio)
@@ -153,10 +152,25 @@ def pack_kernel(kernel_hwio, sign_at_zero: int = 1) -> np.ndarray:
         raise ValueError(f"kernel must be 4-D HWIO, got shape {k.shape}")
     k = as_packable(k, "kernel")
     kh, kw, ci, o = k.shape
-    wg = bits.words_for(ci, 64)
-    words = np.empty((kh * kw, wg, o), np.uint64)
+    words = np.empty((kh * kw, bits.words_for(ci, 64), o), np.uint64)
     if words.size:
         pack = pack_hwio_serial if _serial(k.size) else pack_hwio
-        if pack(k.reshape(-1), kh * kw, ci, o, saz == -1, words.reshape(-1)):
+        below = np.zeros((), k.dtype)
+        if saz == -1:  # v < smallest positive  <=>  not v > 0 (NaN is reported, not packed)
+            below = np.nextafter(below, 1) if k.dtype.kind == "f" else np.ones((), k.dtype)
+        if pack(k.reshape(-1), kh * kw, ci, o, below[()], words.reshape(-1)):
             raise ValueError("kernel contains NaN; sign(NaN) is undefined")
-    return np.ascontiguousarray(words.transpose(2, 0, 1)).reshape(o, kh, kw, wg)
+    return words
+
+
+def pack_kernel(kernel_hwio, sign_at_zero: int = 1) -> np.ndarray:
+    """Pack a real HWIO kernel (Keras/Larq; ``I = C_in / groups``) to OHWI words, as LCE does.
+
+    Returns ``uint64`` ``(O, KH, KW, ceil(I / 64))`` = ``pack_bits(kernel.transpose(3, 0, 1, 2))``;
+    for ``groups > 1`` output channel ``o`` belongs to group ``o // (O / groups)``. The floats are
+    read in place (:func:`pack_kernel_taps`); only the 64x smaller words are transposed.
+    """
+    words = pack_kernel_taps(kernel_hwio, sign_at_zero)
+    kh, kw = np.shape(kernel_hwio)[:2]
+    o = words.shape[2]
+    return np.ascontiguousarray(words.transpose(2, 0, 1)).reshape(o, kh, kw, words.shape[1])

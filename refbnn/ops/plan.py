@@ -9,6 +9,8 @@ cached per-call table.
 
 from __future__ import annotations
 
+import functools
+
 import numba
 import numpy as np
 
@@ -17,7 +19,7 @@ from ..kernels import bconv_fast, bconv_portable
 from ..kernels import epilogue as ep
 from ..kernels import padding as pad
 from ..kernels.dispatch import resolve_kernel
-from ..kernels.packing import sign_sums
+from ..kernels.packing import tap_sign_sums
 from .args import (
     as_packable,
     check_affine,
@@ -49,23 +51,26 @@ def output_thresholds(multiplier, bias, k: int, sign_at_zero: int = 1):
     return ep.thresholds(m, b, check_k(k), saz)
 
 
-def weight_tiles(w, groups: int):
-    """Fast-path weight tiles of OHWI words ``w`` ``(O, KH, KW, Wg)``: ``(wt, nv, t)``.
+def weight_tiles(tap_words, groups: int):
+    """Fast-path weight tiles of tap-major words ``tap_words`` ``(KH*KW, Wg, O)`` (any layout):
+    ``(wt, nv, t)``.
 
     ``wt``: flat ``(G, T, KH*KW, Wg, 8*NV)`` ``uint64`` (see :mod:`refbnn.kernels.bconv_fast`),
     ``NV = 4`` (32-channel tiles) when a group has more than 8 output channels, else 1; ``T``
     tiles per group; zero words past a group's ``Og`` channels.
     """
-    o, kh, kw, wg = w.shape
+    ntaps, wg, o = tap_words.shape
     og = o // groups
     nv = 4 if og > 8 else 1
     lanes = 8 * nv
     t = -(-og // lanes)
-    ntaps = kh * kw
-    wt = np.zeros((groups, t * lanes, ntaps, wg), np.uint64)
-    wt[:, :og] = w.reshape(groups, og, ntaps, wg)
-    # (G, T, lanes, ntaps, Wg) -> (G, T, ntaps, Wg, lanes): one tap-word step = NV vectors
-    wt = wt.reshape(groups, t, lanes, ntaps, wg).transpose(0, 1, 3, 4, 2)
+    tw = tap_words.reshape(ntaps, wg, groups, og)
+    if og != t * lanes:
+        padded = np.zeros((ntaps, wg, groups, t * lanes), np.uint64)
+        padded[..., :og] = tw
+        tw = padded
+    # (ntaps, Wg, G, T, lanes) -> (G, T, ntaps, Wg, lanes): one tap-word step = NV vectors
+    wt = tw.reshape(ntaps, wg, groups, t, lanes).transpose(2, 3, 0, 1, 4)
     return np.ascontiguousarray(wt).reshape(-1), nv, t
 
 
@@ -121,6 +126,52 @@ def tile_table(n, out_hw, padded_hw, words_per_pixel, stride, rc, cc, ncc, out_c
 _NO_CORR = np.zeros(1, np.int64)
 
 
+def _check_channels(in_channels, groups, out_channels) -> int:
+    """``Cg`` after checking ``in_channels`` and that ``groups`` divides both channel counts."""
+    if not isinstance(in_channels, (int, np.integer)) or in_channels < 1:
+        raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
+    groups = check_groups(groups, int(in_channels), "input channels")
+    check_groups(groups, out_channels, "output channels")
+    return int(in_channels) // groups
+
+
+def _readonly(*arrays):
+    for a in arrays:
+        a.flags.writeable = False
+    return arrays
+
+
+# Geometry-only tables are shared by every plan of the same geometry (read-only), so building a
+# plan per call (refbnn.bconv2d) does not rebuild them.
+@functools.lru_cache(maxsize=256)
+def _border(n_in, n_out, k, s, d, p0):
+    return _readonly(*pad.border_classes(n_in, n_out, k, s, d, p0))
+
+
+@functools.lru_cache(maxsize=256)
+def _step_offsets(kh, kw, dh, dw, wp, cw, wg):
+    """``soff[(a*KW + b)*Wg + c] = (a*dh*Wp + b*dw) * CW + c`` (the fast kernel's step offsets)."""
+    soff = ((np.arange(kh)[:, None, None] * dh * wp + np.arange(kw)[None, :, None] * dw) * cw
+            + np.arange(wg)[None, None, :]).reshape(-1).astype(np.int64)
+    return _readonly(soff)[0]
+
+
+@functools.lru_cache(maxsize=256)
+def _fast_table(geometry, has_corr, n, nthreads, bits_out):
+    in_hw, kernel_hw, stride, dilation, pads, padded_hw, cw, o = geometry
+    out_hw = ((padded_hw[0] - (kernel_hw[0] - 1) * dilation[0] - 1) // stride[0] + 1,
+              (padded_hw[1] - (kernel_hw[1] - 1) * dilation[1] - 1) // stride[1] + 1)
+    rc, _ = _border(in_hw[0], out_hw[0], kernel_hw[0], stride[0], dilation[0], pads[0])
+    cc, ckeys = _border(in_hw[1], out_hw[1], kernel_hw[1], stride[1], dilation[1], pads[2])
+    return bconv_fast.make_table(*tile_table(n, out_hw, padded_hw, cw, stride, rc, cc,
+                                             len(ckeys), o, has_corr, nthreads, bits_out))
+
+
+@functools.lru_cache(maxsize=256)
+def _output_bases(n, out_hw, out_channels, bits_out):
+    return _readonly(output_bases(n, out_hw, out_channels, bits_out))[0]
+
+
 class BConv2DPlan:
     """One binary conv layer prepared for inputs of a fixed ``(H, W)``: low per-call overhead.
 
@@ -152,17 +203,35 @@ class BConv2DPlan:
         w = np.asarray(w_packed)
         if w.ndim != 4 or w.dtype != np.uint64:
             raise ValueError(f"w_packed must be uint64 (O, KH, KW, words), got {w.dtype} {w.shape}")
-        w = np.ascontiguousarray(w)
         o, kh, kw, wg = w.shape
-        if not isinstance(in_channels, (int, np.integer)) or in_channels < 1:
-            raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
-        groups = check_groups(groups, int(in_channels), "input channels")
-        check_groups(groups, o, "output channels")
-        cg = int(in_channels) // groups
+        cg = _check_channels(in_channels, groups, o)
         if wg != bits.words_for(cg, 64):
             raise ValueError(f"w_packed has {wg} words per tap, {cg} channels per group need "
                              f"{bits.words_for(cg, 64)}")
         check_tail_bits(w, cg, "w_packed")
+        tap_words = w.reshape(o, kh * kw, wg).transpose(1, 2, 0)  # (taps, Wg, O) view
+        self._setup(tap_words, (kh, kw), in_channels, input_hw, stride, padding, pad_value,
+                    dilation, groups, output, multiplier, bias, out_groups, sign_at_zero, impl)
+
+    @classmethod
+    def from_tap_words(cls, tap_words, kernel_hw, in_channels: int, input_hw, stride=1,
+                       padding="same", pad_value: int = 0, dilation=1, groups: int = 1, *,
+                       output: str = "int32", multiplier=None, bias=None, out_groups: int = 1,
+                       sign_at_zero: int = 1, impl: str | None = None):
+        """A plan from tap-major words ``(KH*KW, Wg, O)`` as :func:`refbnn.ops.packing.pack_kernel_taps`
+        returns them (trusted: no tail-bit check), saving the OHWI round trip."""
+        plan = cls.__new__(cls)
+        _check_channels(in_channels, groups, tap_words.shape[2])
+        plan._setup(tap_words, kernel_hw, in_channels, input_hw, stride, padding, pad_value,
+                    dilation, groups, output, multiplier, bias, out_groups, sign_at_zero, impl)
+        return plan
+
+    def _setup(self, tap_words, kernel_hw, in_channels, input_hw, stride, padding, pad_value,
+               dilation, groups, output, multiplier, bias, out_groups, sign_at_zero, impl):
+        ntaps, wg, o = tap_words.shape
+        kh, kw = kernel_hw
+        groups = int(groups)
+        cg = int(in_channels) // groups
         h, wd = check_pair(input_hw, "input_hw")
         sh, sw = self.stride = check_pair(stride, "stride")
         dh, dw = self.dilation = check_pair(dilation, "dilation")
@@ -187,28 +256,28 @@ class BConv2DPlan:
         self._buffers, self._tables = {}, {}
         self._mode = ep.MODES[output]
         self._epi = self._prepare_epilogue(multiplier, bias, out_groups, sign_at_zero)
-        tap_sums = np.empty(o * kh * kw, np.int64)
-        sign_sums(w.reshape(-1), o * kh * kw, wg, cg, tap_sums)
-        rc, rkeys = pad.border_classes(h, self.out_hw[0], kh, sh, dh, pt)
-        cc, ckeys = pad.border_classes(wd, self.out_hw[1], kw, sw, dw, pl)
+        self._geometry = (self.in_hw, self.kernel_hw, self.stride, self.dilation, self.pads,
+                          self.padded_hw, groups * wg, o)
+        rc, rkeys = _border(h, self.out_hw[0], kh, sh, dh, pt)
+        cc, ckeys = _border(wd, self.out_hw[1], kw, sw, dw, pl)
         self._rc, self._cc, self._ncc = rc, cc, len(ckeys)
         read_as = 1 if fast else 0  # fast: zero pad words (+1); portable: skipped taps (0)
         self._has_corr = self.pad_value != read_as and (len(rkeys) > 1 or len(ckeys) > 1)
         corr = _NO_CORR
         if self._has_corr:
+            tap_sums = np.empty((o, ntaps), np.int64)
+            tap_sign_sums(tap_words, cg, tap_sums)
             corr = pad.correction(rkeys, ckeys, tap_sums.reshape(o, kh, kw), self.pad_value,
                                   read_as).reshape(-1)
         if fast:
-            wt, nv, t = weight_tiles(w, groups)
-            cw = groups * wg
-            soff = (((np.arange(kh)[:, None, None] * dh * wp + np.arange(kw)[None, :, None] * dw)
-                     * cw + np.arange(wg)[None, None, :]).reshape(-1).astype(np.int64))
+            wt, nv, t = weight_tiles(tap_words, groups)
+            soff = _step_offsets(kh, kw, dh, dw, wp, groups * wg, wg)
             self._conv = bconv_fast.make_conv(wt, soff, nv, groups, wg, t, o, corr, self._epi)
         else:
             if not self._has_corr:  # the kernel adds row (rc, cc) unconditionally
                 rc, cc, self._ncc = np.zeros_like(rc), np.zeros_like(cc), 1
                 corr = np.zeros(o, np.int64)
-            wt = np.ascontiguousarray(w.transpose(1, 2, 3, 0)).reshape(-1)
+            wt = np.ascontiguousarray(tap_words).reshape(-1)  # (KH, KW, Wg, O)
             self._conv = bconv_portable.make_conv(
                 wt, h, wd, groups, wg, cg, o, kh, kw, sh, sw, dh, dw, pt, pl, *self.out_hw,
                 rc, cc, self._ncc, corr)
@@ -228,7 +297,7 @@ class BConv2DPlan:
 
     def _table(self, n, bits_out):
         """This call's fast-path :class:`~refbnn.kernels.bconv_fast.TileTable` or portable output
-        bases (a few configurations are kept)."""
+        bases (read-only, shared by plans of the same geometry)."""
         nthreads = numba.get_num_threads() if self.impl == "fast" else 0
         key = (n, nthreads, bits_out)
         table = self._tables.get(key)
@@ -236,11 +305,9 @@ class BConv2DPlan:
             if len(self._tables) >= 4:
                 self._tables.pop(next(iter(self._tables)))
             if self.impl == "fast":
-                table = bconv_fast.make_table(*tile_table(
-                    n, self.out_hw, self.padded_hw, self.groups * self.wg, self.stride, self._rc,
-                    self._cc, self._ncc, self.out_channels, self._has_corr, nthreads, bits_out))
+                table = _fast_table(self._geometry, self._has_corr, n, nthreads, bits_out)
             else:
-                table = output_bases(n, self.out_hw, self.out_channels, bits_out)
+                table = _output_bases(n, self.out_hw, self.out_channels, bits_out)
             self._tables[key] = table
         return table
 
