@@ -22,6 +22,9 @@ layer (:func:`make_conv`) and a :class:`TileTable` per batch size, thread count 
 * ``out``: the output array's bytes (``uint8``, flat): int32 or float32 ``(N, OH, OW, O)``, or for
   :data:`~refbnn.kernels.epilogue.BITS` a ``uint64`` ``(N, OHp, OWp, owords)`` buffer whose output
   pixels' words are overwritten (the rest is left alone).
+* :data:`~refbnn.kernels.epilogue.FUSED` only (else empty): ``residual``, float32 flat
+  ``(N, OH, OW, O)``, not overlapping ``out``; ``bits``, a flat ``uint64`` buffer as for ``BITS``,
+  pixel words at ``table.tbits`` (for the other modes ``tbits`` is ``tout``).
 
 Per output value ``acc = K - 2*popcount + corr`` then the epilogue; the micro-kernels
 (:mod:`refbnn.kernels.bconv_tiles`) finish whole tiles themselves where they can (int32, or bits
@@ -40,6 +43,7 @@ from .epilogue import (
     EPILOGUE,
     FLOAT,
     FLOAT_LCE,
+    FUSED,
     INT32,
     TILE_BITS,
     TILE_BITS_CORR,
@@ -48,6 +52,7 @@ from .epilogue import (
     TILE_SCRATCH,
     bit_output,
     float_output,
+    fuse_pixel,
     v8_store_f32,
     v8_store_i32,
     v8_threshold_bits,
@@ -58,7 +63,7 @@ MR = 6  # pixels per tile; bconv_tiles holds kernels for 1..MR
 
 # Numba's cache does not notice edits to imported kernels; this digest of the modules this one
 # imports, transitively (written by ``python refbnn/kernels/_codegen.py``), forces a recompile.
-DEPS_DIGEST = "848185a2d3e15d6f"
+DEPS_DIGEST = "502d51e8753ad8aa"
 
 
 @structref.register
@@ -88,7 +93,7 @@ FAST_CONV = FastConvType([("wt", types.Array(types.uint64, 1, "C")), ("soff", _I
                           ("epi", EPILOGUE)])
 TILE_TABLE = TileTableType([("tpix", _I64A), ("tout", _I64A), ("tcor", _I64A), ("tm", _I64A),
                             ("tborder", types.Array(types.boolean, 1, "C")),
-                            ("nchunks", types.int64)])
+                            ("nchunks", types.int64), ("tbits", _I64A)])
 
 
 @njit(cache=True)
@@ -103,21 +108,23 @@ def make_conv(wt, soff, nv, groups, wg, t, o, corr, epi):
 
 
 @njit(cache=True)
-def make_table(tpix, tout, tcor, tm, tborder, nchunks):
+def make_table(tpix, tout, tcor, tm, tborder, nchunks, tbits):
     """:class:`TileTable` of the module docstring's arrays and worker count."""
     t = structref.new(TILE_TABLE)
     t.tpix, t.tout, t.tcor, t.tm, t.tborder, t.nchunks = tpix, tout, tcor, tm, tborder, nchunks
+    t.tbits = tbits
     return t
 
 
 @njit(cache=True, parallel=True)
-def bconv_fast(xp, conv, table, out):
+def bconv_fast(xp, conv, table, out, residual, bits):
     epi = conv.epi
     mode, K, O, G, Wg, T, nv = epi.mode, epi.k, conv.o, conv.groups, conv.wg, conv.t, conv.nv
     corr, mul, bias, off = conv.corr, epi.mul, epi.bias, epi.off
     thr, dirn, oword, obit, run8 = epi.thr, epi.dirn, epi.oword, epi.obit, epi.run8
     tpix, tout, tcor, tm, tborder = table.tpix, table.tout, table.tcor, table.tm, table.tborder
-    nchunks, owords = table.nchunks, epi.owords
+    nchunks, owords, tbits = table.nchunks, epi.owords, table.tbits
+    fmode = FLOAT if mode == FUSED else mode  # FUSED starts from the FLOAT output
     ntiles = tm.shape[0]
     nsteps = conv.soff.shape[0]
     to = 8 * nv
@@ -176,9 +183,9 @@ def bconv_fast(xp, conv, table, out):
                             cv = v8_load(corr, cbase + o) if pborder else v8_zero()
                             if mode == INT32:
                                 v8_store_i32(a_out, obase + o, pc, K, cv)
-                            elif mode == FLOAT or mode == FLOAT_LCE:
+                            elif fmode == FLOAT or fmode == FLOAT_LCE:
                                 v8_store_f32(a_out, obase + o, pc, K, cv, mul,
-                                             bias if mode == FLOAT else off, o, mode == FLOAT_LCE)
+                                             bias if fmode == FLOAT else off, o, fmode == FLOAT_LCE)
                             else:  # bits: a vector compare, then one OR per 8-bit run
                                 b8 = v8_threshold_bits(pc, K, cv, v8_load(dirn, o), v8_load(thr, o))
                                 if run8[o]:
@@ -201,4 +208,7 @@ def bconv_fast(xp, conv, table, out):
                                              np.uint64(1) << np.uint64(obit[o]))
                             else:
                                 a_store(a_out, obase + o,
-                                        float_output(a, K, mode, mul[o], bias[o], off[o]))
+                                        float_output(a, K, fmode, mul[o], bias[o], off[o]))
+            if mode == FUSED:
+                for i in range(m):
+                    fuse_pixel(a_out, tout[s0 + i], residual, bits, tbits[s0 + i], epi)

@@ -21,12 +21,12 @@ import numpy as np
 from numba import njit, prange, types
 from numba.experimental import structref
 
-from .epilogue import BITS, bit_output, float_output
+from .epilogue import BITS, FLOAT, FUSED, bit_output, float_output, fuse_pixel
 from .simd import a_or_u64, a_store, popcount64
 
 # Numba's cache does not notice edits to imported kernels; this digest of the modules this one
 # imports, transitively (written by ``python refbnn/kernels/_codegen.py``), forces a recompile.
-DEPS_DIGEST = "3b6132c6679de3bc"
+DEPS_DIGEST = "a48f2da79d87f8e6"
 
 
 @structref.register
@@ -97,14 +97,17 @@ def bconv_portable(x, n, conv, out_i32):
 
 
 @njit(cache=True, parallel=True)
-def epilogue_pass(acc, O, epi, pout, out):
-    """Apply the output transform ``epi`` (a float or :data:`~refbnn.kernels.epilogue.BITS`
-    :class:`~refbnn.kernels.epilogue.Epilogue`) to int32 ``acc`` (flat ``(P, O)``). ``out``: the
-    output array's bytes (``uint8``, flat); pixel ``p``'s outputs start at element ``pout[p]`` of
-    it read as float32 (float modes) or uint64 (bits: its ``owords`` words are overwritten)."""
+def epilogue_pass(acc, O, epi, pout, out, residual, bits, pbits):
+    """Apply the output transform ``epi`` (any :class:`~refbnn.kernels.epilogue.Epilogue` but
+    ``INT32``) to int32 ``acc`` (flat ``(P, O)``). ``out``: the output array's bytes (``uint8``,
+    flat); pixel ``p``'s outputs start at element ``pout[p]`` of it read as float32 (float modes)
+    or uint64 (bits: its ``owords`` words are overwritten). ``FUSED`` only (else empty):
+    ``residual`` (float32, laid out as the float output) and ``bits`` (flat uint64, pixel ``p``'s
+    words from ``pbits[p]``)."""
     mode, K = epi.mode, epi.k
     mul, bias, off, thr, dirn = epi.mul, epi.bias, epi.off, epi.thr, epi.dirn
     oword, obit, owords = epi.oword, epi.obit, epi.owords
+    fmode = FLOAT if mode == FUSED else mode  # FUSED starts from the FLOAT output
     a_out = out.ctypes.data
     for p in prange(pout.shape[0]):
         ob = pout[p]
@@ -116,5 +119,7 @@ def epilogue_pass(acc, O, epi, pout, out):
                     a_or_u64(a_out, ob + oword[o], np.uint64(1) << np.uint64(obit[o]))
         else:
             for o in range(O):
-                a_store(a_out, ob + o, float_output(np.int64(acc[p * O + o]), K, mode, mul[o],
+                a_store(a_out, ob + o, float_output(np.int64(acc[p * O + o]), K, fmode, mul[o],
                                                     bias[o], off[o]))
+            if mode == FUSED:
+                fuse_pixel(a_out, ob, residual, bits, pbits[p], epi)

@@ -1,8 +1,9 @@
 """Fused per-element float32 kernels for the packed inference engine (NHWC, channel last).
 
-Non-linearity codes (each equals the training layer's float32 formula exactly):
-0 none; 1 ReLU ``max(v, 0)``; 2 PReLU ``v if v > 0 else a[c] * v``;
-3 FPReLU ``pos[c] * v if v >= 0 else neg[c] * v``.
+Non-linearity codes (each equals the training layer's float32 formula exactly; the sign of a
+zero ReLU output is not specified): 0 none; 1 ReLU ``max(v, 0)``; 2 PReLU ``v if v > 0 else
+a[c] * v`` (``a`` passed as ``neg``); 3 FPReLU ``pos[c] * v if v >= 0 else neg[c] * v``.
+:func:`act` is their one definition (the conv epilogue's ``FUSED`` mode uses it too).
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ import numpy as np
 from numba import njit, prange
 
 NONE, RELU, PRELU, FPRELU = 0, 1, 2, 3
+ACTIVATIONS = {None: NONE, "relu": RELU, "prelu": PRELU, "fprelu": FPRELU}
 
 
 @njit(cache=True, inline="always")
-def _act(v, code, pos, neg):
+def act(v, code, pos, neg):
+    """Non-linearity ``code`` of the float32 ``v`` with the channel's slopes (module docstring)."""
     if code == 1:
         return max(v, np.float32(0.0))
     if code == 2:
@@ -31,8 +34,8 @@ def residual_merge(y, shortcut, pre, pre_pos, pre_neg, post, post_pos, post_neg)
     p_total, c_total = y.shape
     for p in prange(p_total):
         for c in range(c_total):
-            v = _act(y[p, c], pre, pre_pos[c], pre_neg[c]) + shortcut[p, c]
-            y[p, c] = _act(v, post, post_pos[c], post_neg[c])
+            v = act(y[p, c], pre, pre_pos[c], pre_neg[c]) + shortcut[p, c]
+            y[p, c] = act(v, post, post_pos[c], post_neg[c])
 
 
 @njit(cache=True, parallel=True)
@@ -42,4 +45,4 @@ def affine_act(y, scale, shift, code, pos, neg):
     for p in prange(p_total):
         for c in range(c_total):
             v = y[p, c] * scale[c]
-            y[p, c] = _act(v + shift[c], code, pos[c], neg[c])
+            y[p, c] = act(v + shift[c], code, pos[c], neg[c])

@@ -21,7 +21,13 @@ output mode:
   test ``a * dirn[o] < thr[o]`` (:func:`thresholds`); set as bit ``obit[o]`` of word ``oword[o]`` of
   the pixel's ``owords`` output words (``out_groups`` groups, each from bit 0 of its first word).
   Without a padding correction the same test reads ``(pc ^ pcflip[o]) > pcthr[o]`` on the popcount
-  itself; ``run8[o]`` marks channels ``o .. o + 7`` that are consecutive bits of one word.
+  itself; ``run8[o]`` marks channels ``o .. o + 7`` that are consecutive bits of one word;
+* :data:`FUSED` (a residual block's tail): ``y = FLOAT``, then
+  ``z = post(pre(y) + residual)`` with the non-linearities ``pre``/``post`` of
+  :func:`refbnn.kernels.elementwise.act` (per-channel slopes ``pre_pos``/``pre_neg``,
+  ``post_pos``/``post_neg``), each step one float32 rounding; writes the float32 ``z`` and its
+  packed sign under ``sign_at_zero`` (``z < 0``, or ``not z > 0`` for -1; bit positions as for
+  :data:`BITS`): the residual stream and the next binary layer's input in one pass.
 
 A micro-kernel finishes its ``m x 8*NV`` block itself in one of the tile modes :data:`TILE_INT32`,
 :data:`TILE_INT32_CORR`, :data:`TILE_BITS`, :data:`TILE_BITS_CORR`, or leaves the popcounts in a
@@ -36,15 +42,16 @@ from numba import njit, types
 from numba.experimental import structref
 from numba.extending import intrinsic
 
-from .simd import V8, addr_ptr, elem_ptr, splat, vec8
+from .elementwise import NONE, act
+from .simd import V8, a_f32, a_store, addr_ptr, elem_ptr, splat, vec8
 
 # Numba's cache does not notice edits to imported kernels; this digest of the modules this one
 # imports, transitively (written by ``python refbnn/kernels/_codegen.py``), forces a recompile.
-DEPS_DIGEST = "045e0d23f6321ba6"
+DEPS_DIGEST = "804cb440494772d7"
 
 # output modes
-INT32, FLOAT, FLOAT_LCE, BITS = 0, 1, 2, 3
-MODES = {"int32": INT32, "float": FLOAT, "float_lce": FLOAT_LCE, "bits": BITS}
+INT32, FLOAT, FLOAT_LCE, BITS, FUSED = 0, 1, 2, 3, 4
+MODES = {"int32": INT32, "float": FLOAT, "float_lce": FLOAT_LCE, "bits": BITS, "fused": FUSED}
 
 # what a micro-kernel does with its popcounts
 TILE_SCRATCH = 0      # store them to the int64 scratch buffer
@@ -65,8 +72,10 @@ class Epilogue(structref.StructRefProxy):
     """One layer's output-transform parameters, read by the Numba kernels (opaque in Python).
 
     Fields (see the module docstring): ``mode``, ``k``, ``mul``/``bias``/``off`` (float32, ``(O,)``),
-    ``thr``/``dirn``/``pcflip``/``pcthr``/``oword``/``obit``/``run8`` (int64, ``(O,)``) and
-    ``owords``. Fields a mode does not read hold one element.
+    ``thr``/``dirn``/``pcflip``/``pcthr``/``oword``/``obit``/``run8`` (int64, ``(O,)``),
+    ``owords``, and for :data:`FUSED` ``pre``/``post`` (codes), ``pre_pos``/``pre_neg``/
+    ``post_pos``/``post_neg`` (float32, ``(O,)``) and ``saz``. Fields a mode does not read hold
+    one element.
     """
 
 
@@ -76,16 +85,22 @@ _I64A = types.Array(types.int64, 1, "C")
 EPILOGUE = EpilogueType([("mode", types.int64), ("k", types.int64), ("mul", _F32A),
                          ("bias", _F32A), ("off", _F32A), ("thr", _I64A), ("dirn", _I64A),
                          ("pcflip", _I64A), ("pcthr", _I64A), ("oword", _I64A), ("obit", _I64A),
-                         ("run8", _I64A), ("owords", types.int64)])
+                         ("run8", _I64A), ("owords", types.int64), ("pre", types.int64),
+                         ("pre_pos", _F32A), ("pre_neg", _F32A), ("post", types.int64),
+                         ("post_pos", _F32A), ("post_neg", _F32A), ("saz", types.int64)])
 
 
 @njit(cache=True)
-def _new_epilogue(mode, k, mul, bias, off, thr, dirn, pcflip, pcthr, oword, obit, run8, owords):
+def _new_epilogue(mode, k, mul, bias, off, thr, dirn, pcflip, pcthr, oword, obit, run8, owords,
+                  pre, pre_pos, pre_neg, post, post_pos, post_neg, saz):
     e = structref.new(EPILOGUE)
     e.mode, e.k, e.owords = mode, k, owords
     e.mul, e.bias, e.off = mul, bias, off
     e.thr, e.dirn, e.pcflip, e.pcthr = thr, dirn, pcflip, pcthr
     e.oword, e.obit, e.run8 = oword, obit, run8
+    e.pre, e.pre_pos, e.pre_neg, e.post, e.post_pos, e.post_neg = \
+        pre, pre_pos, pre_neg, post, post_pos, post_neg
+    e.saz = saz
     return e
 
 
@@ -132,12 +147,16 @@ _NO_I64 = np.zeros(1, np.int64)
 
 
 def prepare(mode: int, k: int, out_channels: int, mul=None, bias=None, out_groups: int = 1,
-            sign_at_zero: int = 1) -> Epilogue:
+            sign_at_zero: int = 1, pre=(NONE, None, None), post=(NONE, None, None)) -> Epilogue:
     """The :class:`Epilogue` of one layer (arguments already validated by ``refbnn.ops``):
     ``mul``/``bias`` C-contiguous finite float32 ``(O,)`` for every mode but :data:`INT32`;
-    ``out_groups`` and ``sign_at_zero`` only for :data:`BITS`."""
+    ``out_groups`` and ``sign_at_zero`` for :data:`BITS` and :data:`FUSED`; ``pre``/``post``
+    ``(code, pos, neg)`` (float32 ``(O,)`` slopes, or ``None`` for codes without them) for
+    :data:`FUSED`."""
     off = thr = dirn = pcflip = pcthr = oword = obit = run8 = None
     owords = 0
+    if mode == FUSED:
+        oword, obit, run8, owords = bit_positions(out_channels, out_groups)
     if mode == FLOAT_LCE:
         off = (bias.astype(np.float64) + k * mul.astype(np.float64)).astype(np.float32)
     elif mode == BITS:
@@ -157,7 +176,9 @@ def prepare(mode: int, k: int, out_channels: int, mul=None, bias=None, out_group
         return _NO_I64 if a is None else a
 
     return _new_epilogue(mode, k, f32(mul), f32(bias), f32(off), i64(thr), i64(dirn), i64(pcflip),
-                         i64(pcthr), i64(oword), i64(obit), i64(run8), owords)
+                         i64(pcthr), i64(oword), i64(obit), i64(run8), owords,
+                         pre[0], f32(pre[1]), f32(pre[2]), post[0], f32(post[1]), f32(post[2]),
+                         sign_at_zero)
 
 
 # -- scalar code ------------------------------------------------------------------------------
@@ -176,6 +197,26 @@ def float_output(a, k, mode, m, b, off):
 def bit_output(a, dirn, thr):
     """:data:`BITS`: whether the packed output bit of accumulator ``a`` is 1 (the value is -1)."""
     return a * dirn < thr
+
+
+@njit(cache=True, inline="always")
+def fuse_pixel(a_out, ob, residual, bits, bb, epi):
+    """:data:`FUSED` for one output pixel whose :data:`FLOAT` values ``y`` are already at
+    elements ``ob .. ob + O - 1`` of the float32 array at address ``a_out``: overwrites them with
+    ``z = post(pre(y) + residual[ob + o])`` and writes the pixel's ``owords`` sign words at
+    ``bits[bb ..]`` (flat uint64)."""
+    oword, obit = epi.oword, epi.obit
+    pre, pre_pos, pre_neg = epi.pre, epi.pre_pos, epi.pre_neg
+    post, post_pos, post_neg = epi.post, epi.post_pos, epi.post_neg
+    nonpos = epi.saz == -1
+    for k in range(epi.owords):
+        bits[bb + k] = 0
+    for o in range(oword.shape[0]):
+        v = act(a_f32(a_out, ob + o), pre, pre_pos[o], pre_neg[o]) + residual[ob + o]
+        z = act(v, post, post_pos[o], post_neg[o])
+        a_store(a_out, ob + o, z)
+        if (not z > 0) if nonpos else z < 0:
+            bits[bb + oword[o]] |= np.uint64(1) << np.uint64(obit[o])
 
 
 # -- vector code (LLVM IR) ------------------------------------------------------------------------

@@ -329,6 +329,19 @@ def a8_store(typingctx, addr, index, v):
 
 
 @intrinsic
+def a_f32(typingctx, addr, index):
+    """The float32 at element ``index`` of the float32 array at ``addr``."""
+    if not (isinstance(addr, types.Integer) and isinstance(index, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.load(addr_ptr(context, builder, args[0], sig.args[0], args[1],
+                                     ir.FloatType()), align=4)
+
+    return types.float32(addr, index), codegen
+
+
+@intrinsic
 def a_store(typingctx, addr, index, value):
     """Store ``value`` (an int or float scalar) at element ``index`` of the array of ``value``'s
     type at ``addr``."""

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..kernels.elementwise import FPRELU, NONE, PRELU, RELU
+
 _NATIVE_PACK_DTYPES = (np.float32, np.float64, np.int8, np.int16, np.int32, np.int64)
 
 
@@ -94,3 +96,33 @@ def check_k(k) -> int:
     if not 0 <= k < 2 ** 24:
         raise ValueError(f"k must be in [0, 2**24) so every acc is an exact float32, got {k}")
     return k
+
+
+def check_activation(spec, channels: int, what: str):
+    """A non-linearity spec as ``(code, pos, neg)`` for the kernels (codes and formulas:
+    :mod:`refbnn.kernels.elementwise`): ``None`` (none), ``"relu"``, ``("prelu", a)`` (``v`` if
+    ``v > 0`` else ``a * v``) or ``("fprelu", pos, neg)`` (``pos * v`` if ``v >= 0`` else
+    ``neg * v``); slopes are finite float32 scalars or one per channel."""
+    def slope(v, name):
+        a = np.ascontiguousarray(np.broadcast_to(np.asarray(v, np.float32), (channels,)))
+        if not np.isfinite(a).all():
+            raise ValueError(f"{what} {name} slopes must be finite")
+        return a
+
+    if spec is None or spec == "none":
+        return NONE, None, None
+    if spec == "relu":
+        return RELU, None, None
+    t = tuple(spec) if isinstance(spec, (tuple, list)) else ()
+    try:
+        if len(t) == 2 and t[0] == "prelu":
+            return PRELU, None, slope(t[1], "prelu")
+        if len(t) == 3 and t[0] == "fprelu":
+            return FPRELU, slope(t[1], "fprelu pos"), slope(t[2], "fprelu neg")
+    except (TypeError, ValueError) as e:
+        if "finite" in str(e):
+            raise
+        raise ValueError(f"{what}: slopes must be a float or one per channel ({channels}), "
+                         f"got {spec!r}") from None
+    raise ValueError(f"{what} must be None, 'relu', ('prelu', a) or ('fprelu', pos, neg), "
+                     f"got {spec!r}")

@@ -22,6 +22,7 @@ from ..kernels.dispatch import resolve_kernel
 from ..kernels.packing import tap_sign_sums
 from .args import (
     as_packable,
+    check_activation,
     check_affine,
     check_groups,
     check_k,
@@ -91,13 +92,16 @@ def output_bases(n, out_hw, out_channels, bits_out=None):
 
 
 def tile_table(n, out_hw, padded_hw, words_per_pixel, stride, rc, cc, ncc, out_channels,
-               has_corr, nthreads, bits_out=None):
+               has_corr, nthreads, bits_out=None, fused=False):
     """The pixel table of :func:`refbnn.kernels.bconv_fast.bconv_fast` for a batch of ``n``.
 
     Pixels are cut into balanced tiles of at most ``MR`` (a multiple of the worker count when
-    there are enough pixels). ``bits_out`` as for :func:`output_bases`. Returns
-    ``(tpix, tout, tcor, tm, tborder, nchunks)``: three int64 ``(ntiles * MR,)`` arrays (slots
-    past a tile's ``tm`` pixels hold 0), int64 ``tm``, bool ``tborder``, and the worker count.
+    there are enough pixels). ``bits_out`` as for :func:`output_bases`: where ``tout`` points
+    (``fused=False``) or, for the fused mode, where ``tbits`` points (``tout`` then indexes the
+    float output). Returns ``(tpix, tout, tcor, tm, tborder, nchunks, tbits)``: int64
+    ``(ntiles * MR,)`` arrays ``tpix``, ``tout``, ``tcor`` (slots past a tile's ``tm`` pixels hold
+    0), int64 ``tm``, bool ``tborder``, the worker count, and ``tbits`` (``tout`` itself unless
+    ``fused``).
     """
     mr = bconv_fast.MR
     oh, ow = out_hw
@@ -117,10 +121,12 @@ def tile_table(n, out_hw, padded_hw, words_per_pixel, stride, rc, cc, ncc, out_c
     y, x = np.divmod(rest, ow)
     tpix = ((img * hp + y * sh) * wp + x * sw) * words_per_pixel
     tcor = (np.asarray(rc)[y] * ncc + np.asarray(cc)[x]) * out_channels if has_corr else 0 * p
-    tout = output_bases(n, out_hw, out_channels, bits_out)[p]
-    tpix, tout, tcor = (np.where(valid, a, 0).astype(np.int64) for a in (tpix, tout, tcor))
-    tborder = (tcor != 0).any(axis=1)
-    return (tpix.reshape(-1), tout.reshape(-1), tcor.reshape(-1), tm, tborder, nchunks)
+    tout = output_bases(n, out_hw, out_channels, None if fused else bits_out)[p]
+    tbits = output_bases(n, out_hw, out_channels, bits_out)[p] if fused else tout
+    tpix, tout, tcor, tbits = (np.where(valid, a, 0).astype(np.int64).reshape(-1)
+                               for a in (tpix, tout, tcor, tbits))
+    tborder = (tcor.reshape(-1, mr) != 0).any(axis=1)
+    return (tpix, tout, tcor, tm, tborder, nchunks, tbits if fused else tout)
 
 
 _NO_CORR = np.zeros(1, np.int64)
@@ -157,19 +163,23 @@ def _step_offsets(kh, kw, dh, dw, wp, cw, wg):
 
 
 @functools.lru_cache(maxsize=256)
-def _fast_table(geometry, has_corr, n, nthreads, bits_out):
+def _fast_table(geometry, has_corr, n, nthreads, bits_out, fused):
     in_hw, kernel_hw, stride, dilation, pads, padded_hw, cw, o = geometry
     out_hw = ((padded_hw[0] - (kernel_hw[0] - 1) * dilation[0] - 1) // stride[0] + 1,
               (padded_hw[1] - (kernel_hw[1] - 1) * dilation[1] - 1) // stride[1] + 1)
     rc, _ = _border(in_hw[0], out_hw[0], kernel_hw[0], stride[0], dilation[0], pads[0])
     cc, ckeys = _border(in_hw[1], out_hw[1], kernel_hw[1], stride[1], dilation[1], pads[2])
     return bconv_fast.make_table(*tile_table(n, out_hw, padded_hw, cw, stride, rc, cc,
-                                             len(ckeys), o, has_corr, nthreads, bits_out))
+                                             len(ckeys), o, has_corr, nthreads, bits_out, fused))
 
 
 @functools.lru_cache(maxsize=256)
 def _output_bases(n, out_hw, out_channels, bits_out):
     return _readonly(output_bases(n, out_hw, out_channels, bits_out))[0]
+
+
+_NO_F32 = np.zeros(0, np.float32)
+_NO_U64 = np.zeros(0, np.uint64)
 
 
 class BConv2DPlan:
@@ -199,7 +209,7 @@ class BConv2DPlan:
     def __init__(self, w_packed, in_channels: int, input_hw, stride=1, padding="same",
                  pad_value: int = 0, dilation=1, groups: int = 1, *, output: str = "int32",
                  multiplier=None, bias=None, out_groups: int = 1, sign_at_zero: int = 1,
-                 impl: str | None = None):
+                 impl: str | None = None, pre=None, post=None):
         w = np.asarray(w_packed)
         if w.ndim != 4 or w.dtype != np.uint64:
             raise ValueError(f"w_packed must be uint64 (O, KH, KW, words), got {w.dtype} {w.shape}")
@@ -211,23 +221,26 @@ class BConv2DPlan:
         check_tail_bits(w, cg, "w_packed")
         tap_words = w.reshape(o, kh * kw, wg).transpose(1, 2, 0)  # (taps, Wg, O) view
         self._setup(tap_words, (kh, kw), in_channels, input_hw, stride, padding, pad_value,
-                    dilation, groups, output, multiplier, bias, out_groups, sign_at_zero, impl)
+                    dilation, groups, output, multiplier, bias, out_groups, sign_at_zero, impl,
+                    pre, post)
 
     @classmethod
     def from_tap_words(cls, tap_words, kernel_hw, in_channels: int, input_hw, stride=1,
                        padding="same", pad_value: int = 0, dilation=1, groups: int = 1, *,
                        output: str = "int32", multiplier=None, bias=None, out_groups: int = 1,
-                       sign_at_zero: int = 1, impl: str | None = None):
+                       sign_at_zero: int = 1, impl: str | None = None, pre=None, post=None):
         """A plan from tap-major words ``(KH*KW, Wg, O)`` as :func:`refbnn.ops.packing.pack_kernel_taps`
         returns them (trusted: no tail-bit check), saving the OHWI round trip."""
         plan = cls.__new__(cls)
         _check_channels(in_channels, groups, tap_words.shape[2])
         plan._setup(tap_words, kernel_hw, in_channels, input_hw, stride, padding, pad_value,
-                    dilation, groups, output, multiplier, bias, out_groups, sign_at_zero, impl)
+                    dilation, groups, output, multiplier, bias, out_groups, sign_at_zero, impl,
+                    pre, post)
         return plan
 
     def _setup(self, tap_words, kernel_hw, in_channels, input_hw, stride, padding, pad_value,
-               dilation, groups, output, multiplier, bias, out_groups, sign_at_zero, impl):
+               dilation, groups, output, multiplier, bias, out_groups, sign_at_zero, impl, pre,
+               post):
         ntaps, wg, o = tap_words.shape
         kh, kw = kernel_hw
         groups = int(groups)
@@ -255,7 +268,7 @@ class BConv2DPlan:
         self.input_offset = (pt, pl) if fast else (0, 0)
         self._buffers, self._tables = {}, {}
         self._mode = ep.MODES[output]
-        self._epi = self._prepare_epilogue(multiplier, bias, out_groups, sign_at_zero)
+        self._epi = self._prepare_epilogue(multiplier, bias, out_groups, sign_at_zero, pre, post)
         self._geometry = (self.in_hw, self.kernel_hw, self.stride, self.dilation, self.pads,
                           self.padded_hw, groups * wg, o)
         rc, rkeys = _border(h, self.out_hw[0], kh, sh, dh, pt)
@@ -282,16 +295,22 @@ class BConv2DPlan:
                 wt, h, wd, groups, wg, cg, o, kh, kw, sh, sw, dh, dw, pt, pl, *self.out_hw,
                 rc, cc, self._ncc, corr)
 
-    def _prepare_epilogue(self, multiplier, bias, out_groups, sign_at_zero):
+    def _prepare_epilogue(self, multiplier, bias, out_groups, sign_at_zero, pre, post):
         o = self.out_channels
         self.out_groups, self.out_words = 1, 0
+        if (pre is not None or post is not None) and self._mode != ep.FUSED:
+            raise ValueError("pre= and post= need output='fused'")
         if self._mode == ep.INT32:
             return ep.prepare(ep.INT32, self.k, o)
         mul, b = check_affine(multiplier, bias, o)
-        if self._mode == ep.BITS:
+        if self._mode in (ep.BITS, ep.FUSED):
             self.out_groups = check_groups(out_groups, o, "output channels (out_groups)")
             saz = bits.check_sign_at_zero(sign_at_zero)
             self.out_words = self.out_groups * bits.words_for(o // self.out_groups, 64)
+            if self._mode == ep.FUSED:
+                return ep.prepare(ep.FUSED, self.k, o, mul, b, self.out_groups, saz,
+                                  check_activation(pre, o, "pre"),
+                                  check_activation(post, o, "post"))
             return ep.prepare(ep.BITS, check_k(self.k), o, mul, b, self.out_groups, saz)
         return ep.prepare(self._mode, self.k, o, mul, b)
 
@@ -304,8 +323,12 @@ class BConv2DPlan:
         if table is None:
             if len(self._tables) >= 4:
                 self._tables.pop(next(iter(self._tables)))
+            fused = self._mode == ep.FUSED
             if self.impl == "fast":
-                table = _fast_table(self._geometry, self._has_corr, n, nthreads, bits_out)
+                table = _fast_table(self._geometry, self._has_corr, n, nthreads, bits_out, fused)
+            elif fused:
+                table = (_output_bases(n, self.out_hw, self.out_channels, None),
+                         _output_bases(n, self.out_hw, self.out_channels, bits_out))
             else:
                 table = _output_bases(n, self.out_hw, self.out_channels, bits_out)
             self._tables[key] = table
@@ -364,12 +387,33 @@ class BConv2DPlan:
         return self.run_padded(buf, out=out)
 
     def output_shape(self, n: int) -> tuple:
+        """Shape of the output of ``n`` images (for ``"fused"``: of its packed bits)."""
         oh, ow = self.out_hw
-        if self.output == "bits":
+        if self.output in ("bits", "fused"):
             if self.out_groups == 1:
                 return (n, oh, ow, self.out_words)
             return (n, oh, ow, self.out_groups, self.out_words // self.out_groups)
         return (n, oh, ow, self.out_channels)
+
+    def _check_buffer(self, buf):
+        if buf.shape[1:] != (*self.padded_hw, self.groups * self.wg) or buf.dtype != np.uint64 \
+                or not buf.flags.c_contiguous:
+            raise ValueError(f"input buffer must be C-contiguous uint64 "
+                             f"{(buf.shape[0], *self.padded_hw, self.groups * self.wg)}, "
+                             f"got {buf.shape}")
+
+    def _bits_target(self, n, out, out_offset, what):
+        """``(buffer, bits_out)``: a new packed output or the caller's ``out`` (checked)."""
+        oh, ow = self.out_hw
+        if out is None:
+            return np.empty(self.output_shape(n), np.uint64), (oh, ow, self.out_words, 0, 0)
+        opt, opl = out_offset
+        if out.dtype != np.uint64 or not out.flags.c_contiguous or out.shape[0] != n \
+                or out.shape[-1] != self.out_words or out.shape[1] < oh + opt \
+                or out.shape[2] < ow + opl:
+            raise ValueError(f"{what} must be a C-contiguous uint64 (N, OHp, OWp, words) buffer "
+                             f"that holds the output at its offset")
+        return out, (out.shape[1], out.shape[2], self.out_words, opt, opl)
 
     def run_padded(self, buf, out=None, out_offset=(0, 0)):
         """Run on a buffer laid out as :meth:`padded_input` (not checked beyond its shape).
@@ -377,44 +421,69 @@ class BConv2DPlan:
         ``out`` (``output="bits"`` only): a contiguous ``uint64`` ``(N, OHp, OWp, out_words)``
         array, e.g. the next plan's :meth:`padded_input`, written at ``out_offset``; the words of
         the output pixels are overwritten, the rest is left alone. Returns the output array (a new
-        one unless ``out`` is given).
+        one unless ``out`` is given). ``output="fused"`` runs with :meth:`run_fused`.
         """
+        self._check_buffer(buf)
         n = buf.shape[0]
-        if buf.shape[1:] != (*self.padded_hw, self.groups * self.wg) or buf.dtype != np.uint64 \
-                or not buf.flags.c_contiguous:
-            raise ValueError(f"input buffer must be C-contiguous uint64 "
-                             f"{(n, *self.padded_hw, self.groups * self.wg)}, got {buf.shape}")
-        oh, ow = self.out_hw
         mode = self._mode
         bits_out = None
+        if mode == ep.FUSED:
+            raise ValueError("output='fused' needs a residual: call run_fused")
         if mode == ep.BITS:
-            if out is None:
-                out = np.empty(self.output_shape(n), np.uint64)
-                bits_out = (oh, ow, self.out_words, 0, 0)
-            else:
-                opt, opl = out_offset
-                if out.dtype != np.uint64 or not out.flags.c_contiguous or out.shape[0] != n \
-                        or out.shape[-1] != self.out_words or out.shape[1] < oh + opt \
-                        or out.shape[2] < ow + opl:
-                    raise ValueError("out must be a C-contiguous uint64 (N, OHp, OWp, words) "
-                                     "buffer that holds the output at out_offset")
-                bits_out = (out.shape[1], out.shape[2], self.out_words, opt, opl)
+            out, bits_out = self._bits_target(n, out, out_offset, "out")
         elif out is not None:
             raise ValueError("out= is only supported for output='bits'")
         else:
-            out = np.empty((n, oh, ow, self.out_channels),
+            out = np.empty((n, *self.out_hw, self.out_channels),
                            np.int32 if mode == ep.INT32 else np.float32)
-        if n == 0:
-            return out
+        if n:
+            self._run(buf, out, bits_out, _NO_F32, _NO_U64)
+        return out
+
+    def run_fused(self, buf, residual, bits=None, bits_offset=(0, 0), out=None):
+        """``output="fused"``: the tail of a residual block in the conv's epilogue.
+
+        ``z = post(pre(float32(float32(acc) * multiplier) + bias) + residual)`` per element
+        (float32, one rounding per step; non-linearities as in :mod:`refbnn.kernels.elementwise`),
+        written to ``out`` (float32 NHWC ``(N, OH, OW, O)``; new unless given, C-contiguous, not
+        overlapping ``residual``), and ``sign(z)`` under ``sign_at_zero`` packed into ``bits``
+        (as ``out`` of :meth:`run_padded`: e.g. the next layer's :meth:`padded_input`, at
+        ``bits_offset``; new unless given). ``residual``: float32 NHWC of the output's shape.
+        ``buf`` as for :meth:`run_padded`. Returns ``(out, bits)``.
+        """
+        if self._mode != ep.FUSED:
+            raise ValueError(f"run_fused needs output='fused', this plan has {self.output!r}")
+        self._check_buffer(buf)
+        n = buf.shape[0]
+        shape = (n, *self.out_hw, self.out_channels)
+        r = np.asarray(residual)
+        if r.shape != shape or r.dtype != np.float32:
+            raise ValueError(f"residual must be float32 {shape}, got {r.dtype} {r.shape}")
+        r = np.ascontiguousarray(r)
+        if out is None:
+            out = np.empty(shape, np.float32)
+        elif out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous \
+                or np.shares_memory(out, r):
+            raise ValueError(f"out must be a C-contiguous float32 {shape} array apart from the "
+                             "residual")
+        bits, bits_out = self._bits_target(n, bits, bits_offset, "bits")
+        if n:
+            self._run(buf, out, bits_out, r.reshape(-1), bits.reshape(-1))
+        return out, bits
+
+    def _run(self, buf, out, bits_out, residual, bits_flat):
+        n = buf.shape[0]
         flat = out.reshape(-1)
+        mode = self._mode
         if self.impl == "fast":
             bconv_fast.bconv_fast(buf.reshape(-1), self._conv, self._table(n, bits_out),
-                                  flat.view(np.uint8))
+                                  flat.view(np.uint8), residual, bits_flat)
         elif mode == ep.INT32:
             bconv_portable.bconv_portable(buf.reshape(-1), n, self._conv, flat)
         else:
-            acc = np.empty(n * oh * ow * self.out_channels, np.int32)
+            acc = np.empty(n * self.out_hw[0] * self.out_hw[1] * self.out_channels, np.int32)
             bconv_portable.bconv_portable(buf.reshape(-1), n, self._conv, acc)
-            bconv_portable.epilogue_pass(acc, self.out_channels, self._epi,
-                                         self._table(n, bits_out), flat.view(np.uint8))
-        return out
+            table = self._table(n, bits_out)
+            pout, pbits = table if mode == ep.FUSED else (table, table)
+            bconv_portable.epilogue_pass(acc, self.out_channels, self._epi, pout,
+                                         flat.view(np.uint8), residual, bits_flat, pbits)
