@@ -42,12 +42,13 @@ from numba import njit, types
 from numba.experimental import structref
 from numba.extending import intrinsic
 
-from .elementwise import NONE, act
-from .simd import V8, a_f32, a_store, addr_ptr, elem_ptr, splat, vec8
+from .elementwise import NONE, act_select, select_params
+from .packing import pack_word
+from .simd import V8, addr_ptr, elem_ptr, splat, vec8
 
 # Numba's cache does not notice edits to imported kernels; this digest of the modules this one
 # imports, transitively (written by ``python refbnn/kernels/_codegen.py``), forces a recompile.
-DEPS_DIGEST = "804cb440494772d7"
+DEPS_DIGEST = "7449eb0412715bc2"
 
 # output modes
 INT32, FLOAT, FLOAT_LCE, BITS, FUSED = 0, 1, 2, 3, 4
@@ -73,9 +74,10 @@ class Epilogue(structref.StructRefProxy):
 
     Fields (see the module docstring): ``mode``, ``k``, ``mul``/``bias``/``off`` (float32, ``(O,)``),
     ``thr``/``dirn``/``pcflip``/``pcthr``/``oword``/``obit``/``run8`` (int64, ``(O,)``),
-    ``owords``, and for :data:`FUSED` ``pre``/``post`` (codes), ``pre_pos``/``pre_neg``/
-    ``post_pos``/``post_neg`` (float32, ``(O,)``) and ``saz``. Fields a mode does not read hold
-    one element.
+    ``owords``, and for :data:`FUSED` the non-linearities as
+    :func:`~refbnn.kernels.elementwise.act_select` parameters ``pre_s``/``pre_lo`` and
+    ``post_s``/``post_lo``, ``saz`` and ``groups`` (output groups of the packed
+    bits). Fields a mode does not read hold one element.
     """
 
 
@@ -85,22 +87,21 @@ _I64A = types.Array(types.int64, 1, "C")
 EPILOGUE = EpilogueType([("mode", types.int64), ("k", types.int64), ("mul", _F32A),
                          ("bias", _F32A), ("off", _F32A), ("thr", _I64A), ("dirn", _I64A),
                          ("pcflip", _I64A), ("pcthr", _I64A), ("oword", _I64A), ("obit", _I64A),
-                         ("run8", _I64A), ("owords", types.int64), ("pre", types.int64),
-                         ("pre_pos", _F32A), ("pre_neg", _F32A), ("post", types.int64),
-                         ("post_pos", _F32A), ("post_neg", _F32A), ("saz", types.int64)])
+                         ("run8", _I64A), ("owords", types.int64), ("pre_s", _F32A),
+                         ("pre_lo", types.float32), ("post_s", _F32A), ("post_lo", types.float32),
+                         ("saz", types.int64), ("groups", types.int64)])
 
 
 @njit(cache=True)
 def _new_epilogue(mode, k, mul, bias, off, thr, dirn, pcflip, pcthr, oword, obit, run8, owords,
-                  pre, pre_pos, pre_neg, post, post_pos, post_neg, saz):
+                  pre_s, pre_lo, post_s, post_lo, saz, groups):
     e = structref.new(EPILOGUE)
     e.mode, e.k, e.owords = mode, k, owords
     e.mul, e.bias, e.off = mul, bias, off
     e.thr, e.dirn, e.pcflip, e.pcthr = thr, dirn, pcflip, pcthr
     e.oword, e.obit, e.run8 = oword, obit, run8
-    e.pre, e.pre_pos, e.pre_neg, e.post, e.post_pos, e.post_neg = \
-        pre, pre_pos, pre_neg, post, post_pos, post_neg
-    e.saz = saz
+    e.pre_s, e.pre_lo, e.post_s, e.post_lo = pre_s, pre_lo, post_s, post_lo
+    e.saz, e.groups = saz, groups
     return e
 
 
@@ -175,10 +176,11 @@ def prepare(mode: int, k: int, out_channels: int, mul=None, bias=None, out_group
     def i64(a):
         return _NO_I64 if a is None else a
 
+    pre_s, pre_lo = select_params(*pre, out_channels)
+    post_s, post_lo = select_params(*post, out_channels)
     return _new_epilogue(mode, k, f32(mul), f32(bias), f32(off), i64(thr), i64(dirn), i64(pcflip),
                          i64(pcthr), i64(oword), i64(obit), i64(run8), owords,
-                         pre[0], f32(pre[1]), f32(pre[2]), post[0], f32(post[1]), f32(post[2]),
-                         sign_at_zero)
+                         pre_s, pre_lo, post_s, post_lo, sign_at_zero, out_groups)
 
 
 # -- scalar code ------------------------------------------------------------------------------
@@ -199,24 +201,27 @@ def bit_output(a, dirn, thr):
     return a * dirn < thr
 
 
-@njit(cache=True, inline="always")
-def fuse_pixel(a_out, ob, residual, bits, bb, epi):
-    """:data:`FUSED` for one output pixel whose :data:`FLOAT` values ``y`` are already at
-    elements ``ob .. ob + O - 1`` of the float32 array at address ``a_out``: overwrites them with
-    ``z = post(pre(y) + residual[ob + o])`` and writes the pixel's ``owords`` sign words at
-    ``bits[bb ..]`` (flat uint64)."""
-    oword, obit = epi.oword, epi.obit
-    pre, pre_pos, pre_neg = epi.pre, epi.pre_pos, epi.pre_neg
-    post, post_pos, post_neg = epi.post, epi.post_pos, epi.post_neg
-    nonpos = epi.saz == -1
-    for k in range(epi.owords):
-        bits[bb + k] = 0
-    for o in range(oword.shape[0]):
-        v = act(a_f32(a_out, ob + o), pre, pre_pos[o], pre_neg[o]) + residual[ob + o]
-        z = act(v, post, post_pos[o], post_neg[o])
-        a_store(a_out, ob + o, z)
-        if (not z > 0) if nonpos else z < 0:
-            bits[bb + oword[o]] |= np.uint64(1) << np.uint64(obit[o])
+@njit(cache=True)
+def fuse_pixels(z, obases, bbases, i0, i1, residual, bits, o_total, groups, pre_s, pre_lo, post_s,
+                post_lo, nonpos):
+    """:data:`FUSED` for the output pixels ``i0 <= i < i1`` whose :data:`FLOAT` values ``y`` are
+    already at ``z[obases[i] : obases[i] + O]`` (float32): overwrites them with
+    ``post(pre(y) + residual[obases[i] + o])`` and writes each pixel's sign words at
+    ``bits[bbases[i] ..]`` (flat uint64; ``groups`` output groups of ``O / groups`` channels, each
+    from bit 0 of its first word), packed as :mod:`refbnn.kernels.packing` packs (``nonpos``:
+    ``sign_at_zero=-1``). The non-linearities are :func:`refbnn.kernels.elementwise.act_select`
+    (branch-free) with the slopes ``pre_s``/``post_s`` and floors ``pre_lo``/``post_lo``."""
+    og = o_total // groups
+    wg = (og + 63) // 64
+    for i in range(i0, i1):
+        ob, bb = obases[i], bbases[i]
+        for o in range(o_total):
+            v = act_select(z[ob + o], pre_s, o, pre_lo) + residual[ob + o]
+            z[ob + o] = act_select(v, post_s, o, post_lo)
+        for g in range(groups):
+            for w in range(wg):
+                bits[bb + g * wg + w] = pack_word(z, ob + g * og + 64 * w, min(64, og - 64 * w),
+                                                  nonpos)[0]
 
 
 # -- vector code (LLVM IR) ------------------------------------------------------------------------

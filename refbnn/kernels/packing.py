@@ -27,8 +27,8 @@ DEPS_DIGEST = "e3d40147a5f7e363"
 
 
 @njit(cache=True, inline="always")
-def _word(xf, start, count, nonpos):
-    """(packed word, NaN found) for ``count`` <= 64 values from ``xf[start]``."""
+def pack_word(xf, start, count, nonpos):
+    """(packed word, NaN found) for ``count`` <= 64 values from ``xf[start]`` (module docstring)."""
     if count == 64:
         nan = nan_bits64(xf, start) != 0
         if nonpos:
@@ -75,7 +75,7 @@ def _pack_line(xf, q, d1, d2, channels, groups, out, p1, p2, off1, off2, nonpos)
         base = (q * d2 + i2) * channels
         for g in range(groups):
             for k in range(wg):
-                w, nan = _word(xf, base + g * cg + k * 64, min(64, cg - k * 64), nonpos)
+                w, nan = pack_word(xf, base + g * cg + k * 64, min(64, cg - k * 64), nonpos)
                 out[obase + i2 * cw + g * wg + k] = w
                 nans += nan
     return nans
