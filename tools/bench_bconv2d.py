@@ -23,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from _bench_common import cpu_name, source_revision, write_json
+from _bench_common import cpu_name, save_results
 from bench_kernels import LAYERS, _median_time
 
 FLOOR = 5.0
@@ -120,14 +120,8 @@ def main(argv=None) -> int:
     print("\n".join([f"floor (>= {FLOOR:g}x PyTorch fp32, same run):"] + (notes or ["met"])))
     print(f"cpu: {cpu_name()}, threads {args.threads}, batch {args.batch}")
     if args.out:
-        meta = {"cpu": cpu_name(), "source": source_revision(), "threads": args.threads,
-                "batch": args.batch, "python": sys.version.split()[0], "notes": notes}
-        try:
-            write_json(args.out, {"meta": meta, "results": rows})
-        except OSError as e:
-            print(f"error: cannot write {args.out}: {e}", file=sys.stderr)
-            return 1
-        print(f"wrote {args.out}")
+        return save_results(args.out, {"threads": args.threads, "batch": args.batch,
+                                       "notes": notes}, rows)
     return 0
 
 

@@ -63,7 +63,7 @@ MR = 6  # pixels per tile; bconv_tiles holds kernels for 1..MR
 
 # Numba's cache does not notice edits to imported kernels; this digest of the modules this one
 # imports, transitively (written by ``python refbnn/kernels/_codegen.py``), forces a recompile.
-DEPS_DIGEST = "f895e20c88455f2f"
+DEPS_DIGEST = "19cdca9d28090684"
 
 
 @structref.register
@@ -126,8 +126,6 @@ def bconv_fast(xp, conv, table, out, residual, bits):
     nchunks, owords, tbits = table.nchunks, epi.owords, table.tbits
     fmode = FLOAT if mode == FUSED else mode  # FUSED starts from the FLOAT output
     z = out.view(np.float32)  # the float output (every output is a whole number of 4 bytes)
-    groups, nonpos = epi.groups, epi.saz == -1
-    pre_s, pre_lo, post_s, post_lo = epi.pre_s, epi.pre_lo, epi.post_s, epi.post_lo
     ntiles = tm.shape[0]
     nsteps = conv.soff.shape[0]
     to = 8 * nv
@@ -213,5 +211,4 @@ def bconv_fast(xp, conv, table, out, residual, bits):
                                 a_store(a_out, obase + o,
                                         float_output(a, K, fmode, mul[o], bias[o], off[o]))
             if mode == FUSED:
-                fuse_pixels(z, tout, tbits, s0, s0 + m, residual, bits, O, groups,
-                            pre_s, pre_lo, post_s, post_lo, nonpos)
+                fuse_pixels(z, tout, tbits, s0, s0 + m, residual, bits, epi)

@@ -26,7 +26,7 @@ from .simd import a_or_u64, a_store, popcount64
 
 # Numba's cache does not notice edits to imported kernels; this digest of the modules this one
 # imports, transitively (written by ``python refbnn/kernels/_codegen.py``), forces a recompile.
-DEPS_DIGEST = "663420132055c859"
+DEPS_DIGEST = "b66ac7b71de296bd"
 
 
 @structref.register
@@ -109,8 +109,6 @@ def epilogue_pass(acc, O, epi, pout, out, residual, bits, pbits):
     oword, obit, owords = epi.oword, epi.obit, epi.owords
     fmode = FLOAT if mode == FUSED else mode  # FUSED starts from the FLOAT output
     z = out.view(np.float32)  # the float output (every output is a whole number of 4 bytes)
-    groups, nonpos = epi.groups, epi.saz == -1
-    pre_s, pre_lo, post_s, post_lo = epi.pre_s, epi.pre_lo, epi.post_s, epi.post_lo
     a_out = out.ctypes.data
     for p in prange(pout.shape[0]):
         ob = pout[p]
@@ -125,5 +123,4 @@ def epilogue_pass(acc, O, epi, pout, out, residual, bits, pbits):
                 a_store(a_out, ob + o, float_output(np.int64(acc[p * O + o]), K, fmode, mul[o],
                                                     bias[o], off[o]))
             if mode == FUSED:
-                fuse_pixels(z, pout, pbits, p, p + 1, residual, bits, O, groups,
-                            pre_s, pre_lo, post_s, post_lo, nonpos)
+                fuse_pixels(z, pout, pbits, p, p + 1, residual, bits, epi)

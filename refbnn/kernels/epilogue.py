@@ -48,7 +48,7 @@ from .simd import V8, addr_ptr, elem_ptr, splat, vec8
 
 # Numba's cache does not notice edits to imported kernels; this digest of the modules this one
 # imports, transitively (written by ``python refbnn/kernels/_codegen.py``), forces a recompile.
-DEPS_DIGEST = "7449eb0412715bc2"
+DEPS_DIGEST = "c0085d171ceaa7f1"
 
 # output modes
 INT32, FLOAT, FLOAT_LCE, BITS, FUSED = 0, 1, 2, 3, 4
@@ -202,15 +202,16 @@ def bit_output(a, dirn, thr):
 
 
 @njit(cache=True)
-def fuse_pixels(z, obases, bbases, i0, i1, residual, bits, o_total, groups, pre_s, pre_lo, post_s,
-                post_lo, nonpos):
+def fuse_pixels(z, obases, bbases, i0, i1, residual, bits, epi):
     """:data:`FUSED` for the output pixels ``i0 <= i < i1`` whose :data:`FLOAT` values ``y`` are
     already at ``z[obases[i] : obases[i] + O]`` (float32): overwrites them with
     ``post(pre(y) + residual[obases[i] + o])`` and writes each pixel's sign words at
-    ``bits[bbases[i] ..]`` (flat uint64; ``groups`` output groups of ``O / groups`` channels, each
-    from bit 0 of its first word), packed as :mod:`refbnn.kernels.packing` packs (``nonpos``:
-    ``sign_at_zero=-1``). The non-linearities are :func:`refbnn.kernels.elementwise.act_select`
-    (branch-free) with the slopes ``pre_s``/``post_s`` and floors ``pre_lo``/``post_lo``."""
+    ``bits[bbases[i] ..]`` (flat uint64; ``epi.groups`` output groups of ``O / groups`` channels,
+    each from bit 0 of its first word), packed as :mod:`refbnn.kernels.packing` packs. The
+    non-linearities are :func:`refbnn.kernels.elementwise.act_select` (branch-free). A plain
+    function (called once per tile), not inlined."""
+    o_total, groups, nonpos = epi.oword.shape[0], epi.groups, epi.saz == -1
+    pre_s, pre_lo, post_s, post_lo = epi.pre_s, epi.pre_lo, epi.post_s, epi.post_lo
     og = o_total // groups
     wg = (og + 63) // 64
     for i in range(i0, i1):

@@ -171,8 +171,8 @@ def pack_hwio(k, taps, cg, o, below, out):
     0 gives ``sign_at_zero=+1``; the smallest positive value of the dtype gives ``not v > 0``
     (``sign_at_zero=-1``) for every non-NaN ``v``, ``-0.0`` included. Each input row
     ``k[t, i, :]`` is read once, contiguously, into the ``o`` words of its block. Returns the
-    number of blocks that met a NaN (their bits are meaningless; the caller raises). Blocks ``(t, j)`` are
-    split over numba's threads.
+    number of blocks that met a NaN (their bits are meaningless; the caller raises). Blocks
+    ``(t, j)`` are split over numba's threads.
     """
     k3 = k.reshape(taps, cg, o)
     out3 = out.reshape(taps, (cg + 63) // 64, o)
