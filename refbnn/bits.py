@@ -70,6 +70,21 @@ def sign(x, sign_at_zero: int = 1) -> np.ndarray:
     return np.where(x > 0, np.int8(1), np.int8(-1))
 
 
+_BYTE_POPCOUNT = np.array([bin(b).count("1") for b in range(256)], dtype=np.uint8)
+
+
+def popcount(words) -> np.ndarray:
+    """Number of 1 bits of each element of the unsigned or signed integer array ``words``, as
+    ``uint8`` of the same shape (byte lookup table: the same on every NumPy >= 1.26; NumPy 2's
+    ``np.bitwise_count`` does not exist there). Independent of byte order."""
+    words = np.asarray(words)
+    if words.dtype.kind not in "ui":
+        raise ValueError(f"popcount needs an integer array, got {words.dtype}")
+    flat = np.ascontiguousarray(words.reshape(-1))
+    counts = _BYTE_POPCOUNT[flat.view(np.uint8)].reshape(flat.size, words.dtype.itemsize)
+    return counts.sum(axis=-1, dtype=np.uint8).reshape(words.shape)
+
+
 def words64_to_words32(packed: np.ndarray, n: int) -> np.ndarray:
     """Convert packed ``uint64`` words (last axis) to LCE's ``int32`` words for ``n`` values.
 

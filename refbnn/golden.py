@@ -3,10 +3,14 @@
 Writes ``OUT_DIR/ops.h5`` (bit ops, expected values from the NumPy oracle), ``OUT_DIR/layers.h5``
 (training layers, forward and backward) and ``OUT_DIR/model.h5`` (a model's per-layer outputs in
 eval mode and one training step), as specified in ``docs/golden.md``. The model is a preset
-(``--model``, small input by default) or a refbnn weight file (``--weights``).
+(``--model``, small input by default) or a refbnn weight file (``--weights``). ``--format`` picks
+the form: ``hdf5`` (default), ``npz`` (``ops.npz``, ...), ``bin`` (``OUT_DIR/bin/``: raw
+little-endian arrays and ``manifest.json``) or ``c`` (``OUT_DIR/c/``: C headers and a header-only
+checker); ``--max-bytes`` caps the model cases' arrays (default 16 MiB; nothing is written above it).
 
 ``python -m refbnn.golden --check FILE [FILE ...]`` recomputes every case with refbnn's fast paths
-and prints every mismatch. Exit status: 0 all agree, 1 mismatches, 2 bad arguments or a bad file.
+and prints every mismatch (``.h5``, ``.npz`` or ``bin/manifest.json``). Exit status: 0 all agree,
+1 mismatches, 2 bad arguments or a bad file.
 """
 
 from __future__ import annotations
@@ -31,9 +35,15 @@ def parse_args(argv):
                    help="preset input C,H,W (default 1,12,12; odd sizes after stride 2)")
     p.add_argument("--width", type=float, default=0.125, help="preset width multiplier (0.125)")
     p.add_argument("--num-classes", type=int, default=10, help="preset classes (default 10)")
+    p.add_argument("--format", choices=("hdf5", "npz", "bin", "c"), default="hdf5",
+                   help="hdf5 (default), npz, bin (raw .bin + manifest.json) or c (C headers)")
+    p.add_argument("--max-bytes", type=int, default=16 * 2**20,
+                   help="cap on the model cases' array bytes (default 16 MiB)")
     args = p.parse_args(argv)
     if (args.out_dir is None) == (args.check is None):
         p.error("give either OUT_DIR or --check FILE")
+    if args.max_bytes < 1:
+        p.error(f"--max-bytes must be positive, got {args.max_bytes}")
     return args
 
 
@@ -84,7 +94,8 @@ def main(argv=None) -> int:
 
     try:
         net = load_model(args)
-        paths = goldenlib.generate(args.out_dir, net, args.seed, args.batch, refbnn.__version__)
+        paths = goldenlib.generate(args.out_dir, net, args.seed, args.batch, refbnn.__version__,
+                                   fmt=args.format, max_bytes=args.max_bytes)
     except (fileformat.FormatError, ValueError, KeyError, OSError) as e:
         return fail(e)
     for path in paths:

@@ -47,7 +47,7 @@ class UserError(Exception):
 def load_runner(path, engine_kind):
     """(predict function NCHW float32 -> logits, LoadedFile)."""
     from refbnn import fileformat, models
-    from refbnn.engine import EngineError, compile_model
+    from refbnn.engine import Engine, EngineError
 
     if not os.path.exists(path):
         raise UserError(f"{path}: no such file")
@@ -57,6 +57,14 @@ def load_runner(path, engine_kind):
         raise UserError(str(e)) from None
     except OSError as e:
         raise UserError(f"{path}: cannot read: {e}") from None
+    if engine_kind == "packed":
+        # built from the config and the named tensors: a packed-only file needs no float model
+        try:
+            return Engine.from_file(f).forward, f
+        except EngineError as e:  # e.g. sign_at_zero=0 (converted official Bi-Real Net checkpoints)
+            raise UserError(f"{path}: {e}; --engine reference runs it on the float path") from None
+        except models.ConfigError as e:
+            raise UserError(f"{path}: {e}") from None
     try:
         model = models.build(f.config)
     except ValueError as e:
@@ -70,13 +78,7 @@ def load_runner(path, engine_kind):
             state[name] = (state[name] * a).astype(np.float32)
     model.load_state_dict(state)
     model.eval()
-    if engine_kind == "reference":
-        return model.forward, f
-    try:
-        engine = compile_model(model, packed=dict(f.packed), scales=scales)
-    except EngineError as e:
-        raise UserError(f"{path}: {e}") from None
-    return engine.forward, f
+    return model.forward, f
 
 
 def image_batch(paths, spec, invert):

@@ -17,7 +17,12 @@ PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 
 
 def _font(size=14):
-    return ImageFont.load_default(size=size)
+    """pillow's built-in font at ``size`` pixels (FreeType, pillow >= 10.1); pillow 10.0's
+    ``load_default`` takes no size and gives its fixed bitmap font, which draws smaller labels."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
 
 
 def save_png(image: Image.Image, path) -> Path:

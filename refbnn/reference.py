@@ -152,6 +152,53 @@ def output_transform_lce(acc, k, multiplier, bias):
     return (prod + offset).astype(np.float32)
 
 
+def padded_tap_sum(kernel, in_hw, padding, stride=1, dilation=1, sign_at_zero=1):
+    """For each output pixel, the sum of ``sign(kernel)`` over the taps that fall in the padding.
+
+    ``kernel`` ``(KH, KW, Cg, O)`` real; returns ``(corr, has_pad)``: ``corr`` int64
+    ``(OH, OW, O)`` with ``corr[i, j, o] = sum`` over taps ``(a, b)`` of pixel ``(i, j)`` outside
+    the ``in_hw`` input of ``sum_c sign(kernel)[a, b, c, o]``, and ``has_pad`` bool ``(OH, OW)``,
+    whether pixel ``(i, j)`` has any such tap. The accumulator with pad value +1 is the one with
+    zero padding plus ``corr``: ``bconv2d(.., pad_value=1) = bconv2d(.., pad_value=0) + corr``.
+    """
+    ws = sign(kernel, sign_at_zero).sum(axis=2)  # (KH, KW, O)
+    kh, kw, o = ws.shape
+    h, w = in_hw
+    sh, sw = pair(stride)
+    dh, dw = pair(dilation)
+    top, bottom, left, right = explicit_padding(padding, (h, w), (kh, kw), (sh, sw), (dh, dw))
+    oh = (h + top + bottom - (kh - 1) * dh - 1) // sh + 1
+    ow = (w + left + right - (kw - 1) * dw - 1) // sw + 1
+    corr = np.zeros((oh, ow, o), dtype=np.int64)
+    has_pad = np.zeros((oh, ow), dtype=bool)
+    for i in range(oh):
+        for j in range(ow):
+            for a in range(kh):
+                for b in range(kw):
+                    y, x = i * sh + a * dh - top, j * sw + b * dw - left
+                    if not (0 <= y < h and 0 <= x < w):
+                        corr[i, j] += ws[a, b].astype(np.int64)
+                        has_pad[i, j] = True
+    return corr, has_pad
+
+
+def output_transform_lce_zero_padding(acc, corr, has_pad, k, multiplier, bias):
+    """LCE's float output of a zero-padded binary conv, reproduced exactly (``zero_padding_correction``).
+
+    LCE pads with +1 (its bit 0), applies :func:`output_transform_lce` to that one-padded
+    accumulator ``acc + corr`` (``k`` counting every tap), then adds to each border pixel
+    (``has_pad``) the cached ``float32(float32(-multiplier) * float32(corr))``, rounding once more.
+    ``acc`` ``(..., OH, OW, O)`` is the zero-padded accumulator (:func:`bconv2d`, ``pad_value=0``),
+    ``corr`` and ``has_pad`` from :func:`padded_tap_sum`. Returns float32. LCE's own kernel derives
+    ``corr`` from one side per border (top or bottom, left or right), so its result is wrong when
+    the kernel reaches past the whole input; this function is what LCE means, not that defect.
+    """
+    m = np.asarray(multiplier, dtype=np.float32)
+    y = output_transform_lce(np.asarray(acc) + corr, k, m, bias)
+    c = ((-m) * np.asarray(corr).astype(np.float32)).astype(np.float32)
+    return np.where(has_pad[..., None], (y + c).astype(np.float32), y).astype(np.float32)
+
+
 def threshold_output(acc, multiplier, bias, sign_at_zero=1):
     """Binary output of a binary layer: ``sign(output_transform(acc, multiplier, bias))``, +-1 float64.
 

@@ -15,6 +15,7 @@ import pytest
 from refbnn import models
 from refbnn.crosscheck import NEAR_ZERO, run_refbnn, run_torch
 from refbnn.goldenlib.model import is_binary, randomize_state
+from refbnn.interop.checkpoints import ConversionError
 
 torch = pytest.importorskip("torch")
 from refbnn.interop.torch import (  # noqa: E402  (needs torch)
@@ -157,10 +158,10 @@ def test_load_official_birealnet_names_problems():
     state = models.BNNResNet(config).state_dict()
     ckpt = _official_layout(state)["state_dict"]
     extra = OrderedDict(ckpt, **{"module.layer9.0.bn1.weight": torch.zeros(3)})
-    with pytest.raises(KeyError, match=r"layer9\.0\.bn1\.weight"):
+    with pytest.raises(ConversionError, match=r"layer9\.0\.bn1\.weight"):
         load_official_birealnet(extra, config)
-    missing = OrderedDict((k, v) for k, v in ckpt.items() if "layer2.1.bn1" not in k)
-    with pytest.raises(KeyError, match=r"layer2\.1\.bn1"):
+    missing = OrderedDict((k, v) for k, v in ckpt.items() if "layer2.1.bn1.weight" not in k)
+    with pytest.raises(ConversionError, match=r"layer2\.1\.bn1"):
         load_official_birealnet(missing, config)
 
 

@@ -6,11 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from numba import njit
 
 import refbnn
 from refbnn import reference as ref
-from refbnn.kernels.elementwise import act, act_select, select_params
 
 IMPLS = ["portable", "fast"]
 VALUES = st.sampled_from([0.0, -0.0, 1.0, -1.0, 0.5, -3.0])
@@ -231,26 +229,3 @@ def test_fused_output_argument_errors():
         with pytest.raises(ValueError, match=match) as info:
             call()
         assert "\n" not in str(info.value)
-
-
-def _both_activations(v, code, pos, neg, slopes, lo):
-    a = np.empty_like(v)
-    b = np.empty_like(v)
-    for i in range(v.shape[0]):
-        a[i] = act(v[i], code, pos, neg)
-        b[i] = act_select(v[i], slopes, i, lo)
-    return a, b
-
-
-@given(st.sampled_from([0, 1, 2, 3]), SLOPES, SLOPES,
-       hnp.arrays(np.float32, 16, elements=VALUES | st.floats(width=32, allow_nan=False)))
-def test_branch_free_activation_equals_the_defined_one(code, pos, neg, v):
-    """act_select (the fused epilogue's) equals act (the engine's) up to the sign of a zero
-    (0 * inf is NaN in both)."""
-    both = _BOTH[0] = _BOTH[0] or njit(_both_activations)
-    slopes, lo = select_params(code, np.full(16, pos, np.float32), np.full(16, neg, np.float32), 16)
-    a, b = both(v, code, np.float32(pos), np.float32(neg), slopes, lo)
-    assert np.array_equal(a, b, equal_nan=True)
-
-
-_BOTH = [None]

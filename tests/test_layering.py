@@ -11,18 +11,22 @@ PACKAGE = Path(refbnn.__file__).parent
 RANKS = {
     "refbnn.bits": 0,
     "refbnn.reference": 0,
+    "refbnn.scale": 0,
     "refbnn.kernels": 1,  # pure compute: no validation, nothing from refbnn.ops
     "refbnn.ops": 2,
     "refbnn": 2,  # the package facade re-exports the public ops
     "refbnn.data": 2,
     "refbnn.plot": 2,
     "refbnn.cli_util": 2,
+    "refbnn.atomicio": 2,
     "refbnn.nn": 3,
     "refbnn.models": 4,
     "refbnn.training": 5,
-    "refbnn.engine": 5,
+    "refbnn.engine": 6,  # Engine.from_file reads files (refbnn.fileformat)
     "refbnn.fileformat": 6,
+    "refbnn.fileformat_v1": 6,
     "refbnn.interop": 6,
+    "refbnn.interop.train_torch": 7,  # a command-line tool (uses refbnn.train's recipe defaults)
     "refbnn.goldenlib": 6,
     "refbnn.budget": 7,
     "refbnn.train": 7,
@@ -31,6 +35,7 @@ RANKS = {
     "refbnn.crosscheck": 7,
     "refbnn.experiments": 7,
     "refbnn.export": 7,
+    "refbnn.convert": 7,
 }
 
 

@@ -21,7 +21,8 @@ def signed_arrays(draw, min_dims=1, max_dims=4, max_side=9, max_last=150):
     shape = tuple(draw(st.integers(1, max_side)) for _ in range(ndim - 1))
     shape += (draw(st.integers(1, max_last)),)
     if dtype.kind == "f":
-        elems = st.sampled_from([0.0, -0.0, 1.5, -2.0, 1e-30, -1e-30, np.inf, -np.inf]) | \
+        tiny = float(np.finfo(dtype).smallest_subnormal)  # representable in every float dtype
+        elems = st.sampled_from([0.0, -0.0, 1.5, -2.0, tiny, -tiny, np.inf, -np.inf]) | \
             st.floats(-4, 4, width=16)
     else:
         elems = st.integers(-3, 3)

@@ -47,6 +47,7 @@ from refbnn.models.diagnostics import binary_input_stats
 from refbnn.nn import functional as F
 from refbnn.nn.init import manual_seed
 from refbnn.plot import line_chart, save_png, scatter
+from refbnn.scale import mean_abs_scale
 from refbnn.training.trainer import NonFiniteLoss, Recipe, Trainer
 
 VARIANTS = OrderedDict(linear="Linear", binary="Binary", prelu="PReLU", relu="ReLU")
@@ -158,7 +159,7 @@ def slot_discrepancy(conv, x) -> tuple[float, float]:
     if isinstance(conv, nn.BinaryConv2d):
         acc = conv.accumulators(x)
         out = acc * conv.weight_scale(x.dtype)[:, None, None]
-        alpha = np.abs(w).reshape(w.shape[0], -1).mean(axis=1).astype(x.dtype)
+        alpha = mean_abs_scale(w, x.dtype)
         approx = acc * alpha[:, None, None]
     else:
         out = approx = conv.forward(x)

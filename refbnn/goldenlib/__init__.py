@@ -1,41 +1,114 @@
-"""Golden vectors: language-neutral HDF5 test cases for other BNN implementations.
+"""Golden vectors: language-neutral test cases for other BNN implementations.
 
-``docs/golden.md`` is the specification. :func:`generate` writes ``ops.h5`` (bit ops, expected
-values from the oracle :mod:`refbnn.reference`), ``layers.h5`` (training layers forward and
-backward) and ``model.h5`` (a model's per-layer outputs and one training step); :func:`check`
-recomputes a file's cases with refbnn's fast paths and lists every mismatch.
+``docs/golden.md`` is the specification. :func:`generate` writes the cases of ``ops`` (bit ops,
+expected values from the oracle :mod:`refbnn.reference`), ``layers`` (training layers forward and
+backward) and ``model`` (a model's per-layer outputs and one training step) in one of four forms:
+HDF5 (``ops.h5``, ...), NumPy ``.npz``, raw ``.bin`` files with a JSON manifest (``bin/``) or C
+headers (``c/``); :func:`check` recomputes a file's cases with refbnn's fast paths and lists every
+mismatch (HDF5, ``.npz`` and ``bin/manifest.json``).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import numpy as np
 
-from refbnn.goldenlib import layers, model, ops
+from refbnn.goldenlib import binio, cheader, layers, model, npzio, ops, stacks
 from refbnn.goldenlib.fileio import Case, GoldenError, GoldenFile, read, write
 
 __all__ = ["Case", "GoldenError", "GoldenFile", "Mismatch", "check", "compare", "generate",
-           "read", "recompute", "write"]
+           "read", "read_any", "recompute", "write"]
 
 FILES = ("ops.h5", "layers.h5", "model.h5")
+FORMATS = ("hdf5", "npz", "bin", "c")
+DEFAULT_MAX_BYTES = 16 * 2**20  # raw bytes of the model file's arrays (16 MiB)
 
 
-def generate(out_dir, net, seed: int = 0, batch: int = 4, version: str = "") -> list[str]:
-    """Write the three golden files for model ``net`` (a built ``BNNResNet``) into ``out_dir``."""
+def nbytes(golden: GoldenFile) -> int:
+    """Raw bytes of every array of ``golden`` (inputs, outputs, weights)."""
+    total = sum(np.asarray(v).nbytes for v in golden.arrays.values())
+    for c in golden.cases:
+        total += sum(np.asarray(v).nbytes for v in (*c.inputs.values(), *c.outputs.values()))
+    return total
+
+
+def build(net, seed: int = 0, batch: int = 4, max_bytes: int | None = DEFAULT_MAX_BYTES) -> list:
+    """The three :class:`GoldenFile` objects (``ops``, ``layers``, ``model``), stacks annotated.
+
+    Raises ``ValueError`` when the model file's arrays exceed ``max_bytes`` (``None``: no cap)."""
+    files = [GoldenFile("ops", seed, {}, ops.op_cases(seed)),
+             GoldenFile("layers", seed, {}, layers.layer_cases(seed)),
+             GoldenFile("model", seed, {"config": net.config, "batch": batch},
+                        model.model_cases(net, seed, batch), dict(net.state_dict()))]
+    for g in files:
+        stacks.annotate(g.kind, g.cases, g.meta)
+    size = nbytes(files[2])
+    if max_bytes is not None and size > max_bytes:
+        raise ValueError(f"the model cases hold {size} bytes of arrays, over --max-bytes {max_bytes}; "
+                         "use a smaller --input-shape, --batch or --width, or raise --max-bytes")
+    return files
+
+
+def _replace_folder(out_dir, name, fill, marker) -> str:
+    """Write a folder ``out_dir/name`` through ``fill(tmp_folder)`` in a temporary sibling, then swap
+    it in; an existing ``name`` is replaced only if it holds ``marker`` (a golden folder)."""
+    dest = os.path.join(out_dir, name)
+    if os.path.exists(dest) and not os.path.isfile(os.path.join(dest, marker)):
+        raise ValueError(f"{dest} exists and is not a golden folder (no {marker}); "
+                         "remove it or choose another OUT_DIR")
+    tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=out_dir)
+    old = None
+    try:
+        fill(tmp)
+        if os.path.exists(dest):
+            old = tempfile.mkdtemp(prefix=f".{name}.old.", dir=out_dir)
+            os.replace(dest, os.path.join(old, name))
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+def generate(out_dir, net, seed: int = 0, batch: int = 4, version: str = "", fmt: str = "hdf5",
+             max_bytes: int | None = DEFAULT_MAX_BYTES) -> list[str]:
+    """Write the golden files for model ``net`` (a built ``BNNResNet``) into ``out_dir`` in form
+    ``fmt`` (``FORMATS``); returns the paths written. Nothing is written when the model cases
+    exceed ``max_bytes``."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown golden format {fmt!r}; one of {', '.join(FORMATS)}")
+    files = build(net, seed, batch, max_bytes)
     os.makedirs(out_dir, exist_ok=True)
-    files = {
-        "ops.h5": GoldenFile("ops", seed, {}, ops.op_cases(seed)),
-        "layers.h5": GoldenFile("layers", seed, {}, layers.layer_cases(seed)),
-        "model.h5": GoldenFile("model", seed, {"config": net.config, "batch": batch},
-                               model.model_cases(net, seed, batch), dict(net.state_dict())),
-    }
+    if fmt == "bin":
+        dest = _replace_folder(out_dir, "bin", lambda d: binio.write(d, files, version), binio.MANIFEST)
+        return [os.path.join(dest, binio.MANIFEST)]
+    if fmt == "c":
+        dest = _replace_folder(out_dir, "c", lambda d: cheader.write(d, files, version),
+                               cheader.CHECKER)
+        return [os.path.join(dest, f"{g.kind}.h") for g in files] + [os.path.join(dest, cheader.CHECKER)]
+    writer, ext = (write, ".h5") if fmt == "hdf5" else (npzio.write, ".npz")
     paths = []
-    for name, golden in files.items():
-        path = os.path.join(out_dir, name)
-        write(path, golden, version)
+    for golden in files:
+        path = os.path.join(out_dir, golden.kind + ext)
+        writer(path, golden, version)
         paths.append(path)
     return paths
+
+
+def read_any(path) -> list[GoldenFile]:
+    """The golden files at ``path``: an HDF5 file, a ``.npz`` file or a ``bin/manifest.json``."""
+    p = os.fspath(path)
+    if p.endswith(".npz"):
+        return [npzio.read(p)]
+    if p.endswith(".json"):
+        return binio.read(p)
+    return [read(p)]
 
 
 def recompute(golden: GoldenFile, case: Case, impl: str | None = None) -> dict:
@@ -94,7 +167,14 @@ def check(path) -> list[Mismatch]:
     binary convolutions are recomputed with both kernel paths.
 
     Raises :class:`GoldenError` if the file cannot be read or a case cannot be run."""
-    golden = read(path)
+    mismatches = []
+    for golden in read_any(path):
+        mismatches += check_file(golden)
+    return mismatches
+
+
+def check_file(golden: GoldenFile) -> list[Mismatch]:
+    """Every mismatch between one golden file's cases and refbnn's recomputation."""
     mismatches = []
     for case in golden.cases:
         both = golden.kind == "ops" and case.op in ops.KERNEL_OPS

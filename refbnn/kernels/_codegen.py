@@ -1,10 +1,11 @@
 """Generated code and Numba cache stamps: ``python refbnn/kernels/_codegen.py`` refreshes both
 (``python -m refbnn.kernels._codegen`` too, while the package imports).
 
-1. :mod:`refbnn.kernels.bconv_tiles` (register-blocked XOR-popcount micro-kernels). Numba cannot
-   keep an array of vectors in registers, so each tile shape is written out with named
-   accumulators. The output is a real module (cacheable by Numba, unlike ``exec``'d strings),
-   committed to the repository.
+1. Generated modules: :mod:`refbnn.kernels.bconv_tiles` (register-blocked XOR-popcount
+   micro-kernels, written here) and :mod:`refbnn.kernels.ftiles` (float32 FMA micro-kernels,
+   :mod:`refbnn.kernels._ftiles_codegen`). Numba cannot keep an array of vectors in registers, so
+   each tile shape is written out with named accumulators. The outputs are real modules
+   (cacheable by Numba, unlike ``exec``'d strings), committed to the repository.
 2. ``DEPS_DIGEST``: Numba's on-disk cache of a function is keyed to its own source file only, so a
    cached kernel would keep stale code after an edit of a module it imports kernels or intrinsics
    from. Every module of the package that caches Numba code (``cache=True``) and imports other
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import importlib.util
 import re
 from pathlib import Path
 
@@ -224,8 +226,7 @@ def stamped(source: str, module: str) -> str:
     return _DIGEST_LINE.sub(f'DEPS_DIGEST = "{deps_digest(source, module)}"', source, count=1)
 
 
-def generate() -> str:
-    """The text of ``bconv_tiles.py``, stamped against the modules it imports as they are now."""
+def _tiles_text() -> str:
     digest = ("# Numba's cache does not notice edits to imported kernels; this digest of the modules\n"
               "# imported here (written by the generator) makes their edit change this file, hence a "
               'recompile.\nDEPS_DIGEST = "0000000000000000"\n')
@@ -233,19 +234,42 @@ def generate() -> str:
     for nv in NV_CHOICES:
         parts += [_tile(m, nv) for m in range(1, MR_MAX + 1)]
     parts.append(_dispatch())
-    return stamped("\n\n".join(parts), _module_name(TARGET))
+    return "\n\n".join(parts)
+
+
+def generate(target: Path = TARGET) -> str:
+    """The text of the generated module ``target`` (default ``bconv_tiles.py``), stamped against
+    the modules it imports as they are now."""
+    return stamped(_generators()[target][0](), _module_name(target))
+
+
+def _sibling(name: str):
+    """A generator module beside this one, loaded by path (so this file also runs as a script,
+    without importing the refbnn package, whose import needs the generated code)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _generators() -> dict:
+    """Generated file -> ``(function returning its unstamped text, its header)``."""
+    ftiles = _sibling("_ftiles_codegen")
+    return {TARGET: (_tiles_text, HEADER), ftiles.TARGET: (ftiles.generate, ftiles.HEADER)}
 
 
 def _text(p: Path) -> str:
-    """A module's source; for ``bconv_tiles.py`` the header the generator writes (its imports)."""
-    return HEADER if p == TARGET else p.read_text()
+    """A module's source; for a generated module the header its generator writes (its imports)."""
+    gens = _generators()
+    return gens[p][1] if p in gens else p.read_text()
 
 
 def _stamp_order() -> list[Path]:
     """Every module needing a digest (``bconv_tiles.py`` included), each after the modules it
     depends on."""
-    paths = [p for p in sorted(PACKAGE.rglob("*.py")) if p == TARGET
-             or needs_digest(p.read_text(), _module_name(p))]
+    gens = _generators()
+    paths = sorted(set(gens) | {p for p in PACKAGE.rglob("*.py")
+                                if p not in gens and needs_digest(p.read_text(), _module_name(p))})
     order, placed = [], set()
 
     def place(p):
@@ -263,7 +287,7 @@ def _stamp_order() -> list[Path]:
 
 
 def _current(p: Path) -> str:
-    return generate() if p == TARGET else stamped(p.read_text(), _module_name(p))
+    return generate(p) if p in _generators() else stamped(p.read_text(), _module_name(p))
 
 
 def stale() -> list[str]:
@@ -272,7 +296,7 @@ def stale() -> list[str]:
     out = []
     for p in _stamp_order():
         try:
-            if _current(p) != p.read_text():
+            if not p.exists() or _current(p) != p.read_text():
                 out.append(_module_name(p))
         except ValueError as e:
             out.append(str(e))

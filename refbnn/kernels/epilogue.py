@@ -27,7 +27,9 @@ output mode:
   :func:`refbnn.kernels.elementwise.act` (per-channel slopes ``pre_pos``/``pre_neg``,
   ``post_pos``/``post_neg``), each step one float32 rounding; writes the float32 ``z`` and its
   packed sign under ``sign_at_zero`` (``z < 0``, or ``not z > 0`` for -1; bit positions as for
-  :data:`BITS`): the residual stream and the next binary layer's input in one pass.
+  :data:`BITS`): the residual stream and the next binary layer's input in one pass, with the
+  engine's per-pixel merge and pack (:func:`~refbnn.kernels.elementwise.merge_pixel`,
+  :func:`~refbnn.kernels.elementwise.pack_pixel`).
 
 A micro-kernel finishes its ``m x 8*NV`` block itself in one of the tile modes :data:`TILE_INT32`,
 :data:`TILE_INT32_CORR`, :data:`TILE_BITS`, :data:`TILE_BITS_CORR`, or leaves the popcounts in a
@@ -42,13 +44,12 @@ from numba import njit, types
 from numba.experimental import structref
 from numba.extending import intrinsic
 
-from .elementwise import NONE, act_select, select_params
-from .packing import pack_word
+from .elementwise import NONE, merge_pixel, pack_pixel
 from .simd import V8, addr_ptr, elem_ptr, splat, vec8
 
 # Numba's cache does not notice edits to imported kernels; this digest of the modules this one
 # imports, transitively (written by ``python refbnn/kernels/_codegen.py``), forces a recompile.
-DEPS_DIGEST = "c0085d171ceaa7f1"
+DEPS_DIGEST = "8e8526734c8c3bfd"
 
 # output modes
 INT32, FLOAT, FLOAT_LCE, BITS, FUSED = 0, 1, 2, 3, 4
@@ -75,8 +76,8 @@ class Epilogue(structref.StructRefProxy):
     Fields (see the module docstring): ``mode``, ``k``, ``mul``/``bias``/``off`` (float32, ``(O,)``),
     ``thr``/``dirn``/``pcflip``/``pcthr``/``oword``/``obit``/``run8`` (int64, ``(O,)``),
     ``owords``, and for :data:`FUSED` the non-linearities as
-    :func:`~refbnn.kernels.elementwise.act_select` parameters ``pre_s``/``pre_lo`` and
-    ``post_s``/``post_lo``, ``saz`` and ``groups`` (output groups of the packed
+    codes ``pre``/``post`` with slopes ``pre_pos``/``pre_neg``/``post_pos``/``post_neg`` (float32
+    ``(O,)``), ``saz`` and ``groups`` (output groups of the packed
     bits). Fields a mode does not read hold one element.
     """
 
@@ -87,20 +88,22 @@ _I64A = types.Array(types.int64, 1, "C")
 EPILOGUE = EpilogueType([("mode", types.int64), ("k", types.int64), ("mul", _F32A),
                          ("bias", _F32A), ("off", _F32A), ("thr", _I64A), ("dirn", _I64A),
                          ("pcflip", _I64A), ("pcthr", _I64A), ("oword", _I64A), ("obit", _I64A),
-                         ("run8", _I64A), ("owords", types.int64), ("pre_s", _F32A),
-                         ("pre_lo", types.float32), ("post_s", _F32A), ("post_lo", types.float32),
-                         ("saz", types.int64), ("groups", types.int64)])
+                         ("run8", _I64A), ("owords", types.int64), ("pre", types.int64),
+                         ("pre_pos", _F32A), ("pre_neg", _F32A), ("post", types.int64),
+                         ("post_pos", _F32A), ("post_neg", _F32A), ("saz", types.int64),
+                         ("groups", types.int64)])
 
 
 @njit(cache=True)
 def _new_epilogue(mode, k, mul, bias, off, thr, dirn, pcflip, pcthr, oword, obit, run8, owords,
-                  pre_s, pre_lo, post_s, post_lo, saz, groups):
+                  pre, pre_pos, pre_neg, post, post_pos, post_neg, saz, groups):
     e = structref.new(EPILOGUE)
     e.mode, e.k, e.owords = mode, k, owords
     e.mul, e.bias, e.off = mul, bias, off
     e.thr, e.dirn, e.pcflip, e.pcthr = thr, dirn, pcflip, pcthr
     e.oword, e.obit, e.run8 = oword, obit, run8
-    e.pre_s, e.pre_lo, e.post_s, e.post_lo = pre_s, pre_lo, post_s, post_lo
+    e.pre, e.pre_pos, e.pre_neg, e.post, e.post_pos, e.post_neg = \
+        pre, pre_pos, pre_neg, post, post_pos, post_neg
     e.saz, e.groups = saz, groups
     return e
 
@@ -176,11 +179,13 @@ def prepare(mode: int, k: int, out_channels: int, mul=None, bias=None, out_group
     def i64(a):
         return _NO_I64 if a is None else a
 
-    pre_s, pre_lo = select_params(*pre, out_channels)
-    post_s, post_lo = select_params(*post, out_channels)
+    def slopes(a):
+        return np.ones(out_channels, np.float32) if a is None else a
+
     return _new_epilogue(mode, k, f32(mul), f32(bias), f32(off), i64(thr), i64(dirn), i64(pcflip),
                          i64(pcthr), i64(oword), i64(obit), i64(run8), owords,
-                         pre_s, pre_lo, post_s, post_lo, sign_at_zero, out_groups)
+                         pre[0], slopes(pre[1]), slopes(pre[2]), post[0], slopes(post[1]),
+                         slopes(post[2]), sign_at_zero, out_groups)
 
 
 # -- scalar code ------------------------------------------------------------------------------
@@ -207,22 +212,15 @@ def fuse_pixels(z, obases, bbases, i0, i1, residual, bits, epi):
     already at ``z[obases[i] : obases[i] + O]`` (float32): overwrites them with
     ``post(pre(y) + residual[obases[i] + o])`` and writes each pixel's sign words at
     ``bits[bbases[i] ..]`` (flat uint64; ``epi.groups`` output groups of ``O / groups`` channels,
-    each from bit 0 of its first word), packed as :mod:`refbnn.kernels.packing` packs. The
-    non-linearities are :func:`refbnn.kernels.elementwise.act_select` (branch-free). A plain
-    function (called once per tile), not inlined."""
-    o_total, groups, nonpos = epi.oword.shape[0], epi.groups, epi.saz == -1
-    pre_s, pre_lo, post_s, post_lo = epi.pre_s, epi.pre_lo, epi.post_s, epi.post_lo
-    og = o_total // groups
+    each from bit 0 of its first word). A plain function, called once per tile."""
+    o, groups, nonpos = epi.oword.shape[0], epi.groups, epi.saz == -1
+    og = o // groups
     wg = (og + 63) // 64
     for i in range(i0, i1):
-        ob, bb = obases[i], bbases[i]
-        for o in range(o_total):
-            v = act_select(z[ob + o], pre_s, o, pre_lo) + residual[ob + o]
-            z[ob + o] = act_select(v, post_s, o, post_lo)
-        for g in range(groups):
-            for w in range(wg):
-                bits[bb + g * wg + w] = pack_word(z, ob + g * og + 64 * w, min(64, og - 64 * w),
-                                                  nonpos)[0]
+        ob = obases[i]
+        merge_pixel(z, ob, residual, ob, o, o, epi.pre, epi.pre_pos, epi.pre_neg, epi.post,
+                    epi.post_pos, epi.post_neg)
+        pack_pixel(z, ob, groups, og, wg, bits, bbases[i], nonpos)
 
 
 # -- vector code (LLVM IR) ------------------------------------------------------------------------

@@ -115,10 +115,14 @@ def col2im_reference(dcols, x_shape, kh, kw, sh, sw, ph, pw, dh, dw):
 
 
 class ConvGeometry:
-    """Shapes of one convolution call: input (N, C, H, W), kernel (O, C/g, KH, KW)."""
+    """Shapes of one convolution call: input (N, C, H, W), kernel (O, C/g, KH, KW).
 
-    __slots__ = ("c", "dh", "dw", "groups", "h", "kh", "kw", "n", "o", "oh", "ow", "ph", "pw",
-                 "sh", "sw", "w")
+    ``padding``: ``(ph, pw)`` (symmetric) or ``(top, bottom, left, right)``; ``ph``/``pw`` are the
+    top/left offsets the kernels read from, ``pb``/``pr`` the bottom/right rows and columns (taps
+    there are padding like any other tap outside the input)."""
+
+    __slots__ = ("c", "dh", "dw", "groups", "h", "kh", "kw", "n", "o", "oh", "ow", "pb", "ph", "pr",
+                 "pw", "sh", "sw", "w")
 
     def __init__(self, x_shape, w_shape, stride, padding, dilation, groups):
         if len(x_shape) != 4:
@@ -126,13 +130,16 @@ class ConvGeometry:
         self.n, self.c, self.h, self.w = x_shape
         self.o, cg, self.kh, self.kw = w_shape
         self.sh, self.sw = stride
-        self.ph, self.pw = padding
+        if len(padding) == 4:
+            self.ph, self.pb, self.pw, self.pr = (int(p) for p in padding)
+        else:
+            (self.ph, self.pw), (self.pb, self.pr) = padding, padding
         self.dh, self.dw = dilation
         self.groups = groups
         if cg * groups != self.c:
             raise ValueError(f"input has {self.c} channels, kernel expects {cg} x {groups} groups")
-        self.oh = out_size(self.h, self.kh, self.sh, self.ph, self.dh)
-        self.ow = out_size(self.w, self.kw, self.sw, self.pw, self.dw)
+        self.oh = (self.h + self.ph + self.pb - self.dh * (self.kh - 1) - 1) // self.sh + 1
+        self.ow = (self.w + self.pw + self.pr - self.dw * (self.kw - 1) - 1) // self.sw + 1
         if self.oh < 1 or self.ow < 1:
             raise ValueError(f"input {self.h}x{self.w} is smaller than the kernel window")
 
@@ -280,6 +287,37 @@ def input_grad(dcols, geom: ConvGeometry, x=None, act_grad=None):
     if dcols.ndim == 2:
         return col2im(dcols, geom, x, act_grad)
     return col2im_pixel_major(dcols, geom, x, act_grad)
+
+
+def conv_padding(padding, x_shape, w_shape, stride, dilation):
+    """A conv layer's ``padding`` for input ``x_shape`` (N, C, H, W) and kernel ``w_shape``
+    (O, C/g, KH, KW): ``"same"`` (TensorFlow: output ``ceil(in / stride)``, the odd row/column at
+    the bottom/right) resolves to ``(top, bottom, left, right)``; a pair or 4-tuple is returned."""
+    if isinstance(padding, str):
+        if padding != "same":
+            raise ValueError(f"padding must be 'same', an int, a pair or 4 ints, got {padding!r}")
+        pads = []
+        for n, k, s, d in zip(x_shape[2:], w_shape[2:], stride, dilation):
+            total = max((-(-n // s) - 1) * s + (k - 1) * d + 1 - n, 0)
+            pads += [total // 2, total - total // 2]
+        return tuple(pads)
+    return padding
+
+
+def layer_padding(padding, what: str = "padding"):
+    """A layer's padding argument: ``"same"``, an int or pair (symmetric), or ``(top, bottom,
+    left, right)``; all >= 0. Returns ``"same"``, a pair or a 4-tuple of ints."""
+    if isinstance(padding, str):
+        if padding != "same":
+            raise ValueError(f"{what} must be 'same', an int, a pair or 4 ints, got {padding!r}")
+        return padding
+    if isinstance(padding, (tuple, list)) and len(padding) == 4:
+        pads = tuple(pair(p, what)[0] for p in padding)
+    else:
+        pads = pair(padding, what)
+    if min(pads) < 0:
+        raise ValueError(f"{what} must be >= 0, got {padding!r}")
+    return pads
 
 
 def conv2d(x, w, stride=1, padding=0, dilation=1, groups=1, pad_value=0.0):

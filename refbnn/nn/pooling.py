@@ -18,6 +18,10 @@ class _Pool2d(Module):
         super().__init__()
         self.kernel_size = F.pair(kernel_size, "kernel_size")
         self.stride = F.pair(stride if stride is not None else kernel_size, "stride")
+        if isinstance(padding, str) and type(self) is MaxPool2d and padding == "same":
+            self.padding = "same"  # TensorFlow's, resolved per input (MaxPool2d only)
+            self._cache = None
+            return
         self.padding = F.pair(padding, "padding")
         if min(self.kernel_size + self.stride) < 1 or min(self.padding) < 0:
             raise ValueError("kernel_size and stride must be >= 1 and padding >= 0")
@@ -44,12 +48,24 @@ class _Pool2d(Module):
 
 class MaxPool2d(_Pool2d):
     """Maximum over each window; padded taps are ``-inf`` (never chosen). The gradient goes to the
-    first maximal tap of each window in row-major (a, b) order (PyTorch's choice on ties)."""
+    first maximal tap of each window in row-major (a, b) order (PyTorch's choice on ties).
+    ``padding="same"``: TensorFlow's (output ``ceil(in / stride)``, the odd row/column of padding
+    at the bottom/right)."""
+
+    def _same(self, x):
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        t, b, left, r = F.conv_padding("same", x.shape, (0, 0, kh, kw), self.stride, (1, 1))
+        xp = np.pad(x, ((0, 0), (0, 0), (t, b), (left, r)), constant_values=-np.inf)
+        oh, ow = (xp.shape[2] - kh) // sh + 1, (xp.shape[3] - kw) // sw + 1
+        return xp, (kh, kw, sh, sw, t, left, oh, ow)
 
     def forward(self, x):
         x = check_input(x, (4,), "MaxPool2d")
-        kh, kw, sh, sw, ph, pw, oh, ow = self._geometry(x)
-        xp = F.pad_hw(x, ph, pw, -np.inf)
+        if self.padding == "same":
+            xp, (kh, kw, sh, sw, ph, pw, oh, ow) = self._same(x)
+        else:
+            kh, kw, sh, sw, ph, pw, oh, ow = self._geometry(x)
+            xp = F.pad_hw(x, ph, pw, -np.inf)
         best = self._tap(xp, 0, 0, sh, sw, oh, ow).copy()
         arg = np.zeros(best.shape, dtype=np.int32) if self.training else None
         for t in range(1, kh * kw):
@@ -57,12 +73,12 @@ class MaxPool2d(_Pool2d):
             if arg is not None:
                 arg[v > best] = t
             np.maximum(best, v, out=best)
-        self._cache = (x.shape, xp.shape, arg) if self.training else None
+        self._cache = (x.shape, xp.shape, arg, ph, pw) if self.training else None
         return best
 
     def backward(self, grad_out):
-        x_shape, xp_shape, arg = check_grad(self._cache, "MaxPool2d")
-        kh, kw, sh, sw, ph, pw = *self.kernel_size, *self.stride, *self.padding
+        x_shape, xp_shape, arg, ph, pw = check_grad(self._cache, "MaxPool2d")
+        kh, kw, sh, sw = *self.kernel_size, *self.stride
         oh, ow = grad_out.shape[2:]
         dxp = np.zeros(xp_shape, dtype=grad_out.dtype)
         for t in range(kh * kw):
