@@ -63,7 +63,7 @@ MR = 6  # pixels per tile; bconv_tiles holds kernels for 1..MR
 
 # Numba's cache does not notice edits to imported kernels; this digest of the modules this one
 # imports, transitively (written by ``python refbnn/kernels/_codegen.py``), forces a recompile.
-DEPS_DIGEST = "357e819b0ad6f52e"
+DEPS_DIGEST = "c2b382badac3d2e4"
 
 
 @structref.register

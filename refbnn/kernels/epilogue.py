@@ -179,8 +179,8 @@ def prepare(mode: int, k: int, out_channels: int, mul=None, bias=None, out_group
     def i64(a):
         return _NO_I64 if a is None else a
 
-    def slopes(a):
-        return np.ones(out_channels, np.float32) if a is None else a
+    def slopes(a):  # codes without slopes (and modes without activations) read none
+        return _NO_F32 if a is None else a
 
     return _new_epilogue(mode, k, f32(mul), f32(bias), f32(off), i64(thr), i64(dirn), i64(pcflip),
                          i64(pcthr), i64(oword), i64(obit), i64(run8), owords,

@@ -20,6 +20,7 @@ the few border classes cost memory: ``corr`` is ``(n_row_classes, n_col_classes,
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 
 def border_classes(n_in: int, n_out: int, k: int, s: int, d: int, p0: int):
@@ -49,9 +50,23 @@ def correction(row_keys, col_keys, tap_sign_sums, pad_value: int, read_as: int) 
     ``Cg`` weights at each tap (``Cg - 2 * popcount`` of its words); ``read_as``: the value ``q``
     the kernel reads padded taps as.
     """
-    mask = row_keys[:, None, :, None] | col_keys[None, :, None, :]  # (nr, nc, KH, KW)
-    nr, nc, kh, kw = mask.shape
-    # float64 BLAS, exact: every partial sum is an integer of magnitude <= KH*KW*Cg < 2**53
-    sums = mask.reshape(nr * nc, kh * kw).astype(np.float64) @ \
-        tap_sign_sums.reshape(-1, kh * kw).T.astype(np.float64)
-    return ((pad_value - read_as) * sums.astype(np.int64)).reshape(nr, nc, -1)
+    out = np.empty((len(row_keys), len(col_keys), tap_sign_sums.shape[0]), np.int64)
+    _correction(np.ascontiguousarray(row_keys), np.ascontiguousarray(col_keys),
+                np.ascontiguousarray(tap_sign_sums, dtype=np.int64), pad_value - read_as, out)
+    return out
+
+
+@njit(cache=True)
+def _correction(row_keys, col_keys, sums, factor, out):
+    """``out[r, c, o] = factor * sum of sums[o, a, b] over taps (a, b) padded in class (r, c)``."""
+    nr, kh = row_keys.shape
+    nc, kw = col_keys.shape
+    for r in range(nr):
+        for c in range(nc):
+            for o in range(sums.shape[0]):
+                total = 0
+                for a in range(kh):
+                    for b in range(kw):
+                        if row_keys[r, a] or col_keys[c, b]:
+                            total += sums[o, a, b]
+                out[r, c, o] = factor * total
