@@ -16,19 +16,17 @@
   extra ``qonnx``) that runs in qonnx's own executor; static batch (default 1).
 * ``--lce``: a ``.tflite`` through Larq and LCE's converter (:mod:`refbnn.interop.lce`, extra ``larq``).
 
-Exit status 2 with a one-line message on any problem; the destination is written atomically and is
-never the source.
+Exit status 2 with a one-line message on any problem (DST naming SRC itself, also through a link, is
+refused); the destination is written atomically.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
-import sys
 
-from refbnn import fileformat
-from refbnn.cli_util import UserError, fail
+from refbnn import cli_util
+from refbnn.cli_util import ArgumentParser, UserError, fail
 
 
 def export_onnx_file(src, dst, layer_outputs: bool = False, batch: int | None = None) -> None:
@@ -36,7 +34,7 @@ def export_onnx_file(src, dst, layer_outputs: bool = False, batch: int | None = 
     ``--onnx``; raises ``UserError``, ``FormatError`` or ``ValueError``)."""
     if importlib.util.find_spec("onnx") is None:
         raise UserError("--onnx needs the onnx package, which is not installed (pip install onnx)")
-    from refbnn import models
+    from refbnn import fileformat, models
     from refbnn.interop.onnx import export_onnx
 
     f = fileformat.load(src)
@@ -48,10 +46,10 @@ def export_onnx_file(src, dst, layer_outputs: bool = False, batch: int | None = 
     export_onnx(model, dst, layer_outputs=layer_outputs, batch=batch)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m refbnn.export", description=__doc__.splitlines()[0])
-    p.add_argument("src", help="a refbnn model or checkpoint file")
-    p.add_argument("dst", help="where to write the export")
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m refbnn.export", description=__doc__.splitlines()[0])
+    p.add_argument("src", type=cli_util.existing_file, help="a refbnn model or checkpoint file")
+    p.add_argument("dst", help="where to write the export (not SRC itself)")
     kind = p.add_mutually_exclusive_group(required=True)
     kind.add_argument("--packed-only", action="store_true",
                       help="a packed refbnn file without latent binary weights")
@@ -64,47 +62,62 @@ def main(argv=None) -> int:
                       help="a .tflite through Larq and LCE's converter (refbnn.interop.lce)")
     p.add_argument("--layer-outputs", action="store_true",
                    help="--onnx: every layer's output as an extra graph output")
-    p.add_argument("--batch", type=int, default=None,
-                   help="--onnx: static batch size (default: any); --qonnx: static batch (default 1)")
+    p.add_argument("--batch", type=cli_util.int_in(1, 4096), default=None,
+                   help="--onnx: static batch size 1-4096 (default: any); --qonnx: static batch (default 1)")
+    return p
+
+
+def _export(args) -> str:
+    """Write the export ``args`` asks for; returns what was written, for the report line."""
+    from refbnn import fileformat
+
+    if args.onnx:
+        export_onnx_file(args.src, args.dst, args.layer_outputs, args.batch)
+        return "ONNX model" + (" with layer outputs" if args.layer_outputs else "")
+    if args.openvino:
+        from refbnn.interop.openvino import export
+
+        try:
+            export(args.src, args.dst)
+        except (ImportError, RuntimeError) as e:  # no OpenVINO; OpenVINO's own errors
+            raise UserError(str(e)) from None
+        return f"OpenVINO IR, weights in {args.dst.rsplit('.', 1)[0]}.bin"
+    if args.qonnx:
+        from refbnn.interop import qonnx
+
+        qonnx.export_file(args.src, args.dst, args.batch or 1)
+        return "QONNX model"
+    if args.lce:
+        from refbnn.interop import lce
+
+        lce.export_file(args.src, args.dst)
+        return "LCE flatbuffer"
+    fileformat.export_packed(args.src, args.dst)
+    return f"{os.path.getsize(args.src) / os.path.getsize(args.dst):.1f}x smaller than {args.src}"
+
+
+@cli_util.command
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
+    if cli_util.same_file(args.src, args.dst):
+        p.fail_flag("dst", f"{args.dst} is the source file; the export would replace the model and "
+                           "lose its latent weights: choose another name")
+    if args.layer_outputs and not args.onnx:
+        p.fail_flag("--layer-outputs", "goes with --onnx")
+    if args.batch is not None and not (args.onnx or args.qonnx):
+        p.fail_flag("--batch", "goes with --onnx or --qonnx")
+    from refbnn import fileformat
+
     try:
-        if args.layer_outputs and not args.onnx:
-            raise UserError("--layer-outputs goes with --onnx")
-        if args.batch is not None and not (args.onnx or args.qonnx):
-            raise UserError("--batch goes with --onnx or --qonnx")
-        if args.batch is not None and args.batch < 1:
-            raise UserError(f"--batch must be >= 1, got {args.batch}")
-        if os.path.exists(args.dst) and os.path.samefile(args.src, args.dst):
-            raise UserError(f"{args.dst}: the destination is the source file")
-        if args.onnx:
-            export_onnx_file(args.src, args.dst, args.layer_outputs, args.batch)
-            what = "ONNX model" + (" with layer outputs" if args.layer_outputs else "")
-        elif args.openvino:
-            from refbnn.interop.openvino import export
-
-            try:
-                export(args.src, args.dst)
-            except (ImportError, RuntimeError) as e:  # no OpenVINO; OpenVINO's own errors
-                raise UserError(str(e)) from None
-            what = f"OpenVINO IR, weights in {args.dst.rsplit('.', 1)[0]}.bin"
-        elif args.qonnx:
-            from refbnn.interop import qonnx
-
-            qonnx.export_file(args.src, args.dst, args.batch or 1)
-            what = "QONNX model"
-        elif args.lce:
-            from refbnn.interop import lce
-
-            lce.export_file(args.src, args.dst)
-            what = "LCE flatbuffer"
-        else:
-            fileformat.export_packed(args.src, args.dst)
-            what = f"{os.path.getsize(args.src) / os.path.getsize(args.dst):.1f}x smaller than {args.src}"
-    except (UserError, fileformat.FormatError, ValueError, OSError) as e:
+        what = _export(args)
+    except (UserError, fileformat.FormatError, ValueError) as e:
         return fail(e)
+    except (OSError, RuntimeError) as e:  # h5py reports some failed writes as RuntimeError
+        return fail(f"cannot write {args.dst}: {e}")
     print(f"wrote {args.dst}: {os.path.getsize(args.dst):,} bytes ({what})")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli_util.run_main(main)

@@ -797,7 +797,7 @@ class _Reader:
                                     "old-style groups)")
         if shared:
             raise self.error(hpath, "uses shared HDF5 header messages, which this format does not allow")
-        if info.num_attrs:
+        if h5py.h5a.get_num_attrs(obj.id):  # (ObjInfo.num_attrs needs h5py >= 3.11)
             raise self.error(hpath, "has attributes; version 2 files have none")
 
     def _members(self, group, hpath: str, expected) -> dict:

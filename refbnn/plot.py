@@ -1,16 +1,17 @@
 """Small PNG charts drawn with pillow alone: line charts, stacked bars, scatter plots.
 
-Every function writes atomically (temporary file in the same folder, then ``os.replace``) and
-returns the path. Colours come from one fixed palette so figures are comparable across runs.
+Every function writes atomically (:func:`save_png`: a temporary file in the same folder, then
+``os.replace``) and returns the path. Colours come from one fixed palette so figures are
+comparable across runs.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
+
+from refbnn.cli_util import atomic_open
 
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf"]
@@ -26,17 +27,12 @@ def _font(size=14):
 
 
 def save_png(image: Image.Image, path) -> Path:
-    """Write ``image`` to ``path`` atomically."""
+    """Write ``image`` to ``path`` atomically (:func:`refbnn.cli_util.atomic_open`: umask
+    permissions, stale temps of the same target removed, nothing left behind on a full disk)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, binary=True) as f:
+        image.save(f, format="PNG")
     return path
 
 

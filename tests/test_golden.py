@@ -81,7 +81,19 @@ CORRUPTIONS = [
     ("layers.h5", "batchnorm2d_train_negative_scale", "grad.weight", lambda a: a * np.float32(1.01)),
     ("model.h5", "eval", "out.layer2.0.binary_conv", lambda a: a + np.float32(2.0)),
     ("model.h5", "train_step", "grad.layer3.1.bn1.bias", lambda a: -a),
+    # one float value, not the first, off by one part in a thousand
+    ("model.h5", "eval", "out.layer3.1.bn1", lambda a: _one(a, -1, np.float32(1.001))),
+    ("layers.h5", "batchnorm2d_train_negative_scale", "grad_x", lambda a: _one(a, a.size // 2,
+                                                                                  np.float32(0.999))),
 ]
+
+
+def _one(a, index, factor):
+    """``a`` with element ``index`` (flat) scaled by ``factor`` (moved by 1 if it is 0)."""
+    a = a.copy()
+    v = a.flat[index]
+    a.flat[index] = v * factor if v != 0 else a.dtype.type(1)
+    return a
 
 
 @pytest.mark.parametrize(("fname", "case", "output", "change"), CORRUPTIONS,
@@ -174,3 +186,18 @@ def test_from_a_weight_file(tmp_path, capsys):
                           binary_weights=net.binary_weights(), packed_only=True)
     assert golden.main([str(tmp_path / "g2"), "--weights", str(packed)]) == 2
     assert "packed-only" in capsys.readouterr().err
+
+
+def test_compare_looks_at_every_element():
+    e = np.linspace(-1.0, 1.0, 12, dtype=np.float32).reshape(3, 4)
+    assert goldenlib.compare(e, e.copy()) is None
+    for index in (5, 11):
+        a = e.copy()
+        a.flat[index] += np.float32(1e-3)
+        problem = goldenlib.compare(e, a, rtol=0.0, atol=1e-4)
+        assert problem is not None and problem.startswith("1 of 12 values differ"), problem
+        assert f"first at {np.unravel_index(index, e.shape)}".replace("np.int64(", "") \
+            .replace(")", "") in problem.replace(")", "")
+    a = e.copy()
+    a.flat[7] = np.nan
+    assert goldenlib.compare(e, a, atol=1.0) is not None

@@ -294,7 +294,7 @@ def test_unreadable_image_is_one_line_exit_2(tmp_path, capsys):
     (["--dataset", "cifar"], {}, "unknown dataset"),
     (["--model", "resnet9000"], {}, "unknown model"),
     (["--epochs", "0"], {}, "--epochs must be positive"),
-    (["--schedule", "step"], {}, "step_size >= 1"),
+    (["--schedule", "step"], {}, "step_epochs >= 1"),
     (["--resume", "/nonexistent.h5"], {}, "no such file"),
     (["--resume", "x.h5", "--lr", "0.1"], {}, "drop --lr"),
 ])

@@ -150,7 +150,9 @@ class Network:
 
 
 def _f32(a):
-    return np.ascontiguousarray(a, dtype=np.float32)
+    """A float32 C-contiguous copy (never a view of the caller's array: the engine must not change
+    when the model it came from is trained further)."""
+    return np.array(a, dtype=np.float32, order="C", copy=True)
 
 
 class _Tensors:

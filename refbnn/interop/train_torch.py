@@ -49,8 +49,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from refbnn.cli_util import UserError, fail, write_text_atomic
-from refbnn.train import DEFAULTS, RECIPE_FLAGS, check_writable, write_curves
+from refbnn.cli_util import UserError, check_writable, fail, write_text_atomic
+from refbnn.train import MODEL_DEFAULTS, RECIPE_FLAGS
+from refbnn.training.fit import write_curves
+from refbnn.training.recipe import Recipe
+
+#: ``python -m refbnn.train``'s defaults: the model flags and the recipe (one set, in ``Recipe``)
+DEFAULTS = {**MODEL_DEFAULTS, **{k: getattr(Recipe(), k) for k in RECIPE_FLAGS}}
 
 TRAINER = "refbnn.interop.train_torch"
 RECIPES = {
@@ -232,7 +237,6 @@ def plan_run(args, world: World) -> Plan:
         ImageFolder,
         even_subset,
     )
-    from refbnn.training.trainer import Recipe
 
     for name in ("epochs", "batch_size", "per_rank_batch_size", "stop_after", "limit_train",
                  "limit_test", "image_size", "threads", "eval_batch_size"):
