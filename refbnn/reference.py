@@ -137,7 +137,7 @@ def output_transform(acc, multiplier, bias):
 
 
 def output_transform_lce(acc, k, multiplier, bias):
-    """LCE's float output transform, reproduced exactly (``lce-conventions.md``).
+    """LCE's float output transform, reproduced exactly (its ``core/bconv2d/output_transform.h``).
 
     With ``pc = (k - acc) / 2`` (the popcount of ``x XOR w``):
     ``y = float32(2 * pc) * (-multiplier) + float32(double(bias) + k * double(multiplier))``,
@@ -206,6 +206,36 @@ def threshold_output(acc, multiplier, bias, sign_at_zero=1):
     to ``sign_at_zero``.
     """
     return sign(output_transform(acc, multiplier, bias), sign_at_zero)
+
+
+def activation(v, spec=None):
+    """A float32 non-linearity, elementwise: ``None`` identity; ``"relu"`` ``v if v > 0 else 0``;
+    ``("prelu", a)`` ``v if v > 0 else a * v``; ``("fprelu", pos, neg)`` ``pos * v if v >= 0 else
+    neg * v`` (slopes float32 scalars or per channel, last axis). One rounding per product; the
+    sign of a zero result is not specified (both zeros binarize alike)."""
+    v = np.asarray(v, dtype=np.float32)
+    if spec is None:
+        return v
+    if spec == "relu":
+        return np.where(v > 0, v, np.float32(0)).astype(np.float32)
+    if spec[0] == "prelu":
+        a = np.asarray(spec[1], dtype=np.float32)
+        return np.where(v > 0, v, (a * v).astype(np.float32)).astype(np.float32)
+    if spec[0] == "fprelu":
+        pos, neg = np.asarray(spec[1], np.float32), np.asarray(spec[2], np.float32)
+        return np.where(v >= 0, (pos * v).astype(np.float32),
+                        (neg * v).astype(np.float32)).astype(np.float32)
+    raise ValueError(f"unknown non-linearity {spec!r}")
+
+
+def residual_output(acc, multiplier, bias, residual, pre=None, post=None, sign_at_zero=1):
+    """The tail of a residual block on a binary layer's accumulators: ``(z, sign(z))`` with
+    ``z = post(pre(output_transform(acc, multiplier, bias)) + residual)``, float32 (each step one
+    rounding, :func:`activation`), and its sign as float64 ``+-1`` under ``sign_at_zero``.
+    ``residual``: float32 of ``acc``'s shape."""
+    y = activation(output_transform(acc, multiplier, bias), pre)
+    z = activation((y + np.asarray(residual, np.float32)).astype(np.float32), post)
+    return z, sign(z, sign_at_zero)
 
 
 def maxpool2d(x, pool, stride=None, padding="valid", sign_at_zero=1):

@@ -6,17 +6,14 @@ convolutions: float32 summation of T products is within T * eps * sum |x w| of t
 global pool: hw * eps * sum |x| / hw).
 """
 
-import hashlib
-from pathlib import Path
 
 import numpy as np
-import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from refbnn import nn
-from refbnn.kernels import _ftiles_codegen, real_oracle
 from refbnn.kernels import elementwise as ew
+from refbnn.kernels import real_oracle
 from refbnn.kernels import realconv as rc
 from refbnn.kernels import realpool as rp
 from refbnn.ops import pack_groups
@@ -155,29 +152,6 @@ def test_merge_pack_is_exact(n, h, w, cs, rep, groups, pre, post, saz, pack, see
         _check_packed(buf, before, geom, want, saz)
     else:
         np.testing.assert_array_equal(buf, before)
-
-
-def test_generated_ftiles_are_current():
-    assert Path(_ftiles_codegen.TARGET).read_text() == _ftiles_codegen.generate(), \
-        "run python -m refbnn.kernels._ftiles_codegen"
-
-
-@pytest.mark.parametrize("module, deps", [
-    ("realconv", ["ftiles.py", "fvec.py"]),
-    ("elementwise", ["fvec.py", "simd.py"]),
-    ("realpool", ["elementwise.py", "realconv.py", "fvec.py"]),
-])
-def test_cache_dependency_digests_are_current(module, deps):
-    """Numba's cache is keyed to a kernel's own file; each module carries a digest of the files it
-    imports kernels from, so editing those forces an edit (a recompile)."""
-    import importlib
-
-    folder = Path(_ftiles_codegen.__file__).parent
-    h = hashlib.sha256()
-    for name in deps:
-        h.update((folder / name).read_bytes())
-    mod = importlib.import_module(f"refbnn.kernels.{module}")
-    assert mod.DEPS_DIGEST == h.hexdigest()[:16], f"update DEPS_DIGEST in {module}.py"
 
 
 def test_stem_tile_is_512_bit_fma():

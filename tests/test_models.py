@@ -44,7 +44,7 @@ def test_published_birealnet_budgets(imagenet_budgets):
 
 
 def test_birealnet18_layer_counts_by_hand(imagenet_budgets):
-    # counted by hand in ftbnn-notes.md: stem 112*112*64*3*49, shortcut 28*28*128*64, FC 512*1000
+    # counted by hand: stem 112*112*64*3*49, shortcut 28*28*128*64, FC 512*1000
     layers = {c.name: c for c in imagenet_budgets["birealnet18"].layers}
     assert layers["conv1"].macs == 118_013_952
     assert layers["layer2.0.downsample.1"].macs == 6_422_528

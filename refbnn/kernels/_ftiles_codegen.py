@@ -2,8 +2,8 @@
 
 Numba cannot keep an array of vectors in registers, so each tile shape is written out with named
 ``<16 x float>`` accumulators. The output is a real module (cacheable by Numba), committed;
-``tests/test_kernels_real.py`` checks it is up to date. Regenerate with
-``python -m refbnn.kernels._ftiles_codegen``.
+``python refbnn/kernels/_codegen.py`` regenerates it with all other generated code and stamps its
+``DEPS_DIGEST``; ``tests/test_kernels_misc.py`` checks that everything is current.
 """
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ Indices are flat element indices into float32 arrays; no bounds checks.
 from numba import njit
 
 from .fvec import f16_affine_store_n, f16_bcast, f16_fma, f16_load, f16_zero
+
+# Numba's cache does not notice edits to imported kernels; this digest of the modules imported
+# here (written by refbnn/kernels/_codegen.py) makes their edit change this file, hence a recompile.
+DEPS_DIGEST = "0000000000000000"
 
 '''
 
@@ -68,7 +72,3 @@ def generate() -> str:
 
 
 TARGET = Path(__file__).with_name("ftiles.py")
-
-if __name__ == "__main__":
-    TARGET.write_text(generate())
-    print(f"wrote {TARGET}")

@@ -1,8 +1,9 @@
 """Fused per-element float32 kernels for the packed inference engine (NHWC, channel last).
 
-Non-linearity codes (each equals the training layer's float32 formula exactly):
-0 none; 1 ReLU ``max(v, 0)``; 2 PReLU ``v if v > 0 else a[c] * v``;
-3 FPReLU ``pos[c] * v if v >= 0 else neg[c] * v``.
+Non-linearity codes (each equals the training layer's float32 formula exactly; the sign of a
+zero ReLU output is not specified): 0 none; 1 ReLU ``max(v, 0)``; 2 PReLU ``v if v > 0 else
+a[c] * v`` (``a`` passed as ``neg``); 3 FPReLU ``pos[c] * v if v >= 0 else neg[c] * v``.
+:func:`act` is their one definition (:func:`_act16` the same on 16 lanes).
 
 :func:`merge_pack` is the epilogue that follows each binary conv (until the conv kernel does it in
 its tile): one pass over the conv's float output that applies the residual add and the
@@ -18,15 +19,16 @@ from numba import njit, prange
 from .fvec import f16_add, f16_fprelu, f16_load_n, f16_max, f16_prelu, f16_store_n, f16_zero
 from .simd import neg_bits64, nonpos_bits64
 
-# Numba's cache does not notice edits to imported kernels; this digest of fvec.py and simd.py
-# (tests/test_kernels_real.py recomputes it) forces an edit here, hence a recompile.
-DEPS_DIGEST = "29553f140d47ca7c"
+# Numba's cache does not notice edits to imported kernels; this digest of the modules this one
+# imports, transitively (written by ``python refbnn/kernels/_codegen.py``), forces a recompile.
+DEPS_DIGEST = "a37524c3ca89118d"
 
 NONE, RELU, PRELU, FPRELU = 0, 1, 2, 3
 
 
 @njit(cache=True, inline="always")
-def _act(v, code, pos, neg):
+def act(v, code, pos, neg):
+    """Non-linearity ``code`` of the float32 ``v`` with the channel's slopes (module docstring)."""
     if code == 1:
         return max(v, np.float32(0.0))
     if code == 2:
@@ -43,8 +45,8 @@ def residual_merge(y, shortcut, pre, pre_pos, pre_neg, post, post_pos, post_neg)
     p_total, c_total = y.shape
     for p in prange(p_total):
         for c in range(c_total):
-            v = _act(y[p, c], pre, pre_pos[c], pre_neg[c]) + shortcut[p, c]
-            y[p, c] = _act(v, post, post_pos[c], post_neg[c])
+            v = act(y[p, c], pre, pre_pos[c], pre_neg[c]) + shortcut[p, c]
+            y[p, c] = act(v, post, post_pos[c], post_neg[c])
 
 
 @njit(cache=True, parallel=True)
@@ -54,7 +56,7 @@ def affine_act(y, scale, shift, code, pos, neg):
     for p in prange(p_total):
         for c in range(c_total):
             v = y[p, c] * scale[c]
-            y[p, c] = _act(v + shift[c], code, pos[c], neg[c])
+            y[p, c] = act(v + shift[c], code, pos[c], neg[c])
 
 
 @njit(cache=True, inline="always")
@@ -83,7 +85,7 @@ def pack_pixel(src, s0, groups, cg, wg, dst, d0, nonpos):
 
 @njit(cache=True, inline="always")
 def _act16(v, code, pos, neg, c0, m):
-    """:func:`_act` on 16 lanes (channels ``c0 ..``): the same float32 formula per lane."""
+    """:func:`act` on 16 lanes (channels ``c0 ..``): the same float32 formula per lane."""
     if code == 1:
         return f16_max(v, f16_zero())
     if code == 2:
@@ -91,6 +93,22 @@ def _act16(v, code, pos, neg, c0, m):
     if code == 3:
         return f16_fprelu(v, f16_load_n(pos, c0, m), f16_load_n(neg, c0, m))
     return v
+
+
+@njit(cache=True, inline="always")
+def merge_pixel(y, base, short, sbase, c, sc, pre, pre_pos, pre_neg, post, post_pos, post_neg):
+    """One pixel of :func:`merge_pack`, in place: ``y[base + ch] = post(pre(y[base + ch]) +
+    short[sbase + ch % sc])`` for ``ch < c`` (``sc == 0``: no shortcut term), 16 lanes at a time;
+    ``pre``/``post`` codes with per-channel slopes (module docstring)."""
+    step = sc if sc else c
+    for r in range(c // step):
+        for k in range(0, step, 16):
+            ch = r * step + k
+            m = min(16, step - k)
+            v = _act16(f16_load_n(y, base + ch, m), pre, pre_pos, pre_neg, ch, m)
+            if sc:
+                v = f16_add(v, f16_load_n(short, sbase + k, m))
+            f16_store_n(y, base + ch, _act16(v, post, post_pos, post_neg, ch, m), m)
 
 
 #: Layout of :func:`merge_pack`'s integer parameters.
@@ -119,21 +137,14 @@ def merge_pack(y, short, ip, slopes, dst):
     pack = dst.shape[0] > 0
     cw = groups * wg
     cg = c // groups
-    step = sc if sc else c
     for q in prange(n * oh):
         img = q // oh
         i = q - img * oh
         for j in range(ow):
             p = q * ow + j
             base = p * c
-            for r in range(c // step):
-                for k in range(0, step, 16):
-                    ch = r * step + k
-                    m = min(16, step - k)
-                    v = _act16(f16_load_n(y, base + ch, m), pre, pre_pos, pre_neg, ch, m)
-                    if sc:
-                        v = f16_add(v, f16_load_n(short, p * sc + k, m))
-                    f16_store_n(y, base + ch, _act16(v, post, post_pos, post_neg, ch, m), m)
+            merge_pixel(y, base, short, p * sc, c, sc, pre, pre_pos, pre_neg, post, post_pos,
+                        post_neg)
             if pack:
                 pack_pixel(y, base, groups, cg, wg, dst, ((img * hp + pt + i) * wp + pl + j) * cw,
                            nonpos)

@@ -14,6 +14,10 @@ from numba import njit
 
 from .fvec import f16_affine_store_n, f16_bcast, f16_fma, f16_load, f16_zero
 
+# Numba's cache does not notice edits to imported kernels; this digest of the modules imported
+# here (written by refbnn/kernels/_codegen.py) makes their edit change this file, hence a recompile.
+DEPS_DIGEST = "5210a2975cadeadc"
+
 
 @njit(cache=True)
 def tile_nv4(x, bases, toff, ntaps, w, wbase, out, obases, scale, shift, c0, nrem):

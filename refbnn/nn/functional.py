@@ -1,4 +1,10 @@
-"""Stateless array helpers shared by the conv layers: padding, im2col/col2im, the conv GEMMs.
+"""Array helpers shared by the conv layers: padding, im2col/col2im, the conv GEMMs.
+
+These functions keep no state of their own; the process-wide runtime they use (the GEMM thread
+pool, the BLAS thread limit and the scratch buffers) is :mod:`refbnn.nn.runtime`. Results are
+owned arrays except where a docstring says *scratch*: such a result lives in a
+:func:`~refbnn.nn.runtime.scratch` buffer and is valid only until the next call of the same function
+(in any layer), so use it before calling again.
 
 Layout: NCHW images, OIHW kernels (PyTorch). Every function computes in the dtype of its input
 (float32 in training, float64 in gradient checks). :func:`im2col` can binarize while it gathers
@@ -14,14 +20,11 @@ exact while K < 2**24.
 
 from __future__ import annotations
 
-import contextlib
-from concurrent.futures import ThreadPoolExecutor
-
-import numba as nb
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from refbnn.nn import _conv_kernels as _k
+from refbnn.nn.runtime import matmul, scratch
 
 
 def pair(v, what: str = "value") -> tuple[int, int]:
@@ -218,103 +221,10 @@ def _gate_args(dx, x, act_grad):
     return gate, (np.ascontiguousarray(x, dtype=dx.dtype) if gate else dx)
 
 
-# --- threaded GEMMs ------------------------------------------------------------------------------
-# refbnn splits its large GEMMs over ``numba.get_num_threads()`` Python threads (NumPy releases the
-# GIL inside BLAS) and runs BLAS itself single-threaded: during each call BLAS is limited to one
-# thread with threadpoolctl (restored afterwards; ~20 us). Measured on a loaded 2-core machine,
-# OpenBLAS's own spinning worker threads made a training step 4-8x slower, while blocking Python
-# threads degrade gracefully.
-_POOL: list = [None, 0]
-_BLAS: list = [None]
-MIN_SPLIT_MACS = 8_000_000
-
-
-def _single_threaded_blas():
-    """A context limiting every BLAS library to one thread (a no-op without threadpoolctl)."""
-    if _BLAS[0] is None:
-        try:
-            from threadpoolctl import ThreadpoolController
-            _BLAS[0] = ThreadpoolController()
-        except ImportError:  # pragma: no cover - threadpoolctl is a dependency
-            _BLAS[0] = False
-    if not _BLAS[0]:
-        return contextlib.nullcontext()
-    return _BLAS[0].limit(limits=1, user_api="blas")
-
-
-def _pool(threads: int) -> ThreadPoolExecutor:
-    if _POOL[1] != threads:
-        if _POOL[0] is not None:
-            _POOL[0].shutdown(wait=True)
-        _POOL[0], _POOL[1] = ThreadPoolExecutor(threads, thread_name_prefix="refbnn-gemm"), threads
-    return _POOL[0]
-
-
-def _chunks(p: int, threads: int):
-    step = -(-p // threads)
-    step = -(-step // 64) * 64
-    return [(a, min(a + step, p)) for a in range(0, p, step)]
-
-
-def matmul(a, b, out=None, split="cols"):
-    """``a @ b`` for stacks ``a`` (g, M, K), ``b`` (g, K, P), split over threads.
-
-    ``split="cols"``: the P columns of ``b`` and ``out`` are divided among the threads;
-    ``"rows"``: the M rows of ``a`` and ``out``; ``"reduce"``: the K axis, and the partial products
-    are summed in chunk order (for ``dW``, where K = N*OH*OW is the long axis). Row and column
-    splits give each output element one BLAS dot product, as an unsplit call does."""
-    with _single_threaded_blas():
-        return _matmul(a, b, out, split)
-
-
-def _matmul(a, b, out, split):
-    threads = nb.get_num_threads()
-    g, m, k = a.shape
-    p = b.shape[2]
-    if threads == 1 or m * k * p < MIN_SPLIT_MACS:
-        return np.matmul(a, b, out=out)
-    if split == "rows":
-        if out is None:
-            out = np.empty((g, m, p), dtype=np.result_type(a, b))
-        list(_pool(threads).map(
-            lambda r: np.matmul(a[:, r[0]:r[1]], b, out=out[:, r[0]:r[1]]), _chunks(m, threads)))
-        return out
-    if split == "reduce":
-        parts = list(_pool(threads).map(
-            lambda r: np.matmul(a[:, :, r[0]:r[1]], b[:, r[0]:r[1], :]), _chunks(k, threads)))
-        total = parts[0]
-        for q in parts[1:]:
-            total += q
-        if out is not None:
-            out[...] = total
-            return out
-        return total
-    if out is None:
-        out = np.empty((g, m, p), dtype=np.result_type(a, b))
-    list(_pool(threads).map(
-        lambda r: np.matmul(a, b[:, :, r[0]:r[1]], out=out[:, :, r[0]:r[1]]),
-        _chunks(p, threads)))
-    return out
-
-
-_SCRATCH: dict = {}
-
-
-def scratch(tag: str, shape, dtype) -> np.ndarray:
-    """A reusable uninitialised buffer (one per tag, shape and dtype) for temporaries that do not
-    outlive a call; avoids re-faulting large fresh pages on every step. Not thread-safe."""
-    key = (tag, tuple(shape), np.dtype(dtype))
-    buf = _SCRATCH.get(key)
-    if buf is None:
-        if len(_SCRATCH) > 64:
-            _SCRATCH.clear()
-        buf = _SCRATCH[key] = np.empty(shape, dtype=dtype)
-    return buf
-
-
 def conv2d_gemm(cols, w, geom: ConvGeometry):
-    """``y`` (N, O, OH, OW) from columns and ``w`` (O, C/g, KH, KW): one GEMM per group over the
-    batch, ``ym[g] = w[g] (O/g, K/g) @ cols[g] (K/g, N*P)``, then reordered to NCHW."""
+    """``y`` (N, O, OH, OW), owned, from columns and ``w`` (O, C/g, KH, KW): one GEMM per group
+    over the batch, ``ym[g] = w[g] (O/g, K/g) @ cols[g] (K/g, N*P)`` (into scratch), then
+    reordered to NCHW."""
     g = geom.groups
     p = geom.oh * geom.ow
     wm = w.reshape(g, geom.o // g, -1)
@@ -339,8 +249,10 @@ def conv2d_backward(dy, cols, w, geom: ConvGeometry, need_input_grad=True):
     * otherwise pixel-major, with ``dyt[g]`` (N*P, O/g): ``dw[g] = (cols[g] @ dyt[g]).T`` and
       ``dcols[g] = dyt[g] @ w[g]`` as (groups, N*P, C/g*KH*KW).
 
-    ``dcols`` is None unless ``need_input_grad``; :func:`input_grad` takes either layout.
-    Everything is computed in the dtype of ``cols``.
+    ``dcols`` is None unless ``need_input_grad``, else *scratch* (see the module docstring; valid
+    until the next ``conv2d_backward`` call of the same orientation, shape and dtype): pass it to
+    :func:`input_grad` (either layout) before the next call. ``dw`` is owned. Everything is
+    computed in the dtype of ``cols``.
     """
     g = geom.groups
     p = geom.oh * geom.ow
