@@ -1,6 +1,8 @@
 """Fused conv epilogues (float, LCE float, threshold bits, fused residual) and chaining, against the
 reference."""
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -215,7 +217,9 @@ def test_fused_output_argument_errors():
         (lambda: plan.run_padded(buf), "run_fused"),
         (lambda: plan.run_fused(buf, res[:, :4]), "residual"),
         (lambda: plan.run_fused(buf, res.astype(np.float64)), "residual"),
-        (lambda: plan.run_fused(buf, res, out=res), "apart from the residual"),
+        (lambda: plan.run_fused(buf, res, out=np.zeros((1, 5, 5, 5), np.float32)[..., 1:]),
+         "C-contiguous"),
+        (lambda: plan.run_fused(buf, res[:, :, :, :3]), "divide"),
         (lambda: plan.run_fused(buf, res, np.zeros((1, 4, 4, 1), np.uint64)), "bits"),
         (lambda: refbnn.BConv2DPlan(refbnn.pack_kernel(k), 8, (5, 5), output="float",
                                     multiplier=one, bias=one, pre="relu"), "fused"),
@@ -229,3 +233,69 @@ def test_fused_output_argument_errors():
         with pytest.raises(ValueError, match=match) as info:
             call()
         assert "\n" not in str(info.value)
+
+
+def _fused_plan(layer, impl, out_groups, pre, post):
+    return refbnn.BConv2DPlan(refbnn.pack_kernel(layer["kernel"]), layer["x"].shape[3],
+                              layer["x"].shape[1:3], layer["stride"], layer["padding"],
+                              layer["pad_value"], 1, layer["groups"], output="fused",
+                              multiplier=layer["mul"], bias=layer["bias"], out_groups=out_groups,
+                              sign_at_zero=layer["saz"], impl=impl, pre=pre, post=post)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@given(layer=layers(), data=st.data())
+def test_fused_repeated_missing_and_in_place_residual(impl, layer, data):
+    """A residual of ``Cr`` channels (dividing O) acts as its channels repeated (the cheap
+    shortcut), ``None`` as no add, and ``out`` may be the residual itself (updated in place)."""
+    o = layer["kernel"].shape[3]
+    pre, post = data.draw(activations(o)), data.draw(activations(o))
+    plan = _fused_plan(layer, impl, 1, pre, post)
+    acc = _acc(layer)
+    cr = data.draw(st.sampled_from([d for d in range(1, o + 1) if o % d == 0]))
+    small = data.draw(hnp.arrays(np.float32, acc.shape[:3] + (cr,),
+                                 elements=VALUES | st.floats(-9, 9, width=32)))
+    full = np.tile(small, (1, 1, 1, o // cr))
+    buf = plan.pack_input(layer["x"])
+    want_z, want_sign = ref.residual_output(acc, layer["mul"], layer["bias"], full, pre, post,
+                                            layer["saz"])
+    want_bits = ref.pack(want_sign)
+    z, bits = plan.run_fused(buf, small)
+    assert np.array_equal(z, want_z) and np.array_equal(bits, want_bits)
+    inplace = full.copy()
+    z, bits = plan.run_fused(buf, inplace, out=inplace)
+    assert z is inplace and np.array_equal(z, want_z) and np.array_equal(bits, want_bits)
+    zero_z, zero_sign = ref.residual_output(acc, layer["mul"], layer["bias"], np.zeros_like(full),
+                                            pre, post, layer["saz"])
+    z, bits = plan.run_fused(buf, None)
+    assert np.array_equal(z, zero_z) and np.array_equal(bits, ref.pack(zero_sign))
+
+
+@given(layer=layers(), out_groups=st.sampled_from([1, 2]), channel_major=st.booleans(),
+       cuts=st.lists(st.integers(0, 10 ** 6), max_size=4), data=st.data())
+def test_fast_work_items_in_any_split_equal_one_call(layer, out_groups, channel_major, cuts, data):
+    """``bconv_fast.conv_items`` over any split of a call's work items (each on its own scratch,
+    pixel- or channel-major) writes exactly what one ``run_fused`` call writes."""
+    from refbnn.kernels import bconv_fast as bf
+
+    o = layer["kernel"].shape[3]
+    if o % out_groups:
+        out_groups = 1
+    pre, post = data.draw(activations(o)), data.draw(activations(o))
+    plan = _fused_plan(layer, "fast", out_groups, pre, post)
+    acc = _acc(layer)
+    residual = data.draw(hnp.arrays(np.float32, acc.shape, elements=st.floats(-9, 9, width=32)))
+    buf = plan.pack_input(layer["x"])
+    want_z, want_bits = plan.run_fused(buf, residual)
+    conv, table = plan.fast_records(acc.shape[0])
+    aligned = plan.fused_units_aligned
+    channel_major = channel_major and aligned
+    total = bf.items(conv, table, channel_major)
+    edges = sorted({0, total, *(c % (total + 1) for c in cuts)})
+    z = np.full(acc.shape, np.nan, np.float32)
+    bits = np.full(want_bits.shape, 7, np.uint64)
+    for i0, i1 in itertools.pairwise(edges):
+        bf.conv_items(buf.reshape(-1), conv, table, i0, i1, channel_major,
+                      z.reshape(-1).view(np.uint8), residual.reshape(-1), o, bits.reshape(-1),
+                      bf.acc_scratch(), np.empty(16, np.float32))
+    assert np.array_equal(z, want_z) and np.array_equal(bits, want_bits)

@@ -23,8 +23,18 @@ layer (:func:`make_conv`) and a :class:`TileTable` per batch size, thread count 
   :data:`~refbnn.kernels.epilogue.BITS` a ``uint64`` ``(N, OHp, OWp, owords)`` buffer whose output
   pixels' words are overwritten (the rest is left alone).
 * :data:`~refbnn.kernels.epilogue.FUSED` only (else empty): ``residual``, float32 flat
-  ``(N, OH, OW, O)``, not overlapping ``out``; ``bits``, a flat ``uint64`` buffer as for ``BITS``,
-  pixel words at ``table.tbits`` (for the other modes ``tbits`` is ``tout``).
+  ``(N, OH, OW, rsc)`` (``rsc`` channels, repeated across the ``O`` outputs; ``rsc = 0``: no
+  residual), which may be the float output itself (each element is read before it is written) but
+  must not overlap it otherwise; ``bits``, a flat ``uint64`` buffer as for ``BITS``, pixel words at
+  ``table.tbits`` (for the other modes ``tbits`` is ``tout``). The fused epilogue runs on each
+  tile's popcounts (:func:`~refbnn.kernels.epilogue.fuse_tile`, 16 lanes at a time); where every
+  tile's channels are one byte-aligned run of the packed layout (``conv.tunit``) each tile stores
+  its sign bits as one integer, else each pixel is packed from its float result after its last
+  channel tile (:func:`~refbnn.kernels.elementwise.pack_pixel`).
+
+Entry points: :func:`bconv_fast` (one call, ``prange`` over ``table.nchunks`` workers, pixel-major)
+and :func:`conv_items` (a range of work items on the calling thread, pixel-major or channel-major;
+the engine's whole-network executor splits a layer over threads with it).
 
 Per output value ``acc = K - 2*popcount + corr`` then the epilogue; the micro-kernels
 (:mod:`refbnn.kernels.bconv_tiles`) finish whole tiles themselves where they can (int32, or bits
@@ -38,6 +48,7 @@ from numba import njit, prange, types
 from numba.experimental import structref
 
 from .bconv_tiles import tile
+from .elementwise import pack_pixel
 from .epilogue import (
     BITS,
     EPILOGUE,
@@ -52,7 +63,7 @@ from .epilogue import (
     TILE_SCRATCH,
     bit_output,
     float_output,
-    fuse_pixels,
+    fuse_tile,
     v8_store_f32,
     v8_store_i32,
     v8_threshold_bits,
@@ -63,7 +74,7 @@ MR = 6  # pixels per tile; bconv_tiles holds kernels for 1..MR
 
 # Numba's cache does not notice edits to imported kernels; this digest of the modules this one
 # imports, transitively (written by ``python refbnn/kernels/_codegen.py``), forces a recompile.
-DEPS_DIGEST = "c2b382badac3d2e4"
+DEPS_DIGEST = "bc0eb6b78add9f86"
 
 
 @structref.register
@@ -90,20 +101,25 @@ _I64A = types.Array(types.int64, 1, "C")
 FAST_CONV = FastConvType([("wt", types.Array(types.uint64, 1, "C")), ("soff", _I64A),
                           ("nv", types.int64), ("groups", types.int64), ("wg", types.int64),
                           ("t", types.int64), ("o", types.int64), ("corr", _I64A),
-                          ("epi", EPILOGUE)])
+                          ("epi", EPILOGUE), ("tunit", _I64A), ("tzero", _I64A)])
 TILE_TABLE = TileTableType([("tpix", _I64A), ("tout", _I64A), ("tcor", _I64A), ("tm", _I64A),
                             ("tborder", types.Array(types.boolean, 1, "C")),
                             ("nchunks", types.int64), ("tbits", _I64A)])
 
 
 @njit(cache=True)
-def make_conv(wt, soff, nv, groups, wg, t, o, corr, epi):
+def make_conv(wt, soff, nv, groups, wg, t, o, corr, epi, tunit, tzero):
     """:class:`FastConv` of weight tiles ``wt`` (``NV`` = ``nv`` vectors of 8 lanes, ``t`` tiles per
     group), step offsets ``soff``, ``groups``, ``wg`` words per group, ``o`` output channels, the
-    padding correction ``corr`` and the :class:`~refbnn.kernels.epilogue.Epilogue` ``epi``."""
+    padding correction ``corr``, the :class:`~refbnn.kernels.epilogue.Epilogue` ``epi`` and, for
+    :data:`FUSED`, the packed-sign layout of the tiles: ``tunit[g * t + j]`` the byte offset in an
+    output pixel's words of tile ``j`` of group ``g``'s ``8 * nv`` sign bits (``nv`` bytes), all
+    ``>= 0`` when every tile's channels are exactly such a unit of the layout, else ``[-1]``;
+    ``tzero`` pairs ``(byte offset, count)`` of the pixel's bytes no tile writes (zeroed)."""
     c = structref.new(FAST_CONV)
     c.wt, c.soff, c.nv, c.groups, c.wg, c.t, c.o, c.corr, c.epi = \
         wt, soff, nv, groups, wg, t, o, corr, epi
+    c.tunit, c.tzero = tunit, tzero
     return c
 
 
@@ -116,99 +132,181 @@ def make_table(tpix, tout, tcor, tm, tborder, nchunks, tbits):
     return t
 
 
-@njit(cache=True, parallel=True)
-def bconv_fast(xp, conv, table, out, residual, bits):
+@njit(cache=True, inline="always")
+def _tile_start(conv, table, ti, out):
+    """Before the channel tiles of pixel tile ``ti`` (pixel-major order): :data:`BITS` clears the
+    output words."""
     epi = conv.epi
-    mode, K, O, G, Wg, T, nv = epi.mode, epi.k, conv.o, conv.groups, conv.wg, conv.t, conv.nv
+    s0 = ti * MR
+    m = table.tm[ti]
+    if epi.mode == BITS:
+        for i in range(m):
+            for k in range(epi.owords):
+                a_store(out.ctypes.data, table.tout[s0 + i] + k, np.uint64(0))
+
+
+@njit(cache=True, inline="always")
+def _zero_uncovered(conv, table, ti, a_bits):
+    tz = conv.tzero
+    if tz.shape[0] == 0:
+        return
+    s0 = ti * MR
+    for i in range(table.tm[ti]):
+        base = a_bits + 8 * table.tbits[s0 + i]
+        for z in range(0, tz.shape[0], 2):
+            for b in range(tz[z + 1]):
+                a_store(base + tz[z], b, np.uint8(0))
+
+
+@njit(cache=True, inline="always")
+def _tile_body(xp, conv, table, ti, gt, out, residual, rsc, bits, acc, rtmp):
+    """One ``m x 8*NV`` tile (pixel tile ``ti``, channel tile ``gt = g * T + t``) of any mode."""
+    epi = conv.epi
+    mode, K, O, T, nv = epi.mode, epi.k, conv.o, conv.t, conv.nv
     corr, mul, bias, off = conv.corr, epi.mul, epi.bias, epi.off
     thr, dirn, oword, obit, run8 = epi.thr, epi.dirn, epi.oword, epi.obit, epi.run8
-    tpix, tout, tcor, tm, tborder = table.tpix, table.tout, table.tcor, table.tm, table.tborder
-    nchunks, owords, tbits = table.nchunks, epi.owords, table.tbits
-    fmode = FLOAT if mode == FUSED else mode  # FUSED starts from the FLOAT output
-    z = out.view(np.float32)  # the float output (every output is a whole number of 4 bytes)
-    ntiles = tm.shape[0]
-    nsteps = conv.soff.shape[0]
+    tout, tcor = table.tout, table.tcor
+    fmode = FLOAT if mode == FUSED else mode
     to = 8 * nv
-    og = O // G
+    og = O // conv.groups
+    nsteps = conv.soff.shape[0]
     wstep = nsteps * to
-    a_xp, a_wt, a_soff, a_out = xp.ctypes.data, conv.wt.ctypes.data, conv.soff.ctypes.data, \
-        out.ctypes.data
-    a_flip, a_pct, a_dirn, a_thr = epi.pcflip.ctypes.data, epi.pcthr.ctypes.data, \
-        dirn.ctypes.data, thr.ctypes.data
-    a_pix, a_tout, a_cor, a_corr = tpix.ctypes.data, tout.ctypes.data, tcor.ctypes.data, \
-        corr.ctypes.data
-    for ch in prange(nchunks):
-        acc = np.empty(MR * to, np.int64)
-        a_acc = acc.ctypes.data
-        for ti in range(ch * ntiles // nchunks, (ch + 1) * ntiles // nchunks):
-            m = tm[ti]
+    g = gt // T
+    t = gt - g * T
+    m = table.tm[ti]
+    s0 = ti * MR
+    border = table.tborder[ti]
+    a_out = out.ctypes.data
+    wbase = gt * wstep
+    o0 = g * og + t * to
+    nl = min(to, og - t * to)
+    tmode = TILE_SCRATCH
+    shift = 0
+    ooff = o0
+    a_t1, a_t2 = epi.pcflip.ctypes.data, epi.pcthr.ctypes.data
+    if mode == INT32 and nl == to:
+        tmode = TILE_INT32_CORR if border else TILE_INT32
+    elif mode == BITS and nl == to and oword[o0 + to - 1] == oword[o0] \
+            and obit[o0 + to - 1] == obit[o0] + to - 1:
+        tmode = TILE_BITS_CORR if border else TILE_BITS
+        shift = obit[o0]
+        ooff = oword[o0]
+        if border:
+            a_t1, a_t2 = dirn.ctypes.data, thr.ctypes.data
+    tile(nv, m, xp.ctypes.data, table.tpix.ctypes.data + 8 * s0, g * conv.wg, conv.wt.ctypes.data,
+         wbase, conv.soff.ctypes.data, nsteps, acc.ctypes.data, a_out, tout.ctypes.data + 8 * s0,
+         ooff, K, tmode, a_t1, a_t2, o0, shift, corr.ctypes.data, tcor.ctypes.data + 8 * s0)
+    if tmode != TILE_SCRATCH:
+        return
+    if mode == FUSED:
+        unit = conv.tunit[gt] if conv.tunit[0] >= 0 else -1
+        fuse_tile(acc, to, m, nl, o0, s0, K, corr, tcor, out.view(np.float32), tout, residual,
+                  rsc, rtmp, bits.ctypes.data, table.tbits, unit, nv, epi)
+        return
+    # the other modes read the scratch popcounts: whole 8-lane groups as vectors
+    # (K - 2*pc + corr, then the output mode), the other lanes scalar
+    l0 = 8 * (nl // 8)
+    for i in range(m):
+        cbase = tcor[s0 + i]
+        pborder = cbase != 0
+        obase = tout[s0 + i]
+        for l in range(0, l0, 8):
+            o = o0 + l
+            pc = v8_load(acc, i * to + l)
+            cv = v8_load(corr, cbase + o) if pborder else v8_zero()
+            if mode == INT32:
+                v8_store_i32(a_out, obase + o, pc, K, cv)
+            elif fmode == FLOAT or fmode == FLOAT_LCE:
+                v8_store_f32(a_out, obase + o, pc, K, cv, mul,
+                             bias if fmode == FLOAT else off, o, fmode == FLOAT_LCE)
+            else:  # bits: a vector compare, then one OR per 8-bit run
+                b8 = v8_threshold_bits(pc, K, cv, v8_load(dirn, o), v8_load(thr, o))
+                if run8[o]:
+                    a_or_u64(a_out, obase + oword[o], b8 << np.uint64(obit[o]))
+                else:
+                    for j in range(8):
+                        if (b8 >> np.uint64(j)) & np.uint64(1):
+                            a_or_u64(a_out, obase + oword[o + j],
+                                     np.uint64(1) << np.uint64(obit[o + j]))
+        for l in range(l0, nl):
+            o = o0 + l
+            a = K - 2 * acc[i * to + l]
+            if pborder:
+                a += corr[cbase + o]
+            if mode == INT32:
+                a_store(a_out, obase + o, np.int32(a))
+            elif mode == BITS:
+                if bit_output(a, dirn[o], thr[o]):
+                    a_or_u64(a_out, obase + oword[o], np.uint64(1) << np.uint64(obit[o]))
+            else:
+                a_store(a_out, obase + o, float_output(a, K, fmode, mul[o], bias[o], off[o]))
+
+
+@njit(cache=True, inline="always")
+def _pixel_tiles(xp, conv, table, ti0, ti1, out, residual, rsc, bits, acc, rtmp):
+    """Pixel tiles ``ti0 .. ti1 - 1``, each with all its channel tiles (pixel-major)."""
+    epi = conv.epi
+    gts = conv.groups * conv.t
+    fused = epi.mode == FUSED
+    aligned = conv.tunit[0] >= 0
+    for ti in range(ti0, ti1):
+        _tile_start(conv, table, ti, out)
+        if fused and aligned:
+            _zero_uncovered(conv, table, ti, bits.ctypes.data)
+        for gt in range(gts):
+            _tile_body(xp, conv, table, ti, gt, out, residual, rsc, bits, acc, rtmp)
+        if fused and not aligned:
             s0 = ti * MR
-            border = tborder[ti]
-            if mode == BITS:
-                for i in range(m):
-                    for k in range(owords):
-                        a_store(a_out, tout[s0 + i] + k, np.uint64(0))
-            a_tp, a_to, a_tc = a_pix + 8 * s0, a_tout + 8 * s0, a_cor + 8 * s0
-            for g in range(G):
-                for t in range(T):
-                    wbase = (g * T + t) * wstep
-                    o0 = g * og + t * to
-                    nl = min(to, og - t * to)
-                    tmode = TILE_SCRATCH
-                    shift = 0
-                    ooff = o0
-                    a_t1, a_t2 = a_flip, a_pct
-                    if mode == INT32 and nl == to:
-                        tmode = TILE_INT32_CORR if border else TILE_INT32
-                    elif mode == BITS and nl == to and oword[o0 + to - 1] == oword[o0] \
-                            and obit[o0 + to - 1] == obit[o0] + to - 1:
-                        tmode = TILE_BITS_CORR if border else TILE_BITS
-                        shift = obit[o0]
-                        ooff = oword[o0]
-                        if border:
-                            a_t1, a_t2 = a_dirn, a_thr
-                    tile(nv, m, a_xp, a_tp, g * Wg, a_wt, wbase, a_soff, nsteps, a_acc, a_out,
-                         a_to, ooff, K, tmode, a_t1, a_t2, o0, shift, a_corr, a_tc)
-                    if tmode != TILE_SCRATCH:
-                        continue
-                    # the epilogue reads the scratch popcounts: whole 8-lane groups as vectors
-                    # (K - 2*pc + corr, then the output mode), the other lanes scalar
-                    l0 = 8 * (nl // 8)
-                    for i in range(m):
-                        cbase = tcor[s0 + i]
-                        pborder = cbase != 0
-                        obase = tout[s0 + i]
-                        for l in range(0, l0, 8):
-                            o = o0 + l
-                            pc = v8_load(acc, i * to + l)
-                            cv = v8_load(corr, cbase + o) if pborder else v8_zero()
-                            if mode == INT32:
-                                v8_store_i32(a_out, obase + o, pc, K, cv)
-                            elif fmode == FLOAT or fmode == FLOAT_LCE:
-                                v8_store_f32(a_out, obase + o, pc, K, cv, mul,
-                                             bias if fmode == FLOAT else off, o, fmode == FLOAT_LCE)
-                            else:  # bits: a vector compare, then one OR per 8-bit run
-                                b8 = v8_threshold_bits(pc, K, cv, v8_load(dirn, o), v8_load(thr, o))
-                                if run8[o]:
-                                    a_or_u64(a_out, obase + oword[o], b8 << np.uint64(obit[o]))
-                                else:
-                                    for j in range(8):
-                                        if (b8 >> np.uint64(j)) & np.uint64(1):
-                                            a_or_u64(a_out, obase + oword[o + j],
-                                                     np.uint64(1) << np.uint64(obit[o + j]))
-                        for l in range(l0, nl):
-                            o = o0 + l
-                            a = K - 2 * acc[i * to + l]
-                            if pborder:
-                                a += corr[cbase + o]
-                            if mode == INT32:
-                                a_store(a_out, obase + o, np.int32(a))
-                            elif mode == BITS:
-                                if bit_output(a, dirn[o], thr[o]):
-                                    a_or_u64(a_out, obase + oword[o],
-                                             np.uint64(1) << np.uint64(obit[o]))
-                            else:
-                                a_store(a_out, obase + o,
-                                        float_output(a, K, fmode, mul[o], bias[o], off[o]))
-            if mode == FUSED:
-                fuse_pixels(z, tout, tbits, s0, s0 + m, residual, bits, epi)
+            og = conv.o // epi.groups
+            for i in range(table.tm[ti]):
+                pack_pixel(out.view(np.float32), table.tout[s0 + i], epi.groups, og,
+                           (og + 63) // 64, bits, table.tbits[s0 + i], epi.saz == -1)
+
+
+def acc_scratch():
+    """The int64 popcount scratch one worker of :func:`conv_items` needs (``MR * 32 + 16``)."""
+    return np.empty(MR * 32 + 16, np.int64)
+
+
+@njit(cache=True)
+def items(conv, table, channel_major):
+    """How many work items :func:`conv_items` splits a call into: pixel tiles, or (channel tile,
+    pixel tile) pairs when ``channel_major``."""
+    ntiles = table.tm.shape[0]
+    return ntiles * conv.groups * conv.t if channel_major else ntiles
+
+
+@njit(cache=True)
+def conv_items(xp, conv, table, i0, i1, channel_major, out, residual, rsc, bits, acc, rtmp):
+    """Work items ``i0 .. i1 - 1`` of one call (see :func:`items`), on the calling thread.
+
+    ``channel_major`` (item ``it`` = channel tile ``it // ntiles`` of pixel tile
+    ``it % ntiles``: one weight tile serves a run of pixel tiles; every item writes its own
+    output, so items may run on different threads): modes ``INT32``, ``FLOAT``, ``FLOAT_LCE``, and
+    ``FUSED`` with aligned sign units (``conv.tunit``); otherwise pixel tiles. Arguments as for
+    :func:`bconv_fast`, plus ``rsc`` (the residual's channels per pixel, repeated across the
+    output's ``O``; 0: none), ``acc`` (:func:`acc_scratch`) and ``rtmp`` (float32 scratch of 16).
+    """
+    if not channel_major:
+        _pixel_tiles(xp, conv, table, i0, i1, out, residual, rsc, bits, acc, rtmp)
+        return
+    ntiles = table.tm.shape[0]
+    fused = conv.epi.mode == FUSED
+    for it in range(i0, i1):
+        gt = it // ntiles
+        ti = it - gt * ntiles
+        if fused and gt == 0:
+            _zero_uncovered(conv, table, ti, bits.ctypes.data)
+        _tile_body(xp, conv, table, ti, gt, out, residual, rsc, bits, acc, rtmp)
+
+
+@njit(cache=True, parallel=True)
+def bconv_fast(xp, conv, table, out, residual, rsc, bits):
+    """The whole call on ``table.nchunks`` workers, each a contiguous run of pixel tiles."""
+    ntiles = table.tm.shape[0]
+    nchunks = table.nchunks
+    for ch in prange(nchunks):
+        acc = np.empty(MR * 32 + 16, np.int64)
+        rtmp = np.empty(16, np.float32)
+        _pixel_tiles(xp, conv, table, ch * ntiles // nchunks, (ch + 1) * ntiles // nchunks, out,
+                     residual, rsc, bits, acc, rtmp)

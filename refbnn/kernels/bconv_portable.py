@@ -21,12 +21,12 @@ import numpy as np
 from numba import njit, prange, types
 from numba.experimental import structref
 
-from .epilogue import BITS, FLOAT, FUSED, bit_output, float_output, fuse_pixels
+from .epilogue import BITS, FLOAT, FUSED, bit_output, float_output, fuse_pixel
 from .simd import a_or_u64, a_store, popcount64
 
 # Numba's cache does not notice edits to imported kernels; this digest of the modules this one
 # imports, transitively (written by ``python refbnn/kernels/_codegen.py``), forces a recompile.
-DEPS_DIGEST = "0d19d6379c1cea65"
+DEPS_DIGEST = "ba266ccc5d275da7"
 
 
 @structref.register
@@ -97,12 +97,13 @@ def bconv_portable(x, n, conv, out_i32):
 
 
 @njit(cache=True, parallel=True)
-def epilogue_pass(acc, O, epi, pout, out, residual, bits, pbits):
+def epilogue_pass(acc, O, epi, pout, out, residual, rsc, bits, pbits):
     """Apply the output transform ``epi`` (any :class:`~refbnn.kernels.epilogue.Epilogue` but
     ``INT32``) to int32 ``acc`` (flat ``(P, O)``). ``out``: the output array's bytes (``uint8``,
     flat); pixel ``p``'s outputs start at element ``pout[p]`` of it read as float32 (float modes)
     or uint64 (bits: its ``owords`` words are overwritten). ``FUSED`` only (else empty):
-    ``residual`` (float32, laid out as the float output) and ``bits`` (flat uint64, pixel ``p``'s
+    ``residual`` (float32 ``(P, rsc)``, its channels repeated across ``O``; ``rsc = 0``: none;
+    it may be the float output itself) and ``bits`` (flat uint64, pixel ``p``'s
     words from ``pbits[p]``)."""
     mode, K = epi.mode, epi.k
     mul, bias, off, thr, dirn = epi.mul, epi.bias, epi.off, epi.thr, epi.dirn
@@ -118,9 +119,12 @@ def epilogue_pass(acc, O, epi, pout, out, residual, bits, pbits):
             for o in range(O):
                 if bit_output(np.int64(acc[p * O + o]), dirn[o], thr[o]):
                     a_or_u64(a_out, ob + oword[o], np.uint64(1) << np.uint64(obit[o]))
+        elif mode == FUSED:
+            y = np.empty(O, np.float32)
+            for o in range(O):
+                y[o] = float_output(np.int64(acc[p * O + o]), K, FLOAT, mul[o], bias[o], off[o])
+            fuse_pixel(y, z, ob, residual, rsc, bits, pbits[p], epi)
         else:
             for o in range(O):
                 a_store(a_out, ob + o, float_output(np.int64(acc[p * O + o]), K, fmode, mul[o],
                                                     bias[o], off[o]))
-            if mode == FUSED:
-                fuse_pixels(z, pout, pbits, p, p + 1, residual, bits, epi)

@@ -3,7 +3,7 @@
 Non-linearity codes (each equals the training layer's float32 formula exactly; the sign of a
 zero ReLU output is not specified): 0 none; 1 ReLU ``max(v, 0)``; 2 PReLU ``v if v > 0 else
 a[c] * v`` (``a`` passed as ``neg``); 3 FPReLU ``pos[c] * v if v >= 0 else neg[c] * v``.
-:func:`act` is their one definition (:func:`_act16` the same on 16 lanes).
+:func:`act` is their one definition (:func:`act16` the same on 16 lanes).
 
 :func:`merge_pack` is the epilogue that follows each binary conv (until the conv kernel does it in
 its tile): one pass over the conv's float output that applies the residual add and the
@@ -21,7 +21,7 @@ from .simd import neg_bits64, nonpos_bits64
 
 # Numba's cache does not notice edits to imported kernels; this digest of the modules this one
 # imports, transitively (written by ``python refbnn/kernels/_codegen.py``), forces a recompile.
-DEPS_DIGEST = "a37524c3ca89118d"
+DEPS_DIGEST = "39dca513c5a852c2"
 
 NONE, RELU, PRELU, FPRELU = 0, 1, 2, 3
 
@@ -84,7 +84,7 @@ def pack_pixel(src, s0, groups, cg, wg, dst, d0, nonpos):
 
 
 @njit(cache=True, inline="always")
-def _act16(v, code, pos, neg, c0, m):
+def act16(v, code, pos, neg, c0, m):
     """:func:`act` on 16 lanes (channels ``c0 ..``): the same float32 formula per lane."""
     if code == 1:
         return f16_max(v, f16_zero())
@@ -105,15 +105,44 @@ def merge_pixel(y, base, short, sbase, c, sc, pre, pre_pos, pre_neg, post, post_
         for k in range(0, step, 16):
             ch = r * step + k
             m = min(16, step - k)
-            v = _act16(f16_load_n(y, base + ch, m), pre, pre_pos, pre_neg, ch, m)
+            v = act16(f16_load_n(y, base + ch, m), pre, pre_pos, pre_neg, ch, m)
             if sc:
                 v = f16_add(v, f16_load_n(short, sbase + k, m))
-            f16_store_n(y, base + ch, _act16(v, post, post_pos, post_neg, ch, m), m)
+            f16_store_n(y, base + ch, act16(v, post, post_pos, post_neg, ch, m), m)
 
 
 #: Layout of :func:`merge_pack`'s integer parameters.
 MP_SC, MP_N, MP_OH, MP_OW, MP_C, MP_PRE, MP_POST, MP_HP, MP_WP, MP_PT, MP_PL, MP_GROUPS, MP_WG, \
     MP_NONPOS = range(14)
+
+
+@njit(cache=True, inline="always")
+def _merge_pack_rows(y, short, ip, slopes, dst, q0, q1):
+    sc, oh, ow, c = ip[MP_SC], ip[MP_OH], ip[MP_OW], ip[MP_C]
+    pre, post, hp, wp, pt, pl = ip[MP_PRE], ip[MP_POST], ip[MP_HP], ip[MP_WP], ip[MP_PT], ip[MP_PL]
+    groups, wg, nonpos = ip[MP_GROUPS], ip[MP_WG], ip[MP_NONPOS] != 0
+    pre_pos, pre_neg, post_pos, post_neg = slopes[0], slopes[1], slopes[2], slopes[3]
+    pack = dst.shape[0] > 0
+    cw = groups * wg
+    cg = c // groups
+    for q in range(q0, q1):
+        img = q // oh
+        i = q - img * oh
+        for j in range(ow):
+            p = q * ow + j
+            base = p * c
+            merge_pixel(y, base, short, p * sc, c, sc, pre, pre_pos, pre_neg, post, post_pos,
+                        post_neg)
+            if pack:
+                pack_pixel(y, base, groups, cg, wg, dst, ((img * hp + pt + i) * wp + pl + j) * cw,
+                           nonpos)
+
+
+@njit(cache=True)
+def merge_pack_rows(y, short, ip, slopes, dst, q0, q1):
+    """:func:`merge_pack` of output rows ``q0 .. q1 - 1`` (row ``q`` = image ``q // oh``, row
+    ``q % oh``), on the calling thread."""
+    _merge_pack_rows(y, short, ip, slopes, dst, q0, q1)
 
 
 @njit(cache=True, parallel=True)
@@ -130,24 +159,21 @@ def merge_pack(y, short, ip, slopes, dst):
     float32 ``(4, c)``: ``pre_pos, pre_neg, post_pos, post_neg``. (Few arguments: each costs
     dispatch time, which at batch 1 of a small model is most of a layer's time.)
     """
-    sc, n, oh, ow, c = ip[MP_SC], ip[MP_N], ip[MP_OH], ip[MP_OW], ip[MP_C]
-    pre, post, hp, wp, pt, pl = ip[MP_PRE], ip[MP_POST], ip[MP_HP], ip[MP_WP], ip[MP_PT], ip[MP_PL]
-    groups, wg, nonpos = ip[MP_GROUPS], ip[MP_WG], ip[MP_NONPOS] != 0
-    pre_pos, pre_neg, post_pos, post_neg = slopes[0], slopes[1], slopes[2], slopes[3]
-    pack = dst.shape[0] > 0
-    cw = groups * wg
-    cg = c // groups
-    for q in prange(n * oh):
-        img = q // oh
-        i = q - img * oh
-        for j in range(ow):
-            p = q * ow + j
-            base = p * c
-            merge_pixel(y, base, short, p * sc, c, sc, pre, pre_pos, pre_neg, post, post_pos,
-                        post_neg)
-            if pack:
-                pack_pixel(y, base, groups, cg, wg, dst, ((img * hp + pt + i) * wp + pl + j) * cw,
-                           nonpos)
+    for q in prange(ip[MP_N] * ip[MP_OH]):
+        _merge_pack_rows(y, short, ip, slopes, dst, q, q + 1)
+
+
+@njit(cache=True)
+def to_padded_nhwc(x, img, c, h, w, dst, wp, pt, pl, r0, r1):
+    """Rows ``r0 .. r1 - 1`` of image ``img`` of NCHW float32 ``x`` (flat ``(n, c, h, w)``) into
+    the NHWC buffer ``dst`` (flat ``(hp, wp, c)``, one image) at row ``pt + r``, column ``pl``
+    (an exact copy; the border is never written)."""
+    for r in range(r0, r1):
+        src = (img * c * h + r) * w
+        d = ((pt + r) * wp + pl) * c
+        for j in range(w):
+            for ch in range(c):
+                dst[d + j * c + ch] = x[src + ch * h * w + j]
 
 
 def merge_params(sc, n, oh, ow, c, pre, post, target_geom, nonpos, pre_slopes, post_slopes):

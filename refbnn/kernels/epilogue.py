@@ -44,12 +44,13 @@ from numba import njit, types
 from numba.experimental import structref
 from numba.extending import intrinsic
 
-from .elementwise import NONE, merge_pixel, pack_pixel
-from .simd import V8, addr_ptr, elem_ptr, splat, vec8
+from .elementwise import NONE, act16, merge_pixel, pack_pixel
+from .fvec import f16, f16_add, f16_affine_n, f16_load_n, f16_sign_bits, f16_store_n
+from .simd import V8, a_store, addr_ptr, elem_ptr, splat, vec8
 
 # Numba's cache does not notice edits to imported kernels; this digest of the modules this one
 # imports, transitively (written by ``python refbnn/kernels/_codegen.py``), forces a recompile.
-DEPS_DIGEST = "8e8526734c8c3bfd"
+DEPS_DIGEST = "beb8032f0dfcd2ca"
 
 # output modes
 INT32, FLOAT, FLOAT_LCE, BITS, FUSED = 0, 1, 2, 3, 4
@@ -207,23 +208,127 @@ def bit_output(a, dirn, thr):
 
 
 @njit(cache=True)
-def fuse_pixels(z, obases, bbases, i0, i1, residual, bits, epi):
-    """:data:`FUSED` for the output pixels ``i0 <= i < i1`` whose :data:`FLOAT` values ``y`` are
-    already at ``z[obases[i] : obases[i] + O]`` (float32): overwrites them with
-    ``post(pre(y) + residual[obases[i] + o])`` and writes each pixel's sign words at
-    ``bits[bbases[i] ..]`` (flat uint64; ``epi.groups`` output groups of ``O / groups`` channels,
-    each from bit 0 of its first word). A plain function, called once per tile."""
+def fuse_pixel(y, z, ob, residual, rsc, bits, bb, epi):
+    """:data:`FUSED` of one output pixel whose :data:`FLOAT` values are ``y[0 : O]`` (float32
+    scratch, overwritten): ``z[ob + o] = post(pre(y[o]) + residual[ob // O * rsc + o % rsc])``
+    (``rsc`` residual channels per pixel, repeated; 0: no residual; ``residual`` may be ``z``
+    itself) and the pixel's sign words at ``bits[bb ..]`` (flat uint64; ``epi.groups`` output groups
+    of ``O / groups`` channels, each from bit 0 of its first word). The portable path's, per
+    pixel."""
     o, groups, nonpos = epi.oword.shape[0], epi.groups, epi.saz == -1
     og = o // groups
-    wg = (og + 63) // 64
-    for i in range(i0, i1):
-        ob = obases[i]
-        merge_pixel(z, ob, residual, ob, o, o, epi.pre, epi.pre_pos, epi.pre_neg, epi.post,
-                    epi.post_pos, epi.post_neg)
-        pack_pixel(z, ob, groups, og, wg, bits, bbases[i], nonpos)
+    merge_pixel(y, 0, residual, (ob // o) * rsc, o, rsc, epi.pre, epi.pre_pos, epi.pre_neg,
+                epi.post, epi.post_pos, epi.post_neg)
+    z[ob:ob + o] = y[:o]
+    pack_pixel(z, ob, groups, og, (og + 63) // 64, bits, bb, nonpos)
+
+
+@njit(cache=True, inline="always")
+def fuse_tile(acc, to, m, nl, o0, s0, k, corr, tcor, z, tout, residual, rsc, rtmp, a_bits, tbits,
+              unit, unit_bytes, epi):
+    """:data:`FUSED` of one ``m x nl`` tile, straight from its popcounts (no float round trip):
+    for pixel ``i < m`` (table slot ``s0 + i``) and channels ``o0 .. o0 + nl - 1``, 16 lanes at a
+    time, ``a = k - 2 * acc[i * to + l] + corr``, ``y = float32(float32(a) * mul) + bias``,
+    ``z = post(pre(y) + r)`` (``r`` the residual: ``residual[rb + o % rsc]`` with
+    ``rb = tout // O * rsc``, i.e. ``rsc`` channels repeated; none for ``rsc == 0``), stored at
+    ``z[tout[s0 + i] + o]``. ``unit >= 0``: the tile's ``nl`` sign bits (bit ``l`` = channel
+    ``o0 + l``, zero above ``nl``) are stored as one ``unit_bytes``-byte integer at byte
+    ``8 * tbits[s0 + i] + unit`` of the bits buffer at address ``a_bits`` (the caller checked that
+    these channels are exactly those bits of the packed layout); ``unit < 0``: signs not written
+    here. ``rtmp``: float32 scratch of 16 (a residual run that wraps around ``rsc``)."""
+    o_all = epi.mul.shape[0]
+    nonpos = epi.saz == -1
+    pre, post = epi.pre, epi.post
+    for i in range(m):
+        s = s0 + i
+        cb = tcor[s]
+        ob = tout[s]
+        rb = ob if rsc == o_all else (ob // o_all) * rsc
+        word = np.uint64(0)
+        for h in range(0, nl, 16):
+            n = min(16, nl - h)
+            o = o0 + h
+            a = a16_acc_f32(acc, i * to + h, k, corr, cb + o, cb != 0, n)
+            v = act16(f16_affine_n(a, epi.mul, epi.bias, o, n), pre, epi.pre_pos, epi.pre_neg,
+                       o, n)
+            if rsc > 0:
+                r0 = o % rsc
+                if r0 + n <= rsc:
+                    v = f16_add(v, f16_load_n(residual, rb + r0, n))
+                else:  # the repeated channels wrap inside these lanes
+                    for j in range(n):
+                        rtmp[j] = residual[rb + (o + j) % rsc]
+                    v = f16_add(v, f16_load_n(rtmp, 0, n))
+            v = act16(v, post, epi.post_pos, epi.post_neg, o, n)
+            f16_store_n(z, ob + o, v, n)
+            word |= f16_sign_bits(v, nonpos, n) << np.uint64(h)
+        if unit >= 0:
+            if unit_bytes == 4:
+                a_store(a_bits + 8 * tbits[s] + unit, 0, np.uint32(word))
+            else:
+                a_store(a_bits + 8 * tbits[s] + unit, 0, np.uint8(word))
 
 
 # -- vector code (LLVM IR) ------------------------------------------------------------------------
+
+_V16F = ir.VectorType(ir.FloatType(), 16)
+_V16L = ir.VectorType(ir.IntType(64), 16)
+_M16 = ir.VectorType(ir.IntType(1), 16)
+
+
+def _lanes_below(builder, n):
+    """``<16 x i1>``: lane ``l`` is ``l < n`` (``n`` an integer value)."""
+    n64 = builder.sext(n, ir.IntType(64)) if n.type.width < 64 else n
+    vn = builder.insert_element(ir.Constant(_V16L, ir.Undefined), n64, ir.Constant(ir.IntType(32), 0))
+    vn = builder.shuffle_vector(vn, ir.Constant(_V16L, ir.Undefined),
+                                ir.Constant(ir.VectorType(ir.IntType(32), 16), None))
+    return builder.icmp_signed("<", ir.Constant(_V16L, list(range(16))), vn)
+
+
+def _masked_load_i64x16(builder, ptr, mask):
+    fn = _get_fn(builder, _V16L, [ir.PointerType(_V16L), ir.IntType(32), _M16, _V16L],
+                 "llvm.masked.load.v16i64.p0v16i64")
+    return builder.call(fn, [ptr, ir.Constant(ir.IntType(32), 8), mask, ir.Constant(_V16L, None)])
+
+
+def _get_fn(builder, ret, params, name):
+    from numba.core import cgutils
+
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, params), name)
+
+
+@intrinsic
+def a16_acc_f32(typingctx, acc, index, k, corr, cindex, has_corr, n):
+    """``float32(k - 2 * acc[index + l] + corr[cindex + l])`` for lanes ``l < n`` (0 above; the
+    correction only when ``has_corr``): int64 arrays ``acc`` (popcounts) and ``corr``, masked loads
+    (nothing past lane ``n`` is read). Exact: ``|a| < 2**24``."""
+    if not (isinstance(acc, types.Array) and isinstance(corr, types.Array)
+            and all(isinstance(a, types.Integer) for a in (index, k, cindex, n))
+            and isinstance(has_corr, types.Boolean)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        av, iv, kv, cv, civ, hv, nv = args
+        mask = _lanes_below(builder, nv)
+        pc = _masked_load_i64x16(builder, elem_ptr(context, builder, sig.args[0], av, iv, _V16L),
+                                 mask)
+        kk = context.cast(builder, kv, sig.args[2], types.int64)
+        kvec = builder.shuffle_vector(
+            builder.insert_element(ir.Constant(_V16L, ir.Undefined), kk,
+                                   ir.Constant(ir.IntType(32), 0)),
+            ir.Constant(_V16L, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), 16), None))
+        a = builder.sub(kvec, builder.shl(pc, ir.Constant(_V16L, [1] * 16)))
+        hmask = builder.and_(mask, builder.shuffle_vector(
+            builder.insert_element(ir.Constant(_M16, ir.Undefined), hv,
+                                   ir.Constant(ir.IntType(32), 0)),
+            ir.Constant(_M16, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), 16), None)))
+        c = _masked_load_i64x16(builder, elem_ptr(context, builder, sig.args[3], cv, civ, _V16L),
+                                hmask)
+        a = builder.add(a, c)
+        return builder.sitofp(builder.select(mask, a, ir.Constant(_V16L, None)), _V16F)
+
+    return f16(acc, index, k, corr, cindex, has_corr, n), codegen
+
 
 _V32x8 = ir.VectorType(ir.IntType(32), 8)
 _V16 = ir.VectorType(ir.IntType(32), 16)

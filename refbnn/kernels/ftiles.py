@@ -16,7 +16,7 @@ from .fvec import f16_affine_store_n, f16_bcast, f16_fma, f16_load, f16_zero
 
 # Numba's cache does not notice edits to imported kernels; this digest of the modules imported
 # here (written by refbnn/kernels/_codegen.py) makes their edit change this file, hence a recompile.
-DEPS_DIGEST = "5210a2975cadeadc"
+DEPS_DIGEST = "bb4812a03efad010"
 
 
 @njit(cache=True)

@@ -248,3 +248,47 @@ def f16_fprelu(typingctx, v, pos, neg):
         return builder.select(ge, builder.fmul(args[1], args[0]), builder.fmul(args[2], args[0]))
 
     return f16(f16, f16, f16), codegen
+
+
+def _masked_load(builder, ptr, mask):
+    fn = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(_V16, [ir.PointerType(_V16), _I32, _M16, _V16]),
+        "llvm.masked.load.v16f32.p0v16f32")
+    return builder.call(fn, [ptr, ir.Constant(_I32, 4), mask, ir.Constant(_V16, None)])
+
+
+@intrinsic
+def f16_affine_n(typingctx, v, scale, shift, c0, n):
+    """``float32(v[l] * scale[c0 + l]) + shift[c0 + l]`` for lanes ``l < n`` (0 above): a multiply
+    then an add, two roundings (no contraction), as :func:`f16_affine_store_n` without the store."""
+    if not (v == f16 and _is_f32_array(scale) and _is_f32_array(shift)
+            and isinstance(c0, types.Integer) and isinstance(n, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        vv, sc, sh, c0v, nv = args
+        mask = _mask(builder, nv)
+        s = _masked_load(builder, _ptr(context, builder, sig.args[1], sc, c0v, _V16), mask)
+        b = _masked_load(builder, _ptr(context, builder, sig.args[2], sh, c0v, _V16), mask)
+        return builder.fadd(builder.fmul(vv, s), b)
+
+    return f16(f16, scale, shift, c0, n), codegen
+
+
+@intrinsic
+def f16_sign_bits(typingctx, v, nonpos, n):
+    """The packed signs of lanes ``l < n`` as bits ``l`` of a ``uint64`` (0 above): bit 1 when
+    ``v[l] < 0`` (``nonpos`` false, ``sign_at_zero=+1``) or ``not v[l] > 0`` (``nonpos`` true,
+    ``sign_at_zero=-1``), as :func:`refbnn.kernels.simd.neg_bits64` / ``nonpos_bits64``."""
+    if not (v == f16 and isinstance(nonpos, types.Boolean) and isinstance(n, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        vv, np_, nv = args
+        zero = ir.Constant(_V16, None)
+        lt = builder.fcmp_ordered("<", vv, zero)
+        le = builder.fcmp_unordered("<=", vv, zero)
+        m = builder.and_(builder.select(np_, le, lt), _mask(builder, nv))
+        return builder.zext(builder.bitcast(m, ir.IntType(16)), ir.IntType(64))
+
+    return types.uint64(f16, nonpos, n), codegen

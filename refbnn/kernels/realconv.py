@@ -9,7 +9,10 @@ for output pixel ``p`` in ``0 .. npix-1``. A KxK conv of a zero-padded NHWC imag
 ``bases[p]`` = the flat index of pixel ``p``'s top-left input value and ``toff[t]`` the offset of tap
 ``t = (a, b, c)`` (:func:`conv_geometry`); a 1x1 conv or a matrix product has ``bases[p] = p * C``,
 ``toff = 0 .. C-1``. :func:`pool2_conv1x1` fuses the 2x2/2 average pool (ceil mode, in-bounds pixels
-only) in front of a 1x1 conv, pooling each tile's pixels into a small scratch first.
+only) in front of a 1x1 conv, pooling each tile's pixels into a small scratch first;
+:func:`stem_pool_rows` fuses the stem's conv + BN, its 3x3/2 max-pool and the sign packing, band by
+band through a ring of conv rows that stays in cache. The ``*_tiles`` / ``*_rows`` functions run a
+range of work items on the calling thread (the engine's executor splits layers with them).
 
 Weights go in as :func:`weight_tiles` (``(T, O)`` split into blocks of ``16 * nv`` channels, zero
 padded). Work is split over tiles of ``MR`` consecutive output pixels (``prange``); the last tile
@@ -21,12 +24,13 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .elementwise import pack_pixel
 from .ftiles import MR, tile_nv1, tile_nv2, tile_nv4
-from .fvec import f16_add, f16_div, f16_load_n, f16_store_n
+from .fvec import f16_add, f16_div, f16_load_n, f16_max, f16_store_n
 
 # Numba's cache does not notice edits to imported kernels; this digest of ftiles.py and fvec.py
 # (tests/test_kernels_real.py recomputes it) forces an edit here, hence a recompile.
-DEPS_DIGEST = "a1a0abfb7f066d75"
+DEPS_DIGEST = "cf8adae7fd934b1d"
 
 MR1, MR2, MR4 = MR[1], MR[2], MR[4]
 
@@ -76,19 +80,113 @@ def _mr(nv):
     return MR4 if nv == 4 else MR2 if nv == 2 else MR1
 
 
-@njit(cache=True, parallel=True)
-def conv_taps(x, bases, npix, toff, w, nv, o, scale, shift, out):
-    """See the module docstring; ``x``, ``w``, ``scale``, ``shift``, ``out`` flat float32."""
+@njit(cache=True, inline="always")
+def _conv_tiles(x, bases, npix, toff, w, nv, o, scale, shift, out, q0, q1):
     mr = _mr(nv)
     ntaps = toff.shape[0]
-    for q in prange((npix + mr - 1) // mr):
-        b = np.empty(mr, np.int64)
-        ob = np.empty(mr, np.int64)
+    b = np.empty(mr, np.int64)
+    ob = np.empty(mr, np.int64)
+    for q in range(q0, q1):
         for i in range(mr):
             p = min(q * mr + i, npix - 1)
             b[i] = bases[p]
             ob[i] = p * o
         _tile(x, toff, ntaps, w, nv, o, scale, shift, out, b, ob)
+
+
+def conv_tiles_count(npix: int, nv: int) -> int:
+    """Tiles (work items of :func:`conv_taps_tiles`) of ``npix`` output pixels."""
+    mr = MR[nv]
+    return -(-npix // mr)
+
+
+@njit(cache=True)
+def conv_taps_tiles(x, bases, npix, toff, w, nv, o, scale, shift, out, q0, q1):
+    """:func:`conv_taps` of pixel tiles ``q0 .. q1 - 1`` only (``MR[nv]`` pixels each), on the
+    calling thread."""
+    _conv_tiles(x, bases, npix, toff, w, nv, o, scale, shift, out, q0, q1)
+
+
+@njit(cache=True, parallel=True)
+def conv_taps(x, bases, npix, toff, w, nv, o, scale, shift, out):
+    """See the module docstring; ``x``, ``w``, ``scale``, ``shift``, ``out`` flat float32."""
+    mr = _mr(nv)
+    for q in prange((npix + mr - 1) // mr):
+        _conv_tiles(x, bases, npix, toff, w, nv, o, scale, shift, out, q, q + 1)
+
+
+#: Layout of :func:`stem_pool_rows`'s integer geometry ``sg``.
+SG_C, SG_WP, SG_STRIDE, SG_SH, SG_SW, SG_O, SG_PH, SG_PW, SG_RB, SG_BAND, SG_THP, SG_TWP, SG_TPT, \
+    SG_TPL, SG_TGROUPS, SG_TWG, SG_NONPOS, SG_PACK = range(18)
+
+#: Conv rows per band of :func:`stem_pool_rows` (its ring holds ``STEM_BAND + 2`` rows).
+STEM_BAND = 6
+
+
+def stem_geometry(c, wp, stride, sh, sw, o, ph, pw, target, nonpos, pack, ring_rows=None):
+    """``sg`` for :func:`stem_pool_rows`: input channels ``c`` and padded width ``wp``, conv
+    ``stride`` and output ``sh x sw x o``, pooled ``ph x pw``, ``target`` ``(hp, wp, pt, pl,
+    groups, wg)`` of the packed output, ``nonpos`` (``sign_at_zero=-1``), ``pack``; the ring holds
+    ``ring_rows`` conv rows (default ``STEM_BAND + 2``; ``>= sh`` keeps the whole conv output, row
+    ``y`` at slot ``y``)."""
+    rb = STEM_BAND + 2 if ring_rows is None else max(int(ring_rows), STEM_BAND + 2)
+    return np.array([c, wp, stride, sh, sw, o, ph, pw, rb, STEM_BAND, *target, int(nonpos),
+                     int(pack)], np.int64)
+
+
+@njit(cache=True)
+def stem_pool_rows(xin, sg, toff, w, nv, scale, shift, ring, pooled, dst, i0, i1):
+    """The stem of one image for pooled rows ``i0 .. i1 - 1``: conv + BN (:func:`conv_taps`'s
+    tiles and arithmetic) on the conv rows those rows need, a band of ``SG_BAND`` rows at a time
+    into ``ring`` (conv row ``y`` at slot ``y % SG_RB``, ``(SG_RB, sw, o)`` float32), then the
+    3x3/2 max-pool with padding 1 (:func:`refbnn.kernels.realpool.maxpool3s2_pack`'s order: the
+    running maximum over the in-bounds taps, row-major, replaced only by a strictly larger value)
+    into ``pooled`` (``(ph, pw, o)``), each pixel sign-packed into ``dst`` (this image's padded
+    ``(hp, wp, groups * wg)`` buffer, at row ``pt + i``, column ``pl + j``) when ``SG_PACK``.
+    ``xin``: the image zero-padded NHWC ``(hp_in, wp_in, c)`` (flat). Rows of one image may be
+    split over threads (each with its own ring): a range recomputes one conv row above it."""
+    c, wp, stride, sh, sw, o = sg[SG_C], sg[SG_WP], sg[SG_STRIDE], sg[SG_SH], sg[SG_SW], sg[SG_O]
+    pw, rb, band = sg[SG_PW], sg[SG_RB], sg[SG_BAND]
+    twp, tpt, tpl = sg[SG_TWP], sg[SG_TPT], sg[SG_TPL]
+    groups, wg, nonpos, pack = sg[SG_TGROUPS], sg[SG_TWG], sg[SG_NONPOS] != 0, sg[SG_PACK] != 0
+    cw = groups * wg
+    cg = o // groups
+    mr = _mr(nv)
+    ntaps = toff.shape[0]
+    b = np.empty(mr, np.int64)
+    ob = np.empty(mr, np.int64)
+    y = max(2 * i0 - 1, 0)
+    yend = min(2 * (i1 - 1) + 2, sh)
+    i = i0
+    while i < i1:
+        ya, yb = y, min(y + band, yend)
+        npix = (yb - ya) * sw
+        for q in range((npix + mr - 1) // mr):
+            for t in range(mr):
+                p = min(q * mr + t, npix - 1)
+                yy = ya + p // sw
+                xx = p - (p // sw) * sw
+                b[t] = (yy * stride * wp + xx * stride) * c
+                ob[t] = ((yy % rb) * sw + xx) * o
+            _tile(xin, toff, ntaps, w, nv, o, scale, shift, ring, b, ob)
+        y = yb
+        while i < i1 and min(2 * i + 2, sh) <= y:
+            r0, r1 = max(2 * i - 1, 0), min(2 * i + 2, sh)
+            for j in range(pw):
+                c0, c1 = max(2 * j - 1, 0), min(2 * j + 2, sw)
+                po = (i * pw + j) * o
+                first = ((r0 % rb) * sw + c0) * o
+                for ch in range(0, o, 16):
+                    m = min(16, o - ch)
+                    best = f16_load_n(ring, first + ch, m)
+                    for a in range(r0, r1):
+                        for bb in range(c0, c1):
+                            best = f16_max(best, f16_load_n(ring, ((a % rb) * sw + bb) * o + ch, m))
+                    f16_store_n(pooled, po + ch, best, m)
+                if pack:
+                    pack_pixel(pooled, po, groups, cg, wg, dst, ((tpt + i) * twp + tpl + j) * cw,
+                               nonpos)
+            i += 1
 
 
 @njit(cache=True, inline="always")
@@ -113,16 +211,15 @@ def avgpool2_pixel(x, n, h, w, c, i, j, dst, d0):
         f16_store_n(dst, d0 + ch, f16_div(s, cnt), m)
 
 
-@njit(cache=True, parallel=True)
-def pool2_conv1x1(x, n, h, w, c, oh, ow, w_tiles, nv, o, scale, shift, out):
-    """``out`` (flat NHWC ``(n, oh, ow, o)``) = BN(1x1 conv(2x2/2 average pool of ``x``))."""
+@njit(cache=True, inline="always")
+def _pool2_conv1x1_tiles(x, n, h, w, c, oh, ow, w_tiles, nv, o, scale, shift, out, q0, q1):
     mr = _mr(nv)
     npix = n * oh * ow
     toff = np.arange(c).astype(np.int64)
-    for q in prange((npix + mr - 1) // mr):
-        scratch = np.empty(mr * c, np.float32)
-        b = np.empty(mr, np.int64)
-        ob = np.empty(mr, np.int64)
+    scratch = np.empty(mr * c, np.float32)
+    b = np.empty(mr, np.int64)
+    ob = np.empty(mr, np.int64)
+    for q in range(q0, q1):
         for i in range(mr):
             p = min(q * mr + i, npix - 1)
             img = p // (oh * ow)
@@ -131,3 +228,18 @@ def pool2_conv1x1(x, n, h, w, c, oh, ow, w_tiles, nv, o, scale, shift, out):
             b[i] = i * c
             ob[i] = p * o
         _tile(scratch, toff, c, w_tiles, nv, o, scale, shift, out, b, ob)
+
+
+@njit(cache=True)
+def pool2_conv1x1_tiles(x, n, h, w, c, oh, ow, w_tiles, nv, o, scale, shift, out, q0, q1):
+    """:func:`pool2_conv1x1` of pixel tiles ``q0 .. q1 - 1`` only, on the calling thread."""
+    _pool2_conv1x1_tiles(x, n, h, w, c, oh, ow, w_tiles, nv, o, scale, shift, out, q0, q1)
+
+
+@njit(cache=True, parallel=True)
+def pool2_conv1x1(x, n, h, w, c, oh, ow, w_tiles, nv, o, scale, shift, out):
+    """``out`` (flat NHWC ``(n, oh, ow, o)``) = BN(1x1 conv(2x2/2 average pool of ``x``))."""
+    mr = _mr(nv)
+    npix = n * oh * ow
+    for q in prange((npix + mr - 1) // mr):
+        _pool2_conv1x1_tiles(x, n, h, w, c, oh, ow, w_tiles, nv, o, scale, shift, out, q, q + 1)

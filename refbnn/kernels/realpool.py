@@ -14,7 +14,7 @@ from .realconv import avgpool2_pixel
 
 # Numba's cache does not notice edits to imported kernels; this digest of elementwise.py,
 # realconv.py and simd.py (tests/test_kernels_real.py recomputes it) forces an edit here.
-DEPS_DIGEST = "37796dfb01429d58"
+DEPS_DIGEST = "c5bf6e818825f210"
 
 
 @njit(cache=True, parallel=True)
@@ -47,11 +47,11 @@ def maxpool3s2_pack(x, n, h, w, c, oh, ow, out, dst, hp, wp, pt, pl, groups, wg,
                            nonpos)
 
 
-@njit(cache=True, parallel=True)
-def avgpool2(x, n, h, w, c, oh, ow, out):
-    """``out`` (NHWC ``(n, oh, ow, c)``) = the 2x2/2 ceil-mode average pool of ``x``
-    (:func:`refbnn.kernels.realconv.avgpool2_pixel`)."""
-    for q in prange(n * oh):
+@njit(cache=True)
+def avgpool2_rows(x, n, h, w, c, oh, ow, out, q0, q1):
+    """:func:`avgpool2` of output rows ``q0 .. q1 - 1`` (row ``q`` = image ``q // oh``, row
+    ``q % oh``), on the calling thread."""
+    for q in range(q0, q1):
         img = q // oh
         i = q - img * oh
         for j in range(ow):
@@ -59,14 +59,28 @@ def avgpool2(x, n, h, w, c, oh, ow, out):
 
 
 @njit(cache=True, parallel=True)
+def avgpool2(x, n, h, w, c, oh, ow, out):
+    """``out`` (NHWC ``(n, oh, ow, c)``) = the 2x2/2 ceil-mode average pool of ``x``
+    (:func:`refbnn.kernels.realconv.avgpool2_pixel`)."""
+    for q in prange(n * oh):
+        avgpool2_rows(x, n, h, w, c, oh, ow, out, q, q + 1)
+
+
+@njit(cache=True, inline="always")
+def global_avgpool_image(x, img, hw, c, out):
+    """:func:`global_avgpool` of image ``img`` only."""
+    d = np.float32(hw)
+    for ch in range(0, c, 16):
+        m = min(16, c - ch)
+        s = f16_load_n(x, img * hw * c + ch, m)
+        for p in range(1, hw):
+            s = f16_add(s, f16_load_n(x, (img * hw + p) * c + ch, m))
+        f16_store_n(out, img * c + ch, f16_div(s, d), m)
+
+
+@njit(cache=True, parallel=True)
 def global_avgpool(x, n, hw, c, out):
     """``out[img, ch]`` = float32 mean of ``x[img, :, ch]`` (``x`` flat ``(n, hw, c)``): a running
     float32 sum over the pixels in order, divided by ``hw`` (16 channels per vector)."""
     for img in prange(n):
-        d = np.float32(hw)
-        for ch in range(0, c, 16):
-            m = min(16, c - ch)
-            s = f16_load_n(x, img * hw * c + ch, m)
-            for p in range(1, hw):
-                s = f16_add(s, f16_load_n(x, (img * hw + p) * c + ch, m))
-            f16_store_n(out, img * c + ch, f16_div(s, d), m)
+        global_avgpool_image(x, img, hw, c, out)

@@ -180,6 +180,40 @@ def _output_bases(n, out_hw, out_channels, bits_out):
 
 _NO_F32 = np.zeros(0, np.float32)
 _NO_U64 = np.zeros(0, np.uint64)
+_NO_I64 = np.zeros(0, np.int64)
+_NOT_ALIGNED = np.full(1, -1, np.int64)
+
+
+def sign_units(out_channels, groups, tiles, nv, out_groups):
+    """Where each fast-path channel tile's packed signs go (``output="fused"``): ``(tunit, tzero)``.
+
+    Tile ``j`` of conv group ``g`` holds channels ``o0 = g * Og + j * 8 * nv`` onwards (``nl`` of
+    them). When, in the output's packed layout (``out_groups`` groups, each from bit 0 of its first
+    word; :func:`refbnn.kernels.epilogue.bit_positions`), those channels are the consecutive bits
+    from a multiple of ``8 * nv``, the tile stores them as one ``nv``-byte integer (bits past
+    ``nl`` belong to no channel: 0): ``tunit[g * tiles + j]`` is its byte offset in a pixel's
+    words. ``tzero``: ``(offset, count)`` pairs of the bytes no tile covers (zeroed per pixel).
+    Otherwise ``([-1], [])``: the kernel packs whole pixels instead.
+    """
+    oword, obit, _, owords = ep.bit_positions(out_channels, out_groups)
+    pos = oword * 64 + obit
+    to = 8 * nv
+    og = out_channels // groups
+    units = []
+    covered = np.zeros(owords * 8, bool)
+    for g in range(groups):
+        for j in range(tiles):
+            o0 = g * og + j * to
+            nl = min(to, og - j * to)
+            b0 = pos[o0]
+            if b0 % to or not np.array_equal(pos[o0:o0 + nl], b0 + np.arange(nl)):
+                return _NOT_ALIGNED, _NO_I64
+            units.append(b0 // 8)
+            covered[b0 // 8:b0 // 8 + nv] = True
+    edges = np.flatnonzero(np.diff(np.concatenate([[False], ~covered, [False]]).astype(np.int8)))
+    starts, ends = edges[0::2], edges[1::2]
+    tzero = np.stack([starts, ends - starts], axis=1).reshape(-1).astype(np.int64)
+    return np.array(units, np.int64), tzero
 
 
 class BConv2DPlan:
@@ -285,7 +319,11 @@ class BConv2DPlan:
         if fast:
             wt, nv, t = weight_tiles(tap_words, groups)
             soff = _step_offsets(kh, kw, dh, dw, wp, groups * wg, wg)
-            self._conv = bconv_fast.make_conv(wt, soff, nv, groups, wg, t, o, corr, self._epi)
+            tunit, tzero = sign_units(o, groups, t, nv, self.out_groups) if self._mode == ep.FUSED \
+                else (_NOT_ALIGNED, _NO_I64)
+            self._tunit_aligned = bool(tunit[0] >= 0)
+            self._conv = bconv_fast.make_conv(wt, soff, nv, groups, wg, t, o, corr, self._epi,
+                                              tunit, tzero)
         else:
             if not self._has_corr:  # the kernel adds row (rc, cc) unconditionally
                 rc, cc, self._ncc = np.zeros_like(rc), np.zeros_like(cc), 1
@@ -333,6 +371,25 @@ class BConv2DPlan:
                 table = _output_bases(n, self.out_hw, self.out_channels, bits_out)
             self._tables[key] = table
         return table
+
+    def fast_records(self, n: int, bits_out=None, nthreads: int = 1):
+        """``(FastConv, TileTable)`` of the fast path for ``n`` images split for ``nthreads``
+        workers: what :func:`refbnn.kernels.bconv_fast.bconv_fast` and
+        :func:`~refbnn.kernels.bconv_fast.conv_items` read (the engine calls them itself).
+        ``bits_out`` as for :func:`output_bases` (``"bits"``/``"fused"``; default: an unpadded
+        ``(N, OH, OW, out_words)`` output)."""
+        if self.impl != "fast":
+            raise ValueError("fast_records needs the fast kernel (impl='fast')")
+        if bits_out is None and self._mode in (ep.BITS, ep.FUSED):
+            bits_out = (*self.out_hw, self.out_words, 0, 0)
+        return self._conv, _fast_table(self._geometry, self._has_corr, n, nthreads, bits_out,
+                                       self._mode == ep.FUSED)
+
+    @property
+    def fused_units_aligned(self) -> bool:
+        """``output="fused"`` on the fast path: every channel tile stores its signs as one
+        integer (:func:`sign_units`), so tiles of one pixel may run on different threads."""
+        return self.impl == "fast" and self._mode == ep.FUSED and self._tunit_aligned
 
     # -- buffers -----------------------------------------------------------------------------
     def padded_input(self, n: int) -> np.ndarray:
@@ -443,41 +500,52 @@ class BConv2DPlan:
     def run_fused(self, buf, residual, bits=None, bits_offset=(0, 0), out=None):
         """``output="fused"``: the tail of a residual block in the conv's epilogue.
 
-        ``z = post(pre(float32(float32(acc) * multiplier) + bias) + residual)`` per element
-        (float32, one rounding per step; non-linearities as in :mod:`refbnn.kernels.elementwise`),
-        written to ``out`` (float32 NHWC ``(N, OH, OW, O)``; new unless given, C-contiguous, not
-        overlapping ``residual``), and ``sign(z)`` under ``sign_at_zero`` packed into ``bits``
-        (as ``out`` of :meth:`run_padded`: e.g. the next layer's :meth:`padded_input`, at
-        ``bits_offset``; new unless given). ``residual``: float32 NHWC of the output's shape.
-        ``buf`` as for :meth:`run_padded`. Returns ``(out, bits)``.
+        ``z = post(pre(float32(float32(acc) * multiplier) + bias) + r)`` per element (float32, one
+        rounding per step; non-linearities as in :mod:`refbnn.kernels.elementwise`), written to
+        ``out`` (float32 NHWC ``(N, OH, OW, O)``; new unless given, C-contiguous; it may be the
+        residual array itself, updated in place, but must not overlap it otherwise), and
+        ``sign(z)`` under ``sign_at_zero`` packed into ``bits`` (as ``out`` of :meth:`run_padded`:
+        e.g. the next layer's :meth:`padded_input`, at ``bits_offset``; new unless given).
+        ``residual``: float32 NHWC ``(N, OH, OW, Cr)`` with ``Cr`` dividing ``O``, ``r[..., o] =
+        residual[..., o % Cr]`` (``Cr = O``: the plain residual add; fewer: its channels repeated,
+        the cheap downsampling shortcut), or ``None`` (no add). ``buf`` as for :meth:`run_padded`.
+        Returns ``(out, bits)``.
         """
         if self._mode != ep.FUSED:
             raise ValueError(f"run_fused needs output='fused', this plan has {self.output!r}")
         self._check_buffer(buf)
         n = buf.shape[0]
         shape = (n, *self.out_hw, self.out_channels)
-        r = np.asarray(residual)
-        if r.shape != shape or r.dtype != np.float32:
-            raise ValueError(f"residual must be float32 {shape}, got {r.dtype} {r.shape}")
-        r = np.ascontiguousarray(r)
+        if residual is None:
+            r = _NO_F32
+            rsc = 0
+        else:
+            r = np.asarray(residual)
+            if r.shape[:-1] != shape[:-1] or r.ndim != 4 or r.dtype != np.float32 or \
+                    r.shape[-1] < 1 or self.out_channels % r.shape[-1]:
+                raise ValueError(f"residual must be float32 {shape} (or with fewer channels that "
+                                 f"divide {self.out_channels}), got {r.dtype} {r.shape}")
+            r = np.ascontiguousarray(r)
+            rsc = r.shape[-1]
         if out is None:
             out = np.empty(shape, np.float32)
-        elif out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous \
-                or np.shares_memory(out, r):
-            raise ValueError(f"out must be a C-contiguous float32 {shape} array apart from the "
-                             "residual")
+        elif out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous or (
+                np.shares_memory(out, r) and not (out.shape == r.shape and
+                                                  out.ctypes.data == r.ctypes.data)):
+            raise ValueError(f"out must be a C-contiguous float32 {shape} array: the residual "
+                             "itself or apart from the residual")
         bits, bits_out = self._bits_target(n, bits, bits_offset, "bits")
         if n:
-            self._run(buf, out, bits_out, r.reshape(-1), bits.reshape(-1))
+            self._run(buf, out, bits_out, r.reshape(-1), bits.reshape(-1), rsc)
         return out, bits
 
-    def _run(self, buf, out, bits_out, residual, bits_flat):
+    def _run(self, buf, out, bits_out, residual, bits_flat, rsc=0):
         n = buf.shape[0]
         flat = out.reshape(-1)
         mode = self._mode
         if self.impl == "fast":
             bconv_fast.bconv_fast(buf.reshape(-1), self._conv, self._table(n, bits_out),
-                                  flat.view(np.uint8), residual, bits_flat)
+                                  flat.view(np.uint8), residual, rsc, bits_flat)
         elif mode == ep.INT32:
             bconv_portable.bconv_portable(buf.reshape(-1), n, self._conv, flat)
         else:
@@ -486,4 +554,4 @@ class BConv2DPlan:
             table = self._table(n, bits_out)
             pout, pbits = table if mode == ep.FUSED else (table, table)
             bconv_portable.epilogue_pass(acc, self.out_channels, self._epi, pout,
-                                         flat.view(np.uint8), residual, bits_flat, pbits)
+                                         flat.view(np.uint8), residual, rsc, bits_flat, pbits)
