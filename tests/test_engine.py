@@ -200,14 +200,26 @@ def test_packed_only_file_runs_like_the_full_file(name, tmp_path):
         np.testing.assert_allclose(b(x), a(x), rtol=0, atol=0 if name.startswith("ftbnn") else 1e-5)
 
 
-def test_stem_in_image_chunks_gives_the_same_logits(monkeypatch):
+@pytest.mark.parametrize("band", [1, 2])
+def test_stem_in_row_bands_gives_the_same_logits(monkeypatch, band):
+    """The stem's conv rows go through a small ring, band by band, and the pooled rows may be split
+    over threads (each range recomputes a conv row): the same max-pool and logits as one band."""
+    import numba
+
+    from refbnn.kernels import realconv
+
     model = trained_looking("birealnet18", stem_pool=True)
-    x = np.random.default_rng(7).standard_normal((5, 1, 28, 28)).astype(np.float32)
+    x = np.random.default_rng(7).standard_normal((3, 1, 28, 28)).astype(np.float32)
     whole = Engine.from_model(model)
     want, want_pool = whole.forward(x), whole.layer_outputs(x)["maxpool"]
-    assert whole._plan(5).stem_chunk == 5
-    monkeypatch.setattr(runtime, "STEM_CHUNK_BYTES", 1)  # one image per chunk
-    chunked = Engine.from_model(model)
-    assert chunked._plan(5).stem_chunk == 1
-    np.testing.assert_array_equal(chunked.forward(x), want)
-    np.testing.assert_array_equal(chunked.layer_outputs(x)["maxpool"], want_pool)
+    monkeypatch.setattr(realconv, "STEM_BAND", band)
+    banded = Engine.from_model(model, adaptive_threads=False)
+    before = numba.get_num_threads()
+    try:
+        np.testing.assert_array_equal(banded.forward(x), want)
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        for i in range(3):  # one image: layer-parallel
+            np.testing.assert_array_equal(banded.forward(x[i:i + 1]), want[i:i + 1])
+    finally:
+        numba.set_num_threads(before)
+    np.testing.assert_array_equal(banded.layer_outputs(x)["maxpool"], want_pool)

@@ -1,60 +1,61 @@
-"""The packed engine's runtime: a folded :class:`~refbnn.engine.network.Network` compiled to a fixed
-sequence of Numba kernel calls, with every buffer allocated once per (batch size, threads).
+"""The packed engine's runtime: a folded :class:`~refbnn.engine.network.Network` compiled to a
+:class:`~refbnn.engine.program.Program` (ops + buffers allocated once), run as one Numba call per
+forward.
 
-Data flow (NHWC throughout; ``x`` NCHW float32 at the door):
+Data flow per image (NHWC throughout; ``x`` NCHW float32 at the door):
 
-1. ``stem``: the input is copied into a zero-bordered NHWC buffer; the real conv + BatchNorm runs
-   as a direct convolution on float32 FMA micro-kernels (:func:`refbnn.kernels.realconv.conv_taps`:
-   register tiles of 6 pixels x 64 channels, no im2col matrix); the 3x3/2 max-pool writes the
-   residual stream and packs its signs into the first binary conv's padded input in the same pass;
-2. per binary conv: :class:`refbnn.ops.BConv2DPlan` (``output="float"``: BN and alpha folded into
-   ``float32(float32(acc) * mul) + bias``), then the *epilogue*
-   (:func:`refbnn.kernels.elementwise.merge_pack`): ``post(pre(y) + shortcut)`` in place, the
-   result kept as the residual stream and sign-packed into the next conv's padded input buffer,
-   one read of the conv's output. :class:`_ConvStep` is the one place that pairs the conv with its
-   epilogue, so an epilogue fused into the conv kernel replaces that pair only;
+1. ``stem``: the image is copied into a zero-bordered NHWC buffer; the real conv + BatchNorm runs
+   as a direct convolution on float32 FMA micro-kernels (register tiles of 6 pixels x 64
+   channels, no im2col matrix), six conv rows at a time into a ring buffer that stays in cache,
+   and the 3x3/2 max-pool of each finished pooled row writes the residual stream and packs its
+   signs into the first binary conv's padded input
+   (:func:`refbnn.kernels.realconv.stem_pool_rows`);
+2. per binary conv: :func:`refbnn.kernels.bconv_fast.conv_items` with the fused epilogue on each
+   register tile's popcounts: folded BN (and alpha) ``float32(float32(acc) * mul) + bias``, the
+   pre-activation, the residual add (the stream itself, updated in place, or the shortcut), the
+   post-activation, the float32 result as the new residual stream and its sign bits straight into
+   the next conv's padded input (one 32-bit store per 32 channels), no second pass;
 3. shortcuts of stride-2 blocks: 2x2/2 average pool fused with the 1x1 conv + BN
-   (:func:`refbnn.kernels.realconv.pool2_conv1x1`), or the pool alone (cheap shortcut: the epilogue
-   reads its channels repeated; binary shortcut: packed into the 1x1 binary conv's plan);
+   (:func:`refbnn.kernels.realconv.pool2_conv1x1_tiles`), or the pool alone (cheap shortcut: the
+   epilogue reads its channels repeated; binary shortcut: packed for a 1x1 binary conv);
 4. ``head``: global average pool, then the classifier on the same FMA micro-kernels.
 
-Thread policy (the engine's own, documented here because a process beside us changes what is fast):
-
-* every stage runs on the requested ``numba.get_num_threads()`` threads (``prange``), except stages
-  whose work is below :data:`PARALLEL_MIN_WORK` (multiply-adds, binary MACs / 64 or values), which
-  run on the calling thread: a parallel region costs a few microseconds to start and, when another
-  process holds a core, waits for the OS to run its second thread (Numba's OpenMP layer schedules
-  statically and its end barrier waits for every thread);
-* :class:`ThreadPolicy` (``adaptive``, the default): with more than one thread requested, each
-  (batch size, threads) plan times its forwards at the requested threads and, every
-  :data:`PROBE_EVERY` calls, one forward on a single thread; it runs on whichever is faster by the
-  recent median. With both cores free the requested threads win; with a CPU-bound process on the
-  other core one thread wins (measured on weights/ftbnn18.h5 before this policy: 37-53 ms at batch
-  1 with two threads vs 0.6-1.0 ms with one). ``Engine(..., adaptive_threads=False)`` always uses the
-  requested threads. Results do not depend on the thread count (each output element is computed by
-  one thread, in a fixed order).
-
-A plan is built per (batch size, thread count) on first use and kept (at most :data:`MAX_PLANS`).
+Threads (the engine's own policy, documented here because a process beside us changes what is
+fast). A batch of several images runs *image-parallel*: each worker claims the next image from an
+atomic counter and runs the whole network on it in its own buffers (no barrier between layers,
+and a worker held back by another process simply takes fewer images). One image with several
+threads runs *layer-parallel*: each op's work items split over the workers, one parallel region
+per op; ops with less work than :data:`PARALLEL_MIN_WORK` (multiply-adds, binary MACs / 64 or
+values) run on the calling thread, since a region costs a few microseconds to start and, with a
+busy core, waits for the OS to run its second thread. On top, :class:`ThreadPolicy`
+(``adaptive_threads``, the default): with more than one thread requested, the forwards of each
+(batch size, threads) pair are timed at the requested threads and, every :data:`PROBE_EVERY`
+calls, once on a single thread; whichever has the lower recent median runs (measured on
+weights/ftbnn18.h5 before this policy: 37-53 ms at batch 1 with two threads and a CPU-bound
+process beside it, vs 0.6-1.0 ms with one). Results do not depend on the thread count or the
+batch (every output element is computed by one worker, in a fixed order).
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import OrderedDict
 
 import numba
 import numpy as np
+from numba.typed import List
 
+from refbnn.engine import program as pg
 from refbnn.engine.network import EngineError, Network
+from refbnn.kernels import bconv_fast as bf
 from refbnn.kernels import elementwise as ew
+from refbnn.kernels import epilogue as ep
 from refbnn.kernels import realconv as rc
-from refbnn.kernels import realpool as rp
+from refbnn.kernels.sync import read_cycles
 from refbnn.ops import BConv2DPlan
 
 MAX_PLANS = 4
-
-#: The stem's conv output buffer holds at most this many bytes of images (at least one image).
-STEM_CHUNK_BYTES = 8 << 20
 
 #: With adaptive threads, every this many forwards of a plan one runs with the other setting.
 PROBE_EVERY = 16
@@ -65,8 +66,6 @@ PROBE_EVERY = 16
 #: second thread cannot save more than that start-up.
 PARALLEL_MIN_WORK = 1 << 18
 
-_EMPTY_U64 = np.zeros(0, np.uint64)
-_EMPTY_F32 = np.zeros(0, np.float32)
 STAGES = ("binary_convs", "stem", "shortcuts", "elementwise_glue")
 
 
@@ -117,65 +116,25 @@ def _median(values):
     return s[len(s) // 2]
 
 
-class _Target:
-    """Where an epilogue packs its output: a plan's padded input buffer (or nothing)."""
-
-    def __init__(self, plan: BConv2DPlan | None, n: int):
-        if plan is None:
-            self.buf, self.geom = _EMPTY_U64, (1, 1, 0, 0, 1, 1)
-            return
-        self.buf = plan.padded_input(n).reshape(-1)
-        hp, wp = plan.padded_hw
-        pt, pl = plan.input_offset
-        self.geom = (hp, wp, pt, pl, plan.groups, plan.wg)
+def _spec(act):
+    """A network :class:`~refbnn.engine.network.Act` as a ``pre=``/``post=`` spec of the plans."""
+    if act.code == ew.NONE:
+        return None
+    if act.code == ew.RELU:
+        return "relu"
+    if act.code == ew.PRELU:
+        return ("prelu", act.neg)
+    return ("fprelu", act.pos, act.neg)
 
 
-class _Threads:
-    """Sets Numba's thread count for each stage (:func:`stage_threads`), skipping repeats."""
-
-    def __init__(self, threads):
-        self.threads, self.current = threads, numba.get_num_threads()
-
-    def __call__(self, work):
-        t = 1 if work < PARALLEL_MIN_WORK else self.threads
-        if t != self.current:
-            numba.set_num_threads(t)
-            self.current = t
+def _geom(plan: BConv2DPlan):
+    """``(hp, wp, pt, pl, groups, wg)`` of a plan's padded input (where a producer packs)."""
+    return (*plan.padded_hw, *plan.input_offset, plan.groups, plan.wg)
 
 
-class _ConvStep:
-    """A binary conv and its epilogue (residual add, non-linearities, pack for the next conv).
-
-    The one place that pairs them: a conv kernel that runs the epilogue in its tile replaces
-    :meth:`run` and nothing else."""
-
-    def __init__(self, name, plan: BConv2DPlan, n, pre, post, nonpos, short, sc, target: _Target):
-        self.name, self.plan, self.n, self.buf = name, plan, n, plan.padded_input(n)
-        oh, ow = plan.out_hw
-        c = plan.out_channels
-        self.work_conv = n * oh * ow * c * plan.k // 64
-        self.work_ew = n * oh * ow * c
-        self.short, self.target = short, target
-        self.ip, self.slopes = ew.merge_params(sc, n, oh, ow, c, pre.code, post.code, target.geom,
-                                               nonpos, (pre.pos, pre.neg), (post.pos, post.neg))
-
-    def run(self, threads, timer, record=None):
-        """Conv, then epilogue; returns the new residual stream (flat float32). ``record``: a
-        dict receiving copies of the conv's output (``NAME.bn1``) and of the stream (``NAME``)."""
-        threads(self.work_conv)
-        y4 = self.plan.run_padded(self.buf)
-        y = y4.reshape(-1)
-        if timer.timer is not None:
-            timer("binary_convs")
-        if record is not None:
-            record[self.name + ".bn1"] = y4.copy()
-        threads(self.work_ew)
-        ew.merge_pack(y, self.short, self.ip, self.slopes, self.target.buf)
-        if timer.timer is not None:
-            timer("elementwise_glue")
-        if record is not None:
-            record[self.name] = y4.copy()
-        return y
+def _bits_out(plan: BConv2DPlan):
+    """A plan's padded input as a ``bits_out`` target ``(hp, wp, words, pt, pl)``."""
+    return (*plan.padded_hw, plan.groups * plan.wg, *plan.input_offset)
 
 
 class Engine:
@@ -195,43 +154,39 @@ class Engine:
         self._stem_w = rc.weight_tiles(st.w_hwio.reshape(-1, self._stem_c), self._stem_nv)
         self._in_padded = (h + 2 * st.padding, w + 2 * st.padding)
         saz = net.blocks[0].conv.sign_at_zero
+        self._saz = saz
         self._nonpos = saz == -1
-        # binary conv plans, shared by every batch size (each keeps its own buffers per n)
-        hw0 = net.blocks[0].in_hw
-        self._bridge = None
-        if net.bridge is not None:
-            bconv, act = net.bridge
-            self._bridge = (BConv2DPlan(bconv.words, bconv.in_channels, hw0, 1, (1, 1, 1, 1),
-                                        bconv.pad_value, 1, bconv.groups, output="float",
-                                        multiplier=bconv.mul, bias=bconv.bn.shift,
-                                        sign_at_zero=bconv.sign_at_zero), act)
-        self._plans = []
-        for blk in net.blocks:
-            conv = blk.conv
-            main = BConv2DPlan(conv.words, conv.in_channels, blk.in_hw, conv.stride,
-                               (1, 1, 1, 1), conv.pad_value, 1, conv.groups, output="float",
-                               multiplier=conv.mul, bias=conv.bn.shift, sign_at_zero=conv.sign_at_zero)
-            short = None
-            if blk.shortcut is not None:
-                kind, op = blk.shortcut
-                if kind == "real":
-                    o = op.w_hwio.shape[3]
-                    nv = rc.vectors_for(o)
-                    short = ("real", rc.weight_tiles(op.w_hwio.reshape(-1, o), nv), nv, o, op.bn)
-                elif kind == "binary":
-                    short = ("binary", BConv2DPlan(op.words, op.in_channels, blk.out_hw, 1,
-                                                   (0, 0, 0, 0), op.pad_value, 1, 1, output="float",
-                                                   multiplier=op.mul, bias=op.bn.shift,
-                                                   sign_at_zero=op.sign_at_zero), op.sign_at_zero)
-                else:
-                    short = ("repeat", op)
-            self._plans.append((blk, main, short))
+        self._float_plans = {}
+        # the fused binary conv of each block: its output packed for the next binary conv
+        convs = ([net.bridge[0]] if net.bridge is not None else []) + [b.conv for b in net.blocks]
+        nxt = {id(a): b for a, b in itertools.pairwise(convs)}
+        self._fused = {}
+        for conv, pre, post in ([(net.bridge[0], None, net.bridge[1])] if net.bridge else []) + \
+                [(b.conv, b.pre, b.post) for b in net.blocks]:
+            following = nxt.get(id(conv))
+            self._fused[id(conv)] = BConv2DPlan(
+                conv.words, conv.in_channels, self._in_hw(conv), conv.stride,
+                (conv.padding,) * 4, conv.pad_value, 1, conv.groups, output="fused",
+                multiplier=conv.mul, bias=conv.bn.shift, sign_at_zero=saz, impl="fast",
+                out_groups=following.groups if following is not None else 1,
+                pre=_spec(pre) if pre is not None else None, post=_spec(post))
         self._fc_nv = rc.vectors_for(net.fc_w.shape[1])
         self._fc_w = rc.weight_tiles(net.fc_w, self._fc_nv)
         classes = net.fc_w.shape[1]
         self._fc_scale = np.ones(classes, np.float32)
         self._fc_shift = net.fc_b if net.fc_b is not None else np.zeros(classes, np.float32)
-        self._batch_plans = OrderedDict()
+        self._programs = OrderedDict()
+        self._policies = OrderedDict()
+
+    def _in_hw(self, conv):
+        if self.net.bridge is not None and conv is self.net.bridge[0]:
+            return self.net.blocks[0].in_hw
+        for b in self.net.blocks:
+            if b.conv is conv:
+                return b.in_hw
+            if b.shortcut is not None and b.shortcut[0] == "binary" and b.shortcut[1] is conv:
+                return b.out_hw
+        raise KeyError(conv.name)  # pragma: no cover - every conv is in the network
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
@@ -258,15 +213,24 @@ class Engine:
             f = fileformat.load(f)
         return cls(network_from_file(f), **options)
 
-    # -- plans -----------------------------------------------------------------------------
-    def _plan(self, n: int, threads: int | None = None):
-        key = (n, numba.get_num_threads() if threads is None else threads)
-        plan = self._batch_plans.get(key)
-        if plan is None:
-            if len(self._batch_plans) >= MAX_PLANS:
-                self._batch_plans.popitem(last=False)
-            plan = self._batch_plans[key] = _BatchPlan(self, n, key[1])
-        return plan
+    # -- programs ---------------------------------------------------------------------------
+    def _program(self, threads: int, record: bool = False) -> Program:
+        key = (threads, record)
+        prog = self._programs.get(key)
+        if prog is None:
+            if len(self._programs) >= MAX_PLANS:
+                self._programs.popitem(last=False)
+            prog = self._programs[key] = Program(self, threads, record)
+        return prog
+
+    def _policy(self, n: int, threads: int) -> ThreadPolicy:
+        key = (n, threads)
+        pol = self._policies.get(key)
+        if pol is None:
+            if len(self._policies) >= 16:
+                self._policies.popitem(last=False)
+            pol = self._policies[key] = ThreadPolicy(threads)
+        return pol
 
     # -- running ---------------------------------------------------------------------------
     def _check(self, x):
@@ -276,36 +240,41 @@ class Engine:
                              f"got {x.shape}")
         if np.isnan(x).any():
             raise ValueError("input contains NaN")
-        return x
+        return np.ascontiguousarray(x)
+
+    def _run(self, x, threads=None, timer=None):
+        """``(logits, features)`` of checked ``x`` on ``threads`` (default: Numba's current count,
+        with the adaptive policy)."""
+        n = x.shape[0]
+        requested = numba.get_num_threads()
+        use = requested if threads is None else threads
+        pol = None
+        if threads is None and self.adaptive_threads and requested > 1:
+            pol = self._policy(n, requested)
+            use = pol.choose()
+        prog = self._program(requested if threads is None else threads)
+        t0 = time.perf_counter()
+        try:
+            out = prog.run(x, use, timer)
+        finally:
+            if numba.get_num_threads() != requested:
+                numba.set_num_threads(requested)
+        if pol is not None:
+            pol.record(use, time.perf_counter() - t0)
+        return out
 
     def features(self, x) -> np.ndarray:
         """The global average pool's output ``(N, C_last)`` float32 (a new array)."""
         x = self._check(x)
         if x.shape[0] == 0:
             return np.zeros((0, self.net.fc_w.shape[0]), np.float32)
-        threads = numba.get_num_threads()
-        try:
-            return self._plan(x.shape[0]).run(x, features=True).copy()
-        finally:
-            numba.set_num_threads(threads)
+        return self._run(x)[1]
 
     def forward(self, x) -> np.ndarray:
         x = self._check(x)
         if x.shape[0] == 0:
             return np.zeros((0, self.net.fc_w.shape[1]), np.float32)
-        threads = numba.get_num_threads()
-        plan = self._plan(x.shape[0], threads)
-        try:
-            if not self.adaptive_threads or threads == 1:
-                return plan.run(x).copy()
-            use = plan.policy.choose()
-            t0 = time.perf_counter()
-            out = plan.run(x, threads=use).copy()
-            plan.policy.record(use, time.perf_counter() - t0)
-            return out
-        finally:
-            if numba.get_num_threads() != threads:
-                numba.set_num_threads(threads)
+        return self._run(x)[0]
 
     __call__ = forward
 
@@ -314,223 +283,317 @@ class Engine:
         refbnn's layers: ``bn1`` (stem conv + BN), ``maxpool``, ``bridge.bn1``, ``bridge``,
         ``layer{s}.{i}.bn1`` (the binary conv + BN), ``layer{s}.{i}.downsample.0`` (pool) or
         ``.downsample.2`` (real 1x1 + BN), ``layer{s}.{i}`` (the block's output), ``avgpool``,
-        then ``logits``."""
+        then ``logits``. Runs op by op on one thread (a debugging path); ``.bn1`` of a binary conv
+        comes from its ``"float"`` plan (:meth:`binary_plan`) on the same packed input, the rest
+        from the buffers of the forward itself."""
         x = self._check(x)
-        rec = OrderedDict()
-        threads = numba.get_num_threads()
-        try:
-            rec["logits"] = self._plan(x.shape[0]).run(x, record=rec).copy()
-        finally:
-            numba.set_num_threads(threads)
-        rec.move_to_end("logits")
-        return rec
+        return self._program(1, record=True).record(x)
 
     def binary_plan(self, name: str) -> BConv2DPlan:
-        """The :class:`BConv2DPlan` (output ``"float"``: conv + folded BN) of the binary layer
-        ``name`` (``"bridge.binary_conv"``, ``"layer1.0.binary_conv"``, ``"layer2.0.downsample.1"``)."""
-        if name == "bridge.binary_conv" and self._bridge is not None:
-            return self._bridge[0]
-        for blk, main, short in self._plans:
-            if name == f"{blk.name}.binary_conv":
-                return main
-            if short is not None and short[0] == "binary" and name == f"{blk.name}.downsample.1":
-                return short[1]
-        raise KeyError(f"no binary layer {name!r}")
+        """A :class:`BConv2DPlan` (output ``"float"``: conv + folded BN) of the binary layer
+        ``name`` (``"bridge.binary_conv"``, ``"layer1.0.binary_conv"``, ``"layer2.0.downsample.1"``),
+        on the fast path, sharing the geometry of the engine's own plan."""
+        plan = self._float_plans.get(name)
+        if plan is None:
+            conv = next((c for c in self.net.binary_convs() if c.name == name), None)
+            if conv is None:
+                raise KeyError(f"no binary layer {name!r}")
+            plan = self._float_plans[name] = BConv2DPlan(
+                conv.words, conv.in_channels, self._in_hw(conv), conv.stride, (conv.padding,) * 4,
+                conv.pad_value, 1, conv.groups, output="float", multiplier=conv.mul,
+                bias=conv.bn.shift, sign_at_zero=conv.sign_at_zero, impl="fast")
+        return plan
 
     def profile(self, x, runs: int = 5) -> dict:
-        """Milliseconds per forward of ``x`` by stage (:data:`STAGES`, plus ``total``), the mean of
-        ``runs`` timed runs after a warm-up; each step is timed on its own (a few us of timer
-        overhead each go to that step's stage)."""
+        """Milliseconds per forward of ``x`` by stage (:data:`STAGES`, plus ``total``) on one
+        thread, the mean of ``runs`` timed runs after a warm-up. Each op is timed inside the
+        compiled call by the CPU's cycle counter; ``elementwise_glue`` also holds what no op
+        accounts for (the call itself, the input check, the output copy)."""
         x = self._check(x)
-        threads = numba.get_num_threads()
-        try:
-            plan = self._plan(x.shape[0])
-            plan.run(x)
-            acc = dict.fromkeys(STAGES, 0.0)
-            total = 0.0
-            for _ in range(runs):
-                t0 = time.perf_counter()
-                plan.run(x, timer=acc)
-                total += time.perf_counter() - t0
-        finally:
-            numba.set_num_threads(threads)
-        out = {k: 1e3 * v / runs for k, v in acc.items()}
-        out["total"] = 1e3 * total / runs
+        prog = self._program(1)
+        self._run(x, threads=1)
+        timer = np.zeros(len(prog.stages), np.int64)
+        total = 0.0
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            self._run(x, threads=1, timer=timer)
+            total += time.perf_counter() - t0
+        per = timer / cycles_per_second() / runs
+        out = dict.fromkeys(STAGES, 0.0)
+        for stage, s in zip(prog.stages, per):
+            out[stage] += 1e3 * s
+        total_ms = 1e3 * total / runs
+        out["elementwise_glue"] += max(total_ms - sum(out.values()), 0.0)
+        out["total"] = total_ms
         return out
 
 
-class _BatchPlan:
-    """Every buffer and kernel argument of one forward at batch ``n`` on ``threads`` threads."""
+_CPS = []
 
-    def __init__(self, eng: Engine, n: int, threads: int):
+
+def cycles_per_second() -> float:
+    """The rate of :func:`refbnn.kernels.sync.cycles`, measured once against ``perf_counter``."""
+    if not _CPS:
+        read_cycles()
+        c0, t0 = read_cycles(), time.perf_counter()
+        time.sleep(0.05)
+        c1, t1 = read_cycles(), time.perf_counter()
+        _CPS.append((c1 - c0) / (t1 - t0))
+    return _CPS[0]
+
+
+class _Arena:
+    """Offsets into one image's float32 and uint64 buffers (each region allocated once)."""
+
+    def __init__(self):
+        self.nf = self.nu = 0
+
+    def f(self, size):
+        off, self.nf = self.nf, self.nf + int(size)
+        return (off, int(size))
+
+    def u(self, size):
+        off, self.nu = self.nu, self.nu + int(size)
+        return (off, int(size))
+
+
+_NO = (0, 0)
+_E_I64 = np.zeros(1, np.int64)
+_E_F32 = np.zeros(1, np.float32)
+_E_F32_2D = np.zeros((1, 1), np.float32)
+
+
+class Program:
+    """The ops of one forward (:mod:`refbnn.engine.program`) and their buffers for ``threads``
+    workers: per worker one row of a float32 and a uint64 arena (one image's buffers each, zeroed
+    once: the padded borders stay zero) and a private float32 scratch row. ``record``: a program
+    whose stem keeps its whole conv output (for :meth:`Engine.layer_outputs`)."""
+
+    def __init__(self, eng: Engine, threads: int, record: bool = False):
+        self.eng, self.threads, self.record_mode = eng, threads, record
         net = eng.net
-        self.eng, self.n, self.threads = eng, n, threads
-        self.policy = ThreadPolicy(threads)
-        c, _h, _w = net.input_shape
+        self.ops, self.stages, self.meta = List(), [], []
+        a = _Arena()
+        self._ps = 0
+        dummy_conv, dummy_table = _dummy_records()
+        self._dummy = (dummy_conv, dummy_table)
+        c, h, w = net.input_shape
+        st = net.stem
         hp, wp = eng._in_padded
-        st = net.stem
-        sh, sw = net.stem_hw
-        sc = eng._stem_c
-        nonpos = eng._nonpos
-        self.xin = np.zeros((n, hp, wp, c), np.float32)  # zero border written once
-        # with the max-pool, the stem runs on chunks of images so that its full-size output (3.2 MB
-        # per 224x224 image) stays a bounded buffer; without it the output is the residual stream
-        chunk = n
-        if net.stem_pool:
-            chunk = max(1, min(n, STEM_CHUNK_BYTES // (4 * sh * sw * sc)))
-        self.stem_chunk = chunk
-        self.stem_bases, self.stem_toff = rc.conv_geometry(chunk, hp, wp, c, eng._stem_k,
-                                                           st.stride, sh, sw)
-        self.stem_out = np.empty(chunk * sh * sw * sc, np.float32)
-        self.stem_work = chunk * sh * sw * sc * self.stem_toff.shape[0]
-        first = eng._bridge[0] if eng._bridge is not None else eng._plans[0][1]
-        self.first_target = _Target(first, n)
-        self.pool_ip = np.zeros(0, np.int64)
-        if net.stem_pool:
-            ph, pw = net.blocks[0].in_hw
-            self.pooled = np.empty(n * ph * pw * sc, np.float32)
-        else:  # the stem output itself is packed (no shortcut, no non-linearity)
-            ones = (_ones(sc), _ones(sc))
-            self.pool_ip, self.pool_slopes = ew.merge_params(0, n, sh, sw, sc, ew.NONE, ew.NONE,
-                                                             self.first_target.geom, nonpos,
-                                                             ones, ones)
-        self.bridge = None
-        if eng._bridge is not None:
-            bplan, act = eng._bridge
-            none = type(act)("none", ew.NONE, _ones(act.pos.shape[0]), _ones(act.pos.shape[0]))
-            self.bridge = _ConvStep("bridge", bplan, n, none, act, nonpos, _EMPTY_F32, 0,
-                                    _Target(eng._plans[0][1], n))
-        self.steps = []
-        for i, (blk, main, short) in enumerate(eng._plans):
-            nxt = eng._plans[i + 1][1] if i + 1 < len(eng._plans) else None
-            oh, ow = blk.out_hw
-            cin = blk.conv.in_channels
-            sbuf, sc_ = None, blk.conv.out_channels  # identity shortcut: the stream itself
-            if short is not None:
-                sbuf = np.empty(n * oh * ow * (short[3] if short[0] == "real" else cin), np.float32)
-                sc_ = short[3] if short[0] == "real" else short[1].out_channels \
-                    if short[0] == "binary" else cin
-            # the identity shortcut's buffer is bound per call (the stream changes)
-            step = _ConvStep(blk.name, main, n, blk.pre, blk.post, nonpos,
-                             sbuf if sbuf is not None and short[0] != "binary" else _EMPTY_F32,
-                             sc_, _Target(nxt, n))
-            self.steps.append((blk, step, short, sbuf))
-        cl = net.fc_w.shape[0]
-        self.feat = np.empty(n * cl, np.float32)
-        self.logits = np.empty((n, net.fc_w.shape[1]), np.float32)
-        self.fc_bases = (np.arange(n) * cl).astype(np.int64)
-        self.fc_toff = np.arange(cl).astype(np.int64)
-
-    def run(self, x, features=False, timer=None, threads=None, record=None):
-        """Logits ``(n, classes)`` (or features) in the plan's own buffer; ``threads``: override
-        the plan's thread count for this call (1 .. the plan's); ``timer``: a dict receiving
-        seconds per stage; ``record``: a dict receiving NHWC copies of intermediate outputs."""
-        eng, net, n = self.eng, self.eng.net, self.n
-        th = _Threads(self.threads if threads is None else min(threads, self.threads))
-        lap = _Lap(timer)
-        # stem: NCHW -> zero-bordered NHWC, direct conv + BN, max-pool + pack
-        st = net.stem
         p = st.padding
-        _c, h, w = net.input_shape
-        self.xin[:, p:p + h, p:p + w, :] = x.transpose(0, 2, 3, 1)
         sh, sw = net.stem_hw
         sc = eng._stem_c
-        tgt = self.first_target
-        xin = self.xin.reshape(-1)
+        ntaps = eng._stem_k * eng._stem_k * c
+        convs = ([net.bridge[0]] if net.bridge is not None else []) + [b.conv for b in net.blocks]
+        bits = {id(cv): a.u(self._padded_words(eng._fused[id(cv)])) for cv in convs}
+        first = eng._fused[id(convs[0])]
+        xin = a.f(hp * wp * c)
+        self._add(pg.K_INPUT, "stem", items=h, work=c * h * w, fout=xin,
+                  args=(c, h, w, wp, p, p))
+        _, stem_toff = rc.conv_geometry(1, hp, wp, c, eng._stem_k, st.stride, sh, sw)
         if net.stem_pool:
             ph, pw = net.blocks[0].in_hw
-            ch = self.stem_chunk
-            img_in, img_pool = xin.shape[0] // n, ph * pw * sc
-            img_words = tgt.buf.shape[0] // n
-            stem_rec = []
-            for i0 in range(0, n, ch):
-                m = min(ch, n - i0)
-                th(self.stem_work * m // ch)
-                rc.conv_taps(xin[i0 * img_in:], self.stem_bases, m * sh * sw, self.stem_toff,
-                             eng._stem_w, eng._stem_nv, sc, st.bn.scale, st.bn.shift,
-                             self.stem_out)
-                th(m * sh * sw * sc)
-                rp.maxpool3s2_pack(self.stem_out, m, sh, sw, sc, ph, pw,
-                                   self.pooled[i0 * img_pool:], tgt.buf[i0 * img_words:],
-                                   *tgt.geom, eng._nonpos)
-                if record is not None:
-                    stem_rec.append(self.stem_out[:m * sh * sw * sc].reshape(m, sh, sw, sc).copy())
-            stream = self.pooled
-            if record is not None:
-                record["bn1"] = np.concatenate(stem_rec)
-                record["maxpool"] = self.pooled.reshape(n, ph, pw, sc).copy()
+            pooled = a.f(ph * pw * sc)
+            sg = rc.stem_geometry(c, wp, st.stride, sh, sw, sc, ph, pw, _geom(first), eng._nonpos,
+                                  True, sh if record else None)
+            ring = int(sg[rc.SG_RB]) * sw * sc
+            self._ps = max(self._ps, ring)
+            self._add(pg.K_STEM_POOL, "stem", items=ph, work=sh * sw * sc * ntaps, fin=xin,
+                      fout=pooled, uout=bits[id(convs[0])], ps=(0, ring), args=(eng._stem_nv,),
+                      sg=sg, wt=eng._stem_w, scale=st.bn.scale, shift=st.bn.shift, toff=stem_toff,
+                      record=[("bn1", "ring", (sh, sw, sc)), ("maxpool", pooled, (ph, pw, sc))])
+            stream, shw = pooled, (ph, pw)
         else:
-            th(self.stem_work)
-            rc.conv_taps(xin, self.stem_bases, self.stem_bases.shape[0], self.stem_toff,
-                         eng._stem_w, eng._stem_nv, sc, st.bn.scale, st.bn.shift, self.stem_out)
-            th(n * sh * sw * sc)
-            stream = self.stem_out
-            ew.merge_pack(stream, _EMPTY_F32, self.pool_ip, self.pool_slopes, tgt.buf)
-            if record is not None:
-                record["bn1"] = self.stem_out.reshape(n, sh, sw, sc).copy()
-        lap("stem")
-        if self.bridge is not None:
-            stream = self.bridge.run(th, lap, record)
-        for blk, step, short, sbuf in self.steps:
-            if short is None:
-                step.short = stream
+            out = a.f(sh * sw * sc)
+            bases, _ = rc.conv_geometry(1, hp, wp, c, eng._stem_k, st.stride, sh, sw)
+            self._add(pg.K_STEM_CONV, "stem", items=rc.conv_tiles_count(sh * sw, eng._stem_nv),
+                      work=sh * sw * sc * ntaps, fin=xin, fout=out,
+                      args=(eng._stem_nv, sh * sw, sc), wt=eng._stem_w, scale=st.bn.scale,
+                      shift=st.bn.shift, bases=bases, toff=stem_toff,
+                      record=[("bn1", out, (sh, sw, sc))])
+            self._pack("stem", out, sh, sw, sc, bits[id(convs[0])], _geom(first))
+            stream, shw = out, (sh, sw)
+        last = a.u(0)
+        if net.bridge is not None:
+            bconv = net.bridge[0]
+            out = a.f(shw[0] * shw[1] * bconv.out_channels)
+            self._conv("bridge", bconv, bits, convs, a, fout=out, fres=_NO, rsc=0)
+            stream = out
+        for blk in net.blocks:
+            cin, cout = blk.conv.in_channels, blk.conv.out_channels
+            (hh, ww), (oh, ow) = blk.in_hw, blk.out_hw
+            if blk.shortcut is None:
+                out, res, rsc = stream, stream, cout
             else:
-                hh, ww = blk.in_hw
-                cin = blk.conv.in_channels
-                oh, ow = blk.out_hw
-                th(n * oh * ow * cin * 4)
-                kind = short[0]
+                kind, op = blk.shortcut
+                out = a.f(oh * ow * cout)
+                res, rsc = out, cout
                 if kind == "real":
-                    _, wt, nv, o, bn = short
-                    rc.pool2_conv1x1(stream, n, hh, ww, cin, oh, ow, wt, nv, o, bn.scale,
-                                     bn.shift, sbuf)
-                    lap("shortcuts")
-                    if record is not None:
-                        record[f"{blk.name}.downsample.2"] = sbuf.reshape(n, oh, ow, o).copy()
+                    nv = rc.vectors_for(cout)
+                    self._add(pg.K_POOL_CONV, "shortcuts",
+                              items=rc.conv_tiles_count(oh * ow, nv), work=oh * ow * cin * cout,
+                              fin=stream, fout=out, args=(hh, ww, cin, oh, ow, nv, cout),
+                              wt=rc.weight_tiles(op.w_hwio.reshape(-1, cout), nv),
+                              scale=op.bn.scale, shift=op.bn.shift,
+                              record=[(f"{blk.name}.downsample.2", out, (oh, ow, cout))])
                 else:
-                    rp.avgpool2(stream, n, hh, ww, cin, oh, ow, sbuf)
-                    lap("shortcuts")
-                    if record is not None:
-                        record[f"{blk.name}.downsample.0"] = sbuf.reshape(n, oh, ow, cin).copy()
-                    if kind == "binary":
-                        _, splan, saz = short
-                        th(n * oh * ow * splan.out_channels * splan.k // 64)
-                        step.short = splan(sbuf.reshape(n, oh, ow, cin), saz).reshape(-1)
-                        lap("binary_convs")
-            stream = step.run(th, lap, record)
-        cl = net.fc_w.shape[0]
+                    pooled = a.f(oh * ow * cin)
+                    self._add(pg.K_AVGPOOL, "shortcuts", items=oh, work=oh * ow * cin * 4,
+                              fin=stream, fout=pooled, args=(hh, ww, cin, oh, ow),
+                              record=[(f"{blk.name}.downsample.0", pooled, (oh, ow, cin))])
+                    if kind == "repeat":
+                        res, rsc = pooled, cin
+                    else:
+                        splan = eng.binary_plan(op.name)
+                        sbits = a.u(self._padded_words(splan))
+                        self._pack("shortcuts", pooled, oh, ow, cin, sbits, _geom(splan))
+                        sconv, stable = splan.fast_records(1)
+                        self._add(pg.K_BCONV_FLOAT, "binary_convs",
+                                  items=bf.items(sconv, stable, True),
+                                  work=oh * ow * cout * splan.k // 64, cm=1, uin=sbits, fout=out,
+                                  conv=sconv, table=stable)
+            if blk is net.blocks[-1]:
+                last = a.u(oh * ow * eng._fused[id(blk.conv)].out_words)
+            self._conv(blk.name, blk.conv, bits, convs, a, fout=out, fres=res, rsc=rsc, last=last)
+            stream = out
+        cl, classes = net.fc_w.shape
         hh, ww = net.blocks[-1].out_hw
-        th(n * hh * ww * cl)
-        rp.global_avgpool(stream, n, hh * ww, cl, self.feat)
-        if record is not None:
-            record["avgpool"] = self.feat.reshape(n, cl).copy()
-        if features:
-            lap("elementwise_glue")
-            return self.feat.reshape(n, cl)
-        classes = net.fc_w.shape[1]
-        th(n * cl * classes)
-        rc.conv_taps(self.feat, self.fc_bases, n, self.fc_toff, eng._fc_w, eng._fc_nv, classes,
-                     eng._fc_scale, eng._fc_shift, self.logits.reshape(-1))
-        lap("elementwise_glue")
-        return self.logits
+        self._add(pg.K_HEAD, "elementwise_glue", items=1, work=hh * ww * cl + cl * classes,
+                  fin=stream, args=(hh * ww, cl, classes, eng._fc_nv), wt=eng._fc_w,
+                  scale=eng._fc_scale, shift=eng._fc_shift, bases=np.zeros(1, np.int64),
+                  toff=np.arange(cl, dtype=np.int64), record=[("avgpool", "feats", None)])
+        rows = threads
+        self.af = np.zeros((rows, max(a.nf, 1)), np.float32)
+        self.au = np.zeros((rows, max(a.nu, 1)), np.uint64)
+        self.ps = np.zeros((rows, max(self._ps, 1)), np.float32)
+        self.counter = np.zeros(1, np.int64)
+        self._no_timer = np.zeros(1, np.int64)
+
+    @staticmethod
+    def _padded_words(plan):
+        return plan.padded_hw[0] * plan.padded_hw[1] * plan.groups * plan.wg
+
+    def _add(self, kind, stage, items, work, fin=_NO, fout=_NO, fres=_NO, rsc=0, uin=_NO,
+             uout=_NO, ps=_NO, cm=0, args=(), sg=None, conv=None, table=None, wt=None, scale=None,
+             shift=None, bases=None, toff=None, slopes=None, record=(), before=None):
+        ip = np.zeros(pg.IP_SIZE, np.int64)
+        ip[[pg.IP_ITEMS, pg.IP_WORK, pg.IP_CM]] = items, work, cm
+        ip[pg.IP_FIN:pg.IP_FIN + 2] = fin
+        ip[pg.IP_FOUT:pg.IP_FOUT + 2] = fout
+        ip[pg.IP_FRES:pg.IP_FRES + 2] = fres
+        ip[pg.IP_RSC] = rsc
+        ip[pg.IP_UIN:pg.IP_UIN + 2] = uin
+        ip[pg.IP_UOUT:pg.IP_UOUT + 2] = uout
+        ip[pg.IP_PS:pg.IP_PS + 2] = ps
+        ip[pg.A0:pg.A0 + len(args)] = args
+        dc, dt = self._dummy
+        self.ops.append(pg.make_op(
+            kind, ip, _E_I64 if sg is None else sg, dc if conv is None else conv,
+            dt if table is None else table, _E_F32 if wt is None else wt,
+            _E_F32 if scale is None else scale, _E_F32 if shift is None else shift,
+            _E_I64 if bases is None else bases, _E_I64 if toff is None else toff,
+            _E_F32_2D if slopes is None else slopes))
+        self.stages.append(stage)
+        self.meta.append((list(record), before))
+
+    def _pack(self, stage, src, oh, ow, c, dst, geom):
+        ones = (np.ones(c, np.float32), np.ones(c, np.float32))
+        ipm, sl = ew.merge_params(0, 1, oh, ow, c, ew.NONE, ew.NONE, geom, self.eng._nonpos,
+                                  ones, ones)
+        self._add(pg.K_PACK, stage, items=oh, work=oh * ow * c, fin=src, uout=dst, sg=ipm,
+                  slopes=sl)
+
+    def _conv(self, name, conv, bits, convs, a, fout, fres, rsc, last=_NO):
+        eng = self.eng
+        plan = eng._fused[id(conv)]
+        i = next(j for j, cv in enumerate(convs) if cv is conv)
+        if i + 1 < len(convs):
+            target = eng._fused[id(convs[i + 1])]
+            uout, bits_out = bits[id(convs[i + 1])], _bits_out(target)
+        else:
+            uout, bits_out = last, (*plan.out_hw, plan.out_words, 0, 0)
+        cv, table = plan.fast_records(1, bits_out)
+        cm = plan.fused_units_aligned
+        oh, ow = plan.out_hw
+        self._add(pg.K_BCONV, "binary_convs", items=bf.items(cv, table, cm),
+                  work=oh * ow * plan.out_channels * plan.k // 64, fout=fout, fres=fres, rsc=rsc,
+                  uin=bits[id(conv)], uout=uout, cm=int(cm), conv=cv, table=table,
+                  record=[(name, fout, (oh, ow, plan.out_channels))],
+                  before=(f"{name}.bn1", conv.name, bits[id(conv)], plan))
+
+    # -- running ---------------------------------------------------------------------------
+    def run(self, x, use, timer=None):
+        """``(logits, features)`` of ``n`` checked images on ``use`` threads (``<=
+        self.threads``)."""
+        n = x.shape[0]
+        net = self.eng.net
+        logits = np.empty(n * net.fc_w.shape[1], np.float32)
+        feats = np.empty(n * net.fc_w.shape[0], np.float32)
+        timing = timer is not None
+        tm = timer if timing else self._no_timer
+        xf = x.reshape(-1)
+        nops = len(self.stages)
+        use = max(1, min(use, self.threads))
+        if use == 1:
+            self.counter[0] = 0
+            pg.run_serial(self.ops, xf, n, self.af, self.au, self.ps, logits, feats, self.counter,
+                          0, nops, tm, timing)
+        elif n == 1:
+            if numba.get_num_threads() != use:
+                numba.set_num_threads(use)
+            pg.run_layers(self.ops, xf, self.af, self.au, self.ps, logits, feats, use,
+                          PARALLEL_MIN_WORK, 0, nops, tm, timing)
+        else:
+            workers = min(use, n)
+            if numba.get_num_threads() != workers:
+                numba.set_num_threads(workers)
+            self.counter[0] = 0
+            pg.run_images(self.ops, xf, n, self.af, self.au, self.ps, logits, feats, self.counter,
+                          workers, 0, nops, tm, timing)
+        return logits.reshape(n, -1), feats.reshape(n, -1)
+
+    def record(self, x):
+        """:meth:`Engine.layer_outputs` of checked ``x``: the ops one at a time on one thread."""
+        n = x.shape[0]
+        net = self.eng.net
+        logits = np.empty(n * net.fc_w.shape[1], np.float32)
+        feats = np.empty(n * net.fc_w.shape[0], np.float32)
+        xf = x.reshape(-1)
+        per = OrderedDict()
+        for img in range(n):
+            for j, (record, before) in enumerate(self.meta):
+                if before is not None:
+                    name, layer, (off, size), plan = before
+                    buf = self.au[0, off:off + size].reshape(1, *plan.padded_hw, -1).copy()
+                    per.setdefault(name, []).append(self.eng.binary_plan(layer).run_padded(buf)[0])
+                self.counter[0] = img
+                pg.run_serial(self.ops, xf, img + 1, self.af, self.au, self.ps, logits, feats,
+                              self.counter, j, j + 1, self._no_timer, False)
+                for name, where, shape in record:
+                    if where == "feats":
+                        cl = net.fc_w.shape[0]
+                        val = feats[img * cl:(img + 1) * cl].copy()
+                    elif where == "ring":
+                        val = self.ps[0, :int(np.prod(shape))].reshape(shape).copy()
+                    else:
+                        off, size = where
+                        val = self.af[0, off:off + size].reshape(shape).copy()
+                    per.setdefault(name, []).append(val)
+        rec = OrderedDict((k, np.stack(v)) for k, v in per.items())
+        rec["logits"] = logits.reshape(n, -1)
+        return rec
 
 
-class _Lap:
-    """``lap(stage)`` adds the time since the previous lap to ``timer[stage]`` (no-op without one)."""
-
-    def __init__(self, timer):
-        self.timer = timer
-        self.t = time.perf_counter() if timer is not None else 0.0
-
-    def __call__(self, stage):
-        if self.timer is not None:
-            now = time.perf_counter()
-            self.timer[stage] += now - self.t
-            self.t = now
-
-
-def _ones(c):
-    return np.ones(c, np.float32)
+def _dummy_records():
+    """A one-channel FastConv and a one-tile TileTable for ops that read none."""
+    z1 = np.zeros(1, np.int64)
+    epi = ep.prepare(ep.INT32, 0, 1)
+    conv = bf.make_conv(np.zeros(8, np.uint64), z1, 1, 1, 1, 1, 1, z1, epi,
+                        np.full(1, -1, np.int64), np.zeros(0, np.int64))
+    table = bf.make_table(np.zeros(bf.MR, np.int64), np.zeros(bf.MR, np.int64),
+                          np.zeros(bf.MR, np.int64), np.ones(1, np.int64), np.zeros(1, bool), 1,
+                          np.zeros(bf.MR, np.int64))
+    return conv, table
 
 
 def compile_model(model, packed=None, scales=None) -> Engine:
@@ -542,4 +605,4 @@ def compile_model(model, packed=None, scales=None) -> Engine:
     return Engine(network_from_tensors(model.config, model.state_dict(), packed, scales))
 
 
-__all__ = ["Engine", "EngineError", "ThreadPolicy", "compile_model", "stage_threads"]
+__all__ = ["Engine", "EngineError", "Program", "ThreadPolicy", "compile_model", "stage_threads"]
