@@ -132,6 +132,28 @@ def test_results_do_not_depend_on_threads_or_batch_plan():
     assert numba.get_num_threads() == before
 
 
+@pytest.mark.parametrize("name", ["birealnet18", "ftbnn18_g2"])
+def test_one_image_split_over_threads_op_by_op_gives_the_same_logits(monkeypatch, name):
+    """Batch 1 on several threads runs each op's work items split over the workers (binary convs
+    by pixel tiles, the stem by pooled rows): with every op split (no minimum work), the same
+    logits as one thread."""
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs Numba with at least 2 threads")
+    engine = Engine.from_model(trained_looking(name), adaptive_threads=False)
+    x = np.random.default_rng(11).standard_normal((2, 1, 28, 28)).astype(np.float32)
+    want = engine.forward(x)  # image-parallel or serial
+    monkeypatch.setattr(runtime, "PARALLEL_MIN_WORK", 0)
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(2)
+        for i in range(2):
+            np.testing.assert_array_equal(engine.forward(x[i:i + 1]), want[i:i + 1])
+    finally:
+        numba.set_num_threads(before)
+
+
 def test_profile_splits_by_stage():
     engine = Engine.from_model(trained_looking("birealnet18"))
     x = np.zeros((2, 1, 28, 28), np.float32)

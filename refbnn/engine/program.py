@@ -88,9 +88,11 @@ def _f(a, ip, slot):
 
 
 @njit(cache=True)
-def run_op(op, x, img, lo, hi, af, au, ps, logits, feats, acc, rtmp):
+def run_op(op, x, img, lo, hi, af, au, ps, logits, feats, acc, rtmp, pixel_major=False):
     """Work items ``lo .. hi - 1`` of ``op`` for image ``img``: ``af``/``au`` the arena rows
-    (float32, uint64) holding this image's buffers, ``ps`` the worker's private float scratch."""
+    (float32, uint64) holding this image's buffers, ``ps`` the worker's private float scratch;
+    ``pixel_major``: a binary conv's items are its pixel tiles (:func:`op_items`) even where the op
+    is channel-major."""
     k = op.kind
     ip = op.ip
     if k == K_INPUT:
@@ -106,7 +108,8 @@ def run_op(op, x, img, lo, hi, af, au, ps, logits, feats, acc, rtmp):
         ew.merge_pack_rows(_f(af, ip, IP_FIN), _f(af, ip, IP_FRES), op.sg, op.slopes,
                            _f(au, ip, IP_UOUT), lo, hi)
     elif k == K_BCONV or k == K_BCONV_FLOAT:
-        bf.conv_items(_f(au, ip, IP_UIN), op.conv, op.table, lo, hi, ip[IP_CM] != 0,
+        bf.conv_items(_f(au, ip, IP_UIN), op.conv, op.table, lo, hi,
+                      ip[IP_CM] != 0 and not pixel_major,
                       _f(af, ip, IP_FOUT).view(np.uint8), _f(af, ip, IP_FRES), ip[IP_RSC],
                       _f(au, ip, IP_UOUT), acc, rtmp)
     elif k == K_POOL_CONV:
@@ -122,6 +125,14 @@ def run_op(op, x, img, lo, hi, af, au, ps, logits, feats, acc, rtmp):
         rp.global_avgpool_image(_f(af, ip, IP_FIN), 0, ip[A0], cl, f)
         rc.conv_taps_tiles(f, op.bases, 1, op.toff, op.wt, ip[A3], classes, op.scale, op.shift,
                            logits[img * classes:(img + 1) * classes], 0, 1)
+
+
+@njit(cache=True)
+def op_items(op, pixel_major):
+    """How many work items ``op`` has (``pixel_major``: as :func:`run_op` counts them)."""
+    if pixel_major and (op.kind == K_BCONV or op.kind == K_BCONV_FLOAT):
+        return op.table.tm.shape[0]
+    return op.ip[IP_ITEMS]
 
 
 @njit(cache=True, inline="always")
@@ -162,7 +173,9 @@ def run_layers(ops, x, af, au, ps, logits, feats, nworkers, min_work, op_lo, op_
                timing):
     """Image 0 layer-parallel on arena row 0: each op's items split evenly over ``nworkers``
     workers (private scratch row ``t`` each), or on the calling thread when its work is below
-    ``min_work`` or it has one item."""
+    ``min_work`` or it has one item. Split over workers, a binary conv runs pixel-major: each
+    worker writes whole output pixels (channel-major ranges would have two workers write the
+    sign bits of one 64-bit word, a cache line shared between cores)."""
     acc = np.empty(bf.MR * 32 + 16, np.int64)
     rtmp = np.empty(16, np.float32)
     for j in range(op_lo, op_hi):
@@ -172,11 +185,12 @@ def run_layers(ops, x, af, au, ps, logits, feats, nworkers, min_work, op_lo, op_
         if op.ip[IP_WORK] < min_work or items < 2 or nworkers < 2:
             run_op(op, x, 0, 0, items, af[0], au[0], ps[0], logits, feats, acc, rtmp)
         else:
+            items = op_items(op, True)
             nw = min(nworkers, items)
             for t in prange(nw):
                 acc_t = np.empty(bf.MR * 32 + 16, np.int64)
                 rtmp_t = np.empty(16, np.float32)
                 run_op(op, x, 0, t * items // nw, (t + 1) * items // nw, af[0], au[0], ps[t],
-                       logits, feats, acc_t, rtmp_t)
+                       logits, feats, acc_t, rtmp_t, True)
         if timing:
             timer[j] += cycles() - c0
