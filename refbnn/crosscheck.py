@@ -87,7 +87,7 @@ def seeded_batch(config: dict, seed: int, batch: int):
 
 def run_refbnn(model, x, labels=None) -> Run:
     """refbnn's run: eval mode, or (with ``labels``) train mode plus one backward."""
-    from refbnn.goldenlib.model import forward_record
+    from refbnn.golden.model import forward_record
     from refbnn.training.losses import cross_entropy
 
     rec = forward_record(model, x, "train" if labels is not None else "eval")
@@ -299,7 +299,7 @@ def format_table(rows) -> str:
 
 def kink_rules(model) -> dict:
     """Layer name -> ``"ge"``/``"gt"``/``"sign"`` for binary layers and ReLU/PReLU/FPReLU."""
-    from refbnn.goldenlib.model import kink_rule
+    from refbnn.golden.model import kink_rule
 
     return {name: kink_rule(m) for name, m in model.named_modules() if kink_rule(m)}
 
@@ -415,11 +415,12 @@ def _other_run(args, config, state, x, labels):
         return run_onnx(rest[0], x, rename), x, labels
     if impl == "torch-module":
         return _torch_module_run(args, rest[0], x), x, labels
-    from refbnn import goldenlib
+    from refbnn.golden import GoldenError
+    from refbnn.golden import read as read_golden
 
     try:
-        golden = goldenlib.read(rest[0])
-    except goldenlib.GoldenError as e:
+        golden = read_golden(rest[0])
+    except GoldenError as e:
         raise UserError(str(e)) from None
     if golden.kind != "model":
         raise UserError(f"{rest[0]}: a {golden.kind} golden file; --against golden needs model.h5")
@@ -466,7 +467,7 @@ def report(rows, skipped=()) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from refbnn import fileformat, models
-    from refbnn.goldenlib.model import is_binary
+    from refbnn.golden.model import is_binary
 
     try:
         if args.batch < 1 or (args.train and args.batch < 2):

@@ -18,7 +18,8 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 
-from refbnn import convert, crosscheck, export, fileformat, golden, infer, models
+from refbnn import convert, crosscheck, export, fileformat, infer, models
+from refbnn.golden import cli as golden_cli
 
 torch = pytest.importorskip("torch", reason="PyTorch (the torch extra) reads the checkpoints")
 import official_bireal_layout as official  # noqa: E402  (tests/, on sys.path under pytest)
@@ -188,7 +189,7 @@ def test_converted_file_runs_everywhere(converted, tmp_path, capsys):
     assert len(top) == 3
     assert infer.main([str(converted), str(img)]) == 2  # the packed engine: ternary, one line
     assert "--engine reference runs it on the float path" in _one_error(capsys)
-    assert golden.main([str(tmp_path / "g"), "--weights", str(converted), "--batch", "2"]) == 0
+    assert golden_cli.main([str(tmp_path / "g"), "--weights", str(converted), "--batch", "2"]) == 0
     assert crosscheck.main([str(converted), "--against", "golden", str(tmp_path / "g" / "model.h5")]) == 0
     assert crosscheck.main([str(converted), "--against", "torch"]) == 0  # the twin, torch.sign too
     capsys.readouterr()
@@ -210,7 +211,7 @@ def test_twin_state_dict_converts(tmp_path, capsys):
 
     cfg = models.get_config("ftbnn18", input_shape=[1, 12, 12], width_multiplier=0.125, num_classes=10)
     model = models.BNNResNet(cfg)
-    from refbnn.goldenlib.model import randomize_state
+    from refbnn.golden.model import randomize_state
 
     randomize_state(model, 2)
     t = twin(cfg)

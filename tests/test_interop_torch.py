@@ -14,7 +14,7 @@ import pytest
 
 from refbnn import models
 from refbnn.crosscheck import NEAR_ZERO, run_refbnn, run_torch
-from refbnn.goldenlib.model import is_binary, randomize_state
+from refbnn.golden.model import is_binary, randomize_state
 from refbnn.interop.checkpoints import ConversionError
 
 torch = pytest.importorskip("torch")
@@ -223,8 +223,8 @@ def _torch_outputs(case):
 def test_golden_layer_cases_reproduce_in_torch(tmp_path):
     """layers.h5 read back from disk and recomputed with PyTorch meets its stated tolerances: the
     golden tolerances are realistic for another float32 implementation."""
-    from refbnn import goldenlib
-    from refbnn.goldenlib import fileio, layers
+    from refbnn import golden
+    from refbnn.golden import fileio, layers
 
     path = tmp_path / "layers.h5"
     fileio.write(path, fileio.GoldenFile("layers", 0, {}, layers.layer_cases(0)), "test")
@@ -234,7 +234,7 @@ def test_golden_layer_cases_reproduce_in_torch(tmp_path):
         if got is None:
             continue
         for key, expected in case.outputs.items():
-            problem = goldenlib.compare(expected, got[key], *case.tolerance[key])
+            problem = golden.compare(expected, got[key], *case.tolerance[key])
             checked += 1
             if problem:
                 problems.append(f"{case.name}/{key}: {problem}")
@@ -244,7 +244,7 @@ def test_golden_layer_cases_reproduce_in_torch(tmp_path):
 def test_golden_bconv_cases_reproduce_in_torch():
     """ops.h5's binary convolutions, recomputed from docs/golden.md's formula with torch.conv2d on
     +-1 float64 tensors (exact for these sizes): padding spec, pad value, stride, dilation, groups."""
-    from refbnn.goldenlib import ops
+    from refbnn.golden import ops
 
     checked = 0
     for case in ops.op_cases(0):

@@ -31,11 +31,12 @@ RANKS = {
     "refbnn.interop": 6,
     "refbnn.interop.train_torch": 7,  # a command-line tool (uses refbnn.train's recipe defaults)
     "refbnn.predictor": 6,  # refbnn.load: file format + models + engine
-    "refbnn.goldenlib": 6,
+    "refbnn.golden": 6,  # the golden-vector library
+    "refbnn.golden.cli": 7,  # its command line (python -m refbnn.golden)
+    "refbnn.golden.__main__": 7,
     "refbnn.budget": 7,
     "refbnn.train": 7,
     "refbnn.infer": 7,
-    "refbnn.golden": 7,
     "refbnn.crosscheck": 7,
     "refbnn.experiments": 7,
     "refbnn.export": 7,

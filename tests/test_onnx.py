@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from refbnn import crosscheck, export, fileformat, models
-from refbnn.goldenlib.model import forward_record, randomize_state
+from refbnn.golden.model import forward_record, randomize_state
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxruntime") is None,

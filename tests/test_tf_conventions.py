@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from refbnn import models, nn, reference
-from refbnn.goldenlib.model import randomize_state
+from refbnn.golden.model import randomize_state
 from refbnn.models.config import ConfigError, binary_conv_names, resolve
 
 TF_CFG = {"input_shape": [3, 64, 64], "width_multiplier": 0.125, "num_classes": 7,

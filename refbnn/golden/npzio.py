@@ -3,7 +3,7 @@ HDF5 form, readable with ``numpy.load`` alone (``allow_pickle=False``).
 
 Array ``manifest`` is the UTF-8 bytes (``uint8``) of a JSON object: ``format``
 (``"refbnn-golden-npz"``), ``format_version`` (1), ``refbnn_version`` and the file's description
-(:func:`refbnn.goldenlib.manifest.describe`), each array entry naming its ``key`` in the archive:
+(:func:`refbnn.golden.manifest.describe`), each array entry naming its ``key`` in the archive:
 ``cases/<case>/inputs/<name>``, ``cases/<case>/outputs/<name>``, ``weights/<name>``.
 """
 
@@ -16,8 +16,8 @@ import zipfile
 
 import numpy as np
 
-from refbnn.goldenlib.fileio import VERSION, GoldenError, GoldenFile
-from refbnn.goldenlib.manifest import describe, parse
+from refbnn.golden.fileio import VERSION, GoldenError, GoldenFile
+from refbnn.golden.manifest import describe, parse
 
 FORMAT = "refbnn-golden-npz"
 

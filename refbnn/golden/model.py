@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from refbnn import nn
-from refbnn.goldenlib.fileio import Case
+from refbnn.golden.fileio import Case
 from refbnn.models import BNNResNet
 from refbnn.models.trace import trace
 from refbnn.training.losses import cross_entropy
