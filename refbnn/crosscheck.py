@@ -47,9 +47,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from refbnn.bits import SIGN_AT_ZERO_TRAINING, SIGN_RULES
 from refbnn.cli_util import UserError, fail
 
-SIGN_RULES = {1: "ge", -1: "gt", 0: "sign"}
 RTOL = 1e-4        # outputs: float32 summation order, a few ulp of the largest partial sum per layer
 GRAD_RTOL = 1e-4   # gradients (measured against PyTorch, small presets: <= 2e-5)
 NEAR_ZERO = 1e-5   # a binary input within this fraction of its layer's max |x| is "within rounding"
@@ -130,7 +130,7 @@ def run_torch(tmodel, x, labels=None, rename=None) -> Run:
         if name and not any(True for _ in m.children()):
             ours = rename_layer(name, rename)
             hooks.append(m.register_forward_hook(hook(ours)))
-            if getattr(m, "sign_at_zero", None) in (1, -1, 0):
+            if getattr(m, "sign_at_zero", None) in SIGN_RULES:
                 rules[ours] = SIGN_RULES[m.sign_at_zero]
     try:
         tmodel.train(labels is not None)
@@ -322,7 +322,7 @@ def parse_args(argv):
                    help="onnx / torch-module: JSON {their layer prefix: refbnn's layer prefix}")
     p.add_argument("--factory-kwargs", metavar="JSON", default="{}",
                    help="torch-module: keyword arguments of FACTORY as a JSON object")
-    p.add_argument("--other-sign-at-zero", type=int, choices=(1, -1, 0), default=None,
+    p.add_argument("--other-sign-at-zero", type=int, choices=SIGN_AT_ZERO_TRAINING, default=None,
                    help="sign(0) of the other side's binary layers where its model does not say "
                         "(default: refbnn's own rule)")
     p.add_argument("--train", action="store_true", help="train mode, and compare every gradient")

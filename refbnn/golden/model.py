@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from refbnn import nn
+from refbnn.bits import SIGN_RULES
 from refbnn.golden.fileio import Case
 from refbnn.models import BNNResNet
 from refbnn.models.trace import trace
@@ -43,7 +44,7 @@ def kink_rule(layer) -> str | None:
     ``"ge"`` (``x >= 0``: sign with sign_at_zero +1, FPReLU), ``"gt"`` (``x > 0``: sign with -1,
     ReLU, PReLU), ``"sign"`` (torch.sign, ternary); ``None`` for a layer without such a kink."""
     if is_binary(layer):
-        return {1: "ge", -1: "gt", 0: "sign"}[layer.sign_at_zero]
+        return SIGN_RULES[layer.sign_at_zero]
     if isinstance(layer, (nn.ReLU, nn.PReLU)):
         return "gt"
     if isinstance(layer, nn.FPReLU):

@@ -24,6 +24,7 @@ from numbers import Integral, Real
 
 import numpy as np
 
+from refbnn.bits import PAD_VALUES, SIGN_AT_ZERO_TRAINING
 from refbnn.nn.binary import SCALES
 from refbnn.nn.functional import ACT_GRADS
 
@@ -200,7 +201,7 @@ def _pad_values(v, resolved):
     for name, x in v.items():
         if not isinstance(name, str) or not 1 <= len(name) <= MAX_NAME or not _utf8(name):
             return f"has a key that is not a layer name: {_show(name)}"
-        if not _is_int(x) or x not in (0, 1, -1):
+        if not _is_int(x) or x not in PAD_VALUES:
             return f"[{name!r}] must be one of the integers 0, 1, -1, got {_show(x)}"
     return None
 
@@ -263,11 +264,11 @@ SCHEMA = (
           "the explicit non-linearity of each block, in block order (section 3.3)"),
     Field("nonlinearity_position", "[string, ...]", "one per block: " + ", ".join(POSITIONS),
           _per_block("position", POSITIONS), "where each block's non-linearity sits (section 3.2)"),
-    Field("sign_at_zero", "int", "1, -1 or 0", _int_choice((1, -1, 0)),
+    Field("sign_at_zero", "int", "1, -1 or 0", _int_choice(SIGN_AT_ZERO_TRAINING),
           "sign(0) of every binary convolution's input and weight (docs/semantics.md section 1)"),
     Field("act_grad", "string", ", ".join(ACT_GRADS), _one_of(ACT_GRADS),
           "training only: the input binarizer's backward (docs/semantics.md section 8)"),
-    Field("pad_value", "int", "0, 1 or -1", _int_choice((0, 1, -1)),
+    Field("pad_value", "int", "0, 1 or -1", _int_choice(PAD_VALUES),
           "value of the padded taps of every binary 3x3 convolution, after the sign (section 3.2)"),
     Field("width_multiplier", "number", f"resolved: 1.0 (given: (0, {MAX_MULTIPLIER:g}])",
           _multiplier, "applied by resolution to every width; 1.0 once applied"),
@@ -383,6 +384,10 @@ def scale_widths(cfg: dict, m: float) -> None:
 def resolve(config: Mapping) -> dict:
     """Return the resolved, validated copy of ``config`` (see module docstring). Idempotent.
 
+    A named non-linearity preset brings its own per-block positions unless ``config`` names
+    ``nonlinearity_position`` itself (any value, ``"after_add"`` included: it then applies to every
+    block). A resolved config holds both as per-block lists, so resolving it again keeps them.
+
     Every present field is type- and range-checked before anything else touches it, so a bad value
     (a string width, a 700-level nested list, 10**9 classes) is a :class:`ConfigError` naming the
     field, never a ``TypeError``, ``RecursionError`` or ``MemoryError``."""
@@ -412,7 +417,7 @@ def resolve(config: Mapping) -> dict:
     if isinstance(nl, str):
         if nl in NONLINEARITY_PRESETS:
             nl, preset_pos = expand_nonlinearity(nl, cfg["blocks"])
-            if pos == DEFAULTS["nonlinearity_position"]:
+            if "nonlinearity_position" not in config:  # a position given explicitly wins
                 pos = preset_pos
         elif nl in NONLINEARITIES:
             nl = [nl] * n
