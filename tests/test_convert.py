@@ -28,12 +28,7 @@ FACTORY = "official_bireal_layout:birealnet18"
 SHAPE = "3,32,32"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tests/conftest.py
 
 
 def _trained_looking(net, zeros=3, seed=0):

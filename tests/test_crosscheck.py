@@ -18,13 +18,8 @@ needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None,
 
 
 @pytest.fixture(scope="module")
-def torch():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: PyTorch's spinning workers only slow a shared machine
-    yield torch
-    torch.set_num_threads(before)
+def torch(torch_one_thread):
+    return torch_one_thread
 
 
 @pytest.fixture(scope="module")

@@ -30,13 +30,7 @@ RTOL_GRAD = 1e-4
 SMALL = {"input_shape": [1, 10, 10], "width_multiplier": 0.125, "num_classes": 10}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread (PyTorch's spinning workers only slow a shared machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tests/conftest.py
 
 
 def _pair(name, seed=0):
