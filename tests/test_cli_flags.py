@@ -10,8 +10,9 @@ import argparse
 
 import pytest
 
-from refbnn import budget, cli_util, export, golden, infer, predictor, train
+from refbnn import budget, cli_util, export, infer, predictor, train
 from refbnn.experiments import nonlinearity
+from refbnn.golden import cli as golden_cli
 
 GENERIC = ["nan", "inf", "-inf", "abc", "", "1e400"]
 NUMERIC = {"int", "float"}
@@ -54,7 +55,7 @@ TABLE = {
     "export": (export, ["{model}", "{dst}", "--onnx"], {
         "--batch": ("int", ["0", "-1", "5000"]),
     }),
-    "golden": (golden, ["{dst}"], {
+    "golden": (golden_cli, ["{dst}"], {
         "--check": ("files", []),
         "--model": ("choice", ["resnet50"]),
         "--weights": ("path", ["{missing}"]),
@@ -118,11 +119,11 @@ def no_work(monkeypatch):
 
     monkeypatch.setattr(cli_util, "load_split", started)
     monkeypatch.setattr(predictor, "load", started)
-    from refbnn import fileformat, goldenlib
+    from refbnn import fileformat, golden
     monkeypatch.setattr(fileformat, "export_packed", started)
     monkeypatch.setattr(export, "export_onnx_file", started)
-    monkeypatch.setattr(goldenlib, "generate", started)
-    monkeypatch.setattr(golden, "load_model", started)
+    monkeypatch.setattr(golden, "generate", started)
+    monkeypatch.setattr(golden_cli, "load_model", started)
     monkeypatch.setattr(budget, "count", started)
     monkeypatch.setattr(nonlinearity, "run_study", started)
 
