@@ -230,3 +230,20 @@ def test_no_binary_conv_is_dead_on_mnist(variant, data_dir):
     for s in stats:
         assert not s.dead and 0.05 < s.positive_fraction < 0.95, s
     assert not any(s.dead for s in binary_input_stats(model, x, mode="eval"))
+
+
+def test_same_seed_same_initial_weights_in_every_model():
+    # the pairing by seed: the four models draw the same initial weights (PReLU adds its slopes,
+    # which are constant), and fit's seed fixes the batch order
+    states = {}
+    for variant in MODELS:
+        nn.init.manual_seed(3)
+        states[variant] = study.build_model(variant, 6).state_dict()
+    ref = states["binary"]
+    for variant, state in states.items():
+        assert set(ref) <= set(state), variant
+        for key in ref:
+            assert np.array_equal(state[key], ref[key]), (variant, key)
+    nn.init.manual_seed(4)
+    assert not np.array_equal(study.build_model("binary", 6).state_dict()["features.0.weight"],
+                              ref["features.0.weight"])

@@ -4,7 +4,7 @@ The derived models ``ftbnn18_g{1,2,4}`` and ``ftbnn34_g{1,2,4}`` at the data set
 with the stage widths ``w, 2w, 4w, 8w`` (bridge ``w``) of each model solved with refbnn's budget
 counter (:mod:`refbnn.models.budget`) so that every model of one depth costs the same OPs at that
 input: ``--budget18`` and ``--budget34`` million OPs (default 0.35 and 0.50, near the paper's
-ratio 135M / 90M = 1.5, where the width steps match all three 34-layer models within 2.5%:
+ratio 135M / 90M = 1.5, where the width steps match all three 34-layer models within 3%:
 docs/groups.md). All are trained with one recipe (:class:`~refbnn.training.recipe.Recipe`'s
 defaults, ``--epochs`` epochs) by :func:`refbnn.training.fit.fit`, and tested after every epoch.
 
