@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import functools
 import multiprocessing
+import os
 import platform
+from dataclasses import asdict
+from pathlib import Path
 
 import numba
 from threadpoolctl import threadpool_limits
 
 from refbnn import cli_util
-from refbnn.data import subset
+from refbnn.data import DataError, subset
+from refbnn.training.faults import NumericalFault
 
 _CONTEXT: dict = {}
 
@@ -75,3 +79,57 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def run_cli(args, cfg, run_study, report) -> int:
+    """A study's command line after its flags are parsed: run ``run_study(cfg, out_dir, data_dir,
+    download, jobs=, threads=, log=)`` with ``args.jobs`` workers (default: the core count, 1 with
+    ``--quick``) of ``args.threads`` Numba threads and single-threaded BLAS (Numba's thread count is
+    restored after), print ``report(results)`` and the total time. Exit status: 0; 2 for bad data or
+    an unwritable output (one line); 3 for a numerical fault."""
+    jobs = args.jobs if args.jobs is not None else (1 if args.quick else os.cpu_count() or 1)
+    numba_threads = numba.get_num_threads()
+    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    with threadpool_limits(1):  # refbnn splits its GEMMs over Numba's threads: BLAS single-threaded
+        try:
+            results = run_study(cfg, Path(args.out_dir), args.data_dir, not args.no_download,
+                                jobs=jobs, threads=args.threads, log=lambda s: print(s, flush=True))
+        except (DataError, ValueError, OSError) as e:
+            return cli_util.fail(e)
+        except NumericalFault as e:
+            return cli_util.fail(e, status=3)
+        finally:
+            numba.set_num_threads(numba_threads)
+    print(report(results), end="")
+    print(f"total {results['seconds']:.0f} s; outputs in {args.out_dir}")
+    return 0
+
+
+def check_out_dir(parser, args) -> None:
+    """Refuse ``--out-dir`` (one line, exit 2) unless a file can be written there (creates it)."""
+    try:
+        cli_util.check_writable(args.out_dir)
+    except OSError as e:
+        parser.fail_flag("--out-dir", f"cannot write to {args.out_dir}: {e}")
+
+
+def add_run_flags(parser, threads_help: str) -> None:
+    """The flags every study shares: ``--train-size``, ``--test-size`` (0: all), ``--jobs``,
+    ``--threads`` and ``--no-download`` (each with its typed range, refbnn's flag rule)."""
+    parser.add_argument("--train-size", type=cli_util.int_in(0, 60_000),
+                        help="training images (default 0: all)")
+    parser.add_argument("--test-size", type=cli_util.int_in(0, 10_000), help="test images (default 0: all)")
+    parser.add_argument("--jobs", type=cli_util.int_in(1, 1024),
+                        help="worker processes training at once (default: the core count; 1 with --quick)")
+    parser.add_argument("--threads", type=cli_util.threads, default=1, help=threads_help)
+    parser.add_argument("--no-download", action="store_true", help="never try to download the data set")
+
+
+def config_values(defaults, quick: dict, args, keys) -> dict:
+    """A study configuration's fields: the dataclass ``defaults``, then ``quick`` with ``--quick``,
+    then every flag of ``keys`` that was given (explicit flags override ``--quick``)."""
+    values = asdict(defaults)
+    if args.quick:
+        values.update(quick)
+    values.update({k: getattr(args, k) for k in keys if getattr(args, k) is not None})
+    return values

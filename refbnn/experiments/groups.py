@@ -28,18 +28,22 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numba
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from refbnn import cli_util, models
-from refbnn.cli_util import ArgumentParser, fail, write_text_atomic
-from refbnn.data import DataError
+from refbnn.cli_util import ArgumentParser, write_text_atomic
 from refbnn.experiments import stats
-from refbnn.experiments.common import cpu_name, load_splits, run_tasks
+from refbnn.experiments.common import (
+    add_run_flags,
+    check_out_dir,
+    config_values,
+    cpu_name,
+    load_splits,
+    run_cli,
+    run_tasks,
+)
 from refbnn.models.budget import count
 from refbnn.plot import line_panels
-from refbnn.training.faults import NumericalFault
 from refbnn.training.fit import fit
 from refbnn.training.recipe import Recipe
 
@@ -300,69 +304,40 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--data-dir", type=cli_util.existing_dir,
                    help="folder with the data set's IDX files or <dataset>/; nothing else is searched "
                         "then (default: $REFBNN_DATA_DIR/<dataset>, the cache, /usr/share/datasets)")
-    p.add_argument("--no-download", action="store_true", help="never try to download the data set")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke test: {QUICK['train_size']} training images, {QUICK['epochs']} epochs, "
                         "1 seed, the narrowest widths")
     p.add_argument("--seeds", type=cli_util.int_in(1, 100), help=f"runs per model (default {d.seeds})")
     p.add_argument("--epochs", type=cli_util.int_in(1, 1000), help=f"default {d.epochs}")
-    p.add_argument("--train-size", type=cli_util.int_in(0, 60_000), help="training images (default 0: all)")
-    p.add_argument("--test-size", type=cli_util.int_in(0, 10_000), help="test images (default 0: all)")
     for depth in DEPTHS:
         default = getattr(d, f"budget{depth}")
         p.add_argument(f"--budget{depth}", type=cli_util.float_in(0.0, 1000.0, lo_open=True),
                        help=f"million OPs per image of every Layer={depth} model (default {default})")
     p.add_argument("--depths", type=_int_list(DEPTHS), help="subset of 18,34 (default both)")
     p.add_argument("--groups", type=_int_list(GROUPS), help="subset of 1,2,4 (default all)")
-    p.add_argument("--jobs", type=cli_util.int_in(1, 1024),
-                   help="worker processes training in parallel (default: the core count; 1 with --quick)")
-    p.add_argument("--threads", type=cli_util.threads, default=1,
-                   help="Numba threads per worker (default 1: see docs/groups.md)")
+    add_run_flags(p, "Numba threads per worker (default 1: see docs/groups.md)")
     return p
 
 
 def parse_args(argv):
     p = build_parser()
     args = p.parse_args(argv)
-    try:
-        cli_util.check_writable(args.out_dir)
-    except OSError as e:
-        p.fail_flag("--out-dir", f"cannot write to {args.out_dir}: {e}")
+    check_out_dir(p, args)
     return args
 
 
 def make_config(args) -> StudyConfig:
     """The study configuration from the flags (``--quick`` first, explicit flags override)."""
-    values = asdict(StudyConfig())
-    if args.quick:
-        values.update(QUICK)
-    for key in ("dataset", "seeds", "epochs", "train_size", "test_size", "budget18", "budget34",
-                "depths", "groups"):
-        if getattr(args, key) is not None:
-            values[key] = getattr(args, key)
-    return StudyConfig(**values)
+    return StudyConfig(**config_values(StudyConfig(), QUICK, args, (
+        "dataset", "seeds", "epochs", "train_size", "test_size", "budget18", "budget34", "depths",
+        "groups")))
 
 
 @cli_util.command
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = make_config(args)
-    jobs = args.jobs if args.jobs is not None else (1 if args.quick else os.cpu_count() or 1)
-    numba_threads = numba.get_num_threads()
-    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
-    with threadpool_limits(1):  # refbnn splits its GEMMs over Numba's threads: BLAS single-threaded
-        try:
-            results = run_study(cfg, Path(args.out_dir), args.data_dir, not args.no_download,
-                                jobs=jobs, threads=args.threads, log=lambda s: print(s, flush=True))
-        except (DataError, ValueError, OSError) as e:
-            return fail(e)
-        except NumericalFault as e:
-            return fail(e, status=3)
-        finally:
-            numba.set_num_threads(numba_threads)
-    print(markdown(results["models"], results["comparisons"], cfg), end="")
-    print(f"total {results['seconds']:.0f} s; outputs in {args.out_dir}")
-    return 0
+    return run_cli(args, cfg, run_study, lambda r: markdown(r["models"], r["comparisons"], cfg))
 
 
 if __name__ == "__main__":

@@ -35,22 +35,27 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numba
 import numpy as np
 from PIL import Image
-from threadpoolctl import threadpool_limits
 
 from refbnn import cli_util, nn
 from refbnn.cli_util import ArgumentParser, fail, write_text_atomic
-from refbnn.data import DataError, batches
+from refbnn.data import batches
 from refbnn.experiments import stats
-from refbnn.experiments.common import cpu_name, load_splits, run_tasks
+from refbnn.experiments.common import (
+    add_run_flags,
+    check_out_dir,
+    config_values,
+    cpu_name,
+    load_splits,
+    run_cli,
+    run_tasks,
+)
 from refbnn.models.diagnostics import binary_input_stats
 from refbnn.nn import functional as F
 from refbnn.nn.init import manual_seed
 from refbnn.plot import line_chart, save_png, scatter
 from refbnn.scale import mean_abs_scale
-from refbnn.training.faults import NumericalFault
 from refbnn.training.fit import Callback, fit
 from refbnn.training.recipe import LIMITS, Recipe
 
@@ -337,7 +342,6 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--data-dir", type=cli_util.existing_dir,
                    help="folder with the MNIST IDX files or mnist/; nothing else is searched then "
                         "(default: $REFBNN_DATA_DIR/mnist, the cache, ...)")
-    p.add_argument("--no-download", action="store_true", help="never try to download MNIST")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: 400 training images, 1 epoch, 2 seeds, width 8")
     p.add_argument("--seeds", type=cli_util.int_in(1, 1000), help=f"runs per model (default {d.seeds})")
@@ -346,13 +350,8 @@ def build_parser() -> ArgumentParser:
                    help=f"2-4096 (BatchNorm needs 2; default {d.batch_size})")
     p.add_argument("--lr", type=LIMITS["lr"], help=f"Adam learning rate (default {d.lr})")
     p.add_argument("--width", type=cli_util.int_in(1, 512), help=f"first-stage channels (default {d.width})")
-    p.add_argument("--train-size", type=cli_util.int_in(0, 60_000), help="training images (default 0: all)")
-    p.add_argument("--test-size", type=cli_util.int_in(0, 10_000), help="test images (default 0: all)")
     p.add_argument("--models", help=f"comma-separated subset of {','.join(VARIANTS)}")
-    p.add_argument("--jobs", type=cli_util.int_in(1, 1024),
-                   help="worker processes training in parallel (default: the core count; 1 with --quick)")
-    p.add_argument("--threads", type=cli_util.threads, default=1,
-                   help="Numba threads (default 1: faster for these small layers, see docs)")
+    add_run_flags(p, "Numba threads per worker (default 1: faster for these small layers, see docs)")
     return p
 
 
@@ -366,21 +365,14 @@ def parse_args(argv):
             p.fail_flag("--models", f"expected a comma-separated subset of {','.join(VARIANTS)} "
                                     f"without repeats, got "
                                     f"{args.models!r}")
-    try:
-        cli_util.check_writable(args.out_dir)
-    except OSError as e:
-        p.fail_flag("--out-dir", f"cannot write to {args.out_dir}: {e}")
+    check_out_dir(p, args)
     return args
 
 
 def make_config(args) -> StudyConfig:
     """The study configuration from the flags (``--quick`` first, explicit flags override)."""
-    values = asdict(StudyConfig())
-    if args.quick:
-        values.update(QUICK)
-    for key in ("seeds", "epochs", "batch_size", "lr", "width", "train_size", "test_size"):
-        if getattr(args, key) is not None:
-            values[key] = getattr(args, key)
+    values = config_values(StudyConfig(), QUICK, args,
+                           ("seeds", "epochs", "batch_size", "lr", "width", "train_size", "test_size"))
     if args.models is not None:
         values["models"] = [m.strip() for m in args.models.split(",") if m.strip()]
     cfg = StudyConfig(**values)
@@ -459,23 +451,7 @@ def main(argv=None) -> int:
         cfg = make_config(args)
     except ValueError as e:
         return fail(e)
-    jobs = args.jobs if args.jobs is not None else (1 if args.quick else os.cpu_count() or 1)
-    numba_threads = numba.get_num_threads()
-    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
-    # refbnn splits its GEMMs over Python threads and wants BLAS single-threaded (nn.functional)
-    with threadpool_limits(1):
-        try:
-            results = run_study(cfg, Path(args.out_dir), args.data_dir, not args.no_download,
-                                jobs=jobs, threads=args.threads, log=lambda s: print(s, flush=True))
-        except (DataError, ValueError, OSError) as e:
-            return fail(e)
-        except NumericalFault as e:
-            return fail(e, status=3)
-        finally:
-            numba.set_num_threads(numba_threads)
-    print(report(results["models"], results["comparisons"], cfg.seeds), end="")
-    print(f"total {results['seconds']:.0f} s; outputs in {args.out_dir}")
-    return 0
+    return run_cli(args, cfg, run_study, lambda r: report(r["models"], r["comparisons"], cfg.seeds))
 
 
 if __name__ == "__main__":
