@@ -20,6 +20,12 @@ from __future__ import annotations
 import numpy as np
 
 SIGN_AT_ZERO_CHOICES = (1, -1)
+#: ``sign_at_zero`` of the float training layers and model configs: also 0 (``torch.sign``, ternary)
+SIGN_AT_ZERO_TRAINING = (1, -1, 0)
+#: the value of a binary convolution's padded taps, after the sign: 0 (zero padding), +1 or -1
+PAD_VALUES = (0, 1, -1)
+#: the test that decides ``sign(0)`` per ``sign_at_zero``: ``x >= 0``, ``x > 0``, or ternary ``torch.sign``
+SIGN_RULES = {1: "ge", -1: "gt", 0: "sign"}
 WORD_BITS_CHOICES = (64, 32)
 
 

@@ -32,6 +32,7 @@ import math
 import os
 import sys
 
+from refbnn.bits import SIGN_AT_ZERO_TRAINING
 from refbnn.cli_util import UserError, fail, parse_shape
 
 IMAGENET_SPEC = {"layout": "NCHW", "channel_order": "RGB", "mean": [0.485, 0.456, 0.406],
@@ -48,7 +49,7 @@ def parse_args(argv):
         q.add_argument("out", help="refbnn model file to write (.h5)")
         q.add_argument("--input-shape", type=parse_shape, default=None,
                        help="C,H,W of one input (bireal default 3,224,224)")
-        q.add_argument("--sign-at-zero", type=int, choices=(0, 1, -1), default=None,
+        q.add_argument("--sign-at-zero", type=int, choices=SIGN_AT_ZERO_TRAINING, default=None,
                        help="sign(0) of every binary layer (bireal default 0, torch.sign; "
                             "twin default: the config's)")
     b.add_argument("--model", choices=("birealnet18", "birealnet34"), default="birealnet18")

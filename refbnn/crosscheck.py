@@ -47,9 +47,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from refbnn.bits import SIGN_AT_ZERO_TRAINING, SIGN_RULES
 from refbnn.cli_util import UserError, fail
 
-SIGN_RULES = {1: "ge", -1: "gt", 0: "sign"}
 RTOL = 1e-4        # outputs: float32 summation order, a few ulp of the largest partial sum per layer
 GRAD_RTOL = 1e-4   # gradients (measured against PyTorch, small presets: <= 2e-5)
 NEAR_ZERO = 1e-5   # a binary input within this fraction of its layer's max |x| is "within rounding"
@@ -87,7 +87,7 @@ def seeded_batch(config: dict, seed: int, batch: int):
 
 def run_refbnn(model, x, labels=None) -> Run:
     """refbnn's run: eval mode, or (with ``labels``) train mode plus one backward."""
-    from refbnn.goldenlib.model import forward_record
+    from refbnn.golden.model import forward_record
     from refbnn.training.losses import cross_entropy
 
     rec = forward_record(model, x, "train" if labels is not None else "eval")
@@ -130,7 +130,7 @@ def run_torch(tmodel, x, labels=None, rename=None) -> Run:
         if name and not any(True for _ in m.children()):
             ours = rename_layer(name, rename)
             hooks.append(m.register_forward_hook(hook(ours)))
-            if getattr(m, "sign_at_zero", None) in (1, -1, 0):
+            if getattr(m, "sign_at_zero", None) in SIGN_RULES:
                 rules[ours] = SIGN_RULES[m.sign_at_zero]
     try:
         tmodel.train(labels is not None)
@@ -299,7 +299,7 @@ def format_table(rows) -> str:
 
 def kink_rules(model) -> dict:
     """Layer name -> ``"ge"``/``"gt"``/``"sign"`` for binary layers and ReLU/PReLU/FPReLU."""
-    from refbnn.goldenlib.model import kink_rule
+    from refbnn.golden.model import kink_rule
 
     return {name: kink_rule(m) for name, m in model.named_modules() if kink_rule(m)}
 
@@ -322,7 +322,7 @@ def parse_args(argv):
                    help="onnx / torch-module: JSON {their layer prefix: refbnn's layer prefix}")
     p.add_argument("--factory-kwargs", metavar="JSON", default="{}",
                    help="torch-module: keyword arguments of FACTORY as a JSON object")
-    p.add_argument("--other-sign-at-zero", type=int, choices=(1, -1, 0), default=None,
+    p.add_argument("--other-sign-at-zero", type=int, choices=SIGN_AT_ZERO_TRAINING, default=None,
                    help="sign(0) of the other side's binary layers where its model does not say "
                         "(default: refbnn's own rule)")
     p.add_argument("--train", action="store_true", help="train mode, and compare every gradient")
@@ -415,11 +415,12 @@ def _other_run(args, config, state, x, labels):
         return run_onnx(rest[0], x, rename), x, labels
     if impl == "torch-module":
         return _torch_module_run(args, rest[0], x), x, labels
-    from refbnn import goldenlib
+    from refbnn.golden import GoldenError
+    from refbnn.golden import read as read_golden
 
     try:
-        golden = goldenlib.read(rest[0])
-    except goldenlib.GoldenError as e:
+        golden = read_golden(rest[0])
+    except GoldenError as e:
         raise UserError(str(e)) from None
     if golden.kind != "model":
         raise UserError(f"{rest[0]}: a {golden.kind} golden file; --against golden needs model.h5")
@@ -466,7 +467,7 @@ def report(rows, skipped=()) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from refbnn import fileformat, models
-    from refbnn.goldenlib.model import is_binary
+    from refbnn.golden.model import is_binary
 
     try:
         if args.batch < 1 or (args.train and args.batch < 2):

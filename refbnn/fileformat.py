@@ -42,7 +42,7 @@ import numpy as np
 from refbnn import __version__ as REFBNN_VERSION
 from refbnn.atomicio import remove_stale_temps, write_bytes_atomic
 from refbnn.bits import check_sign_at_zero, words_for
-from refbnn.models.config import FIELDS, ConfigError, loads_json, resolve, tensor_layout
+from refbnn.models.config import FIELDS, ConfigError, encodes_utf8, loads_json, resolve, tensor_layout
 from refbnn.ops import pack_bits, unpack_bits
 
 FORMAT_NAME = "refbnn"
@@ -548,7 +548,7 @@ def _write(path, meta: dict, state_dict, binary_weights, optimizer_state=None) -
         text = json.dumps(meta, allow_nan=False, default=_json_default, ensure_ascii=False)
     except (TypeError, ValueError) as e:
         raise ValueError(f"metadata is not JSON-able ({e}); NaN/inf are not allowed, use null") from e
-    raw = text.encode("utf-8", "strict") if _encodable(text) else None
+    raw = text.encode("utf-8", "strict") if encodes_utf8(text) else None
     if raw is None:
         raise ValueError("metadata holds a string that is not valid Unicode (a lone surrogate)")
     if len(raw) > MAX_META_BYTES:
@@ -559,14 +559,6 @@ def _write(path, meta: dict, state_dict, binary_weights, optimizer_state=None) -
         raise ValueError(f"metadata {e.where}: {e.problem}") from None
     image = _file_image(raw, plan, state, scales, opt)
     write_bytes_atomic(path, image)
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _checked_state(state_dict: Mapping, plan: _Plan) -> dict:
@@ -636,7 +628,7 @@ def _checked_optimizer(optimizer_state: Mapping, plan: _Plan) -> dict:
     out = {}
     for name, value in optimizer_state.items():
         if not isinstance(name, str) or not name or "/" in name or "\0" in name or \
-                name in (".", "..") or not _encodable(name):
+                name in (".", "..") or not encodes_utf8(name):
             raise ValueError(f"optimizer_state key {name!r} is not a valid name (non-empty str "
                              "without '/')")
         arr = np.asarray(value)
@@ -727,6 +719,17 @@ def load(path, expect: Mapping | None = None) -> LoadedFile:
         raise FormatError(path, "/", f"not a readable HDF5 file ({_oneline(e)})") from None
     with f:
         return _Reader(path, f, len(data)).read(expect)
+
+
+def _read_dataset(path, ds, hpath: str) -> np.ndarray:
+    """All of HDF5 dataset ``ds`` (at ``hpath`` in file ``path``), C-ordered, in native byte order;
+    a read HDF5 refuses is a :class:`FormatError`."""
+    try:
+        arr = ds[()]
+    except (OSError, RuntimeError, ValueError, TypeError) as e:
+        raise FormatError(path, hpath, f"data is unreadable ({_oneline(e)})") from None
+    arr = np.asarray(arr)
+    return np.asarray(arr, dtype=arr.dtype.newbyteorder("="), order="C")
 
 
 def _oneline(e: BaseException) -> str:
@@ -869,12 +872,7 @@ class _Reader:
 
     def _data(self, ds, hpath: str) -> np.ndarray:
         self.where = hpath
-        try:
-            arr = ds[()]
-        except (OSError, RuntimeError, ValueError, TypeError) as e:
-            raise self.error(hpath, f"data is unreadable ({_oneline(e)})") from None
-        arr = np.asarray(arr)
-        return np.asarray(arr, dtype=arr.dtype.newbyteorder("="), order="C")
+        return _read_dataset(self.path, ds, hpath)
 
     # -- top level -------------------------------------------------------------------------------
     def _read(self, expect) -> LoadedFile:
@@ -986,7 +984,7 @@ class _Reader:
         for name in group:
             hpath = f"{gpath}/{name}"
             self.where = hpath
-            if not _encodable(name) or "\0" in name:
+            if not encodes_utf8(name) or "\0" in name:
                 raise self.error(hpath, "the name is not valid UTF-8 text")
             if not isinstance(group.get(name, getlink=True), h5py.HardLink):
                 raise self.error(hpath, "only hard links are allowed")

@@ -31,6 +31,7 @@ from refbnn.fileformat import (
     LoadedFile,
     _input_spec_problem,
     _packed_shape,
+    _read_dataset,
     pack_weight_signs,
 )
 
@@ -238,12 +239,7 @@ class _Reader:
         self._exact_names(hpath, "attribute", [a for a in ds.attrs if a not in optional], attrs)
 
     def _data(self, ds, hpath: str) -> np.ndarray:
-        try:
-            arr = ds[()]
-        except (OSError, RuntimeError, ValueError, TypeError) as e:
-            raise self.error(hpath, f"data is unreadable ({e})") from None
-        arr = np.asarray(arr)
-        return np.asarray(arr, dtype=arr.dtype.newbyteorder("="), order="C")
+        return _read_dataset(self.path, ds, hpath)
 
     # -- /model ----------------------------------------------------------------------------------
     def _read_model(self, out: LoadedFile, expect) -> None:

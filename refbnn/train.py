@@ -1,8 +1,11 @@
 """``python -m refbnn.train --dataset mnist``: train a 1-bit network on CPU, resumably.
 
+The command line only (flags in, exit status out); the training library it drives is the package
+:mod:`refbnn.training` (losses, optimizers, schedules, ``Recipe``, ``fit``).
+
 Writes into ``--out-dir`` (default ``runs/<dataset>-<model>``): ``checkpoint.h5`` after every epoch
-(and on Ctrl-C), ``metrics.jsonl`` (one JSON object per epoch), ``curves.png`` (loss and test
-accuracy per epoch) and, at the end, the trained model (``--out``, default ``<out-dir>/model.h5``)
+(and on Ctrl-C), ``metrics.jsonl`` (one JSON object per epoch), ``curves.png`` (train and test
+loss and accuracy per epoch) and, at the end, the trained model (``--out``, default ``<out-dir>/model.h5``)
 which ``python -m refbnn.infer`` runs. Every file is written to a temporary name and renamed.
 The loop itself is :func:`refbnn.training.fit.fit`; the recipe's defaults and ranges are
 :class:`refbnn.training.recipe.Recipe`'s. This module only turns flags into its arguments.

@@ -23,6 +23,18 @@ def _data_root():
     return Path(root).resolve() if root else None  # absolute: subprocess tests run elsewhere
 
 
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """PyTorch with one intra-op thread for the requesting test module, the caller's count restored
+    after it: the tensors are tiny, and PyTorch's spinning workers only slow a shared machine.
+    Skips where PyTorch (the ``torch`` extra) is not installed."""
+    torch = pytest.importorskip("torch", reason="PyTorch (the torch extra) is not installed")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield torch
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def data_dir():
     """The folder named by ``REFBNN_DATA_DIR`` (holding ``mnist/``).

@@ -194,12 +194,13 @@ def _enospc(*a, **k):
 
 
 def test_cli_turns_a_failed_write_into_one_line(model_file, fake_mnist, tmp_path, monkeypatch, capsys):
-    from refbnn import golden, goldenlib
+    from refbnn import golden
+    from refbnn.golden import cli as golden_cli
 
     monkeypatch.setattr(fileformat, "export_packed", _enospc)
     assert export.main([str(model_file), str(tmp_path / "s.h5"), "--packed-only"]) == 2
-    monkeypatch.setattr(goldenlib, "generate", _enospc)
-    assert golden.main([str(tmp_path / "g"), "--model", "ftbnn18_purified"]) == 2
+    monkeypatch.setattr(golden, "generate", _enospc)
+    assert golden_cli.main([str(tmp_path / "g"), "--model", "ftbnn18_purified"]) == 2
     monkeypatch.setattr(fileformat, "save_checkpoint", _enospc)
     assert train.main(["--data-dir", str(fake_mnist), "--out-dir", str(tmp_path / "run"), "--width",
                        "0.0625", "--batch-size", "30", "--epochs", "1", "--quiet", "--threads", "1"]) == 2

@@ -10,8 +10,9 @@ import argparse
 
 import pytest
 
-from refbnn import budget, cli_util, export, golden, infer, predictor, train
-from refbnn.experiments import nonlinearity
+from refbnn import budget, cli_util, export, infer, predictor, train
+from refbnn.experiments import groups, nonlinearity
+from refbnn.golden import cli as golden_cli
 
 GENERIC = ["nan", "inf", "-inf", "abc", "", "1e400"]
 NUMERIC = {"int", "float"}
@@ -54,7 +55,7 @@ TABLE = {
     "export": (export, ["{model}", "{dst}", "--onnx"], {
         "--batch": ("int", ["0", "-1", "5000"]),
     }),
-    "golden": (golden, ["{dst}"], {
+    "golden": (golden_cli, ["{dst}"], {
         "--check": ("files", []),
         "--model": ("choice", ["resnet50"]),
         "--weights": ("path", ["{missing}"]),
@@ -83,6 +84,21 @@ TABLE = {
         "--train-size": ("int", ["-5", "60001"]),
         "--test-size": ("int", ["-1", "10001"]),
         "--models": ("list", ["linear,cnn", ",", "relu,relu"]),
+        "--jobs": ("int", ["0", "-2"]),
+        "--threads": ("int", ["0", "-1"]),
+    }),
+    "groups": (groups, [], {
+        "--dataset": ("choice", ["cifar10"]),
+        "--out-dir": ("path", ["{file}/out"]),
+        "--data-dir": ("path", ["{missing}"]),
+        "--seeds": ("int", ["0", "-1", "101"]),
+        "--epochs": ("int", ["0", "-1"]),
+        "--train-size": ("int", ["-1", "60001"]),
+        "--test-size": ("int", ["-1", "10001"]),
+        "--budget18": ("float", ["0", "-1", "1001"]),
+        "--budget34": ("float", ["0", "-0.5"]),
+        "--depths": ("list", ["18,18", "50", ",", ""]),
+        "--groups": ("list", ["3", "1,1", "1,,2"]),
         "--jobs": ("int", ["0", "-2"]),
         "--threads": ("int", ["0", "-1"]),
     }),
@@ -118,13 +134,14 @@ def no_work(monkeypatch):
 
     monkeypatch.setattr(cli_util, "load_split", started)
     monkeypatch.setattr(predictor, "load", started)
-    from refbnn import fileformat, goldenlib
+    from refbnn import fileformat, golden
     monkeypatch.setattr(fileformat, "export_packed", started)
     monkeypatch.setattr(export, "export_onnx_file", started)
-    monkeypatch.setattr(goldenlib, "generate", started)
-    monkeypatch.setattr(golden, "load_model", started)
+    monkeypatch.setattr(golden, "generate", started)
+    monkeypatch.setattr(golden_cli, "load_model", started)
     monkeypatch.setattr(budget, "count", started)
     monkeypatch.setattr(nonlinearity, "run_study", started)
+    monkeypatch.setattr(groups, "run_study", started)
 
 
 @pytest.mark.parametrize(("cli", "flag", "value"), list(cases()))

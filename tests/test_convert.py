@@ -18,21 +18,18 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 
-from refbnn import convert, crosscheck, export, fileformat, golden, infer, models
+from refbnn import convert, crosscheck, export, fileformat, infer, models
+from refbnn.golden import cli as golden_cli
 
 torch = pytest.importorskip("torch", reason="PyTorch (the torch extra) reads the checkpoints")
 import official_bireal_layout as official  # noqa: E402  (tests/, on sys.path under pytest)
+from one_line import one_error  # noqa: E402
 
 FACTORY = "official_bireal_layout:birealnet18"
 SHAPE = "3,32,32"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tests/conftest.py
 
 
 def _trained_looking(net, zeros=3, seed=0):
@@ -78,12 +75,6 @@ def converted(ckpt, tmp_path_factory):
 
 def _verdict(out):
     return [line for line in out.splitlines() if line.startswith(("all ", "first "))][-1]
-
-
-def _one_error(capsys):
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    return err
 
 
 def test_official_checkpoint_converts(ckpt, tmp_path, capsys):
@@ -187,14 +178,14 @@ def test_converted_file_runs_everywhere(converted, tmp_path, capsys):
     top = json.loads(capsys.readouterr().out)[0]["top"]
     assert len(top) == 3
     assert infer.main([str(converted), str(img)]) == 2  # the packed engine: ternary, one line
-    assert "--engine reference runs it on the float path" in _one_error(capsys)
-    assert golden.main([str(tmp_path / "g"), "--weights", str(converted), "--batch", "2"]) == 0
+    assert "--engine reference runs it on the float path" in one_error(capsys)
+    assert golden_cli.main([str(tmp_path / "g"), "--weights", str(converted), "--batch", "2"]) == 0
     assert crosscheck.main([str(converted), "--against", "golden", str(tmp_path / "g" / "model.h5")]) == 0
     assert crosscheck.main([str(converted), "--against", "torch"]) == 0  # the twin, torch.sign too
     capsys.readouterr()
     # one bit cannot hold a ternary sign: a packed-only export is refused in one line, nothing written
     assert export.main([str(converted), str(tmp_path / "p.h5"), "--packed-only"]) == 2
-    assert "sign_at_zero=0" in _one_error(capsys)
+    assert "sign_at_zero=0" in one_error(capsys)
     assert not (tmp_path / "p.h5").exists()
     if importlib.util.find_spec("onnxruntime"):
         assert export.main([str(converted), str(tmp_path / "c.onnx"), "--onnx", "--layer-outputs"]) == 0
@@ -210,7 +201,7 @@ def test_twin_state_dict_converts(tmp_path, capsys):
 
     cfg = models.get_config("ftbnn18", input_shape=[1, 12, 12], width_multiplier=0.125, num_classes=10)
     model = models.BNNResNet(cfg)
-    from refbnn.goldenlib.model import randomize_state
+    from refbnn.golden.model import randomize_state
 
     randomize_state(model, 2)
     t = twin(cfg)
@@ -229,13 +220,13 @@ def test_twin_state_dict_converts(tmp_path, capsys):
     for bad in ("0", "nan", "-1"):
         assert convert.main(["twin", str(tmp_path / "twin.pt"), str(tmp_path / "t3.h5"), "--model",
                              "ftbnn18", "--width-multiplier", bad]) == 2
-        assert "--width-multiplier" in _one_error(capsys)
+        assert "--width-multiplier" in one_error(capsys)
     assert convert.main(["twin", str(tmp_path / "twin.pt"), str(tmp_path / "t3.h5"), "--model",
                          "ftbnn18", "--input-shape", "1,12,12"]) == 2  # full width: shapes differ
-    assert "needs" in _one_error(capsys)
+    assert "needs" in one_error(capsys)
     assert convert.main(["twin", str(tmp_path / "twin.pt"), str(tmp_path / "t3.h5"), "--model",
                          "nosuchmodel"]) == 2
-    assert "unknown model" in _one_error(capsys)
+    assert "unknown model" in one_error(capsys)
     # a Bi-Real twin's state dict through the bireal command (4-D weights, no prefixes)
     bcfg = models.get_config("birealnet18", input_shape=[3, 32, 32], width_multiplier=0.125,
                              num_classes=10, stem_kernel=7, stem_stride=2, stem_pool=True)
@@ -263,7 +254,7 @@ def test_conversion_errors_are_one_line(ckpt, tmp_path, capsys):
         path = tmp_path / name
         torch.save(state_or_obj, path)
         rc = convert.main(["bireal", str(path), str(tmp_path / "out.h5"), "--input-shape", SHAPE, *extra])
-        return rc, _one_error(capsys) if rc else capsys.readouterr()
+        return rc, one_error(capsys) if rc else capsys.readouterr()
 
     state = _official_state(ckpt)
     # a 3x3 stem (a CIFAR variant): the official architecture needs 7x7
@@ -289,11 +280,11 @@ def test_conversion_errors_are_one_line(ckpt, tmp_path, capsys):
     assert "code in the checkpoint ran" not in capsys.readouterr().out
     (tmp_path / "junk.pth").write_bytes(b"junk")
     assert convert.main(["bireal", str(tmp_path / "junk.pth"), str(tmp_path / "o.h5")]) == 2
-    _one_error(capsys)
+    one_error(capsys)
     assert convert.main(["bireal", str(tmp_path / "absent.pth"), str(tmp_path / "o.h5")]) == 2
-    assert "no such file" in _one_error(capsys)
+    assert "no such file" in one_error(capsys)
     assert convert.main(["bireal", str(ckpt), str(ckpt)]) == 2
-    assert "replace the checkpoint" in _one_error(capsys)
+    assert "replace the checkpoint" in one_error(capsys)
     assert not (tmp_path / "out.h5").exists() and not (tmp_path / "o.h5").exists()
 
 
@@ -301,7 +292,7 @@ def test_missing_torch_is_one_line(ckpt, tmp_path, capsys, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "torch" else real(n, *a))
     assert convert.main(["bireal", str(ckpt), str(tmp_path / "o.h5")]) == 2
-    assert "needs PyTorch" in _one_error(capsys)
+    assert "needs PyTorch" in one_error(capsys)
 
 
 def test_torch_module_errors_are_one_line(converted, ckpt, tmp_path, capsys):
@@ -320,11 +311,11 @@ def test_torch_module_errors_are_one_line(converted, ckpt, tmp_path, capsys):
     ]
     for extra, message in cases:
         assert crosscheck.main(base + extra) == 2, extra
-        assert message in _one_error(capsys), extra
+        assert message in one_error(capsys), extra
     # the module fails on the input: 1-channel images into a 3-channel stem
     gray = tmp_path / "gray.h5"
     cfg = dict(fileformat.load(converted).config, input_shape=[1, 32, 32])
     m = models.BNNResNet(cfg)
     fileformat.save_model(gray, m.state_dict(), config=m.config, binary_weights=m.binary_weights())
     assert crosscheck.main([str(gray), "--against", "torch-module", FACTORY, "--checkpoint", str(ckpt)]) == 2
-    assert "failed on the (2, 1, 32, 32) input batch" in _one_error(capsys)
+    assert "failed on the (2, 1, 32, 32) input batch" in one_error(capsys)

@@ -8,8 +8,9 @@ import h5py
 import numpy as np
 import pytest
 
-from refbnn import crosscheck, fileformat, golden, models
-from refbnn.goldenlib.model import randomize_state
+from refbnn import crosscheck, fileformat, models
+from refbnn.golden import cli as golden_cli
+from refbnn.golden.model import randomize_state
 
 SMALL = {"input_shape": [1, 12, 12], "width_multiplier": 0.125, "num_classes": 10}
 needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None,
@@ -17,13 +18,8 @@ needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None,
 
 
 @pytest.fixture(scope="module")
-def torch():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: PyTorch's spinning workers only slow a shared machine
-    yield torch
-    torch.set_num_threads(before)
+def torch(torch_one_thread):
+    return torch_one_thread
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +113,7 @@ def _last_verdict(out):
 
 def test_against_golden_file(net, weights, tmp_path, capsys):
     out = tmp_path / "g"
-    assert golden.main([str(out), "--weights", str(weights), "--batch", "2"]) == 0
+    assert golden_cli.main([str(out), "--weights", str(weights), "--batch", "2"]) == 0
     model_file = out / "model.h5"
     assert crosscheck.main([str(weights), "--against", "golden", str(model_file), "--train"]) == 0
     with h5py.File(model_file, "r+") as f:
@@ -181,7 +177,7 @@ def test_flags_before_the_weight_file(weights, tmp_path, capsys):
     """``crosscheck --against golden FILE weights.h5`` and ``--against torch weights.h5``: the weight
     file after --against's own values is the positional argument."""
     out = tmp_path / "g"
-    assert golden.main([str(out), "--weights", str(weights), "--batch", "2"]) == 0
+    assert golden_cli.main([str(out), "--weights", str(weights), "--batch", "2"]) == 0
     assert crosscheck.main(["--against", "golden", str(out / "model.h5"), str(weights)]) == 0
     args = crosscheck.parse_args(["--against", "torch", str(weights)])
     assert (args.weights, args.against) == (str(weights), ["torch"])

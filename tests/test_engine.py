@@ -16,24 +16,16 @@ import pytest
 
 from refbnn import fileformat, models, nn
 from refbnn.engine import Engine, EngineError, compile_model, network_from_model, runtime, stage_threads
+from refbnn.golden.model import randomize_state
 from refbnn.models.trace import trace
 
 
 def trained_looking(name, seed=0, **overrides):
-    """A model with non-trivial BatchNorm statistics and slopes, as after training."""
+    """A model with non-trivial BatchNorm statistics and slopes, as after training (some negative
+    scales; :func:`refbnn.golden.model.randomize_state`)."""
     model = models.build(name, seed=seed, width_multiplier=0.25, input_shape=[1, 28, 28], num_classes=10,
                          **overrides)
-    rng = np.random.default_rng(seed)
-    for _, m in model.named_modules():
-        if isinstance(m, nn.BatchNorm2d):
-            c = m.num_features
-            m.running_mean = rng.normal(0, 0.5, c).astype(np.float32)
-            m.running_var = rng.uniform(0.5, 2.0, c).astype(np.float32)
-            m.weight.data = rng.normal(0.5, 0.5, c).astype(np.float32)   # some negative scales
-            m.bias.data = rng.normal(0, 0.2, c).astype(np.float32)
-        if isinstance(m, nn.FPReLU):
-            m.pos_slope.data = rng.uniform(0.5, 1.5, m.num_channels).astype(np.float32)
-            m.neg_slope.data = rng.uniform(-0.5, 1.0, m.num_channels).astype(np.float32)
+    randomize_state(model, seed, scale_mean=0.5)  # logits below ~100 (see the module docstring)
     return model.eval()
 
 

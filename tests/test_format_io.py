@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import v1files
 
-from refbnn import atomicio, goldenlib, models
+from refbnn import atomicio, models
 from refbnn import fileformat as ff
 from refbnn.fileformat import FormatError
+from refbnn.golden import fileio
 
 REPO = Path(__file__).resolve().parent.parent
 SPEC = {"shape": [1, 12, 12], "layout": "NCHW", "channel_order": "L", "mean": [0.5], "std": [0.25]}
@@ -87,7 +88,7 @@ def test_full_disk_in_the_clis_is_one_line_and_no_crash_at_exit(small_disk, tmp_
     files = [p for p in small_disk.rglob("*") if p.is_file()]
     assert not [p for p in files if ".tmp" in p.name], files
     for p in files:                               # what golden finished before the disk filled
-        goldenlib.fileio.read(p)
+        fileio.read(p)
     code = ("import numpy as np\nfrom refbnn import fileformat as ff, models\n"
             "m = models.build('ftbnn18', width_multiplier=0.5, input_shape=[1, 12, 12], num_classes=10)\n"
             f"try:\n    ff.save_model({str(small_disk / 'x.h5')!r}, m.state_dict(), config=m.config)\n"
@@ -97,10 +98,10 @@ def test_full_disk_in_the_clis_is_one_line_and_no_crash_at_exit(small_disk, tmp_
 
 
 def test_golden_write_failure_leaves_nothing(small_disk):
-    golden = goldenlib.fileio.GoldenFile("ops", 0, {}, [goldenlib.fileio.Case(
+    golden = fileio.GoldenFile("ops", 0, {}, [fileio.Case(
         "big", "sign", {}, {"x": np.zeros(400_000, np.float32)}, {"y": np.zeros(1, np.float32)})])
     with pytest.raises(OSError, match="no space left"):
-        goldenlib.fileio.write(small_disk / "ops.h5", golden, "0")
+        fileio.write(small_disk / "ops.h5", golden, "0")
     assert list(small_disk.iterdir()) == []
 
 
@@ -158,8 +159,8 @@ def test_written_files_honour_the_umask(tmp_path, umask, mode):
     old = os.umask(umask)
     try:
         save(tmp_path / "m.h5", small())
-        golden = goldenlib.fileio.GoldenFile("ops", 0, {}, [])
-        goldenlib.fileio.write(tmp_path / "g.h5", golden, "0")
+        golden = fileio.GoldenFile("ops", 0, {}, [])
+        fileio.write(tmp_path / "g.h5", golden, "0")
     finally:
         os.umask(old)
     assert (tmp_path / "m.h5").stat().st_mode & 0o777 == mode

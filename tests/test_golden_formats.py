@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from refbnn import golden, goldenlib
-from refbnn.goldenlib import binio, fileio, npzio, stacks
+from refbnn import golden
+from refbnn.golden import binio, fileio, npzio, stacks
+from refbnn.golden import cli as golden_cli
 
 ARGS = ["--model", "birealnet18", "--batch", "2", "--seed", "3", "--input-shape", "1,9,9"]
 C_TESTBENCH = Path(__file__).parent / "c" / "golden_check.c"
@@ -22,8 +23,8 @@ C_TESTBENCH = Path(__file__).parent / "c" / "golden_check.c"
 @pytest.fixture(scope="module")
 def out(tmp_path_factory):
     d = tmp_path_factory.mktemp("formats")
-    for fmt in goldenlib.FORMATS:
-        assert golden.main([str(d), *ARGS, "--format", fmt]) == 0
+    for fmt in golden.FORMATS:
+        assert golden_cli.main([str(d), *ARGS, "--format", fmt]) == 0
     return d
 
 
@@ -49,7 +50,7 @@ def test_npz_and_bin_hold_the_hdf5_cases_and_check_clean(out, capsys):
         _same(h5, npzio.read(out / f"{kind}.npz"))
         _same(h5, from_bin[kind])
     paths = [str(out / f"{k}.npz") for k in fileio.KINDS] + [str(out / "bin" / "manifest.json")]
-    assert golden.main(["--check", *paths]) == 0
+    assert golden_cli.main(["--check", *paths]) == 0
     assert capsys.readouterr().out.count(": OK") == 4
 
 
@@ -123,7 +124,7 @@ def test_c_headers_are_exact_and_complete(out):
 
 def test_max_bytes_caps_the_model_and_writes_nothing(tmp_path, capsys):
     dest = tmp_path / "capped"
-    assert golden.main([str(dest), *ARGS, "--max-bytes", "1000", "--format", "bin"]) == 2
+    assert golden_cli.main([str(dest), *ARGS, "--max-bytes", "1000", "--format", "bin"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: the model cases hold ") and "--max-bytes 1000" in err
     assert not dest.exists() or list(dest.iterdir()) == []
@@ -133,7 +134,7 @@ def test_max_bytes_caps_the_model_and_writes_nothing(tmp_path, capsys):
 
 def _status(argv) -> int:
     try:
-        return golden.main(argv)
+        return golden_cli.main(argv)
     except SystemExit as e:  # argparse's usage errors
         return e.code
 
@@ -145,10 +146,10 @@ def test_bin_problems_are_one_line_errors(out, tmp_path, capsys):
     acc = np.fromfile(victim, "<i4")
     acc[3] += 2
     acc.tofile(victim)
-    assert golden.main(["--check", str(root / "manifest.json")]) == 1
+    assert golden_cli.main(["--check", str(root / "manifest.json")]) == 1
     assert "MISMATCH" in capsys.readouterr().out
     victim.write_bytes(victim.read_bytes()[:-4])
-    assert golden.main(["--check", str(root / "manifest.json")]) == 2
+    assert golden_cli.main(["--check", str(root / "manifest.json")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "acc.bin has" in err
 
@@ -156,7 +157,7 @@ def test_bin_problems_are_one_line_errors(out, tmp_path, capsys):
 def test_refuses_to_replace_a_folder_it_did_not_write(tmp_path, capsys):
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "mine.txt").write_text("keep")
-    assert golden.main([str(tmp_path), *ARGS, "--format", "c"]) == 2
+    assert golden_cli.main([str(tmp_path), *ARGS, "--format", "c"]) == 2
     assert "not a golden folder" in capsys.readouterr().err
     assert (tmp_path / "c" / "mine.txt").read_text() == "keep"
 

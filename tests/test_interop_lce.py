@@ -17,7 +17,7 @@ lq = pytest.importorskip("larq", reason="needs larq (the 'larq' extra)")
 pytest.importorskip("larq_compute_engine", reason="needs larq-compute-engine (the 'larq' extra)")
 
 from refbnn import crosscheck, export, fileformat, models, ops, reference  # noqa: E402
-from refbnn.goldenlib.model import randomize_state  # noqa: E402
+from refbnn.golden.model import randomize_state  # noqa: E402
 from refbnn.interop import lce  # noqa: E402
 
 pytestmark = pytest.mark.larq

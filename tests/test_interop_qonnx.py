@@ -9,7 +9,7 @@ pytest.importorskip("qonnx", reason="needs qonnx (the 'qonnx' extra)")
 onnx = pytest.importorskip("onnx", reason="needs onnx (the 'qonnx' extra)")
 
 from refbnn import crosscheck, export, fileformat, models  # noqa: E402
-from refbnn.goldenlib.model import randomize_state  # noqa: E402
+from refbnn.golden.model import randomize_state  # noqa: E402
 from refbnn.interop import qonnx  # noqa: E402
 
 pytestmark = pytest.mark.qonnx

@@ -31,11 +31,12 @@ RANKS = {
     "refbnn.interop": 6,
     "refbnn.interop.train_torch": 7,  # a command-line tool (uses refbnn.train's recipe defaults)
     "refbnn.predictor": 6,  # refbnn.load: file format + models + engine
-    "refbnn.goldenlib": 6,
+    "refbnn.golden": 6,  # the golden-vector library
+    "refbnn.golden.cli": 7,  # its command line (python -m refbnn.golden)
+    "refbnn.golden.__main__": 7,
     "refbnn.budget": 7,
     "refbnn.train": 7,
     "refbnn.infer": 7,
-    "refbnn.golden": 7,
     "refbnn.crosscheck": 7,
     "refbnn.experiments": 7,
     "refbnn.export": 7,
@@ -133,3 +134,28 @@ def test_lazy_imports_stay_lazy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
     assert "refbnn.predictor" in LAZY["refbnn"] and callable(refbnn.load)
+
+
+def _readme_layout_paths():
+    """Every ``refbnn/...`` path the README's layout table names (``{a,b}.py`` expanded)."""
+    import re
+
+    text = (PACKAGE.parent / "README.md").read_text()
+    section = text.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    paths = []
+    for cell in re.findall(r"`(refbnn/[^`]*)`", section):
+        m = re.fullmatch(r"(.*)\{([^}]*)\}(.*)", cell)
+        paths += [m[1] + part + m[3] for part in m[2].split(",")] if m else [cell]
+    return paths
+
+
+def test_readme_layout_table_is_true():
+    """The table names only files and folders that exist, and every top-level module or package
+    of refbnn (the facade ``__init__`` aside) has a row."""
+    paths = _readme_layout_paths()
+    assert len(paths) > 20
+    assert [p for p in paths if not (PACKAGE.parent / p.rstrip("/")).exists()] == []
+    top = {p.name for p in PACKAGE.glob("*.py") if p.name != "__init__.py"} | \
+        {p.name + "/" for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
+    named = {p.split("/")[1] + ("/" if p.count("/") > 1 else "") for p in paths}
+    assert sorted(top - named) == []

@@ -109,6 +109,19 @@ def test_default_placement_is_relu_at_stage_ends_on_the_branch():
     assert cfg["nonlinearity_position"] == (["after_add"] * 3 + ["before_add"]) * 4
 
 
+@pytest.mark.parametrize("given", ["after_add", "before_add"])
+def test_an_explicit_position_wins_over_the_presets(given):
+    """ftbnn18's preset relu_stage_end puts its ReLUs before the add; a config that names the
+    position itself gets that position in every block, "after_add" (the default value) included."""
+    cfg = models.get_config("ftbnn18", nonlinearity_position=given)
+    assert cfg["nonlinearity"] == (["fprelu"] * 3 + ["relu"]) * 4
+    assert cfg["nonlinearity_position"] == [given] * 16
+    assert models.config.resolve(cfg) == cfg  # idempotent: the resolved lists stay as they are
+    preset = models.get_config("ftbnn18")
+    assert models.config.resolve(preset) == preset
+
+
+
 @pytest.mark.parametrize("bad, match", [
     ({"colour": 1}, "unknown config fields"),
     ({"nonlinearity": "tanh"}, "unknown nonlinearity"),

@@ -10,9 +10,10 @@ import importlib.util
 
 import numpy as np
 import pytest
+from one_line import one_error
 
 from refbnn import crosscheck, export, fileformat, models
-from refbnn.goldenlib.model import forward_record, randomize_state
+from refbnn.golden.model import forward_record, randomize_state
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxruntime") is None,
@@ -196,30 +197,24 @@ def test_rename_map(weights, tmp_path, capsys):
     assert "not compared" not in capsys.readouterr().out
 
 
-def _one_error(capsys):
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    return err
-
-
 def test_onnx_errors_are_one_line(weights, tmp_path, capsys):
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"not a protobuf at all")
     assert crosscheck.main([str(weights), "--against", "onnx", str(junk)]) == 2
-    assert "cannot load the ONNX model" in _one_error(capsys)
+    assert "cannot load the ONNX model" in one_error(capsys)
     other = _model("ftbnn18", input_shape=[1, 16, 16])  # another input size
     wrong = tmp_path / "wrong.onnx"
     from refbnn.interop.onnx import export_onnx
 
     export_onnx(other, wrong)
     assert crosscheck.main([str(weights), "--against", "onnx", str(wrong)]) == 2
-    assert "has shape ['N', 1, 16, 16], refbnn's model takes (N, 1, 12, 12)" in _one_error(capsys)
+    assert "has shape ['N', 1, 16, 16], refbnn's model takes (N, 1, 12, 12)" in one_error(capsys)
     assert crosscheck.main([str(weights), "--against", "onnx", str(tmp_path / "absent.onnx")]) == 2
-    _one_error(capsys)
+    one_error(capsys)
     bad_map = tmp_path / "map.json"
     bad_map.write_text("[1, 2]")
     assert crosscheck.main([str(weights), "--against", "onnx", str(wrong), "--rename", str(bad_map)]) == 2
-    assert "rename map" in _one_error(capsys)
+    assert "rename map" in one_error(capsys)
 
 
 def test_onnxruntime_failure_at_run_is_one_line(weights, tmp_path, capsys):
@@ -236,7 +231,7 @@ def test_onnxruntime_failure_at_run_is_one_line(weights, tmp_path, capsys):
     model.ir_version = 8
     onnx.save(model, str(tmp_path / "bad.onnx"))
     assert crosscheck.main([str(weights), "--against", "onnx", str(tmp_path / "bad.onnx")]) == 2
-    assert "onnxruntime failed" in _one_error(capsys)
+    assert "onnxruntime failed" in one_error(capsys)
 
 
 def test_export_errors_are_one_line(weights, tmp_path, capsys, monkeypatch):
@@ -244,16 +239,16 @@ def test_export_errors_are_one_line(weights, tmp_path, capsys, monkeypatch):
     assert export.main([str(weights), str(packed), "--packed-only"]) == 0
     capsys.readouterr()
     assert export.main([str(packed), str(tmp_path / "p.onnx"), "--onnx"]) == 2
-    assert "packed-only" in _one_error(capsys)
+    assert "packed-only" in one_error(capsys)
     assert export.main([str(weights), str(tmp_path / "x.h5"), "--packed-only", "--layer-outputs"]) == 2
-    _one_error(capsys)
+    one_error(capsys)
     assert export.main([str(weights), str(tmp_path / "x.onnx"), "--onnx", "--batch", "0"]) == 2
-    _one_error(capsys)
+    one_error(capsys)
     assert export.main([str(weights), str(weights), "--onnx"]) == 2
-    assert "is the source" in _one_error(capsys)
+    assert "is the source" in one_error(capsys)
     assert fileformat.load(weights).kind == "model"  # untouched
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "onnx" else real(n, *a))
     assert export.main([str(weights), str(tmp_path / "y.onnx"), "--onnx"]) == 2
-    assert "needs the onnx package" in _one_error(capsys)
+    assert "needs the onnx package" in one_error(capsys)
     assert not (tmp_path / "y.onnx").exists() and not (tmp_path / "x.onnx").exists()

@@ -23,7 +23,7 @@ def _save(path, net, spec=SPEC, packed_only=False):
 
 @pytest.fixture(scope="module")
 def net():
-    from refbnn.goldenlib.model import randomize_state
+    from refbnn.golden.model import randomize_state
 
     n = models.build("ftbnn18", seed=1, width_multiplier=0.125, input_shape=[1, 28, 28], num_classes=10)
     randomize_state(n, 1)  # BatchNorm off its initial values, so logits differ per input

@@ -33,6 +33,16 @@ def test_file_records_how_it_was_made(shipped):
     assert f.input_spec["shape"] == [1, 28, 28] and f.class_names == [str(i) for i in range(10)]
 
 
+def test_stored_config_keeps_its_placement(shipped):
+    """The stored (resolved) config's per-block non-linearities and positions survive resolution."""
+    f, _ = shipped
+    cfg = resolve(f.config)
+    assert cfg["nonlinearity"] == f.config["nonlinearity"]
+    assert cfg["nonlinearity_position"] == f.config["nonlinearity_position"] == \
+        (["after_add"] * 3 + ["before_add"]) * 4
+    assert resolve(cfg) == cfg
+
+
 def test_engine_reaches_the_target_and_agrees_with_the_float_path(shipped, data_dir):
     f, model = shipped
     test = load_dataset("mnist", "test", data_dir=data_dir / "mnist", download=False)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from refbnn import models, nn, reference
-from refbnn.goldenlib.model import randomize_state
+from refbnn.golden.model import randomize_state
 from refbnn.models.config import ConfigError, binary_conv_names, resolve
 
 TF_CFG = {"input_shape": [3, 64, 64], "width_multiplier": 0.125, "num_classes": 7,
@@ -58,12 +58,10 @@ def test_config_fields_and_their_errors():
     assert net.bn1.eps == 1e-3 and net.layer4[0].downsample[2].eps == 1e-3
 
 
-def test_tf_config_matches_its_torch_twin():
-    torch = pytest.importorskip("torch")
+def test_tf_config_matches_its_torch_twin(torch_one_thread):
     from refbnn.crosscheck import run_refbnn, run_torch
     from refbnn.interop.torch import to_torch_state, twin
 
-    torch.set_num_threads(1)
     net = models.BNNResNet(TF_CFG)
     randomize_state(net, 0)
     tnet = twin(net.config)

@@ -50,12 +50,7 @@ TINY = ["--width", "0.125", "--limit-train", "256", "--limit-test", "100", "--ba
 LOGIT_TIE = 1e-3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tests/conftest.py
 
 
 def launch(args, cwd, ranks):

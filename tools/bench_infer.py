@@ -66,24 +66,6 @@ def timed_interleaved(fns: dict, min_runs=3, budget=1.0, max_runs=200):
     return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
-def randomise_bn(model, seed=0):
-    import numpy as np
-
-    from refbnn import nn
-    rng = np.random.default_rng(seed)
-    for _, m in model.named_modules():
-        if isinstance(m, nn.BatchNorm2d):
-            c = m.num_features
-            m.running_mean = rng.normal(0, 0.3, c).astype(np.float32)
-            m.running_var = rng.uniform(0.5, 2.0, c).astype(np.float32)
-            m.weight.data = rng.normal(1.0, 0.2, c).astype(np.float32)
-            m.bias.data = rng.normal(0, 0.1, c).astype(np.float32)
-        if isinstance(m, nn.FPReLU):
-            m.pos_slope.data = rng.uniform(0.5, 1.5, m.num_channels).astype(np.float32)
-            m.neg_slope.data = rng.uniform(-0.5, 1.0, m.num_channels).astype(np.float32)
-    return model.eval()
-
-
 def torch_resnet18(torch):
     nn = torch.nn
 
@@ -139,6 +121,7 @@ def main(argv=None):
 
     from refbnn import engine as eng
     from refbnn import fileformat, models
+    from refbnn.golden.model import randomize_state
     threadpool_limits(1)
     threads = [int(t) for t in args.threads.split(",") if int(t) <= numba.config.NUMBA_NUM_THREADS]
     batches = [int(b) for b in args.batches.split(",")]
@@ -164,7 +147,9 @@ def main(argv=None):
                 cases.append((f"mnist ftbnn18 ({args.weights})", eng.network_from_file(f),
                               lambda f=f: eng.Engine.from_file(args.weights)))
             continue
-        m = randomise_bn(models.build(name, seed=0))
+        m = models.build(name, seed=0)
+        randomize_state(m, 0)  # BatchNorm statistics that matter (refbnn.golden.model)
+        m.eval()
         cases.append((f"{name} 224x224", eng.network_from_model(m),
                       lambda m=m: eng.Engine.from_model(m)))
 

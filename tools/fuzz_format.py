@@ -600,9 +600,21 @@ def run_cli(args, memory_mb, timeout_s) -> dict:
     err = r.stderr.strip()
     if r.returncode == 0:
         return {"outcome": "ok"}
-    one_line = "Traceback" not in err and len(err.splitlines()) == 1 and err.startswith("error: ")
+    lines = err.splitlines()
+    # one "error:" line, after progress lines only (train prints its start and epoch lines first)
+    one_line = ("Traceback" not in err and bool(lines) and lines[-1].startswith("error: ")
+                and not any(line.startswith("error: ") for line in lines[:-1])
+                and (len(lines) == 1 or args[1] == "refbnn.train"))
     if r.returncode == 2 and one_line:
-        return {"outcome": "one_line", "message": err[:200]}
+        return {"outcome": "one_line", "message": lines[-1][:200]}
+    if r.returncode == 3 and one_line and args[1] == "refbnn.train":
+        # a finite but absurd tensor (3e38 in Adam's state) makes training diverge: the documented
+        # numerical-fault stop (exit 3, the last good checkpoint kept), not a failure of the CLI
+        return {"outcome": "numerical_fault", "message": lines[-1][:200]}
+    if (r.returncode == 1 and args[1] == "refbnn.crosscheck" and not err
+            and "beyond tolerance" in r.stdout):
+        # a verdict: the file's (damaged but finite) values make the two runs disagree
+        return {"outcome": "disagrees", "message": r.stdout.strip().splitlines()[-1][:200]}
     return {"outcome": "cli_failure", "returncode": r.returncode, "stderr": err[-3000:]}
 
 

@@ -26,6 +26,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from refbnn.atomicio import write_bytes_atomic
 from refbnn.interop.larq import UnsupportedModel, import_tf
 
 
@@ -65,15 +66,7 @@ def export_file(src, dest) -> str:
     except UnsupportedModel as e:
         raise LCEError(str(e)) from None
     dest = os.fspath(dest)
-    tmp = dest + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_bytes_atomic(dest, data)
     return dest
 
 

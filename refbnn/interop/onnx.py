@@ -29,14 +29,13 @@ pre-sign input of each layer with a kink at 0 (binary convs, ReLU, PReLU, FPReLU
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
 from refbnn import nn
+from refbnn.atomicio import write_bytes_atomic
 from refbnn.engine import fold_batchnorm_module
 from refbnn.models.trace import trace
 
@@ -234,25 +233,12 @@ def build_onnx(model, layer_outputs: bool = False, batch: int | None = None):
 
 
 def export_onnx(model, path, layer_outputs: bool = False, batch: int | None = None) -> Path:
-    """Write :func:`build_onnx` of ``model`` to ``path`` atomically (temporary file, then rename)."""
+    """Write :func:`build_onnx` of ``model`` to ``path`` atomically
+    (:func:`refbnn.atomicio.write_bytes_atomic`)."""
     proto = build_onnx(model, layer_outputs, batch)
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(proto.SerializeToString())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, proto.SerializeToString())
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 class OnnxRunError(ValueError):

@@ -24,6 +24,8 @@ from collections import OrderedDict
 
 import numpy as np
 
+from refbnn.atomicio import write_bytes_atomic
+
 QONNX_DOMAIN = "qonnx.custom_op.general"
 
 
@@ -218,9 +220,7 @@ def to_qonnx(model, batch: int = 1):
 
 def export_file(src, dest, batch: int = 1) -> str:
     """``python -m refbnn.export SRC.h5 DEST.onnx --qonnx``: write the QONNX graph of a refbnn model
-    file (temporary file, then ``os.replace``); returns ``dest``."""
-    import onnx
-
+    file atomically (:func:`refbnn.atomicio.write_bytes_atomic`); returns ``dest``."""
     from refbnn import fileformat
     from refbnn.models import BNNResNet
 
@@ -231,14 +231,7 @@ def export_file(src, dest, batch: int = 1) -> str:
     net.load_state_dict(loaded.state_dict)
     proto = to_qonnx(net, batch)
     dest = os.fspath(dest)
-    tmp = dest + ".tmp"
-    try:
-        onnx.save(proto, tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_bytes_atomic(dest, proto.SerializeToString())
     return dest
 
 

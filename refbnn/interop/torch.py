@@ -210,26 +210,18 @@ class TorchBNNResNet(nn.Module):
         self.maxpool = ((TFMaxPool2d(3, 2) if tf else nn.MaxPool2d(3, 2, 1)) if cfg["stem_pool"]
                         else nn.Identity())
         pad3 = "same" if tf else 1
-
-        def binary(name):
-            opts = binary_options(cfg)
-            opts["pad_value"] = cfg["pad_values"].get(name, opts["pad_value"])
-            return opts
-
         bridge = bridge_spec(cfg)
-        self.bridge = None
-        if bridge is not None:
-            cin, cout, kind = bridge
-            self.bridge = Bridge(cin, cout, binary("bridge.binary_conv"), make_nonlinearity(kind, cout),
-                                 pad3, eps)
+        self.bridge = None if bridge is None else Bridge(
+            bridge[0], bridge[1], binary_options(cfg, "bridge.binary_conv"),
+            make_nonlinearity(bridge[2], bridge[1]), pad3, eps)
         for si, specs in enumerate(stage_specs(cfg)):
-            blocks = [BasicBlock(b.cin, b.cout, b.stride, b.groups, binary(f"layer{si + 1}.{bi}.binary_conv"),
-                                 _downsample(cfg["downsample"], b.cin, b.cout,
-                                             binary(f"layer{si + 1}.{bi}.downsample.1"), eps)
-                                 if b.downsample else None,
-                                 make_nonlinearity(b.nonlinearity, b.cout), b.position, pad3, eps)
-                      for bi, b in enumerate(specs)]
-            self.add_module(f"layer{si + 1}", nn.Sequential(*blocks))
+            self.add_module(f"layer{si + 1}", nn.Sequential(*[
+                BasicBlock(b.cin, b.cout, b.stride, b.groups, binary_options(cfg, f"{b.name}.binary_conv"),
+                           _downsample(cfg["downsample"], b.cin, b.cout,
+                                       binary_options(cfg, f"{b.name}.downsample.1"), eps)
+                           if b.downsample else None,
+                           make_nonlinearity(b.nonlinearity, b.cout), b.position, pad3, eps)
+                for b in specs]))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cfg["widths"][-1], cfg["num_classes"])
         self.nstages = len(cfg["widths"])
@@ -243,14 +235,12 @@ class TorchBNNResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
+#: the twin's layer per non-linearity kind, built for ``c`` channels (``"none"``: no layer)
+NONLINEARITY_LAYERS = {"relu": lambda c: nn.ReLU(), "prelu": nn.PReLU, "fprelu": FPReLU}
+
+
 def make_nonlinearity(kind, c):
-    if kind == "none":
-        return None
-    if kind == "relu":
-        return nn.ReLU()
-    if kind == "prelu":
-        return nn.PReLU(c)
-    return FPReLU(c)
+    return None if kind == "none" else NONLINEARITY_LAYERS[kind](c)
 
 
 def twin(config) -> TorchBNNResNet:

@@ -24,6 +24,7 @@ from numbers import Integral, Real
 
 import numpy as np
 
+from refbnn.bits import PAD_VALUES, SIGN_AT_ZERO_TRAINING
 from refbnn.nn.binary import SCALES
 from refbnn.nn.functional import ACT_GRADS
 
@@ -153,7 +154,7 @@ def _list_of(item, lo_len, hi_len):
 def _name(v, resolved):
     if not isinstance(v, str) or not 1 <= len(v) <= MAX_NAME:
         return f"must be a string of 1..{MAX_NAME} characters, got {_show(v)}"
-    return None if _utf8(v) else "must be valid Unicode text (no lone surrogates)"
+    return None if encodes_utf8(v) else "must be valid Unicode text (no lone surrogates)"
 
 
 def _input_shape(v, resolved):
@@ -198,9 +199,9 @@ def _pad_values(v, resolved):
     if len(v) > 2 * MAX_BLOCKS + 1:
         return f"has {len(v)} entries, more than a network's binary convs can have"
     for name, x in v.items():
-        if not isinstance(name, str) or not 1 <= len(name) <= MAX_NAME or not _utf8(name):
+        if not isinstance(name, str) or not 1 <= len(name) <= MAX_NAME or not encodes_utf8(name):
             return f"has a key that is not a layer name: {_show(name)}"
-        if not _is_int(x) or x not in (0, 1, -1):
+        if not _is_int(x) or x not in PAD_VALUES:
             return f"[{name!r}] must be one of the integers 0, 1, -1, got {_show(x)}"
     return None
 
@@ -263,11 +264,11 @@ SCHEMA = (
           "the explicit non-linearity of each block, in block order (section 3.3)"),
     Field("nonlinearity_position", "[string, ...]", "one per block: " + ", ".join(POSITIONS),
           _per_block("position", POSITIONS), "where each block's non-linearity sits (section 3.2)"),
-    Field("sign_at_zero", "int", "1, -1 or 0", _int_choice((1, -1, 0)),
+    Field("sign_at_zero", "int", "1, -1 or 0", _int_choice(SIGN_AT_ZERO_TRAINING),
           "sign(0) of every binary convolution's input and weight (docs/semantics.md section 1)"),
     Field("act_grad", "string", ", ".join(ACT_GRADS), _one_of(ACT_GRADS),
           "training only: the input binarizer's backward (docs/semantics.md section 8)"),
-    Field("pad_value", "int", "0, 1 or -1", _int_choice((0, 1, -1)),
+    Field("pad_value", "int", "0, 1 or -1", _int_choice(PAD_VALUES),
           "value of the padded taps of every binary 3x3 convolution, after the sign (section 3.2)"),
     Field("width_multiplier", "number", f"resolved: 1.0 (given: (0, {MAX_MULTIPLIER:g}])",
           _multiplier, "applied by resolution to every width; 1.0 once applied"),
@@ -296,7 +297,8 @@ def _show(v) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _utf8(s: str) -> bool:
+def encodes_utf8(s: str) -> bool:
+    """Whether ``s`` is valid Unicode text, i.e. encodes to UTF-8 (no lone surrogates)."""
     try:
         s.encode("utf-8")
     except UnicodeEncodeError:
@@ -383,6 +385,10 @@ def scale_widths(cfg: dict, m: float) -> None:
 def resolve(config: Mapping) -> dict:
     """Return the resolved, validated copy of ``config`` (see module docstring). Idempotent.
 
+    A named non-linearity preset brings its own per-block positions unless ``config`` names
+    ``nonlinearity_position`` itself (any value, ``"after_add"`` included: it then applies to every
+    block). A resolved config holds both as per-block lists, so resolving it again keeps them.
+
     Every present field is type- and range-checked before anything else touches it, so a bad value
     (a string width, a 700-level nested list, 10**9 classes) is a :class:`ConfigError` naming the
     field, never a ``TypeError``, ``RecursionError`` or ``MemoryError``."""
@@ -412,7 +418,7 @@ def resolve(config: Mapping) -> dict:
     if isinstance(nl, str):
         if nl in NONLINEARITY_PRESETS:
             nl, preset_pos = expand_nonlinearity(nl, cfg["blocks"])
-            if pos == DEFAULTS["nonlinearity_position"]:
+            if "nonlinearity_position" not in config:  # a position given explicitly wins
                 pos = preset_pos
         elif nl in NONLINEARITIES:
             nl = [nl] * n
@@ -545,7 +551,7 @@ def _first_bad_string(value):
     while stack:
         v = stack.pop()
         if isinstance(v, str):
-            if not _utf8(v):
+            if not encodes_utf8(v):
                 return v
         elif isinstance(v, list):
             stack.extend(v)
@@ -579,11 +585,17 @@ class BlockSpec:
     downsample: bool        # needs a shortcut other than the identity
     nonlinearity: str
     position: str
+    name: str = ""          # module path, "layer<S>.<B>"
 
 
-def binary_options(cfg: dict) -> dict:
-    """Keyword arguments shared by every binary conv of the network."""
-    return {k: cfg[k] for k in ("scale", "sign_at_zero", "act_grad", "pad_value")}
+def binary_options(cfg: dict, name: str | None = None) -> dict:
+    """Keyword arguments (``scale``, ``sign_at_zero``, ``act_grad``, ``pad_value``) of the binary
+    conv at module path ``name``, whose ``pad_values`` entry overrides ``pad_value``; without
+    ``name`` those every binary conv shares."""
+    opts = {k: cfg[k] for k in ("scale", "sign_at_zero", "act_grad", "pad_value")}
+    if name is not None:
+        opts["pad_value"] = cfg["pad_values"].get(name, opts["pad_value"])
+    return opts
 
 
 def bridge_spec(cfg: dict):
@@ -607,7 +619,8 @@ def stage_specs(cfg: dict) -> list[list[BlockSpec]]:
             stride = 2 if (si > 0 and bi == 0) else 1
             groups = cfg["reduction_groups"] if stride == 2 else cfg["groups"]
             blocks.append(BlockSpec(prev, width, stride, groups, stride != 1 or prev != width,
-                                    cfg["nonlinearity"][index], cfg["nonlinearity_position"][index]))
+                                    cfg["nonlinearity"][index], cfg["nonlinearity_position"][index],
+                                    f"layer{si + 1}.{bi}"))
             prev = width
             index += 1
         stages.append(blocks)

@@ -121,26 +121,19 @@ class BNNResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(cfg["stem_channels"], eps=eps)
         self.maxpool = nn.MaxPool2d(3, 2, "same" if tf else 1) if cfg["stem_pool"] else None
         pad3 = "same" if tf else 1
-
-        def binary(name):  # the binary options of one layer, its own pad value included
-            opts = binary_options(cfg)
-            opts["pad_value"] = cfg["pad_values"].get(name, opts["pad_value"])
-            return opts
-
         bridge = bridge_spec(cfg)
-        self.bridge = None
-        if bridge is not None:
-            cin, cout, kind = bridge
-            self.bridge = Bridge(cin, cout, binary("bridge.binary_conv"), make_nonlinearity(kind, cout),
-                                 pad3, eps)
+        self.bridge = None if bridge is None else Bridge(
+            bridge[0], bridge[1], binary_options(cfg, "bridge.binary_conv"),
+            make_nonlinearity(bridge[2], bridge[1]), pad3, eps)
         self.stages = []
         for si, specs in enumerate(stage_specs(cfg)):
-            blocks = [BasicBlock(b.cin, b.cout, b.stride, b.groups, binary(f"layer{si + 1}.{bi}.binary_conv"),
+            blocks = [BasicBlock(b.cin, b.cout, b.stride, b.groups,
+                                 binary_options(cfg, f"{b.name}.binary_conv"),
                                  make_downsample(cfg["downsample"], b.cin, b.cout, b.groups,
-                                                 binary(f"layer{si + 1}.{bi}.downsample.1"), eps)
+                                                 binary_options(cfg, f"{b.name}.downsample.1"), eps)
                                  if b.downsample else None,
                                  make_nonlinearity(b.nonlinearity, b.cout), b.position, pad3, eps)
-                      for bi, b in enumerate(specs)]
+                      for b in specs]
             stage = nn.Sequential(*blocks)
             self.add_module(f"layer{si + 1}", stage)
             self.stages.append(stage)

@@ -181,17 +181,18 @@ def input_spec(dataset) -> dict | None:
 
 
 def write_curves(path, history, title) -> None:
-    """Two panels like the paper's Figure 5: train/test loss, and accuracy (%), per epoch."""
+    """Two panels like the paper's Figure 5: train/test loss, and accuracy (%), per epoch; the
+    series are named ``train`` and ``test`` in both, so each has one colour."""
     from refbnn.plot import line_panels
 
     epochs = [r["epoch"] for r in history]
-    loss = {"train loss": (epochs, [r["train_loss"] for r in history])}
-    acc = {"train accuracy %": (epochs, [100 * r["train_accuracy"] for r in history])}
+    loss = {"train": (epochs, [r["train_loss"] for r in history])}
+    acc = {"train": (epochs, [100 * r["train_accuracy"] for r in history])}
     if history and "test_loss" in history[0]:
-        loss["test loss"] = (epochs, [r["test_loss"] for r in history])
-        acc = {"test accuracy %": (epochs, [100 * r["test_accuracy"] for r in history]), **acc}
+        loss["test"] = (epochs, [r["test_loss"] for r in history])
+        acc["test"] = (epochs, [100 * r["test_accuracy"] for r in history])
     line_panels(path, [(loss, f"{title}: loss", "epoch", "loss"),
-                       (acc, f"{title}: accuracy", "epoch", "%")])
+                       (acc, f"{title}: accuracy", "epoch", "accuracy (%)")])
 
 
 class _RunFiles:

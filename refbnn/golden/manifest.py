@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from refbnn import reference
-from refbnn.goldenlib.fileio import DTYPES, KINDS, Case, GoldenError, GoldenFile
+from refbnn.golden.fileio import DTYPES, KINDS, Case, GoldenError, GoldenFile
 
 
 def array_entry(name, value) -> dict:

@@ -30,7 +30,7 @@ class GoldenError(ValueError):
 @dataclass
 class Case:
     """One golden case. ``tolerance[name] = (rtol, atol)``; an output without an entry is exact;
-    ``stacks``: the other stacks that can express it (:mod:`refbnn.goldenlib.stacks`).
+    ``stacks``: the other stacks that can express it (:mod:`refbnn.golden.stacks`).
 
     An output ``a`` matches the expected ``e`` when shapes are equal and
     ``max |a - e| <= atol + rtol * max |e|`` (both 0: every element equal; NaN never matches).

@@ -3,21 +3,22 @@ HDF5 form, readable with ``numpy.load`` alone (``allow_pickle=False``).
 
 Array ``manifest`` is the UTF-8 bytes (``uint8``) of a JSON object: ``format``
 (``"refbnn-golden-npz"``), ``format_version`` (1), ``refbnn_version`` and the file's description
-(:func:`refbnn.goldenlib.manifest.describe`), each array entry naming its ``key`` in the archive:
+(:func:`refbnn.golden.manifest.describe`), each array entry naming its ``key`` in the archive:
 ``cases/<case>/inputs/<name>``, ``cases/<case>/outputs/<name>``, ``weights/<name>``.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import tempfile
 import zipfile
 
 import numpy as np
 
-from refbnn.goldenlib.fileio import VERSION, GoldenError, GoldenFile
-from refbnn.goldenlib.manifest import describe, parse
+from refbnn.atomicio import write_bytes_atomic
+from refbnn.golden.fileio import VERSION, GoldenError, GoldenFile
+from refbnn.golden.manifest import describe, parse
 
 FORMAT = "refbnn-golden-npz"
 
@@ -27,7 +28,7 @@ def _key(section, case, role, name):
 
 
 def write(path, golden: GoldenFile, version: str) -> None:
-    """Write ``golden`` to ``path`` (a temporary file in the same folder, then ``os.replace``)."""
+    """Write ``golden`` to ``path`` atomically (:func:`refbnn.atomicio.write_bytes_atomic`)."""
     path = os.fspath(path)
     desc = {"format": FORMAT, "format_version": VERSION, "refbnn_version": version,
             **describe(golden, _key)}
@@ -40,19 +41,9 @@ def write(path, golden: GoldenFile, version: str) -> None:
     for k, v in golden.arrays.items():
         a = np.asarray(v)
         arrays[f"weights/{k}"] = a.astype(a.dtype.newbyteorder("<"))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
-                               dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    write_bytes_atomic(path, buf.getbuffer())
 
 
 def read(path) -> GoldenFile:

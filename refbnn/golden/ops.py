@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from refbnn import ops, reference
-from refbnn.goldenlib.fileio import Case
+from refbnn.golden.fileio import Case
 
 
 def _padding(p):

@@ -16,8 +16,8 @@ import tempfile
 
 import numpy as np
 
-from refbnn.goldenlib import binio, cheader, layers, model, npzio, ops, stacks
-from refbnn.goldenlib.fileio import Case, GoldenError, GoldenFile, read, write
+from refbnn.golden import binio, cheader, layers, model, npzio, ops, stacks
+from refbnn.golden.fileio import Case, GoldenError, GoldenFile, read, write
 
 __all__ = ["Case", "GoldenError", "GoldenFile", "Mismatch", "check", "compare", "generate",
            "read", "read_any", "recompute", "write"]

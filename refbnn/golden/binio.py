@@ -5,7 +5,7 @@ Folder ``OUT/bin/``: ``manifest.json`` and one ``.bin`` per array, C order (row-
 ``<kind>/<case>/inputs/<name>.bin``, ``.../outputs/<name>.bin``, ``.../derived/<name>.bin`` (the
 packed-word twins of the bit ops) and ``model/weights/<name>.bin``. The manifest is a JSON object:
 ``format`` (``"refbnn-golden-bin"``), ``format_version`` (1), ``refbnn_version``, ``byte_order``
-(``"little"``) and ``files``: one description per kind (:func:`refbnn.goldenlib.manifest.describe`)
+(``"little"``) and ``files``: one description per kind (:func:`refbnn.golden.manifest.describe`)
 whose array entries add ``file`` (relative to the manifest) and ``nbytes``.
 """
 
@@ -16,8 +16,8 @@ import os
 
 import numpy as np
 
-from refbnn.goldenlib.fileio import VERSION, GoldenError, GoldenFile
-from refbnn.goldenlib.manifest import describe, parse, word_twins
+from refbnn.golden.fileio import VERSION, GoldenError, GoldenFile
+from refbnn.golden.manifest import describe, parse, word_twins
 
 FORMAT = "refbnn-golden-bin"
 MANIFEST = "manifest.json"

@@ -1,4 +1,7 @@
-"""``python -m refbnn.golden OUT_DIR``: write golden vectors for other BNN implementations.
+"""The command line of ``python -m refbnn.golden`` (run by :mod:`refbnn.golden.__main__`); the
+library it drives is :mod:`refbnn.golden`.
+
+``python -m refbnn.golden OUT_DIR``: write golden vectors for other BNN implementations.
 
 Writes ``OUT_DIR/ops.h5`` (bit ops, expected values from the NumPy oracle), ``OUT_DIR/layers.h5``
 (training layers, forward and backward) and ``OUT_DIR/model.h5`` (a model's per-layer outputs in
@@ -15,8 +18,9 @@ and prints every mismatch (``.h5``, ``.npz`` or ``bin/manifest.json``). Exit sta
 
 from __future__ import annotations
 
-from refbnn import cli_util
+from refbnn import cli_util, golden
 from refbnn.cli_util import ArgumentParser, fail
+from refbnn.golden.model import randomize_state
 
 #: input sides a golden model case may have: every layer's outputs are stored, for a batch
 MAX_GOLDEN_SIDE = 256
@@ -87,8 +91,6 @@ def load_model(args):
         net = models.BNNResNet(loaded.config)
         net.load_state_dict(loaded.state_dict)
         return net
-    from refbnn.goldenlib.model import randomize_state
-
     net = models.build(args.model or "birealnet18", seed=args.seed, input_shape=args.input_shape,
                        width_multiplier=args.width, num_classes=args.num_classes)
     randomize_state(net, args.seed)  # BatchNorm and slopes off their initial values (and ties)
@@ -96,13 +98,11 @@ def load_model(args):
 
 
 def run_check(paths) -> int:
-    from refbnn import goldenlib
-
     status = 0
     for path in paths:
         try:
-            mismatches = goldenlib.check(path)
-        except goldenlib.GoldenError as e:
+            mismatches = golden.check(path)
+        except golden.GoldenError as e:
             return fail(e)
         for m in mismatches:
             print(f"MISMATCH {path}: {m}")
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     if args.check:
         return run_check(args.check)
     import refbnn
-    from refbnn import fileformat, goldenlib
+    from refbnn import fileformat
 
     try:
         net = load_model(args)
@@ -128,8 +128,8 @@ def main(argv=None) -> int:
     except MemoryError:
         return fail("out of memory building the model; choose a smaller --width or --input-shape")
     try:
-        paths = goldenlib.generate(args.out_dir, net, args.seed, args.batch, refbnn.__version__,
-                                   fmt=args.format, max_bytes=args.max_bytes)
+        paths = golden.generate(args.out_dir, net, args.seed, args.batch, refbnn.__version__,
+                                fmt=args.format, max_bytes=args.max_bytes)
     except ValueError as e:
         return fail(e)
     except (OSError, RuntimeError) as e:  # h5py reports some failed writes as RuntimeError
@@ -137,7 +137,3 @@ def main(argv=None) -> int:
     for path in paths:
         print(f"wrote {path}")
     return 0
-
-
-if __name__ == "__main__":
-    cli_util.run_main(main)

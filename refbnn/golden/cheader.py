@@ -20,8 +20,8 @@ import re
 
 import numpy as np
 
-from refbnn.goldenlib.fileio import GoldenFile
-from refbnn.goldenlib.manifest import resolved_params, word_twins
+from refbnn.golden.fileio import GoldenFile
+from refbnn.golden.manifest import resolved_params, word_twins
 
 CHECKER = "refbnn_golden.h"
 PER_LINE = 8
