@@ -24,6 +24,25 @@ def fprelu_forward_kernel(x, pos, neg, y):
     return y
 
 
+@nb.njit(cache=True, fastmath={"reassoc"})
+def _slope_grad_sums(dy, x, ci):
+    """float64 sums of ``x * dy`` (products in the data dtype) over channel ``ci``, split by
+    ``x >= 0`` / ``x < 0``; reassociated so that they vectorize (deterministic per build)."""
+    sp = 0.0
+    sn = 0.0
+    zero = x.dtype.type(0)
+    for ni in range(x.shape[0]):
+        xr = x[ni, ci]
+        gr = dy[ni, ci]
+        for li in range(x.shape[2]):
+            v = xr[li]
+            xg = v * gr[li]
+            pos = v >= zero
+            sp += xg if pos else zero
+            sn += zero if pos else xg
+    return sp, sn
+
+
 @nb.njit(cache=True, parallel=True)
 def fprelu_backward_kernel(dy, x, pos, neg, dx, dpos, dneg):
     """``dx = slope * dy`` (slope as in the forward pass); ``dpos[c]`` = sum of ``x * dy`` over
@@ -31,19 +50,11 @@ def fprelu_backward_kernel(dy, x, pos, neg, dx, dpos, dneg):
     n, c, length = x.shape
     for ci in nb.prange(c):
         p, q = pos[ci], neg[ci]
-        sp = 0.0
-        sn = 0.0
+        dpos[ci], dneg[ci] = _slope_grad_sums(dy, x, ci)
         for ni in range(n):
+            xr = x[ni, ci]
+            gr = dy[ni, ci]
+            o = dx[ni, ci]
             for li in range(length):
-                v = x[ni, ci, li]
-                g = dy[ni, ci, li]
-                xg = v * g
-                if v >= 0:
-                    dx[ni, ci, li] = p * g
-                    sp += xg
-                else:
-                    dx[ni, ci, li] = q * g
-                    sn += xg
-        dpos[ci] = sp
-        dneg[ci] = sn
+                o[li] = (p if xr[li] >= 0 else q) * gr[li]
     return dx

@@ -142,3 +142,165 @@ def col2im_pm_kernel(dcols_pm, groups, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, x
                     for xx in range(w):
                         dx[ni, ci, y, xx] *= dx.dtype.type(_gate(x[ni, ci, y, xx], gate))
     return dx
+
+
+# --- serial kernels over an image range, for the conv backward pass ----------------------------
+# refbnn.nn.functional.conv2d_backward_fused runs these from its own threads, one image range per
+# thread (nogil, no Numba parallel region inside). Indices into the inner loops come from views
+# and ``range`` so that LLVM sees them non-negative and vectorizes (no wraparound selects).
+
+
+@nb.njit(cache=True, inline="always")
+def _factor(v, gate, one, two, zero):
+    # act_grad_factor(v) in the dtype of v: "ste" (1) or "approx_sign" (2), see refbnn.nn.binary
+    if gate == 1:
+        return one if abs(v) <= one else zero
+    m = two - two * abs(v)
+    return m if m > zero else zero
+
+
+@nb.njit(cache=True, nogil=True)
+def im2col_range_kernel(x, n0, n1, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, pad_value, mode,
+                        out):
+    """:func:`im2col_kernel` for images ``n0 <= n < n1`` only: ``out`` (C*KH*KW, (n1-n0)*OH*OW)
+    holds columns ``n0*OH*OW ... n1*OH*OW - 1`` of the full matrix. Serial, releases the GIL."""
+    c, h, w = x.shape[1], x.shape[2], x.shape[3]
+    o6 = out.reshape(c, kh, kw, n1 - n0, oh, ow)
+    one = x.dtype.type(1.0)
+    for r in range(c * kh * kw):
+        ci = r // (kh * kw)
+        a = (r // kw) % kh
+        b = r % kw
+        xoff = b * dw - pw
+        for ni in range(n1 - n0):
+            xi = x[n0 + ni, ci]
+            for i in range(oh):
+                y = i * sh + a * dh - ph
+                if y < 0 or y >= h:
+                    for j in range(ow):
+                        o6[ci, a, b, ni, i, j] = pad_value
+                elif mode == 0:
+                    for j in range(ow):
+                        xx = j * sw + xoff
+                        o6[ci, a, b, ni, i, j] = xi[y, xx] if (xx >= 0 and xx < w) else pad_value
+                elif mode == 1:
+                    for j in range(ow):
+                        xx = j * sw + xoff
+                        if xx >= 0 and xx < w:
+                            o6[ci, a, b, ni, i, j] = one if xi[y, xx] >= 0 else -one
+                        else:
+                            o6[ci, a, b, ni, i, j] = pad_value
+                elif mode == -1:
+                    for j in range(ow):
+                        xx = j * sw + xoff
+                        if xx >= 0 and xx < w:
+                            o6[ci, a, b, ni, i, j] = one if xi[y, xx] > 0 else -one
+                        else:
+                            o6[ci, a, b, ni, i, j] = pad_value
+                else:
+                    for j in range(ow):
+                        xx = j * sw + xoff
+                        if xx >= 0 and xx < w:
+                            v = xi[y, xx]
+                            o6[ci, a, b, ni, i, j] = one if v > 0 else (-one if v < 0 else v * 0)
+                        else:
+                            o6[ci, a, b, ni, i, j] = pad_value
+    return out
+
+
+@nb.njit(cache=True, nogil=True)
+def im2col_taps_kernel(x, n0, n1, groups, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, pad_value,
+                       mode, xs, out):
+    """Tap-major pixel-major columns of images ``n0 <= n < n1``: ``out`` (groups, (n1-n0)*OH*OW,
+    KH*KW*Cg) with ``out[g, (n - n0, i, j), (a*KW + b)*Cg + cl] = v(x[n, g*Cg + cl, i*sh + a*dh
+    - ph, j*sw + b*dw - pw])`` (``pad_value`` outside; ``v`` by ``mode`` as in
+    :func:`im2col_kernel`): the same entries as :func:`im2col_kernel`'s, transposed and with the
+    row order (c, a, b) -> (a, b, c) within each group. ``xs`` (H + 2*ph, W + 2*pw, C) is scratch
+    (the padded image, binarized, channels last). Serial, releases the GIL."""
+    c, h, w = x.shape[1], x.shape[2], x.shape[3]
+    cg = c // groups
+    one = x.dtype.type(1.0)
+    zero = x.dtype.type(0.0)
+    pv = x.dtype.type(pad_value)
+    hp, wp = xs.shape[0], xs.shape[1]
+    xs2 = xs.reshape(hp * wp, c)
+    for q in range(hp * wp):
+        r = xs2[q]
+        for ci in range(c):
+            r[ci] = pv
+    for ni in range(n1 - n0):
+        xi = x[n0 + ni]
+        for ci in range(c):
+            for y in range(h):
+                xr = xi[ci, y]
+                dr = xs[ph + y, pw:pw + w]
+                for xx in range(w):
+                    v = xr[xx]
+                    if mode == 1:
+                        v = one if v >= zero else -one
+                    elif mode == -1:
+                        v = one if v > zero else -one
+                    elif mode == 2:
+                        v = one if v > zero else (-one if v < zero else v * zero)
+                    dr[xx, ci] = v
+        for g in range(groups):
+            og = out[g]
+            for i in range(oh):
+                for j in range(ow):
+                    row = og[(ni * oh + i) * ow + j]
+                    for a in range(kh):
+                        for b in range(kw):
+                            src = xs[i * sh + a * dh, j * sw + b * dw, g * cg:(g + 1) * cg]
+                            dst = row[(a * kw + b) * cg:(a * kw + b + 1) * cg]
+                            for cl in range(cg):
+                                dst[cl] = src[cl]
+    return out
+
+
+@nb.njit(cache=True, nogil=True)
+def col2im_taps_kernel(dpm, n0, n1, groups, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, x, gate,
+                       dx, acc):
+    """Adjoint of im2col for tap-major pixel-major columns, images ``n0 <= n < n1``.
+
+    ``dpm`` (groups, (n1-n0)*OH*OW, KH*KW*Cg): row ``(n - n0, i, j)``, column ``(a*KW + b)*Cg +
+    cl`` is the gradient of tap (a, b) of channel ``g*Cg + cl`` of output pixel (i, j). For each
+    image, output pixels are visited in row-major (i, j) order and each in-range tap's channel
+    run is added into ``acc`` (H, W, C) scratch at its source pixel; then ``dx[n, c, y, x] =
+    acc[y, x, c]``, times ``act_grad_factor(x[n, c, y, x])`` in the dtype of ``dx`` when ``gate``
+    is 1 (``"ste"``) or 2 (``"approx_sign"``). Serial, releases the GIL."""
+    c, h, w = dx.shape[1], dx.shape[2], dx.shape[3]
+    cg = c // groups
+    hw = h * w
+    one = dx.dtype.type(1.0)
+    two = dx.dtype.type(2.0)
+    zero = dx.dtype.type(0.0)
+    a2 = acc.reshape(hw, c)
+    for ni in range(n0, n1):
+        acc[:] = zero
+        for g in range(groups):
+            dg = dpm[g]
+            for i in range(oh):
+                for j in range(ow):
+                    row = dg[((ni - n0) * oh + i) * ow + j]
+                    for a in range(kh):
+                        y = i * sh + a * dh - ph
+                        if y < 0 or y >= h:
+                            continue
+                        for b in range(kw):
+                            xx = j * sw + b * dw - pw
+                            if xx < 0 or xx >= w:
+                                continue
+                            src = row[(a * kw + b) * cg:(a * kw + b + 1) * cg]
+                            dst = acc[y, xx, g * cg:(g + 1) * cg]
+                            for cl in range(cg):
+                                dst[cl] += src[cl]
+        for ci in range(c):
+            dr = dx[ni, ci].reshape(hw)
+            if gate == 0:
+                for q in range(hw):
+                    dr[q] = a2[q, ci]
+            else:
+                xr = x[ni, ci].reshape(hw)
+                for q in range(hw):
+                    dr[q] = a2[q, ci] * _factor(xr[q], gate, one, two, zero)
+    return dx

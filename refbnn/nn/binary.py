@@ -165,13 +165,13 @@ class BinaryConv2d(_BinaryMixin, Module):
 
     def backward(self, grad_out):
         x, geom, wq, cols = check_grad(self._cache, "BinaryConv2d")
-        if cols is None:
-            cols = self._cols = self._columns(x, geom, out=self._cols)
-        dcols, dwq = F.conv2d_backward(grad_out, cols, wq, geom)
+        gated = self.binarize_input and self.act_grad != "identity"
+        dx, dwq = F.conv2d_backward_fused(
+            grad_out, wq, geom, x=x, cols=cols, pad_value=self.pad_value,
+            sign_at_zero=self.sign_at_zero if self.binarize_input else None,
+            act_grad=self.act_grad if gated else None)
         self._weight_grad(dwq)
-        if self.binarize_input:
-            return F.input_grad(dcols, geom, x, self.act_grad)
-        return F.input_grad(dcols, geom)
+        return dx
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

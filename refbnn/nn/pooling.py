@@ -8,9 +8,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from refbnn.nn import _pool_kernels as _pk
 from refbnn.nn import functional as F
 from refbnn.nn._checks import check_grad, check_input
 from refbnn.nn.module import Module
+
+
+def _tap(arr, a, b, sh, sw, oh, ow):
+    """``arr[:, :, a + i*sh, b + j*sw]`` for all output positions (a strided view)."""
+    return arr[:, :, a: a + (oh - 1) * sh + 1: sh, b: b + (ow - 1) * sw + 1: sw]
 
 
 class _Pool2d(Module):
@@ -33,41 +39,60 @@ class _Pool2d(Module):
             raise ValueError(f"{type(self).__name__}: input {x.shape[2:]} smaller than the window")
         return kh, kw, sh, sw, ph, pw, oh, ow
 
-    @staticmethod
-    def _tap(arr, a, b, sh, sw, oh, ow):
-        """``arr[:, :, a + i*sh, b + j*sw]`` for all output positions (a strided view)."""
-        return arr[:, :, a: a + (oh - 1) * sh + 1: sh, b: b + (ow - 1) * sw + 1: sw]
+    _tap = staticmethod(_tap)
 
     def extra_repr(self):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
 
 
+def max_pool2d_reference(x, kh, kw, sh, sw, ph, pw, oh, ow):
+    """NumPy oracle of :class:`MaxPool2d`'s training forward: ``(y, arg)``, the window maxima of
+    ``x`` padded with ``-inf`` and the first maximal tap ``a*KW + b`` (int32) of each window."""
+    xp = F.pad_hw(x, ph, pw, -np.inf)
+    best = _tap(xp, 0, 0, sh, sw, oh, ow).copy()
+    arg = np.zeros(best.shape, dtype=np.int32)
+    for t in range(1, kh * kw):
+        v = _tap(xp, t // kw, t % kw, sh, sw, oh, ow)
+        arg[v > best] = t
+        np.maximum(best, v, out=best)
+    return best, arg
+
+
+def max_pool2d_backward_reference(dy, arg, x_shape, kh, kw, sh, sw, ph, pw):
+    """NumPy oracle of :class:`MaxPool2d`'s backward: ``dy`` added at each window's arg-max tap,
+    taps in order, into zeros of the padded shape, then cropped to ``x_shape``."""
+    oh, ow = dy.shape[2:]
+    n, c, h, w = x_shape
+    dxp = np.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=dy.dtype)
+    for t in range(kh * kw):
+        _tap(dxp, t // kw, t % kw, sh, sw, oh, ow)[...] += np.where(arg == t, dy, 0)
+    return dxp[:, :, ph:ph + h, pw:pw + w].copy()
+
+
 class MaxPool2d(_Pool2d):
     """Maximum over each window; padded taps are ``-inf`` (never chosen). The gradient goes to the
-    first maximal tap of each window in row-major (a, b) order (PyTorch's choice on ties)."""
+    first maximal tap of each window in row-major (a, b) order (PyTorch's choice on ties).
+
+    Computed by ``refbnn.nn._pool_kernels`` (equal to :func:`max_pool2d_reference` and
+    :func:`max_pool2d_backward_reference`)."""
 
     def forward(self, x):
         x = check_input(x, (4,), "MaxPool2d")
         kh, kw, sh, sw, ph, pw, oh, ow = self._geometry(x)
-        xp = F.pad_hw(x, ph, pw, -np.inf)
-        best = self._tap(xp, 0, 0, sh, sw, oh, ow).copy()
-        arg = np.zeros(best.shape, dtype=np.int32) if self.training else None
-        for t in range(1, kh * kw):
-            v = self._tap(xp, t // kw, t % kw, sh, sw, oh, ow)
-            if arg is not None:
-                arg[v > best] = t
-            np.maximum(best, v, out=best)
-        self._cache = (x.shape, xp.shape, arg) if self.training else None
-        return best
+        x = np.ascontiguousarray(x)
+        y = np.empty((x.shape[0], x.shape[1], oh, ow), dtype=x.dtype)
+        arg = np.empty(y.shape if self.training else (1, 1, 1, 1), dtype=np.int32)
+        _pk.max_pool_forward_kernel(x, kh, kw, sh, sw, ph, pw, y, arg, self.training)
+        self._cache = (x.shape, arg) if self.training else None
+        return y
 
     def backward(self, grad_out):
-        x_shape, xp_shape, arg = check_grad(self._cache, "MaxPool2d")
+        x_shape, arg = check_grad(self._cache, "MaxPool2d")
         kh, kw, sh, sw, ph, pw = *self.kernel_size, *self.stride, *self.padding
-        oh, ow = grad_out.shape[2:]
-        dxp = np.zeros(xp_shape, dtype=grad_out.dtype)
-        for t in range(kh * kw):
-            self._tap(dxp, t // kw, t % kw, sh, sw, oh, ow)[...] += np.where(arg == t, grad_out, 0)
-        return dxp[:, :, ph:ph + x_shape[2], pw:pw + x_shape[3]].copy()
+        dx = np.empty(x_shape, dtype=grad_out.dtype)
+        _pk.max_pool_backward_kernel(np.ascontiguousarray(grad_out), arg, kh, kw, sh, sw, ph, pw,
+                                     dx)
+        return dx
 
 
 def ceil_out_size(n: int, k: int, s: int, p: int) -> int:
