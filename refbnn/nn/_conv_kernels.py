@@ -275,13 +275,17 @@ def col2im_taps_kernel(dpm, n0, n1, groups, kh, kw, sh, sw, ph, pw, dh, dw, oh, 
     two = dx.dtype.type(2.0)
     zero = dx.dtype.type(0.0)
     a2 = acc.reshape(hw, c)
+    # flat offsets as uint64: non-negative to LLVM, so the channel runs vectorize
+    d1 = dpm.reshape(-1)
+    a1 = acc.reshape(-1)
+    row_len = nb.uint64(kh * kw * cg)
+    ucg = nb.uint64(cg)
     for ni in range(n0, n1):
         acc[:] = zero
         for g in range(groups):
-            dg = dpm[g]
             for i in range(oh):
                 for j in range(ow):
-                    row = dg[((ni - n0) * oh + i) * ow + j]
+                    row = nb.uint64((g * (n1 - n0) + ni - n0) * oh * ow + i * ow + j) * row_len
                     for a in range(kh):
                         y = i * sh + a * dh - ph
                         if y < 0 or y >= h:
@@ -290,10 +294,10 @@ def col2im_taps_kernel(dpm, n0, n1, groups, kh, kw, sh, sw, ph, pw, dh, dw, oh, 
                             xx = j * sw + b * dw - pw
                             if xx < 0 or xx >= w:
                                 continue
-                            src = row[(a * kw + b) * cg:(a * kw + b + 1) * cg]
-                            dst = acc[y, xx, g * cg:(g + 1) * cg]
-                            for cl in range(cg):
-                                dst[cl] += src[cl]
+                            src = row + nb.uint64(a * kw + b) * ucg
+                            dst = nb.uint64((y * w + xx) * c + g * cg)
+                            for cl in range(ucg):
+                                a1[dst + cl] += d1[src + cl]
         for ci in range(c):
             dr = dx[ni, ci].reshape(hw)
             if gate == 0:
