@@ -197,3 +197,48 @@ def test_conv2d_backward_fused_rejects_missing_inputs():
     dy = np.zeros((1, 1, 3, 3), np.float32)
     with pytest.raises(ValueError, match="x or cols"):
         F.conv2d_backward_fused(dy, np.zeros((1, 1, 3, 3), np.float32), geom)
+
+
+# --- element-wise and layout kernels --------------------------------------------------------
+@st.composite
+def specials(draw, shape_max=5):
+    shape = tuple(draw(st.lists(st.integers(1, shape_max), min_size=4, max_size=4)))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    rng = np.random.default_rng(draw(seeds))
+    x = rng.standard_normal(shape).astype(dtype)
+    for v in (0.0, -0.0, 1.0, -1.0, np.inf, -np.inf):
+        x.reshape(-1)[rng.integers(0, x.size, max(1, x.size // 8))] = v
+    return x
+
+
+@given(specials(), st.sampled_from([1, -1, 0]), st.booleans())
+def test_sign_kernel_equals_binarize(x, sign_at_zero, with_nan):
+    if with_nan:
+        x.reshape(-1)[0] = np.nan
+    out = np.empty_like(x)
+    CK.sign_kernel(x.reshape(-1), F.BINARIZE_MODES[sign_at_zero], out.reshape(-1))
+    ref = F.binarize(x, sign_at_zero)
+    np.testing.assert_array_equal(out, ref)  # NaN positions compare equal too
+    assert np.array_equal(np.signbit(out), np.signbit(ref))
+
+
+@given(specials(), st.booleans())
+def test_layout_kernels_are_exact_transposes(x, with_nan):
+    if with_nan:
+        x.reshape(-1)[-1] = np.nan
+    nhwc = np.empty(x.transpose(0, 2, 3, 1).shape, x.dtype)
+    assert CK.nchw_to_nhwc_kernel(x, nhwc) == with_nan
+    np.testing.assert_array_equal(nhwc, x.transpose(0, 2, 3, 1))
+    acc = np.random.default_rng(0).integers(-2**23, 2**23, nhwc.shape).astype(np.int32)
+    back = np.empty(x.shape, x.dtype)
+    CK.nhwc_to_nchw_kernel(acc, back)
+    np.testing.assert_array_equal(back, acc.transpose(0, 3, 1, 2))  # |acc| < 2**24: exact
+
+
+@given(specials())
+def test_relu_backward_kernel_equals_where(x):
+    from refbnn.nn import _act_kernels as AK
+    dy = np.random.default_rng(3).standard_normal(x.shape).astype(x.dtype)
+    dx = np.empty_like(dy)
+    AK.relu_backward_kernel(x.reshape(-1), dy.reshape(-1), dx.reshape(-1))
+    np.testing.assert_array_equal(dx, np.where(x > 0, dy, 0))

@@ -58,3 +58,15 @@ def fprelu_backward_kernel(dy, x, pos, neg, dx, dpos, dneg):
             for li in range(length):
                 o[li] = (p if xr[li] >= 0 else q) * gr[li]
     return dx
+
+
+@nb.njit(cache=True, parallel=True)
+def relu_backward_kernel(x, dy, dx):
+    """``dx = dy`` where ``x > 0``, else ``0`` (flat arrays, as ``np.where(x > 0, dy, 0)``)."""
+    zero = dx.dtype.type(0)
+    size = x.size
+    step = 1 << 14
+    for blk in nb.prange((size + step - 1) // step):
+        for i in range(blk * step, min(size, (blk + 1) * step)):
+            dx[i] = dy[i] if x[i] > 0 else zero
+    return dx

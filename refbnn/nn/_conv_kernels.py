@@ -13,6 +13,7 @@ sign(0) = -1 (``x > 0 -> +1``); 2 ternary ``np.sign`` (0 -> 0). NaN inputs are t
 from __future__ import annotations
 
 import numba as nb
+import numpy as np
 
 
 @nb.njit(cache=True, parallel=True)
@@ -308,3 +309,62 @@ def col2im_taps_kernel(dpm, n0, n1, groups, kh, kw, sh, sw, ph, pw, dh, dw, oh, 
                 for q in range(hw):
                     dr[q] = a2[q, ci] * _factor(xr[q], gate, one, two, zero)
     return dx
+
+
+@nb.njit(cache=True, parallel=True)
+def nhwc_to_nchw_kernel(src, out):
+    """``out[n, c, y, x] = src[n, y, x, c]`` converted to the dtype of ``out`` (exact for the
+    integer accumulators of the packed forward pass: ``|acc| <= K < 2**24``). One image row per
+    task."""
+    n, h, w, c = src.shape
+    for r in nb.prange(n * h):
+        ni = r // h
+        y = r % h
+        s = src[ni, y]
+        for ci in range(c):
+            o = out[ni, ci, y]
+            for xx in range(w):
+                o[xx] = s[xx, ci]
+    return out
+
+
+@nb.njit(cache=True, parallel=True)
+def nchw_to_nhwc_kernel(x, out):
+    """``out[n, y, x, c] = x[n, c, y, x]``; returns whether ``x`` holds a NaN (the check the
+    binary layers make before taking signs, in the same pass). One image row per task."""
+    n, c, h, w = x.shape
+    nan_rows = np.zeros(n * h, dtype=np.bool_)
+    for r in nb.prange(n * h):
+        ni = r // h
+        y = r % h
+        o = out[ni, y]
+        bad = False
+        for ci in range(c):
+            s = x[ni, ci, y]
+            for xx in range(w):
+                v = s[xx]
+                bad |= v != v
+                o[xx, ci] = v
+        nan_rows[r] = bad
+    return nan_rows.any()
+
+
+@nb.njit(cache=True, parallel=True)
+def sign_kernel(x, mode, out):
+    """``out = +-1`` in the dtype of ``x`` (flat arrays): ``mode`` 1: ``x >= 0 -> +1`` (also -0.0);
+    -1: ``x > 0 -> +1``; 2: ternary, 0 -> 0 (``np.sign``). As :func:`refbnn.nn.functional.binarize`,
+    exactly."""
+    one = x.dtype.type(1.0)
+    zero = x.dtype.type(0.0)
+    size = x.size
+    step = 1 << 14
+    for blk in nb.prange((size + step - 1) // step):
+        for i in range(blk * step, min(size, (blk + 1) * step)):
+            v = x[i]
+            if mode == 1:
+                out[i] = one if v >= zero else -one
+            elif mode == -1:
+                out[i] = one if v > zero else -one
+            else:
+                out[i] = one if v > zero else (-one if v < zero else (zero if v == zero else v))
+    return out

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from refbnn.nn import _conv_kernels as _ck
 from refbnn.nn import functional as F
 from refbnn.nn._checks import check_grad, check_input, param, positive_int
 from refbnn.nn.init import uniform_fan_in
@@ -52,8 +53,12 @@ def _check_nan(x, name):
 
 class _BinaryMixin:
     def binarized_weight(self, dtype=np.float32) -> np.ndarray:
-        """``sign(W)`` as +-1 (0 at 0 for ``sign_at_zero=0``) in ``dtype``."""
-        return F.binarize(param(self.weight, np.dtype(dtype)), self.sign_at_zero)
+        """``sign(W)`` as +-1 (0 at 0 for ``sign_at_zero=0``) in ``dtype``: ``F.binarize``,
+        computed by a parallel Numba loop."""
+        w = np.ascontiguousarray(param(self.weight, np.dtype(dtype)))
+        out = np.empty_like(w)
+        _ck.sign_kernel(w.reshape(-1), F.BINARIZE_MODES[self.sign_at_zero], out.reshape(-1))
+        return out
 
     def weight_scale(self, dtype=np.float32) -> np.ndarray:
         """``alpha`` per output channel: ``mean |W[o]|`` (``scale="mean_abs"``) or ones."""
@@ -133,14 +138,15 @@ class BinaryConv2d(_BinaryMixin, Module):
         x = check_input(x, (4,), "BinaryConv2d", self.in_channels)
         geom = self._geometry(x)
         if self._packed_path():
-            _check_nan(x, "BinaryConv2d")
-            acc = packed_bconv2d(x.transpose(0, 2, 3, 1), self.weight.data.transpose(2, 3, 1, 0),
+            xh = np.empty((geom.n, geom.h, geom.w, geom.c), dtype=x.dtype)
+            if _ck.nchw_to_nhwc_kernel(np.ascontiguousarray(x), xh):
+                raise ValueError("BinaryConv2d: input contains NaN; sign(NaN) is undefined")
+            acc = packed_bconv2d(xh, self.weight.data.transpose(2, 3, 1, 0),
                                  stride=self.stride, padding=self.padding,
                                  pad_value=int(self.pad_value), dilation=self.dilation,
                                  groups=self.groups, sign_at_zero=self.sign_at_zero)
             out = np.empty((geom.n, geom.o, geom.oh, geom.ow), dtype=x.dtype)
-            np.copyto(out, acc.transpose(0, 3, 1, 2), casting="unsafe")  # |acc| <= K < 2**24
-            return out
+            return _ck.nhwc_to_nchw_kernel(acc, out)  # |acc| <= K < 2**24: exact
         return F.conv2d_gemm(self._columns(x, geom), self.binarized_weight(x.dtype), geom)
 
     def forward(self, x):
