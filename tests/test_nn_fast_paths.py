@@ -242,3 +242,20 @@ def test_relu_backward_kernel_equals_where(x):
     dx = np.empty_like(dy)
     AK.relu_backward_kernel(x.reshape(-1), dy.reshape(-1), dx.reshape(-1))
     np.testing.assert_array_equal(dx, np.where(x > 0, dy, 0))
+
+
+@given(pool_case(), st.booleans(), st.booleans())
+def test_avg_pool_kernels_equal_oracle(case, ceil_mode, include_pad):
+    from refbnn.nn.pooling import AvgPool2d
+    x, k, s, p = case
+    x = np.nan_to_num(x, nan=1.5, neginf=-2.5)  # finite: the mean of -inf and +inf is moot
+    m = AvgPool2d(k, s, p, count_include_pad=include_pad, ceil_mode=ceil_mode)
+    m.train()
+    y = m.forward(x)
+    # the same additions in the same order and one division: bit-identical
+    np.testing.assert_array_equal(y, m.forward_reference(x))
+    assert np.array_equal(np.signbit(y), np.signbit(m.forward_reference(x)))
+    dy = np.random.default_rng(2).standard_normal(y.shape).astype(x.dtype)
+    dx = m.backward(dy)
+    np.testing.assert_array_equal(dx, m.backward_reference(dy, x.shape))
+    assert dx.dtype == x.dtype

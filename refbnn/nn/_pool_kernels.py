@@ -96,3 +96,60 @@ def max_pool_backward_kernel(dy, arg, kh, kw, sh, sw, ph, pw, dx):
                     if xx >= 0 and xx < w and arg[ni, ci, i, j] == t:
                         d[yy, xx] += dy[ni, ci, i, j]
     return dx
+
+
+@nb.njit(cache=True, parallel=True)
+def avg_pool_forward_kernel(x, kh, kw, sh, sw, ph, pw, div, y):
+    """``y[n, c, i, j] = (tap 0 + tap 1 + ... ) / div[i, j]``, taps in row-major (a, b) order,
+    left to right, in the dtype of ``x``; taps outside the input are 0 (zero padding)."""
+    n, c, h, w = x.shape
+    oh, ow = y.shape[2], y.shape[3]
+    zero = x.dtype.type(0)
+    for plane in nb.prange(n * c):
+        ni = plane // c
+        ci = plane % c
+        xi = x[ni, ci]
+        for i in range(oh):
+            for j in range(ow):
+                s = zero
+                for a in range(kh):
+                    yy = i * sh + a - ph
+                    for b in range(kw):
+                        xx = j * sw + b - pw
+                        v = xi[yy, xx] if (yy >= 0 and yy < h and xx >= 0 and xx < w) else zero
+                        s = v if (a == 0 and b == 0) else s + v
+                y[ni, ci, i, j] = s / div[i, j]
+    return y
+
+
+@nb.njit(cache=True, parallel=True)
+def avg_pool_backward_kernel(dy, kh, kw, sh, sw, ph, pw, div, tiles, dx):
+    """``g = dy / div``; with ``tiles`` (windows tiling the input exactly) each input element is
+    set to the ``g`` of its one window; otherwise ``dx`` is zeroed and, tap by tap in order and
+    window by window in row-major order, ``g`` is added at every in-range tap position."""
+    n, c, h, w = dx.shape
+    oh, ow = dy.shape[2], dy.shape[3]
+    for plane in nb.prange(n * c):
+        ni = plane // c
+        ci = plane % c
+        d = dx[ni, ci]
+        if not tiles:
+            for yy in range(h):
+                for xx in range(w):
+                    d[yy, xx] = 0
+        for t in range(kh * kw):
+            a = t // kw
+            b = t % kw
+            for i in range(oh):
+                yy = i * sh + a - ph
+                if yy < 0 or yy >= h:
+                    continue
+                for j in range(ow):
+                    xx = j * sw + b - pw
+                    if xx >= 0 and xx < w:
+                        g = dy[ni, ci, i, j] / div[i, j]
+                        if tiles:
+                            d[yy, xx] = g
+                        else:
+                            d[yy, xx] += g
+    return dx

@@ -157,22 +157,45 @@ class AvgPool2d(_Pool2d):
 
     def forward(self, x):
         x = check_input(x, (4,), "AvgPool2d")
-        kh, kw, sh, sw, _, _, oh, ow = self._geometry(x)
+        kh, kw, sh, sw, ph, pw, oh, ow = self._geometry(x)
         h, w = x.shape[2:]
         div = self._divisor(h, w, x.dtype)
         self._cache = (x.shape, div) if self.training else None
+        x = np.ascontiguousarray(x)
+        y = np.empty((x.shape[0], x.shape[1], oh, ow), dtype=x.dtype)
+        return _pk.avg_pool_forward_kernel(x, kh, kw, sh, sw, ph, pw, self._div_map(div, oh, ow),
+                                           y)
+
+    @staticmethod
+    def _div_map(div, oh, ow):
+        return np.ascontiguousarray(np.broadcast_to(div, (1, 1, oh, ow))[0, 0])
+
+    def backward(self, grad_out):
+        x_shape, div = check_grad(self._cache, "AvgPool2d")
+        kh, kw, sh, sw, ph, pw = *self.kernel_size, *self.stride, *self.padding
+        oh, ow = grad_out.shape[2:]
+        dx = np.empty(x_shape, dtype=grad_out.dtype)
+        return _pk.avg_pool_backward_kernel(np.ascontiguousarray(grad_out), kh, kw, sh, sw, ph,
+                                            pw, self._div_map(div, oh, ow).astype(grad_out.dtype),
+                                            self._tiles_exactly(*x_shape[2:]), dx)
+
+    def forward_reference(self, x):
+        """NumPy oracle of :meth:`forward` (training or not): pad with zeros, add the taps in
+        row-major order, divide by the window's count."""
+        kh, kw, sh, sw, _, _, oh, ow = self._geometry(x)
+        div = self._divisor(*x.shape[2:], x.dtype)
         xp = self._pad(x)  # x itself when there is nothing to pad
         s = self._tap(xp, 0, 0, sh, sw, oh, ow).copy()
         for t in range(1, kh * kw):
             s += self._tap(xp, t // kw, t % kw, sh, sw, oh, ow)
         return s / div
 
-    def backward(self, grad_out):
-        x_shape, div = check_grad(self._cache, "AvgPool2d")
+    def backward_reference(self, grad_out, x_shape):
+        """NumPy oracle of :meth:`backward` for an input of ``x_shape``."""
         kh, kw, sh, sw, ph, pw = *self.kernel_size, *self.stride, *self.padding
         n, c, h, w = x_shape
         oh, ow = grad_out.shape[2:]
-        g = grad_out / div
+        g = grad_out / self._divisor(h, w, grad_out.dtype)
         if self._tiles_exactly(h, w):
             # non-overlapping windows tiling the input: every element gets exactly one tap
             out = np.empty(x_shape, dtype=grad_out.dtype)
