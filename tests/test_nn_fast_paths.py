@@ -259,3 +259,28 @@ def test_avg_pool_kernels_equal_oracle(case, ceil_mode, include_pad):
     dx = m.backward(dy)
     np.testing.assert_array_equal(dx, m.backward_reference(dy, x.shape))
     assert dx.dtype == x.dtype
+
+
+@given(st.integers(1, 40000), st.sampled_from([0.0, 0.01]), st.booleans(), st.integers(1, 30), seeds)
+def test_adam_kernel_equals_numpy_update(size, wd, decoupled, t, seed):
+    from refbnn.training import optim
+    rng = np.random.default_rng(seed)
+    p0 = rng.standard_normal(size).astype(np.float32)
+    grad = (rng.standard_normal(size) * 0.1).astype(np.float32)
+    m0 = (rng.standard_normal(size) * 0.01).astype(np.float32)
+    v0 = (rng.random(size) * 1e-4).astype(np.float32)
+    g = {"betas": [0.9, 0.999], "lr": 3e-3, "weight_decay": wd, "eps": 1e-8}
+
+    class P:
+        pass
+    ref, fast = P(), P()
+    ref.data, fast.data = p0.copy(), p0.copy()
+    ref_state = {"exp_avg": m0.copy(), "exp_avg_sq": v0.copy()}
+    optim.adam_update_reference(ref, grad, ref_state, g, t, decoupled)
+    opt = (optim.AdamW if decoupled else optim.Adam)([], lr=3e-3, weight_decay=wd)
+    state = {"step": np.array(t - 1), "exp_avg": m0.copy(), "exp_avg_sq": v0.copy()}
+    opt._update(fast, grad, state, g)
+    # the same float32 operations in the same order: bit-identical
+    np.testing.assert_array_equal(fast.data, ref.data)
+    np.testing.assert_array_equal(state["exp_avg"], ref_state["exp_avg"])
+    np.testing.assert_array_equal(state["exp_avg_sq"], ref_state["exp_avg_sq"])
