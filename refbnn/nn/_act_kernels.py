@@ -18,9 +18,11 @@ def fprelu_forward_kernel(x, pos, neg, y):
     for ci in nb.prange(c):
         p, q = pos[ci], neg[ci]
         for ni in range(n):
+            xr = x[ni, ci]
+            o = y[ni, ci]
             for li in range(length):
-                v = x[ni, ci, li]
-                y[ni, ci, li] = (p if v >= 0 else q) * v
+                v = xr[li]
+                o[li] = (p if v >= 0 else q) * v
     return y
 
 
@@ -67,6 +69,8 @@ def relu_backward_kernel(x, dy, dx):
     size = x.size
     step = 1 << 14
     for blk in nb.prange((size + step - 1) // step):
-        for i in range(blk * step, min(size, (blk + 1) * step)):
-            dx[i] = dy[i] if x[i] > 0 else zero
+        lo, hi = blk * step, min(size, (blk + 1) * step)
+        xb, gb, ob = x[lo:hi], dy[lo:hi], dx[lo:hi]
+        for i in range(hi - lo):
+            ob[i] = gb[i] if xb[i] > 0 else zero
     return dx

@@ -359,12 +359,14 @@ def sign_kernel(x, mode, out):
     size = x.size
     step = 1 << 14
     for blk in nb.prange((size + step - 1) // step):
-        for i in range(blk * step, min(size, (blk + 1) * step)):
-            v = x[i]
+        lo, hi = blk * step, min(size, (blk + 1) * step)
+        xb, ob = x[lo:hi], out[lo:hi]
+        for i in range(hi - lo):
+            v = xb[i]
             if mode == 1:
-                out[i] = one if v >= zero else -one
+                ob[i] = one if v >= zero else -one
             elif mode == -1:
-                out[i] = one if v > zero else -one
+                ob[i] = one if v > zero else -one
             else:
-                out[i] = one if v > zero else (-one if v < zero else (zero if v == zero else v))
+                ob[i] = one if v > zero else (-one if v < zero else (zero if v == zero else v))
     return out

@@ -21,18 +21,21 @@ def adam_kernel(p, grad, m, v, one_minus_b1, b2, one_minus_b2, bias2_sqrt, eps, 
     size = p.size
     step = 1 << 14
     for blk in nb.prange((size + step - 1) // step):
-        for i in range(blk * step, min(size, (blk + 1) * step)):
-            pi = p[i]
-            g = grad[i]
+        lo, hi = blk * step, min(size, (blk + 1) * step)
+        # views: indices from range() are non-negative to LLVM, so the loop vectorizes
+        pb, gb, mb, vb = p[lo:hi], grad[lo:hi], m[lo:hi], v[lo:hi]
+        for i in range(hi - lo):
+            pi = pb[i]
+            g = gb[i]
             if decoupled:
                 pi = pi * decay_scale
             elif l2 != 0:
                 g = g + l2 * pi
-            mi = m[i] + one_minus_b1 * (g - m[i])
-            vi = v[i] * b2
+            mi = mb[i] + one_minus_b1 * (g - mb[i])
+            vi = vb[i] * b2
             vi = vi + one_minus_b2 * (g * g)
             denom = np.sqrt(vi) / bias2_sqrt + eps
-            m[i] = mi
-            v[i] = vi
-            p[i] = pi - step_size * (mi / denom)
+            mb[i] = mi
+            vb[i] = vi
+            pb[i] = pi - step_size * (mi / denom)
     return p
