@@ -284,3 +284,13 @@ def test_adam_kernel_equals_numpy_update(size, wd, decoupled, t, seed):
     np.testing.assert_array_equal(fast.data, ref.data)
     np.testing.assert_array_equal(state["exp_avg"], ref_state["exp_avg"])
     np.testing.assert_array_equal(state["exp_avg_sq"], ref_state["exp_avg_sq"])
+
+
+@given(specials(), st.booleans())
+def test_clipped_ste_kernel_equals_where(w, with_nan):
+    if with_nan:
+        w.reshape(-1)[0] = np.nan
+    g = np.random.default_rng(4).standard_normal(w.shape).astype(w.dtype)
+    out = np.empty_like(g)
+    CK.clipped_ste_kernel(w.reshape(-1), g.reshape(-1), out.reshape(-1))
+    np.testing.assert_array_equal(out, np.where(np.abs(w) <= 1, g, 0))

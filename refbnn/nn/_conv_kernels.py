@@ -370,3 +370,18 @@ def sign_kernel(x, mode, out):
             else:
                 ob[i] = one if v > zero else (-one if v < zero else (zero if v == zero else v))
     return out
+
+
+@nb.njit(cache=True, parallel=True)
+def clipped_ste_kernel(w, g, out):
+    """``out = g`` where ``|w| <= 1``, else ``0`` (flat arrays, as ``np.where(np.abs(w) <= 1, g,
+    0)``): the clipped straight-through gradient of the latent binary weights."""
+    zero = out.dtype.type(0)
+    size = w.size
+    step = 1 << 14
+    for blk in nb.prange((size + step - 1) // step):
+        lo, hi = blk * step, min(size, (blk + 1) * step)
+        wb, gb, ob = w[lo:hi], g[lo:hi], out[lo:hi]
+        for i in range(hi - lo):
+            ob[i] = gb[i] if abs(wb[i]) <= 1 else zero
+    return out

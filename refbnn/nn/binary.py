@@ -81,7 +81,10 @@ class _BinaryMixin:
 
     def _weight_grad(self, dwq):
         w = self.weight.data
-        self.weight.accumulate(np.where(np.abs(w) <= 1, dwq, 0))
+        g = np.ascontiguousarray(dwq, dtype=np.result_type(dwq, w))
+        out = np.empty_like(g)
+        _ck.clipped_ste_kernel(w.reshape(-1), g.reshape(-1), out.reshape(-1))
+        self.weight.accumulate(out)
 
 
 class BinaryConv2d(_BinaryMixin, Module):
