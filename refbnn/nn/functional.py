@@ -15,6 +15,7 @@ exact while K < 2**24.
 from __future__ import annotations
 
 import contextlib
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numba as nb
@@ -370,7 +371,6 @@ def input_grad(dcols, geom: ConvGeometry, x=None, act_grad=None):
     return col2im_pixel_major(dcols, geom, x, act_grad)
 
 
-_ARENAS: dict = {}
 # conv2d_backward_fused's image chunks: columns of about CHUNK_BYTES (the GEMMs then read what was
 # just written from cache), but at least CHUNK_MIN_PIXELS rows for the dW GEMM's reduction (shorter
 # reductions were measured slower on wide layers)
@@ -379,48 +379,52 @@ CHUNK_MIN_PIXELS = 2048
 # conv2d_backward_fused builds tap-major pixel-major columns up to this many output pixels per
 # image (measured: 2-10x faster to build; on 28x28 outputs the channel-major GEMM was faster)
 TAP_MAJOR_MAX_P = 256
+# with T > 1 threads conv2d_backward_fused cuts at least T * TASKS_PER_THREAD image chunks, handed
+# to whichever thread is free: a core that another process slows then gets less of the work
+TASKS_PER_THREAD = 2
 
 
-def _arena(slot, size: int, dtype) -> np.ndarray:
-    """A flat grow-only buffer of at least ``size`` elements, one per ``(slot, dtype)``: the
-    per-thread workspace of :func:`conv2d_backward_fused` (its views never outlive a call)."""
-    key = (slot, np.dtype(dtype))
-    buf = _ARENAS.get(key)
+_TLS = threading.local()
+
+
+def _arena(size: int, dtype) -> np.ndarray:
+    """A flat grow-only buffer of at least ``size`` elements, one per thread and dtype (freed with
+    its thread): the workspace of :func:`conv2d_backward_fused`, whose views never outlive a call."""
+    arenas = getattr(_TLS, "arenas", None)
+    if arenas is None:
+        arenas = _TLS.arenas = {}
+    key = np.dtype(dtype)
+    buf = arenas.get(key)
     if buf is None or buf.size < size:
-        buf = _ARENAS[key] = np.empty(size, dtype=dtype)
+        buf = arenas[key] = np.empty(size, dtype=dtype)
     return buf
-
-
-def image_ranges(n: int, parts: int):
-    """``n`` images as at most ``parts`` contiguous ``(n0, n1)`` ranges of near-equal size."""
-    parts = max(1, min(parts, n))
-    return [(n * t // parts, n * (t + 1) // parts) for t in range(parts)]
 
 
 def conv2d_backward_fused(dy, w, geom: ConvGeometry, x=None, cols=None, pad_value=0.0,
                           sign_at_zero=None, act_grad=None, need_input_grad=True):
     """Gradients ``(dx, dw)`` of ``y = conv2d_gemm(im2col(x), w)`` for ``dy`` (N, O, OH, OW).
 
-    The batch is split into one contiguous image range per thread (``numba.get_num_threads()``);
-    each thread works through its images in chunks (:data:`CHUNK_BYTES`), in its own workspace:
+    The batch is cut into chunks of consecutive images (:data:`CHUNK_BYTES` of columns each, and
+    with ``T = numba.get_num_threads() > 1`` at least ``T *`` :data:`TASKS_PER_THREAD` chunks,
+    run by refbnn's threads as each becomes free). Per chunk, in the thread's own workspace:
 
     1. ``dyt`` (groups, n*P, O/g): ``dy`` pixel-major;
     2. the chunk's columns, built from ``x`` (``pad_value``, ``sign_at_zero`` as in :func:`im2col`)
        or taken from ``cols`` (:func:`im2col`'s full matrix) when given: tap-major pixel-major
        (groups, n*P, KH*KW*C/g) when P <= :data:`TAP_MAJOR_MAX_P` (``im2col_taps_kernel``), else
        channel-major (C*KH*KW, n*P) (``im2col_range_kernel``);
-    3. ``dw[g] += dyt[g].T @ cols[g]`` (tap-major) or ``cols[g] @ dyt[g]`` (channel-major), one
-       BLAS GEMM per group and chunk, chunks added in order;
+    3. the chunk's ``dw[g]``: ``dyt[g].T @ cols[g]`` (tap-major) or ``cols[g] @ dyt[g]``
+       (channel-major), one BLAS GEMM per group;
     4. with ``need_input_grad``: ``dpm[g] = dyt[g] @ wt[g]`` with ``wt`` the kernel in tap-major
-       (O/g, KH*KW*C/g) order, scattered back by ``col2im_taps_kernel`` into ``dx`` (N, C, H, W)
-       and multiplied by ``act_grad_factor(x, act_grad)`` when ``act_grad`` is given.
+       (O/g, KH*KW*C/g) order, scattered back by ``col2im_taps_kernel`` into the chunk's images
+       of ``dx`` (N, C, H, W), times ``act_grad_factor(x, act_grad)`` when ``act_grad`` is given.
 
-    ``dw`` is the threads' partial sums added in range order: deterministic for a given thread
-    count. Float summation order: BLAS's within each dot product (over a chunk's pixels for
-    ``dw``, then chunk by chunk; over O/g for ``dpm``), then <= KH*KW taps per ``dx`` element in
-    row-major output-pixel order (:func:`col2im_reference` adds them in (a, b) order): equal to
-    the plain definition up to float rounding. Returns ``(None, dw)`` without
-    ``need_input_grad``; ``dw`` (O, C/g, KH, KW) in the dtype of ``dy``.
+    ``dw`` is the chunks' sum in chunk order, and the chunks depend only on the shapes and ``T``:
+    deterministic for a given thread count. Float summation order: BLAS's within each dot product
+    (over a chunk's pixels for ``dw``, then chunk by chunk; over O/g for ``dpm``), then <= KH*KW
+    taps per ``dx`` element in row-major output-pixel order (:func:`col2im_reference` adds them in
+    (a, b) order): equal to the plain definition up to float rounding. Returns ``(None, dw)``
+    without ``need_input_grad``; ``dw`` (O, C/g, KH, KW) in the dtype of ``dy``.
     """
     g, p = geom.groups, geom.oh * geom.ow
     og, cg = geom.o // g, geom.c // g
@@ -450,59 +454,61 @@ def conv2d_backward_fused(dy, w, geom: ConvGeometry, x=None, cols=None, pad_valu
     conv = (geom.kh, geom.kw, geom.sh, geom.sw, geom.ph, geom.pw, geom.dh, geom.dw, geom.oh,
             geom.ow)
 
-    def work(slot, n0, n1):
-        # images in chunks whose columns fit the cache: the GEMMs read what was just written
-        step = max(1, -(-CHUNK_MIN_PIXELS // p), CHUNK_BYTES // (kg * g * p * dt.itemsize))
-        step = min(step, n1 - n0)
-        cpx = step * p
-        sizes = (g * cpx * og, 0 if cols is not None else g * kg * cpx,
-                 g * cpx * taps * cg if need_input_grad else 0, geom.h * geom.w * geom.c,
-                 hp * wp * geom.c if tap_major else 0)
-        buf = _arena(slot, sum(sizes), dt)
+    threads = nb.get_num_threads()
+    # image chunks: columns of about CHUNK_BYTES (the GEMMs read what was just written from
+    # cache), and with threads at least TASKS_PER_THREAD chunks per thread, handed out in order
+    # to whichever thread is free (a core busy elsewhere then gets less of the work)
+    step = max(1, -(-CHUNK_MIN_PIXELS // p), CHUNK_BYTES // (kg * g * p * dt.itemsize))
+    if threads > 1:
+        step = min(step, -(-geom.n // (threads * TASKS_PER_THREAD)))
+    chunks = [(c0, min(c0 + step, geom.n)) for c0 in range(0, geom.n, step)]
+    cpx = step * p
+    sizes = (g * cpx * og, 0 if cols is not None else g * kg * cpx,
+             g * cpx * taps * cg if need_input_grad else 0, geom.h * geom.w * geom.c,
+             hp * wp * geom.c if tap_major else 0)
+
+    def work(c0, c1):
+        """dw of images c0..c1 (and their dx), in the calling thread's workspace."""
+        buf = _arena(sum(sizes), dt)
         views, at = [], 0
         for s in sizes:
             views.append(buf[at:at + s])
             at += s
-        dw_t = None
-        for c0 in range(n0, n1, step):
-            c1 = min(c0 + step, n1)
-            npx = (c1 - c0) * p
-            dyt = views[0][:g * npx * og].reshape(g, npx, og)
-            np.copyto(dyt.reshape(g, c1 - c0, p, og), dy[c0:c1].transpose(1, 0, 3, 2))
-            if tap_major:
-                c_t = views[1][:g * npx * kg].reshape(g, npx, kg)
-                _k.im2col_taps_kernel(x, c0, c1, g, *conv, float(pad_value), mode,
-                                      views[4].reshape(hp, wp, geom.c), c_t)
-                part = np.matmul(dyt.transpose(0, 2, 1), c_t)
-            else:
-                if cols is None:
-                    c_t = views[1][:g * kg * npx].reshape(g * kg, npx)
-                    _k.im2col_range_kernel(x, c0, c1, *conv, float(pad_value), mode, c_t)
-                    c_t = c_t.reshape(g, kg, npx)
-                else:
-                    c_t = cols[:, :, c0 * p:c1 * p]
-                part = np.matmul(c_t, dyt)
-            if dw_t is None:
-                dw_t = part
-            else:
-                dw_t += part
-            if need_input_grad:
-                dpm = views[2][:g * npx * taps * cg].reshape(g, npx, taps * cg)
-                np.matmul(dyt, wt, out=dpm)
-                _k.col2im_taps_kernel(dpm, c0, c1, g, *conv, xg, gate, dx,
-                                      views[3].reshape(geom.h, geom.w, geom.c))
-        return dw_t
-
-    ranges = image_ranges(geom.n, nb.get_num_threads())
-    with _single_threaded_blas():
-        if len(ranges) == 1:
-            parts = [work(0, 0, geom.n)]
+        npx = (c1 - c0) * p
+        dyt = views[0][:g * npx * og].reshape(g, npx, og)
+        np.copyto(dyt.reshape(g, c1 - c0, p, og), dy[c0:c1].transpose(1, 0, 3, 2))
+        if tap_major:
+            c_t = views[1][:g * npx * kg].reshape(g, npx, kg)
+            _k.im2col_taps_kernel(x, c0, c1, g, *conv, float(pad_value), mode,
+                                  views[4].reshape(hp, wp, geom.c), c_t)
+            part = np.matmul(dyt.transpose(0, 2, 1), c_t)
         else:
-            parts = list(_pool(nb.get_num_threads()).map(lambda a: work(*a),
-                                                         [(t, *r) for t, r in enumerate(ranges)]))
-    total = parts[0]
-    for q in parts[1:]:
-        total += q
+            if cols is None:
+                c_t = views[1][:g * kg * npx].reshape(g * kg, npx)
+                _k.im2col_range_kernel(x, c0, c1, *conv, float(pad_value), mode, c_t)
+                c_t = c_t.reshape(g, kg, npx)
+            else:
+                c_t = cols[:, :, c0 * p:c1 * p]
+            part = np.matmul(c_t, dyt)
+        if need_input_grad:
+            dpm = views[2][:g * npx * taps * cg].reshape(g, npx, taps * cg)
+            np.matmul(dyt, wt, out=dpm)
+            _k.col2im_taps_kernel(dpm, c0, c1, g, *conv, xg, gate, dx,
+                                  views[3].reshape(geom.h, geom.w, geom.c))
+        return part
+
+    with _single_threaded_blas():
+        if threads == 1 or len(chunks) == 1:
+            parts = (work(*c) for c in chunks)
+        else:
+            parts = _pool(threads).map(lambda c: work(*c), chunks)
+        # the chunks' dw added in chunk order as they arrive: deterministic for a thread count
+        total = None
+        for q in parts:
+            if total is None:
+                total = q
+            else:
+                total += q
     if tap_major:  # (g, O/g, (a, b, c)) -> (O, C/g, KH, KW)
         dw = total.reshape(g, og, geom.kh, geom.kw, cg).transpose(0, 1, 4, 2, 3)
     else:  # (g, (c, a, b), O/g) -> (O, C/g, KH, KW)
