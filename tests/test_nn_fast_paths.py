@@ -67,8 +67,11 @@ def conv_case(draw, max_groups=3):
     h = draw(st.integers(max(1, (kh - 1) * dh + 1 - 2 * ph), 7))
     w = draw(st.integers(max(1, (kw - 1) * dw + 1 - 2 * pw), 7))
     dtype = draw(st.sampled_from([np.float32, np.float64]))
-    x = np.random.default_rng(draw(seeds)).standard_normal((n, groups * cg, h, w)).astype(dtype)
+    x = np.random.default_rng(draw(seeds)).standard_normal((n, groups * cg, h, w)) * 1.3
+    x = x.astype(dtype)
     x.reshape(-1)[::5] = 0.0  # exact zeros exercise the sign(0) conventions
+    x.reshape(-1)[1::6] = 1.0  # and +-1 the straight-through estimators' edges
+    x.reshape(-1)[2::6] = -1.0
     geom = F.ConvGeometry(x.shape, (groups, cg, kh, kw), (sh, sw), (ph, pw), (dh, dw), groups)
     return x, geom
 

@@ -1,8 +1,11 @@
-"""Stateless array helpers shared by the conv layers: padding, im2col/col2im, the conv GEMMs.
+"""Stateless array helpers shared by the conv layers: padding, im2col, the conv GEMMs and their
+gradients.
 
 Layout: NCHW images, OIHW kernels (PyTorch). Every function computes in the dtype of its input
 (float32 in training, float64 in gradient checks). :func:`im2col` can binarize while it gathers
-(:func:`binarize` states the sign rules) and :func:`col2im` can apply a straight-through gate.
+(:func:`binarize` states the sign rules) and :func:`conv2d_backward_fused` can apply a
+straight-through gate to the input gradient; :func:`im2col_reference` and
+:func:`col2im_reference` are the NumPy oracles of the column layout and its adjoint.
 
 Convolution is cross-correlation (no kernel flip), computed as one GEMM per group:
 ``cols[(c, a, b), (n, i, j)] = xpad[n, c, i*sh + a*dh, j*sw + b*dw]`` and
@@ -175,43 +178,6 @@ def act_grad_factor(x: np.ndarray, act_grad: str) -> np.ndarray:
     raise ValueError(f"act_grad must be one of {ACT_GRADS}, got {act_grad!r}")
 
 
-def col2im(dcols, geom: ConvGeometry, x=None, act_grad=None):
-    """Fast :func:`col2im_reference` (Numba) of channel-major ``dcols`` (C*KH*KW, N*OH*OW): the
-    same additions in the same order, so equal exactly.
-
-    With ``act_grad`` ("ste" / "approx_sign") the result is multiplied elementwise by
-    ``act_grad_factor(x, act_grad)`` in the same pass (one rounding per element, as NumPy's)."""
-    dx = np.empty((geom.n, geom.c, geom.h, geom.w), dtype=dcols.dtype)
-    gate, xg = _gate_args(dx, x, act_grad)
-    _k.col2im_kernel(dcols, geom.kh, geom.kw, geom.sh, geom.sw, geom.ph, geom.pw, geom.dh,
-                     geom.dw, geom.oh, geom.ow, xg, gate, dx)
-    return dx
-
-
-def col2im_pixel_major(dcols_pm, geom: ConvGeometry, x=None, act_grad=None):
-    """:func:`col2im` for pixel-major columns ``dcols_pm`` (groups, N*OH*OW, C/g*KH*KW), as
-    :func:`conv2d_backward` produces them. Taps are added per element in (i, j, a, b) order rather
-    than (a, b), so it equals :func:`col2im_reference` of the transposed columns up to float
-    rounding of at most KH*KW terms."""
-    dx = np.empty((geom.n, geom.c, geom.h, geom.w), dtype=dcols_pm.dtype)
-    gate, xg = _gate_args(dx, x, act_grad)
-    _k.col2im_pm_kernel(dcols_pm, geom.groups, geom.kh, geom.kw, geom.sh, geom.sw, geom.ph,
-                        geom.pw, geom.dh, geom.dw, geom.oh, geom.ow, xg, gate, dx)
-    return dx
-
-
-def pixel_major_to_channel_major(dcols_pm, geom: ConvGeometry):
-    """(groups, N*P, Kg) -> (C*KH*KW, N*P): the layout :func:`col2im_reference` takes."""
-    return np.ascontiguousarray(dcols_pm.transpose(0, 2, 1)).reshape(geom.cols_shape)
-
-
-def _gate_args(dx, x, act_grad):
-    gate = _GATES[act_grad]
-    if gate and (x is None or x.shape != dx.shape):
-        raise ValueError("col2im: act_grad needs x of the input shape")
-    return gate, (np.ascontiguousarray(x, dtype=dx.dtype) if gate else dx)
-
-
 # --- threaded GEMMs ------------------------------------------------------------------------------
 # refbnn splits its large GEMMs over ``numba.get_num_threads()`` Python threads (NumPy releases the
 # GIL inside BLAS) and runs BLAS itself single-threaded: during each call BLAS is limited to one
@@ -317,58 +283,6 @@ def conv2d_gemm(cols, w, geom: ConvGeometry):
     y = np.empty((geom.n, geom.o, p), dtype=cols.dtype)
     np.copyto(y, ym.reshape(geom.o, geom.n, p).transpose(1, 0, 2))
     return y.reshape(geom.n, geom.o, geom.oh, geom.ow)
-
-
-PIXEL_MAJOR_MAX_P = 64
-
-
-def conv2d_backward(dy, cols, w, geom: ConvGeometry, need_input_grad=True):
-    """Gradients of ``y = conv2d_gemm(cols, w)`` -> ``(dcols, dw)``; ``dy`` (N, O, OH, OW).
-
-    Two GEMM orientations, chosen by output size P = OH*OW (measured: each is up to 1.7x faster
-    than the other on its side of the threshold, col2im included):
-
-    * P > ``PIXEL_MAJOR_MAX_P``: channel-major, with ``dym[g]`` (O/g, N*P): ``dw[g] = dym[g] @
-      cols[g].T`` and ``dcols = w[g].T @ dym[g]`` as (C*KH*KW, N*P);
-    * otherwise pixel-major, with ``dyt[g]`` (N*P, O/g): ``dw[g] = (cols[g] @ dyt[g]).T`` and
-      ``dcols[g] = dyt[g] @ w[g]`` as (groups, N*P, C/g*KH*KW).
-
-    ``dcols`` is None unless ``need_input_grad``; :func:`input_grad` takes either layout.
-    Everything is computed in the dtype of ``cols``.
-    """
-    g = geom.groups
-    p = geom.oh * geom.ow
-    og = geom.o // g
-    npix = geom.n * p
-    colsg = cols.reshape(g, -1, npix)
-    wm = w.reshape(g, og, -1).astype(cols.dtype, copy=False)
-    dcols = None
-    if p > PIXEL_MAJOR_MAX_P:
-        dym = scratch("conv_dy", (geom.o, geom.n, p), cols.dtype)
-        np.copyto(dym, dy.reshape(geom.n, geom.o, p).transpose(1, 0, 2))
-        dym = dym.reshape(g, og, npix)
-        dw = matmul(dym, colsg.transpose(0, 2, 1), split="reduce")
-        if need_input_grad:
-            dcols = scratch("conv_dcols", colsg.shape, cols.dtype)
-            matmul(wm.transpose(0, 2, 1), dym, out=dcols)
-            dcols = dcols.reshape(geom.cols_shape)
-        return dcols, dw.reshape(w.shape)
-    dyt = scratch("conv_dyt", (g, geom.n, p, og), cols.dtype)
-    np.copyto(dyt, dy.reshape(geom.n, g, og, p).transpose(1, 0, 3, 2))
-    dyt = dyt.reshape(g, npix, og)
-    dw = matmul(colsg, dyt, split="reduce").transpose(0, 2, 1)
-    if need_input_grad:
-        dcols = scratch("conv_dcols_pm", (g, npix, wm.shape[2]), cols.dtype)
-        matmul(dyt, wm, out=dcols, split="rows")
-    return dcols, np.ascontiguousarray(dw).reshape(w.shape)
-
-
-def input_grad(dcols, geom: ConvGeometry, x=None, act_grad=None):
-    """The input gradient from :func:`conv2d_backward`'s ``dcols`` in either layout
-    (:func:`col2im` for channel-major 2-D, :func:`col2im_pixel_major` for 3-D)."""
-    if dcols.ndim == 2:
-        return col2im(dcols, geom, x, act_grad)
-    return col2im_pixel_major(dcols, geom, x, act_grad)
 
 
 # conv2d_backward_fused's image chunks: columns of about CHUNK_BYTES (the GEMMs then read what was
