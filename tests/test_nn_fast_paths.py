@@ -1,6 +1,8 @@
 """The training step's fast kernels against their NumPy oracles: max-pool (exact), the fused conv
 backward's im2col range (exact), tap-major col2im and the fused gradients (stated tolerances)."""
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -297,3 +299,14 @@ def test_clipped_ste_kernel_equals_where(w, with_nan):
     out = np.empty_like(g)
     CK.clipped_ste_kernel(w.reshape(-1), g.reshape(-1), out.reshape(-1))
     np.testing.assert_array_equal(out, np.where(np.abs(w) <= 1, g, 0))
+
+
+@given(st.integers(1, 600), st.integers(1, 900), st.integers(1, 1 << 22), st.integers(1, 4))
+def test_image_chunks_cover_the_batch_evenly(n, p, image_bytes, threads):
+    chunks = F.image_chunks(n, p, image_bytes, threads)
+    assert chunks[0][0] == 0 and chunks[-1][1] == n
+    assert all(a1 == b0 for (_, a1), (b0, _) in itertools.pairwise(chunks))
+    sizes = [b - a for a, b in chunks]
+    assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+    if threads > 1 and n >= threads:
+        assert len(chunks) % threads == 0  # every thread gets the same number of chunks

@@ -314,13 +314,30 @@ def _arena(size: int, dtype) -> np.ndarray:
     return buf
 
 
+def image_chunks(n: int, p: int, image_bytes: int, threads: int):
+    """:func:`conv2d_backward_fused`'s image chunks ``[(n0, n1), ...]`` of near-equal size: about
+    :data:`CHUNK_BYTES` of columns each (the GEMMs then read what was just written from cache) but
+    at least :data:`CHUNK_MIN_PIXELS` pixels (the dW GEMM's reduction), and with ``threads > 1``
+    a multiple of ``threads`` chunks, up to ``threads *`` :data:`TASKS_PER_THREAD` when the pixel
+    minimum allows (handed to whichever thread is free, a core slowed by another process gets less
+    of the work)."""
+    min_imgs = max(1, -(-CHUNK_MIN_PIXELS // p))
+    step = max(min_imgs, CHUNK_BYTES // image_bytes)
+    count = -(-n // step)
+    if threads > 1:
+        count = max(count, threads * max(1, min(TASKS_PER_THREAD, n // (threads * min_imgs))))
+        count = -(-count // threads) * threads
+    count = min(count, n)
+    return [(n * i // count, n * (i + 1) // count) for i in range(count)]
+
+
 def conv2d_backward_fused(dy, w, geom: ConvGeometry, x=None, cols=None, pad_value=0.0,
                           sign_at_zero=None, act_grad=None, need_input_grad=True):
     """Gradients ``(dx, dw)`` of ``y = conv2d_gemm(im2col(x), w)`` for ``dy`` (N, O, OH, OW).
 
-    The batch is cut into chunks of consecutive images (:data:`CHUNK_BYTES` of columns each, and
-    with ``T = numba.get_num_threads() > 1`` at least ``T *`` :data:`TASKS_PER_THREAD` chunks,
-    run by refbnn's threads as each becomes free). Per chunk, in the thread's own workspace:
+    The batch is cut into chunks of consecutive images (:func:`image_chunks`), run with ``T =
+    numba.get_num_threads() > 1`` by refbnn's threads as each becomes free. Per chunk, in the
+    thread's own workspace:
 
     1. ``dyt`` (groups, n*P, O/g): ``dy`` pixel-major;
     2. the chunk's columns, built from ``x`` (``pad_value``, ``sign_at_zero`` as in :func:`im2col`)
@@ -369,14 +386,8 @@ def conv2d_backward_fused(dy, w, geom: ConvGeometry, x=None, cols=None, pad_valu
             geom.ow)
 
     threads = nb.get_num_threads()
-    # image chunks: columns of about CHUNK_BYTES (the GEMMs read what was just written from
-    # cache), and with threads at least TASKS_PER_THREAD chunks per thread, handed out in order
-    # to whichever thread is free (a core busy elsewhere then gets less of the work)
-    step = max(1, -(-CHUNK_MIN_PIXELS // p), CHUNK_BYTES // (kg * g * p * dt.itemsize))
-    if threads > 1:
-        step = min(step, -(-geom.n // (threads * TASKS_PER_THREAD)))
-    chunks = [(c0, min(c0 + step, geom.n)) for c0 in range(0, geom.n, step)]
-    cpx = step * p
+    chunks = image_chunks(geom.n, p, kg * g * p * dt.itemsize, threads)
+    cpx = max(c1 - c0 for c0, c1 in chunks) * p
     sizes = (g * cpx * og, 0 if cols is not None else g * kg * cpx,
              g * cpx * taps * cg if need_input_grad else 0, geom.h * geom.w * geom.c,
              hp * wp * geom.c if tap_major else 0)
