@@ -310,3 +310,11 @@ def test_image_chunks_cover_the_batch_evenly(n, p, image_bytes, threads):
     assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
     if threads > 1 and n >= threads:
         assert len(chunks) % threads == 0  # every thread gets the same number of chunks
+
+
+@given(st.integers(1, 5), st.integers(1, 5), st.integers(1, 9), seeds)
+def test_swap01_kernel_is_an_exact_transpose(a, b, length, seed):
+    src = np.random.default_rng(seed).standard_normal((a, b, length)).astype(np.float32)
+    out = np.empty((b, a, length), np.float32)
+    CK.swap01_kernel(src, out)
+    np.testing.assert_array_equal(out, src.transpose(1, 0, 2))

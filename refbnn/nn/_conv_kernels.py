@@ -307,3 +307,17 @@ def clipped_ste_kernel(w, g, out):
         for i in range(hi - lo):
             ob[i] = gb[i] if abs(wb[i]) <= 1 else zero
     return out
+
+
+@nb.njit(cache=True, parallel=True)
+def swap01_kernel(src, out):
+    """``out[b, a, :] = src[a, b, :]`` for ``src`` (A, B, L): the GEMM's (O, N, P) result as NCHW
+    (N, O, P). One ``b`` per task."""
+    na, nb_, length = src.shape
+    for b in nb.prange(nb_):
+        for a in range(na):
+            s = src[a, b]
+            o = out[b, a]
+            for i in range(length):
+                o[i] = s[i]
+    return out

@@ -281,7 +281,7 @@ def conv2d_gemm(cols, w, geom: ConvGeometry):
     ym = scratch("conv_y", (g, geom.o // g, geom.n * p), cols.dtype)
     matmul(wm, cols.reshape(g, -1, geom.n * p), out=ym)
     y = np.empty((geom.n, geom.o, p), dtype=cols.dtype)
-    np.copyto(y, ym.reshape(geom.o, geom.n, p).transpose(1, 0, 2))
+    _k.swap01_kernel(ym.reshape(geom.o, geom.n, p), y)  # a parallel copy
     return y.reshape(geom.n, geom.o, geom.oh, geom.ow)
 
 
