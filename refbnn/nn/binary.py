@@ -155,8 +155,10 @@ class BinaryConv2d(_BinaryMixin, Module):
     def forward(self, x):
         x = check_input(x, (4,), "BinaryConv2d", self.in_channels)
         geom = self._geometry(x)
-        wb = self.binarized_weight(x.dtype)
-        if self._packed_path():
+        packed = self._packed_path()
+        # the packed kernels sign W themselves; the float GEMM and backward need sign(W)
+        wb = None if packed and not self.training else self.binarized_weight(x.dtype)
+        if packed:
             acc = self.accumulators(x)
             cols = None  # built in backward, from the cached x
         else:
@@ -168,7 +170,8 @@ class BinaryConv2d(_BinaryMixin, Module):
         if self.scale == "mean_abs":
             alpha = self.weight_scale(x.dtype)
             acc *= alpha[:, None, None]
-            wq = wb * alpha[:, None, None, None]
+            if wb is not None:
+                wq = wb * alpha[:, None, None, None]
         self._cache = (x, geom, wq, cols) if self.training else None
         return acc
 
