@@ -8,6 +8,8 @@ Public entry points (see ``docs/semantics.md`` for the exact meaning of each):
   :class:`refbnn.BConv2DPlan` (packed operands, fused float / threshold-bits outputs)
 * :func:`refbnn.bgemm`, :func:`refbnn.bgemm_packed`, :func:`refbnn.maxpool2d_packed`,
   :func:`refbnn.output_thresholds`
+* :func:`refbnn.load`: a weight file, ready to ``predict(images)`` / ``predict_files(paths)``
+  (:mod:`refbnn.predictor`, imported on first use)
 """
 
 __version__ = "0.1.0"
@@ -38,5 +40,16 @@ from .ops import (
 )
 
 __all__ = ["BConv2DPlan", "__version__", "bconv2d", "bconv2d_packed", "bgemm", "bgemm_packed",
-           "maxpool2d_packed", "output_thresholds", "pack_bits", "pack_groups", "pack_kernel",
+           "load", "maxpool2d_packed", "output_thresholds", "pack_bits", "pack_groups", "pack_kernel",
            "sign", "unpack_bits"]
+
+
+def load(path, engine: str = "packed"):
+    """Load refbnn weight file ``path`` ready to predict: a :class:`refbnn.predictor.LoadedModel`
+    with ``predict(images)``, ``logits(images)`` and ``predict_files(paths)`` (shapes, dtypes and
+    the image conversion: :mod:`refbnn.predictor`). ``engine``: ``"packed"`` (XNOR-popcount
+    kernels) or ``"reference"`` (the float path). The file format, models and engine are imported
+    here, on first use, so ``import refbnn`` stays light."""
+    from refbnn.predictor import load as _load
+
+    return _load(path, engine)

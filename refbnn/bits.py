@@ -20,6 +20,12 @@ from __future__ import annotations
 import numpy as np
 
 SIGN_AT_ZERO_CHOICES = (1, -1)
+#: ``sign_at_zero`` of the float training layers and model configs: also 0 (``torch.sign``, ternary)
+SIGN_AT_ZERO_TRAINING = (1, -1, 0)
+#: the value of a binary convolution's padded taps, after the sign: 0 (zero padding), +1 or -1
+PAD_VALUES = (0, 1, -1)
+#: the test that decides ``sign(0)`` per ``sign_at_zero``: ``x >= 0``, ``x > 0``, or ternary ``torch.sign``
+SIGN_RULES = {1: "ge", -1: "gt", 0: "sign"}
 WORD_BITS_CHOICES = (64, 32)
 
 
@@ -68,6 +74,21 @@ def sign(x, sign_at_zero: int = 1) -> np.ndarray:
     if check_sign_at_zero(sign_at_zero) == 1:
         return np.where(x < 0, np.int8(-1), np.int8(1))
     return np.where(x > 0, np.int8(1), np.int8(-1))
+
+
+_BYTE_POPCOUNT = np.array([bin(b).count("1") for b in range(256)], dtype=np.uint8)
+
+
+def popcount(words) -> np.ndarray:
+    """Number of 1 bits of each element of the unsigned or signed integer array ``words``, as
+    ``uint8`` of the same shape (byte lookup table: the same on every NumPy >= 1.26; NumPy 2's
+    ``np.bitwise_count`` does not exist there). Independent of byte order."""
+    words = np.asarray(words)
+    if words.dtype.kind not in "ui":
+        raise ValueError(f"popcount needs an integer array, got {words.dtype}")
+    flat = np.ascontiguousarray(words.reshape(-1))
+    counts = _BYTE_POPCOUNT[flat.view(np.uint8)].reshape(flat.size, words.dtype.itemsize)
+    return counts.sum(axis=-1, dtype=np.uint8).reshape(words.shape)
 
 
 def words64_to_words32(packed: np.ndarray, n: int) -> np.ndarray:

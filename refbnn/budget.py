@@ -7,12 +7,12 @@ its binary-purified variants (the paper's Figure 3, right).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from pathlib import Path
 
-from refbnn import models
-from refbnn.cli_util import UserError, fail, parse_shape
+from refbnn import cli_util, models
+from refbnn.cli_util import ArgumentParser, UserError, fail, parse_shape
 from refbnn.models.budget import count
 from refbnn.plot import stacked_bars
 
@@ -43,16 +43,30 @@ def budget_split_figure(path, input_shape=(3, 224, 224)):
                         title="Budget split, ImageNet 224x224 (OPs in millions)", ylabel="M OPs")
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m refbnn.budget", description=__doc__.splitlines()[0])
-    p.add_argument("model", help=f"preset name ({', '.join(models.list_models())})")
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m refbnn.budget", description=__doc__.splitlines()[0])
+    p.add_argument("model", choices=models.list_models(), metavar="MODEL",
+                   help=f"preset name ({', '.join(models.list_models())})")
     p.add_argument("--input-shape", type=parse_shape, default=None,
-                   help="C,H,W of one image (default: the preset's, 3,224,224)")
-    p.add_argument("--num-classes", type=int, default=None)
-    p.add_argument("--width-multiplier", type=float, default=None)
+                   help="C,H,W of one image, each in [1, 4096] (default: the preset's, 3,224,224)")
+    p.add_argument("--num-classes", type=cli_util.int_in(1, 100_000), default=None,
+                   help="1-100000 (default: the preset's, 1000)")
+    p.add_argument("--width-multiplier", type=cli_util.width_multiplier, default=None,
+                   help="in (0, 4] (default 1)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--png", metavar="PATH", help="also write the real/binary budget split figure")
+    return p
+
+
+@cli_util.command
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
+    if args.png:
+        try:
+            cli_util.check_writable(Path(args.png).resolve().parent)
+        except OSError as e:
+            p.fail_flag("--png", f"cannot write {args.png}: {e}")
     try:
         overrides = {k: v for k, v in (("input_shape", args.input_shape), ("num_classes", args.num_classes),
                                        ("width_multiplier", args.width_multiplier)) if v is not None}
@@ -61,10 +75,14 @@ def main(argv=None) -> int:
         if args.png:
             budget_split_figure(args.png)
             print(f"wrote {args.png}", file=sys.stderr)
-    except (UserError, ValueError, OSError) as e:
+    except (UserError, ValueError) as e:
         return fail(e)
+    except OSError as e:
+        return fail(f"cannot write {args.png}: {e}")
+    except MemoryError:
+        return fail("out of memory building the model; choose a smaller --width-multiplier")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli_util.run_main(main)

@@ -8,13 +8,30 @@ one cross-entropy backward, and every parameter's gradient too). The other side 
 * ``torch``: the PyTorch twin (:func:`refbnn.interop.torch.twin`) with the same weights;
 * ``golden FILE``: a ``model.h5`` golden file (``docs/golden.md``), from refbnn or any other
   implementation; its own input batch is used;
-* ``onnx MODEL.onnx``: an ONNX model run by onnxruntime (graph outputs named like refbnn's layers
-  are compared, and the first graph output against the logits); eval mode only.
+* ``onnx MODEL.onnx``: an ONNX model run by onnxruntime (graph optimizations off). Graph outputs named
+  like refbnn's layers are compared (``in.<layer>`` ones give the pre-sign inputs for the flip
+  counts), and the output ``logits`` (else the first output) against the logits; a static batch is
+  respected; eval mode only. ``python -m refbnn.export MODEL.h5 OUT.onnx --onnx --layer-outputs``
+  writes such a model;
+* ``torch-module PKG.MODULE:FACTORY --checkpoint FILE [--rename MAP.json] [--factory-kwargs JSON]``:
+  any importable ``nn.Module`` filled from a PyTorch checkpoint; its leaf modules' outputs (copied when
+  hooked, so later in-place ops cannot change them) are compared with refbnn's layers of the same
+  name (after ``--rename``'s prefix map ``{"theirs": "refbnn's"}``); eval mode only;
+* ``openvino MODEL.xml``: an OpenVINO IR written by ``python -m refbnn.export ... --openvino``
+  (:func:`refbnn.interop.openvino.run_layers`, f32); eval mode only;
+* ``keras MODEL.h5``, ``lce MODEL.tflite``, ``qonnx MODEL.onnx``: Larq/Keras, LCE's interpreter
+  (logits only) and QONNX's executor (:mod:`refbnn.interop.external`, ``docs/interop.md``).
+
+For ``onnx`` and ``torch-module`` the verdict rests on the layers both runs have (the logits at
+least); the others are listed as not compared. For ``torch`` and ``golden`` a missing layer fails.
 
 For each layer the table shows the max absolute difference, the relative difference
 ``max |a - r| / max |r|`` (``r`` = refbnn) and, at layers with a kink at 0 (binary layers' sign,
 ReLU, PReLU, FPReLU), how many inputs fall on different sides of 0 in the two runs ("flips") and
-how many of those lie within rounding of 0 (``|r| <= NEAR_ZERO * max |r|``).
+how many of those lie within rounding of 0 (``|r| <= NEAR_ZERO * max |r|``). refbnn's side is
+decided by its layer's rule; the other side's by the other model's sign(0) where it can be read
+(the twin's layers, the ``refbnn.sign_at_zero`` metadata of refbnn's ONNX export, a module's
+``sign_at_zero`` attribute), else by ``--other-sign-at-zero`` (default: refbnn's own rule).
 A layer is beyond tolerance when its relative difference exceeds ``--rtol`` (outputs) or
 ``--grad-rtol`` (gradients). The check stops at the first such layer and names it (exit 1); exit 0
 when all agree, 2 for bad input (one-line error).
@@ -30,6 +47,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from refbnn.bits import SIGN_AT_ZERO_TRAINING, SIGN_RULES
 from refbnn.cli_util import UserError, fail
 
 RTOL = 1e-4        # outputs: float32 summation order, a few ulp of the largest partial sum per layer
@@ -40,11 +58,13 @@ NEAR_ZERO = 1e-5   # a binary input within this fraction of its layer's max |x| 
 @dataclass
 class Run:
     """One implementation's run: ``outputs`` (layer name -> output, call order; ``logits`` last),
-    ``inputs`` (binary layer name -> its pre-sign input) and, for a training run, ``grads``."""
+    ``inputs`` (binary layer name -> its pre-sign input), for a training run ``grads``, and
+    ``rules`` (layer -> ``"ge"``/``"gt"``/``"sign"``) where the model states its sign(0)."""
 
     outputs: OrderedDict
     inputs: dict = field(default_factory=dict)
     grads: OrderedDict = field(default_factory=OrderedDict)
+    rules: dict = field(default_factory=dict)  # layer -> sign rule read from the other model
 
 
 @dataclass
@@ -67,7 +87,7 @@ def seeded_batch(config: dict, seed: int, batch: int):
 
 def run_refbnn(model, x, labels=None) -> Run:
     """refbnn's run: eval mode, or (with ``labels``) train mode plus one backward."""
-    from refbnn.goldenlib.model import forward_record
+    from refbnn.golden.model import forward_record
     from refbnn.training.losses import cross_entropy
 
     rec = forward_record(model, x, "train" if labels is not None else "eval")
@@ -87,21 +107,31 @@ def _run_from_record(rec: dict) -> Run:
                OrderedDict((k[5:], v) for k, v in rec.items() if k.startswith("grad.")))
 
 
-def run_torch(tmodel, x, labels=None) -> Run:
-    """The PyTorch model's run, every leaf module's input and output captured by hooks."""
+def run_torch(tmodel, x, labels=None, rename=None) -> Run:
+    """The PyTorch model's run, every leaf module's input and output copied by hooks at the time
+    the module ran (in-place ops later, such as ``out += residual``, cannot change them); module
+    names mapped by ``rename`` (:func:`refbnn.interop.torch_module.rename_layer`). ``Run.rules``
+    holds the sign rule of each leaf with a ``sign_at_zero`` attribute."""
     import torch
 
-    outputs, inputs, hooks = OrderedDict(), {}, []
+    from refbnn.interop.torch_module import rename_layer
+
+    outputs, inputs, hooks, rules = OrderedDict(), {}, [], {}
 
     def hook(name):
         def fn(_module, args, out):
-            inputs[name] = args[0].detach().numpy().copy()
-            outputs[name] = out.detach().numpy().copy()
+            if args and isinstance(args[0], torch.Tensor):
+                inputs[name] = args[0].detach().cpu().numpy().copy()
+            if isinstance(out, torch.Tensor):
+                outputs[name] = out.detach().cpu().numpy().copy()
         return fn
 
     for name, m in tmodel.named_modules():
         if name and not any(True for _ in m.children()):
-            hooks.append(m.register_forward_hook(hook(name)))
+            ours = rename_layer(name, rename)
+            hooks.append(m.register_forward_hook(hook(ours)))
+            if getattr(m, "sign_at_zero", None) in SIGN_RULES:
+                rules[ours] = SIGN_RULES[m.sign_at_zero]
     try:
         tmodel.train(labels is not None)
         tmodel.zero_grad()
@@ -115,8 +145,10 @@ def run_torch(tmodel, x, labels=None) -> Run:
     finally:
         for h in hooks:
             h.remove()
-    outputs["logits"] = logits.detach().numpy().copy()
-    return Run(outputs, inputs, grads)
+    if isinstance(logits, (tuple, list)):
+        logits = logits[0]
+    outputs["logits"] = logits.detach().cpu().numpy().copy()
+    return Run(outputs, inputs, grads, rules)
 
 
 def run_golden(golden, train: bool) -> Run:
@@ -127,28 +159,49 @@ def run_golden(golden, train: bool) -> Run:
     return _run_from_record(case.outputs)
 
 
-def run_onnx(path, x) -> Run:
+def run_onnx(path, x, rename=None) -> Run:
+    """The ONNX model's run (:func:`refbnn.interop.onnx.run_onnx`): graph outputs by name (after
+    ``rename``), ``in.<layer>`` outputs as inputs, ``logits`` (else the first output) as logits."""
     if importlib.util.find_spec("onnxruntime") is None:
         raise UserError("--against onnx needs onnxruntime, which is not installed "
                         "(pip install onnxruntime)")
-    import onnxruntime as ort
+    from refbnn.interop.onnx import SIGN_AT_ZERO_KEY, OnnxRunError
+    from refbnn.interop.onnx import run_onnx as run
+    from refbnn.interop.torch_module import rename_layer
 
     try:
-        session = ort.InferenceSession(str(path))
-    except Exception as e:  # onnxruntime raises its own exception types
-        raise UserError(f"{path}: cannot load the ONNX model ({e})") from None
-    names = [o.name for o in session.get_outputs()]
-    values = session.run(names, {session.get_inputs()[0].name: x})
-    outputs = OrderedDict(zip(names[1:], values[1:]))
-    outputs["logits"] = values[0]
-    return Run(outputs)
+        values, meta = run(path, x)
+    except OnnxRunError as e:
+        raise UserError(str(e)) from None
+    names = list(values)
+    logits = "logits" if "logits" in values else names[0]
+    outputs, inputs = OrderedDict(), {}
+    for name in names:
+        if name == logits:
+            continue
+        if name.startswith("in."):
+            inputs[rename_layer(name[3:], rename)] = values[name]
+        else:
+            outputs[rename_layer(name, rename)] = values[name]
+    outputs["logits"] = values[logits]
+    rule = SIGN_RULES.get(_int_or_none(meta.get(SIGN_AT_ZERO_KEY)))
+    return Run(outputs, inputs, rules={"*": rule} if rule else {})
+
+
+def _int_or_none(v):
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return None
 
 
 def _side(x, rule):
+    """The binarized value (+1, -1, or 0 for ``"sign"`` at 0) that ``rule`` gives ``x``, so runs with
+    different rules compare."""
     if rule == "ge":
-        return x >= 0
+        return np.where(x >= 0, 1.0, -1.0)
     if rule == "gt":
-        return x > 0
+        return np.where(x > 0, 1.0, -1.0)
     return np.sign(x)
 
 
@@ -166,27 +219,36 @@ def _row(name, kind, ref, other, rtol) -> Row:
 
 
 def compare(ref: Run, other: Run, rules: dict, rtol=RTOL, grad_rtol=GRAD_RTOL,
-            train=False) -> list[Row]:
+            train=False, other_rules: dict | None = None, missing: str = "fail") -> list[Row]:
     """One row per refbnn layer output (and per gradient when ``train``), in refbnn's order.
 
-    ``rules``: layer name -> the test deciding its side of 0 (:func:`kink_rules`), for counting
-    inputs that fall on different sides in the two runs ("flips")."""
+    ``rules``: layer name -> the test deciding its side of 0 in refbnn (:func:`kink_rules`), for
+    counting inputs that fall on different sides in the two runs ("flips"); ``other_rules`` the
+    same for the other run (default: refbnn's). ``missing``: ``"fail"`` (a layer absent in the
+    other run is a failing row) or ``"skip"`` (no row; see :func:`not_compared`)."""
+    other_rules = other_rules or {}
     rows = []
     for name, r in ref.outputs.items():
+        if name not in other.outputs and missing == "skip" and name != "logits":
+            continue
         if name not in other.outputs:
-            rows.append(Row(name, "output", np.inf, np.inf, False, note="missing in the other run"))
+            if missing == "fail" or name == "logits":
+                rows.append(Row(name, "output", np.inf, np.inf, False,
+                                note="missing in the other run"))
             continue
         row = _row(name, "output", r, other.outputs[name], rtol)
-        if name in ref.inputs and name in other.inputs:
+        if name in ref.inputs and name in other.inputs and name in rules:
             a = np.asarray(ref.inputs[name])
-            b = np.asarray(other.inputs[name]).reshape(a.shape)
-            flipped = _side(a, rules[name]) != _side(b, rules[name])
-            near = np.abs(a) <= NEAR_ZERO * float(np.abs(a).max() if a.size else 0.0)
-            row.flips, row.near_zero_flips = int(flipped.sum()), int((flipped & near).sum())
-            if row.flips and not row.ok:
-                row.note = (f"{row.flips} input signs flipped"
-                            + (" (all within rounding of 0)" if row.flips == row.near_zero_flips
-                               else ""))
+            b = np.asarray(other.inputs[name])
+            if b.size == a.size:
+                b = b.reshape(a.shape)
+                flipped = _side(a, rules[name]) != _side(b, other_rules.get(name, rules[name]))
+                near = np.abs(a) <= NEAR_ZERO * float(np.abs(a).max() if a.size else 0.0)
+                row.flips, row.near_zero_flips = int(flipped.sum()), int((flipped & near).sum())
+                if row.flips and not row.ok:
+                    row.note = (f"{row.flips} input signs flipped"
+                                + (" (all within rounding of 0)" if row.flips == row.near_zero_flips
+                                   else ""))
         rows.append(row)
     if train:
         for name, g in ref.grads.items():
@@ -195,6 +257,28 @@ def compare(ref: Run, other: Run, rules: dict, rtol=RTOL, grad_rtol=GRAD_RTOL,
             else:
                 rows.append(_row(name, "grad", g, other.grads[name], grad_rtol))
     return rows
+
+
+def not_compared(ref: Run, other: Run) -> list[str]:
+    """refbnn's layers that the other run does not have, in refbnn's order."""
+    return [n for n in ref.outputs if n not in other.outputs]
+
+
+def _resolve_other_rules(rules: dict, binary: set, other: Run, fallback: int | None) -> dict:
+    """The other run's sign rule per kink layer: read from the model (``other.rules``; ``"*"`` for
+    all binary layers), else ``fallback`` (``--other-sign-at-zero``) for the ``binary`` layers, else
+    refbnn's own rule."""
+    out = {}
+    for name, rule in rules.items():
+        if name in other.rules:
+            out[name] = other.rules[name]
+        elif name in binary and "*" in other.rules:
+            out[name] = other.rules["*"]
+        elif name in binary and fallback is not None:
+            out[name] = SIGN_RULES[fallback]
+        else:
+            out[name] = rule
+    return out
 
 
 def first_failure(rows) -> Row | None:
@@ -215,49 +299,128 @@ def format_table(rows) -> str:
 
 def kink_rules(model) -> dict:
     """Layer name -> ``"ge"``/``"gt"``/``"sign"`` for binary layers and ReLU/PReLU/FPReLU."""
-    from refbnn.goldenlib.model import kink_rule
+    from refbnn.golden.model import kink_rule
 
     return {name: kink_rule(m) for name, m in model.named_modules() if kink_rule(m)}
+
+
+IMPLS = {"torch": 0, "golden": 1, "onnx": 1, "torch-module": 1,  # impl -> how many values follow
+         "openvino": 1, "keras": 1, "lce": 1, "qonnx": 1}
+AGAINST_FORMS = ("'torch', 'golden FILE', 'onnx MODEL.onnx', 'torch-module PKG.MODULE:FACTORY', "
+                 "'openvino MODEL.xml', 'keras MODEL.h5', 'lce MODEL.tflite' or 'qonnx MODEL.onnx'")
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m refbnn.crosscheck",
                                 description="Compare refbnn with another implementation per layer.")
-    p.add_argument("weights", help="refbnn model or checkpoint file (.h5)")
-    p.add_argument("--against", nargs="+", required=True, metavar=("IMPL", "FILE"),
-                   help="torch | golden FILE | onnx MODEL.onnx")
+    p.add_argument("weights", nargs="?", help="refbnn model or checkpoint file (.h5)")
+    p.add_argument("--against", nargs="+", required=True, metavar=("IMPL", "ARG"),
+                   help="torch | golden FILE | onnx MODEL.onnx | torch-module PKG.MODULE:FACTORY | "
+                        "openvino MODEL.xml | keras MODEL.h5 | lce MODEL.tflite | qonnx MODEL.onnx")
+    p.add_argument("--checkpoint", metavar="FILE", help="torch-module: the PyTorch checkpoint to load")
+    p.add_argument("--rename", metavar="MAP.json",
+                   help="onnx / torch-module: JSON {their layer prefix: refbnn's layer prefix}")
+    p.add_argument("--factory-kwargs", metavar="JSON", default="{}",
+                   help="torch-module: keyword arguments of FACTORY as a JSON object")
+    p.add_argument("--other-sign-at-zero", type=int, choices=SIGN_AT_ZERO_TRAINING, default=None,
+                   help="sign(0) of the other side's binary layers where its model does not say "
+                        "(default: refbnn's own rule)")
     p.add_argument("--train", action="store_true", help="train mode, and compare every gradient")
     p.add_argument("--seed", type=int, default=0, help="input batch seed (default 0)")
     p.add_argument("--batch", type=int, default=2, help="input batch size (default 2)")
     p.add_argument("--rtol", type=float, default=RTOL, help=f"output tolerance (default {RTOL})")
     p.add_argument("--grad-rtol", type=float, default=GRAD_RTOL,
                    help=f"gradient tolerance (default {GRAD_RTOL})")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # "--against torch weights.h5" (flags first): --against swallowed the weight file
+    impl = args.against[0]
+    if args.weights is None and impl in IMPLS and len(args.against) == IMPLS[impl] + 2:
+        args.weights = args.against.pop()
+    if args.weights is None:
+        p.error("the refbnn weight file (.h5) is required")
+    return args
+
+
+def _check_against(args):
+    impl, rest = args.against[0], args.against[1:]
+    if impl not in IMPLS or len(rest) != IMPLS[impl]:
+        raise UserError(f"--against must be {AGAINST_FORMS}, got {' '.join(args.against)!r}")
+    if impl == "torch-module" and not args.checkpoint:
+        raise UserError("--against torch-module needs --checkpoint FILE")
+    if args.checkpoint and impl != "torch-module":
+        raise UserError("--checkpoint is for --against torch-module")
+    if args.rename and impl not in ("onnx", "torch-module"):
+        raise UserError("--rename is for --against onnx or torch-module")
+    if impl in ("onnx", "torch-module", "openvino", "keras", "lce", "qonnx") and args.train:
+        raise UserError(f"--against {impl} compares eval mode only; drop --train")
+    if impl in ("torch", "torch-module") and importlib.util.find_spec("torch") is None:
+        raise UserError(f"--against {impl} needs PyTorch, which is not installed")
+    if not (args.rtol >= 0 and args.grad_rtol >= 0):  # also refuses NaN
+        raise UserError("--rtol and --grad-rtol must be >= 0")
+    return impl, rest
+
+
+def _torch_module_run(args, spec, x):
+    import json
+
+    from refbnn.interop import torch_module as tm
+
+    try:
+        kwargs = json.loads(args.factory_kwargs)
+    except ValueError as e:
+        raise UserError(f"--factory-kwargs: not JSON ({e})") from None
+    if not isinstance(kwargs, dict):
+        raise UserError("--factory-kwargs must be a JSON object")
+    try:
+        rename = tm.read_rename(args.rename) if args.rename else None
+        net = tm.build_module(spec, kwargs)
+        tm.load_checkpoint(net, args.checkpoint)
+    except tm.ModuleSpecError as e:
+        raise UserError(str(e)) from None
+    try:
+        return run_torch(net, x, None, rename)
+    except Exception as e:  # whatever the foreign module raises on this input
+        raise UserError(f"{spec} failed on the {tuple(x.shape)} input batch "
+                        f"({type(e).__name__}: {' '.join(str(e).split())})") from None
 
 
 def _other_run(args, config, state, x, labels):
-    impl, rest = args.against[0], args.against[1:]
+    impl, rest = _check_against(args)
     if impl == "torch":
-        if rest:
-            raise UserError("--against torch takes no file")
-        if importlib.util.find_spec("torch") is None:
-            raise UserError("--against torch needs PyTorch, which is not installed")
         from refbnn.interop.torch import to_torch_state, twin
 
         tmodel = twin(config)
         tmodel.load_state_dict(to_torch_state(state))
         return run_torch(tmodel, x, labels), x, labels
-    if impl not in ("golden", "onnx") or len(rest) != 1:
-        raise UserError("--against must be 'torch', 'golden FILE' or 'onnx MODEL.onnx'")
+    if impl in ("keras", "lce", "qonnx"):  # refbnn.interop.external: Larq/Keras, LCE, QONNX
+        from refbnn.interop.external import other_run
+
+        return other_run(impl, rest, config, state, x, labels, Run), x, labels
+    if impl == "openvino":
+        from refbnn.interop.openvino import run_layers
+
+        try:
+            return Run(run_layers(rest[0], x)), x, labels
+        except ImportError as e:
+            raise UserError(str(e)) from None
+        except RuntimeError as e:  # OpenVINO's own errors (unreadable IR, ...)
+            raise UserError(f"{rest[0]}: {e}") from None
     if impl == "onnx":
-        if labels is not None:
-            raise UserError("--against onnx compares eval mode only; drop --train")
-        return run_onnx(rest[0], x), x, labels
-    from refbnn import goldenlib
+        from refbnn.interop.torch_module import ModuleSpecError, read_rename
+
+        try:
+            rename = read_rename(args.rename) if args.rename else None
+        except ModuleSpecError as e:
+            raise UserError(str(e)) from None
+        return run_onnx(rest[0], x, rename), x, labels
+    if impl == "torch-module":
+        return _torch_module_run(args, rest[0], x), x, labels
+    from refbnn.golden import GoldenError
+    from refbnn.golden import read as read_golden
 
     try:
-        golden = goldenlib.read(rest[0])
-    except goldenlib.GoldenError as e:
+        golden = read_golden(rest[0])
+    except GoldenError as e:
         raise UserError(str(e)) from None
     if golden.kind != "model":
         raise UserError(f"{rest[0]}: a {golden.kind} golden file; --against golden needs model.h5")
@@ -274,13 +437,42 @@ def _other_run(args, config, state, x, labels):
     return run_golden(golden, labels is not None), x, labels
 
 
+def report(rows, skipped=()) -> int:
+    """Print the table (up to the first failure), the verdict and the layers not compared; return
+    the exit status (0 all within tolerance, 1 otherwise)."""
+    bad = first_failure(rows)
+    shown = rows if bad is None else rows[: rows.index(bad) + 1]
+    print(format_table(shown))
+    if skipped:
+        print(f"not compared (absent in the other run): {len(skipped)} layers: {', '.join(skipped)}")
+    flips = sum(r.flips or 0 for r in shown if r.kind == "output")
+    near = sum(r.near_zero_flips or 0 for r in shown if r.kind == "output")
+    logits = next((r for r in rows if r.name == "logits"), None)
+    summary = (f"{sum(r.kind == 'output' for r in rows)} layer outputs compared"
+               + (f", max |logit| difference {logits.max_abs:.3g}" if logits else "")
+               + f", {flips} sign flips at kinks" + ("" if bad is None else " up to it")
+               + f" ({near} within rounding of 0)")
+    if bad is None:
+        print(f"all {len(rows)} comparisons within tolerance; {summary}")
+        return 0
+    print(f"first {bad.kind} beyond tolerance: {bad.name} (relative diff {bad.rel:.3g}"
+          f"{'' if not bad.note else '; ' + bad.note})")
+    print(summary)
+    if bad.kind == "grad" and flips:
+        print(f"note: the forward pass had {flips} flips at kinks ({near} within rounding of 0); "
+              "a gradient there takes the other branch")
+    return 1
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from refbnn import fileformat, models
+    from refbnn.golden.model import is_binary
 
     try:
         if args.batch < 1 or (args.train and args.batch < 2):
             raise UserError("--batch must be >= 1 (>= 2 with --train: BatchNorm batch statistics)")
+        _check_against(args)
         loaded = fileformat.load(args.weights)
         if loaded.kind == "packed":
             raise UserError(f"{args.weights}: a packed-only file has no latent weights")
@@ -292,21 +484,13 @@ def main(argv=None) -> int:
         ref = run_refbnn(model, x, labels)
     except (UserError, fileformat.FormatError, ValueError, KeyError, OSError) as e:
         return fail(e)
-    rows = compare(ref, other, kink_rules(model), args.rtol, args.grad_rtol, args.train)
-    bad = first_failure(rows)
-    shown = rows if bad is None else rows[: rows.index(bad) + 1]
-    print(format_table(shown))
-    if bad is None:
-        print(f"all {len(rows)} comparisons within tolerance")
-        return 0
-    print(f"first {bad.kind} beyond tolerance: {bad.name} (relative diff {bad.rel:.3g}"
-          f"{'' if not bad.note else '; ' + bad.note})")
-    flips = sum(r.flips or 0 for r in rows if r.kind == "output")
-    if bad.kind == "grad" and flips:
-        near = sum(r.near_zero_flips or 0 for r in rows if r.kind == "output")
-        print(f"note: the forward pass had {flips} flips at kinks ({near} within rounding of 0); "
-              "a gradient there takes the other branch")
-    return 1
+    rules = kink_rules(model)
+    binary = {n for n, m in model.named_modules() if is_binary(m)}
+    other_rules = _resolve_other_rules(rules, binary, other, args.other_sign_at_zero)
+    foreign = args.against[0] in ("onnx", "torch-module", "lce")
+    rows = compare(ref, other, rules, args.rtol, args.grad_rtol, args.train, other_rules,
+                   missing="skip" if foreign else "fail")
+    return report(rows, not_compared(ref, other) if foreign else ())
 
 
 if __name__ == "__main__":

@@ -1,61 +1,86 @@
-"""refbnn's HDF5 file format for weights, checkpoints and packed deployment exports.
+"""refbnn's HDF5 file format (version 2) for weights, checkpoints and packed deployment exports.
 
 ``docs/format.md`` is the specification; this module is its reference implementation. In short:
 
-* root attributes ``format="refbnn"``, ``format_version=1``, ``kind`` and JSON metadata;
-* state-dict key ``a.b.weight`` is dataset ``weight`` of group ``/model/a.b`` (a key without a dot is
-  a dataset directly in ``/model``); dtypes and shapes are kept exactly, datasets are stored
-  contiguous, little-endian and unfiltered, in state-dict order (HDF5 link creation order);
-* a binary weight ``W`` (PyTorch layout ``(O, I, *K)``, ``I`` = input channels per group) is also
-  stored as ``weight_packed``: ``uint64`` words ``pack(sign(moveaxis(W, 1, -1)))`` of shape
-  ``(O, *K, ceil(I/64))`` (OHWI for a conv, OI for a linear layer); bit 1 means -1, LSB first;
-* ``kind="packed"`` files drop the latent binary weights; ``kind="checkpoint"`` files add ``/optimizer``
-  and the epoch, RNG state and metrics history.
+* a 512-byte user block ``refbnn-hdf5 2`` + the SHA-256 of the rest, checked before HDF5 parses
+  anything; the whole file is read into memory once, so what was hashed is what is parsed;
+* no HDF5 attributes and no variable-length data anywhere: the metadata is one UTF-8 JSON object
+  in the ``uint8`` dataset ``/meta`` (size capped and checked before it is read); tensors are plain
+  little-endian numeric datasets, contiguous and unfiltered;
+* the model config (``refbnn.models.config.SCHEMA``) determines the exact set of tensors — names,
+  shapes, dtypes and packed binary weights — so a reader checks every object against it, and the
+  sizes against the file's size, before it reads any tensor;
+* state-dict key ``a.b.weight`` is dataset ``weight`` of group ``/model/a.b``; a binary weight ``W``
+  (``(O, I, KH, KW)``) is also stored as ``weight_packed``: ``uint64`` words
+  ``pack(sign(moveaxis(W, 1, -1)))`` of shape ``(O, KH, KW, ceil(I/64))``, bit 1 = -1, LSB first;
+* ``kind="packed"`` files drop the latent binary weights; ``kind="checkpoint"`` files add
+  ``/optimizer`` and the epoch, RNG state and metrics history.
 
-A 512-byte HDF5 user block holds a magic line and the SHA-256 of the rest of the file, checked
-before HDF5 parses anything. Nothing in a file is ever executed: metadata is JSON, tensors are plain
-numeric datasets, and :func:`load` rejects links, external storage, filters, unknown names and
-attributes. Every problem in a file raises :class:`FormatError` naming the file and the HDF5 path.
-Writes are atomic (temp file in the same folder, then ``os.replace``).
+Every problem in a file raises :class:`FormatError` naming the file and the HDF5 object. Writes
+build the whole file in memory, then write it atomically (:mod:`refbnn.atomicio`): a full disk is an
+``OSError`` naming the target, with no partial or temporary file left. Version-1 files (string
+attributes, which a damaged file can make HDF5 loop on) are refused with the command that converts
+them: ``python -m refbnn.fileformat upgrade OLD NEW``.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+import io
 import json
 import os
-import secrets
+import subprocess
+import sys
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import h5py
 import numpy as np
 
 from refbnn import __version__ as REFBNN_VERSION
+from refbnn.atomicio import remove_stale_temps, write_bytes_atomic
 from refbnn.bits import check_sign_at_zero, words_for
+from refbnn.models.config import FIELDS, ConfigError, encodes_utf8, loads_json, resolve, tensor_layout
 from refbnn.ops import pack_bits, unpack_bits
 
 FORMAT_NAME = "refbnn"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 KINDS = ("model", "checkpoint", "packed")
 PACKED_SUFFIX = "_packed"
+SCALE_SUFFIX = "_packed_scale"
 USERBLOCK_SIZE = 512
-USERBLOCK_MAGIC = "refbnn-hdf5 1"
+USERBLOCK_MAGIC = "refbnn-hdf5"
 WORD_BITS = 64
 LAYOUTS = {2: "OI", 3: "OWI", 4: "OHWI"}
-TENSOR_DTYPES = tuple(np.dtype(t) for t in (
-    "float16", "float32", "float64", "int8", "int16", "int32", "int64",
-    "uint8", "uint16", "uint32", "uint64"))
+UPGRADE_COMMAND = "python -m refbnn.fileformat upgrade OLD NEW"
+MAX_META_BYTES = 16 << 20       # /meta holds at most 16 MiB of JSON
+MAX_TEXT = 256                  # characters of refbnn_version, dataset and each class name
 
-COMMON_ATTRS = ("format", "format_version", "kind", "config", "input_spec", "class_names",
-                "dataset", "metrics", "refbnn_version", "provenance")
-CHECKPOINT_ATTRS = ("epoch", "rng_state", "history")
-PACKED_OPTIONAL_ATTRS = ("scale",)
-PACKED_ATTRS = ("packs", "layout", "unpacked_shape", "groups", "sign_at_zero", "word_bits",
-                "bit_order", "bit_one_means")
+#: dataset dtypes and their only valid HDF5 types (little-endian IEEE floats, two's-complement ints)
+HDF5_TYPES = {np.dtype(n): t for n, t in (
+    ("float16", h5py.h5t.IEEE_F16LE), ("float32", h5py.h5t.IEEE_F32LE),
+    ("float64", h5py.h5t.IEEE_F64LE), ("int8", h5py.h5t.STD_I8LE), ("int16", h5py.h5t.STD_I16LE),
+    ("int32", h5py.h5t.STD_I32LE), ("int64", h5py.h5t.STD_I64LE), ("uint8", h5py.h5t.STD_U8LE),
+    ("uint16", h5py.h5t.STD_U16LE), ("uint32", h5py.h5t.STD_U32LE),
+    ("uint64", h5py.h5t.STD_U64LE))}
+TENSOR_DTYPES = tuple(HDF5_TYPES)
+
+META_KEYS = ("format", "format_version", "kind", "refbnn_version", "config", "input_spec",
+             "class_names", "dataset", "metrics", "provenance", "binary")
+CHECKPOINT_KEYS = ("epoch", "rng_state", "history", "optimizer_hyperparameters")
 INPUT_SPEC_KEYS = ("shape", "layout", "channel_order", "mean", "std")
+
+# HDF5 object header message types (HDF5 file format spec IV.A.2) each object may carry; anything
+# else (attributes, filters, external files, shared or unknown messages, old-style groups) is refused
+_MESSAGE_NAMES = {1: "dataspace", 2: "link info", 3: "datatype", 4: "old fill value",
+                  5: "fill value", 6: "link", 7: "external data files", 8: "data layout",
+                  10: "group info", 11: "filter pipeline", 12: "attribute", 13: "comment",
+                  16: "continuation", 17: "symbol table", 18: "modification time",
+                  21: "attribute info", 22: "reference count"}
+_GROUP_MESSAGES = {0, 2, 6, 10, 16}
+_DATASET_MESSAGES = {0, 1, 3, 5, 8, 16}
 
 
 class FormatError(ValueError):
@@ -84,11 +109,20 @@ class BinaryWeight:
 class LoadedFile:
     """Everything :func:`load` read from a refbnn file, validated.
 
-    ``names``: every tensor name in file (= saved state-dict) order. ``state_dict``: every real
-    tensor, including latent binary weights except in ``kind="packed"`` files. ``packed``: binary
-    weight name -> ``uint64`` words (layout in :func:`pack_weight_signs`); ``binary``: the same
-    names -> :class:`BinaryWeight`. The checkpoint fields are ``None`` unless
-    ``kind == "checkpoint"``.
+    ``config``: the resolved model config (``refbnn.models.config.SCHEMA``), valid and consistent
+    with every tensor. ``names``: every tensor name in state-dict order (``BNNResNet(config)``'s).
+    ``state_dict``: every real tensor, including latent binary weights except in ``kind="packed"``
+    files; all finite, BatchNorm running variances >= 0. ``packed``: binary weight name ->
+    ``uint64`` words (layout in :func:`pack_weight_signs`); ``binary``: the same names ->
+    :class:`BinaryWeight`.
+
+    Optional metadata is ``None`` when the file does not hold it, never a placeholder:
+    ``input_spec`` (no input recipe: a caller must not guess one), ``class_names``, ``dataset``,
+    ``metrics``, ``provenance`` (how the file was made; refbnn's trainer stores
+    ``{"run": {...}}``, other writers may store nothing). Checkpoint fields are ``None`` unless
+    ``kind == "checkpoint"``; in a checkpoint ``epoch``, ``history``, ``optimizer_state`` and
+    ``optimizer_hyperparameters`` are always present, and ``rng_state`` is ``None`` when the
+    writer had no RNG state to save (such a checkpoint cannot resume bit-identically).
     """
 
     path: str
@@ -138,28 +172,253 @@ def pack_weight_signs(weight, sign_at_zero: int = 1) -> np.ndarray:
     w = np.asarray(weight)
     if w.ndim not in LAYOUTS:
         raise ValueError(f"a binary weight must have 2-4 axes (O, I, *K), got shape {w.shape}")
-    return _pack_last_axis(np.moveaxis(w, 1, -1), sign_at_zero)
+    return pack_bits(np.moveaxis(w, 1, -1), axis=-1, word_bits=WORD_BITS, sign_at_zero=sign_at_zero)
 
 
 def unpack_weight_signs(words, shape) -> np.ndarray:
     """Inverse of :func:`pack_weight_signs`: float32 +-1 weight of PyTorch ``shape`` ``(O, I, *K)``."""
     shape = tuple(int(n) for n in shape)
-    signs = _unpack_last_axis(np.asarray(words), shape[1])
+    signs = unpack_bits(np.asarray(words), shape[1], axis=-1, word_bits=WORD_BITS, dtype=np.float32)
     return np.ascontiguousarray(np.moveaxis(signs, -1, 1), dtype=np.float32)
-
-
-def _pack_last_axis(x: np.ndarray, sign_at_zero: int) -> np.ndarray:
-    """``uint64`` words of ``sign(x)`` packed along the last axis (``docs/semantics.md`` section 2)."""
-    return pack_bits(x, axis=-1, word_bits=WORD_BITS, sign_at_zero=sign_at_zero)
-
-
-def _unpack_last_axis(words: np.ndarray, n: int) -> np.ndarray:
-    """+-1 values of ``n`` packed channels per row of ``uint64`` words."""
-    return unpack_bits(words, n, axis=-1, word_bits=WORD_BITS, dtype=np.float32)
 
 
 def _packed_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     return (shape[0], *shape[2:], words_for(shape[1], WORD_BITS))
+
+
+# --- the on-disk layout a config determines (one source for the writer and the reader) ---------
+
+@dataclass(frozen=True)
+class _Slot:
+    """One dataset under /model: the state-dict ``key`` it belongs to, its HDF5 ``group`` (a member
+    of /model, "" = /model itself) and ``leaf`` name, ``role`` ("tensor", "packed" or "scale"),
+    shape and dtype."""
+
+    key: str
+    group: str
+    leaf: str
+    role: str
+    shape: tuple
+    dtype: np.dtype
+
+    @property
+    def hpath(self) -> str:
+        return f"/model/{self.group}/{self.leaf}" if self.group else f"/model/{self.leaf}"
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=object)) * self.dtype.itemsize
+
+
+@dataclass
+class _Plan:
+    names: list                     # state-dict keys in order
+    dtypes: dict                    # key -> dtype of the real tensor
+    slots: list                     # every /model dataset, in writing order
+    binary: OrderedDict             # key -> BinaryWeight (no scale values)
+    scaled: bool                    # binary weights carry a "_packed_scale" dataset
+    meta_binary: dict               # the "binary" entry of /meta
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    group, _, leaf = key.rpartition(".")
+    return group, leaf
+
+
+def _plan(cfg: dict, kind: str) -> _Plan:
+    """The exact /model datasets of a ``kind`` file of resolved ``cfg`` (docs/format.md §4-5)."""
+    layout = tensor_layout(cfg)
+    packs = cfg["sign_at_zero"] != 0          # ternary sign(0) = 0 cannot be packed in one bit
+    scaled = cfg["scale"] == "mean_abs"
+    plan = _Plan([t.name for t in layout], {t.name: np.dtype(t.dtype) for t in layout}, [],
+                 OrderedDict(), scaled and packs, {})
+    for t in layout:
+        group, leaf = _split_key(t.name)
+        binary = t.binary and packs
+        if not (binary and kind == "packed"):
+            plan.slots.append(_Slot(t.name, group, leaf, "tensor", t.shape, np.dtype(t.dtype)))
+        if binary:
+            plan.slots.append(_Slot(t.name, group, leaf + PACKED_SUFFIX, "packed",
+                                    _packed_shape(t.shape), np.dtype(np.uint64)))
+            if scaled:
+                plan.slots.append(_Slot(t.name, group, leaf + SCALE_SUFFIX, "scale", t.shape[:1],
+                                        np.dtype(np.float32)))
+            plan.binary[t.name] = BinaryWeight(t.shape, t.groups, cfg["sign_at_zero"])
+            plan.meta_binary[t.name] = {
+                "unpacked_shape": list(t.shape), "layout": LAYOUTS[len(t.shape)],
+                "groups": t.groups, "sign_at_zero": cfg["sign_at_zero"], "word_bits": WORD_BITS,
+                "bit_order": "lsb_first", "bit_one_means": -1, "scaled": scaled}
+    return plan
+
+
+# --- metadata: one JSON object, checked the same way by the writer and the reader --------------
+
+class _MetaProblem(Exception):
+    """A problem in /meta; ``where`` is the key path inside the JSON object."""
+
+    def __init__(self, where: str, problem: str):
+        self.where, self.problem = where, problem
+        super().__init__(f"{where}: {problem}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _text(meta, key, nullable=False):
+    v = meta[key]
+    if v is None and nullable:
+        return None
+    if not isinstance(v, str) or not 1 <= len(v) <= MAX_TEXT:
+        raise _MetaProblem(key, f"must be a string of 1..{MAX_TEXT} characters"
+                           + (" or null" if nullable else "") + f", got {_brief(v)}")
+    return v
+
+
+def _typed(meta, key, types):
+    v = meta[key]
+    if not isinstance(v, types):
+        names = " or ".join("null" if t is type(None) else {"dict": "object", "list": "array"}.get(
+            t.__name__, t.__name__) for t in types)
+        raise _MetaProblem(key, f"must be a JSON {names}, got {_brief(v)}")
+    return v
+
+
+def _brief(v) -> str:
+    if isinstance(v, dict | list):
+        return f"a JSON {'object' if isinstance(v, dict) else 'array'} of {len(v)} entries"
+    text = json.dumps(v) if isinstance(v, str | int | float | bool | type(None)) else repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_meta(meta, plan_for=None) -> tuple[dict, _Plan]:
+    """Validate a parsed /meta object; return ``(resolved config, plan)``. ``plan_for``: the kind
+    the caller expects, or None to take it from ``meta``. Raises :class:`_MetaProblem`."""
+    if not isinstance(meta, dict):
+        raise _MetaProblem("(root)", f"must be a JSON object, got {_brief(meta)}")
+    if meta.get("format") != FORMAT_NAME:
+        raise _MetaProblem("format", f"must be {FORMAT_NAME!r}, got {_brief(meta.get('format'))}")
+    version = meta.get("format_version")
+    if not _is_int(version) or version != FORMAT_VERSION:
+        raise _MetaProblem("format_version", f"must be {FORMAT_VERSION} (the user block's version), "
+                                             f"got {_brief(version)}")
+    kind = meta.get("kind")
+    if kind not in KINDS:
+        raise _MetaProblem("kind", f"must be one of {', '.join(KINDS)}, got {_brief(kind)}")
+    keys = META_KEYS + (CHECKPOINT_KEYS if kind == "checkpoint" else ())
+    missing = [k for k in keys if k not in meta]
+    if missing:
+        raise _MetaProblem(missing[0], "missing key")
+    extra = [k for k in meta if k not in keys]
+    if extra:
+        raise _MetaProblem(extra[0], f"unknown key (a {kind!r} file has exactly: {', '.join(keys)})")
+    _text(meta, "refbnn_version")
+    _text(meta, "dataset", nullable=True)
+    for key in ("metrics", "provenance"):
+        _typed(meta, key, (dict, type(None)))
+    config = _typed(meta, "config", (dict,))
+    try:
+        cfg = resolve(config)
+    except ConfigError as e:
+        raise _MetaProblem("config", str(e)) from None
+    if cfg != {**cfg, **config}:
+        changed = next(k for k in cfg if k in config and cfg[k] != config[k])
+        raise _MetaProblem("config", f"is not in resolved form: field {changed!r} is "
+                                     f"{_brief(config[changed])}, resolution gives {_brief(cfg[changed])}")
+    missing_fields = [k for k in cfg if k not in config and FIELDS[k].required]
+    if missing_fields:
+        raise _MetaProblem("config", f"missing field {missing_fields[0]!r} (a file stores the "
+                                     "resolved config with every field)")
+    spec = _typed(meta, "input_spec", (dict, type(None)))
+    if spec is not None:
+        problem = _input_spec_problem(spec, cfg["input_shape"])
+        if problem:
+            raise _MetaProblem("input_spec", problem)
+    names = _typed(meta, "class_names", (list, type(None)))
+    if names is not None:
+        if len(names) != cfg["num_classes"]:
+            raise _MetaProblem("class_names", f"has {len(names)} entries, the config's num_classes "
+                                              f"is {cfg['num_classes']}")
+        bad = [i for i, c in enumerate(names) if not isinstance(c, str) or not 1 <= len(c) <= MAX_TEXT]
+        if bad:
+            raise _MetaProblem("class_names", f"entry {bad[0]} must be a string of 1..{MAX_TEXT} "
+                                              f"characters, got {_brief(names[bad[0]])}")
+    if kind == "packed" and cfg["sign_at_zero"] == 0:
+        raise _MetaProblem("kind", "a 'packed' file cannot hold sign_at_zero=0 (ternary sign) "
+                                   "weights: one bit cannot hold them")
+    plan = _plan(cfg, kind)
+    binary = _typed(meta, "binary", (dict,))
+    if binary != plan.meta_binary:
+        key = next((k for k in list(plan.meta_binary) + list(binary)
+                    if binary.get(k) != plan.meta_binary.get(k)), "")
+        want = plan.meta_binary.get(key)
+        raise _MetaProblem("binary", f"entry {key!r} is {_brief(binary.get(key))}; the config "
+                                     f"implies {json.dumps(want) if want else 'no such entry'}")
+    if kind == "checkpoint":
+        epoch = meta["epoch"]
+        if not _is_int(epoch) or not 0 <= epoch < 2 ** 63:
+            raise _MetaProblem("epoch", f"must be an integer >= 0, got {_brief(epoch)}")
+        _typed(meta, "rng_state", (dict, type(None)))
+        _typed(meta, "history", (list,))
+        _typed(meta, "optimizer_hyperparameters", (dict,))
+    return cfg, plan
+
+
+def _input_spec_problem(spec, input_shape=None) -> str | None:
+    """Why ``spec`` is not a valid input_spec (``docs/format.md`` §2.1), or None if it is."""
+    if not isinstance(spec, Mapping):
+        return "must be a JSON object"
+    missing = [k for k in INPUT_SPEC_KEYS if k not in spec]
+    if missing:
+        return f"missing key {missing[0]!r} (needs {', '.join(INPUT_SPEC_KEYS)})"
+    shape, layout = spec["shape"], spec["layout"]
+    if not isinstance(shape, list | tuple) or len(shape) != 3 or not all(
+            _is_int(n) and n > 0 for n in shape):
+        return f"'shape' must be 3 positive ints (one sample, no batch axis), got {_brief(shape)}"
+    if layout not in ("NCHW", "NHWC"):
+        return f"'layout' must be 'NCHW' or 'NHWC', got {_brief(layout)}"
+    chw = list(shape) if layout == "NCHW" else [shape[2], shape[0], shape[1]]
+    if input_shape is not None and chw != list(input_shape):
+        return f"'shape' {list(shape)} ({layout}) does not match the config's input_shape " \
+               f"{list(input_shape)} (C, H, W)"
+    channels = chw[0]
+    order = spec["channel_order"]
+    if not isinstance(order, str) or len(order) != channels:
+        return f"'channel_order' must be a str with one letter per channel ({channels}), " \
+               f"got {_brief(order)}"
+    for key in ("mean", "std"):
+        v = spec[key]
+        if not isinstance(v, list | tuple) or len(v) != channels or not all(
+                isinstance(x, int | float) and not isinstance(x, bool) and np.isfinite(x)
+                for x in v):
+            return f"{key!r} must be {channels} finite numbers, got {_brief(v)}"
+    if not all(x > 0 for x in spec["std"]):
+        return "'std' values must be > 0"
+    return None
+
+
+def _json_default(obj):
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+def _parse_meta(raw: bytes):
+    """Bytes of /meta -> parsed JSON (strict UTF-8, bounded depth). Raises :class:`_MetaProblem`."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _MetaProblem("(text)", f"is not UTF-8 ({e.reason} at byte {e.start})") from None
+    try:
+        return loads_json(text, "the metadata")
+    except ValueError as e:
+        raise _MetaProblem("(text)", str(e)) from None
 
 
 # --- writing -----------------------------------------------------------------------------------
@@ -171,19 +430,20 @@ def save_model(path, state_dict: Mapping, *, config: Mapping, binary_weights: Ma
     """Write a model file (``kind="model"``), or with ``packed_only`` a deployment export
     (``kind="packed"``: latent binary weights dropped, their packed sign bits kept).
 
-    ``state_dict``: name -> numeric array (float16/32/64, (u)int8-64; scalars allowed).
-    ``binary_weights``: name -> ``{"groups": g, "sign_at_zero": s, "scale": alpha}`` for each
-    state-dict key holding a binary layer's latent weight ``(O, I, *K)``: ``groups`` and
-    ``sign_at_zero`` default to 1 (``sign_at_zero=0`` layers are stored unpacked); ``scale`` is
-    ``None`` (default) or the layer's float32 ``(O,)`` output factor (Bi-Real's ``mean |W[o]|``),
-    stored with the packed bits; pass it for scaled layers, or a packed-only file loses it.
-    ``config``/``metrics``/``provenance``: JSON objects; ``input_spec``: see ``docs/format.md``;
-    ``class_names``: list of str. Bad arguments raise ``ValueError``; the destination is replaced
-    atomically and left untouched on any error.
+    ``config``: a model config (resolved here and stored resolved); ``state_dict`` must hold exactly
+    the tensors it determines (``refbnn.models.config.tensor_layout``: names, shapes, dtypes), all
+    finite, BatchNorm running variances >= 0. ``binary_weights``: optional name ->
+    ``{"groups": g, "sign_at_zero": s, "scale": alpha}`` as ``BNNResNet.binary_weights()`` gives;
+    ``groups`` and ``sign_at_zero``, if given, must agree with the config; ``scale`` (float32
+    ``(O,)``, Bi-Real's ``mean |W[o]|``) is required for ``scale="mean_abs"`` configs.
+    ``metrics``/``provenance``: JSON objects or None; ``input_spec``: see ``docs/format.md``;
+    ``class_names``: ``num_classes`` strings. Bad arguments raise ``ValueError`` (a bad config:
+    ``ConfigError``); a write failure (full disk) raises ``OSError`` naming ``path``. The
+    destination is replaced atomically and left untouched on any error.
     """
     kind = "packed" if packed_only else "model"
-    attrs = _common_attrs(kind, config, input_spec, class_names, dataset, metrics, provenance)
-    _atomic_write(path, attrs, state_dict, binary_weights, drop_latent=packed_only)
+    meta = _common_meta(kind, config, input_spec, class_names, dataset, metrics, provenance)
+    _write(path, meta, state_dict, binary_weights)
 
 
 def save_checkpoint(path, state_dict: Mapping, *, config: Mapping, optimizer_state: Mapping,
@@ -194,253 +454,234 @@ def save_checkpoint(path, state_dict: Mapping, *, config: Mapping, optimizer_sta
                     provenance: Mapping | None = None) -> None:
     """Write a training checkpoint (``kind="checkpoint"``): a model file plus optimizer state.
 
-    ``optimizer_state``: flat name -> numeric array (names without ``/``);
-    ``optimizer_hyperparameters``: JSON object; ``rng_state``: JSON-able dict such as
-    ``np.random.Generator.bit_generator.state`` (restore with ``rng.bit_generator.state = ...``);
-    ``epoch``: int >= 0 (epochs completed); ``history``: JSON list (e.g. one metrics dict per epoch).
-    Other arguments as in :func:`save_model`.
+    ``optimizer_state``: flat name -> finite numeric array (names without ``/``; at most
+    ``4 * tensors + 16`` entries, none larger than the model's largest tensor);
+    ``optimizer_hyperparameters``: JSON object; ``rng_state``: JSON object such as
+    ``np.random.Generator.bit_generator.state``, or ``None`` (then a resume cannot be
+    bit-identical; :class:`LoadedFile` says so with ``rng_state=None``); ``epoch``: int >= 0
+    (epochs completed); ``history``: JSON list. Other arguments as in :func:`save_model`.
     """
-    attrs = _common_attrs("checkpoint", config, input_spec, class_names, dataset, metrics,
-                          provenance)
+    meta = _common_meta("checkpoint", config, input_spec, class_names, dataset, metrics, provenance)
     if isinstance(epoch, bool) or not isinstance(epoch, int | np.integer) or epoch < 0:
         raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
-    attrs["epoch"] = np.int64(epoch)
-    attrs["rng_state"] = _to_json("rng_state", rng_state, (dict, type(None)))
-    attrs["history"] = _to_json("history", history, (list,))
-    hyper = _to_json("optimizer_hyperparameters", optimizer_hyperparameters, (dict,))
+    meta.update(epoch=int(epoch), rng_state=rng_state, history=history,
+                optimizer_hyperparameters=optimizer_hyperparameters)
     if not isinstance(optimizer_state, Mapping):
         raise ValueError("optimizer_state must be a mapping name -> array")
-    for name in optimizer_state:
-        _check_member_name(name, "optimizer_state key")
-    optimizer = (hyper, optimizer_state)
-    _atomic_write(path, attrs, state_dict, binary_weights, drop_latent=False, optimizer=optimizer)
+    _write(path, meta, state_dict, binary_weights, optimizer_state)
 
 
 def export_packed(src, dst) -> None:
     """Convert a ``model`` or ``checkpoint`` file into a ``packed`` deployment export (metadata kept,
-    optimizer state dropped). The source is fully validated first."""
+    optimizer state dropped). The source is fully validated first; ``dst`` must not be ``src``."""
+    if os.path.exists(dst) and os.path.exists(src) and os.path.samefile(src, dst):
+        raise ValueError(f"{dst}: the destination is the source file; choose another name")
     f = load(src)
+    _save_like(f, dst, packed_only=True)
+
+
+def upgrade(src, dst) -> LoadedFile:
+    """Convert a format-version-1 file ``src`` into a version-2 file ``dst`` (any kind), keeping every
+    tensor, metric and provenance bit for bit; return what was written, as :func:`load` reads it.
+
+    Reading version 1 parses HDF5 string attributes, which a damaged or crafted file can make HDF5
+    loop on: convert files you trust, or use ``python -m refbnn.fileformat upgrade OLD NEW``, which
+    runs the read in a child process under a time limit. ``src`` may equal ``dst`` (the file is read
+    completely before the new one replaces it)."""
+    from refbnn.fileformat_v1 import load_v1
+
+    old = load_v1(src)
+    try:
+        resolve(old.config)
+    except ConfigError as e:
+        raise FormatError(src, "/", f"attribute 'config' cannot be upgraded: {e}") from None
+    _save_like(old, dst, packed_only=old.kind == "packed")
+    return load(dst)
+
+
+def _save_like(f: LoadedFile, dst, packed_only: bool) -> None:
     binary = {n: {"groups": b.groups, "sign_at_zero": b.sign_at_zero, "scale": b.scale}
               for n, b in f.binary.items()}
     state = f.state_dict if f.kind != "packed" else f.sign_state_dict()
-    save_model(dst, state, config=f.config, binary_weights=binary, input_spec=f.input_spec,
-               class_names=f.class_names, dataset=f.dataset, metrics=f.metrics,
-               provenance=f.provenance, packed_only=True)
+    common = dict(config=f.config, binary_weights=binary, input_spec=f.input_spec,
+                  class_names=f.class_names, dataset=f.dataset, metrics=f.metrics,
+                  provenance=f.provenance)
+    if f.kind == "checkpoint" and not packed_only:
+        save_checkpoint(dst, state, optimizer_state=f.optimizer_state,
+                        optimizer_hyperparameters=f.optimizer_hyperparameters,
+                        rng_state=f.rng_state, epoch=f.epoch, history=f.history, **common)
+    else:
+        save_model(dst, state, packed_only=packed_only, **common)
 
 
-def _common_attrs(kind, config, input_spec, class_names, dataset, metrics, provenance) -> dict:
-    if input_spec is not None:
-        problem = _input_spec_problem(input_spec)
-        if problem:
-            raise ValueError(f"input_spec: {problem}")
-    if class_names is not None:
-        class_names = list(class_names)
-        if not all(isinstance(c, str) for c in class_names):
-            raise ValueError("class_names must be a list of str")
-    if dataset is not None and not isinstance(dataset, str):
-        raise ValueError(f"dataset must be a str or None, got {type(dataset).__name__}")
-    return {
-        "format": FORMAT_NAME,
-        "format_version": np.int64(FORMAT_VERSION),
-        "kind": kind,
-        "config": _to_json("config", config, (dict,)),
-        "input_spec": _to_json("input_spec", input_spec, (dict, type(None))),
-        "class_names": _to_json("class_names", class_names, (list, type(None))),
-        "dataset": dataset or "",
-        "metrics": _to_json("metrics", metrics, (dict, type(None))),
-        "refbnn_version": REFBNN_VERSION,
-        "provenance": _to_json("provenance", provenance, (dict, type(None))),
-    }
+def _common_meta(kind, config, input_spec, class_names, dataset, metrics, provenance) -> dict:
+    if not isinstance(config, Mapping):
+        raise ValueError(f"config must be a model config mapping, got {type(config).__name__}")
+    return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kind": kind,
+            "refbnn_version": REFBNN_VERSION, "config": resolve(dict(config)),
+            "input_spec": input_spec, "class_names": None if class_names is None else list(class_names),
+            "dataset": dataset, "metrics": metrics, "provenance": provenance, "binary": None}
 
 
-def _json_default(obj):
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.floating):
-        return float(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+def _tensor_problem(key: str, arr: np.ndarray) -> str | None:
+    """Why a tensor's values are invalid (docs/format.md §4), or None."""
+    if arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
+        bad = np.argwhere(~np.isfinite(arr))[0]
+        return f"holds a non-finite value ({float(arr[tuple(bad)])} at index {tuple(int(i) for i in bad)})"
+    if key.endswith(".running_var") and arr.size and (arr < 0).any():
+        return f"BatchNorm running variance below 0 ({float(arr.min())!r})"
+    if key.endswith(".num_batches_tracked") and (arr < 0).any():
+        return "num_batches_tracked below 0"
+    return None
 
 
-def _to_json(what: str, value, types: tuple) -> str:
-    if isinstance(value, Mapping) and not isinstance(value, dict):
-        value = dict(value)
-    if isinstance(value, tuple):
-        value = list(value)
-    if not isinstance(value, types):
-        names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-        raise ValueError(f"{what} must be a JSON {names}, got {type(value).__name__}")
-    try:
-        return json.dumps(value, allow_nan=False, default=_json_default, ensure_ascii=False)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{what} is not JSON-able ({e}); NaN/inf are not allowed, use null") from e
-
-
-def _check_member_name(name, what: str) -> None:
-    if not isinstance(name, str) or not name or "/" in name or "\0" in name or name in (".", ".."):
-        raise ValueError(f"{what} {name!r} is not a valid name (non-empty str without '/')")
-
-
-def _split_key(key) -> tuple[str, str]:
-    """State-dict key -> (group name under /model, or "" for /model itself; dataset name)."""
-    _check_member_name(key, "state_dict key")
-    parts = key.split(".")
-    if any(p == "" for p in parts):
-        raise ValueError(f"state_dict key {key!r} has an empty name component")
-    if parts[-1].endswith(PACKED_SUFFIX):
-        raise ValueError(f"state_dict key {key!r}: names ending in {PACKED_SUFFIX!r} are reserved "
-                         "for packed sign bits")
-    return ".".join(parts[:-1]), parts[-1]
-
-
-def _as_tensor(what: str, value) -> np.ndarray:
-    arr = np.asarray(value)
-    if arr.dtype not in TENSOR_DTYPES:
-        raise ValueError(f"{what}: unsupported dtype {arr.dtype} (allowed: float16/32/64, "
-                         "int8-64, uint8-64)")
-    return np.asarray(arr, dtype=arr.dtype.newbyteorder("<"), order="C")  # keeps 0-d arrays 0-d
-
-
-def _binary_specs(state_dict: Mapping, binary_weights: Mapping | None,
-                  drop_latent: bool) -> dict[str, BinaryWeight]:
-    """Validated packing options per binary weight. ``sign_at_zero=0`` (ternary ``torch.sign``)
-    weights cannot be packed: they are left out (stored as plain tensors), or refused when the latent
-    weights are to be dropped."""
-    specs = {}
-    for name, spec in (binary_weights or {}).items():
-        if name not in state_dict:
-            raise ValueError(f"binary weight {name!r} is not a state_dict key")
-        spec = dict(spec or {})
-        unknown = set(spec) - {"groups", "sign_at_zero", "scale"}
-        if unknown:
-            raise ValueError(f"binary weight {name!r}: unknown options {sorted(unknown)}")
-        shape = np.shape(state_dict[name])
-        if len(shape) not in LAYOUTS:
-            raise ValueError(f"binary weight {name!r} must have 2-4 axes (O, I, *K), got {shape}")
-        groups = spec.get("groups", 1)
-        if isinstance(groups, bool) or not isinstance(groups, int | np.integer) or groups < 1 \
-                or shape[0] % groups:
-            raise ValueError(f"binary weight {name!r}: groups={groups!r} must be an int >= 1 "
-                             f"dividing O={shape[0]}")
-        sign_at_zero = spec.get("sign_at_zero", 1)
-        if sign_at_zero == 0 and not isinstance(sign_at_zero, bool):
-            if drop_latent:
-                raise ValueError(f"binary weight {name!r} uses sign_at_zero=0 (ternary torch.sign), "
-                                 "which one bit cannot hold: no packed-only export")
-            continue
-        sign_at_zero = check_sign_at_zero(sign_at_zero)
-        scale = spec.get("scale")
-        if scale is not None:
-            scale = np.asarray(scale)
-            if scale.dtype != np.float32 or scale.shape != shape[:1] or not np.isfinite(scale).all():
-                raise ValueError(f"binary weight {name!r}: scale must be {shape[0]} finite float32 "
-                                 f"values, got {scale.dtype} {scale.shape}")
-        specs[name] = BinaryWeight(tuple(int(n) for n in shape), int(groups), sign_at_zero, scale)
-    return specs
-
-
-def _atomic_write(path, attrs: dict, state_dict: Mapping, binary_weights: Mapping | None, *,
-                  drop_latent: bool, optimizer: tuple | None = None) -> None:
+def _write(path, meta: dict, state_dict, binary_weights, optimizer_state=None) -> None:
     if not isinstance(state_dict, Mapping):
         raise ValueError("state_dict must be a mapping name -> array")
-    specs = _binary_specs(state_dict, binary_weights, drop_latent)
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{secrets.token_hex(8)}")
+    cfg = meta["config"]
+    plan = _plan(cfg, meta["kind"])
+    meta["binary"] = plan.meta_binary
+    state = _checked_state(state_dict, plan)
+    scales = _checked_scales(binary_weights, plan, state, cfg)
+    opt = None if optimizer_state is None else _checked_optimizer(optimizer_state, plan)
     try:
-        with h5py.File(tmp, "w-", libver=("v110", "v110"), track_order=True,
-                       userblock_size=USERBLOCK_SIZE) as f:
-            for name, value in attrs.items():
-                f.attrs[name] = value
-            _write_model(f.create_group("model", track_order=True), state_dict, specs, drop_latent)
-            if optimizer is not None:
-                hyper, tensors = optimizer
-                g = f.create_group("optimizer", track_order=True)
-                g.attrs["hyperparameters"] = hyper
-                for name, value in tensors.items():
-                    g.create_dataset(name, data=_as_tensor(f"optimizer_state[{name!r}]", value))
-        _seal(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        text = json.dumps(meta, allow_nan=False, default=_json_default, ensure_ascii=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"metadata is not JSON-able ({e}); NaN/inf are not allowed, use null") from e
+    raw = text.encode("utf-8", "strict") if encodes_utf8(text) else None
+    if raw is None:
+        raise ValueError("metadata holds a string that is not valid Unicode (a lone surrogate)")
+    if len(raw) > MAX_META_BYTES:
+        raise ValueError(f"metadata is {len(raw):,} bytes of JSON, more than {MAX_META_BYTES:,}")
+    try:
+        _check_meta(_parse_meta(raw))
+    except _MetaProblem as e:
+        raise ValueError(f"metadata {e.where}: {e.problem}") from None
+    image = _file_image(raw, plan, state, scales, opt)
+    write_bytes_atomic(path, image)
 
 
-def _userblock(digest: str) -> bytes:
-    text = f"{USERBLOCK_MAGIC}\nsha256 {digest}\n".encode("ascii")
-    return text + b"\0" * (USERBLOCK_SIZE - len(text))
+def _checked_state(state_dict: Mapping, plan: _Plan) -> dict:
+    missing = [k for k in plan.names if k not in state_dict]
+    if missing:
+        raise ValueError(f"state_dict lacks {missing[0]!r} ({len(missing)} missing), which the "
+                         "config's network has")
+    extra = [k for k in state_dict if k not in plan.dtypes]
+    if extra:
+        raise ValueError(f"state_dict has {extra[0]!r}, which the config's network does not have")
+    shapes = {s.key: s.shape for s in plan.slots if s.role == "tensor"} | {
+        k: b.shape for k, b in plan.binary.items()}
+    out = {}
+    for key in plan.names:
+        arr = np.asarray(state_dict[key])
+        if arr.dtype != plan.dtypes[key] or arr.shape != shapes[key]:
+            raise ValueError(f"state_dict[{key!r}] is {arr.dtype} {arr.shape}; the config needs "
+                             f"{plan.dtypes[key]} {shapes[key]}")
+        problem = _tensor_problem(key, arr)
+        if problem:
+            raise ValueError(f"state_dict[{key!r}] {problem}")
+        out[key] = np.asarray(arr, dtype=arr.dtype.newbyteorder("<"), order="C")  # keeps 0-d arrays 0-d
+    return out
 
 
-def _sha256_after_userblock(fh) -> str:
-    fh.seek(USERBLOCK_SIZE)
-    h = hashlib.sha256()
-    while chunk := fh.read(1 << 20):
-        h.update(chunk)
-    return h.hexdigest()
-
-
-def _seal(path) -> None:
-    """Write the user block (magic line, SHA-256 of every byte after it) and fsync the file."""
-    with open(path, "r+b") as fh:
-        digest = _sha256_after_userblock(fh)
-        fh.seek(0)
-        fh.write(_userblock(digest))
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _check_seal(path: str) -> None:
-    """Check the user block before HDF5 parses anything (HDF5 can crash or hang on damaged
-    metadata): raise FormatError unless the magic line is there and the SHA-256 matches."""
-    with open(path, "rb") as fh:
-        head = fh.read(USERBLOCK_SIZE)
-        lines = head.split(b"\n")
-        if len(head) < USERBLOCK_SIZE or lines[0] != USERBLOCK_MAGIC.encode():
-            raise FormatError(path, "/", "not a refbnn file (no refbnn user block at byte 0; "
-                                         "not HDF5, or HDF5 written by something else)")
-        stored = lines[1][len(b"sha256 "):].decode("latin-1") if len(lines) > 1 else ""
-        if len(stored) != 64 or not all(c in "0123456789abcdef" for c in stored) \
-                or head != _userblock(stored):
-            raise FormatError(path, "/", "damaged refbnn user block")
-        if _sha256_after_userblock(fh) != stored:
-            raise FormatError(path, "/", "file bytes do not match the SHA-256 in the user block "
-                                         "(truncated or damaged file)")
-
-
-def _write_model(model: h5py.Group, state_dict: Mapping, specs: dict, drop_latent: bool) -> None:
-    kinds: dict[str, str] = {}  # HDF5 member name directly under /model -> "group" | "dataset"
-    for key, value in state_dict.items():
-        group_name, leaf = _split_key(key)
-        member, member_kind = (group_name, "group") if group_name else (leaf, "dataset")
-        if kinds.setdefault(member, member_kind) != member_kind:
-            raise ValueError(f"state_dict key {key!r} clashes with another key: {member!r} would be "
-                             "both a layer group and a tensor")
-        if group_name:
-            parent = model[group_name] if group_name in model else model.create_group(
-                group_name, track_order=True)
-        else:
-            parent = model
-        arr = _as_tensor(f"state_dict[{key!r}]", value)
-        spec = specs.get(key)
-        if spec is None:
-            parent.create_dataset(leaf, data=arr)
+def _checked_scales(binary_weights, plan: _Plan, state: dict, cfg: dict) -> dict:
+    given = dict(binary_weights or {})
+    layout_binary = {t.name: t for t in tensor_layout(cfg) if t.binary}
+    unknown = [k for k in given if k not in layout_binary]
+    if unknown:
+        raise ValueError(f"binary weight {unknown[0]!r} is not a binary layer of the config's network")
+    scales = {}
+    for key, t in layout_binary.items():
+        spec = dict(given.get(key) or {})
+        extra = set(spec) - {"groups", "sign_at_zero", "scale"}
+        if extra:
+            raise ValueError(f"binary weight {key!r}: unknown options {sorted(extra)}")
+        if spec.get("groups", t.groups) != t.groups:
+            raise ValueError(f"binary weight {key!r}: groups={spec['groups']!r}, the config gives "
+                             f"{t.groups}")
+        saz = spec.get("sign_at_zero", cfg["sign_at_zero"])
+        if isinstance(saz, bool) or saz != cfg["sign_at_zero"]:
+            raise ValueError(f"binary weight {key!r}: sign_at_zero={saz!r}, the config gives "
+                             f"{cfg['sign_at_zero']}")
+        if key not in plan.binary:
             continue
-        if arr.dtype.kind != "f":
-            raise ValueError(f"binary weight {key!r} must be a float array, got {arr.dtype}")
-        if not drop_latent:
-            parent.create_dataset(leaf, data=arr)
-        words = pack_weight_signs(arr, spec.sign_at_zero)
-        ds = parent.create_dataset(leaf + PACKED_SUFFIX, data=words.astype("<u8"))
-        ds.attrs["packs"] = leaf
-        ds.attrs["layout"] = LAYOUTS[arr.ndim]
-        ds.attrs["unpacked_shape"] = np.asarray(arr.shape, dtype=np.int64)
-        ds.attrs["groups"] = np.int64(spec.groups)
-        ds.attrs["sign_at_zero"] = np.int64(spec.sign_at_zero)
-        ds.attrs["word_bits"] = np.int64(WORD_BITS)
-        ds.attrs["bit_order"] = "lsb_first"
-        ds.attrs["bit_one_means"] = np.int64(-1)
-        if spec.scale is not None:
-            ds.attrs["scale"] = spec.scale.astype("<f4")
+        check_sign_at_zero(saz)
+        if plan.scaled:
+            scale = spec.get("scale")
+            if scale is None:
+                raise ValueError(f"binary weight {key!r}: scale='mean_abs' layers need their "
+                                 "'scale' (mean |W[o]|, float32) in binary_weights")
+            scale = np.asarray(scale)
+            if scale.dtype != np.float32 or scale.shape != t.shape[:1] or \
+                    not np.isfinite(scale).all() or (scale < 0).any():
+                raise ValueError(f"binary weight {key!r}: scale must be {t.shape[0]} finite float32 "
+                                 f"values >= 0, got {scale.dtype} {scale.shape}")
+            scales[key] = scale.astype("<f4")
+    return scales
+
+
+def _checked_optimizer(optimizer_state: Mapping, plan: _Plan) -> dict:
+    limit_count, limit_size = _optimizer_limits(plan)
+    if len(optimizer_state) > limit_count:
+        raise ValueError(f"optimizer_state has {len(optimizer_state)} entries, more than "
+                         f"{limit_count} (4 per model tensor + 16)")
+    out = {}
+    for name, value in optimizer_state.items():
+        if not isinstance(name, str) or not name or "/" in name or "\0" in name or \
+                name in (".", "..") or not encodes_utf8(name):
+            raise ValueError(f"optimizer_state key {name!r} is not a valid name (non-empty str "
+                             "without '/')")
+        arr = np.asarray(value)
+        if arr.dtype not in HDF5_TYPES:
+            raise ValueError(f"optimizer_state[{name!r}]: unsupported dtype {arr.dtype}")
+        if arr.size > limit_size:
+            raise ValueError(f"optimizer_state[{name!r}] has {arr.size} values, more than the "
+                             f"model's largest tensor ({limit_size})")
+        problem = _tensor_problem(name, arr)
+        if problem:
+            raise ValueError(f"optimizer_state[{name!r}] {problem}")
+        out[name] = np.asarray(arr, dtype=arr.dtype.newbyteorder("<"), order="C")
+    return out
+
+
+def _optimizer_limits(plan: _Plan) -> tuple[int, int]:
+    largest = max((int(np.prod(s.shape, dtype=object)) for s in plan.slots if s.role == "tensor"),
+                  default=1)
+    largest = max([largest] + [int(np.prod(b.shape, dtype=object)) for b in plan.binary.values()])
+    return 4 * len(plan.names) + 16, max(largest, 1)
+
+
+def _file_image(meta_raw: bytes, plan: _Plan, state: dict, scales: dict, opt: dict | None):
+    """The complete file as a writable buffer: HDF5 built in memory (no disk I/O inside HDF5, so a
+    full disk can never leave HDF5 half-closed), user block stamped."""
+    bio = io.BytesIO()
+    with h5py.File(bio, "w", libver=("v110", "v110"), userblock_size=USERBLOCK_SIZE) as f:
+        f.create_dataset("meta", data=np.frombuffer(meta_raw, dtype=np.uint8))
+        model = f.create_group("model", track_order=True)
+        groups: dict[str, h5py.Group] = {"": model}
+        for slot in plan.slots:
+            if slot.group not in groups:
+                groups[slot.group] = model.create_group(slot.group, track_order=True)
+            if slot.role == "tensor":
+                data = state[slot.key]
+            elif slot.role == "packed":
+                data = pack_weight_signs(state[slot.key], plan.binary[slot.key].sign_at_zero)
+            else:
+                data = scales[slot.key]
+            groups[slot.group].create_dataset(slot.leaf, data=np.asarray(data, slot.dtype.newbyteorder("<")))
+        if opt is not None:
+            g = f.create_group("optimizer", track_order=True)
+            for name, arr in opt.items():
+                g.create_dataset(name, data=arr)
+    image = bio.getbuffer()
+    image[:USERBLOCK_SIZE] = _userblock(hashlib.sha256(image[USERBLOCK_SIZE:]).hexdigest())
+    return image
+
+
+def _userblock(digest: str, version: int | None = None) -> bytes:
+    version = FORMAT_VERSION if version is None else version
+    text = f"{USERBLOCK_MAGIC} {version}\nsha256 {digest}\n".encode("ascii")
+    return text + b"\0" * (USERBLOCK_SIZE - len(text))
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -448,324 +689,378 @@ def _write_model(model: h5py.Group, state_dict: Mapping, specs: dict, drop_laten
 def load(path, expect: Mapping | None = None) -> LoadedFile:
     """Read and validate a refbnn file of any kind; raise :class:`FormatError` on any problem.
 
-    ``expect``: optional name -> array (checks shape and dtype) or shape tuple (shape only), e.g. a
-    model's ``state_dict()``; the file's tensors (latent or packed binary weights count under their
-    latent name, with their unpacked shape; a packed-only weight's dtype is not checked) must be
-    exactly these names. A missing file raises ``FileNotFoundError``.
+    The file is read into memory once, its SHA-256 checked, then parsed from that copy; every
+    dataset's type, shape, layout and size is checked against what its config determines before
+    any tensor is read, and all declared data together must fit in the file, so a bad file fails
+    in time and memory proportional to its size. ``expect``: optional name -> array (checks shape
+    and dtype) or shape tuple, e.g. a model's ``state_dict()``; the file's tensors (binary weights
+    under their latent name and shape; a packed-only weight's dtype is not checked) must be
+    exactly these. A missing file raises ``FileNotFoundError``.
     """
     path = str(path)
     if expect is not None:
         expect = _normalize_expect(expect)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file")
-    _check_seal(path)
+    if not os.path.isfile(path):
+        raise FormatError(path, "/", "is not a regular file")
+    with open(path, "rb") as fh:
+        _check_seal(path, fh.read(USERBLOCK_SIZE), check_hash=False)  # before reading a foreign file
+        fh.seek(0)
+        data = fh.read()
+    version = _check_seal(path, data)
+    if version == 1:
+        raise FormatError(path, "/", f"format version 1 (string attributes, which a damaged file "
+                                     f"can make HDF5 hang on) is no longer read; convert it once "
+                                     f"with: {UPGRADE_COMMAND.replace('OLD', path)}")
     try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise FormatError(path, "/", f"not a readable HDF5 file ({e})") from None
+        f = h5py.File(io.BytesIO(data), "r")
+    except (OSError, RuntimeError, ValueError) as e:
+        raise FormatError(path, "/", f"not a readable HDF5 file ({_oneline(e)})") from None
     with f:
-        return _Reader(path, f).read(expect)
+        return _Reader(path, f, len(data)).read(expect)
 
 
-@dataclass
-class _Entry:
-    """One logical tensor found in /model: its latent dataset and/or packed dataset."""
+def _read_dataset(path, ds, hpath: str) -> np.ndarray:
+    """All of HDF5 dataset ``ds`` (at ``hpath`` in file ``path``), C-ordered, in native byte order;
+    a read HDF5 refuses is a :class:`FormatError`."""
+    try:
+        arr = ds[()]
+    except (OSError, RuntimeError, ValueError, TypeError) as e:
+        raise FormatError(path, hpath, f"data is unreadable ({_oneline(e)})") from None
+    arr = np.asarray(arr)
+    return np.asarray(arr, dtype=arr.dtype.newbyteorder("="), order="C")
 
-    hpath: str
-    latent: h5py.Dataset | None = None
-    packed: h5py.Dataset | None = None
-    binary: BinaryWeight | None = None
+
+def _oneline(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300]
+
+
+def _check_seal(path: str, data: bytes, check_hash: bool = True) -> int:
+    """Check the user block before HDF5 parses anything (HDF5 can crash or hang on damaged
+    metadata); return the format version it names, or raise FormatError. ``check_hash=False``:
+    only the first 512 bytes are given, check the magic line and version."""
+    head = data[:USERBLOCK_SIZE]
+    lines = head.split(b"\n")
+    magic = lines[0].split(b" ")
+    digits = magic[1] if len(magic) == 2 and magic[1].isdigit() and len(magic[1]) < 6 else b""
+    if len(head) < USERBLOCK_SIZE or magic[0] != USERBLOCK_MAGIC.encode() or not digits:
+        raise FormatError(path, "/", "not a refbnn file (no refbnn user block at byte 0; "
+                                     "not HDF5, or HDF5 written by something else)")
+    if int(digits) > FORMAT_VERSION:
+        raise FormatError(path, "/", f"format version {int(digits)} is newer than this refbnn "
+                                     f"({REFBNN_VERSION}) reads (version {FORMAT_VERSION}); "
+                                     "upgrade refbnn")
+    if int(digits) not in (1, FORMAT_VERSION):
+        raise FormatError(path, "/", f"unknown format version {digits.decode()}")
+    version = int(magic[1])
+    if not check_hash:
+        return version
+    stored = lines[1][len(b"sha256 "):].decode("latin-1") if len(lines) > 1 else ""
+    if len(stored) != 64 or not all(c in "0123456789abcdef" for c in stored) \
+            or head != _userblock(stored, version):
+        raise FormatError(path, "/", "damaged refbnn user block")
+    if hashlib.sha256(memoryview(data)[USERBLOCK_SIZE:]).hexdigest() != stored:
+        raise FormatError(path, "/", "file bytes do not match the SHA-256 in the user block "
+                                     "(truncated or damaged file)")
+    return version
 
 
 class _Reader:
-    def __init__(self, path: str, f: h5py.File):
+    def __init__(self, path: str, f: h5py.File, size: int):
         self.path = path
         self.f = f
+        self.size = size
+        self.where = "/"      # the object being read: what a stray HDF5 error is reported at
 
     def error(self, hpath: str, problem: str) -> FormatError:
         return FormatError(self.path, hpath, problem)
 
     def read(self, expect) -> LoadedFile:
-        hpath = "/"
         try:
             return self._read(expect)
         except FormatError:
             raise
         except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
-            raise self.error(hpath, f"unreadable HDF5 data ({type(e).__name__}: {e})") from None
+            raise self.error(self.where, f"unreadable HDF5 data ({type(e).__name__}: "
+                                         f"{_oneline(e)})") from None
 
-    # -- attributes ------------------------------------------------------------------------------
-    def _attr(self, obj, hpath: str, name: str):
-        try:
-            return obj.attrs[name]
-        except KeyError:
-            raise self.error(hpath, f"missing attribute {name!r}") from None
-        except (OSError, RuntimeError, TypeError, ValueError) as e:
-            raise self.error(hpath, f"attribute {name!r} is unreadable ({e})") from None
+    # -- objects ---------------------------------------------------------------------------------
+    def _object(self, obj, hpath: str, allowed: set) -> None:
+        """Check an object's header: only the message types ``allowed``, none shared, no
+        attributes (docs/format.md §1)."""
+        self.where = hpath
+        info = h5py.h5o.get_info(obj.id)
+        present, shared = int(info.hdr.mesg.present), int(info.hdr.mesg.shared)
+        extra = [t for t in range(64) if present >> t & 1 and t not in allowed]
+        if extra:
+            name = _MESSAGE_NAMES.get(extra[0], f"type {extra[0]}")
+            raise self.error(hpath, f"holds an HDF5 {name} message, which this format does not "
+                                    "allow (no attributes, filters, external or virtual storage, "
+                                    "old-style groups)")
+        if shared:
+            raise self.error(hpath, "uses shared HDF5 header messages, which this format does not allow")
+        if h5py.h5a.get_num_attrs(obj.id):  # (ObjInfo.num_attrs needs h5py >= 3.11)
+            raise self.error(hpath, "has attributes; version 2 files have none")
 
-    def _str_attr(self, obj, hpath: str, name: str) -> str:
-        value = self._attr(obj, hpath, name)
-        if isinstance(value, bytes | np.bytes_):
-            try:
-                value = bytes(value).decode("utf-8")
-            except UnicodeDecodeError:
-                raise self.error(hpath, f"attribute {name!r} is not UTF-8 text") from None
-        if not isinstance(value, str):
-            raise self.error(hpath, f"attribute {name!r} must be a string, got "
-                                    f"{type(value).__name__}")
-        return value
+    def _members(self, group, hpath: str, expected) -> dict:
+        """``{name: object}`` of a group that must hold exactly the names ``expected``, each by a hard
+        link; the member count is checked before any member is looked at."""
+        self._object(group, hpath, _GROUP_MESSAGES)
+        n = len(group)
+        if n != len(expected):
+            if n <= len(expected) + 64:      # few enough to name the first difference
+                names = list(group)
+                extra = [m for m in names if m not in expected]
+                missing = [m for m in expected if m not in names]
+                if extra:
+                    raise self.error(hpath, f"unexpected member {extra[0]!r}"
+                                            + (f" ({len(extra)} in all)" if len(extra) > 1 else ""))
+                if missing:
+                    raise self.error(hpath, f"missing member {missing[0]!r}"
+                                            + (f" ({len(missing)} in all)" if len(missing) > 1 else ""))
+            raise self.error(hpath, f"has {n:,} members, expected {len(expected):,}")
+        out = {}
+        for name in group:
+            child = f"{hpath.rstrip('/')}/{name}"
+            self.where = child
+            if name not in expected:
+                raise self.error(child, f"unexpected member {name!r} (expected: "
+                                        f"{', '.join(sorted(set(expected) - set(out))[:4])})")
+            link = group.get(name, getlink=True)
+            if not isinstance(link, h5py.HardLink):
+                raise self.error(child, f"is a {type(link).__name__}; only hard links are allowed")
+            out[name] = group[name]
+        return out
 
-    def _int_attr(self, obj, hpath: str, name: str) -> int:
-        value = self._attr(obj, hpath, name)
-        if not isinstance(value, np.integer | int) or isinstance(value, bool | np.bool_):
-            raise self.error(hpath, f"attribute {name!r} must be a scalar integer, got {value!r}")
-        return int(value)
+    def _dataset(self, obj, hpath: str, dtype: np.dtype | None, shape: tuple | None,
+                 max_elements: int | None = None) -> h5py.Dataset:
+        """Structure checks made before any data is read: header messages, exact HDF5 type,
+        shape, contiguous (or compact) storage of exactly the bytes the shape needs."""
+        if not isinstance(obj, h5py.Dataset):
+            raise self.error(hpath, f"must be a dataset, found a {type(obj).__name__}")
+        self._object(obj, hpath, _DATASET_MESSAGES)
+        tid = obj.id.get_type()
+        found = next((d for d, t in HDF5_TYPES.items() if tid.equal(t)), None)
+        if found is None or (dtype is not None and found != dtype):
+            want = dtype.name if dtype is not None else "a little-endian int or IEEE float"
+            raise self.error(hpath, f"HDF5 type {_type_name(tid)} is not {want} (enum, compound, "
+                                    "string, reference, big-endian or custom types are invalid)")
+        space = obj.id.get_space()
+        extent = space.get_simple_extent_type()
+        if extent not in (h5py.h5s.SIMPLE, h5py.h5s.SCALAR):
+            raise self.error(hpath, "has a null dataspace")
+        have = () if extent == h5py.h5s.SCALAR else tuple(int(n) for n in space.shape)
+        if shape is not None and have != tuple(shape):
+            raise self.error(hpath, f"shape {have} but the config needs {tuple(shape)}")
+        elements = int(np.prod(have, dtype=object))
+        if max_elements is not None and elements > max_elements:
+            raise self.error(hpath, f"holds {elements:,} values, more than {max_elements:,}")
+        plist = obj.id.get_create_plist()
+        if plist.get_layout() not in (h5py.h5d.CONTIGUOUS, h5py.h5d.COMPACT) or \
+                plist.get_nfilters() or plist.get_external_count():
+            raise self.error(hpath, "datasets must be stored contiguous or compact, without "
+                                    "filters, external or virtual storage")
+        nbytes = elements * found.itemsize
+        if nbytes > self.size:
+            raise self.error(hpath, f"declares {nbytes:,} bytes, more than the file's {self.size:,}")
+        stored = obj.id.get_storage_size()
+        if stored != nbytes:
+            raise self.error(hpath, f"stores {stored:,} bytes, shape {have} {found} needs {nbytes:,} "
+                                    "(truncated or unwritten)")
+        return obj
 
-    def _json_attr(self, obj, hpath: str, name: str, types: tuple):
-        text = self._str_attr(obj, hpath, name)
-
-        def no_constants(c):
-            raise ValueError(f"{c} is not JSON")
-        try:
-            value = json.loads(text, parse_constant=no_constants)
-        except (ValueError, RecursionError) as e:
-            raise self.error(hpath, f"attribute {name!r} is not valid JSON ({e})") from None
-        if not isinstance(value, types):
-            names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-            raise self.error(hpath, f"attribute {name!r} must be a JSON {names}, got "
-                                    f"{type(value).__name__}")
-        return value
+    def _data(self, ds, hpath: str) -> np.ndarray:
+        self.where = hpath
+        return _read_dataset(self.path, ds, hpath)
 
     # -- top level -------------------------------------------------------------------------------
     def _read(self, expect) -> LoadedFile:
         f = self.f
-        fmt = self._str_attr(f, "/", "format") if "format" in f.attrs else None
-        if fmt != FORMAT_NAME:
-            raise self.error("/", f"not a refbnn file (attribute 'format' is {fmt!r}, expected "
-                                  f"{FORMAT_NAME!r})")
-        version = self._int_attr(f, "/", "format_version")
-        if version > FORMAT_VERSION:
-            raise self.error("/", f"format_version {version} is newer than this refbnn "
-                                  f"({REFBNN_VERSION}) reads (version {FORMAT_VERSION}); upgrade")
-        if version != FORMAT_VERSION:
-            raise self.error("/", f"unknown format_version {version} (expected {FORMAT_VERSION})")
-        kind = self._str_attr(f, "/", "kind")
-        if kind not in KINDS:
-            raise self.error("/", f"attribute 'kind' is {kind!r}, expected one of {KINDS}")
-        allowed = COMMON_ATTRS + (CHECKPOINT_ATTRS if kind == "checkpoint" else ())
-        self._exact_names("/", "attribute", list(f.attrs), allowed)
-        input_spec = self._json_attr(f, "/", "input_spec", (dict, type(None)))
-        if input_spec is not None and (problem := _input_spec_problem(input_spec)):
-            raise self.error("/", f"attribute 'input_spec': {problem}")
-        class_names = self._json_attr(f, "/", "class_names", (list, type(None)))
-        if class_names is not None and not all(isinstance(c, str) for c in class_names):
-            raise self.error("/", "attribute 'class_names' must be a JSON list of strings")
+        superblock = f.id.get_create_plist().get_version()[0]
+        if superblock < 2:
+            raise self.error("/", f"HDF5 superblock version {superblock}: version 2 files use HDF5's "
+                                  "checksummed structures (write with library format bounds v108 "
+                                  "or later)")
+        self._object(f, "/", _GROUP_MESSAGES)
+        n = len(f)
+        if n > 3:
+            raise self.error("/", f"has {n:,} members; a refbnn file has /meta, /model and, in a "
+                                  "checkpoint, /optimizer")
+        names = list(f)
+        if "meta" not in names:
+            raise self.error("/", "missing member 'meta' (the metadata dataset)")
+        meta_obj = self._members_like(f, names)["meta"]
+        raw = self._data(self._dataset(meta_obj, "/meta", np.dtype(np.uint8), None,
+                                       MAX_META_BYTES), "/meta")
+        if raw.ndim != 1 or raw.size == 0:
+            raise self.error("/meta", f"must be a non-empty 1-D uint8 array, got shape {raw.shape}")
+        try:
+            meta = _parse_meta(raw.tobytes())
+            cfg, plan = _check_meta(meta)
+        except _MetaProblem as e:
+            raise self.error("/meta", f"{e.where}: {e.problem}") from None
+        kind = meta["kind"]
+        expected_root = ("meta", "model", "optimizer") if kind == "checkpoint" else ("meta", "model")
+        members = self._members(f, "/", expected_root)
+        need = sum(s.nbytes for s in plan.slots)
+        if need > self.size:
+            raise self.error("/model", f"the config's tensors need {need:,} bytes, more than the "
+                                       f"file's {self.size:,}")
         out = LoadedFile(
-            path=self.path, kind=kind, version=version,
-            refbnn_version=self._str_attr(f, "/", "refbnn_version"),
-            config=self._json_attr(f, "/", "config", (dict,)),
-            input_spec=input_spec, class_names=class_names,
-            dataset=self._str_attr(f, "/", "dataset") or None,
-            metrics=self._json_attr(f, "/", "metrics", (dict, type(None))),
-            provenance=self._json_attr(f, "/", "provenance", (dict, type(None))))
-        members = ("model", "optimizer") if kind == "checkpoint" else ("model",)
-        self._exact_names("/", "member", list(f), members)
+            path=self.path, kind=kind, version=FORMAT_VERSION, refbnn_version=meta["refbnn_version"],
+            config=cfg, input_spec=meta["input_spec"], class_names=meta["class_names"],
+            dataset=meta["dataset"], metrics=meta["metrics"], provenance=meta["provenance"])
+        datasets = self._model_datasets(members["model"], plan)
+        optimizer = None
         if kind == "checkpoint":
-            out.epoch = self._int_attr(f, "/", "epoch")
-            if out.epoch < 0:
-                raise self.error("/", f"attribute 'epoch' must be >= 0, got {out.epoch}")
-            out.rng_state = self._json_attr(f, "/", "rng_state", (dict, type(None)))
-            out.history = self._json_attr(f, "/", "history", (list,))
-        self._read_model(out, expect)
+            optimizer = self._optimizer_datasets(members["optimizer"], plan)
+        declared = need + raw.size + sum(ds.id.get_storage_size() for ds in (optimizer or {}).values())
+        if declared > self.size:
+            raise self.error("/", f"declares {declared:,} bytes of data, more than the file's "
+                                  f"{self.size:,} (datasets may not share storage)")
+        self._read_model(out, plan, datasets)
+        if expect is not None:
+            self._check_expect(out, plan, expect)
         if kind == "checkpoint":
-            self._read_optimizer(out)
+            out.epoch, out.rng_state = meta["epoch"], meta["rng_state"]
+            out.history = meta["history"]
+            out.optimizer_hyperparameters = meta["optimizer_hyperparameters"]
+            out.optimizer_state = OrderedDict()
+            for name, ds in optimizer.items():
+                hpath = f"/optimizer/{name}"
+                arr = self._data(ds, hpath)
+                problem = _tensor_problem(name, arr)
+                if problem:
+                    raise self.error(hpath, problem)
+                out.optimizer_state[name] = arr
         return out
 
-    def _exact_names(self, hpath: str, what: str, found: list, allowed: tuple) -> None:
-        missing = [n for n in allowed if n not in found]
-        extra = [n for n in found if n not in allowed]
-        if missing:
-            raise self.error(hpath, f"missing {what} {missing[0]!r}")
-        if extra:
-            raise self.error(hpath, f"unexpected {what} {extra[0]!r}")
+    def _members_like(self, f, names) -> dict:
+        """Root members by name, each checked to be a hard link (before /meta says the kind)."""
+        out = {}
+        for name in names:
+            self.where = f"/{name}"
+            if name not in ("meta", "model", "optimizer"):
+                raise self.error(f"/{name}", f"unexpected member {name!r}")
+            if not isinstance(f.get(name, getlink=True), h5py.HardLink):
+                raise self.error(f"/{name}", "only hard links are allowed")
+            out[name] = f[name]
+        return out
 
-    def _member(self, group: h5py.Group, gpath: str, name: str):
-        hpath = f"{gpath.rstrip('/')}/{name}"
-        link = group.get(name, getlink=True)
-        if not isinstance(link, h5py.HardLink):
-            raise self.error(hpath, f"is a {type(link).__name__}; only hard links are allowed")
-        return group[name], hpath
-
-    def _group(self, parent: h5py.Group, ppath: str, name: str):
-        obj, hpath = self._member(parent, ppath, name)
-        if not isinstance(obj, h5py.Group):
-            raise self.error(hpath, "must be a group")
-        return obj, hpath
-
-    def _check_dataset(self, ds, hpath: str, attrs: tuple = (), optional: tuple = ()) -> None:
-        """Structure checks made before any data is read."""
-        if not isinstance(ds, h5py.Dataset):
-            raise self.error(hpath, "must be a dataset")
-        if ds.dtype not in TENSOR_DTYPES:
-            raise self.error(hpath, f"unsupported dtype {ds.dtype}")
-        plist = ds.id.get_create_plist()
-        if ds.is_virtual or ds.external or plist.get_nfilters() or \
-                plist.get_layout() not in (h5py.h5d.CONTIGUOUS, h5py.h5d.COMPACT):
-            raise self.error(hpath, "datasets must be stored contiguous or compact, without "
-                                    "filters, external or virtual storage")
-        nbytes = int(np.prod(ds.shape, dtype=np.int64)) * ds.dtype.itemsize
-        if ds.id.get_storage_size() != nbytes:
-            raise self.error(hpath, f"stores {ds.id.get_storage_size()} bytes, shape {ds.shape} "
-                                    f"{ds.dtype} needs {nbytes} (truncated or unwritten)")
-        self._exact_names(hpath, "attribute", [a for a in ds.attrs if a not in optional], attrs)
-
-    def _data(self, ds, hpath: str) -> np.ndarray:
-        try:
-            arr = ds[()]
-        except (OSError, RuntimeError, ValueError, TypeError) as e:
-            raise self.error(hpath, f"data is unreadable ({e})") from None
-        arr = np.asarray(arr)
-        return np.asarray(arr, dtype=arr.dtype.newbyteorder("="), order="C")
-
-    # -- /model ----------------------------------------------------------------------------------
-    def _read_model(self, out: LoadedFile, expect) -> None:
-        model, mpath = self._group(self.f, "/", "model")
-        entries: OrderedDict[str, _Entry] = OrderedDict()
-        for name in model:
-            obj, hpath = self._member(model, mpath, name)
-            if isinstance(obj, h5py.Group):
-                if any(p == "" for p in name.split(".")):
-                    raise self.error(hpath, "layer name has an empty dotted component")
-                for leaf in obj:
-                    ds, dpath = self._member(obj, hpath, leaf)
-                    self._add_entry(entries, f"{name}.{leaf}", leaf, ds, dpath)
+    def _model_datasets(self, model, plan: _Plan) -> dict:
+        if not isinstance(model, h5py.Group):
+            raise self.error("/model", "must be a group")
+        by_group: dict[str, dict[str, _Slot]] = OrderedDict()
+        for s in plan.slots:
+            by_group.setdefault(s.group, OrderedDict())[s.leaf] = s
+        top = list(by_group.get("", {})) + [g for g in by_group if g]
+        members = self._members(model, "/model", top)
+        out = {}
+        for gname, leaves in by_group.items():
+            if gname == "":
+                found = {leaf: members[leaf] for leaf in leaves}
             else:
-                self._add_entry(entries, name, name, obj, hpath)
+                gpath = f"/model/{gname}"
+                group = members[gname]
+                if not isinstance(group, h5py.Group):
+                    raise self.error(gpath, f"must be a group (module {gname!r})")
+                found = self._members(group, gpath, list(leaves))
+            for leaf, s in leaves.items():
+                out[s] = self._dataset(found[leaf], s.hpath, s.dtype, s.shape)
+        return out
 
-        for e in entries.values():
-            if e.packed is not None and e.latent is None and out.kind != "packed":
-                raise self.error(e.hpath, f"missing latent binary weight (a {out.kind!r} file "
-                                          "keeps latent weights next to their packed bits)")
-            if e.latent is not None and e.packed is not None and out.kind == "packed":
-                raise self.error(e.hpath, "a 'packed' file must not hold latent binary weights")
-            if e.latent is not None and e.binary is not None:
-                if e.latent.dtype.kind != "f" or e.latent.shape != e.binary.shape:
-                    raise self.error(e.hpath, f"latent binary weight {e.latent.dtype} "
-                                              f"{e.latent.shape} does not match its packed bits' "
-                                              f"unpacked_shape {e.binary.shape}")
-        if expect is not None:
-            self._check_expect(entries, expect, mpath)
-        out.names = list(entries)
-        for key, e in entries.items():
-            if e.latent is not None:
-                out.state_dict[key] = self._data(e.latent, e.hpath)
-            if e.packed is not None:
-                ppath = e.hpath + PACKED_SUFFIX
-                words = self._data(e.packed, ppath)
-                self._check_words(words, e, ppath, out.state_dict.get(key))
-                out.packed[key] = words
-                out.binary[key] = e.binary
+    def _optimizer_datasets(self, group, plan: _Plan) -> dict:
+        gpath = "/optimizer"
+        if not isinstance(group, h5py.Group):
+            raise self.error(gpath, "must be a group")
+        self._object(group, gpath, _GROUP_MESSAGES)
+        limit_count, limit_size = _optimizer_limits(plan)
+        n = len(group)
+        if n > limit_count:
+            raise self.error(gpath, f"has {n:,} members, more than {limit_count:,} (4 per model "
+                                    "tensor + 16)")
+        out = OrderedDict()
+        for name in group:
+            hpath = f"{gpath}/{name}"
+            self.where = hpath
+            if not encodes_utf8(name) or "\0" in name:
+                raise self.error(hpath, "the name is not valid UTF-8 text")
+            if not isinstance(group.get(name, getlink=True), h5py.HardLink):
+                raise self.error(hpath, "only hard links are allowed")
+            out[name] = self._dataset(group[name], hpath, None, None, limit_size)
+        return out
 
-    def _add_entry(self, entries, key: str, leaf: str, ds, hpath: str) -> None:
-        if "." in leaf:
-            raise self.error(hpath, "a tensor's dataset name must not contain '.'")
-        if leaf.endswith(PACKED_SUFFIX):
-            self._check_dataset(ds, hpath, PACKED_ATTRS, PACKED_OPTIONAL_ATTRS)
-            binary = self._packed_attrs(ds, hpath, leaf)
-            key = key[: -len(PACKED_SUFFIX)]
-            e = entries.setdefault(key, _Entry(hpath[: -len(PACKED_SUFFIX)]))
-            e.packed, e.binary = ds, binary
-        else:
-            self._check_dataset(ds, hpath)
-            e = entries.setdefault(key, _Entry(hpath))
-            e.latent = ds
+    def _read_model(self, out: LoadedFile, plan: _Plan, datasets: dict) -> None:
+        out.names = list(plan.names)
+        words, scales = {}, {}
+        for s, ds in datasets.items():
+            arr = self._data(ds, s.hpath)
+            if s.role == "tensor":
+                problem = _tensor_problem(s.key, arr)
+                if problem:
+                    raise self.error(s.hpath, problem)
+                out.state_dict[s.key] = arr
+            elif s.role == "packed":
+                words[s.key] = (arr, s.hpath)
+            else:
+                if not np.isfinite(arr).all() or (arr < 0).any():
+                    raise self.error(s.hpath, "scale values must be finite and >= 0")
+                scales[s.key] = arr.astype(np.float32)
+        for key, b in plan.binary.items():
+            arr, hpath = words[key]
+            self._check_words(arr, b, hpath, out.state_dict.get(key), hpath[: -len(PACKED_SUFFIX)])
+            out.packed[key] = arr
+            out.binary[key] = BinaryWeight(b.shape, b.groups, b.sign_at_zero, scales.get(key))
+        out.state_dict = OrderedDict((k, out.state_dict[k]) for k in plan.names if k in out.state_dict)
 
-    def _packed_attrs(self, ds, hpath: str, leaf: str) -> BinaryWeight:
-        packs = self._str_attr(ds, hpath, "packs")
-        if packs + PACKED_SUFFIX != leaf:
-            raise self.error(hpath, f"attribute 'packs' is {packs!r}, expected "
-                                    f"{leaf[: -len(PACKED_SUFFIX)]!r}")
-        for name, expected in (("word_bits", WORD_BITS), ("bit_one_means", -1)):
-            if self._int_attr(ds, hpath, name) != expected:
-                raise self.error(hpath, f"attribute {name!r} must be {expected}")
-        if self._str_attr(ds, hpath, "bit_order") != "lsb_first":
-            raise self.error(hpath, "attribute 'bit_order' must be 'lsb_first'")
-        shape = np.asarray(self._attr(ds, hpath, "unpacked_shape"))
-        if shape.ndim != 1 or shape.dtype.kind not in "iu" or len(shape) not in LAYOUTS or \
-                (shape < 0).any():
-            raise self.error(hpath, f"attribute 'unpacked_shape' must be 2-4 integers >= 0, got "
-                                    f"{shape.tolist()}")
-        shape = tuple(int(n) for n in shape)
-        layout = self._str_attr(ds, hpath, "layout")
-        if layout != LAYOUTS[len(shape)]:
-            raise self.error(hpath, f"attribute 'layout' is {layout!r}, expected "
-                                    f"{LAYOUTS[len(shape)]!r} for unpacked_shape {shape}")
-        groups = self._int_attr(ds, hpath, "groups")
-        if groups < 1 or shape[0] % groups:
-            raise self.error(hpath, f"attribute 'groups' = {groups} must be >= 1 and divide "
-                                    f"O = {shape[0]}")
-        sign_at_zero = self._int_attr(ds, hpath, "sign_at_zero")
-        if sign_at_zero not in (1, -1):
-            raise self.error(hpath, f"attribute 'sign_at_zero' must be 1 or -1, got {sign_at_zero}")
-        if ds.dtype != np.uint64:
-            raise self.error(hpath, f"packed bits must be uint64, got {ds.dtype}")
-        if ds.shape != _packed_shape(shape):
-            raise self.error(hpath, f"shape {ds.shape} does not match unpacked_shape {shape} "
-                                    f"(expected {_packed_shape(shape)})")
-        scale = None
-        if "scale" in ds.attrs:
-            scale = np.asarray(self._attr(ds, hpath, "scale"))
-            if scale.dtype != np.float32 or scale.shape != shape[:1] or not np.isfinite(scale).all():
-                raise self.error(hpath, f"attribute 'scale' must be {shape[0]} finite float32 "
-                                        f"values, got {scale.dtype} {scale.shape}")
-            scale = scale.astype(np.float32)  # native byte order
-        return BinaryWeight(shape, groups, sign_at_zero, scale)
-
-    def _check_words(self, words: np.ndarray, e: _Entry, hpath: str, latent) -> None:
-        n = e.binary.shape[1]
+    def _check_words(self, words: np.ndarray, b: BinaryWeight, hpath: str, latent, lpath) -> None:
+        n = b.shape[1]
         if n % WORD_BITS and words.size and (words[..., -1] >> np.uint64(n % WORD_BITS)).any():
             raise self.error(hpath, f"unused high bits of the last word are not 0 (I = {n})")
         if latent is None:
             return
-        try:
-            expected = pack_weight_signs(latent, e.binary.sign_at_zero)
-        except ValueError as err:
-            raise self.error(e.hpath, f"latent binary weight cannot be packed ({err})") from None
+        expected = pack_weight_signs(latent, b.sign_at_zero)
         if not np.array_equal(expected, words):
             bad = np.argwhere(expected != words)
-            raise self.error(hpath, f"packed sign bits disagree with sign(latent weight) in "
-                                    f"{len(bad)} word(s), first at word index {tuple(bad[0])}")
+            first = tuple(int(i) for i in bad[0])
+            raise self.error(hpath, f"packed sign bits disagree with sign({lpath}) in "
+                                    f"{len(bad)} word(s), first at word index {first}")
 
-    def _check_expect(self, entries, expect: Mapping, mpath: str) -> None:
-        missing = [k for k in expect if k not in entries]
+    def _check_expect(self, out: LoadedFile, plan: _Plan, expect: Mapping) -> None:
+        shapes = {k: b.shape for k, b in plan.binary.items()}
+        for k in plan.names:
+            if k not in shapes:
+                shapes[k] = out.state_dict[k].shape
+        missing = [k for k in expect if k not in shapes]
         if missing:
-            group, leaf = _split_key_lenient(missing[0])
-            hpath = f"{mpath}/{group}/{leaf}" if group else f"{mpath}/{leaf}"
-            more = f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""
-            raise self.error(hpath, f"missing tensor {missing[0]!r}{more}")
-        for key, e in entries.items():
+            more = f" ({len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise self.error("/model", f"the caller expects tensor {missing[0]!r}, which the file's "
+                                       f"config does not have{more}")
+        for key in plan.names:
+            group, leaf = _split_key(key)
+            hpath = f"/model/{group}/{leaf}" if group else f"/model/{leaf}"
             if key not in expect:
-                raise self.error(e.hpath if e.latent is not None else e.hpath + PACKED_SUFFIX,
-                                 f"unexpected tensor {key!r} (not in the expected names)")
+                raise self.error(hpath, f"unexpected tensor {key!r} (not in the expected names)")
             shape, dtype = expect[key]
-            have = e.latent.shape if e.latent is not None else e.binary.shape
-            if tuple(have) != shape:
-                raise self.error(e.hpath if e.latent is not None else e.hpath + PACKED_SUFFIX,
-                                 f"shape {tuple(have)} but expected {shape}")
-            if dtype is not None and e.latent is not None and e.latent.dtype != dtype:
-                raise self.error(e.hpath, f"dtype {e.latent.dtype} but expected {dtype}")
+            if tuple(shapes[key]) != shape:
+                raise self.error(hpath, f"shape {tuple(shapes[key])} but expected {shape}")
+            if dtype is not None and key in out.state_dict and out.state_dict[key].dtype != dtype:
+                raise self.error(hpath, f"dtype {out.state_dict[key].dtype} but expected {dtype}")
 
 
-    # -- /optimizer ------------------------------------------------------------------------------
-    def _read_optimizer(self, out: LoadedFile) -> None:
-        group, gpath = self._group(self.f, "/", "optimizer")
-        self._exact_names(gpath, "attribute", list(group.attrs), ("hyperparameters",))
-        out.optimizer_hyperparameters = self._json_attr(group, gpath, "hyperparameters", (dict,))
-        out.optimizer_state = OrderedDict()
-        for name in group:
-            ds, hpath = self._member(group, gpath, name)
-            self._check_dataset(ds, hpath)
-            out.optimizer_state[name] = self._data(ds, hpath)
+def _type_name(tid) -> str:
+    names = {h5py.h5t.INTEGER: "integer", h5py.h5t.FLOAT: "float", h5py.h5t.STRING: "string",
+             h5py.h5t.COMPOUND: "compound", h5py.h5t.ENUM: "enum", h5py.h5t.VLEN: "vlen",
+             h5py.h5t.ARRAY: "array", h5py.h5t.REFERENCE: "reference", h5py.h5t.OPAQUE: "opaque",
+             h5py.h5t.BITFIELD: "bitfield", h5py.h5t.TIME: "time"}
+    try:
+        cls = names.get(tid.get_class(), "unknown")
+        order = " big-endian" if tid.get_class() in (h5py.h5t.INTEGER, h5py.h5t.FLOAT) and \
+            tid.get_order() == h5py.h5t.ORDER_BE else ""
+        return f"{cls}{order} of {tid.get_size()} bytes"
+    except (ValueError, RuntimeError, TypeError):
+        return "unknown"
 
 
 def _normalize_expect(expect: Mapping) -> dict[str, tuple[tuple[int, ...], np.dtype | None]]:
@@ -786,35 +1081,47 @@ def _normalize_expect(expect: Mapping) -> dict[str, tuple[tuple[int, ...], np.dt
     return out
 
 
-def _split_key_lenient(key: str) -> tuple[str, str]:
-    group, _, leaf = str(key).rpartition(".")
-    return group, leaf
+# --- python -m refbnn.fileformat upgrade OLD NEW ------------------------------------------------
+
+def main(argv=None) -> int:
+    """``python -m refbnn.fileformat upgrade OLD NEW [--timeout S]``: convert a version-1 file.
+
+    The version-1 read runs in a child process killed after ``--timeout`` seconds (default 600), so a
+    damaged file that makes HDF5 loop ends with one line and exit status 2 instead of hanging."""
+    from refbnn.cli_util import fail
+
+    p = argparse.ArgumentParser(prog="python -m refbnn.fileformat",
+                                description="Convert refbnn format-version-1 files to version 2.")
+    sub = p.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("upgrade", help="convert OLD (version 1) into NEW (version 2); NEW may be OLD")
+    up.add_argument("old")
+    up.add_argument("new")
+    up.add_argument("--timeout", type=float, default=600.0,
+                    help="seconds the version-1 read may take (default 600)")
+    up.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if not args.timeout > 0 or args.timeout != args.timeout:
+        return fail(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    if not os.path.isfile(args.old):
+        return fail(f"{args.old}: no such file")
+    if args.in_process:
+        try:
+            f = upgrade(args.old, args.new)
+        except (FormatError, ValueError, OSError) as e:
+            return fail(e)
+        print(f"wrote {args.new} (format version {f.version}, kind {f.kind}, {len(f.names)} tensors)")
+        return 0
+    try:
+        r = subprocess.run([sys.executable, "-m", "refbnn.fileformat", "upgrade", "--in-process",
+                            args.old, args.new], timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        remove_stale_temps(args.new)
+        return fail(f"{args.old}: reading it took more than {args.timeout:g} s (a damaged "
+                    f"version-1 file can make HDF5 loop); {args.new} was not written")
+    return r.returncode if r.returncode in (0, 2) else fail(
+        f"{args.old}: the conversion process ended with status {r.returncode}; {args.new} was not "
+        "written")
 
 
-def _input_spec_problem(spec) -> str | None:
-    """Why ``spec`` is not a valid input_spec (``docs/format.md``), or None if it is."""
-    if not isinstance(spec, Mapping):
-        return "must be a JSON object"
-    missing = [k for k in INPUT_SPEC_KEYS if k not in spec]
-    if missing:
-        return f"missing key {missing[0]!r} (needs {', '.join(INPUT_SPEC_KEYS)})"
-    shape, layout = spec["shape"], spec["layout"]
-    if not isinstance(shape, list | tuple) or len(shape) != 3 or not all(
-            isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape):
-        return f"'shape' must be 3 positive ints (one sample, no batch axis), got {shape!r}"
-    if layout not in ("NCHW", "NHWC"):
-        return f"'layout' must be 'NCHW' or 'NHWC', got {layout!r}"
-    channels = shape[0] if layout == "NCHW" else shape[2]
-    order = spec["channel_order"]
-    if not isinstance(order, str) or len(order) != channels:
-        return f"'channel_order' must be a str with one letter per channel ({channels}), " \
-               f"got {order!r}"
-    for key in ("mean", "std"):
-        v = spec[key]
-        if not isinstance(v, list | tuple) or len(v) != channels or not all(
-                isinstance(x, int | float) and not isinstance(x, bool) and np.isfinite(x)
-                for x in v):
-            return f"{key!r} must be {channels} finite numbers, got {v!r}"
-    if not all(x > 0 for x in spec["std"]):
-        return "'std' values must be > 0"
-    return None
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,132 +3,85 @@
 * Without images: evaluate on the test split of the data set named in the file and print accuracy,
   throughput (images/s) and per-image latency (median and p90) at batch 1 and at a large batch.
 * With images (any format and mode pillow reads): convert each as the file's ``input_spec`` says
-  (grey or RGB, resized to the model's input size, ``(p/255 - mean)/std``) and print the top-k classes
-  with probabilities; ``--json`` prints the same as JSON.
+  (EXIF orientation, transparency, 16-bit grey, grey or RGB, resized to the model's input size,
+  ``(p/255 - mean)/std``; ``--invert auto`` by default: see :mod:`refbnn.predictor`) and print the
+  top-k classes with probabilities; ``--json`` prints the same as JSON.
 
 ``--engine packed`` (default) runs the bit-packed XNOR-popcount engine (:mod:`refbnn.engine`);
-``--engine reference`` runs the float NumPy training path in eval mode. Bad input (missing file, not
-an image, not a refbnn file, unsupported version) prints one line and exits with status 2.
+``--engine reference`` runs the float NumPy training path in eval mode. The loading is
+:func:`refbnn.load`. Bad input (a bad flag, missing file, not an image, an image too large, not a
+refbnn file, unsupported version, a ``--data-dir`` without the test split) prints one line and
+exits with status 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import sys
 import time
 
 import numpy as np
 
+from refbnn import cli_util
+from refbnn.cli_util import ArgumentParser, UserError, fail
+from refbnn.predictor import ENGINES, INVERT, image_batch  # noqa: F401 - image_batch: for callers
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m refbnn.infer", description=__doc__.splitlines()[0])
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m refbnn.infer", description=__doc__.splitlines()[0])
     p.add_argument("model", help="a refbnn .h5 model, checkpoint or packed file")
     p.add_argument("images", nargs="*", help="image files to classify (default: evaluate the test set)")
-    p.add_argument("--engine", choices=("packed", "reference"), default="packed")
-    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--engine", choices=ENGINES, default="packed")
+    p.add_argument("--top-k", type=cli_util.int_in(1, 100_000), default=3,
+                   help="classes printed per image (default 3)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--invert", choices=("auto", "yes", "no"), default="auto",
+    p.add_argument("--invert", choices=INVERT, default="auto",
                    help="grey models trained on light-on-dark digits (MNIST): invert dark-on-light "
-                        "images; auto inverts when the image border is mostly light")
-    p.add_argument("--data-dir", help="folder with the test split (else $REFBNN_DATA_DIR, cache, ...)")
-    p.add_argument("--batch-size", type=int, default=256, help="large-batch size for the evaluation")
-    p.add_argument("--latency-runs", type=int, default=200, help="single-image runs timed for latency")
-    p.add_argument("--threads", type=int, default=None,
+                        "images; auto (default) inverts when the image border is mostly light")
+    p.add_argument("--data-dir", type=cli_util.existing_dir,
+                   help="folder with the test split (or <dataset>/ with it); nothing else is searched "
+                        "then (default: $REFBNN_DATA_DIR, the cache, ...)")
+    p.add_argument("--no-download", action="store_true", help="never try to download the test split")
+    p.add_argument("--batch-size", type=cli_util.int_in(1, 4096), default=256,
+                   help="large-batch size for the evaluation (default 256)")
+    p.add_argument("--latency-runs", type=cli_util.int_in(1, 100_000), default=200,
+                   help="single-image runs timed for latency (default 200)")
+    p.add_argument("--threads", type=cli_util.threads, default=None,
                    help="threads of refbnn's kernels (default: all cores; BLAS always runs on one)")
-    return p.parse_args(argv)
+    return p
 
 
-class UserError(Exception):
-    pass
+def parse_args(argv):
+    return build_parser().parse_args(argv)
 
 
 def load_runner(path, engine_kind):
-    """(predict function NCHW float32 -> logits, LoadedFile)."""
-    from refbnn import fileformat, models
-    from refbnn.engine import EngineError, compile_model
+    """``(predict function NCHW float32 -> logits, LoadedFile)`` (kept for older callers; use
+    :func:`refbnn.load`). Raises :class:`UserError` with a one-line message."""
+    m = _load(path, engine_kind)
+    return m._forward, m.file
 
-    if not os.path.exists(path):
-        raise UserError(f"{path}: no such file")
+
+def _load(path, engine):
+    from refbnn.predictor import load
+
     try:
-        f = fileformat.load(path)
-    except fileformat.FormatError as e:
+        return load(path, engine)
+    except (FileNotFoundError, ValueError) as e:  # FormatError is a ValueError
         raise UserError(str(e)) from None
     except OSError as e:
         raise UserError(f"{path}: cannot read: {e}") from None
+
+
+def classify(args, model):
     try:
-        model = models.build(f.config)
-    except ValueError as e:
-        raise UserError(f"{path}: model config: {e}") from None
-    scales = {n: b.scale for n, b in f.binary.items() if b.scale is not None}
-    state = f.state_dict if f.kind != "packed" else f.sign_state_dict()
-    if f.kind == "packed":
-        # latent weights are gone: alpha * sign reproduces both sign(W) and mean|W| = alpha
-        for name, alpha in scales.items():
-            a = np.asarray(alpha, np.float32).reshape(-1, *[1] * (state[name].ndim - 1))
-            state[name] = (state[name] * a).astype(np.float32)
-    model.load_state_dict(state)
-    model.eval()
-    if engine_kind == "reference":
-        return model.forward, f
-    try:
-        engine = compile_model(model, packed=dict(f.packed), scales=scales)
-    except EngineError as e:
-        raise UserError(f"{path}: {e}") from None
-    return engine.forward, f
-
-
-def image_batch(paths, spec, invert):
-    from PIL import Image, UnidentifiedImageError
-
-    c, h, w = spec["shape"] if spec["layout"] == "NCHW" else (spec["shape"][2], *spec["shape"][:2])
-    mode = "L" if spec["channel_order"] == "L" else "RGB"
-    mean = np.asarray(spec["mean"], np.float32).reshape(1, -1, 1, 1)
-    std = np.asarray(spec["std"], np.float32).reshape(1, -1, 1, 1)
-    out = np.empty((len(paths), c, h, w), np.float32)
-    for i, path in enumerate(paths):
-        try:
-            with Image.open(path) as im:
-                im = im.convert(mode).resize((w, h), Image.Resampling.BILINEAR)
-                a = np.asarray(im, dtype=np.float32) / 255.0
-        except FileNotFoundError:
-            raise UserError(f"{path}: no such file") from None
-        except (UnidentifiedImageError, OSError) as e:
-            raise UserError(f"{path}: not a readable image ({e})") from None
-        if a.ndim == 2:
-            a = a[None]
-        else:
-            a = a.transpose(2, 0, 1)
-        if mode == "L" and (invert == "yes" or (invert == "auto" and _border_mean(a[0]) > 0.5)):
-            a = 1.0 - a
-        out[i] = a
-    if spec["channel_order"] == "BGR":
-        out = out[:, ::-1]
-    return (out - mean) / std
-
-
-def _border_mean(a):
-    return float(np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]]).mean())
-
-
-def softmax(z):
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def classify(args, predict, f):
-    if f.input_spec is None:
-        raise UserError(f"{args.model}: the file has no input_spec, so images cannot be converted")
-    x = image_batch(args.images, f.input_spec, args.invert)
-    probs = softmax(predict(x).astype(np.float64))
-    names = f.class_names or [str(i) for i in range(probs.shape[1])]
-    k = max(1, min(args.top_k, probs.shape[1]))
+        probs = model.predict_files(args.images, args.invert)
+    except ValueError as e:  # an ImageError, or a file without input_spec
+        raise UserError(str(e)) from None
+    k = min(args.top_k, probs.shape[1])
     results = []
     for path, p in zip(args.images, probs):
         top = np.argsort(-p, kind="stable")[:k]
-        results.append({"file": path, "top": [{"index": int(i), "class": names[i],
+        results.append({"file": path, "top": [{"index": int(i), "class": model.class_names[i],
                                               "probability": float(p[i])} for i in top]})
     if args.json:
         print(json.dumps(results, indent=1))
@@ -137,13 +90,17 @@ def classify(args, predict, f):
             print(f"{r['file']}: " + ", ".join(f"{t['class']} ({t['probability']:.3f})" for t in r["top"]))
 
 
-def evaluate(args, predict, f):
-    from refbnn.data import DataError, batches, load_dataset
+def evaluate(args, model):
+    from refbnn.data import DataError, batches
 
+    f, predict = model.file, model.logits
     if not f.dataset:
         raise UserError(f"{args.model}: the file names no dataset; pass image files instead")
+    if model.layout != "NCHW" or model.input_shape[0] != 1:
+        raise UserError(f"{args.model}: the test split is grey NCHW images, the model takes "
+                        f"{model.layout} {model.input_shape}; pass image files instead")
     try:
-        test = load_dataset(f.dataset, "test", data_dir=args.data_dir)
+        test, folder = cli_util.load_split(f.dataset, "test", args.data_dir, not args.no_download)
     except DataError as e:
         raise UserError(str(e)) from None
     spec = f.input_spec or {}
@@ -156,7 +113,7 @@ def evaluate(args, predict, f):
     seconds = time.perf_counter() - t0
     n = len(test)
     lat = []
-    singles = np.concatenate(xs)[: max(args.latency_runs, 1)]
+    singles = np.concatenate(xs)[: args.latency_runs]
     for i in range(len(singles)):
         t = time.perf_counter()
         predict(singles[i:i + 1])
@@ -169,7 +126,8 @@ def evaluate(args, predict, f):
         predict(big)
         big_ms.append((time.perf_counter() - t) / len(big) * 1e3)
     per_image_big = float(np.median(big_ms))
-    result = {"model": args.model, "engine": args.engine, "dataset": f.dataset, "images": n,
+    result = {"model": args.model, "engine": args.engine, "dataset": f.dataset,
+              "data_dir": str(folder), "images": n,
               "accuracy": correct / n, "images_per_second": n / seconds,
               "batch1_latency_ms": {"median": float(np.median(lat_ms)),
                                     "p90": float(np.percentile(lat_ms, 90))},
@@ -177,38 +135,34 @@ def evaluate(args, predict, f):
     if args.json:
         print(json.dumps(result, indent=1))
     else:
-        print(f"{args.model} ({args.engine} engine) on {f.dataset} test: accuracy {correct / n:.4f} "
-              f"({correct}/{n})")
+        print(f"{args.model} ({args.engine} engine) on {f.dataset} test ({folder}): accuracy "
+              f"{correct / n:.4f} ({correct}/{n})")
         print(f"throughput {n / seconds:,.0f} images/s at batch {args.batch_size}; "
               f"batch 1 latency median {np.median(lat_ms):.3f} ms, p90 {np.percentile(lat_ms, 90):.3f} ms; "
               f"batch {len(big)}: {per_image_big:.4f} ms/image")
 
 
+@cli_util.command
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        if args.top_k < 1 or args.batch_size < 1:
-            raise UserError("--top-k and --batch-size must be positive")
         from threadpoolctl import threadpool_limits
         if args.threads is not None:
             import numba
-            if args.threads < 1:
-                raise UserError("--threads must be >= 1")
             numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
         # refbnn's kernels (and refbnn.nn's GEMM split) use numba's threads; a multi-threaded BLAS
         # beside them keeps polling after each call and takes their cores. Measured, 2 threads,
         # weights/ftbnn18.h5 on MNIST: BLAS at 2 threads 2,688-2,910 images/s, at 1: 4,389.
         threadpool_limits(1)
-        predict, f = load_runner(args.model, args.engine)
+        model = _load(args.model, args.engine)
         if args.images:
-            classify(args, predict, f)
+            classify(args, model)
         else:
-            evaluate(args, predict, f)
+            evaluate(args, model)
     except UserError as e:
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
-        return 2
+        return fail(e)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli_util.run_main(main)

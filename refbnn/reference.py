@@ -137,7 +137,7 @@ def output_transform(acc, multiplier, bias):
 
 
 def output_transform_lce(acc, k, multiplier, bias):
-    """LCE's float output transform, reproduced exactly (``lce-conventions.md``).
+    """LCE's float output transform, reproduced exactly (its ``core/bconv2d/output_transform.h``).
 
     With ``pc = (k - acc) / 2`` (the popcount of ``x XOR w``):
     ``y = float32(2 * pc) * (-multiplier) + float32(double(bias) + k * double(multiplier))``,
@@ -152,6 +152,53 @@ def output_transform_lce(acc, k, multiplier, bias):
     return (prod + offset).astype(np.float32)
 
 
+def padded_tap_sum(kernel, in_hw, padding, stride=1, dilation=1, sign_at_zero=1):
+    """For each output pixel, the sum of ``sign(kernel)`` over the taps that fall in the padding.
+
+    ``kernel`` ``(KH, KW, Cg, O)`` real; returns ``(corr, has_pad)``: ``corr`` int64
+    ``(OH, OW, O)`` with ``corr[i, j, o] = sum`` over taps ``(a, b)`` of pixel ``(i, j)`` outside
+    the ``in_hw`` input of ``sum_c sign(kernel)[a, b, c, o]``, and ``has_pad`` bool ``(OH, OW)``,
+    whether pixel ``(i, j)`` has any such tap. The accumulator with pad value +1 is the one with
+    zero padding plus ``corr``: ``bconv2d(.., pad_value=1) = bconv2d(.., pad_value=0) + corr``.
+    """
+    ws = sign(kernel, sign_at_zero).sum(axis=2)  # (KH, KW, O)
+    kh, kw, o = ws.shape
+    h, w = in_hw
+    sh, sw = pair(stride)
+    dh, dw = pair(dilation)
+    top, bottom, left, right = explicit_padding(padding, (h, w), (kh, kw), (sh, sw), (dh, dw))
+    oh = (h + top + bottom - (kh - 1) * dh - 1) // sh + 1
+    ow = (w + left + right - (kw - 1) * dw - 1) // sw + 1
+    corr = np.zeros((oh, ow, o), dtype=np.int64)
+    has_pad = np.zeros((oh, ow), dtype=bool)
+    for i in range(oh):
+        for j in range(ow):
+            for a in range(kh):
+                for b in range(kw):
+                    y, x = i * sh + a * dh - top, j * sw + b * dw - left
+                    if not (0 <= y < h and 0 <= x < w):
+                        corr[i, j] += ws[a, b].astype(np.int64)
+                        has_pad[i, j] = True
+    return corr, has_pad
+
+
+def output_transform_lce_zero_padding(acc, corr, has_pad, k, multiplier, bias):
+    """LCE's float output of a zero-padded binary conv, reproduced exactly (``zero_padding_correction``).
+
+    LCE pads with +1 (its bit 0), applies :func:`output_transform_lce` to that one-padded
+    accumulator ``acc + corr`` (``k`` counting every tap), then adds to each border pixel
+    (``has_pad``) the cached ``float32(float32(-multiplier) * float32(corr))``, rounding once more.
+    ``acc`` ``(..., OH, OW, O)`` is the zero-padded accumulator (:func:`bconv2d`, ``pad_value=0``),
+    ``corr`` and ``has_pad`` from :func:`padded_tap_sum`. Returns float32. LCE's own kernel derives
+    ``corr`` from one side per border (top or bottom, left or right), so its result is wrong when
+    the kernel reaches past the whole input; this function is what LCE means, not that defect.
+    """
+    m = np.asarray(multiplier, dtype=np.float32)
+    y = output_transform_lce(np.asarray(acc) + corr, k, m, bias)
+    c = ((-m) * np.asarray(corr).astype(np.float32)).astype(np.float32)
+    return np.where(has_pad[..., None], (y + c).astype(np.float32), y).astype(np.float32)
+
+
 def threshold_output(acc, multiplier, bias, sign_at_zero=1):
     """Binary output of a binary layer: ``sign(output_transform(acc, multiplier, bias))``, +-1 float64.
 
@@ -159,6 +206,36 @@ def threshold_output(acc, multiplier, bias, sign_at_zero=1):
     to ``sign_at_zero``.
     """
     return sign(output_transform(acc, multiplier, bias), sign_at_zero)
+
+
+def activation(v, spec=None):
+    """A float32 non-linearity, elementwise: ``None`` identity; ``"relu"`` ``v if v > 0 else 0``;
+    ``("prelu", a)`` ``v if v > 0 else a * v``; ``("fprelu", pos, neg)`` ``pos * v if v >= 0 else
+    neg * v`` (slopes float32 scalars or per channel, last axis). One rounding per product; the
+    sign of a zero result is not specified (both zeros binarize alike)."""
+    v = np.asarray(v, dtype=np.float32)
+    if spec is None:
+        return v
+    if spec == "relu":
+        return np.where(v > 0, v, np.float32(0)).astype(np.float32)
+    if spec[0] == "prelu":
+        a = np.asarray(spec[1], dtype=np.float32)
+        return np.where(v > 0, v, (a * v).astype(np.float32)).astype(np.float32)
+    if spec[0] == "fprelu":
+        pos, neg = np.asarray(spec[1], np.float32), np.asarray(spec[2], np.float32)
+        return np.where(v >= 0, (pos * v).astype(np.float32),
+                        (neg * v).astype(np.float32)).astype(np.float32)
+    raise ValueError(f"unknown non-linearity {spec!r}")
+
+
+def residual_output(acc, multiplier, bias, residual, pre=None, post=None, sign_at_zero=1):
+    """The tail of a residual block on a binary layer's accumulators: ``(z, sign(z))`` with
+    ``z = post(pre(output_transform(acc, multiplier, bias)) + residual)``, float32 (each step one
+    rounding, :func:`activation`), and its sign as float64 ``+-1`` under ``sign_at_zero``.
+    ``residual``: float32 of ``acc``'s shape."""
+    y = activation(output_transform(acc, multiplier, bias), pre)
+    z = activation((y + np.asarray(residual, np.float32)).astype(np.float32), post)
+    return z, sign(z, sign_at_zero)
 
 
 def maxpool2d(x, pool, stride=None, padding="valid", sign_at_zero=1):

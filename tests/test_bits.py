@@ -52,3 +52,19 @@ def test_word_conversion_rejects_wrong_word_count():
         bits.words64_to_words32(np.zeros(1, np.uint64), 100)
     with pytest.raises(ValueError, match="32-bit words"):
         bits.words32_to_words64(np.zeros(1, np.int32), 100)
+
+
+@given(hnp.arrays(st.sampled_from([np.uint64, np.int64, np.uint32, np.int32, np.uint8]),
+                  hnp.array_shapes(min_dims=0, max_dims=3, max_side=4)))
+def test_popcount_counts_bits_like_python(words):
+    """bits.popcount (NumPy 1.26-safe) against Python's bin(): any shape incl. 0-d, signed too."""
+    got = bits.popcount(words)
+    assert got.shape == words.shape and got.dtype == np.uint8
+    width = 8 * words.dtype.itemsize
+    expected = [bin(int(v) % (1 << width)).count("1") for v in words.reshape(-1)]
+    assert got.reshape(-1).tolist() == expected
+
+
+def test_popcount_rejects_floats():
+    with pytest.raises(ValueError, match="integer"):
+        bits.popcount(np.zeros(3))

@@ -1,35 +1,31 @@
 """The packed engine against the float training path (eval mode).
 
 Bound: for FTBNN models (no weight scale) every binary layer's float output equals the float path's
-exactly (same integer accumulator, same two float32 roundings); real layers differ only in summation
-order (a few float32 ulp). With logits of order 1-10 that keeps |engine - float| far below 1e-4
-unless a binary input within rounding of 0 flips sign; on these inputs none does, so the test holds
-every preset to 1e-4 absolute and identical predictions.
+exactly (same integer accumulator, same two float32 roundings), and so do the residual adds,
+non-linearities and pools (same float32 operations, same order); the real convolutions and the
+global pool differ only in summation order (a few float32 ulp). With logits of magnitude up to ~100
+here (float32 ulp ~1e-5) that keeps |engine - float| below 1e-4 unless a binary input within
+rounding of 0 flips sign; on these inputs none does, so the test holds every preset to 1e-4
+absolute and identical predictions.
 """
+
+from collections import OrderedDict
 
 import numpy as np
 import pytest
 
 from refbnn import fileformat, models, nn
-from refbnn.engine import EngineError, compile_model
+from refbnn.engine import Engine, EngineError, compile_model, network_from_model, runtime, stage_threads
+from refbnn.golden.model import randomize_state
 from refbnn.models.trace import trace
 
 
 def trained_looking(name, seed=0, **overrides):
-    """A model with non-trivial BatchNorm statistics and slopes, as after training."""
+    """A model with non-trivial BatchNorm statistics and slopes, as after training (some negative
+    scales; :func:`refbnn.golden.model.randomize_state`)."""
     model = models.build(name, seed=seed, width_multiplier=0.25, input_shape=[1, 28, 28], num_classes=10,
                          **overrides)
-    rng = np.random.default_rng(seed)
-    for _, m in model.named_modules():
-        if isinstance(m, nn.BatchNorm2d):
-            c = m.num_features
-            m.running_mean = rng.normal(0, 0.5, c).astype(np.float32)
-            m.running_var = rng.uniform(0.5, 2.0, c).astype(np.float32)
-            m.weight.data = rng.normal(0.5, 0.5, c).astype(np.float32)   # some negative scales
-            m.bias.data = rng.normal(0, 0.2, c).astype(np.float32)
-        if isinstance(m, nn.FPReLU):
-            m.pos_slope.data = rng.uniform(0.5, 1.5, m.num_channels).astype(np.float32)
-            m.neg_slope.data = rng.uniform(-0.5, 1.0, m.num_channels).astype(np.float32)
+    randomize_state(model, seed, scale_mean=0.5)  # logits below ~100 (see the module docstring)
     return model.eval()
 
 
@@ -44,17 +40,116 @@ def test_engine_matches_float_path(name):
     assert (got.argmax(1) == want.argmax(1)).all()
 
 
-def test_binary_layers_are_exact_for_unscaled_models():
-    model = trained_looking("ftbnn18_g2")
+@pytest.mark.parametrize("name", ["ftbnn18_g2", "ftbnn18_purified", "ftbnn18"])
+def test_binary_layers_are_exact_for_unscaled_models(name):
+    """Each binary layer's plan, fed the float path's own input, gives its BN output bit for bit."""
+    model = trained_looking(name)
     x = np.random.default_rng(2).standard_normal((4, 1, 28, 28)).astype(np.float32)
-    engine = compile_model(model)
-    records = {name: (inp, out) for name, _, inp, out in trace(model, x)}
-    for i, blk in enumerate(engine.blocks):
-        s, b = divmod(i, 4)
-        conv_in, _ = records[f"layer{s + 1}.{b}.binary_conv"]
-        _, bn_out = records[f"layer{s + 1}.{b}.bn1"]
-        got = blk.conv(np.ascontiguousarray(conv_in.transpose(0, 2, 3, 1)))
-        np.testing.assert_array_equal(got, bn_out.transpose(0, 2, 3, 1), err_msg=f"block {i}")
+    engine = Engine.from_model(model)
+    records = {n: (inp, out) for n, _, inp, out in trace(model, x)}
+    layers = [n for n in records if n.endswith("binary_conv") or (n.endswith("downsample.1")
+              and isinstance(dict(model.named_modules())[n], nn.BinaryConv2d))]
+    assert len(layers) >= 16
+    for layer in layers:
+        conv_in, _ = records[layer]
+        _, bn_out = records[layer.rsplit(".", 1)[0] + (".bn1" if layer.endswith("conv")
+                                                       else ".2")]
+        got = engine.binary_plan(layer)(np.ascontiguousarray(conv_in.transpose(0, 2, 3, 1)))
+        np.testing.assert_array_equal(got, bn_out.transpose(0, 2, 3, 1), err_msg=layer)
+
+
+def _float_records(model, x):
+    return OrderedDict((n, out) for n, _, _, out in trace(model, x))
+
+
+@pytest.mark.parametrize("name", ["ftbnn18_g2", "ftbnn18", "birealnet18"])
+def test_layer_outputs_follow_the_float_path(name):
+    """Whole chain: every recorded layer within a few ulp of the float path's (relative 1e-5 of the
+    layer's largest value), the block outputs of FTBNN models mostly bit-identical."""
+    model = trained_looking(name)
+    x = np.random.default_rng(4).standard_normal((3, 1, 28, 28)).astype(np.float32)
+    rec = Engine.from_model(model).layer_outputs(x)
+    ref = _float_records(model, x)
+    ref["logits"] = model.forward(x)
+    checked = 0
+    for key, got in rec.items():
+        want = ref.get(key)
+        if want is None:  # a block's output is no leaf layer: the next layer's input
+            continue
+        want = want.transpose(0, 2, 3, 1) if want.ndim == 4 else want
+        scale = float(np.abs(want).max()) or 1.0
+        assert np.abs(got - want).max() <= 1e-5 * scale, key
+        checked += 1
+    assert checked >= 20
+    assert list(rec)[-1] == "logits"
+
+
+def test_stage_threads_policy():
+    assert stage_threads(10, 2) == 1
+    assert stage_threads(runtime.PARALLEL_MIN_WORK, 2) == 2
+    assert stage_threads(10 ** 9, 1) == 1
+
+
+def test_thread_policy_picks_the_faster_setting_and_probes():
+    pol = runtime.ThreadPolicy(2)
+    seq = []
+    for _ in range(4 * runtime.PROBE_EVERY):
+        t = pol.choose()
+        seq.append(t)
+        pol.record(t, 1.0 if t == 2 else 0.1)  # one thread is faster (a busy core)
+    assert seq[:4] == [2, 2, 1, 1]
+    tail = seq[4:]
+    assert tail.count(1) > tail.count(2) >= 2  # mostly 1, the other setting probed now and then
+    pol = runtime.ThreadPolicy(1)
+    assert {pol.choose() for _ in range(5)} == {1}
+
+
+def test_results_do_not_depend_on_threads_or_batch_plan():
+    import numba
+
+    engine = Engine.from_model(trained_looking("ftbnn18_g2"))
+    x = np.random.default_rng(5).standard_normal((5, 1, 28, 28)).astype(np.float32)
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = engine.forward(x)
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        many = engine.forward(x)
+        again = engine.forward(x)
+    finally:
+        numba.set_num_threads(before)
+    np.testing.assert_array_equal(one, many)
+    np.testing.assert_array_equal(many, again)
+    np.testing.assert_array_equal(engine.forward(x[:2]), one[:2])  # another batch plan
+    assert numba.get_num_threads() == before
+
+
+def test_profile_splits_by_stage():
+    engine = Engine.from_model(trained_looking("birealnet18"))
+    x = np.zeros((2, 1, 28, 28), np.float32)
+    split = engine.profile(x, runs=2)
+    assert set(split) == {"binary_convs", "stem", "shortcuts", "elementwise_glue", "total"}
+    assert all(v > 0 for v in split.values())
+    assert sum(split[k] for k in runtime.STAGES) <= split["total"] * 1.05
+
+
+def test_engine_from_tensors_needs_no_float_model(tmp_path):
+    """A packed-only file: the network comes from the config and the named tensors alone."""
+    model = trained_looking("birealnet18")
+    full, packed = tmp_path / "full.h5", tmp_path / "packed.h5"
+    fileformat.save_model(full, model.state_dict(), config=model.config,
+                          binary_weights=model.binary_weights())
+    fileformat.export_packed(full, packed)
+    f = fileformat.load(packed)
+    assert not any(n in f.state_dict for n in f.packed)  # no latent binary weights in the file
+    x = np.random.default_rng(6).standard_normal((2, 1, 28, 28)).astype(np.float32)
+    np.testing.assert_allclose(Engine.from_file(packed).forward(x), model.forward(x), rtol=0,
+                               atol=1e-4)
+    net = network_from_model(model)
+    assert [b.name for b in net.blocks][:2] == ["layer1.0", "layer1.1"]
+    del f.state_dict["layer2.0.bn1.running_var"]
+    with pytest.raises(EngineError, match=r"layer2\.0\.bn1\.running_var"):
+        Engine.from_file(f)
 
 
 def test_engine_refuses_ternary_sign():
@@ -66,6 +161,7 @@ def test_engine_refuses_ternary_sign():
 
 def test_engine_rejects_bad_input():
     engine = compile_model(trained_looking("ftbnn18"))
+    assert engine.forward(np.zeros((0, 1, 28, 28), np.float32)).shape == (0, 10)
     with pytest.raises(ValueError, match="input must be"):
         engine.forward(np.zeros((2, 3, 28, 28), np.float32))
     x = np.zeros((1, 1, 28, 28), np.float32)
@@ -94,3 +190,16 @@ def test_packed_only_file_runs_like_the_full_file(name, tmp_path):
         np.testing.assert_allclose(a(x), want, rtol=0, atol=1e-4)
         # scale-free models are exact from the bits; Bi-Real's alpha * sign round-trips within 1 ulp
         np.testing.assert_allclose(b(x), a(x), rtol=0, atol=0 if name.startswith("ftbnn") else 1e-5)
+
+
+def test_stem_in_image_chunks_gives_the_same_logits(monkeypatch):
+    model = trained_looking("birealnet18", stem_pool=True)
+    x = np.random.default_rng(7).standard_normal((5, 1, 28, 28)).astype(np.float32)
+    whole = Engine.from_model(model)
+    want, want_pool = whole.forward(x), whole.layer_outputs(x)["maxpool"]
+    assert whole._plan(5).stem_chunk == 5
+    monkeypatch.setattr(runtime, "STEM_CHUNK_BYTES", 1)  # one image per chunk
+    chunked = Engine.from_model(model)
+    assert chunked._plan(5).stem_chunk == 1
+    np.testing.assert_array_equal(chunked.forward(x), want)
+    np.testing.assert_array_equal(chunked.layer_outputs(x)["maxpool"], want_pool)

@@ -99,11 +99,18 @@ def test_bad_arguments_one_line_exit_2(args, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_missing_out_dir_is_a_usage_error():
-    proc = subprocess.run([sys.executable, "-m", "refbnn.experiments.nonlinearity"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
-    assert "--out-dir" in proc.stderr
+def test_out_dir_has_the_readme_default():
+    # the README runs `python -m refbnn.experiments.nonlinearity` with no flag at all
+    assert study.parse_args([]).out_dir == "runs/nonlinearity" == study.DEFAULT_OUT_DIR
+
+
+def test_unwritable_out_dir_fails_before_any_training(tmp_path, data_dir, monkeypatch, capsys):
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setattr(study, "train_run", lambda *a, **k: pytest.fail("trained before checking"))
+    status = study.main(["--out-dir", str(tmp_path / "afile" / "out"), "--data-dir", str(data_dir),
+                         "--no-download", "--quick"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1 and "--out-dir" in err and "afile" in err, err
 
 
 def test_train_size_beyond_the_split_is_a_one_line_error(data_dir, tmp_path, capsys):

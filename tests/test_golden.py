@@ -9,8 +9,9 @@ import h5py
 import numpy as np
 import pytest
 
-from refbnn import fileformat, golden, goldenlib, models
-from refbnn.goldenlib import fileio
+from refbnn import fileformat, golden, models
+from refbnn.golden import cli as golden_cli
+from refbnn.golden import fileio
 
 MODEL_ARGS = ["--model", "ftbnn18_purified", "--batch", "2", "--seed", "1"]
 
@@ -18,7 +19,7 @@ MODEL_ARGS = ["--model", "ftbnn18_purified", "--batch", "2", "--seed", "1"]
 @pytest.fixture(scope="module")
 def gdir(tmp_path_factory):
     out = tmp_path_factory.mktemp("golden")
-    assert golden.main([str(out), *MODEL_ARGS]) == 0
+    assert golden_cli.main([str(out), *MODEL_ARGS]) == 0
     return out
 
 
@@ -27,10 +28,10 @@ def _cases(path):
 
 
 def test_fresh_files_check_clean(gdir, capsys):
-    paths = [str(gdir / f) for f in goldenlib.FILES]
+    paths = [str(gdir / f) for f in golden.FILES]
     for p in paths:
-        assert goldenlib.check(p) == []
-    assert golden.main(["--check", *paths]) == 0
+        assert golden.check(p) == []
+    assert golden_cli.main(["--check", *paths]) == 0
     assert capsys.readouterr().out.count(": OK") == 3
 
 
@@ -81,7 +82,19 @@ CORRUPTIONS = [
     ("layers.h5", "batchnorm2d_train_negative_scale", "grad.weight", lambda a: a * np.float32(1.01)),
     ("model.h5", "eval", "out.layer2.0.binary_conv", lambda a: a + np.float32(2.0)),
     ("model.h5", "train_step", "grad.layer3.1.bn1.bias", lambda a: -a),
+    # one float value, not the first, off by one part in a thousand
+    ("model.h5", "eval", "out.layer3.1.bn1", lambda a: _one(a, -1, np.float32(1.001))),
+    ("layers.h5", "batchnorm2d_train_negative_scale", "grad_x", lambda a: _one(a, a.size // 2,
+                                                                                  np.float32(0.999))),
 ]
+
+
+def _one(a, index, factor):
+    """``a`` with element ``index`` (flat) scaled by ``factor`` (moved by 1 if it is 0)."""
+    a = a.copy()
+    v = a.flat[index]
+    a.flat[index] = v * factor if v != 0 else a.dtype.type(1)
+    return a
 
 
 @pytest.mark.parametrize(("fname", "case", "output", "change"), CORRUPTIONS,
@@ -92,14 +105,14 @@ def test_checker_catches_a_corrupted_value(gdir, tmp_path, capsys, fname, case, 
     with h5py.File(path, "r+") as f:
         ds = f[f"cases/{case}/outputs/{output}"]
         ds[...] = change(ds[()])
-    mismatches = goldenlib.check(path)
+    mismatches = golden.check(path)
     assert {m.split(":")[0] for m in mismatches} == {f"{case}/{output}"}
     if case.startswith("bconv"):  # recomputed with both kernel paths, each reports it
         assert sorted(m.rsplit("[", 1)[-1] for m in mismatches) == ["fast kernels]",
                                                                      "portable kernels]"]
     else:
         assert len(mismatches) == 1
-    assert golden.main(["--check", str(path)]) == 1
+    assert golden_cli.main(["--check", str(path)]) == 1
     assert f"{case}/{output}" in capsys.readouterr().out
 
 
@@ -120,9 +133,9 @@ def test_file_written_from_the_spec(tmp_path):
     # signs: x -> [+1, -1, +1]; w rows -> [+1, +1, +1] and [-1, +1, +1] (-0.0 is +1)
     path = tmp_path / "hand.h5"
     _write_bgemm_from_spec(path, [[1, -1]])
-    assert goldenlib.check(path) == []
+    assert golden.check(path) == []
     _write_bgemm_from_spec(path, [[1, 1]])
-    assert len(goldenlib.check(path)) == 2  # the portable and the fast kernels each report it
+    assert len(golden.check(path)) == 2  # the portable and the fast kernels each report it
 
 
 def _broken(tmp_path, gdir, how):
@@ -146,14 +159,14 @@ def _broken(tmp_path, gdir, how):
 @pytest.mark.parametrize("how", ["text", "format", "op", "dataset", "cases"])
 def test_bad_file_exits_2_with_one_line(gdir, tmp_path, capsys, how):
     path = _broken(tmp_path, gdir, how)
-    assert golden.main(["--check", str(path)]) == 2
+    assert golden_cli.main(["--check", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_missing_file_and_bad_arguments(tmp_path, capsys):
-    assert golden.main(["--check", str(tmp_path / "absent.h5")]) == 2
-    assert golden.main([str(tmp_path / "out"), "--model", "no_such_model"]) == 2
+    assert golden_cli.main(["--check", str(tmp_path / "absent.h5")]) == 2
+    assert golden_cli.main([str(tmp_path / "out"), "--model", "no_such_model"]) == 2
     assert capsys.readouterr().err.count("error: ") == 2
 
 
@@ -164,13 +177,28 @@ def test_from_a_weight_file(tmp_path, capsys):
     fileformat.save_model(weights, net.state_dict(), config=net.config,
                           binary_weights=net.binary_weights())
     out = tmp_path / "g"
-    assert golden.main([str(out), "--weights", str(weights), "--batch", "2"]) == 0
+    assert golden_cli.main([str(out), "--weights", str(weights), "--batch", "2"]) == 0
     model = fileio.read(out / "model.h5")
     assert model.meta["config"] == net.config
     assert all(np.array_equal(model.arrays[k], v) for k, v in net.state_dict().items())
-    assert goldenlib.check(out / "model.h5") == []
+    assert golden.check(out / "model.h5") == []
     packed = tmp_path / "p.h5"
     fileformat.save_model(packed, net.state_dict(), config=net.config,
                           binary_weights=net.binary_weights(), packed_only=True)
-    assert golden.main([str(tmp_path / "g2"), "--weights", str(packed)]) == 2
+    assert golden_cli.main([str(tmp_path / "g2"), "--weights", str(packed)]) == 2
     assert "packed-only" in capsys.readouterr().err
+
+
+def test_compare_looks_at_every_element():
+    e = np.linspace(-1.0, 1.0, 12, dtype=np.float32).reshape(3, 4)
+    assert golden.compare(e, e.copy()) is None
+    for index in (5, 11):
+        a = e.copy()
+        a.flat[index] += np.float32(1e-3)
+        problem = golden.compare(e, a, rtol=0.0, atol=1e-4)
+        assert problem is not None and problem.startswith("1 of 12 values differ"), problem
+        assert f"first at {np.unravel_index(index, e.shape)}".replace("np.int64(", "") \
+            .replace(")", "") in problem.replace(")", "")
+    a = e.copy()
+    a.flat[7] = np.nan
+    assert golden.compare(e, a, atol=1.0) is not None

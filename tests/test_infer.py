@@ -91,7 +91,7 @@ def test_bad_input_is_one_line_and_status_2(case, model_file, tmp_path, monkeypa
         args = [model_file, txt]
     elif case == "future":
         model = models.build("ftbnn18", width_multiplier=0.125, input_shape=[1, 28, 28], num_classes=10)
-        monkeypatch.setattr(fileformat, "FORMAT_VERSION", 2)
+        monkeypatch.setattr(fileformat, "FORMAT_VERSION", fileformat.FORMAT_VERSION + 1)
         fileformat.save_model(tmp_path / "v2.h5", model.state_dict(), config=model.config,
                               binary_weights=model.binary_weights(), input_spec=SPEC)
         monkeypatch.undo()

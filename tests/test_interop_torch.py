@@ -14,7 +14,8 @@ import pytest
 
 from refbnn import models
 from refbnn.crosscheck import NEAR_ZERO, run_refbnn, run_torch
-from refbnn.goldenlib.model import is_binary, randomize_state
+from refbnn.golden.model import is_binary, randomize_state
+from refbnn.interop.checkpoints import ConversionError
 
 torch = pytest.importorskip("torch")
 from refbnn.interop.torch import (  # noqa: E402  (needs torch)
@@ -29,13 +30,7 @@ RTOL_GRAD = 1e-4
 SMALL = {"input_shape": [1, 10, 10], "width_multiplier": 0.125, "num_classes": 10}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread (PyTorch's spinning workers only slow a shared machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tests/conftest.py
 
 
 def _pair(name, seed=0):
@@ -157,10 +152,10 @@ def test_load_official_birealnet_names_problems():
     state = models.BNNResNet(config).state_dict()
     ckpt = _official_layout(state)["state_dict"]
     extra = OrderedDict(ckpt, **{"module.layer9.0.bn1.weight": torch.zeros(3)})
-    with pytest.raises(KeyError, match=r"layer9\.0\.bn1\.weight"):
+    with pytest.raises(ConversionError, match=r"layer9\.0\.bn1\.weight"):
         load_official_birealnet(extra, config)
-    missing = OrderedDict((k, v) for k, v in ckpt.items() if "layer2.1.bn1" not in k)
-    with pytest.raises(KeyError, match=r"layer2\.1\.bn1"):
+    missing = OrderedDict((k, v) for k, v in ckpt.items() if "layer2.1.bn1.weight" not in k)
+    with pytest.raises(ConversionError, match=r"layer2\.1\.bn1"):
         load_official_birealnet(missing, config)
 
 
@@ -222,8 +217,8 @@ def _torch_outputs(case):
 def test_golden_layer_cases_reproduce_in_torch(tmp_path):
     """layers.h5 read back from disk and recomputed with PyTorch meets its stated tolerances: the
     golden tolerances are realistic for another float32 implementation."""
-    from refbnn import goldenlib
-    from refbnn.goldenlib import fileio, layers
+    from refbnn import golden
+    from refbnn.golden import fileio, layers
 
     path = tmp_path / "layers.h5"
     fileio.write(path, fileio.GoldenFile("layers", 0, {}, layers.layer_cases(0)), "test")
@@ -233,7 +228,7 @@ def test_golden_layer_cases_reproduce_in_torch(tmp_path):
         if got is None:
             continue
         for key, expected in case.outputs.items():
-            problem = goldenlib.compare(expected, got[key], *case.tolerance[key])
+            problem = golden.compare(expected, got[key], *case.tolerance[key])
             checked += 1
             if problem:
                 problems.append(f"{case.name}/{key}: {problem}")
@@ -243,7 +238,7 @@ def test_golden_layer_cases_reproduce_in_torch(tmp_path):
 def test_golden_bconv_cases_reproduce_in_torch():
     """ops.h5's binary convolutions, recomputed from docs/golden.md's formula with torch.conv2d on
     +-1 float64 tensors (exact for these sizes): padding spec, pad value, stride, dilation, groups."""
-    from refbnn.goldenlib import ops
+    from refbnn.golden import ops
 
     checked = 0
     for case in ops.op_cases(0):

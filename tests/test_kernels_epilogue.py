@@ -1,4 +1,5 @@
-"""Fused conv epilogues (float, LCE float, threshold bits) and chaining, against the reference."""
+"""Fused conv epilogues (float, LCE float, threshold bits, fused residual) and chaining, against the
+reference."""
 
 import numpy as np
 import pytest
@@ -143,3 +144,88 @@ def test_bits_output_whole_words_mixed_sign_multipliers(impl, padding, pad_value
         acc = ref.bconv2d(x, k, 1, padding, pad_value)
         want = ref.pack(ref.threshold_output(acc, mul, bias, saz))
         assert np.array_equal(plan(x), want)
+
+
+SLOPES = st.sampled_from([0.0, -0.0, 0.25, -1.5, 1.0, 3.0])
+
+
+@st.composite
+def activations(draw, channels):
+    kind = draw(st.sampled_from([None, "relu", "prelu", "fprelu"]))
+    per_channel = draw(st.booleans())
+
+    def slopes():
+        if per_channel:
+            return np.array([draw(SLOPES) for _ in range(channels)], np.float32)
+        return np.float32(draw(SLOPES))
+
+    if kind == "prelu":
+        return ("prelu", slopes())
+    if kind == "fprelu":
+        return ("fprelu", slopes(), slopes())
+    return kind
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@given(layer=layers(), out_groups=st.sampled_from([1, 2]), pad=st.integers(0, 2), data=st.data())
+def test_fused_residual_output_equals_reference(impl, layer, out_groups, pad, data):
+    """BatchNorm, pre-activation, residual add, post-activation, then both the float result and
+    its packed signs written into a padded buffer (the next layer's input) at an offset."""
+    o = layer["kernel"].shape[3]
+    if o % out_groups:
+        out_groups = 1
+    pre, post = data.draw(activations(o)), data.draw(activations(o))
+    plan = refbnn.BConv2DPlan(refbnn.pack_kernel(layer["kernel"]), layer["x"].shape[3],
+                              layer["x"].shape[1:3], layer["stride"], layer["padding"],
+                              layer["pad_value"], 1, layer["groups"], output="fused",
+                              multiplier=layer["mul"], bias=layer["bias"], out_groups=out_groups,
+                              sign_at_zero=layer["saz"], impl=impl, pre=pre, post=post)
+    acc = _acc(layer)
+    n, oh, ow, _ = acc.shape
+    residual = data.draw(hnp.arrays(np.float32, acc.shape, elements=VALUES | st.floats(-9, 9,
+                                                                                     width=32)))
+    # exact zeros after the add: residual = -y where a channel is picked
+    y0 = ref.activation(ref.output_transform(acc, layer["mul"], layer["bias"]), pre)
+    tie = data.draw(hnp.arrays(np.bool_, acc.shape))
+    residual = np.where(tie, -y0, residual).astype(np.float32)
+    words = plan.out_words // out_groups
+    bits = np.full((n, oh + 2 * pad, ow + 2 * pad, plan.out_words), 7, np.uint64)
+    z, got_bits = plan.run_fused(plan.pack_input(layer["x"]), residual, bits, (pad, pad))
+    assert got_bits is bits
+    want_z, want_sign = ref.residual_output(acc, layer["mul"], layer["bias"], residual, pre, post,
+                                            layer["saz"])
+    assert z.dtype == np.float32 and np.array_equal(z, want_z)
+    og = o // out_groups
+    want = np.concatenate([ref.pack(want_sign[..., g * og:(g + 1) * og]) for g in
+                           range(out_groups)], axis=-1).reshape(n, oh, ow, out_groups * words)
+    assert np.array_equal(bits[:, pad:pad + oh, pad:pad + ow], want.astype(np.uint64))
+    border = np.ones(bits.shape[:3], bool)
+    border[:, pad:pad + oh, pad:pad + ow] = False
+    assert (bits[border] == 7).all()  # the padding of the next layer's buffer is left alone
+
+
+def test_fused_output_argument_errors():
+    k = np.ones((3, 3, 8, 4), np.float32)
+    one = np.ones(4, np.float32)
+    plan = refbnn.BConv2DPlan(refbnn.pack_kernel(k), 8, (5, 5), output="fused", multiplier=one,
+                              bias=one, pre="relu")
+    buf = plan.pack_input(np.ones((1, 5, 5, 8), np.float32))
+    res = np.zeros((1, 5, 5, 4), np.float32)
+    for call, match in [
+        (lambda: plan.run_padded(buf), "run_fused"),
+        (lambda: plan.run_fused(buf, res[:, :4]), "residual"),
+        (lambda: plan.run_fused(buf, res.astype(np.float64)), "residual"),
+        (lambda: plan.run_fused(buf, res, out=res), "apart from the residual"),
+        (lambda: plan.run_fused(buf, res, np.zeros((1, 4, 4, 1), np.uint64)), "bits"),
+        (lambda: refbnn.BConv2DPlan(refbnn.pack_kernel(k), 8, (5, 5), output="float",
+                                    multiplier=one, bias=one, pre="relu"), "fused"),
+        (lambda: refbnn.BConv2DPlan(refbnn.pack_kernel(k), 8, (5, 5), output="fused",
+                                    multiplier=one, bias=one, post="gelu"), "post"),
+        (lambda: refbnn.BConv2DPlan(refbnn.pack_kernel(k), 8, (5, 5), output="fused",
+                                    multiplier=one, bias=one, pre=("prelu", [1, 2])), "slopes"),
+        (lambda: refbnn.BConv2DPlan(refbnn.pack_kernel(k), 8, (5, 5), output="fused",
+                                    multiplier=one, bias=one, pre=("prelu", np.inf)), "finite"),
+    ]:
+        with pytest.raises(ValueError, match=match) as info:
+            call()
+        assert "\n" not in str(info.value)

@@ -44,7 +44,7 @@ def test_published_birealnet_budgets(imagenet_budgets):
 
 
 def test_birealnet18_layer_counts_by_hand(imagenet_budgets):
-    # counted by hand in ftbnn-notes.md: stem 112*112*64*3*49, shortcut 28*28*128*64, FC 512*1000
+    # counted by hand: stem 112*112*64*3*49, shortcut 28*28*128*64, FC 512*1000
     layers = {c.name: c for c in imagenet_budgets["birealnet18"].layers}
     assert layers["conv1"].macs == 118_013_952
     assert layers["layer2.0.downsample.1"].macs == 6_422_528
@@ -107,6 +107,19 @@ def test_default_placement_is_relu_at_stage_ends_on_the_branch():
     cfg = models.get_config("ftbnn18")
     assert cfg["nonlinearity"] == (["fprelu"] * 3 + ["relu"]) * 4
     assert cfg["nonlinearity_position"] == (["after_add"] * 3 + ["before_add"]) * 4
+
+
+@pytest.mark.parametrize("given", ["after_add", "before_add"])
+def test_an_explicit_position_wins_over_the_presets(given):
+    """ftbnn18's preset relu_stage_end puts its ReLUs before the add; a config that names the
+    position itself gets that position in every block, "after_add" (the default value) included."""
+    cfg = models.get_config("ftbnn18", nonlinearity_position=given)
+    assert cfg["nonlinearity"] == (["fprelu"] * 3 + ["relu"]) * 4
+    assert cfg["nonlinearity_position"] == [given] * 16
+    assert models.config.resolve(cfg) == cfg  # idempotent: the resolved lists stay as they are
+    preset = models.get_config("ftbnn18")
+    assert models.config.resolve(preset) == preset
+
 
 
 @pytest.mark.parametrize("bad, match", [

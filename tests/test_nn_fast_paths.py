@@ -1,5 +1,6 @@
-"""The training step's fast kernels against their NumPy oracles: max-pool (exact), the fused conv
-backward's im2col range (exact), tap-major col2im and the fused gradients (stated tolerances)."""
+"""The training step's fast kernels against their NumPy oracles: max-pool (exact; symmetric and
+"same" padding), the fused conv backward's im2col range (exact), tap-major col2im and the fused
+gradients (stated tolerances); conv cases include asymmetric (bottom/right) padding."""
 
 import itertools
 
@@ -17,7 +18,8 @@ seeds = st.integers(0, 2**31 - 1)
 
 
 @st.composite
-def pool_case(draw):
+def pool_case(draw, same=False):
+    """``(x, kernel, stride, padding)``; ``same``: also TensorFlow's "same" padding (MaxPool2d)."""
     kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
     sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
     ph, pw = draw(st.integers(0, kh // 2)), draw(st.integers(0, kw // 2))
@@ -31,10 +33,11 @@ def pool_case(draw):
     special = draw(st.sampled_from([None, -np.inf, np.nan, -0.0]))
     if special is not None:
         x.reshape(-1)[rng.integers(0, x.size, max(1, x.size // 6))] = special
-    return x, (kh, kw), (sh, sw), (ph, pw)
+    padding = "same" if same and draw(st.booleans()) else (ph, pw)
+    return x, (kh, kw), (sh, sw), padding
 
 
-@given(pool_case(), st.booleans())
+@given(pool_case(same=True), st.booleans())
 def test_max_pool_kernels_equal_oracle(case, training):
     x, k, s, p = case
     m = MaxPool2d(k, s, p)
@@ -66,15 +69,18 @@ def conv_case(draw, max_groups=3):
     sh, sw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
     dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
     ph, pw = draw(st.integers(0, 2)), draw(st.integers(0, 2))
-    h = draw(st.integers(max(1, (kh - 1) * dh + 1 - 2 * ph), 7))
-    w = draw(st.integers(max(1, (kw - 1) * dw + 1 - 2 * pw), 7))
+    # symmetric, or one more row/column at the bottom/right (TensorFlow's "same")
+    pb, pr = ph + draw(st.integers(0, 1)), pw + draw(st.integers(0, 1))
+    h = draw(st.integers(max(1, (kh - 1) * dh + 1 - ph - pb), 7))
+    w = draw(st.integers(max(1, (kw - 1) * dw + 1 - pw - pr), 7))
     dtype = draw(st.sampled_from([np.float32, np.float64]))
     x = np.random.default_rng(draw(seeds)).standard_normal((n, groups * cg, h, w)) * 1.3
     x = x.astype(dtype)
     x.reshape(-1)[::5] = 0.0  # exact zeros exercise the sign(0) conventions
     x.reshape(-1)[1::6] = 1.0  # and +-1 the straight-through estimators' edges
     x.reshape(-1)[2::6] = -1.0
-    geom = F.ConvGeometry(x.shape, (groups, cg, kh, kw), (sh, sw), (ph, pw), (dh, dw), groups)
+    geom = F.ConvGeometry(x.shape, (groups, cg, kh, kw), (sh, sw), (ph, pb, pw, pr), (dh, dw),
+                          groups)
     return x, geom
 
 
@@ -91,7 +97,7 @@ def test_im2col_range_equals_oracle_columns(case, sign_at_zero, pad_value, data)
     out = np.empty((geom.cols_shape[0], (n1 - n0) * p), dtype=x.dtype)
     CK.im2col_range_kernel(x, n0, n1, *geom.args, geom.oh, geom.ow, pad_value,
                            F.BINARIZE_MODES[sign_at_zero], out)
-    ref = F.im2col_reference(x, *geom.args, pad_value, sign_at_zero)
+    ref = F.im2col_reference(x, *geom.args, pad_value, sign_at_zero, **geom.pads)
     np.testing.assert_array_equal(out, ref[:, n0 * p:n1 * p])  # copies: exact
 
 
@@ -103,10 +109,10 @@ def test_im2col_taps_equals_oracle_reordered(case, sign_at_zero, pad_value, data
     g, p, taps = geom.groups, geom.oh * geom.ow, geom.kh * geom.kw
     cg = geom.c // g
     out = np.empty((g, (n1 - n0) * p, taps * cg), dtype=x.dtype)
-    xs = np.empty((geom.h + 2 * geom.ph, geom.w + 2 * geom.pw, geom.c), dtype=x.dtype)
+    xs = np.empty((geom.h + geom.ph + geom.pb, geom.w + geom.pw + geom.pr, geom.c), dtype=x.dtype)
     CK.im2col_taps_kernel(x, n0, n1, g, *geom.args, geom.oh, geom.ow, pad_value,
                           F.BINARIZE_MODES[sign_at_zero], xs, out)
-    ref = F.im2col_reference(x, *geom.args, pad_value, sign_at_zero)[:, n0 * p:n1 * p]
+    ref = F.im2col_reference(x, *geom.args, pad_value, sign_at_zero, **geom.pads)[:, n0 * p:n1 * p]
     # rows (g, cl, a, b) -> (g, pixel, (a, b, cl))
     ref = ref.reshape(g, cg, taps, -1).transpose(0, 3, 2, 1).reshape(out.shape)
     np.testing.assert_array_equal(out, ref)
@@ -122,7 +128,7 @@ def test_col2im_taps_equals_oracle(case, act_grad, seed):
     CK.col2im_taps_kernel(dpm, 0, geom.n, g, *geom.args, geom.oh, geom.ow, x,
                           F._GATES[act_grad], dx, np.empty((geom.h, geom.w, geom.c), x.dtype))
     cm = dpm.reshape(g, geom.n * p, taps, cg).transpose(0, 3, 2, 1).reshape(geom.cols_shape)
-    ref = F.col2im_reference(cm, x.shape, *geom.args)
+    ref = F.col2im_reference(cm, x.shape, *geom.args, **geom.pads)
     if act_grad:
         ref = ref * F.act_grad_factor(x, act_grad)
     # the same <= KH*KW = 9 O(1) terms per element added in another order, then one product:
@@ -135,14 +141,15 @@ def _definition_grads(dy, x, w, geom, pad_value, sign_at_zero, act_grad):
     """float64 ``(dx, dw)`` from the oracles: dW = dY cols^T, dcols = W^T dY, col2im, gate."""
     g, p = geom.groups, geom.oh * geom.ow
     og = geom.o // g
-    cols = F.im2col_reference(x.astype(np.float64), *geom.args, pad_value, sign_at_zero)
+    cols = F.im2col_reference(x.astype(np.float64), *geom.args, pad_value, sign_at_zero,
+                              **geom.pads)
     cols = cols.reshape(g, -1, geom.n * p)
     dym = dy.astype(np.float64).reshape(geom.n, g, og, p).transpose(1, 2, 0, 3)
     dym = dym.reshape(g, og, geom.n * p)
     wm = w.astype(np.float64).reshape(g, og, -1)
     dw = (dym @ cols.transpose(0, 2, 1)).reshape(w.shape)
     dcols = (wm.transpose(0, 2, 1) @ dym).reshape(geom.cols_shape)
-    dx = F.col2im_reference(dcols, x.shape, *geom.args)
+    dx = F.col2im_reference(dcols, x.shape, *geom.args, **geom.pads)
     if act_grad:
         dx = dx * F.act_grad_factor(x.astype(np.float64), act_grad)
     return dx, dw
@@ -165,8 +172,8 @@ def _check_fused(monkeypatch, case, og, sign_at_zero, pad_value, act_grad, sourc
     g = geom.groups
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((g * og, geom.c // g, geom.kh, geom.kw)).astype(x.dtype)
-    geom = F.ConvGeometry(x.shape, w.shape, (geom.sh, geom.sw), (geom.ph, geom.pw),
-                          (geom.dh, geom.dw), g)
+    geom = F.ConvGeometry(x.shape, w.shape, (geom.sh, geom.sw),
+                          (geom.ph, geom.pb, geom.pw, geom.pr), (geom.dh, geom.dw), g)
     dy = rng.standard_normal((geom.n, geom.o, geom.oh, geom.ow)).astype(x.dtype)
     # both column layouts, one chunk per image or per thread range
     monkeypatch.setattr(F, "TAP_MAJOR_MAX_P", tap_major_max)

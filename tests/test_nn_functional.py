@@ -96,7 +96,13 @@ def test_batch_norm_kernels_equal_oracle(n, c, spatial, dtype, seed):
     dy = rng.standard_normal(x.shape).astype(dtype)
     dx, dw, db = BN.batch_norm_backward(dy, x, mean, inv, w)
     rdx, rdw, rdb = BN.batch_norm_backward_reference(dy, x, mean, inv, w)
-    np.testing.assert_allclose(dx, rdx, rtol=tol, atol=10 * tol)
+    # dx = w*inv*(dy - db/M - xhat*dw/M) cancels down to small values when a channel's spread is tiny
+    # against its mean (n=2, close values): the kernel's xhat uses the mean rounded to the dtype, off by
+    # eps*|mean|*inv, which that cancellation amplifies by w*inv (hypothesis 6.100's derandomized
+    # examples hit such a channel: 4e-4 absolute where this bound gives 3e-3)
+    ill = np.abs(w) * inv.astype(np.float64) ** 2 * np.abs(mean) * np.finfo(dtype).eps * 4
+    ill = (ill * np.abs(dy).max()).reshape((1, c) + (1,) * len(spatial))
+    assert np.all(np.abs(dx - rdx) <= 10 * tol + tol * np.abs(rdx) + ill)
     np.testing.assert_allclose(dw, rdw, rtol=tol, atol=tol)
     np.testing.assert_allclose(db, rdb, rtol=1e-12, atol=1e-12)
 
@@ -129,14 +135,16 @@ def test_fprelu_kernels_equal_oracle(n, c, spatial, dtype, seed):
 @pytest.mark.parametrize("split", ["cols", "rows", "reduce"])
 def test_threaded_matmul_equals_numpy(monkeypatch, split):
     import numba
-    monkeypatch.setattr(F, "MIN_SPLIT_MACS", 0)
+
+    from refbnn.nn import runtime
+    monkeypatch.setattr(runtime, "MIN_SPLIT_MACS", 0)
     rng = np.random.default_rng(0)
     a = rng.standard_normal((2, 5, 300)).astype(np.float32)
     b = rng.standard_normal((2, 300, 200)).astype(np.float32)
     old = numba.get_num_threads()
     numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
     try:
-        got = F.matmul(a, b, split=split)
+        got = runtime.matmul(a, b, split=split)
     finally:
         numba.set_num_threads(old)
     # float32 sums of 300 O(1) products, BLAS blocking or K-chunk order may differ: 1e-4

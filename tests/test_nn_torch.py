@@ -129,19 +129,12 @@ def test_pools(k, s, pad, include_pad, seed):
          torch.nn.AvgPool2d(k, s, pad, count_include_pad=include_pad), x, rng, atol=1e-6)
 
 
-class _ApproxSign(torch.autograd.Function):
-    """Bi-Real Net's activation: sign forward (x >= 0 -> +1), piecewise-polynomial backward."""
+def _approx_sign(xt):
+    """Bi-Real Net's activation: sign forward (x >= 0 -> +1), piecewise-polynomial backward (the
+    PyTorch twin's, :class:`refbnn.interop.torch.BinarizeActivation`)."""
+    from refbnn.interop.torch import BinarizeActivation
 
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return torch.where(x >= 0, 1.0, -1.0)
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        d = torch.where(x < 0, 2 + 2 * x, 2 - 2 * x) * ((x >= -1) & (x < 1))
-        return g * d
+    return BinarizeActivation.apply(xt, 1, "approx_sign")
 
 
 def test_binary_conv_matches_bireal_torch():
@@ -155,7 +148,7 @@ def test_binary_conv_matches_bireal_torch():
         wb = alpha * torch.where(tw >= 0, 1.0, -1.0)
         clipped = torch.clamp(tw, -1.0, 1.0)
         wq = wb.detach() - clipped.detach() + clipped
-        return TF.conv2d(_ApproxSign.apply(xt), wq, padding=1)
+        return TF.conv2d(_approx_sign(xt), wq, padding=1)
 
     x = rng.standard_normal((3, 4, 6, 6)).astype(np.float32)
     _run(m, bireal, x, rng)
@@ -188,7 +181,7 @@ def test_binary_linear_and_residual_match_torch():
         alpha = tw.abs().mean(dim=1, keepdim=True).detach()
         clipped = torch.clamp(tw, -1.0, 1.0)
         wq = (alpha * torch.where(tw >= 0, 1.0, -1.0)).detach() - clipped.detach() + clipped
-        return TF.linear(_ApproxSign.apply(xt), wq, tb)
+        return TF.linear(_approx_sign(xt), wq, tb)
 
     _run(m, bireal_linear, rng.standard_normal((4, 12)).astype(np.float32), rng)
     _grad_close(m.weight, tw)

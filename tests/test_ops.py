@@ -21,7 +21,8 @@ def signed_arrays(draw, min_dims=1, max_dims=4, max_side=9, max_last=150):
     shape = tuple(draw(st.integers(1, max_side)) for _ in range(ndim - 1))
     shape += (draw(st.integers(1, max_last)),)
     if dtype.kind == "f":
-        elems = st.sampled_from([0.0, -0.0, 1.5, -2.0, 1e-30, -1e-30, np.inf, -np.inf]) | \
+        tiny = float(np.finfo(dtype).smallest_subnormal)  # representable in every float dtype
+        elems = st.sampled_from([0.0, -0.0, 1.5, -2.0, tiny, -tiny, np.inf, -np.inf]) | \
             st.floats(-4, 4, width=16)
     else:
         elems = st.integers(-3, 3)
@@ -123,6 +124,8 @@ _W = refbnn.pack_kernel(_K)
     (lambda: refbnn.bconv2d(_X, _K[0]), "HWIO"),
     (lambda: refbnn.bconv2d(np.where(_X > 0, np.nan, _X), _K), "NaN"),
     (lambda: refbnn.bconv2d(_X, np.full_like(_K, np.nan)), "NaN"),
+    (lambda: refbnn.pack_kernel(np.ones((3, 3, 2)), 1), "HWIO"),
+    (lambda: refbnn.pack_kernel(np.ones((1, 1, 2, 2), np.uint8)), "dtype"),
     (lambda: refbnn.bconv2d(_X, _K, groups=3), "divide"),
     (lambda: refbnn.bconv2d(_X, _K, groups=2), "input channels per group"),
     (lambda: refbnn.bconv2d(_X, np.ones((3, 3, 4, 3)), groups=2), "output channels"),
@@ -167,3 +170,32 @@ def test_bad_conv_input_raises_one_line_value_error(call, match):
     with pytest.raises(ValueError, match=match) as info:
         call()
     assert "\n" not in str(info.value)
+
+
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 150), st.integers(1, 40),
+       st.sampled_from([1, -1]), st.sampled_from(PACK_DTYPES), st.data())
+def test_pack_kernel_packs_hwio_as_the_transposed_kernel(kh, kw, ci, o, saz, dtype, data):
+    """pack_kernel reads HWIO in place; its words equal packing the OHWI transpose."""
+    elems = st.sampled_from([0.0, -0.0, 1.5, -2.0, np.inf, -np.inf]) if np.dtype(dtype).kind == "f" \
+        else st.integers(-2, 2)
+    k = data.draw(hnp.arrays(dtype, (kh, kw, ci, o), elements=elems))
+    want = ref.pack(np.transpose(k, (3, 0, 1, 2)), 64, saz)
+    got = refbnn.pack_kernel(k, sign_at_zero=saz)
+    assert got.dtype == np.uint64 and got.shape == want.shape
+    assert np.array_equal(got, want)
+    # the same words from a non-contiguous view of the kernel
+    assert np.array_equal(refbnn.pack_kernel(np.repeat(k, 2, axis=3)[..., ::2], saz), want)
+
+
+@given(st.integers(1, 9), st.integers(1, 140), st.integers(1, 33),
+       st.sampled_from([np.float32(0), np.float32(1e-45)]), st.data())
+def test_parallel_hwio_packing_equals_serial(taps, cg, o, below, data):
+    from refbnn.kernels.packing import pack_hwio, pack_hwio_serial
+    k = data.draw(hnp.arrays(np.float32, (taps, cg, o),
+                             elements=st.sampled_from([0.0, -0.0, 1.0, -1.0, np.nan])))
+    outs = []
+    for kernel in (pack_hwio, pack_hwio_serial):
+        out = np.full(taps * ((cg + 63) // 64) * o, 7, np.uint64)
+        assert (kernel(k.reshape(-1), taps, cg, o, below, out) > 0) == np.isnan(k).any()
+        outs.append(out)
+    assert np.array_equal(outs[0], outs[1])

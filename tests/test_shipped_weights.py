@@ -8,6 +8,7 @@ import pytest
 from refbnn import fileformat, models
 from refbnn.data import batches, load_dataset
 from refbnn.engine import compile_model
+from refbnn.models.config import resolve
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "ftbnn18.h5"
 
@@ -23,11 +24,23 @@ def shipped():
 def test_file_records_how_it_was_made(shipped):
     f, _ = shipped
     assert f.kind == "model" and f.dataset == "mnist"
-    assert f.config == models.get_config("ftbnn18", input_shape=[1, 28, 28], num_classes=10,
-                                         width_multiplier=0.375, stem_pool=True)
+    # resolved: the file predates later config fields (conv_padding, pad_values, bn_eps), whose
+    # defaults are the behaviour it was trained with
+    assert resolve(f.config) == models.get_config("ftbnn18", input_shape=[1, 28, 28], num_classes=10,
+                                                  width_multiplier=0.375, stem_pool=True)
     run = f.provenance["run"]
     assert run["command"] == "python -m refbnn.train --dataset mnist" and run["seed"] == 0
     assert f.input_spec["shape"] == [1, 28, 28] and f.class_names == [str(i) for i in range(10)]
+
+
+def test_stored_config_keeps_its_placement(shipped):
+    """The stored (resolved) config's per-block non-linearities and positions survive resolution."""
+    f, _ = shipped
+    cfg = resolve(f.config)
+    assert cfg["nonlinearity"] == f.config["nonlinearity"]
+    assert cfg["nonlinearity_position"] == f.config["nonlinearity_position"] == \
+        (["after_add"] * 3 + ["before_add"]) * 4
+    assert resolve(cfg) == cfg
 
 
 def test_engine_reaches_the_target_and_agrees_with_the_float_path(shipped, data_dir):

@@ -113,23 +113,6 @@ def test_ctrl_c_saves_a_resumable_checkpoint(data_dir, tmp_path):
     assert fileformat.load(tmp_path / "run" / "model.h5").metrics["epochs"] == f.epoch + 1
 
 
-def write_idx_gz(path, array, code=0x08):
-    header = bytes([0, 0, code, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.tobytes())
-
-
-@pytest.fixture
-def fake_mnist(tmp_path):
-    d = tmp_path / "data" / "mnist"
-    d.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 60), ("t10k", 20)):
-        write_idx_gz(d / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
-        write_idx_gz(d / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n, dtype=np.uint8))
-    return d
-
-
 def assert_clean_failure(r, status, words, out_dir):
     assert r.returncode == status, r.stderr
     assert "Traceback" not in r.stderr

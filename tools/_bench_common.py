@@ -49,3 +49,20 @@ def source_revision() -> str:
     if head.returncode:
         return "unknown"
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def save_results(path, meta: dict, rows: list) -> int:
+    """Write ``{"meta": meta, "results": rows}`` to ``path`` (:func:`write_json`), with the CPU,
+    the source revision and the Python version added to ``meta``; print what happened. Returns
+    the exit status: 0, or 1 when the file cannot be written."""
+    import sys
+
+    meta = {"cpu": cpu_name(), "source": source_revision(), "python": sys.version.split()[0],
+            **meta}
+    try:
+        write_json(path, {"meta": meta, "results": rows})
+    except OSError as e:
+        print(f"error: cannot write {path}: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {path}")
+    return 0

@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from _bench_common import cpu_name, source_revision, write_json
+from _bench_common import save_results
 
 # (H, C_in, C_out, stride) of ResNet-18's binary 3x3 convolutions at 224x224 input
 LAYERS = [(56, 64, 64, 1), (28, 128, 128, 1), (14, 256, 256, 1), (7, 512, 512, 1),
@@ -285,15 +285,8 @@ def main(argv=None) -> int:
     load_after = os.getloadavg()
     print(f"load average before {load[0]:.2f}, after {load_after[0]:.2f}")
     if args.out:
-        meta = {"load_avg_before": load, "load_avg_after": load_after, "cpu": cpu_name(),
-                "source": source_revision(), "runs": args.runs,
-                "python": sys.version.split()[0], "notes": notes}
-        try:
-            write_json(args.out, {"meta": meta, "results": rows})
-        except OSError as e:
-            print(f"error: cannot write {args.out}: {e}", file=sys.stderr)
-            return 1
-        print(f"wrote {args.out}")
+        return save_results(args.out, {"load_avg_before": load, "load_avg_after": load_after,
+                                       "runs": args.runs, "notes": notes}, rows)
     return 0
 
 

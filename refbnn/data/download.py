@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
-import tempfile
 import threading
 import time
 import urllib.request
 import zlib
 from pathlib import Path
+
+from refbnn.atomicio import write_bytes_atomic
 
 from .idx import GZIP_MAGIC, DataError
 from .specs import DatasetSpec
@@ -98,20 +98,6 @@ def _fetch_verified(spec: DatasetSpec, file_name: str, opener, timeout: float,
     raise DataError(f"could not download {file_name} for {spec.name}: " + "; ".join(reasons))
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def download_dataset(spec: DatasetSpec, dest: Path, opener=None, timeout: float | None = None,
                      deadline: float | None = None) -> list[Path]:
     """Download, verify and store the four files of ``spec`` in folder ``dest``; their paths.
@@ -133,7 +119,7 @@ def download_dataset(spec: DatasetSpec, dest: Path, opener=None, timeout: float 
             path, other = dest / (file_name + ".gz"), dest / file_name
             if not gz:
                 path, other = other, path
-            _write_atomic(path, data)
+            write_bytes_atomic(path, data)
             if other.exists():
                 other.unlink()
             paths.append(path)

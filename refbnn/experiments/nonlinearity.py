@@ -16,7 +16,8 @@ exactly 0 for the linear model. A second, scale-sensitive measure, ``relative_er
 output channel, is reported beside it, and so is the share of +1 in each binary conv's binarized
 input after training (``positive_fraction``: a dead conv of the ReLU trap would show 1.0).
 
-Writes into ``--out-dir``: ``results.json``, ``results.md`` (accuracy and discrepancy, mean +- std
+Writes into ``--out-dir`` (default ``runs/nonlinearity``, checked before any training):
+``results.json``, ``results.md`` (accuracy and discrepancy, mean +- std
 over seeds), ``features.png`` (2-D test-set features of each model's first seed, one panel per
 model; also ``features-<model>.png``) and ``discrepancy.png`` (discrepancy during training, mean
 over seeds). Exit status: 0 done, 2 bad arguments or data, 3 a loss became NaN/inf.
@@ -24,12 +25,11 @@ over seeds). Exit status: 0 done, 2 bad arguments or data, 3 a loss became NaN/i
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
+import math
 import multiprocessing
 import os
-import sys
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
@@ -40,14 +40,17 @@ import numpy as np
 from PIL import Image
 from threadpoolctl import threadpool_limits
 
-from refbnn import nn
-from refbnn.cli_util import fail, write_text_atomic
-from refbnn.data import DataError, batches, load_dataset, subset
+from refbnn import cli_util, nn
+from refbnn.cli_util import ArgumentParser, fail, write_text_atomic
+from refbnn.data import DataError, batches, subset
 from refbnn.models.diagnostics import binary_input_stats
 from refbnn.nn import functional as F
 from refbnn.nn.init import manual_seed
 from refbnn.plot import line_chart, save_png, scatter
-from refbnn.training.trainer import NonFiniteLoss, Recipe, Trainer
+from refbnn.scale import mean_abs_scale
+from refbnn.training.faults import NumericalFault
+from refbnn.training.fit import Callback, fit
+from refbnn.training.recipe import LIMITS, Recipe
 
 VARIANTS = OrderedDict(linear="Linear", binary="Binary", prelu="PReLU", relu="ReLU")
 N_CLASSES = 10
@@ -158,7 +161,7 @@ def slot_discrepancy(conv, x) -> tuple[float, float]:
     if isinstance(conv, nn.BinaryConv2d):
         acc = conv.accumulators(x)
         out = acc * conv.weight_scale(x.dtype)[:, None, None]
-        alpha = np.abs(w).reshape(w.shape[0], -1).mean(axis=1).astype(x.dtype)
+        alpha = mean_abs_scale(w, x.dtype)
         approx = acc * alpha[:, None, None]
     else:
         out = approx = conv.forward(x)
@@ -200,25 +203,23 @@ def evaluate(model, dataset, batch_size: int = 500):
 
 # --- one run, the study --------------------------------------------------------------------------
 def train_run(variant: str, seed: int, cfg: StudyConfig, train_set, test_set, probe_x) -> dict:
-    """Train one model; returns accuracy, final discrepancy, its curve and the test features."""
+    """Train one model (:func:`refbnn.training.fit.fit`, no files); returns accuracy, final
+    discrepancy, its curve and the test features."""
     t0 = time.perf_counter()
     manual_seed(seed)
     model = build_model(variant, cfg.width)
     recipe = Recipe(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, schedule="cosine",
                     augment=0)
-    trainer = Trainer(model, train_set, recipe, seed=seed)
-    steps = trainer.steps_per_epoch
+    steps = math.ceil(len(train_set) / cfg.batch_size)
     marks = {max(1, round(steps * k / cfg.logs_per_epoch)) for k in range(1, cfg.logs_per_epoch + 1)}
     curve = [(0.0, *discrepancy(model, probe_x))]
-    for epoch in range(cfg.epochs):
-        done = [0]
 
-        def on_batch(stats, n, epoch=epoch, done=done):
-            done[0] += 1
-            if done[0] in marks:
-                curve.append((epoch + done[0] / steps, *discrepancy(model, probe_x)))
+    class Curve(Callback):
+        def on_batch(self, trainer, stats):
+            if trainer.batches_done in marks:
+                curve.append((trainer.epoch + trainer.batches_done / steps, *discrepancy(model, probe_x)))
 
-        trainer.train_epoch(on_batch)
+    fit(model, recipe, train_set, seed=seed, callbacks=[Curve()], handle_sigint=False)
     accuracy, feats, labels = evaluate(model, test_set)
     balance = [round(s.positive_fraction, 4) for s in binary_input_stats(model, probe_x)]
     return {"model": variant, "seed": seed, "accuracy": accuracy,
@@ -289,34 +290,52 @@ def write_figures(out_dir: Path, runs: list, summary: dict, class_names) -> None
 
 
 # --- command line --------------------------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit status 2 (argparse prints usage + message)
-        print(f"error: {' '.join(message.split())} (see --help)", file=sys.stderr)
-        raise SystemExit(2)
+DEFAULT_OUT_DIR = "runs/nonlinearity"
 
 
-def parse_args(argv):
+def build_parser() -> ArgumentParser:
     d = StudyConfig()
-    p = _Parser(prog="python -m refbnn.experiments.nonlinearity",
-                description="FTBNN Figure 2: Linear / Binary / PReLU / ReLU CNNs on MNIST.")
-    p.add_argument("--out-dir", required=True, help="folder for the tables and figures")
-    p.add_argument("--data-dir", help="folder with mnist/ or the IDX files (else $REFBNN_DATA_DIR)")
+    p = ArgumentParser(prog="python -m refbnn.experiments.nonlinearity",
+                       description="FTBNN Figure 2: Linear / Binary / PReLU / ReLU CNNs on MNIST.")
+    p.add_argument("--out-dir", default=DEFAULT_OUT_DIR,
+                   help=f"folder for the tables and figures (default {DEFAULT_OUT_DIR})")
+    p.add_argument("--data-dir", type=cli_util.existing_dir,
+                   help="folder with the MNIST IDX files or mnist/; nothing else is searched then "
+                        "(default: $REFBNN_DATA_DIR/mnist, the cache, ...)")
     p.add_argument("--no-download", action="store_true", help="never try to download MNIST")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: 400 training images, 1 epoch, 2 seeds, width 8")
-    p.add_argument("--seeds", type=int, help=f"runs per model (default {d.seeds})")
-    p.add_argument("--epochs", type=int, help=f"default {d.epochs}")
-    p.add_argument("--batch-size", type=int, help=f"default {d.batch_size}")
-    p.add_argument("--lr", type=float, help=f"Adam learning rate (default {d.lr})")
-    p.add_argument("--width", type=int, help=f"first-stage channels (default {d.width})")
-    p.add_argument("--train-size", type=int, help="training images (default all)")
-    p.add_argument("--test-size", type=int, help="test images (default all)")
+    p.add_argument("--seeds", type=cli_util.int_in(1, 1000), help=f"runs per model (default {d.seeds})")
+    p.add_argument("--epochs", type=cli_util.int_in(1, 1000), help=f"default {d.epochs}")
+    p.add_argument("--batch-size", type=cli_util.int_in(2, 4096),
+                   help=f"2-4096 (BatchNorm needs 2; default {d.batch_size})")
+    p.add_argument("--lr", type=LIMITS["lr"], help=f"Adam learning rate (default {d.lr})")
+    p.add_argument("--width", type=cli_util.int_in(1, 512), help=f"first-stage channels (default {d.width})")
+    p.add_argument("--train-size", type=cli_util.int_in(0, 60_000), help="training images (default 0: all)")
+    p.add_argument("--test-size", type=cli_util.int_in(0, 10_000), help="test images (default 0: all)")
     p.add_argument("--models", help=f"comma-separated subset of {','.join(VARIANTS)}")
-    p.add_argument("--jobs", type=int,
+    p.add_argument("--jobs", type=cli_util.int_in(1, 1024),
                    help="worker processes training in parallel (default: the core count; 1 with --quick)")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=cli_util.threads, default=1,
                    help="Numba threads (default 1: faster for these small layers, see docs)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv):
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.models is not None:
+        names = [m.strip() for m in args.models.split(",") if m.strip()]
+        unknown = [m for m in names if m not in VARIANTS]
+        if unknown or not names or len(set(names)) != len(names):
+            p.fail_flag("--models", f"expected a comma-separated subset of {','.join(VARIANTS)} "
+                                    f"without repeats, got "
+                                    f"{args.models!r}")
+    try:
+        cli_util.check_writable(args.out_dir)
+    except OSError as e:
+        p.fail_flag("--out-dir", f"cannot write to {args.out_dir}: {e}")
+    return args
 
 
 def make_config(args) -> StudyConfig:
@@ -347,8 +366,8 @@ def make_config(args) -> StudyConfig:
 
 
 def load_data(cfg: StudyConfig, data_dir, download: bool):
-    train = load_dataset("mnist", "train", data_dir=data_dir, download=download)
-    test = load_dataset("mnist", "test", data_dir=data_dir, download=download)
+    train, _ = cli_util.load_split("mnist", "train", data_dir, download)
+    test, _ = cli_util.load_split("mnist", "test", data_dir, download)
     for key, ds in (("train_size", train), ("test_size", test)):
         if getattr(cfg, key) > len(ds):
             raise ValueError(f"--{key.replace('_', '-')} {getattr(cfg, key)} exceeds the "
@@ -421,17 +440,14 @@ def run_study(cfg: StudyConfig, out_dir: Path, data_dir=None, download=True, job
     return results
 
 
+@cli_util.command
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = make_config(args)
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        jobs = args.jobs if args.jobs is not None else (1 if args.quick else os.cpu_count() or 1)
-        if jobs < 1:
-            raise ValueError(f"--jobs must be >= 1, got {jobs}")
     except ValueError as e:
         return fail(e)
+    jobs = args.jobs if args.jobs is not None else (1 if args.quick else os.cpu_count() or 1)
     numba_threads = numba.get_num_threads()
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     # refbnn splits its GEMMs over Python threads and wants BLAS single-threaded (nn.functional)
@@ -441,7 +457,7 @@ def main(argv=None) -> int:
                                 jobs=jobs, threads=args.threads, log=lambda s: print(s, flush=True))
         except (DataError, ValueError, OSError) as e:
             return fail(e)
-        except NonFiniteLoss as e:
+        except NumericalFault as e:
             return fail(e, status=3)
         finally:
             numba.set_num_threads(numba_threads)
@@ -454,4 +470,4 @@ if __name__ == "__main__":
     # run the importable module's main, so worker processes find its functions by their real name
     from refbnn.experiments.nonlinearity import main as _main
 
-    sys.exit(_main())
+    cli_util.run_main(_main)

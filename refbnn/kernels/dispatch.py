@@ -1,9 +1,10 @@
 """Choice between the portable and the fast (AVX-512 VPOPCNTDQ) kernels.
 
-``REFBNN_KERNEL=portable|fast|auto`` (default ``auto``) forces a path; a per-call ``kernel=``
-argument overrides it. ``auto`` picks ``fast`` when the host CPU reports both ``avx512f`` and
-``avx512vpopcntdq`` (llvmlite's host feature query, read once). Both paths are exact everywhere:
-``fast`` is written in generic LLVM vector IR, so forcing it on another CPU is only slower.
+``REFBNN_KERNEL=portable|fast|auto`` (default ``auto``) forces a path; the ``impl=`` argument of
+``refbnn.bconv2d``, ``BConv2DPlan`` etc. overrides it. ``auto`` picks ``fast`` when the host CPU
+reports both ``avx512f`` and ``avx512vpopcntdq`` (llvmlite's host feature query, read once).
+Both paths are exact everywhere: ``fast`` is written in generic LLVM vector IR, so forcing it on
+another CPU is only slower.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ def host_has_avx512_popcount() -> bool:
     return bool(features.get("avx512f")) and bool(features.get("avx512vpopcntdq"))
 
 
-def resolve_kernel(kernel: str | None = None) -> str:
-    """Return ``"portable"`` or ``"fast"`` for ``kernel`` (``None``: ``$REFBNN_KERNEL``, else auto)."""
-    choice = kernel if kernel is not None else os.environ.get("REFBNN_KERNEL", "auto")
+def resolve_kernel(impl: str | None = None) -> str:
+    """Return ``"portable"`` or ``"fast"`` for ``impl`` (``None``: ``$REFBNN_KERNEL``, else auto)."""
+    choice = impl if impl is not None else os.environ.get("REFBNN_KERNEL", "auto")
     if choice not in KERNEL_CHOICES:
         raise ValueError(f"kernel must be one of {KERNEL_CHOICES} (or REFBNN_KERNEL), got {choice!r}")
     if choice == "auto":

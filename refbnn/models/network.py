@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from refbnn import nn
-from refbnn.models.config import binary_options, bridge_spec, resolve, stage_specs
+from refbnn.models.config import BN_EPS, binary_options, bridge_spec, resolve, stage_specs
 
 
 def make_nonlinearity(kind: str, channels: int):
@@ -37,10 +37,11 @@ class BasicBlock(nn.Module):
     """
 
     def __init__(self, cin, cout, stride, groups, binary, downsample=None, nonlinear=None,
-                 position="after_add"):
+                 position="after_add", padding=1, eps=1e-5):
         super().__init__()
-        self.binary_conv = nn.BinaryConv2d(cin, cout, 3, stride=stride, padding=1, groups=groups, **binary)
-        self.bn1 = nn.BatchNorm2d(cout)
+        self.binary_conv = nn.BinaryConv2d(cin, cout, 3, stride=stride, padding=padding, groups=groups,
+                                           **binary)
+        self.bn1 = nn.BatchNorm2d(cout, eps=eps)
         self.downsample = downsample  # a Module attribute registers itself; None stays unregistered
         self.nonlinear = nonlinear
         self.position = position
@@ -71,10 +72,10 @@ class BasicBlock(nn.Module):
 class Bridge(nn.Module):
     """Derived models: ``nonlinear(BN(BinaryConv3x3(sign(x))))`` from the stem width to stage 1's."""
 
-    def __init__(self, cin, cout, binary, nonlinear=None):
+    def __init__(self, cin, cout, binary, nonlinear=None, padding=1, eps=1e-5):
         super().__init__()
-        self.binary_conv = nn.BinaryConv2d(cin, cout, 3, stride=1, padding=1, **binary)
-        self.bn1 = nn.BatchNorm2d(cout)
+        self.binary_conv = nn.BinaryConv2d(cin, cout, 3, stride=1, padding=padding, **binary)
+        self.bn1 = nn.BatchNorm2d(cout, eps=eps)
         self.nonlinear = nonlinear
 
     def forward(self, x):
@@ -87,14 +88,16 @@ class Bridge(nn.Module):
         return self.binary_conv.backward(self.bn1.backward(grad))
 
 
-def make_downsample(kind, cin, cout, rgroups, binary):
+def make_downsample(kind, cin, cout, rgroups, binary, eps=1e-5):
     """Shortcut of a stride-2 block. The 2x2 average pool uses ``ceil_mode`` so that odd sizes
-    (7 -> 4) match the stride-2 conv's output, averaging only the in-bounds pixels."""
+    (7 -> 4) match the stride-2 conv's output, averaging only the in-bounds pixels (which is also
+    TensorFlow's ``AvgPool2D(2, 2, padding="same")``)."""
     pool = nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False)
     if kind == "real":
-        return nn.Sequential(pool, nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        return nn.Sequential(pool, nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout, eps=eps))
     if kind == "binary":
-        return nn.Sequential(pool, nn.BinaryConv2d(cin, cout, 1, padding=0, **binary), nn.BatchNorm2d(cout))
+        return nn.Sequential(pool, nn.BinaryConv2d(cin, cout, 1, padding=0, **binary),
+                             nn.BatchNorm2d(cout, eps=eps))
     if kind == "cheap":
         return nn.Sequential(pool, nn.ChannelRepeat(cout // cin))
     raise ValueError(f"unknown downsample {kind!r}")
@@ -112,26 +115,33 @@ class BNNResNet(nn.Module):
         self.config = cfg
         cin = cfg["input_shape"][0]
         k, s = cfg["stem_kernel"], cfg["stem_stride"]
-        self.conv1 = nn.Conv2d(cin, cfg["stem_channels"], k, stride=s, padding=k // 2, bias=False)
-        self.bn1 = nn.BatchNorm2d(cfg["stem_channels"])
-        self.maxpool = nn.MaxPool2d(3, 2, 1) if cfg["stem_pool"] else None
-        binary = binary_options(cfg)
+        tf, eps = cfg["conv_padding"] == "tf", cfg["bn_eps"]
+        self.conv1 = nn.Conv2d(cin, cfg["stem_channels"], k, stride=s,
+                               padding="same" if tf else k // 2, bias=False)
+        self.bn1 = nn.BatchNorm2d(cfg["stem_channels"], eps=eps)
+        self.maxpool = nn.MaxPool2d(3, 2, "same" if tf else 1) if cfg["stem_pool"] else None
+        pad3 = "same" if tf else 1
         bridge = bridge_spec(cfg)
-        self.bridge = None
-        if bridge is not None:
-            cin, cout, kind = bridge
-            self.bridge = Bridge(cin, cout, binary, make_nonlinearity(kind, cout))
+        self.bridge = None if bridge is None else Bridge(
+            bridge[0], bridge[1], binary_options(cfg, "bridge.binary_conv"),
+            make_nonlinearity(bridge[2], bridge[1]), pad3, eps)
         self.stages = []
         for si, specs in enumerate(stage_specs(cfg)):
-            blocks = [BasicBlock(b.cin, b.cout, b.stride, b.groups, binary,
-                                 make_downsample(cfg["downsample"], b.cin, b.cout, b.groups, binary)
+            blocks = [BasicBlock(b.cin, b.cout, b.stride, b.groups,
+                                 binary_options(cfg, f"{b.name}.binary_conv"),
+                                 make_downsample(cfg["downsample"], b.cin, b.cout, b.groups,
+                                                 binary_options(cfg, f"{b.name}.downsample.1"), eps)
                                  if b.downsample else None,
-                                 make_nonlinearity(b.nonlinearity, b.cout), b.position) for b in specs]
+                                 make_nonlinearity(b.nonlinearity, b.cout), b.position, pad3, eps)
+                      for b in specs]
             stage = nn.Sequential(*blocks)
             self.add_module(f"layer{si + 1}", stage)
             self.stages.append(stage)
         self.avgpool = nn.GlobalAvgPool2d()
         self.fc = nn.Linear(cfg["widths"][-1], cfg["num_classes"], bias=True)
+        for _, m in self.named_modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eps = float(cfg.get("bn_eps", BN_EPS))
 
     def binary_weights(self) -> dict:
         """``{state-dict name: {"groups": g, "sign_at_zero": s[, "scale": alpha]}}`` for every binary

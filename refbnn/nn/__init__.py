@@ -6,7 +6,7 @@ checks); parameter and buffer names follow PyTorch so state_dicts map one to one
 Speed: convolutions are im2col + BLAS GEMMs (``functional``); BinaryConv2d's forward runs on the
 packed XNOR-popcount kernels of :func:`refbnn.bconv2d`. Threads: ``numba.set_num_threads`` (or
 ``NUMBA_NUM_THREADS``) sets how many threads the Numba loops and the split GEMMs use; BLAS runs
-single-threaded inside refbnn's GEMMs.
+single-threaded inside refbnn's GEMMs (``runtime``: the thread pool and scratch buffers).
 """
 
 from refbnn.nn import functional, init

@@ -138,8 +138,9 @@ def im2col_taps_kernel(x, n0, n1, groups, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow
     KH*KW*Cg) with ``out[g, (n - n0, i, j), (a*KW + b)*Cg + cl] = v(x[n, g*Cg + cl, i*sh + a*dh
     - ph, j*sw + b*dw - pw])`` (``pad_value`` outside; ``v`` by ``mode`` as in
     :func:`im2col_kernel`): the same entries as :func:`im2col_kernel`'s, transposed and with the
-    row order (c, a, b) -> (a, b, c) within each group. ``xs`` (H + 2*ph, W + 2*pw, C) is scratch
-    (the padded image, binarized, channels last). Serial, releases the GIL."""
+    row order (c, a, b) -> (a, b, c) within each group. ``xs`` (ph + H + bottom, pw + W + right,
+    C) is scratch (the padded image, binarized, channels last; it must hold every tap the OH x OW
+    windows read). Serial, releases the GIL."""
     c, h, w = x.shape[1], x.shape[2], x.shape[3]
     cg = c // groups
     one = x.dtype.type(1.0)

@@ -1,10 +1,12 @@
 """Binary layers for training: ``BinaryConv2d`` and ``BinaryLinear`` with latent float weights.
 
 Forward (``binarize_input=True``): ``xb = sign(x)``, padded with ``pad_value`` after the sign
-(0: zero padding, as Bi-Real's PyTorch code; +1 or -1: that value), correlated with ``wb =
+(0: zero padding, as Bi-Real's PyTorch code; +1 or -1: that value; ``padding`` symmetric, 4 ints
+``(top, bottom, left, right)`` or ``"same"``, TensorFlow's), correlated with ``wb =
 sign(W)``; the result ``acc`` is an integer held exactly in float (a GEMM of +-1 values with
 K < 2**24). Then ``y = alpha[o] * acc`` with ``alpha[o] = mean |W[o]|`` for ``scale="mean_abs"``
-(Bi-Real; alpha gets no gradient) or ``y = acc`` for ``scale="none"`` (FTBNN: BN absorbs it).
+(Bi-Real; the exact mean rounded once, :mod:`refbnn.scale`; alpha gets no gradient) or
+``y = acc`` for ``scale="none"`` (FTBNN: BN absorbs it).
 
 sign: ``sign_at_zero=1``: ``x >= 0 -> +1`` (Larq/LCE, also -0.0); ``-1``: ``x > 0 -> +1`` (Caffe);
 ``0``: ``np.sign`` (torch.sign, ternary {-1, 0, +1}; float training path only). NaN raises.
@@ -29,6 +31,7 @@ from refbnn.nn._checks import check_grad, check_input, param, positive_int
 from refbnn.nn.init import uniform_fan_in
 from refbnn.nn.module import Module, Parameter
 from refbnn.ops import bconv2d as packed_bconv2d
+from refbnn.scale import mean_abs_scale
 
 SCALES = ("none", "mean_abs")
 ACT_GRADS = F.ACT_GRADS
@@ -61,11 +64,11 @@ class _BinaryMixin:
         return out
 
     def weight_scale(self, dtype=np.float32) -> np.ndarray:
-        """``alpha`` per output channel: ``mean |W[o]|`` (``scale="mean_abs"``) or ones."""
-        w = param(self.weight, np.dtype(dtype))
+        """``alpha`` per output channel: the exact mean of ``|W[o]|`` rounded once to ``dtype``
+        (:func:`refbnn.scale.mean_abs_scale`, ``scale="mean_abs"``) or ones."""
         if self.scale == "mean_abs":
-            return np.abs(w).reshape(w.shape[0], -1).mean(axis=1)
-        return np.ones(w.shape[0], dtype=dtype)
+            return mean_abs_scale(self.weight.data, dtype)
+        return np.ones(self.weight.data.shape[0], dtype=dtype)
 
     def binarized_input(self, x) -> np.ndarray:
         """``sign(x)`` as this layer sees it (``x`` itself when ``binarize_input=False``)."""
@@ -106,9 +109,9 @@ class BinaryConv2d(_BinaryMixin, Module):
                              f"divisible by groups {groups}")
         self.kernel_size = F.pair(kernel_size, "kernel_size")
         self.stride = F.pair(stride, "stride")
-        self.padding = F.pair(padding, "padding")
+        self.padding = F.layer_padding(padding)
         self.dilation = F.pair(dilation, "dilation")
-        if min(self.kernel_size + self.stride + self.dilation) < 1 or min(self.padding) < 0:
+        if min(self.kernel_size + self.stride + self.dilation) < 1:
             raise ValueError("kernel_size, stride and dilation must be >= 1 and padding >= 0")
         self.scale, self.sign_at_zero, self.act_grad = scale, int(sign_at_zero), act_grad
         self.pad_value, self.binarize_input = float(pad_value), bool(binarize_input)
@@ -122,8 +125,9 @@ class BinaryConv2d(_BinaryMixin, Module):
         self.use_packed = True
 
     def _geometry(self, x):
-        return F.ConvGeometry(x.shape, self.weight.shape, self.stride, self.padding,
-                              self.dilation, self.groups)
+        pad = F.conv_padding(self.padding, x.shape, self.weight.shape, self.stride, self.dilation)
+        return F.ConvGeometry(x.shape, self.weight.shape, self.stride, pad, self.dilation,
+                              self.groups)
 
     def _columns(self, x, geom, out=None):
         _check_nan(x, "BinaryConv2d")
@@ -145,7 +149,7 @@ class BinaryConv2d(_BinaryMixin, Module):
             if _ck.nchw_to_nhwc_kernel(np.ascontiguousarray(x), xh):
                 raise ValueError("BinaryConv2d: input contains NaN; sign(NaN) is undefined")
             acc = packed_bconv2d(xh, self.weight.data.transpose(2, 3, 1, 0),
-                                 stride=self.stride, padding=self.padding,
+                                 stride=self.stride, padding=(geom.ph, geom.pb, geom.pw, geom.pr),
                                  pad_value=int(self.pad_value), dilation=self.dilation,
                                  groups=self.groups, sign_at_zero=self.sign_at_zero)
             out = np.empty((geom.n, geom.o, geom.oh, geom.ow), dtype=x.dtype)

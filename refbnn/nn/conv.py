@@ -12,7 +12,9 @@ class Conv2d(Module):
     """``y[n, o] = bias[o] + sum_{c, a, b} w[o, c, a, b] * xpad[n, g*Cg + c, i*sh + a*dh, j*sw + b*dw]``.
 
     Cross-correlation as ``torch.nn.Conv2d``: ``x`` (N, C, H, W) zero-padded symmetrically by
-    ``padding`` (int or (ph, pw)); ``weight`` (O, C/groups, KH, KW); ``bias`` (O,) if ``bias``.
+    ``padding`` (int or (ph, pw)), or by ``(top, bottom, left, right)``, or ``"same"``
+    (TensorFlow: output ``ceil(in / stride)``, the odd row/column at the bottom/right);
+    ``weight`` (O, C/groups, KH, KW); ``bias`` (O,) if ``bias``.
     Output (N, O, OH, OW), ``OH = floor((H + 2ph - dh(KH-1) - 1) / sh) + 1``; computed in the dtype
     of ``x`` (float32 or float64) as an im2col GEMM (BLAS summation order).
     """
@@ -28,9 +30,9 @@ class Conv2d(Module):
                              f"divisible by groups {groups}")
         self.kernel_size = F.pair(kernel_size, "kernel_size")
         self.stride = F.pair(stride, "stride")
-        self.padding = F.pair(padding, "padding")
+        self.padding = F.layer_padding(padding)
         self.dilation = F.pair(dilation, "dilation")
-        if min(self.kernel_size + self.stride + self.dilation) < 1 or min(self.padding) < 0:
+        if min(self.kernel_size + self.stride + self.dilation) < 1:
             raise ValueError("kernel_size, stride and dilation must be >= 1 and padding >= 0")
         kh, kw = self.kernel_size
         fan_in = in_channels // groups * kh * kw
@@ -42,8 +44,9 @@ class Conv2d(Module):
         self._cols = None
 
     def _geometry(self, x):
-        return F.ConvGeometry(x.shape, self.weight.shape, self.stride, self.padding,
-                              self.dilation, self.groups)
+        pad = F.conv_padding(self.padding, x.shape, self.weight.shape, self.stride, self.dilation)
+        return F.ConvGeometry(x.shape, self.weight.shape, self.stride, pad, self.dilation,
+                              self.groups)
 
     def forward(self, x):
         x = check_input(x, (4,), type(self).__name__, self.in_channels)

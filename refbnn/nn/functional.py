@@ -1,5 +1,10 @@
-"""Stateless array helpers shared by the conv layers: padding, im2col, the conv GEMMs and their
-gradients.
+"""Array helpers shared by the conv layers: padding, im2col, the conv GEMMs and their gradients.
+
+These functions keep no state of their own; the process-wide runtime they use (the GEMM thread
+pool, the BLAS thread limit, the scratch buffers and the per-thread arenas) is
+:mod:`refbnn.nn.runtime`. Results are owned arrays except where a docstring says *scratch*: such a
+result lives in a :func:`~refbnn.nn.runtime.scratch` buffer and is valid only until the next call
+of the same function (in any layer), so use it before calling again.
 
 Layout: NCHW images, OIHW kernels (PyTorch). Every function computes in the dtype of its input
 (float32 in training, float64 in gradient checks). :func:`im2col` can binarize while it gathers
@@ -17,15 +22,12 @@ exact while K < 2**24.
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from concurrent.futures import ThreadPoolExecutor
-
 import numba as nb
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from refbnn.nn import _conv_kernels as _k
+from refbnn.nn.runtime import matmul, pool, scratch, single_threaded_blas, thread_arena
 
 
 def pair(v, what: str = "value") -> tuple[int, int]:
@@ -91,23 +93,31 @@ def binarize(x: np.ndarray, sign_at_zero) -> np.ndarray:
     return np.sign(x)
 
 
-def im2col_reference(x, kh, kw, sh, sw, ph, pw, dh, dw, pad_value=0.0, sign_at_zero=None):
+def im2col_reference(x, kh, kw, sh, sw, ph, pw, dh, dw, pad_value=0.0, sign_at_zero=None, pb=None,
+                     pr=None):
     """NumPy oracle of the column matrix ``(C*KH*KW, N*OH*OW)`` (``_conv_kernels`` layout):
-    binarize (optional), pad with ``pad_value``, gather windows."""
+    binarize (optional), pad with ``pad_value`` (``ph``/``pw`` top/left, ``pb``/``pr``
+    bottom/right, default symmetric), gather windows."""
     n, c, h, w = x.shape
-    oh, ow = out_size(h, kh, sh, ph, dh), out_size(w, kw, sw, pw, dw)
-    xp = pad_hw(binarize(x, sign_at_zero), ph, pw, pad_value)
+    pb, pr = ph if pb is None else pb, pw if pr is None else pr
+    oh = (h + ph + pb - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + pw + pr - dw * (kw - 1) - 1) // sw + 1
+    xp = np.pad(binarize(x, sign_at_zero), ((0, 0), (0, 0), (ph, pb), (pw, pr)),
+                constant_values=pad_value)
     v = window_view(xp, kh, kw, sh, sw, dh, dw, oh, ow)  # (N, C, KH, KW, OH, OW)
     return np.ascontiguousarray(v.transpose(1, 2, 3, 0, 4, 5)).reshape(c * kh * kw, n * oh * ow)
 
 
-def col2im_reference(dcols, x_shape, kh, kw, sh, sw, ph, pw, dh, dw):
+def col2im_reference(dcols, x_shape, kh, kw, sh, sw, ph, pw, dh, dw, pb=None, pr=None):
     """NumPy oracle of the adjoint: scatter-add ``dcols`` into zeros of the padded shape, taps in
-    (a, b) order, then drop the padding. Returns (N, C, H, W)."""
+    (a, b) order, then drop the padding (``pb``/``pr`` as in :func:`im2col_reference`). Returns
+    (N, C, H, W)."""
     n, c, h, w = x_shape
-    oh, ow = out_size(h, kh, sh, ph, dh), out_size(w, kw, sw, pw, dw)
+    pb, pr = ph if pb is None else pb, pw if pr is None else pr
+    oh = (h + ph + pb - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + pw + pr - dw * (kw - 1) - 1) // sw + 1
     d6 = dcols.reshape(c, kh, kw, n, oh, ow)
-    dxp = np.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=dcols.dtype)
+    dxp = np.zeros((n, c, h + ph + pb, w + pw + pr), dtype=dcols.dtype)
     for a in range(kh):
         for b in range(kw):
             dxp[:, :, a * dh: a * dh + (oh - 1) * sh + 1: sh,
@@ -116,10 +126,14 @@ def col2im_reference(dcols, x_shape, kh, kw, sh, sw, ph, pw, dh, dw):
 
 
 class ConvGeometry:
-    """Shapes of one convolution call: input (N, C, H, W), kernel (O, C/g, KH, KW)."""
+    """Shapes of one convolution call: input (N, C, H, W), kernel (O, C/g, KH, KW).
 
-    __slots__ = ("c", "dh", "dw", "groups", "h", "kh", "kw", "n", "o", "oh", "ow", "ph", "pw",
-                 "sh", "sw", "w")
+    ``padding``: ``(ph, pw)`` (symmetric) or ``(top, bottom, left, right)``; ``ph``/``pw`` are the
+    top/left offsets the kernels read from, ``pb``/``pr`` the bottom/right rows and columns (taps
+    there are padding like any other tap outside the input)."""
+
+    __slots__ = ("c", "dh", "dw", "groups", "h", "kh", "kw", "n", "o", "oh", "ow", "pb", "ph", "pr",
+                 "pw", "sh", "sw", "w")
 
     def __init__(self, x_shape, w_shape, stride, padding, dilation, groups):
         if len(x_shape) != 4:
@@ -127,13 +141,16 @@ class ConvGeometry:
         self.n, self.c, self.h, self.w = x_shape
         self.o, cg, self.kh, self.kw = w_shape
         self.sh, self.sw = stride
-        self.ph, self.pw = padding
+        if len(padding) == 4:
+            self.ph, self.pb, self.pw, self.pr = (int(p) for p in padding)
+        else:
+            (self.ph, self.pw), (self.pb, self.pr) = padding, padding
         self.dh, self.dw = dilation
         self.groups = groups
         if cg * groups != self.c:
             raise ValueError(f"input has {self.c} channels, kernel expects {cg} x {groups} groups")
-        self.oh = out_size(self.h, self.kh, self.sh, self.ph, self.dh)
-        self.ow = out_size(self.w, self.kw, self.sw, self.pw, self.dw)
+        self.oh = (self.h + self.ph + self.pb - self.dh * (self.kh - 1) - 1) // self.sh + 1
+        self.ow = (self.w + self.pw + self.pr - self.dw * (self.kw - 1) - 1) // self.sw + 1
         if self.oh < 1 or self.ow < 1:
             raise ValueError(f"input {self.h}x{self.w} is smaller than the kernel window")
 
@@ -141,6 +158,11 @@ class ConvGeometry:
     def args(self):
         """``(kh, kw, sh, sw, ph, pw, dh, dw)`` as the kernels and oracles take them."""
         return self.kh, self.kw, self.sh, self.sw, self.ph, self.pw, self.dh, self.dw
+
+    @property
+    def pads(self):
+        """``dict(pb=..., pr=...)``: the bottom/right padding, as the oracles take it."""
+        return {"pb": self.pb, "pr": self.pr}
 
     @property
     def cols_shape(self):
@@ -178,103 +200,12 @@ def act_grad_factor(x: np.ndarray, act_grad: str) -> np.ndarray:
     raise ValueError(f"act_grad must be one of {ACT_GRADS}, got {act_grad!r}")
 
 
-# --- threaded GEMMs ------------------------------------------------------------------------------
-# refbnn splits its large GEMMs over ``numba.get_num_threads()`` Python threads (NumPy releases the
-# GIL inside BLAS) and runs BLAS itself single-threaded: during each call BLAS is limited to one
-# thread with threadpoolctl (restored afterwards; ~20 us). Measured on a loaded 2-core machine,
-# OpenBLAS's own spinning worker threads made a training step 4-8x slower, while blocking Python
-# threads degrade gracefully.
-_POOL: list = [None, 0]
-_BLAS: list = [None]
-MIN_SPLIT_MACS = 8_000_000
-
-
-def _single_threaded_blas():
-    """A context limiting every BLAS library to one thread (a no-op without threadpoolctl)."""
-    if _BLAS[0] is None:
-        try:
-            from threadpoolctl import ThreadpoolController
-            _BLAS[0] = ThreadpoolController()
-        except ImportError:  # pragma: no cover - threadpoolctl is a dependency
-            _BLAS[0] = False
-    if not _BLAS[0]:
-        return contextlib.nullcontext()
-    return _BLAS[0].limit(limits=1, user_api="blas")
-
-
-def _pool(threads: int) -> ThreadPoolExecutor:
-    if _POOL[1] != threads:
-        if _POOL[0] is not None:
-            _POOL[0].shutdown(wait=True)
-        _POOL[0], _POOL[1] = ThreadPoolExecutor(threads, thread_name_prefix="refbnn-gemm"), threads
-    return _POOL[0]
-
-
-def _chunks(p: int, threads: int):
-    step = -(-p // threads)
-    step = -(-step // 64) * 64
-    return [(a, min(a + step, p)) for a in range(0, p, step)]
-
-
-def matmul(a, b, out=None, split="cols"):
-    """``a @ b`` for stacks ``a`` (g, M, K), ``b`` (g, K, P), split over threads.
-
-    ``split="cols"``: the P columns of ``b`` and ``out`` are divided among the threads;
-    ``"rows"``: the M rows of ``a`` and ``out``; ``"reduce"``: the K axis, and the partial products
-    are summed in chunk order (for ``dW``, where K = N*OH*OW is the long axis). Row and column
-    splits give each output element one BLAS dot product, as an unsplit call does."""
-    with _single_threaded_blas():
-        return _matmul(a, b, out, split)
-
-
-def _matmul(a, b, out, split):
-    threads = nb.get_num_threads()
-    g, m, k = a.shape
-    p = b.shape[2]
-    if threads == 1 or m * k * p < MIN_SPLIT_MACS:
-        return np.matmul(a, b, out=out)
-    if split == "rows":
-        if out is None:
-            out = np.empty((g, m, p), dtype=np.result_type(a, b))
-        list(_pool(threads).map(
-            lambda r: np.matmul(a[:, r[0]:r[1]], b, out=out[:, r[0]:r[1]]), _chunks(m, threads)))
-        return out
-    if split == "reduce":
-        parts = list(_pool(threads).map(
-            lambda r: np.matmul(a[:, :, r[0]:r[1]], b[:, r[0]:r[1], :]), _chunks(k, threads)))
-        total = parts[0]
-        for q in parts[1:]:
-            total += q
-        if out is not None:
-            out[...] = total
-            return out
-        return total
-    if out is None:
-        out = np.empty((g, m, p), dtype=np.result_type(a, b))
-    list(_pool(threads).map(
-        lambda r: np.matmul(a, b[:, :, r[0]:r[1]], out=out[:, :, r[0]:r[1]]),
-        _chunks(p, threads)))
-    return out
-
-
-_SCRATCH: dict = {}
-
-
-def scratch(tag: str, shape, dtype) -> np.ndarray:
-    """A reusable uninitialised buffer (one per tag, shape and dtype) for temporaries that do not
-    outlive a call; avoids re-faulting large fresh pages on every step. Not thread-safe."""
-    key = (tag, tuple(shape), np.dtype(dtype))
-    buf = _SCRATCH.get(key)
-    if buf is None:
-        if len(_SCRATCH) > 64:
-            _SCRATCH.clear()
-        buf = _SCRATCH[key] = np.empty(shape, dtype=dtype)
-    return buf
 
 
 def conv2d_gemm(cols, w, geom: ConvGeometry):
-    """``y`` (N, O, OH, OW) from columns and ``w`` (O, C/g, KH, KW): one GEMM per group over the
-    batch, ``ym[g] = w[g] (O/g, K/g) @ cols[g] (K/g, N*P)``, then reordered to NCHW."""
+    """``y`` (N, O, OH, OW), owned, from columns and ``w`` (O, C/g, KH, KW): one GEMM per group
+    over the batch, ``ym[g] = w[g] (O/g, K/g) @ cols[g] (K/g, N*P)`` (into scratch), then
+    reordered to NCHW."""
     g = geom.groups
     p = geom.oh * geom.ow
     wm = w.reshape(g, geom.o // g, -1)
@@ -293,22 +224,6 @@ TASKS_PER_THREAD = 2
 # tap-major pixel-major columns up to this many output pixels per image (measured: 2-10x faster
 # to build than channel-major; on 28x28 outputs the channel-major dW GEMM was faster)
 TAP_MAJOR_MAX_P = 256
-
-
-_TLS = threading.local()
-
-
-def _arena(size: int, dtype) -> np.ndarray:
-    """A flat grow-only buffer of at least ``size`` elements, one per thread and dtype (freed with
-    its thread): the workspace of :func:`conv2d_backward_fused`, whose views never outlive a call."""
-    arenas = getattr(_TLS, "arenas", None)
-    if arenas is None:
-        arenas = _TLS.arenas = {}
-    key = np.dtype(dtype)
-    buf = arenas.get(key)
-    if buf is None or buf.size < size:
-        buf = arenas[key] = np.empty(size, dtype=dtype)
-    return buf
 
 
 def image_chunks(n: int, p: int, image_bytes: int, threads: int):
@@ -378,7 +293,7 @@ def conv2d_backward_fused(dy, w, geom: ConvGeometry, x=None, cols=None, pad_valu
                 g, og, taps * cg)
         dx = np.empty((geom.n, geom.c, geom.h, geom.w), dtype=dt)
     xg = x if gate else dx
-    hp, wp = geom.h + 2 * geom.ph, geom.w + 2 * geom.pw
+    hp, wp = geom.h + geom.ph + geom.pb, geom.w + geom.pw + geom.pr
     conv = (geom.kh, geom.kw, geom.sh, geom.sw, geom.ph, geom.pw, geom.dh, geom.dw, geom.oh,
             geom.ow)
 
@@ -391,7 +306,7 @@ def conv2d_backward_fused(dy, w, geom: ConvGeometry, x=None, cols=None, pad_valu
 
     def work(c0, c1):
         """dw of images c0..c1 (and their dx), in the calling thread's workspace."""
-        buf = _arena(sum(sizes), dt)
+        buf = thread_arena(sum(sizes), dt)
         views, at = [], 0
         for s in sizes:
             views.append(buf[at:at + s])
@@ -419,11 +334,11 @@ def conv2d_backward_fused(dy, w, geom: ConvGeometry, x=None, cols=None, pad_valu
                                   views[3].reshape(geom.h, geom.w, geom.c))
         return part
 
-    with _single_threaded_blas():
+    with single_threaded_blas():
         if threads == 1 or len(chunks) == 1:
             parts = (work(*c) for c in chunks)
         else:
-            parts = _pool(threads).map(lambda c: work(*c), chunks)
+            parts = pool(threads).map(lambda c: work(*c), chunks)
         # the chunks' dw added in chunk order as they arrive: deterministic for a thread count
         total = None
         for q in parts:
@@ -436,6 +351,37 @@ def conv2d_backward_fused(dy, w, geom: ConvGeometry, x=None, cols=None, pad_valu
     else:  # (g, (c, a, b), O/g) -> (O, C/g, KH, KW)
         dw = total.transpose(0, 2, 1)
     return dx, np.ascontiguousarray(dw).reshape(geom.o, cg, geom.kh, geom.kw)
+
+
+def conv_padding(padding, x_shape, w_shape, stride, dilation):
+    """A conv layer's ``padding`` for input ``x_shape`` (N, C, H, W) and kernel ``w_shape``
+    (O, C/g, KH, KW): ``"same"`` (TensorFlow: output ``ceil(in / stride)``, the odd row/column at
+    the bottom/right) resolves to ``(top, bottom, left, right)``; a pair or 4-tuple is returned."""
+    if isinstance(padding, str):
+        if padding != "same":
+            raise ValueError(f"padding must be 'same', an int, a pair or 4 ints, got {padding!r}")
+        pads = []
+        for n, k, s, d in zip(x_shape[2:], w_shape[2:], stride, dilation):
+            total = max((-(-n // s) - 1) * s + (k - 1) * d + 1 - n, 0)
+            pads += [total // 2, total - total // 2]
+        return tuple(pads)
+    return padding
+
+
+def layer_padding(padding, what: str = "padding"):
+    """A layer's padding argument: ``"same"``, an int or pair (symmetric), or ``(top, bottom,
+    left, right)``; all >= 0. Returns ``"same"``, a pair or a 4-tuple of ints."""
+    if isinstance(padding, str):
+        if padding != "same":
+            raise ValueError(f"{what} must be 'same', an int, a pair or 4 ints, got {padding!r}")
+        return padding
+    if isinstance(padding, (tuple, list)) and len(padding) == 4:
+        pads = tuple(pair(p, what)[0] for p in padding)
+    else:
+        pads = pair(padding, what)
+    if min(pads) < 0:
+        raise ValueError(f"{what} must be >= 0, got {padding!r}")
+    return pads
 
 
 def conv2d(x, w, stride=1, padding=0, dilation=1, groups=1, pad_value=0.0):

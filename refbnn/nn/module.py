@@ -113,7 +113,8 @@ class Module:
         return out
 
     def load_state_dict(self, state, strict: bool = True) -> None:
-        """Copy arrays from ``state`` into parameters and buffers; shapes must match exactly.
+        """Copy arrays from ``state`` into parameters and buffers; shapes must match exactly. The
+        model never shares memory with ``state`` (an optimizer step leaves it unchanged).
 
         With ``strict`` every name must be present and no extra name may appear (``KeyError``).
         """
@@ -135,8 +136,8 @@ class Module:
             target = module._parameters[name].data if kind == "p" else module._buffers[name]
             if value.shape != target.shape:
                 raise ValueError(f"{key}: shape {value.shape} does not match {target.shape}")
-            if kind == "p":
-                module._parameters[name].data = np.ascontiguousarray(value, dtype=np.float32)
+            if kind == "p":  # a copy: the caller's array never becomes the parameter's storage
+                module._parameters[name].data = np.array(value, dtype=np.float32, order="C", copy=True)
             else:
                 setattr(module, name, np.array(value, dtype=target.dtype, copy=True))
 

@@ -24,6 +24,10 @@ class _Pool2d(Module):
         super().__init__()
         self.kernel_size = F.pair(kernel_size, "kernel_size")
         self.stride = F.pair(stride if stride is not None else kernel_size, "stride")
+        if isinstance(padding, str) and type(self) is MaxPool2d and padding == "same":
+            self.padding = "same"  # TensorFlow's, resolved per input (MaxPool2d only)
+            self._cache = None
+            return
         self.padding = F.pair(padding, "padding")
         if min(self.kernel_size + self.stride) < 1 or min(self.padding) < 0:
             raise ValueError("kernel_size and stride must be >= 1 and padding >= 0")
@@ -45,10 +49,19 @@ class _Pool2d(Module):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
 
 
+def _pad_to_windows(x, kh, kw, sh, sw, ph, pw, oh, ow, value):
+    """``x`` padded by ``ph`` rows on top and ``pw`` columns on the left, and at the bottom/right
+    by as many as the OH x OW windows reach (symmetric padding, or TensorFlow's "same")."""
+    h, w = x.shape[2:]
+    pb, pr = max(0, (oh - 1) * sh + kh - h - ph), max(0, (ow - 1) * sw + kw - w - pw)
+    return np.pad(x, ((0, 0), (0, 0), (ph, pb), (pw, pr)), constant_values=value)
+
+
 def max_pool2d_reference(x, kh, kw, sh, sw, ph, pw, oh, ow):
     """NumPy oracle of :class:`MaxPool2d`'s training forward: ``(y, arg)``, the window maxima of
-    ``x`` padded with ``-inf`` and the first maximal tap ``a*KW + b`` (int32) of each window."""
-    xp = F.pad_hw(x, ph, pw, -np.inf)
+    ``x`` padded with ``-inf`` (``ph``/``pw`` top/left, bottom/right as far as the OH x OW windows
+    reach) and the first maximal tap ``a*KW + b`` (int32) of each window."""
+    xp = _pad_to_windows(x, kh, kw, sh, sw, ph, pw, oh, ow, -np.inf)
     best = _tap(xp, 0, 0, sh, sw, oh, ow).copy()
     arg = np.zeros(best.shape, dtype=np.int32)
     for t in range(1, kh * kw):
@@ -62,8 +75,8 @@ def max_pool2d_backward_reference(dy, arg, x_shape, kh, kw, sh, sw, ph, pw):
     """NumPy oracle of :class:`MaxPool2d`'s backward: ``dy`` added at each window's arg-max tap,
     taps in order, into zeros of the padded shape, then cropped to ``x_shape``."""
     oh, ow = dy.shape[2:]
-    n, c, h, w = x_shape
-    dxp = np.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=dy.dtype)
+    h, w = x_shape[2:]
+    dxp = _pad_to_windows(np.zeros(x_shape, dtype=dy.dtype), kh, kw, sh, sw, ph, pw, oh, ow, 0)
     for t in range(kh * kw):
         _tap(dxp, t // kw, t % kw, sh, sw, oh, ow)[...] += np.where(arg == t, dy, 0)
     return dxp[:, :, ph:ph + h, pw:pw + w].copy()
@@ -72,9 +85,19 @@ def max_pool2d_backward_reference(dy, arg, x_shape, kh, kw, sh, sw, ph, pw):
 class MaxPool2d(_Pool2d):
     """Maximum over each window; padded taps are ``-inf`` (never chosen). The gradient goes to the
     first maximal tap of each window in row-major (a, b) order (PyTorch's choice on ties).
+    ``padding="same"``: TensorFlow's (output ``ceil(in / stride)``, the odd row/column of padding
+    at the bottom/right).
 
     Computed by ``refbnn.nn._pool_kernels`` (equal to :func:`max_pool2d_reference` and
     :func:`max_pool2d_backward_reference`)."""
+
+    def _geometry(self, x):
+        if self.padding != "same":
+            return super()._geometry(x)
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        t, b, left, r = F.conv_padding("same", x.shape, (0, 0, kh, kw), self.stride, (1, 1))
+        oh, ow = (x.shape[2] + t + b - kh) // sh + 1, (x.shape[3] + left + r - kw) // sw + 1
+        return kh, kw, sh, sw, t, left, oh, ow
 
     def forward(self, x):
         x = check_input(x, (4,), "MaxPool2d")
@@ -83,12 +106,12 @@ class MaxPool2d(_Pool2d):
         y = np.empty((x.shape[0], x.shape[1], oh, ow), dtype=x.dtype)
         arg = np.empty(y.shape if self.training else (1, 1, 1, 1), dtype=np.int32)
         _pk.max_pool_forward_kernel(x, kh, kw, sh, sw, ph, pw, y, arg, self.training)
-        self._cache = (x.shape, arg) if self.training else None
+        self._cache = (x.shape, arg, ph, pw) if self.training else None
         return y
 
     def backward(self, grad_out):
-        x_shape, arg = check_grad(self._cache, "MaxPool2d")
-        kh, kw, sh, sw, ph, pw = *self.kernel_size, *self.stride, *self.padding
+        x_shape, arg, ph, pw = check_grad(self._cache, "MaxPool2d")
+        kh, kw, sh, sw = *self.kernel_size, *self.stride
         dx = np.empty(x_shape, dtype=grad_out.dtype)
         _pk.max_pool_backward_kernel(np.ascontiguousarray(grad_out), arg, kh, kw, sh, sw, ph, pw,
                                      dx)

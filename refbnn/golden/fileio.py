@@ -7,13 +7,15 @@ JSON text in string attributes, arrays are plain little-endian numeric datasets.
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 
 import h5py
 import numpy as np
+
+from refbnn.atomicio import write_bytes_atomic
 
 FORMAT = "refbnn-golden"
 VERSION = 1
@@ -27,7 +29,8 @@ class GoldenError(ValueError):
 
 @dataclass
 class Case:
-    """One golden case. ``tolerance[name] = (rtol, atol)``; an output without an entry is exact.
+    """One golden case. ``tolerance[name] = (rtol, atol)``; an output without an entry is exact;
+    ``stacks``: the other stacks that can express it (:mod:`refbnn.golden.stacks`).
 
     An output ``a`` matches the expected ``e`` when shapes are equal and
     ``max |a - e| <= atol + rtol * max |e|`` (both 0: every element equal; NaN never matches).
@@ -39,6 +42,7 @@ class Case:
     inputs: dict
     outputs: dict
     tolerance: dict = field(default_factory=dict)
+    stacks: list = field(default_factory=list)  # docs/golden.md section 8; [] when unknown
 
 
 @dataclass
@@ -62,48 +66,41 @@ def _dataset(group, name, value):
 
 
 def write(path, golden: GoldenFile, version: str) -> None:
-    """Write ``golden`` to ``path`` (temp file in the same folder, then ``os.replace``)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w", track_order=True) as f:
-            f.attrs["format"] = FORMAT
-            f.attrs["format_version"] = np.int64(VERSION)
-            f.attrs["kind"] = golden.kind
-            f.attrs["seed"] = np.int64(golden.seed)
-            f.attrs["refbnn_version"] = version
-            f.attrs["meta"] = json.dumps(golden.meta, sort_keys=True)
-            f.attrs["cases"] = json.dumps([c.name for c in golden.cases])
-            if golden.arrays:
-                g = f.create_group("weights", track_order=True)
-                for k, v in golden.arrays.items():
-                    _dataset(g, k, v)
-            cases = f.create_group("cases", track_order=True)
-            for c in golden.cases:
-                g = cases.create_group(c.name, track_order=True)
-                g.attrs["op"] = c.op
-                g.attrs["params"] = json.dumps(c.params, sort_keys=True)
-                g.attrs["inputs"] = json.dumps(list(c.inputs))
-                g.attrs["outputs"] = json.dumps(list(c.outputs))
-                gi = g.create_group("inputs", track_order=True)
-                for k, v in c.inputs.items():
-                    _dataset(gi, k, v)
-                go = g.create_group("outputs", track_order=True)
-                for k, v in c.outputs.items():
-                    ds = _dataset(go, k, v)
-                    rtol, atol = c.tolerance.get(k, (0.0, 0.0))
-                    ds.attrs["rtol"] = np.float64(rtol)
-                    ds.attrs["atol"] = np.float64(atol)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a golden file is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write ``golden`` to ``path`` atomically: the HDF5 file is built in memory (so a full disk
+    never leaves HDF5 half-closed), then written by :func:`refbnn.atomicio.write_bytes_atomic`
+    (mode 0666 minus the umask; on any error no partial or temporary file is left, ``OSError``
+    names ``path``)."""
+    bio = io.BytesIO()
+    with h5py.File(bio, "w", track_order=True) as f:
+        f.attrs["format"] = FORMAT
+        f.attrs["format_version"] = np.int64(VERSION)
+        f.attrs["kind"] = golden.kind
+        f.attrs["seed"] = np.int64(golden.seed)
+        f.attrs["refbnn_version"] = version
+        f.attrs["meta"] = json.dumps(golden.meta, sort_keys=True)
+        f.attrs["cases"] = json.dumps([c.name for c in golden.cases])
+        if golden.arrays:
+            g = f.create_group("weights", track_order=True)
+            for k, v in golden.arrays.items():
+                _dataset(g, k, v)
+        cases = f.create_group("cases", track_order=True)
+        for c in golden.cases:
+            g = cases.create_group(c.name, track_order=True)
+            g.attrs["op"] = c.op
+            g.attrs["params"] = json.dumps(c.params, sort_keys=True)
+            g.attrs["inputs"] = json.dumps(list(c.inputs))
+            g.attrs["outputs"] = json.dumps(list(c.outputs))
+            g.attrs["stacks"] = json.dumps(list(c.stacks))
+            gi = g.create_group("inputs", track_order=True)
+            for k, v in c.inputs.items():
+                _dataset(gi, k, v)
+            go = g.create_group("outputs", track_order=True)
+            for k, v in c.outputs.items():
+                ds = _dataset(go, k, v)
+                rtol, atol = c.tolerance.get(k, (0.0, 0.0))
+                ds.attrs["rtol"] = np.float64(rtol)
+                ds.attrs["atol"] = np.float64(atol)
+    write_bytes_atomic(path, bio.getbuffer())
 
 
 def _json(obj, hpath, name):
@@ -183,6 +180,7 @@ def _read(f) -> GoldenFile:
         for k in outs:
             a = g["outputs"][k].attrs
             tol[k] = (float(a.get("rtol", 0.0)), float(a.get("atol", 0.0)))
+        stacks = _json(g, hpath, "stacks") if "stacks" in g.attrs else []
         cases.append(Case(name, _str(g, hpath, "op"), _json(g, hpath, "params"),
-                          _arrays(g["inputs"], hpath + "/inputs", ins), outputs, tol))
+                          _arrays(g["inputs"], hpath + "/inputs", ins), outputs, tol, stacks))
     return GoldenFile(kind, int(seed), _json(f, "/", "meta"), cases, arrays)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 
 from refbnn import nn
-from refbnn.goldenlib.fileio import Case
-from refbnn.goldenlib.ops import edgy
+from refbnn.golden.fileio import Case
+from refbnn.golden.ops import edgy
 from refbnn.training.losses import cross_entropy
 
 LAYERS = {name: getattr(nn, name) for name in (

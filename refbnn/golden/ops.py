@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from refbnn import ops, reference
-from refbnn.goldenlib.fileio import Case
+from refbnn.golden.fileio import Case
 
 
 def _padding(p):
@@ -166,6 +166,12 @@ CONVS = {
     "bconv_1x1_s2_odd": (1, 7, 7, 100, 7, 1, 1, [2, 2], "valid", 0, [1, 1], 1, 1),
     "bconv_c3_same_minus1_s2": (1, 5, 5, 3, 2, 3, 3, [2, 2], "same", -1, [1, 1], 1, 1),
     "bconv_same_s1_c130": (1, 4, 5, 130, 3, 3, 3, [1, 1], "same", 0, [1, 1], 1, 1),
+    # in Larq's conventions (docs/golden.md section 8): pad value +1, groups, dilation, and a
+    # zero-padded kernel reaching past the whole input (LCE's border correction fails there)
+    "bconv_same_plus1_s2_odd_c40": (2, 7, 7, 40, 6, 3, 3, [2, 2], "same", 1, [1, 1], 1, 1),
+    "bconv_groups2_cg32_same": (1, 6, 6, 64, 6, 3, 3, [1, 1], "same", 0, [1, 1], 2, 1),
+    "bconv_valid_dil2_c40": (1, 9, 8, 40, 4, 3, 3, [1, 1], "valid", 0, [2, 2], 1, 1),
+    "bconv_same_zero_reach_past_input": (1, 2, 3, 10, 3, 3, 3, [1, 1], "same", 0, [1, 1], 1, 1),
 }
 
 
@@ -208,6 +214,8 @@ def op_cases(seed: int) -> list:
         "bconv_output_o70_plus1": (2, 5, 5, 33, 70, 3, 3, [1, 1], "same", 1, [1, 1], 1, 1),
         "bconv_output_o9_zero_pad_caffe": (2, 6, 5, 20, 9, 3, 3, [2, 2], [1, 1], 0, [1, 1], 1, -1),
         "bconv_output_groups2_minus1": (1, 5, 6, 66, 8, 3, 3, [1, 1], "same", -1, [1, 1], 2, -1),
+        "bconv_output_zero_same_s1": (2, 5, 6, 40, 7, 3, 3, [1, 1], "same", 0, [1, 1], 1, 1),
+        "bconv_output_plus1_s2_odd_c64": (1, 7, 7, 64, 10, 3, 3, [2, 2], "same", 1, [1, 1], 1, 1),
     }
     for name, spec in out_specs.items():
         case = _conv_case(rng, name, spec, "bconv2d_output")
