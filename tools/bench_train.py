@@ -267,6 +267,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     rows = []
+    load_start = os.getloadavg()  # other processes on the machine skew the scaling most
     for t in args.threads:
         for width in args.widths:
             # refbnn threads its GEMMs itself (NUMBA_NUM_THREADS) over single-threaded OpenBLAS;
@@ -301,10 +302,12 @@ def main(argv=None) -> int:
     meta = {"benchmark": "bench_train", "floor_ratio": FLOOR_RATIO,
             "scaling_floor": SCALING_FLOOR, "cpu_count": os.cpu_count(),
             "cpu": cpu_name(), "source": source_revision(), "input": [1, H, W],
-            "optimizer": "Adam"}
+            "optimizer": "Adam",
+            "load_average_1_5_15min": {"start": load_start, "end": os.getloadavg()}}
     write_json(Path(args.out), {"meta": meta, "results": rows,
                                 "scaling": {str(w): {"refbnn": a, "torch": b}
                                             for w, (a, b) in speedups.items()}})
+    print(f"load average (1/5/15 min) at the start {load_start}, at the end {os.getloadavg()}")
     print(f"wrote {args.out}")
     if args.check and (any(r["ratio"] > FLOOR_RATIO for r in rows)
                        or any(a < SCALING_FLOOR for a, _ in speedups.values())):
