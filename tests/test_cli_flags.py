@@ -11,7 +11,7 @@ import argparse
 import pytest
 
 from refbnn import budget, cli_util, export, infer, predictor, train
-from refbnn.experiments import nonlinearity
+from refbnn.experiments import groups, nonlinearity
 from refbnn.golden import cli as golden_cli
 
 GENERIC = ["nan", "inf", "-inf", "abc", "", "1e400"]
@@ -87,6 +87,21 @@ TABLE = {
         "--jobs": ("int", ["0", "-2"]),
         "--threads": ("int", ["0", "-1"]),
     }),
+    "groups": (groups, [], {
+        "--dataset": ("choice", ["cifar10"]),
+        "--out-dir": ("path", ["{file}/out"]),
+        "--data-dir": ("path", ["{missing}"]),
+        "--seeds": ("int", ["0", "-1", "101"]),
+        "--epochs": ("int", ["0", "-1"]),
+        "--train-size": ("int", ["-1", "60001"]),
+        "--test-size": ("int", ["-1", "10001"]),
+        "--budget18": ("float", ["0", "-1", "1001"]),
+        "--budget34": ("float", ["0", "-0.5"]),
+        "--depths": ("list", ["18,18", "50", ",", ""]),
+        "--groups": ("list", ["3", "1,1", "1,,2"]),
+        "--jobs": ("int", ["0", "-2"]),
+        "--threads": ("int", ["0", "-1"]),
+    }),
 }
 
 
@@ -126,6 +141,7 @@ def no_work(monkeypatch):
     monkeypatch.setattr(golden_cli, "load_model", started)
     monkeypatch.setattr(budget, "count", started)
     monkeypatch.setattr(nonlinearity, "run_study", started)
+    monkeypatch.setattr(groups, "run_study", started)
 
 
 @pytest.mark.parametrize(("cli", "flag", "value"), list(cases()))

@@ -50,10 +50,31 @@ def test_quick_study_table_is_well_formed(quick_run):
         assert len(entry["curve_epoch"]) == len(entry["curve_discrepancy"]) >= 2
         assert entry["curve_epoch"][0] == 0.0 and entry["curve_epoch"][-1] == 1.0
     lines = (out / "results.md").read_text().strip().splitlines()
-    assert len(lines) == 2 + len(MODELS)
+    table = lines[:2 + len(MODELS)]
     assert all(line.startswith("|") and line.endswith("|") and line.count("|") == 5
-               for line in lines)
-    assert [line.split("|")[1].strip() for line in lines[2:]] == ["Linear", "Binary", "PReLU", "ReLU"]
+               for line in table)
+    assert [line.split("|")[1].strip() for line in table[2:]] == ["Linear", "Binary", "PReLU", "ReLU"]
+    assert lines[2 + len(MODELS):4 + len(MODELS)] == ["", "Test accuracy (%) per seed:"]
+
+
+def test_quick_study_paired_comparisons(quick_run):
+    # every difference is a - b of the two models' own per-seed values, seed by seed
+    _, out = quick_run
+    results = json.loads((out / "results.json").read_text())
+    models, comparisons = results["models"], results["comparisons"]
+    names = {entry["name"]: key for key, entry in models.items()}
+    pairs = [(c["a"], c["b"]) for c in comparisons["accuracy"]]
+    assert pairs == [("PReLU", "Binary"), ("ReLU", "Binary"), ("Binary", "Linear"), ("ReLU", "PReLU")]
+    for key, scale in (("accuracy", 100.0), ("discrepancy", 1.0)):
+        for c in comparisons[key]:
+            a, b = models[names[c["a"]]], models[names[c["b"]]]
+            assert c["seeds"] == a["seeds"] == b["seeds"] == [0, 1]
+            expected = [scale * (x - y) for x, y in zip(a[key], b[key])]
+            assert c["differences"] == pytest.approx(expected, abs=1e-12)
+            assert c["low"] <= c["mean"] <= c["high"]
+            assert c["significant"] == (c["low"] > 0 or c["high"] < 0)
+    md = (out / "results.md").read_text()
+    assert md.count("- PReLU - Binary: ") == 2 and "| difference (points) |" in md
 
 
 def test_quick_study_discrepancy_zero_without_binarization(quick_run):
@@ -209,3 +230,20 @@ def test_no_binary_conv_is_dead_on_mnist(variant, data_dir):
     for s in stats:
         assert not s.dead and 0.05 < s.positive_fraction < 0.95, s
     assert not any(s.dead for s in binary_input_stats(model, x, mode="eval"))
+
+
+def test_same_seed_same_initial_weights_in_every_model():
+    # the pairing by seed: the four models draw the same initial weights (PReLU adds its slopes,
+    # which are constant), and fit's seed fixes the batch order
+    states = {}
+    for variant in MODELS:
+        nn.init.manual_seed(3)
+        states[variant] = study.build_model(variant, 6).state_dict()
+    ref = states["binary"]
+    for variant, state in states.items():
+        assert set(ref) <= set(state), variant
+        for key in ref:
+            assert np.array_equal(state[key], ref[key]), (variant, key)
+    nn.init.manual_seed(4)
+    assert not np.array_equal(study.build_model("binary", 6).state_dict()["features.0.weight"],
+                              ref["features.0.weight"])

@@ -17,38 +17,45 @@ output channel, is reported beside it, and so is the share of +1 in each binary 
 input after training (``positive_fraction``: a dead conv of the ReLU trap would show 1.0).
 
 Writes into ``--out-dir`` (default ``runs/nonlinearity``, checked before any training):
-``results.json``, ``results.md`` (accuracy and discrepancy, mean +- std
-over seeds), ``features.png`` (2-D test-set features of each model's first seed, one panel per
-model; also ``features-<model>.png``) and ``discrepancy.png`` (discrepancy during training, mean
-over seeds). Exit status: 0 done, 2 bad arguments or data, 3 a loss became NaN/inf.
+``results.json``, ``results.md`` (accuracy and discrepancy, mean +- std over seeds; accuracy per
+seed; the :data:`COMPARISONS` paired by seed, each with its 95% Student-t interval, t-test, sign
+test and permutation p-values: :mod:`refbnn.experiments.stats`), ``features.png`` (2-D test-set
+features of each model's first seed, one panel per model; also ``features-<model>.png``) and
+``discrepancy.png`` (discrepancy during training, mean over seeds). Exit status: 0 done, 2 bad
+arguments or data, 3 a loss became NaN/inf.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import multiprocessing
 import os
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numba
 import numpy as np
 from PIL import Image
-from threadpoolctl import threadpool_limits
 
 from refbnn import cli_util, nn
 from refbnn.cli_util import ArgumentParser, fail, write_text_atomic
-from refbnn.data import DataError, batches, subset
+from refbnn.data import batches
+from refbnn.experiments import stats
+from refbnn.experiments.common import (
+    add_run_flags,
+    check_out_dir,
+    config_values,
+    cpu_name,
+    load_splits,
+    run_cli,
+    run_tasks,
+)
 from refbnn.models.diagnostics import binary_input_stats
 from refbnn.nn import functional as F
 from refbnn.nn.init import manual_seed
 from refbnn.plot import line_chart, save_png, scatter
 from refbnn.scale import mean_abs_scale
-from refbnn.training.faults import NumericalFault
 from refbnn.training.fit import Callback, fit
 from refbnn.training.recipe import LIMITS, Recipe
 
@@ -60,8 +67,8 @@ N_CLASSES = 10
 class StudyConfig:
     """Everything a study depends on (stored in ``results.json``)."""
 
-    seeds: int = 5               # runs per model, seeds 0 .. seeds-1
-    epochs: int = 2
+    seeds: int = 8               # runs per model, seeds 0 .. seeds-1 (>= 6: a sign test can reach 5%)
+    epochs: int = 3              # 8 x 3 x 4 trainings: about 30 minutes on 2 quiet cores (docs)
     batch_size: int = 64
     lr: float = 5e-3             # Adam, cosine decay to 0, no weight decay, no augmentation
     width: int = 12              # channels of the first stage (the second has twice as many)
@@ -230,12 +237,6 @@ def train_run(variant: str, seed: int, cfg: StudyConfig, train_set, test_set, pr
             "seconds": time.perf_counter() - t0, "features": feats, "labels": labels}
 
 
-def mean_std(values) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof=1; 0 for a single value)."""
-    v = np.asarray(values, dtype=np.float64)
-    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
-
-
 def summarize(runs: list, cfg: StudyConfig) -> dict:
     """Per model: per-seed lists, mean and std, and the mean discrepancy curve over seeds."""
     out = OrderedDict()
@@ -244,13 +245,31 @@ def summarize(runs: list, cfg: StudyConfig) -> dict:
         entry = {"name": VARIANTS[variant], "seeds": [r["seed"] for r in mine]}
         for key in ("accuracy", "discrepancy", "relative_error"):
             entry[key] = [r[key] for r in mine]
-            entry[key + "_mean"], entry[key + "_std"] = mean_std(entry[key])
+            entry[key + "_mean"], entry[key + "_std"] = stats.mean_std(entry[key])
         entry["curve_epoch"] = mine[0]["curve"]["epoch"]
         entry["curve_discrepancy"] = [float(v) for v in
                                       np.mean([r["curve"]["discrepancy"] for r in mine], axis=0)]
         entry["positive_fraction"] = [r["positive_fraction"] for r in mine]
         entry["seconds"] = [round(r["seconds"], 1) for r in mine]
         out[variant] = entry
+    return out
+
+
+#: the differences the study tests, ``(a, b)`` for ``a - b``: does a non-linearity after the binary
+#: conv help (PReLU, ReLU vs Binary), does binarization itself add discriminative power over the
+#: affine model (Binary vs Linear), and do the two non-linearities differ (ReLU vs PReLU)?
+COMPARISONS = (("prelu", "binary"), ("relu", "binary"), ("binary", "linear"), ("relu", "prelu"))
+
+
+def compare(summary: dict, key: str, scale: float = 1.0) -> list:
+    """:data:`COMPARISONS` of ``key`` (``"accuracy"``, ``"discrepancy"``) paired by seed, values times
+    ``scale``, for the pairs whose models both ran (:func:`refbnn.experiments.stats.paired`)."""
+    out = []
+    for a, b in COMPARISONS:
+        if a in summary and b in summary:
+            va, vb = ({s: scale * v for s, v in zip(summary[m]["seeds"], summary[m][key])}
+                      for m in (a, b))
+            out.append(stats.paired(VARIANTS[a], va, VARIANTS[b], vb).to_dict())
     return out
 
 
@@ -263,6 +282,27 @@ def markdown_table(summary: dict, n_seeds: int) -> str:
                      f"{entry['discrepancy_std']:.4f} | {entry['relative_error_mean']:.4f} ± "
                      f"{entry['relative_error_std']:.4f} |")
     return "\n".join(lines) + "\n"
+
+
+def per_seed_table(summary: dict) -> str:
+    """Test accuracy (%) of every model for every seed."""
+    seeds = next(iter(summary.values()))["seeds"]
+    lines = ["| model | " + " | ".join(str(s) for s in seeds) + " |", "|---" * (len(seeds) + 1) + "|"]
+    for entry in summary.values():
+        lines.append(f"| {entry['name']} | " + " | ".join(f"{100 * a:.2f}" for a in entry["accuracy"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def report(summary: dict, comparisons: dict, n_seeds: int) -> str:
+    """``results.md``: the summary table, accuracy per seed, and the paired comparisons of test
+    accuracy (points) and discrepancy, each with its verdict."""
+    parts = [markdown_table(summary, n_seeds), "Test accuracy (%) per seed:", "", per_seed_table(summary)]
+    for key, unit in (("accuracy", "points"), ("discrepancy", "discrepancy")):
+        if comparisons.get(key):
+            parts += [f"Paired by seed ({key}, a - b):", "",
+                      stats.comparisons_table(comparisons[key], unit), ""]
+            parts += [f"- {stats.verdict(c, unit)}" for c in comparisons[key]] + [""]
+    return "\n".join(parts)
 
 
 # --- outputs -------------------------------------------------------------------------------------
@@ -302,7 +342,6 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--data-dir", type=cli_util.existing_dir,
                    help="folder with the MNIST IDX files or mnist/; nothing else is searched then "
                         "(default: $REFBNN_DATA_DIR/mnist, the cache, ...)")
-    p.add_argument("--no-download", action="store_true", help="never try to download MNIST")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: 400 training images, 1 epoch, 2 seeds, width 8")
     p.add_argument("--seeds", type=cli_util.int_in(1, 1000), help=f"runs per model (default {d.seeds})")
@@ -311,13 +350,8 @@ def build_parser() -> ArgumentParser:
                    help=f"2-4096 (BatchNorm needs 2; default {d.batch_size})")
     p.add_argument("--lr", type=LIMITS["lr"], help=f"Adam learning rate (default {d.lr})")
     p.add_argument("--width", type=cli_util.int_in(1, 512), help=f"first-stage channels (default {d.width})")
-    p.add_argument("--train-size", type=cli_util.int_in(0, 60_000), help="training images (default 0: all)")
-    p.add_argument("--test-size", type=cli_util.int_in(0, 10_000), help="test images (default 0: all)")
     p.add_argument("--models", help=f"comma-separated subset of {','.join(VARIANTS)}")
-    p.add_argument("--jobs", type=cli_util.int_in(1, 1024),
-                   help="worker processes training in parallel (default: the core count; 1 with --quick)")
-    p.add_argument("--threads", type=cli_util.threads, default=1,
-                   help="Numba threads (default 1: faster for these small layers, see docs)")
+    add_run_flags(p, "Numba threads per worker (default 1: faster for these small layers, see docs)")
     return p
 
 
@@ -331,21 +365,14 @@ def parse_args(argv):
             p.fail_flag("--models", f"expected a comma-separated subset of {','.join(VARIANTS)} "
                                     f"without repeats, got "
                                     f"{args.models!r}")
-    try:
-        cli_util.check_writable(args.out_dir)
-    except OSError as e:
-        p.fail_flag("--out-dir", f"cannot write to {args.out_dir}: {e}")
+    check_out_dir(p, args)
     return args
 
 
 def make_config(args) -> StudyConfig:
     """The study configuration from the flags (``--quick`` first, explicit flags override)."""
-    values = asdict(StudyConfig())
-    if args.quick:
-        values.update(QUICK)
-    for key in ("seeds", "epochs", "batch_size", "lr", "width", "train_size", "test_size"):
-        if getattr(args, key) is not None:
-            values[key] = getattr(args, key)
+    values = config_values(StudyConfig(), QUICK, args,
+                           ("seeds", "epochs", "batch_size", "lr", "width", "train_size", "test_size"))
     if args.models is not None:
         values["models"] = [m.strip() for m in args.models.split(",") if m.strip()]
     cfg = StudyConfig(**values)
@@ -366,17 +393,7 @@ def make_config(args) -> StudyConfig:
 
 
 def load_data(cfg: StudyConfig, data_dir, download: bool):
-    train, _ = cli_util.load_split("mnist", "train", data_dir, download)
-    test, _ = cli_util.load_split("mnist", "test", data_dir, download)
-    for key, ds in (("train_size", train), ("test_size", test)):
-        if getattr(cfg, key) > len(ds):
-            raise ValueError(f"--{key.replace('_', '-')} {getattr(cfg, key)} exceeds the "
-                             f"{len(ds)} images of the split")
-    if cfg.train_size:
-        train = subset(train, cfg.train_size, seed=1234)
-    if cfg.test_size:
-        test = subset(test, cfg.test_size, seed=1234)
-    return train, test
+    return load_splits("mnist", data_dir, download, cfg.train_size, cfg.test_size)
 
 
 def probe_batch(test, cfg: StudyConfig) -> np.ndarray:
@@ -385,22 +402,15 @@ def probe_batch(test, cfg: StudyConfig) -> np.ndarray:
     return next(batches(test, n, np.random.default_rng(0), shuffle=False))[0]
 
 
-_WORKER: dict = {}
-
-
-def _init_worker(cfg: StudyConfig, data_dir, threads: int, data=None) -> None:
-    """Load the data once per process (``data``: already loaded, in-process runs)."""
-    if threads:  # a spawned worker: single-threaded BLAS, ``threads`` Numba threads
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-        threadpool_limits(1)
+def _setup(cfg: StudyConfig, data_dir, data=None) -> dict:
+    """A worker's context: the data (loaded once per process) and the probe batch."""
     train, test = data if data is not None else load_data(cfg, data_dir, download=False)
-    _WORKER.update(cfg=cfg, train=train, test=test, probe=probe_batch(test, cfg))
+    return {"cfg": cfg, "train": train, "test": test, "probe": probe_batch(test, cfg)}
 
 
-def _run_task(task) -> dict:
+def _run_task(task, ctx) -> dict:
     variant, seed = task
-    w = _WORKER
-    return train_run(variant, seed, w["cfg"], w["train"], w["test"], w["probe"])
+    return train_run(variant, seed, ctx["cfg"], ctx["train"], ctx["test"], ctx["probe"])
 
 
 def run_study(cfg: StudyConfig, out_dir: Path, data_dir=None, download=True, jobs=1, threads=1,
@@ -413,29 +423,23 @@ def run_study(cfg: StudyConfig, out_dir: Path, data_dir=None, download=True, job
     tasks = [(variant, seed) for variant in cfg.models for seed in range(cfg.seeds)]
     t0, load_start = time.perf_counter(), os.getloadavg()
     runs = []
-    with contextlib.ExitStack() as stack:
-        if jobs == 1:
-            _init_worker(cfg, data_dir, 0, data=(train, test))
-            finished = map(_run_task, tasks)
-        else:
-            ctx = multiprocessing.get_context("spawn")
-            pool = stack.enter_context(ctx.Pool(min(jobs, len(tasks)), initializer=_init_worker,
-                                                initargs=(cfg, data_dir, threads)))
-            finished = pool.imap_unordered(_run_task, tasks)
-        for r in finished:
-            runs.append(r)
-            log(f"{VARIANTS[r['model']]:>6} seed {r['seed']}: test accuracy {r['accuracy']:.4f}, "
-                f"discrepancy {r['discrepancy']:.4f}, relative error {r['relative_error']:.4f} "
-                f"({r['seconds']:.0f} s; {time.perf_counter() - t0:.0f} s elapsed)")
-    _WORKER.clear()
+    context = _setup(cfg, data_dir, data=(train, test)) if jobs == 1 else None
+    for r in run_tasks(tasks, _run_task, _setup, (cfg, data_dir), jobs, threads, context=context):
+        runs.append(r)
+        log(f"{VARIANTS[r['model']]:>6} seed {r['seed']}: test accuracy {r['accuracy']:.4f}, "
+            f"discrepancy {r['discrepancy']:.4f}, relative error {r['relative_error']:.4f} "
+            f"({r['seconds']:.0f} s; {time.perf_counter() - t0:.0f} s elapsed)")
     runs.sort(key=lambda r: tasks.index((r["model"], r["seed"])))
     summary = summarize(runs, cfg)
+    comparisons = {"accuracy": compare(summary, "accuracy", 100.0),
+                   "discrepancy": compare(summary, "discrepancy")}
     results = {"config": asdict(cfg), "train_images": len(train), "test_images": len(test),
                "probe_images": min(cfg.probe_size, len(test)), "jobs": jobs, "threads": threads,
-               "seconds": round(time.perf_counter() - t0, 1), "load_average_start": list(load_start),
-               "load_average_end": list(os.getloadavg()), "models": summary}
+               "cpu": cpu_name(), "seconds": round(time.perf_counter() - t0, 1),
+               "load_average_start": list(load_start), "load_average_end": list(os.getloadavg()),
+               "models": summary, "comparisons": comparisons}
     write_text_atomic(out_dir / "results.json", json.dumps(results, indent=1) + "\n")
-    write_text_atomic(out_dir / "results.md", markdown_table(summary, cfg.seeds))
+    write_text_atomic(out_dir / "results.md", report(summary, comparisons, cfg.seeds))
     write_figures(out_dir, runs, summary, [str(k) for k in range(N_CLASSES)])
     return results
 
@@ -447,23 +451,7 @@ def main(argv=None) -> int:
         cfg = make_config(args)
     except ValueError as e:
         return fail(e)
-    jobs = args.jobs if args.jobs is not None else (1 if args.quick else os.cpu_count() or 1)
-    numba_threads = numba.get_num_threads()
-    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
-    # refbnn splits its GEMMs over Python threads and wants BLAS single-threaded (nn.functional)
-    with threadpool_limits(1):
-        try:
-            results = run_study(cfg, Path(args.out_dir), args.data_dir, not args.no_download,
-                                jobs=jobs, threads=args.threads, log=lambda s: print(s, flush=True))
-        except (DataError, ValueError, OSError) as e:
-            return fail(e)
-        except NumericalFault as e:
-            return fail(e, status=3)
-        finally:
-            numba.set_num_threads(numba_threads)
-    print(markdown_table(results["models"], cfg.seeds), end="")
-    print(f"total {results['seconds']:.0f} s; outputs in {args.out_dir}")
-    return 0
+    return run_cli(args, cfg, run_study, lambda r: report(r["models"], r["comparisons"], cfg.seeds))
 
 
 if __name__ == "__main__":
