@@ -123,14 +123,14 @@ def test_act_grad_formulas(kind):
 @given(bconv_case(), st.sampled_from(["ste", "approx_sign", "identity"]),
        st.sampled_from(["none", "mean_abs"]), st.sampled_from([0, 1, -1]),
        st.sampled_from([0, 10**9]))
-def test_backward_equals_masked_float_conv(case, kind, scale, pad_value, pixel_major_max):
-    # pixel_major_max selects conv2d_backward's channel-major (0) or pixel-major (1e9) GEMMs
-    old = F.PIXEL_MAJOR_MAX_P
-    F.PIXEL_MAJOR_MAX_P = pixel_major_max
+def test_backward_equals_masked_float_conv(case, kind, scale, pad_value, tap_major_max):
+    # tap_major_max selects conv2d_backward_fused's channel-major (0) or tap-major (1e9) columns
+    old = F.TAP_MAJOR_MAX_P
+    F.TAP_MAJOR_MAX_P = tap_major_max
     try:
         _check_backward(*case, kind, scale, pad_value)
     finally:
-        F.PIXEL_MAJOR_MAX_P = old
+        F.TAP_MAJOR_MAX_P = old
 
 
 def _check_backward(layer, x, kind, scale, pad_value):

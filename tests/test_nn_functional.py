@@ -1,4 +1,5 @@
-"""im2col / col2im fast paths against their NumPy oracles (exact), and conv2d against a loop."""
+"""im2col's fast path against its NumPy oracle (exact), conv2d against a loop, the BatchNorm / FPReLU
+kernels and the threaded GEMM against NumPy (the conv backward's kernels: test_nn_fast_paths.py)."""
 
 import numpy as np
 import pytest
@@ -38,17 +39,6 @@ def test_im2col_equals_oracle(case, sign_at_zero, pad_value):
     np.testing.assert_array_equal(fast, ref)
 
 
-@given(conv_case())
-def test_col2im_equals_oracle(case):
-    x, (kh, kw, sh, sw, ph, pw, dh, dw) = case
-    geom = F.ConvGeometry(x.shape, (1, x.shape[1], kh, kw), (sh, sw), (ph, pw), (dh, dw), 1)
-    rng = np.random.default_rng(1)
-    dcols = rng.standard_normal(geom.cols_shape).astype(x.dtype)
-    # same additions in the same (a, b) order: bit-identical
-    np.testing.assert_array_equal(F.col2im(dcols, geom),
-                                  F.col2im_reference(dcols, x.shape, kh, kw, sh, sw, ph, pw, dh, dw))
-
-
 def _conv_loops(x, w, stride, padding, dilation, groups):
     """Literal definition of the cross-correlation, float64 loops over output positions."""
     n, _, h, wd = x.shape
@@ -85,19 +75,6 @@ def test_conv_geometry_rejects_bad_shapes():
         F.ConvGeometry((1, 3, 5, 5), (2, 2, 3, 3), (1, 1), (0, 0), (1, 1), 1)
     with pytest.raises(ValueError, match="smaller"):
         F.ConvGeometry((1, 2, 2, 2), (2, 2, 3, 3), (1, 1), (0, 0), (1, 1), 1)
-
-
-@given(conv_case(), st.sampled_from(["ste", "approx_sign"]))
-def test_col2im_with_act_grad_equals_oracle_times_factor(case, act_grad):
-    x, (kh, kw, sh, sw, ph, pw, dh, dw) = case
-    x = x * 1.3  # values on both sides of +-1
-    x.reshape(-1)[1::6] = 1.0
-    x.reshape(-1)[2::6] = -1.0
-    geom = F.ConvGeometry(x.shape, (1, x.shape[1], kh, kw), (sh, sw), (ph, pw), (dh, dw), 1)
-    dcols = np.random.default_rng(1).standard_normal(geom.cols_shape).astype(x.dtype)
-    ref = F.col2im_reference(dcols, x.shape, kh, kw, sh, sw, ph, pw, dh, dw)
-    np.testing.assert_array_equal(F.col2im(dcols, geom, x, act_grad),
-                                  ref * F.act_grad_factor(x, act_grad))
 
 
 @given(st.integers(2, 5), st.integers(1, 4), st.sampled_from([(), (3,), (2, 5)]),
@@ -173,23 +150,3 @@ def test_threaded_matmul_equals_numpy(monkeypatch, split):
     # float32 sums of 300 O(1) products, BLAS blocking or K-chunk order may differ: 1e-4
     np.testing.assert_allclose(got, a.astype(np.float64) @ b, rtol=1e-4, atol=1e-4)
     assert got.shape == (2, 5, 200)
-
-
-@given(conv_case(), st.integers(1, 3), st.sampled_from([None, "ste", "approx_sign"]))
-def test_col2im_pixel_major_equals_oracle(case, groups, act_grad):
-    x, (kh, kw, sh, sw, ph, pw, dh, dw) = case
-    x = np.repeat(x, groups, axis=1)
-    c = x.shape[1]
-    geom = F.ConvGeometry(x.shape, (groups, c // groups, kh, kw), (sh, sw), (ph, pw), (dh, dw),
-                          groups)
-    rng = np.random.default_rng(2)
-    dpm = rng.standard_normal((groups, geom.n * geom.oh * geom.ow, c // groups * kh * kw))
-    dpm = dpm.astype(x.dtype)
-    ref = F.col2im_reference(F.pixel_major_to_channel_major(dpm, geom), x.shape, kh, kw, sh, sw,
-                             ph, pw, dh, dw)
-    if act_grad:
-        ref = ref * F.act_grad_factor(x, act_grad)
-    # the same <= KH*KW = 16 additions per element in another order: a few ulp of the sum
-    tol = 1e-5 if x.dtype == np.float32 else 1e-13
-    np.testing.assert_allclose(F.col2im_pixel_major(dpm, geom, x, act_grad), ref, rtol=tol,
-                               atol=tol)

@@ -71,14 +71,14 @@ seeds = st.integers(0, 2**31 - 1)
 @given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.integers(1, 3),
        st.integers(1, 2), st.integers(0, 2), st.integers(1, 2), st.booleans(), seeds,
        st.sampled_from([0, 10**9]))
-def test_conv2d(n, cg, og, k, stride, pad, dil, bias, seed, pixel_major_max):
-    # pixel_major_max selects conv2d_backward's channel-major (0) or pixel-major (1e9) GEMMs
-    old = F.PIXEL_MAJOR_MAX_P
-    F.PIXEL_MAJOR_MAX_P = pixel_major_max
+def test_conv2d(n, cg, og, k, stride, pad, dil, bias, seed, chunk_bytes):
+    # chunk_bytes 0: conv2d_backward_fused works one image at a time; else in one chunk
+    old = F.CHUNK_BYTES, F.CHUNK_MIN_PIXELS
+    F.CHUNK_BYTES, F.CHUNK_MIN_PIXELS = chunk_bytes, chunk_bytes
     try:
         _check_conv2d(n, cg, og, k, stride, pad, dil, bias, seed)
     finally:
-        F.PIXEL_MAJOR_MAX_P = old
+        F.CHUNK_BYTES, F.CHUNK_MIN_PIXELS = old
 
 
 def _check_conv2d(n, cg, og, k, stride, pad, dil, bias, seed):

@@ -18,10 +18,31 @@ def fprelu_forward_kernel(x, pos, neg, y):
     for ci in nb.prange(c):
         p, q = pos[ci], neg[ci]
         for ni in range(n):
+            xr = x[ni, ci]
+            o = y[ni, ci]
             for li in range(length):
-                v = x[ni, ci, li]
-                y[ni, ci, li] = (p if v >= 0 else q) * v
+                v = xr[li]
+                o[li] = (p if v >= 0 else q) * v
     return y
+
+
+@nb.njit(cache=True, fastmath={"reassoc"})
+def _slope_grad_sums(dy, x, ci):
+    """float64 sums of ``x * dy`` (products in the data dtype) over channel ``ci``, split by
+    ``x >= 0`` / ``x < 0``; reassociated so that they vectorize (deterministic per build)."""
+    sp = 0.0
+    sn = 0.0
+    zero = x.dtype.type(0)
+    for ni in range(x.shape[0]):
+        xr = x[ni, ci]
+        gr = dy[ni, ci]
+        for li in range(x.shape[2]):
+            v = xr[li]
+            xg = v * gr[li]
+            pos = v >= zero
+            sp += xg if pos else zero
+            sn += zero if pos else xg
+    return sp, sn
 
 
 @nb.njit(cache=True, parallel=True)
@@ -31,19 +52,25 @@ def fprelu_backward_kernel(dy, x, pos, neg, dx, dpos, dneg):
     n, c, length = x.shape
     for ci in nb.prange(c):
         p, q = pos[ci], neg[ci]
-        sp = 0.0
-        sn = 0.0
+        dpos[ci], dneg[ci] = _slope_grad_sums(dy, x, ci)
         for ni in range(n):
+            xr = x[ni, ci]
+            gr = dy[ni, ci]
+            o = dx[ni, ci]
             for li in range(length):
-                v = x[ni, ci, li]
-                g = dy[ni, ci, li]
-                xg = v * g
-                if v >= 0:
-                    dx[ni, ci, li] = p * g
-                    sp += xg
-                else:
-                    dx[ni, ci, li] = q * g
-                    sn += xg
-        dpos[ci] = sp
-        dneg[ci] = sn
+                o[li] = (p if xr[li] >= 0 else q) * gr[li]
+    return dx
+
+
+@nb.njit(cache=True, parallel=True)
+def relu_backward_kernel(x, dy, dx):
+    """``dx = dy`` where ``x > 0``, else ``0`` (flat arrays, as ``np.where(x > 0, dy, 0)``)."""
+    zero = dx.dtype.type(0)
+    size = x.size
+    step = 1 << 14
+    for blk in nb.prange((size + step - 1) // step):
+        lo, hi = blk * step, min(size, (blk + 1) * step)
+        xb, gb, ob = x[lo:hi], dy[lo:hi], dx[lo:hi]
+        for i in range(hi - lo):
+            ob[i] = gb[i] if xb[i] > 0 else zero
     return dx

@@ -35,7 +35,11 @@ class ReLU(Module):
 
     def backward(self, grad_out):
         x = check_grad(self._cache, "ReLU")
-        return np.where(x > 0, grad_out, 0).astype(grad_out.dtype, copy=False)
+        g = np.ascontiguousarray(grad_out)
+        dx = np.empty_like(g)
+        _act.relu_backward_kernel(np.ascontiguousarray(x).reshape(-1), g.reshape(-1),
+                                  dx.reshape(-1))
+        return dx
 
 
 class PReLU(Module):

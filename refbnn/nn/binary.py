@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from refbnn.nn import _conv_kernels as _ck
 from refbnn.nn import functional as F
 from refbnn.nn._checks import check_grad, check_input, param, positive_int
 from refbnn.nn.init import uniform_fan_in
@@ -55,8 +56,12 @@ def _check_nan(x, name):
 
 class _BinaryMixin:
     def binarized_weight(self, dtype=np.float32) -> np.ndarray:
-        """``sign(W)`` as +-1 (0 at 0 for ``sign_at_zero=0``) in ``dtype``."""
-        return F.binarize(param(self.weight, np.dtype(dtype)), self.sign_at_zero)
+        """``sign(W)`` as +-1 (0 at 0 for ``sign_at_zero=0``) in ``dtype``: ``F.binarize``,
+        computed by a parallel Numba loop."""
+        w = np.ascontiguousarray(param(self.weight, np.dtype(dtype)))
+        out = np.empty_like(w)
+        _ck.sign_kernel(w.reshape(-1), F.BINARIZE_MODES[self.sign_at_zero], out.reshape(-1))
+        return out
 
     def weight_scale(self, dtype=np.float32) -> np.ndarray:
         """``alpha`` per output channel: the exact mean of ``|W[o]|`` rounded once to ``dtype``
@@ -79,7 +84,10 @@ class _BinaryMixin:
 
     def _weight_grad(self, dwq):
         w = self.weight.data
-        self.weight.accumulate(np.where(np.abs(w) <= 1, dwq, 0))
+        g = np.ascontiguousarray(dwq, dtype=np.result_type(dwq, w))
+        out = np.empty_like(g)
+        _ck.clipped_ste_kernel(w.reshape(-1), g.reshape(-1), out.reshape(-1))
+        self.weight.accumulate(out)
 
 
 class BinaryConv2d(_BinaryMixin, Module):
@@ -137,21 +145,24 @@ class BinaryConv2d(_BinaryMixin, Module):
         x = check_input(x, (4,), "BinaryConv2d", self.in_channels)
         geom = self._geometry(x)
         if self._packed_path():
-            _check_nan(x, "BinaryConv2d")
-            acc = packed_bconv2d(x.transpose(0, 2, 3, 1), self.weight.data.transpose(2, 3, 1, 0),
+            xh = np.empty((geom.n, geom.h, geom.w, geom.c), dtype=x.dtype)
+            if _ck.nchw_to_nhwc_kernel(np.ascontiguousarray(x), xh):
+                raise ValueError("BinaryConv2d: input contains NaN; sign(NaN) is undefined")
+            acc = packed_bconv2d(xh, self.weight.data.transpose(2, 3, 1, 0),
                                  stride=self.stride, padding=(geom.ph, geom.pb, geom.pw, geom.pr),
                                  pad_value=int(self.pad_value), dilation=self.dilation,
                                  groups=self.groups, sign_at_zero=self.sign_at_zero)
             out = np.empty((geom.n, geom.o, geom.oh, geom.ow), dtype=x.dtype)
-            np.copyto(out, acc.transpose(0, 3, 1, 2), casting="unsafe")  # |acc| <= K < 2**24
-            return out
+            return _ck.nhwc_to_nchw_kernel(acc, out)  # |acc| <= K < 2**24: exact
         return F.conv2d_gemm(self._columns(x, geom), self.binarized_weight(x.dtype), geom)
 
     def forward(self, x):
         x = check_input(x, (4,), "BinaryConv2d", self.in_channels)
         geom = self._geometry(x)
-        wb = self.binarized_weight(x.dtype)
-        if self._packed_path():
+        packed = self._packed_path()
+        # the packed kernels sign W themselves; the float GEMM and backward need sign(W)
+        wb = None if packed and not self.training else self.binarized_weight(x.dtype)
+        if packed:
             acc = self.accumulators(x)
             cols = None  # built in backward, from the cached x
         else:
@@ -163,19 +174,20 @@ class BinaryConv2d(_BinaryMixin, Module):
         if self.scale == "mean_abs":
             alpha = self.weight_scale(x.dtype)
             acc *= alpha[:, None, None]
-            wq = wb * alpha[:, None, None, None]
+            if wb is not None:
+                wq = wb * alpha[:, None, None, None]
         self._cache = (x, geom, wq, cols) if self.training else None
         return acc
 
     def backward(self, grad_out):
         x, geom, wq, cols = check_grad(self._cache, "BinaryConv2d")
-        if cols is None:
-            cols = self._cols = self._columns(x, geom, out=self._cols)
-        dcols, dwq = F.conv2d_backward(grad_out, cols, wq, geom)
+        gated = self.binarize_input and self.act_grad != "identity"
+        dx, dwq = F.conv2d_backward_fused(
+            grad_out, wq, geom, x=x, cols=cols, pad_value=self.pad_value,
+            sign_at_zero=self.sign_at_zero if self.binarize_input else None,
+            act_grad=self.act_grad if gated else None)
         self._weight_grad(dwq)
-        if self.binarize_input:
-            return F.input_grad(dcols, geom, x, self.act_grad)
-        return F.input_grad(dcols, geom)
+        return dx
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

@@ -62,11 +62,11 @@ class Conv2d(Module):
 
     def backward(self, grad_out):
         geom, w = check_grad(self._cache, type(self).__name__)
-        dcols, dw = F.conv2d_backward(grad_out, self._cols, w, geom)
+        dx, dw = F.conv2d_backward_fused(grad_out, w, geom, cols=self._cols)
         self.weight.accumulate(dw)
         if self.bias is not None:
             self.bias.accumulate(grad_out.sum(axis=(0, 2, 3)))
-        return F.input_grad(dcols, geom)
+        return dx
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

@@ -1,14 +1,16 @@
-"""Array helpers shared by the conv layers: padding, im2col/col2im, the conv GEMMs.
+"""Array helpers shared by the conv layers: padding, im2col, the conv GEMMs and their gradients.
 
 These functions keep no state of their own; the process-wide runtime they use (the GEMM thread
-pool, the BLAS thread limit and the scratch buffers) is :mod:`refbnn.nn.runtime`. Results are
-owned arrays except where a docstring says *scratch*: such a result lives in a
-:func:`~refbnn.nn.runtime.scratch` buffer and is valid only until the next call of the same function
-(in any layer), so use it before calling again.
+pool, the BLAS thread limit, the scratch buffers and the per-thread arenas) is
+:mod:`refbnn.nn.runtime`. Results are owned arrays except where a docstring says *scratch*: such a
+result lives in a :func:`~refbnn.nn.runtime.scratch` buffer and is valid only until the next call
+of the same function (in any layer), so use it before calling again.
 
 Layout: NCHW images, OIHW kernels (PyTorch). Every function computes in the dtype of its input
 (float32 in training, float64 in gradient checks). :func:`im2col` can binarize while it gathers
-(:func:`binarize` states the sign rules) and :func:`col2im` can apply a straight-through gate.
+(:func:`binarize` states the sign rules) and :func:`conv2d_backward_fused` can apply a
+straight-through gate to the input gradient; :func:`im2col_reference` and
+:func:`col2im_reference` are the NumPy oracles of the column layout and its adjoint.
 
 Convolution is cross-correlation (no kernel flip), computed as one GEMM per group:
 ``cols[(c, a, b), (n, i, j)] = xpad[n, c, i*sh + a*dh, j*sw + b*dw]`` and
@@ -20,11 +22,12 @@ exact while K < 2**24.
 
 from __future__ import annotations
 
+import numba as nb
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from refbnn.nn import _conv_kernels as _k
-from refbnn.nn.runtime import matmul, scratch
+from refbnn.nn.runtime import matmul, pool, scratch, single_threaded_blas, thread_arena
 
 
 def pair(v, what: str = "value") -> tuple[int, int]:
@@ -90,23 +93,31 @@ def binarize(x: np.ndarray, sign_at_zero) -> np.ndarray:
     return np.sign(x)
 
 
-def im2col_reference(x, kh, kw, sh, sw, ph, pw, dh, dw, pad_value=0.0, sign_at_zero=None):
+def im2col_reference(x, kh, kw, sh, sw, ph, pw, dh, dw, pad_value=0.0, sign_at_zero=None, pb=None,
+                     pr=None):
     """NumPy oracle of the column matrix ``(C*KH*KW, N*OH*OW)`` (``_conv_kernels`` layout):
-    binarize (optional), pad with ``pad_value``, gather windows."""
+    binarize (optional), pad with ``pad_value`` (``ph``/``pw`` top/left, ``pb``/``pr``
+    bottom/right, default symmetric), gather windows."""
     n, c, h, w = x.shape
-    oh, ow = out_size(h, kh, sh, ph, dh), out_size(w, kw, sw, pw, dw)
-    xp = pad_hw(binarize(x, sign_at_zero), ph, pw, pad_value)
+    pb, pr = ph if pb is None else pb, pw if pr is None else pr
+    oh = (h + ph + pb - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + pw + pr - dw * (kw - 1) - 1) // sw + 1
+    xp = np.pad(binarize(x, sign_at_zero), ((0, 0), (0, 0), (ph, pb), (pw, pr)),
+                constant_values=pad_value)
     v = window_view(xp, kh, kw, sh, sw, dh, dw, oh, ow)  # (N, C, KH, KW, OH, OW)
     return np.ascontiguousarray(v.transpose(1, 2, 3, 0, 4, 5)).reshape(c * kh * kw, n * oh * ow)
 
 
-def col2im_reference(dcols, x_shape, kh, kw, sh, sw, ph, pw, dh, dw):
+def col2im_reference(dcols, x_shape, kh, kw, sh, sw, ph, pw, dh, dw, pb=None, pr=None):
     """NumPy oracle of the adjoint: scatter-add ``dcols`` into zeros of the padded shape, taps in
-    (a, b) order, then drop the padding. Returns (N, C, H, W)."""
+    (a, b) order, then drop the padding (``pb``/``pr`` as in :func:`im2col_reference`). Returns
+    (N, C, H, W)."""
     n, c, h, w = x_shape
-    oh, ow = out_size(h, kh, sh, ph, dh), out_size(w, kw, sw, pw, dw)
+    pb, pr = ph if pb is None else pb, pw if pr is None else pr
+    oh = (h + ph + pb - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + pw + pr - dw * (kw - 1) - 1) // sw + 1
     d6 = dcols.reshape(c, kh, kw, n, oh, ow)
-    dxp = np.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=dcols.dtype)
+    dxp = np.zeros((n, c, h + ph + pb, w + pw + pr), dtype=dcols.dtype)
     for a in range(kh):
         for b in range(kw):
             dxp[:, :, a * dh: a * dh + (oh - 1) * sh + 1: sh,
@@ -149,6 +160,11 @@ class ConvGeometry:
         return self.kh, self.kw, self.sh, self.sw, self.ph, self.pw, self.dh, self.dw
 
     @property
+    def pads(self):
+        """``dict(pb=..., pr=...)``: the bottom/right padding, as the oracles take it."""
+        return {"pb": self.pb, "pr": self.pr}
+
+    @property
     def cols_shape(self):
         return self.c * self.kh * self.kw, self.n * self.oh * self.ow
 
@@ -184,41 +200,6 @@ def act_grad_factor(x: np.ndarray, act_grad: str) -> np.ndarray:
     raise ValueError(f"act_grad must be one of {ACT_GRADS}, got {act_grad!r}")
 
 
-def col2im(dcols, geom: ConvGeometry, x=None, act_grad=None):
-    """Fast :func:`col2im_reference` (Numba) of channel-major ``dcols`` (C*KH*KW, N*OH*OW): the
-    same additions in the same order, so equal exactly.
-
-    With ``act_grad`` ("ste" / "approx_sign") the result is multiplied elementwise by
-    ``act_grad_factor(x, act_grad)`` in the same pass (one rounding per element, as NumPy's)."""
-    dx = np.empty((geom.n, geom.c, geom.h, geom.w), dtype=dcols.dtype)
-    gate, xg = _gate_args(dx, x, act_grad)
-    _k.col2im_kernel(dcols, geom.kh, geom.kw, geom.sh, geom.sw, geom.ph, geom.pw, geom.dh,
-                     geom.dw, geom.oh, geom.ow, xg, gate, dx)
-    return dx
-
-
-def col2im_pixel_major(dcols_pm, geom: ConvGeometry, x=None, act_grad=None):
-    """:func:`col2im` for pixel-major columns ``dcols_pm`` (groups, N*OH*OW, C/g*KH*KW), as
-    :func:`conv2d_backward` produces them. Taps are added per element in (i, j, a, b) order rather
-    than (a, b), so it equals :func:`col2im_reference` of the transposed columns up to float
-    rounding of at most KH*KW terms."""
-    dx = np.empty((geom.n, geom.c, geom.h, geom.w), dtype=dcols_pm.dtype)
-    gate, xg = _gate_args(dx, x, act_grad)
-    _k.col2im_pm_kernel(dcols_pm, geom.groups, geom.kh, geom.kw, geom.sh, geom.sw, geom.ph,
-                        geom.pw, geom.dh, geom.dw, geom.oh, geom.ow, xg, gate, dx)
-    return dx
-
-
-def pixel_major_to_channel_major(dcols_pm, geom: ConvGeometry):
-    """(groups, N*P, Kg) -> (C*KH*KW, N*P): the layout :func:`col2im_reference` takes."""
-    return np.ascontiguousarray(dcols_pm.transpose(0, 2, 1)).reshape(geom.cols_shape)
-
-
-def _gate_args(dx, x, act_grad):
-    gate = _GATES[act_grad]
-    if gate and (x is None or x.shape != dx.shape):
-        raise ValueError("col2im: act_grad needs x of the input shape")
-    return gate, (np.ascontiguousarray(x, dtype=dx.dtype) if gate else dx)
 
 
 def conv2d_gemm(cols, w, geom: ConvGeometry):
@@ -231,62 +212,145 @@ def conv2d_gemm(cols, w, geom: ConvGeometry):
     ym = scratch("conv_y", (g, geom.o // g, geom.n * p), cols.dtype)
     matmul(wm, cols.reshape(g, -1, geom.n * p), out=ym)
     y = np.empty((geom.n, geom.o, p), dtype=cols.dtype)
-    np.copyto(y, ym.reshape(geom.o, geom.n, p).transpose(1, 0, 2))
+    _k.swap01_kernel(ym.reshape(geom.o, geom.n, p), y)  # a parallel copy
     return y.reshape(geom.n, geom.o, geom.oh, geom.ow)
 
 
-PIXEL_MAJOR_MAX_P = 64
+# conv2d_backward_fused's chunking (see image_chunks; measured on the 2-core EPYC: 2 MB chunks
+# 10-18% faster on the wide layers than whole-batch GEMMs, reductions under ~2048 pixels slower)
+CHUNK_BYTES = 2 << 20
+CHUNK_MIN_PIXELS = 2048
+TASKS_PER_THREAD = 2
+# tap-major pixel-major columns up to this many output pixels per image (measured: 2-10x faster
+# to build than channel-major; on 28x28 outputs the channel-major dW GEMM was faster)
+TAP_MAJOR_MAX_P = 256
 
 
-def conv2d_backward(dy, cols, w, geom: ConvGeometry, need_input_grad=True):
-    """Gradients of ``y = conv2d_gemm(cols, w)`` -> ``(dcols, dw)``; ``dy`` (N, O, OH, OW).
+def image_chunks(n: int, p: int, image_bytes: int, threads: int):
+    """:func:`conv2d_backward_fused`'s image chunks ``[(n0, n1), ...]`` of near-equal size: about
+    :data:`CHUNK_BYTES` of columns each (the GEMMs then read what was just written from cache) but
+    at least :data:`CHUNK_MIN_PIXELS` pixels (the dW GEMM's reduction), and with ``threads > 1``
+    a multiple of ``threads`` chunks, up to ``threads *`` :data:`TASKS_PER_THREAD` when the pixel
+    minimum allows (handed to whichever thread is free, a core slowed by another process gets less
+    of the work)."""
+    min_imgs = max(1, -(-CHUNK_MIN_PIXELS // p))
+    step = max(min_imgs, CHUNK_BYTES // image_bytes)
+    count = -(-n // step)
+    if threads > 1:
+        count = max(count, threads * max(1, min(TASKS_PER_THREAD, n // (threads * min_imgs))))
+        count = -(-count // threads) * threads
+    count = min(count, n)
+    return [(n * i // count, n * (i + 1) // count) for i in range(count)]
 
-    Two GEMM orientations, chosen by output size P = OH*OW (measured: each is up to 1.7x faster
-    than the other on its side of the threshold, col2im included):
 
-    * P > ``PIXEL_MAJOR_MAX_P``: channel-major, with ``dym[g]`` (O/g, N*P): ``dw[g] = dym[g] @
-      cols[g].T`` and ``dcols = w[g].T @ dym[g]`` as (C*KH*KW, N*P);
-    * otherwise pixel-major, with ``dyt[g]`` (N*P, O/g): ``dw[g] = (cols[g] @ dyt[g]).T`` and
-      ``dcols[g] = dyt[g] @ w[g]`` as (groups, N*P, C/g*KH*KW).
+def conv2d_backward_fused(dy, w, geom: ConvGeometry, x=None, cols=None, pad_value=0.0,
+                          sign_at_zero=None, act_grad=None, need_input_grad=True):
+    """Gradients ``(dx, dw)`` of ``y = conv2d_gemm(im2col(x), w)`` for ``dy`` (N, O, OH, OW).
 
-    ``dcols`` is None unless ``need_input_grad``, else *scratch* (see the module docstring; valid
-    until the next ``conv2d_backward`` call of the same orientation, shape and dtype): pass it to
-    :func:`input_grad` (either layout) before the next call. ``dw`` is owned. Everything is
-    computed in the dtype of ``cols``.
+    The batch is cut into chunks of consecutive images (:func:`image_chunks`), run with ``T =
+    numba.get_num_threads() > 1`` by refbnn's threads as each becomes free. Per chunk, in the
+    thread's own workspace:
+
+    1. ``dyt`` (groups, n*P, O/g): ``dy`` pixel-major;
+    2. the chunk's columns, built from ``x`` (``pad_value``, ``sign_at_zero`` as in :func:`im2col`)
+       or taken from ``cols`` (:func:`im2col`'s full matrix) when given: tap-major pixel-major
+       (groups, n*P, KH*KW*C/g) when P <= :data:`TAP_MAJOR_MAX_P` (``im2col_taps_kernel``), else
+       channel-major (C*KH*KW, n*P) (``im2col_range_kernel``);
+    3. the chunk's ``dw[g]``: ``dyt[g].T @ cols[g]`` (tap-major) or ``cols[g] @ dyt[g]``
+       (channel-major), one BLAS GEMM per group;
+    4. with ``need_input_grad``: ``dpm[g] = dyt[g] @ wt[g]`` with ``wt`` the kernel in tap-major
+       (O/g, KH*KW*C/g) order, scattered back by ``col2im_taps_kernel`` into the chunk's images
+       of ``dx`` (N, C, H, W), times ``act_grad_factor(x, act_grad)`` when ``act_grad`` is given.
+
+    ``dw`` is the chunks' sum in chunk order, and the chunks depend only on the shapes and ``T``:
+    deterministic for a given thread count. Float summation order: BLAS's within each dot product
+    (over a chunk's pixels for ``dw``, then chunk by chunk; over O/g for ``dpm``), then <= KH*KW
+    taps per ``dx`` element in row-major output-pixel order (:func:`col2im_reference` adds them in
+    (a, b) order): equal to the plain definition up to float rounding. Returns ``(None, dw)``
+    without ``need_input_grad``; ``dw`` (O, C/g, KH, KW) in the dtype of ``dy``.
     """
-    g = geom.groups
-    p = geom.oh * geom.ow
-    og = geom.o // g
-    npix = geom.n * p
-    colsg = cols.reshape(g, -1, npix)
-    wm = w.reshape(g, og, -1).astype(cols.dtype, copy=False)
-    dcols = None
-    if p > PIXEL_MAJOR_MAX_P:
-        dym = scratch("conv_dy", (geom.o, geom.n, p), cols.dtype)
-        np.copyto(dym, dy.reshape(geom.n, geom.o, p).transpose(1, 0, 2))
-        dym = dym.reshape(g, og, npix)
-        dw = matmul(dym, colsg.transpose(0, 2, 1), split="reduce")
-        if need_input_grad:
-            dcols = scratch("conv_dcols", colsg.shape, cols.dtype)
-            matmul(wm.transpose(0, 2, 1), dym, out=dcols)
-            dcols = dcols.reshape(geom.cols_shape)
-        return dcols, dw.reshape(w.shape)
-    dyt = scratch("conv_dyt", (g, geom.n, p, og), cols.dtype)
-    np.copyto(dyt, dy.reshape(geom.n, g, og, p).transpose(1, 0, 3, 2))
-    dyt = dyt.reshape(g, npix, og)
-    dw = matmul(colsg, dyt, split="reduce").transpose(0, 2, 1)
+    g, p = geom.groups, geom.oh * geom.ow
+    og, cg = geom.o // g, geom.c // g
+    kg, taps = cg * geom.kh * geom.kw, geom.kh * geom.kw
+    dt = dy.dtype
+    dy = np.ascontiguousarray(dy).reshape(geom.n, g, og, p)
+    gate = _GATES[act_grad] if need_input_grad else 0
+    tap_major = cols is None and p <= TAP_MAJOR_MAX_P
+    if cols is None:
+        if x is None:
+            raise ValueError("conv2d_backward_fused needs x or cols")
+        x = np.ascontiguousarray(x, dtype=dt)
+        mode = BINARIZE_MODES[sign_at_zero]
+    else:
+        cols = cols.reshape(g, kg, geom.n * p)
+    if gate and (x is None or x.shape != (geom.n, geom.c, geom.h, geom.w)):
+        raise ValueError("conv2d_backward_fused: act_grad needs x of the input shape")
+    wt = None
+    dx = None
     if need_input_grad:
-        dcols = scratch("conv_dcols_pm", (g, npix, wm.shape[2]), cols.dtype)
-        matmul(dyt, wm, out=dcols, split="rows")
-    return dcols, np.ascontiguousarray(dw).reshape(w.shape)
+        wt = np.ascontiguousarray(
+            w.astype(dt, copy=False).reshape(g, og, cg, taps).transpose(0, 1, 3, 2)).reshape(
+                g, og, taps * cg)
+        dx = np.empty((geom.n, geom.c, geom.h, geom.w), dtype=dt)
+    xg = x if gate else dx
+    hp, wp = geom.h + geom.ph + geom.pb, geom.w + geom.pw + geom.pr
+    conv = (geom.kh, geom.kw, geom.sh, geom.sw, geom.ph, geom.pw, geom.dh, geom.dw, geom.oh,
+            geom.ow)
 
+    threads = nb.get_num_threads()
+    chunks = image_chunks(geom.n, p, kg * g * p * dt.itemsize, threads)
+    cpx = max(c1 - c0 for c0, c1 in chunks) * p
+    sizes = (g * cpx * og, 0 if cols is not None else g * kg * cpx,
+             g * cpx * taps * cg if need_input_grad else 0, geom.h * geom.w * geom.c,
+             hp * wp * geom.c if tap_major else 0)
 
-def input_grad(dcols, geom: ConvGeometry, x=None, act_grad=None):
-    """The input gradient from :func:`conv2d_backward`'s ``dcols`` in either layout
-    (:func:`col2im` for channel-major 2-D, :func:`col2im_pixel_major` for 3-D)."""
-    if dcols.ndim == 2:
-        return col2im(dcols, geom, x, act_grad)
-    return col2im_pixel_major(dcols, geom, x, act_grad)
+    def work(c0, c1):
+        """dw of images c0..c1 (and their dx), in the calling thread's workspace."""
+        buf = thread_arena(sum(sizes), dt)
+        views, at = [], 0
+        for s in sizes:
+            views.append(buf[at:at + s])
+            at += s
+        npx = (c1 - c0) * p
+        dyt = views[0][:g * npx * og].reshape(g, npx, og)
+        np.copyto(dyt.reshape(g, c1 - c0, p, og), dy[c0:c1].transpose(1, 0, 3, 2))
+        if tap_major:
+            c_t = views[1][:g * npx * kg].reshape(g, npx, kg)
+            _k.im2col_taps_kernel(x, c0, c1, g, *conv, float(pad_value), mode,
+                                  views[4].reshape(hp, wp, geom.c), c_t)
+            part = np.matmul(dyt.transpose(0, 2, 1), c_t)
+        else:
+            if cols is None:
+                c_t = views[1][:g * kg * npx].reshape(g * kg, npx)
+                _k.im2col_range_kernel(x, c0, c1, *conv, float(pad_value), mode, c_t)
+                c_t = c_t.reshape(g, kg, npx)
+            else:
+                c_t = cols[:, :, c0 * p:c1 * p]
+            part = np.matmul(c_t, dyt)
+        if need_input_grad:
+            dpm = views[2][:g * npx * taps * cg].reshape(g, npx, taps * cg)
+            np.matmul(dyt, wt, out=dpm)
+            _k.col2im_taps_kernel(dpm, c0, c1, g, *conv, xg, gate, dx,
+                                  views[3].reshape(geom.h, geom.w, geom.c))
+        return part
+
+    with single_threaded_blas():
+        if threads == 1 or len(chunks) == 1:
+            parts = (work(*c) for c in chunks)
+        else:
+            parts = pool(threads).map(lambda c: work(*c), chunks)
+        # the chunks' dw added in chunk order as they arrive: deterministic for a thread count
+        total = None
+        for q in parts:
+            if total is None:
+                total = q
+            else:
+                total += q
+    if tap_major:  # (g, O/g, (a, b, c)) -> (O, C/g, KH, KW)
+        dw = total.reshape(g, og, geom.kh, geom.kw, cg).transpose(0, 1, 4, 2, 3)
+    else:  # (g, (c, a, b), O/g) -> (O, C/g, KH, KW)
+        dw = total.transpose(0, 2, 1)
+    return dx, np.ascontiguousarray(dw).reshape(geom.o, cg, geom.kh, geom.kw)
 
 
 def conv_padding(padding, x_shape, w_shape, stride, dilation):

@@ -8,9 +8,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from refbnn.nn import _pool_kernels as _pk
 from refbnn.nn import functional as F
 from refbnn.nn._checks import check_grad, check_input
 from refbnn.nn.module import Module
+
+
+def _tap(arr, a, b, sh, sw, oh, ow):
+    """``arr[:, :, a + i*sh, b + j*sw]`` for all output positions (a strided view)."""
+    return arr[:, :, a: a + (oh - 1) * sh + 1: sh, b: b + (ow - 1) * sw + 1: sw]
 
 
 class _Pool2d(Module):
@@ -37,53 +43,79 @@ class _Pool2d(Module):
             raise ValueError(f"{type(self).__name__}: input {x.shape[2:]} smaller than the window")
         return kh, kw, sh, sw, ph, pw, oh, ow
 
-    @staticmethod
-    def _tap(arr, a, b, sh, sw, oh, ow):
-        """``arr[:, :, a + i*sh, b + j*sw]`` for all output positions (a strided view)."""
-        return arr[:, :, a: a + (oh - 1) * sh + 1: sh, b: b + (ow - 1) * sw + 1: sw]
+    _tap = staticmethod(_tap)
 
     def extra_repr(self):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+
+def _pad_to_windows(x, kh, kw, sh, sw, ph, pw, oh, ow, value):
+    """``x`` padded by ``ph`` rows on top and ``pw`` columns on the left, and at the bottom/right
+    by as many as the OH x OW windows reach (symmetric padding, or TensorFlow's "same")."""
+    h, w = x.shape[2:]
+    pb, pr = max(0, (oh - 1) * sh + kh - h - ph), max(0, (ow - 1) * sw + kw - w - pw)
+    return np.pad(x, ((0, 0), (0, 0), (ph, pb), (pw, pr)), constant_values=value)
+
+
+def max_pool2d_reference(x, kh, kw, sh, sw, ph, pw, oh, ow):
+    """NumPy oracle of :class:`MaxPool2d`'s training forward: ``(y, arg)``, the window maxima of
+    ``x`` padded with ``-inf`` (``ph``/``pw`` top/left, bottom/right as far as the OH x OW windows
+    reach) and the first maximal tap ``a*KW + b`` (int32) of each window."""
+    xp = _pad_to_windows(x, kh, kw, sh, sw, ph, pw, oh, ow, -np.inf)
+    best = _tap(xp, 0, 0, sh, sw, oh, ow).copy()
+    arg = np.zeros(best.shape, dtype=np.int32)
+    for t in range(1, kh * kw):
+        v = _tap(xp, t // kw, t % kw, sh, sw, oh, ow)
+        arg[v > best] = t
+        np.maximum(best, v, out=best)
+    return best, arg
+
+
+def max_pool2d_backward_reference(dy, arg, x_shape, kh, kw, sh, sw, ph, pw):
+    """NumPy oracle of :class:`MaxPool2d`'s backward: ``dy`` added at each window's arg-max tap,
+    taps in order, into zeros of the padded shape, then cropped to ``x_shape``."""
+    oh, ow = dy.shape[2:]
+    h, w = x_shape[2:]
+    dxp = _pad_to_windows(np.zeros(x_shape, dtype=dy.dtype), kh, kw, sh, sw, ph, pw, oh, ow, 0)
+    for t in range(kh * kw):
+        _tap(dxp, t // kw, t % kw, sh, sw, oh, ow)[...] += np.where(arg == t, dy, 0)
+    return dxp[:, :, ph:ph + h, pw:pw + w].copy()
 
 
 class MaxPool2d(_Pool2d):
     """Maximum over each window; padded taps are ``-inf`` (never chosen). The gradient goes to the
     first maximal tap of each window in row-major (a, b) order (PyTorch's choice on ties).
     ``padding="same"``: TensorFlow's (output ``ceil(in / stride)``, the odd row/column of padding
-    at the bottom/right)."""
+    at the bottom/right).
 
-    def _same(self, x):
+    Computed by ``refbnn.nn._pool_kernels`` (equal to :func:`max_pool2d_reference` and
+    :func:`max_pool2d_backward_reference`)."""
+
+    def _geometry(self, x):
+        if self.padding != "same":
+            return super()._geometry(x)
         (kh, kw), (sh, sw) = self.kernel_size, self.stride
         t, b, left, r = F.conv_padding("same", x.shape, (0, 0, kh, kw), self.stride, (1, 1))
-        xp = np.pad(x, ((0, 0), (0, 0), (t, b), (left, r)), constant_values=-np.inf)
-        oh, ow = (xp.shape[2] - kh) // sh + 1, (xp.shape[3] - kw) // sw + 1
-        return xp, (kh, kw, sh, sw, t, left, oh, ow)
+        oh, ow = (x.shape[2] + t + b - kh) // sh + 1, (x.shape[3] + left + r - kw) // sw + 1
+        return kh, kw, sh, sw, t, left, oh, ow
 
     def forward(self, x):
         x = check_input(x, (4,), "MaxPool2d")
-        if self.padding == "same":
-            xp, (kh, kw, sh, sw, ph, pw, oh, ow) = self._same(x)
-        else:
-            kh, kw, sh, sw, ph, pw, oh, ow = self._geometry(x)
-            xp = F.pad_hw(x, ph, pw, -np.inf)
-        best = self._tap(xp, 0, 0, sh, sw, oh, ow).copy()
-        arg = np.zeros(best.shape, dtype=np.int32) if self.training else None
-        for t in range(1, kh * kw):
-            v = self._tap(xp, t // kw, t % kw, sh, sw, oh, ow)
-            if arg is not None:
-                arg[v > best] = t
-            np.maximum(best, v, out=best)
-        self._cache = (x.shape, xp.shape, arg, ph, pw) if self.training else None
-        return best
+        kh, kw, sh, sw, ph, pw, oh, ow = self._geometry(x)
+        x = np.ascontiguousarray(x)
+        y = np.empty((x.shape[0], x.shape[1], oh, ow), dtype=x.dtype)
+        arg = np.empty(y.shape if self.training else (1, 1, 1, 1), dtype=np.int32)
+        _pk.max_pool_forward_kernel(x, kh, kw, sh, sw, ph, pw, y, arg, self.training)
+        self._cache = (x.shape, arg, ph, pw) if self.training else None
+        return y
 
     def backward(self, grad_out):
-        x_shape, xp_shape, arg, ph, pw = check_grad(self._cache, "MaxPool2d")
+        x_shape, arg, ph, pw = check_grad(self._cache, "MaxPool2d")
         kh, kw, sh, sw = *self.kernel_size, *self.stride
-        oh, ow = grad_out.shape[2:]
-        dxp = np.zeros(xp_shape, dtype=grad_out.dtype)
-        for t in range(kh * kw):
-            self._tap(dxp, t // kw, t % kw, sh, sw, oh, ow)[...] += np.where(arg == t, grad_out, 0)
-        return dxp[:, :, ph:ph + x_shape[2], pw:pw + x_shape[3]].copy()
+        dx = np.empty(x_shape, dtype=grad_out.dtype)
+        _pk.max_pool_backward_kernel(np.ascontiguousarray(grad_out), arg, kh, kw, sh, sw, ph, pw,
+                                     dx)
+        return dx
 
 
 def ceil_out_size(n: int, k: int, s: int, p: int) -> int:
@@ -148,22 +180,45 @@ class AvgPool2d(_Pool2d):
 
     def forward(self, x):
         x = check_input(x, (4,), "AvgPool2d")
-        kh, kw, sh, sw, _, _, oh, ow = self._geometry(x)
+        kh, kw, sh, sw, ph, pw, oh, ow = self._geometry(x)
         h, w = x.shape[2:]
         div = self._divisor(h, w, x.dtype)
         self._cache = (x.shape, div) if self.training else None
+        x = np.ascontiguousarray(x)
+        y = np.empty((x.shape[0], x.shape[1], oh, ow), dtype=x.dtype)
+        return _pk.avg_pool_forward_kernel(x, kh, kw, sh, sw, ph, pw, self._div_map(div, oh, ow),
+                                           y)
+
+    @staticmethod
+    def _div_map(div, oh, ow):
+        return np.ascontiguousarray(np.broadcast_to(div, (1, 1, oh, ow))[0, 0])
+
+    def backward(self, grad_out):
+        x_shape, div = check_grad(self._cache, "AvgPool2d")
+        kh, kw, sh, sw, ph, pw = *self.kernel_size, *self.stride, *self.padding
+        oh, ow = grad_out.shape[2:]
+        dx = np.empty(x_shape, dtype=grad_out.dtype)
+        return _pk.avg_pool_backward_kernel(np.ascontiguousarray(grad_out), kh, kw, sh, sw, ph,
+                                            pw, self._div_map(div, oh, ow).astype(grad_out.dtype),
+                                            self._tiles_exactly(*x_shape[2:]), dx)
+
+    def forward_reference(self, x):
+        """NumPy oracle of :meth:`forward` (training or not): pad with zeros, add the taps in
+        row-major order, divide by the window's count."""
+        kh, kw, sh, sw, _, _, oh, ow = self._geometry(x)
+        div = self._divisor(*x.shape[2:], x.dtype)
         xp = self._pad(x)  # x itself when there is nothing to pad
         s = self._tap(xp, 0, 0, sh, sw, oh, ow).copy()
         for t in range(1, kh * kw):
             s += self._tap(xp, t // kw, t % kw, sh, sw, oh, ow)
         return s / div
 
-    def backward(self, grad_out):
-        x_shape, div = check_grad(self._cache, "AvgPool2d")
+    def backward_reference(self, grad_out, x_shape):
+        """NumPy oracle of :meth:`backward` for an input of ``x_shape``."""
         kh, kw, sh, sw, ph, pw = *self.kernel_size, *self.stride, *self.padding
         n, c, h, w = x_shape
         oh, ow = grad_out.shape[2:]
-        g = grad_out / div
+        g = grad_out / self._divisor(h, w, grad_out.dtype)
         if self._tiles_exactly(h, w):
             # non-overlapping windows tiling the input: every element gets exactly one tap
             out = np.empty(x_shape, dtype=grad_out.dtype)

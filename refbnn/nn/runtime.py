@@ -10,11 +10,14 @@ This is the only state the layers' array helpers (:mod:`refbnn.nn.functional`) s
   gracefully.
 * :func:`scratch` hands out reusable buffers for temporaries; whoever returns a view of one says so
   (*scratch* in its docstring).
+* :func:`thread_arena` is a grow-only workspace per thread, for work run on :func:`pool`'s threads
+  (``refbnn.nn.functional.conv2d_backward_fused``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numba as nb
@@ -25,7 +28,7 @@ _BLAS: list = [None]
 MIN_SPLIT_MACS = 8_000_000
 
 
-def _single_threaded_blas():
+def single_threaded_blas():
     """A context limiting every BLAS library to one thread (a no-op without threadpoolctl)."""
     if _BLAS[0] is None:
         try:
@@ -38,7 +41,8 @@ def _single_threaded_blas():
     return _BLAS[0].limit(limits=1, user_api="blas")
 
 
-def _pool(threads: int) -> ThreadPoolExecutor:
+def pool(threads: int) -> ThreadPoolExecutor:
+    """refbnn's thread pool of ``threads`` workers (rebuilt when ``threads`` changes)."""
     if _POOL[1] != threads:
         if _POOL[0] is not None:
             _POOL[0].shutdown(wait=True)
@@ -59,7 +63,7 @@ def matmul(a, b, out=None, split="cols"):
     ``"rows"``: the M rows of ``a`` and ``out``; ``"reduce"``: the K axis, and the partial products
     are summed in chunk order (for ``dW``, where K = N*OH*OW is the long axis). Row and column
     splits give each output element one BLAS dot product, as an unsplit call does."""
-    with _single_threaded_blas():
+    with single_threaded_blas():
         return _matmul(a, b, out, split)
 
 
@@ -72,11 +76,11 @@ def _matmul(a, b, out, split):
     if split == "rows":
         if out is None:
             out = np.empty((g, m, p), dtype=np.result_type(a, b))
-        list(_pool(threads).map(
+        list(pool(threads).map(
             lambda r: np.matmul(a[:, r[0]:r[1]], b, out=out[:, r[0]:r[1]]), _chunks(m, threads)))
         return out
     if split == "reduce":
-        parts = list(_pool(threads).map(
+        parts = list(pool(threads).map(
             lambda r: np.matmul(a[:, :, r[0]:r[1]], b[:, r[0]:r[1], :]), _chunks(k, threads)))
         total = parts[0]
         for q in parts[1:]:
@@ -87,7 +91,7 @@ def _matmul(a, b, out, split):
         return total
     if out is None:
         out = np.empty((g, m, p), dtype=np.result_type(a, b))
-    list(_pool(threads).map(
+    list(pool(threads).map(
         lambda r: np.matmul(a, b[:, :, r[0]:r[1]], out=out[:, :, r[0]:r[1]]),
         _chunks(p, threads)))
     return out
@@ -107,4 +111,21 @@ def scratch(tag: str, shape, dtype) -> np.ndarray:
         if len(_SCRATCH) > 64:
             _SCRATCH.clear()
         buf = _SCRATCH[key] = np.empty(shape, dtype=dtype)
+    return buf
+
+
+_TLS = threading.local()
+
+
+def thread_arena(size: int, dtype) -> np.ndarray:
+    """The calling thread's flat grow-only buffer of at least ``size`` elements of ``dtype``
+    (uninitialised; one per thread and dtype, freed with its thread). Valid until the same thread
+    asks again: views of it must not outlive the caller's call."""
+    arenas = getattr(_TLS, "arenas", None)
+    if arenas is None:
+        arenas = _TLS.arenas = {}
+    key = np.dtype(dtype)
+    buf = arenas.get(key)
+    if buf is None or buf.size < size:
+        buf = arenas[key] = np.empty(size, dtype=dtype)
     return buf

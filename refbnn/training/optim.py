@@ -17,6 +17,7 @@ import numpy as np
 
 from refbnn.nn.binary import BinaryConv2d, BinaryLinear
 from refbnn.nn.module import Parameter
+from refbnn.training import _optim_kernels as _ok
 
 _f32 = np.float32
 
@@ -189,20 +190,36 @@ class Adam(Optimizer):
             state["exp_avg_sq"] = np.zeros_like(p.data)
         state["step"] = np.array(state["step"] + 1, dtype=np.int64)
         t = int(state["step"])
-        if wd:
-            if self._decoupled:
-                p.data *= _f32(1 - lr * wd)
-            else:
-                grad = grad + _f32(wd) * p.data
         m, v = state["exp_avg"], state["exp_avg_sq"]
-        m += _f32(1 - b1) * (grad - m)
-        v *= _f32(b2)
-        v += _f32(1 - b2) * (grad * grad)
-        step_size = lr / (1 - b1 ** t)
-        denom = np.sqrt(v)
-        denom /= _f32(math.sqrt(1 - b2 ** t))
-        denom += _f32(g["eps"])
-        p.data -= _f32(step_size) * (m / denom)
+        arrays = (p.data, grad, m, v)
+        if all(a.dtype == np.float32 and a.flags.c_contiguous for a in arrays):
+            # one parallel Numba pass, bit-identical to the NumPy expressions below
+            _ok.adam_kernel(*(a.reshape(-1) for a in arrays), _f32(1 - b1), _f32(b2),
+                            _f32(1 - b2), _f32(math.sqrt(1 - b2 ** t)), _f32(g["eps"]),
+                            _f32(lr / (1 - b1 ** t)), _f32(wd if wd and not self._decoupled else 0),
+                            _f32(1 - lr * wd), bool(wd and self._decoupled))
+            return
+        adam_update_reference(p, grad, state, g, t, self._decoupled)
+
+
+def adam_update_reference(p, grad, state, g, t, decoupled):
+    """NumPy form of one Adam / AdamW step (step count ``t``) on ``p``, in float32 arrays."""
+    b1, b2 = g["betas"]
+    lr, wd = g["lr"], g["weight_decay"]
+    if wd:
+        if decoupled:
+            p.data *= _f32(1 - lr * wd)
+        else:
+            grad = grad + _f32(wd) * p.data
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    m += _f32(1 - b1) * (grad - m)
+    v *= _f32(b2)
+    v += _f32(1 - b2) * (grad * grad)
+    step_size = lr / (1 - b1 ** t)
+    denom = np.sqrt(v)
+    denom /= _f32(math.sqrt(1 - b2 ** t))
+    denom += _f32(g["eps"])
+    p.data -= _f32(step_size) * (m / denom)
 
 
 class AdamW(Adam):
