@@ -28,6 +28,7 @@ import numpy as np
 from refbnn.nn import _conv_kernels as _ck
 from refbnn.nn import functional as F
 from refbnn.nn._checks import check_grad, check_input, param, positive_int
+from refbnn.nn.conv import ConvLayer
 from refbnn.nn.init import uniform_fan_in
 from refbnn.nn.module import Module, Parameter
 from refbnn.ops import bconv2d as packed_bconv2d
@@ -90,7 +91,7 @@ class _BinaryMixin:
         self.weight.accumulate(out)
 
 
-class BinaryConv2d(_BinaryMixin, Module):
+class BinaryConv2d(_BinaryMixin, ConvLayer):
     """Binary 2-D convolution, NCHW / OIHW (see the module docstring for the exact meaning).
 
     ``weight`` (O, C/groups, KH, KW) latent float32. Output (N, O, OH, OW) in the dtype of ``x``.
@@ -101,33 +102,14 @@ class BinaryConv2d(_BinaryMixin, Module):
                  binarize_input=True):
         super().__init__()
         _check_options(scale, sign_at_zero, act_grad, pad_value)
-        self.in_channels = positive_int(in_channels, "in_channels")
-        self.out_channels = positive_int(out_channels, "out_channels")
-        self.groups = positive_int(groups, "groups")
-        if in_channels % groups or out_channels % groups:
-            raise ValueError(f"in_channels {in_channels} and out_channels {out_channels} must be "
-                             f"divisible by groups {groups}")
-        self.kernel_size = F.pair(kernel_size, "kernel_size")
-        self.stride = F.pair(stride, "stride")
-        self.padding = F.layer_padding(padding)
-        self.dilation = F.pair(dilation, "dilation")
-        if min(self.kernel_size + self.stride + self.dilation) < 1:
-            raise ValueError("kernel_size, stride and dilation must be >= 1 and padding >= 0")
+        self._init_conv(in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
         self.scale, self.sign_at_zero, self.act_grad = scale, int(sign_at_zero), act_grad
         self.pad_value, self.binarize_input = float(pad_value), bool(binarize_input)
-        kh, kw = self.kernel_size
-        self.weight = Parameter(uniform_fan_in((out_channels, in_channels // groups, kh, kw),
-                                               in_channels // groups * kh * kw))
         self._cache = None
         self._cols = None
         # forward on refbnn.bconv2d's packed kernels (sign_at_zero +-1, binarized input); False
         # forces the float GEMM of +-1 values. Both give the same integers (tested).
         self.use_packed = True
-
-    def _geometry(self, x):
-        pad = F.conv_padding(self.padding, x.shape, self.weight.shape, self.stride, self.dilation)
-        return F.ConvGeometry(x.shape, self.weight.shape, self.stride, pad, self.dilation,
-                              self.groups)
 
     def _columns(self, x, geom, out=None):
         _check_nan(x, "BinaryConv2d")

@@ -8,20 +8,15 @@ from refbnn.nn.init import uniform_fan_in
 from refbnn.nn.module import Module, Parameter
 
 
-class Conv2d(Module):
-    """``y[n, o] = bias[o] + sum_{c, a, b} w[o, c, a, b] * xpad[n, g*Cg + c, i*sh + a*dh, j*sw + b*dw]``.
+class ConvLayer(Module):
+    """What :class:`Conv2d` and :class:`refbnn.nn.binary.BinaryConv2d` share: the checked geometry
+    (``kernel_size``, ``stride``, ``dilation`` as int pairs, ``padding`` as the layer's padding
+    spec, ``groups`` dividing both channel counts), the latent ``weight`` (O, C/groups, KH, KW)
+    initialised uniform in +-1/sqrt(fan_in), and the per-input :class:`~refbnn.nn.functional.ConvGeometry`."""
 
-    Cross-correlation as ``torch.nn.Conv2d``: ``x`` (N, C, H, W) zero-padded symmetrically by
-    ``padding`` (int or (ph, pw)), or by ``(top, bottom, left, right)``, or ``"same"``
-    (TensorFlow: output ``ceil(in / stride)``, the odd row/column at the bottom/right);
-    ``weight`` (O, C/groups, KH, KW); ``bias`` (O,) if ``bias``.
-    Output (N, O, OH, OW), ``OH = floor((H + 2ph - dh(KH-1) - 1) / sh) + 1``; computed in the dtype
-    of ``x`` (float32 or float64) as an im2col GEMM (BLAS summation order).
-    """
-
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
-                 groups=1, bias=False):
-        super().__init__()
+    def _init_conv(self, in_channels, out_channels, kernel_size, stride, padding, dilation,
+                   groups) -> int:
+        """Check and store the geometry, create ``weight``; return its fan-in ``C/groups*KH*KW``."""
         self.in_channels = positive_int(in_channels, "in_channels")
         self.out_channels = positive_int(out_channels, "out_channels")
         self.groups = positive_int(groups, "groups")
@@ -38,15 +33,34 @@ class Conv2d(Module):
         fan_in = in_channels // groups * kh * kw
         self.weight = Parameter(uniform_fan_in((out_channels, in_channels // groups, kh, kw),
                                                fan_in))
-        self.bias = Parameter(uniform_fan_in((out_channels,), fan_in), decay=False) if bias \
-            else None
-        self._cache = None
-        self._cols = None
+        return fan_in
 
     def _geometry(self, x):
         pad = F.conv_padding(self.padding, x.shape, self.weight.shape, self.stride, self.dilation)
         return F.ConvGeometry(x.shape, self.weight.shape, self.stride, pad, self.dilation,
                               self.groups)
+
+
+class Conv2d(ConvLayer):
+    """``y[n, o] = bias[o] + sum_{c, a, b} w[o, c, a, b] * xpad[n, g*Cg + c, i*sh + a*dh, j*sw + b*dw]``.
+
+    Cross-correlation as ``torch.nn.Conv2d``: ``x`` (N, C, H, W) zero-padded symmetrically by
+    ``padding`` (int or (ph, pw)), or by ``(top, bottom, left, right)``, or ``"same"``
+    (TensorFlow: output ``ceil(in / stride)``, the odd row/column at the bottom/right);
+    ``weight`` (O, C/groups, KH, KW); ``bias`` (O,) if ``bias``.
+    Output (N, O, OH, OW), ``OH = floor((H + 2ph - dh(KH-1) - 1) / sh) + 1``; computed in the dtype
+    of ``x`` (float32 or float64) as an im2col GEMM (BLAS summation order).
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                 groups=1, bias=False):
+        super().__init__()
+        fan_in = self._init_conv(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                                 groups)
+        self.bias = Parameter(uniform_fan_in((out_channels,), fan_in), decay=False) if bias \
+            else None
+        self._cache = None
+        self._cols = None
 
     def forward(self, x):
         x = check_input(x, (4,), type(self).__name__, self.in_channels)
