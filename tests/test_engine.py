@@ -237,3 +237,35 @@ def test_stem_in_row_bands_gives_the_same_logits(monkeypatch, band):
     finally:
         numba.set_num_threads(before)
     np.testing.assert_array_equal(banded.layer_outputs(x)["maxpool"], want_pool)
+
+
+@pytest.mark.parametrize("name, overrides, stem_bytes", [
+    ("birealnet18", {"stem_pool": True}, 1 << 30),  # the stem's conv over the whole group
+    ("birealnet18", {"stem_pool": True}, 0),  # the stem image by image, the convs grouped
+    ("ftbnn18_g2", {}, 1 << 30),
+    ("ftbnn18_purified", {}, 1 << 30),
+])
+def test_batch_in_image_groups_gives_the_same_logits_as_one_image_at_a_time(monkeypatch, name,
+                                                                          overrides, stem_bytes):
+    """A batch runs in groups of images (small-map binary convs once per group, tiles spanning
+    images; a short last group computes stale slots nobody reads): batch sizes that are no multiple
+    of the group, on 1 and 2 threads, give the logits of one image at a time bit for bit."""
+    import numba
+
+    monkeypatch.setattr(runtime, "GROUP_MAX", 4)
+    monkeypatch.setattr(runtime, "GROUP_PIXELS", 49)  # 14x14 maps image by image, 7x7 on grouped
+    monkeypatch.setattr(runtime, "GROUP_STEM_BYTES", stem_bytes)
+    engine = Engine.from_model(trained_looking(name, **overrides), adaptive_threads=False)
+    x = np.random.default_rng(11).standard_normal((11, 1, 28, 28)).astype(np.float32)
+    want = np.concatenate([engine.forward(x[i:i + 1]) for i in range(len(x))])
+    before = numba.get_num_threads()
+    try:
+        for threads in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
+            numba.set_num_threads(threads)
+            for n in (11, 9, 10):  # groups of 4 or 2, the last one short (2 threads: of 2)
+                assert runtime.group_size(n, threads) > 1
+                np.testing.assert_array_equal(engine.forward(x[:n]), want[:n])
+                prog = engine._program(threads, group=runtime.group_size(n, threads))
+                assert any(prog.grouped) and not all(prog.grouped)
+    finally:
+        numba.set_num_threads(before)

@@ -11,7 +11,9 @@ Ops (``K_*``), each a range of work items of one image on the calling thread:
 * ``K_INPUT``: NCHW image -> zero-bordered NHWC input of the stem (items: rows);
 * ``K_STEM_POOL``: stem conv + BN, 3x3/2 max-pool, sign-pack for the first binary conv, band by
   band through a ring of conv rows (:func:`refbnn.kernels.realconv.stem_pool_rows`; items: pooled
-  rows); ``K_STEM_CONV`` + ``K_PACK`` without the max-pool;
+  rows); ``K_STEM_CONV`` + ``K_PACK`` without the max-pool; in a program of groups with small
+  stem maps ``K_STEM_CONV`` for the whole group + ``K_MAXPOOL`` (3x3/2 max-pool and pack,
+  :func:`refbnn.kernels.realpool.maxpool3s2_pack_rows`; items: pooled rows);
 * ``K_BCONV``: a binary conv with its fused epilogue (folded BN, pre-activation, residual add,
   post-activation; float32 residual stream and the next conv's packed input;
   :func:`refbnn.kernels.bconv_fast.conv_items`); ``K_BCONV_FLOAT``: conv + BN only (binary
@@ -42,18 +44,23 @@ from refbnn.kernels.sync import cycles, fetch_add
 
 # Numba's cache does not notice edits to imported kernels; this digest of the modules this one
 # imports, transitively (written by ``python refbnn/kernels/_codegen.py``), forces a recompile.
-DEPS_DIGEST = "7425606e51c6f618"
+DEPS_DIGEST = "9559510651253583"
 
 K_INPUT, K_STEM_POOL, K_STEM_CONV, K_PACK, K_BCONV, K_BCONV_FLOAT, K_POOL_CONV, K_AVGPOOL, \
-    K_HEAD = range(9)
+    K_HEAD, K_MAXPOOL = range(10)
 
 #: ``Op.ip`` slots: work items, work (for the threading choice), channel-major flag, then
 #: (offset, size) of the float input / output / residual in the float arena, residual channels,
 #: (offset, size) of the packed input / output in the word arena and of the private scratch,
 #: then ``A0 ..`` per kind.
 IP_ITEMS, IP_WORK, IP_CM, IP_FIN, IP_FIN_N, IP_FOUT, IP_FOUT_N, IP_FRES, IP_FRES_N, IP_RSC, \
-    IP_UIN, IP_UIN_N, IP_UOUT, IP_UOUT_N, IP_PS, IP_PS_N, A0, A1, A2, A3, A4, A5, A6 = range(23)
-IP_SIZE = 23
+    IP_UIN, IP_UIN_N, IP_UOUT, IP_UOUT_N, IP_PS, IP_PS_N, IP_GROUP, IP_GROUPED, IP_SLOTS, \
+    A0, A1, A2, A3, A4, A5, A6 = range(26)
+IP_SIZE = 26
+
+#: ``Op.ip[IP_SLOTS]`` bits: which of the op's regions hold one slot per image of the group (the
+#: others one slot, shared by the images of a group in turn).
+S_FIN, S_FOUT, S_FRES, S_UIN, S_UOUT = 1, 2, 4, 8, 16
 
 
 @structref.register
@@ -88,41 +95,55 @@ def _f(a, ip, slot):
 
 
 @njit(cache=True)
-def run_op(op, x, img, lo, hi, af, au, ps, logits, feats, acc, rtmp, pixel_major=False):
-    """Work items ``lo .. hi - 1`` of ``op`` for image ``img``: ``af``/``au`` the arena rows
-    (float32, uint64) holding this image's buffers, ``ps`` the worker's private float scratch;
+def _r(a, ip, slot, bit, gi):
+    """Region ``slot`` (``(offset, per-image size)``) of image ``gi`` of the group; a grouped op:
+    the whole group's slots."""
+    size = ip[slot + 1]
+    if ip[IP_GROUPED] != 0:
+        return a[ip[slot]:ip[slot] + ip[IP_GROUP] * size]
+    off = ip[slot] + (gi * size if ip[IP_SLOTS] & bit else 0)
+    return a[off:off + size]
+
+
+@njit(cache=True)
+def run_op(op, x, img, gi, lo, hi, af, au, ps, logits, feats, acc, rtmp, pixel_major=False):
+    """Work items ``lo .. hi - 1`` of ``op`` for image ``img`` of the batch, image ``gi`` of the
+    worker's group (a grouped op: the group from image ``img`` on, ``gi`` unused): ``af``/``au``
+    the arena rows (float32, uint64) holding the group's buffers, ``ps`` the worker's private float
+    scratch;
     ``pixel_major``: a binary conv's items are its pixel tiles (:func:`op_items`) even where the op
     is channel-major."""
     k = op.kind
     ip = op.ip
+    fin, fout = _r(af, ip, IP_FIN, S_FIN, gi), _r(af, ip, IP_FOUT, S_FOUT, gi)
+    uout = _r(au, ip, IP_UOUT, S_UOUT, gi)
     if k == K_INPUT:
-        ew.to_padded_nhwc(x, img, ip[A0], ip[A1], ip[A2], _f(af, ip, IP_FOUT), ip[A3], ip[A4],
-                          ip[A5], lo, hi)
+        ew.to_padded_nhwc(x, img, ip[A0], ip[A1], ip[A2], fout, ip[A3], ip[A4], ip[A5], lo, hi)
     elif k == K_STEM_POOL:
-        rc.stem_pool_rows(_f(af, ip, IP_FIN), op.sg, op.toff, op.wt, ip[A0], op.scale, op.shift,
-                          _f(ps, ip, IP_PS), _f(af, ip, IP_FOUT), _f(au, ip, IP_UOUT), lo, hi)
+        rc.stem_pool_rows(fin, op.sg, op.toff, op.wt, ip[A0], op.scale, op.shift,
+                          _f(ps, ip, IP_PS), fout, uout, lo, hi)
     elif k == K_STEM_CONV:
-        rc.conv_taps_tiles(_f(af, ip, IP_FIN), op.bases, ip[A1], op.toff, op.wt, ip[A0], ip[A2],
-                           op.scale, op.shift, _f(af, ip, IP_FOUT), lo, hi)
+        rc.conv_taps_tiles(fin, op.bases, ip[A1], op.toff, op.wt, ip[A0], ip[A2], op.scale,
+                           op.shift, fout, lo, hi)
     elif k == K_PACK:
-        ew.merge_pack_rows(_f(af, ip, IP_FIN), _f(af, ip, IP_FRES), op.sg, op.slopes,
-                           _f(au, ip, IP_UOUT), lo, hi)
+        ew.merge_pack_rows(fin, _r(af, ip, IP_FRES, S_FRES, gi), op.sg, op.slopes, uout, lo, hi)
     elif k == K_BCONV or k == K_BCONV_FLOAT:
-        bf.conv_items(_f(au, ip, IP_UIN), op.conv, op.table, lo, hi,
-                      ip[IP_CM] != 0 and not pixel_major,
-                      _f(af, ip, IP_FOUT).view(np.uint8), _f(af, ip, IP_FRES), ip[IP_RSC],
-                      _f(au, ip, IP_UOUT), acc, rtmp)
+        bf.conv_items(_r(au, ip, IP_UIN, S_UIN, gi), op.conv, op.table, lo, hi,
+                      ip[IP_CM] != 0 and not pixel_major, fout.view(np.uint8),
+                      _r(af, ip, IP_FRES, S_FRES, gi), ip[IP_RSC], uout, acc, rtmp)
     elif k == K_POOL_CONV:
-        rc.pool2_conv1x1_tiles(_f(af, ip, IP_FIN), 1, ip[A0], ip[A1], ip[A2], ip[A3], ip[A4],
-                               op.wt, ip[A5], ip[A6], op.scale, op.shift, _f(af, ip, IP_FOUT),
+        rc.pool2_conv1x1_tiles(fin, ip[IP_GROUP] if ip[IP_GROUPED] else 1, ip[A0], ip[A1], ip[A2],
+                               ip[A3], ip[A4], op.wt, ip[A5], ip[A6], op.scale, op.shift, fout,
                                lo, hi)
     elif k == K_AVGPOOL:
-        rp.avgpool2_rows(_f(af, ip, IP_FIN), 1, ip[A0], ip[A1], ip[A2], ip[A3], ip[A4],
-                         _f(af, ip, IP_FOUT), lo, hi)
+        rp.avgpool2_rows(fin, ip[IP_GROUP] if ip[IP_GROUPED] else 1, ip[A0], ip[A1], ip[A2], ip[A3],
+                         ip[A4], fout, lo, hi)
+    elif k == K_MAXPOOL:
+        rp.maxpool3s2_pack_rows(fin, op.sg, fout, uout, lo, hi)
     elif k == K_HEAD:
         cl, classes = ip[A1], ip[A2]
         f = feats[img * cl:(img + 1) * cl]
-        rp.global_avgpool_image(_f(af, ip, IP_FIN), 0, ip[A0], cl, f)
+        rp.global_avgpool_image(fin, 0, ip[A0], cl, f)
         rc.conv_taps_tiles(f, op.bases, 1, op.toff, op.wt, ip[A3], classes, op.scale, op.shift,
                            logits[img * classes:(img + 1) * classes], 0, 1)
 
@@ -139,22 +160,47 @@ def op_items(op, pixel_major):
 def _images(ops, x, n, af, au, ps, logits, feats, counter, op_lo, op_hi, timer, timing):
     acc = np.empty(bf.MR * 32 + 16, np.int64)
     rtmp = np.empty(16, np.float32)
-    while True:
-        img = fetch_add(counter, 0, 1)
-        if img >= n:
+    group = ops[0].ip[IP_GROUP]
+    split = op_hi
+    for j in range(op_lo, op_hi):
+        if ops[j].ip[IP_GROUPED] != 0:
+            split = j
             break
-        for j in range(op_lo, op_hi):
+    while True:
+        g0 = fetch_add(counter, 0, 1) * group
+        if g0 >= n:
+            break
+        m = min(group, n - g0)
+        # before the first grouped op: image by image (each image's buffers stay in cache)
+        for gi in range(m):
+            for j in range(op_lo, split):
+                op = ops[j]
+                c0 = cycles() if timing else 0
+                run_op(op, x, g0 + gi, gi, 0, op.ip[IP_ITEMS], af, au, ps, logits, feats, acc,
+                       rtmp)
+                if timing:
+                    timer[j] += cycles() - c0
+        # from there on op by op: a grouped op once for the whole group (its tiles span images;
+        # a short last group computes the stale slots too and nobody reads them), the others
+        # image by image
+        for j in range(split, op_hi):
             op = ops[j]
             c0 = cycles() if timing else 0
-            run_op(op, x, img, 0, op.ip[IP_ITEMS], af, au, ps, logits, feats, acc, rtmp)
+            if op.ip[IP_GROUPED] != 0:
+                run_op(op, x, g0, 0, 0, op.ip[IP_ITEMS], af, au, ps, logits, feats, acc, rtmp)
+            else:
+                for gi in range(m):
+                    run_op(op, x, g0 + gi, gi, 0, op.ip[IP_ITEMS], af, au, ps, logits, feats,
+                           acc, rtmp)
             if timing:
                 timer[j] += cycles() - c0
 
 
 @njit(cache=True)
 def run_serial(ops, x, n, af, au, ps, logits, feats, counter, op_lo, op_hi, timer, timing):
-    """Images ``counter[0] .. n - 1`` (``counter`` advances), ops ``op_lo .. op_hi - 1``, on the
-    calling thread with arena rows 0; ``timing``: add each op's cycles to ``timer[op]``."""
+    """Groups of images (``ops[0].ip[IP_GROUP]`` each) from group ``counter[0]`` on
+    (``counter`` advances) up to image ``n - 1``, ops ``op_lo .. op_hi - 1``, on the calling
+    thread with arena rows 0; ``timing``: add each op's cycles to ``timer[op]``."""
     _images(ops, x, n, af[0], au[0], ps[0], logits, feats, counter, op_lo, op_hi, timer, timing)
 
 
@@ -162,7 +208,7 @@ def run_serial(ops, x, n, af, au, ps, logits, feats, counter, op_lo, op_hi, time
 def run_images(ops, x, n, af, au, ps, logits, feats, counter, nworkers, op_lo, op_hi, timer,
                timing):
     """:func:`run_serial` image-parallel: ``nworkers`` workers (``<= numba.get_num_threads()``,
-    one arena row each) claim images from ``counter``."""
+    one arena row each) claim groups of images from ``counter``."""
     for t in prange(nworkers):
         _images(ops, x, n, af[t], au[t], ps[t], logits, feats, counter, op_lo, op_hi, timer,
                 timing)
@@ -171,11 +217,12 @@ def run_images(ops, x, n, af, au, ps, logits, feats, counter, nworkers, op_lo, o
 @njit(cache=True, parallel=True)
 def run_layers(ops, x, af, au, ps, logits, feats, nworkers, min_work, op_lo, op_hi, timer,
                timing):
-    """Image 0 layer-parallel on arena row 0: each op's items split evenly over ``nworkers``
-    workers (private scratch row ``t`` each), or on the calling thread when its work is below
-    ``min_work`` or it has one item. Split over workers, a binary conv runs pixel-major: each
-    worker writes whole output pixels (channel-major ranges would have two workers write the
-    sign bits of one 64-bit word, a cache line shared between cores)."""
+    """Image 0 layer-parallel on arena row 0 (a program of groups of one image): each op's items
+    split evenly over ``nworkers`` workers (private scratch row ``t`` each), or on the calling
+    thread when its work is below ``min_work`` or it has one item. Split over workers, a binary
+    conv runs pixel-major: each worker writes whole output pixels (channel-major ranges would
+    have two workers write the sign bits of one 64-bit word, a cache line shared between
+    cores)."""
     acc = np.empty(bf.MR * 32 + 16, np.int64)
     rtmp = np.empty(16, np.float32)
     for j in range(op_lo, op_hi):
@@ -183,14 +230,14 @@ def run_layers(ops, x, af, au, ps, logits, feats, nworkers, min_work, op_lo, op_
         items = op.ip[IP_ITEMS]
         c0 = cycles() if timing else 0
         if op.ip[IP_WORK] < min_work or items < 2 or nworkers < 2:
-            run_op(op, x, 0, 0, items, af[0], au[0], ps[0], logits, feats, acc, rtmp)
+            run_op(op, x, 0, 0, 0, items, af[0], au[0], ps[0], logits, feats, acc, rtmp)
         else:
             items = op_items(op, True)
             nw = min(nworkers, items)
             for t in prange(nw):
                 acc_t = np.empty(bf.MR * 32 + 16, np.int64)
                 rtmp_t = np.empty(16, np.float32)
-                run_op(op, x, 0, t * items // nw, (t + 1) * items // nw, af[0], au[0], ps[t],
+                run_op(op, x, 0, 0, t * items // nw, (t + 1) * items // nw, af[0], au[0], ps[t],
                        logits, feats, acc_t, rtmp_t, True)
         if timing:
             timer[j] += cycles() - c0

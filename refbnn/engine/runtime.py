@@ -55,7 +55,7 @@ from refbnn.kernels import realconv as rc
 from refbnn.kernels.sync import read_cycles
 from refbnn.ops import BConv2DPlan
 
-MAX_PLANS = 4
+MAX_PLANS = 8
 
 #: With adaptive threads, every this many forwards of a plan one runs with the other setting.
 PROBE_EVERY = 16
@@ -65,6 +65,22 @@ PROBE_EVERY = 16
 #: a core, can wait a scheduler time slice (milliseconds) for its second thread; below this size the
 #: second thread cannot save more than that start-up.
 PARALLEL_MIN_WORK = 1 << 18
+
+#: A batch runs in groups of up to this many images (:func:`group_size`); binary convs whose output
+#: has at most :data:`GROUP_PIXELS` pixels per image run once per group (:class:`Program`).
+#: Measured on a 2-core AMD EPYC (Zen 4), 1 thread: weights/ftbnn18.h5 at batch 256, groups of 4 to
+#: 64 within noise of each other; FTBNN-18 224x224 at batch 32, every conv grouped (56x56 maps
+#: included) 213 ms vs 225 ms with only 14x14 and smaller grouped.
+GROUP_MAX = 8
+GROUP_PIXELS = 56 * 56
+#: Grouped binary convs write conv + BN as float32, then one separate pass adds the residual,
+#: applies the non-linearities and packs (measured faster there than the per-tile fused epilogue:
+#: weights/ftbnn18.h5 layer1 convs, 24 channels, 8 vs 12.7 us per image plus about 3 for the
+#: pass); the others (all of them at batch 1) keep the fused epilogue.
+GROUP_SPLIT_EPILOGUE = True
+#: A group's stem runs as one conv over the group, then the max-pool, when the group's conv output
+#: takes at most this many bytes (else image by image through a ring of rows, as at batch 1).
+GROUP_STEM_BYTES = 1 << 20
 
 STAGES = ("binary_convs", "stem", "shortcuts", "elementwise_glue")
 
@@ -77,6 +93,12 @@ def stage_threads(work: int, threads: int) -> int:
     ms. Small stages on one thread avoid the wait where it costs most, big stages keep the speed-up.
     """
     return 1 if work < PARALLEL_MIN_WORK else threads
+
+
+def group_size(n: int, threads: int) -> int:
+    """Images per group for a batch of ``n`` on ``threads`` workers: :data:`GROUP_MAX`, fewer
+    where that would leave a worker fewer than two groups (1 for one image)."""
+    return max(1, min(GROUP_MAX, n // (2 * threads)))
 
 
 class ThreadPolicy:
@@ -214,13 +236,13 @@ class Engine:
         return cls(network_from_file(f), **options)
 
     # -- programs ---------------------------------------------------------------------------
-    def _program(self, threads: int, record: bool = False) -> Program:
-        key = (threads, record)
+    def _program(self, threads: int, record: bool = False, group: int = 1) -> Program:
+        key = (threads, record, group)
         prog = self._programs.get(key)
         if prog is None:
             if len(self._programs) >= MAX_PLANS:
                 self._programs.popitem(last=False)
-            prog = self._programs[key] = Program(self, threads, record)
+            prog = self._programs[key] = Program(self, threads, record, group)
         return prog
 
     def _policy(self, n: int, threads: int) -> ThreadPolicy:
@@ -252,7 +274,8 @@ class Engine:
         if threads is None and self.adaptive_threads and requested > 1:
             pol = self._policy(n, requested)
             use = pol.choose()
-        prog = self._program(requested if threads is None else threads)
+        t = requested if threads is None else threads
+        prog = self._program(t, group=group_size(n, t))
         t0 = time.perf_counter()
         try:
             out = prog.run(x, use, timer)
@@ -310,7 +333,7 @@ class Engine:
         compiled call by the CPU's cycle counter; ``elementwise_glue`` also holds what no op
         accounts for (the call itself, the input check, the output copy)."""
         x = self._check(x)
-        prog = self._program(1)
+        prog = self._program(1, group=group_size(x.shape[0], 1))
         self._run(x, threads=1)
         timer = np.zeros(len(prog.stages), np.int64)
         total = 0.0
@@ -343,36 +366,47 @@ def cycles_per_second() -> float:
 
 
 class _Arena:
-    """Offsets into one image's float32 and uint64 buffers (each region allocated once)."""
+    """The float32 and uint64 regions one image needs (handles ``(kind, index)``); where they lie
+    is fixed once the ops are known (:meth:`Program._finish`)."""
 
     def __init__(self):
-        self.nf = self.nu = 0
+        self.sizes = {"f": [], "u": []}
 
     def f(self, size):
-        off, self.nf = self.nf, self.nf + int(size)
-        return (off, int(size))
+        self.sizes["f"].append(int(size))
+        return ("f", len(self.sizes["f"]) - 1)
 
     def u(self, size):
-        off, self.nu = self.nu, self.nu + int(size)
-        return (off, int(size))
+        self.sizes["u"].append(int(size))
+        return ("u", len(self.sizes["u"]) - 1)
 
 
-_NO = (0, 0)
+_NO = None
 _E_I64 = np.zeros(1, np.int64)
 _E_F32 = np.zeros(1, np.float32)
 _E_F32_2D = np.zeros((1, 1), np.float32)
+_REGION_SLOTS = ((pg.IP_FIN, pg.S_FIN, "fin"), (pg.IP_FOUT, pg.S_FOUT, "fout"),
+                 (pg.IP_FRES, pg.S_FRES, "fres"), (pg.IP_UIN, pg.S_UIN, "uin"),
+                 (pg.IP_UOUT, pg.S_UOUT, "uout"))
 
 
 class Program:
     """The ops of one forward (:mod:`refbnn.engine.program`) and their buffers for ``threads``
-    workers: per worker one row of a float32 and a uint64 arena (one image's buffers each, zeroed
-    once: the padded borders stay zero) and a private float32 scratch row. ``record``: a program
-    whose stem keeps its whole conv output (for :meth:`Engine.layer_outputs`)."""
+    workers, each running ``group`` images at a time: per worker one row of a float32 and a uint64
+    arena (the buffers of one group, zeroed once: the padded borders stay zero) and a private
+    float32 scratch row. Binary convs whose output has at most :data:`GROUP_PIXELS` pixels per
+    image are *grouped*: one call, tiles built for the ``group`` images (small maps fill whole
+    register tiles, and a weight tile serves more pixels); the buffers they and the ops after the
+    first of them touch hold one slot per image, the others one slot that the images of a group
+    use in turn. ``record``: a program whose stem keeps its whole conv output (for
+    :meth:`Engine.layer_outputs`; one image per group)."""
 
-    def __init__(self, eng: Engine, threads: int, record: bool = False):
+    def __init__(self, eng: Engine, threads: int, record: bool = False, group: int = 1):
         self.eng, self.threads, self.record_mode = eng, threads, record
+        self.group = int(group)
         net = eng.net
-        self.ops, self.stages, self.meta = List(), [], []
+        self.ops, self.stages, self.meta, self._specs = List(), [], [], []
+        self._ybufs = {}
         a = _Arena()
         self._ps = 0
         dummy_conv, dummy_table = _dummy_records()
@@ -391,7 +425,22 @@ class Program:
         self._add(pg.K_INPUT, "stem", items=h, work=c * h * w, fout=xin,
                   args=(c, h, w, wp, p, p))
         _, stem_toff = rc.conv_geometry(1, hp, wp, c, eng._stem_k, st.stride, sh, sw)
-        if net.stem_pool:
+        if net.stem_pool and self.group > 1 and self.group * sh * sw * sc * 4 <= GROUP_STEM_BYTES:
+            # the whole group's conv output, then the max-pool (tiles span the group's images)
+            ph, pw = net.blocks[0].in_hw
+            pooled = a.f(ph * pw * sc)
+            out = a.f(sh * sw * sc)
+            bases, _ = rc.conv_geometry(self.group, hp, wp, c, eng._stem_k, st.stride, sh, sw)
+            npix = self.group * sh * sw
+            self._add(pg.K_STEM_CONV, "stem", items=rc.conv_tiles_count(npix, eng._stem_nv),
+                      work=sh * sw * sc * ntaps, fin=xin, fout=out, args=(eng._stem_nv, npix, sc),
+                      wt=eng._stem_w, scale=st.bn.scale, shift=st.bn.shift, bases=bases,
+                      toff=stem_toff, grouped=True)
+            xp = np.array([sh, sw, sc, ph, pw, *_geom(first), int(eng._nonpos)], np.int64)
+            self._add(pg.K_MAXPOOL, "stem", items=self.group * ph, work=ph * pw * sc * 9, fin=out,
+                      fout=pooled, uout=bits[id(convs[0])], sg=xp, grouped=True)
+            stream, shw = pooled, (ph, pw)
+        elif net.stem_pool:
             ph, pw = net.blocks[0].in_hw
             pooled = a.f(ph * pw * sc)
             sg = rc.stem_geometry(c, wp, st.stride, sh, sw, sc, ph, pw, _geom(first), eng._nonpos,
@@ -417,8 +466,8 @@ class Program:
         if net.bridge is not None:
             bconv = net.bridge[0]
             out = a.f(shw[0] * shw[1] * bconv.out_channels)
-            self._conv("bridge", bconv, bits, convs, a, fout=out, fres=_NO, rsc=0)
-            stream = out
+            stream = self._conv("bridge", bconv, bits, convs, a, fout=out, fres=_NO, rsc=0,
+                                acts=(None, net.bridge[1]))
         for blk in net.blocks:
             cin, cout = blk.conv.in_channels, blk.conv.out_channels
             (hh, ww), (oh, ow) = blk.in_hw, blk.out_hw
@@ -428,17 +477,22 @@ class Program:
                 kind, op = blk.shortcut
                 out = a.f(oh * ow * cout)
                 res, rsc = out, cout
+                # with a grouped conv after it, the shortcut runs once for the whole group too
+                gs = self._grouped(eng._fused[id(blk.conv)])
+                ng = self.group if gs else 1
                 if kind == "real":
                     nv = rc.vectors_for(cout)
-                    self._add(pg.K_POOL_CONV, "shortcuts",
-                              items=rc.conv_tiles_count(oh * ow, nv), work=oh * ow * cin * cout,
+                    self._add(pg.K_POOL_CONV, "shortcuts", grouped=gs,
+                              items=rc.conv_tiles_count(ng * oh * ow, nv),
+                              work=oh * ow * cin * cout,
                               fin=stream, fout=out, args=(hh, ww, cin, oh, ow, nv, cout),
                               wt=rc.weight_tiles(op.w_hwio.reshape(-1, cout), nv),
                               scale=op.bn.scale, shift=op.bn.shift,
                               record=[(f"{blk.name}.downsample.2", out, (oh, ow, cout))])
                 else:
                     pooled = a.f(oh * ow * cin)
-                    self._add(pg.K_AVGPOOL, "shortcuts", items=oh, work=oh * ow * cin * 4,
+                    self._add(pg.K_AVGPOOL, "shortcuts", items=ng * oh, work=oh * ow * cin * 4,
+                              grouped=gs,
                               fin=stream, fout=pooled, args=(hh, ww, cin, oh, ow),
                               record=[(f"{blk.name}.downsample.0", pooled, (oh, ow, cin))])
                     if kind == "repeat":
@@ -447,24 +501,26 @@ class Program:
                         splan = eng.binary_plan(op.name)
                         sbits = a.u(self._padded_words(splan))
                         self._pack("shortcuts", pooled, oh, ow, cin, sbits, _geom(splan))
-                        sconv, stable = splan.fast_records(1)
+                        grouped = self._grouped(splan)
+                        sconv, stable = splan.fast_records(self.group if grouped else 1)
                         self._add(pg.K_BCONV_FLOAT, "binary_convs",
                                   items=bf.items(sconv, stable, True),
                                   work=oh * ow * cout * splan.k // 64, cm=1, uin=sbits, fout=out,
-                                  conv=sconv, table=stable)
+                                  conv=sconv, table=stable, grouped=grouped)
             if blk is net.blocks[-1]:
                 last = a.u(oh * ow * eng._fused[id(blk.conv)].out_words)
-            self._conv(blk.name, blk.conv, bits, convs, a, fout=out, fres=res, rsc=rsc, last=last)
-            stream = out
+            stream = self._conv(blk.name, blk.conv, bits, convs, a, fout=out, fres=res, rsc=rsc,
+                                last=last, acts=(blk.pre, blk.post))
         cl, classes = net.fc_w.shape
         hh, ww = net.blocks[-1].out_hw
         self._add(pg.K_HEAD, "elementwise_glue", items=1, work=hh * ww * cl + cl * classes,
                   fin=stream, args=(hh * ww, cl, classes, eng._fc_nv), wt=eng._fc_w,
                   scale=eng._fc_scale, shift=eng._fc_shift, bases=np.zeros(1, np.int64),
                   toff=np.arange(cl, dtype=np.int64), record=[("avgpool", "feats", None)])
+        nf, nu = self._finish(a)
         rows = threads
-        self.af = np.zeros((rows, max(a.nf, 1)), np.float32)
-        self.au = np.zeros((rows, max(a.nu, 1)), np.uint64)
+        self.af = np.zeros((rows, max(nf, 1)), np.float32)
+        self.au = np.zeros((rows, max(nu, 1)), np.uint64)
         self.ps = np.zeros((rows, max(self._ps, 1)), np.float32)
         self.counter = np.zeros(1, np.int64)
         self._no_timer = np.zeros(1, np.int64)
@@ -473,28 +529,55 @@ class Program:
     def _padded_words(plan):
         return plan.padded_hw[0] * plan.padded_hw[1] * plan.groups * plan.wg
 
+    def _grouped(self, plan) -> bool:
+        return self.group > 1 and plan.out_hw[0] * plan.out_hw[1] <= GROUP_PIXELS
+
     def _add(self, kind, stage, items, work, fin=_NO, fout=_NO, fres=_NO, rsc=0, uin=_NO,
-             uout=_NO, ps=_NO, cm=0, args=(), sg=None, conv=None, table=None, wt=None, scale=None,
-             shift=None, bases=None, toff=None, slopes=None, record=(), before=None):
+             uout=_NO, ps=(0, 0), cm=0, args=(), sg=None, conv=None, table=None, wt=None,
+             scale=None, shift=None, bases=None, toff=None, slopes=None, record=(), before=None,
+             grouped=False):
         ip = np.zeros(pg.IP_SIZE, np.int64)
-        ip[[pg.IP_ITEMS, pg.IP_WORK, pg.IP_CM]] = items, work, cm
-        ip[pg.IP_FIN:pg.IP_FIN + 2] = fin
-        ip[pg.IP_FOUT:pg.IP_FOUT + 2] = fout
-        ip[pg.IP_FRES:pg.IP_FRES + 2] = fres
-        ip[pg.IP_RSC] = rsc
-        ip[pg.IP_UIN:pg.IP_UIN + 2] = uin
-        ip[pg.IP_UOUT:pg.IP_UOUT + 2] = uout
+        ip[[pg.IP_ITEMS, pg.IP_WORK, pg.IP_CM, pg.IP_RSC]] = items, work, cm, rsc
+        ip[[pg.IP_GROUP, pg.IP_GROUPED]] = self.group, int(grouped)
         ip[pg.IP_PS:pg.IP_PS + 2] = ps
         ip[pg.A0:pg.A0 + len(args)] = args
         dc, dt = self._dummy
-        self.ops.append(pg.make_op(
+        regions = dict(fin=fin, fout=fout, fres=fres, uin=uin, uout=uout)
+        self._specs.append((ip, regions, (
             kind, ip, _E_I64 if sg is None else sg, dc if conv is None else conv,
             dt if table is None else table, _E_F32 if wt is None else wt,
             _E_F32 if scale is None else scale, _E_F32 if shift is None else shift,
             _E_I64 if bases is None else bases, _E_I64 if toff is None else toff,
-            _E_F32_2D if slopes is None else slopes))
+            _E_F32_2D if slopes is None else slopes)))
         self.stages.append(stage)
         self.meta.append((list(record), before))
+
+    def _finish(self, a: _Arena):
+        """Lay out the regions (one slot per image of the group for those a grouped op or any op
+        after the first grouped one touches, else one), fill the ops' offsets, build the ops;
+        returns the float and word arena sizes."""
+        split = next((j for j, (ip, _, _) in enumerate(self._specs) if ip[pg.IP_GROUPED]),
+                     len(self._specs))
+        multi = {h for ip, regions, _ in self._specs[split:] for h in regions.values()
+                 if h is not None}
+        self.grouped = [bool(ip[pg.IP_GROUPED]) for ip, _, _ in self._specs]
+        ends = {"f": 0, "u": 0}
+        self._where = {}
+        for kind in ("f", "u"):
+            for i, size in enumerate(a.sizes[kind]):
+                h = (kind, i)
+                self._where[h] = (ends[kind], size)
+                ends[kind] += size * (self.group if h in multi else 1)
+        for ip, regions, args in self._specs:
+            for slot, bit, name in _REGION_SLOTS:
+                h = regions[name]
+                if h is not None:
+                    ip[slot:slot + 2] = self._where[h]
+                    if h in multi:
+                        ip[pg.IP_SLOTS] |= bit
+            self.ops.append(pg.make_op(*args))
+        del self._specs
+        return ends["f"], ends["u"]
 
     def _pack(self, stage, src, oh, ow, c, dst, geom):
         ones = (np.ones(c, np.float32), np.ones(c, np.float32))
@@ -503,7 +586,8 @@ class Program:
         self._add(pg.K_PACK, stage, items=oh, work=oh * ow * c, fin=src, uout=dst, sg=ipm,
                   slopes=sl)
 
-    def _conv(self, name, conv, bits, convs, a, fout, fres, rsc, last=_NO):
+    def _conv(self, name, conv, bits, convs, a, fout, fres, rsc, acts, last=_NO):
+        """A binary conv and its epilogue; returns the region of the new residual stream."""
         eng = self.eng
         plan = eng._fused[id(conv)]
         i = next(j for j, cv in enumerate(convs) if cv is conv)
@@ -511,15 +595,43 @@ class Program:
             target = eng._fused[id(convs[i + 1])]
             uout, bits_out = bits[id(convs[i + 1])], _bits_out(target)
         else:
-            uout, bits_out = last, (*plan.out_hw, plan.out_words, 0, 0)
-        cv, table = plan.fast_records(1, bits_out)
+            target, uout, bits_out = None, last, (*plan.out_hw, plan.out_words, 0, 0)
+        grouped = self._grouped(plan)
+        oh, ow = plan.out_hw
+        c = plan.out_channels
+        if grouped and GROUP_SPLIT_EPILOGUE:
+            # conv + BN into a float buffer, then one pass of residual add, activations and packing
+            fplan = eng.binary_plan(conv.name)
+            cv, table = fplan.fast_records(self.group)
+            # two float buffers per size, alternating (the new stream is never the residual it
+            # adds), so that a forward touches few distinct cache lines
+            pair = self._ybufs.setdefault(oh * ow * c, [a.f(oh * ow * c), a.f(oh * ow * c)])
+            y = pair[0] if pair[0] != fres else pair[1]
+            self._add(pg.K_BCONV_FLOAT, "binary_convs", items=bf.items(cv, table, True),
+                      work=oh * ow * c * plan.k // 64, cm=1, uin=bits[id(conv)], fout=y, conv=cv,
+                      table=table, grouped=True,
+                      before=(f"{name}.bn1", conv.name, bits[id(conv)], plan))
+            ones = np.ones(c, np.float32)
+            pre, post = acts
+            slopes = [(ones, ones) if act is None else (act.pos, act.neg) for act in acts]
+            geom = _geom(target) if target is not None else (oh, ow, 0, 0, 1, 1)
+            ipm, sl = ew.merge_params(rsc, self.group, oh, ow, c,
+                                      ew.NONE if pre is None else pre.code,
+                                      ew.NONE if post is None else post.code, geom, eng._nonpos,
+                                      *slopes)
+            self._add(pg.K_PACK, "elementwise_glue", items=self.group * oh,
+                      work=oh * ow * c, fin=y, fres=fres, uout=uout if target is not None else _NO,
+                      sg=ipm, slopes=sl, grouped=True, record=[(name, y, (oh, ow, c))])
+            return y
+        cv, table = plan.fast_records(self.group if grouped else 1, bits_out)
         cm = plan.fused_units_aligned
         oh, ow = plan.out_hw
         self._add(pg.K_BCONV, "binary_convs", items=bf.items(cv, table, cm),
                   work=oh * ow * plan.out_channels * plan.k // 64, fout=fout, fres=fres, rsc=rsc,
-                  uin=bits[id(conv)], uout=uout, cm=int(cm), conv=cv, table=table,
+                  uin=bits[id(conv)], uout=uout, cm=int(cm), conv=cv, table=table, grouped=grouped,
                   record=[(name, fout, (oh, ow, plan.out_channels))],
                   before=(f"{name}.bn1", conv.name, bits[id(conv)], plan))
+        return fout
 
     # -- running ---------------------------------------------------------------------------
     def run(self, x, use, timer=None):
@@ -533,18 +645,20 @@ class Program:
         tm = timer if timing else self._no_timer
         xf = x.reshape(-1)
         nops = len(self.stages)
+        if timing and timer.shape != (nops,):
+            raise ValueError(f"timer must be int64 ({nops},), one slot per op of this program")
         use = max(1, min(use, self.threads))
         if use == 1:
             self.counter[0] = 0
             pg.run_serial(self.ops, xf, n, self.af, self.au, self.ps, logits, feats, self.counter,
                           0, nops, tm, timing)
-        elif n == 1:
+        elif n == 1 and self.group == 1:
             if numba.get_num_threads() != use:
                 numba.set_num_threads(use)
             pg.run_layers(self.ops, xf, self.af, self.au, self.ps, logits, feats, use,
                           PARALLEL_MIN_WORK, 0, nops, tm, timing)
         else:
-            workers = min(use, n)
+            workers = min(use, -(-n // self.group))
             if numba.get_num_threads() != workers:
                 numba.set_num_threads(workers)
             self.counter[0] = 0
@@ -563,7 +677,8 @@ class Program:
         for img in range(n):
             for j, (record, before) in enumerate(self.meta):
                 if before is not None:
-                    name, layer, (off, size), plan = before
+                    name, layer, where, plan = before
+                    off, size = self._where[where]
                     buf = self.au[0, off:off + size].reshape(1, *plan.padded_hw, -1).copy()
                     per.setdefault(name, []).append(self.eng.binary_plan(layer).run_padded(buf)[0])
                 self.counter[0] = img
@@ -576,7 +691,7 @@ class Program:
                     elif where == "ring":
                         val = self.ps[0, :int(np.prod(shape))].reshape(shape).copy()
                     else:
-                        off, size = where
+                        off, size = self._where[where]
                         val = self.af[0, off:off + size].reshape(shape).copy()
                     per.setdefault(name, []).append(val)
         rec = OrderedDict((k, np.stack(v)) for k, v in per.items())
@@ -605,4 +720,5 @@ def compile_model(model, packed=None, scales=None) -> Engine:
     return Engine(network_from_tensors(model.config, model.state_dict(), packed, scales))
 
 
-__all__ = ["Engine", "EngineError", "Program", "ThreadPolicy", "compile_model", "stage_threads"]
+__all__ = ["Engine", "EngineError", "Program", "ThreadPolicy", "compile_model", "group_size",
+           "stage_threads"]

@@ -24,10 +24,30 @@ def maxpool3s2_pack(x, n, h, w, c, oh, ow, out, dst, hp, wp, pt, pl, groups, wg,
     in-bounds taps in row-major order, replaced only by a strictly larger value (16 channels per
     vector). Each output pixel
     is also packed into ``dst`` as in :func:`refbnn.kernels.elementwise.merge_pack`."""
+    for q in prange(n * oh):
+        _maxpool_rows(x, h, w, c, oh, ow, out, dst, hp, wp, pt, pl, groups, wg, nonpos, q, q + 1)
+
+
+#: Layout of :func:`maxpool3s2_pack_rows`'s integer parameters.
+XP_H, XP_W, XP_C, XP_OH, XP_OW, XP_HP, XP_WP, XP_PT, XP_PL, XP_GROUPS, XP_WG, XP_NONPOS = range(12)
+
+
+@njit(cache=True)
+def maxpool3s2_pack_rows(x, ip, out, dst, q0, q1):
+    """:func:`maxpool3s2_pack` of output rows ``q0 .. q1 - 1`` (row ``q`` = image ``q // oh``, row
+    ``q % oh``) on the calling thread; ``ip`` int64 ``[h, w, c, oh, ow, hp, wp, pt, pl, groups, wg,
+    nonpos]`` (``XP_*``)."""
+    _maxpool_rows(x, ip[XP_H], ip[XP_W], ip[XP_C], ip[XP_OH], ip[XP_OW], out, dst, ip[XP_HP],
+                  ip[XP_WP], ip[XP_PT], ip[XP_PL], ip[XP_GROUPS], ip[XP_WG], ip[XP_NONPOS] != 0,
+                  q0, q1)
+
+
+@njit(cache=True, inline="always")
+def _maxpool_rows(x, h, w, c, oh, ow, out, dst, hp, wp, pt, pl, groups, wg, nonpos, q0, q1):
     pack = dst.shape[0] > 0
     cw = groups * wg
     cg = c // groups
-    for q in prange(n * oh):
+    for q in range(q0, q1):
         img = q // oh
         i = q - img * oh
         r0, r1 = max(2 * i - 1, 0), min(2 * i + 2, h)
