@@ -66,24 +66,27 @@ def _steps(span: float):
         e += 1
 
 
-def _nice(lo: float, hi: float, max_ticks: int):
+def _nice(lo: float, hi: float, max_ticks: int, integer: bool = False):
     if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
         raise ValueError(f"nice_ticks needs finite lo < hi, got {lo!r}, {hi!r}")
     if max_ticks < 2:
         raise ValueError(f"max_ticks must be >= 2, got {max_ticks!r}")
     for m, e in _steps(hi - lo):
         step = m * 10.0 ** e
+        if integer and step < 1:
+            continue
         first, last = math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9)
         if last - first + 1 <= max_ticks:
             return [float(f"{k * m}e{e}") for k in range(first, last + 1)], m, e
 
 
-def nice_ticks(lo: float, hi: float, max_ticks: int = 7) -> list[float]:
+def nice_ticks(lo: float, hi: float, max_ticks: int = 7, integer: bool = False) -> list[float]:
     """Tick values for an axis showing ``[lo, hi]``: every multiple of the step inside the range,
     the step being the smallest ``m * 10**e`` (``m`` in 1, 2, 5) that gives at most ``max_ticks``
     ticks. E.g. ``nice_ticks(0.55, 10.45, 6) == [2, 4, 6, 8, 10]``. Values are the floats nearest
-    the decimal multiples (``0.3``, not ``0.30000000000000004``)."""
-    return _nice(lo, hi, max_ticks)[0]
+    the decimal multiples (``0.3``, not ``0.30000000000000004``). ``integer``: steps of at least 1
+    (an axis of epochs: ``nice_ticks(0.95, 2.05, 7, integer=True) == [1, 2]``)."""
+    return _nice(lo, hi, max_ticks, integer)[0]
 
 
 def tick_labels(ticks: list[float]) -> list[str]:
@@ -219,9 +222,11 @@ class _Canvas:
 class _Axes:
     """One axes box in a canvas region: limits, ticks, frame, grid, labels and the legend."""
 
-    def __init__(self, canvas, box, xr, yr, title="", xlabel="", ylabel="", xticks=True, legend_width=0):
+    def __init__(self, canvas, box, xr, yr, title="", xlabel="", ylabel="", xticks=True, legend_width=0,
+                 x_integer=False):
         """``box``: the region ``(left, top, right, bottom)`` the axes and their labels fill;
-        ``legend_width`` > 0 keeps that much room right of the axes for a legend outside."""
+        ``legend_width`` > 0 keeps that much room right of the axes for a legend outside;
+        ``x_integer``: x ticks on whole numbers only (the x values are all integers)."""
         self.c, self.xr, self.yr = canvas, xr, yr
         self.title, self.xlabel, self.ylabel, self.show_xticks = title, xlabel, ylabel, xticks
         x0, y0, x1, y1 = box
@@ -233,7 +238,8 @@ class _Axes:
         wmax = max(canvas.text_size(t, TICK_FONT)[0] for t in tick_labels(self.yticks))
         self.l = x0 + 10 + (canvas.text_size("0", LABEL_FONT)[1] + 12 if ylabel else 0) + wmax + 8
         self.r = x1 - 15 - (legend_width + 12 if legend_width else 0)
-        self.xticks = nice_ticks(*xr, max(3, min(10, int((self.r - self.l) // 45)))) if xticks else []
+        self.xticks = nice_ticks(*xr, max(3, min(10, int((self.r - self.l) // 45))),
+                                 integer=x_integer) if xticks else []
         self.box = box
 
     def px(self, x, y):
@@ -364,10 +370,12 @@ def _line_image(series, title, xlabel, ylabel, size, colours):
     data = {name: _finite(xs, ys) for name, (xs, ys) in series.items()}
     pts = [p for v in data.values() for p in v] or [(0.0, 0.0)]
     xr, yr = _limits([x for x, _ in pts]), _limits([y for _, y in pts])
+    x_integer = all(float(x).is_integer() for x, _ in pts)
     c = _Canvas(*size)
 
     def make(legend_width):
-        return _Axes(c, (0, 0, *size), xr, yr, title, xlabel, ylabel, legend_width=legend_width)
+        return _Axes(c, (0, 0, *size), xr, yr, title, xlabel, ylabel, legend_width=legend_width,
+                     x_integer=x_integer)
 
     def obstacles(ax):
         return [q for v in data.values() for q in _sample_polyline([ax.px(x, y) for x, y in v])]

@@ -175,3 +175,14 @@ def test_non_finite_points_are_left_out(tmp_path):
     path = plot.line_chart(tmp_path / "n.png", {"loss": ([1, 2, 3, 4], [0.5, float("nan"), 0.3, 0.2])})
     with Image.open(path) as im:
         assert _count(im, plot.PALETTE[0]) > 50
+
+
+
+@pytest.mark.parametrize(("lo", "hi", "most", "want", "fractional"), [
+    (0.95, 2.05, 7, [1.0, 2.0], [1.0, 1.2, 1.4, 1.6, 1.8, 2.0]),   # an axis of 2 epochs
+    (0.5, 4.5, 9, [1.0, 2.0, 3.0, 4.0], [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5]),
+    (0.55, 10.45, 6, [2.0, 4.0, 6.0, 8.0, 10.0], [2.0, 4.0, 6.0, 8.0, 10.0]),
+])
+def test_integer_ticks_are_whole_numbers(lo, hi, most, want, fractional):
+    assert plot.nice_ticks(lo, hi, most, integer=True) == want
+    assert plot.nice_ticks(lo, hi, most) == fractional
