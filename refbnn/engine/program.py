@@ -22,10 +22,13 @@ Ops (``K_*``), each a range of work items of one image on the calling thread:
 * ``K_HEAD``: global average pool and classifier, into the caller's features and logits.
 
 Two ways to run a batch (:func:`run_images`, :func:`run_layers`; :func:`run_serial` on one thread):
-*image-parallel*, each worker claims the next image from an atomic counter and runs every op on
-it with its own arena row (no barrier between layers; a worker slowed down by another process
-takes fewer images); *layer-parallel* (one image, several threads), each op's work items split
-evenly over the workers, one parallel region per op, ops below ``min_work`` on the calling thread.
+*image-parallel*, each worker claims the next group of images (``ip[IP_GROUP]`` of them) from an
+atomic counter and runs every op on it with its own arena row (no barrier between layers; a worker
+slowed down by another process takes fewer groups): the ops before the first *grouped* one
+(``ip[IP_GROUPED]``: one call for the whole group, tables built for the group's images) image by
+image, the rest op by op, each grouped op once, the others once per image; *layer-parallel*
+(one image, several threads), each op's work items split evenly over the workers, one parallel
+region per op, ops below ``min_work`` on the calling thread.
 Both compute the same values: every op writes the same elements from the same inputs however its
 items are split (the stem's row ranges recompute the conv row above them).
 """

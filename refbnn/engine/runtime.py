@@ -21,9 +21,10 @@ Data flow per image (NHWC throughout; ``x`` NCHW float32 at the door):
 4. ``head``: global average pool, then the classifier on the same FMA micro-kernels.
 
 Threads (the engine's own policy, documented here because a process beside us changes what is
-fast). A batch of several images runs *image-parallel*: each worker claims the next image from an
-atomic counter and runs the whole network on it in its own buffers (no barrier between layers,
-and a worker held back by another process simply takes fewer images). One image with several
+fast). A batch of several images runs *image-parallel*: each worker claims the next group of
+images (:func:`group_size`) from an atomic counter and runs the whole network on it in its own
+buffers (no barrier between layers, and a worker held back by another process simply takes fewer
+groups; :class:`Program` says which ops run once per group). One image with several
 threads runs *layer-parallel*: each op's work items split over the workers, one parallel region
 per op; ops with less work than :data:`PARALLEL_MIN_WORK` (multiply-adds, binary MACs / 64 or
 values) run on the calling thread, since a region costs a few microseconds to start and, with a
