@@ -47,7 +47,7 @@ from refbnn.kernels.sync import cycles, fetch_add
 
 # Numba's cache does not notice edits to imported kernels; this digest of the modules this one
 # imports, transitively (written by ``python refbnn/kernels/_codegen.py``), forces a recompile.
-DEPS_DIGEST = "9559510651253583"
+DEPS_DIGEST = "7bb2b0470e445674"
 
 K_INPUT, K_STEM_POOL, K_STEM_CONV, K_PACK, K_BCONV, K_BCONV_FLOAT, K_POOL_CONV, K_AVGPOOL, \
     K_HEAD, K_MAXPOOL = range(10)
@@ -118,35 +118,42 @@ def run_op(op, x, img, gi, lo, hi, af, au, ps, logits, feats, acc, rtmp, pixel_m
     is channel-major."""
     k = op.kind
     ip = op.ip
-    fin, fout = _r(af, ip, IP_FIN, S_FIN, gi), _r(af, ip, IP_FOUT, S_FOUT, gi)
-    uout = _r(au, ip, IP_UOUT, S_UOUT, gi)
-    if k == K_INPUT:
-        ew.to_padded_nhwc(x, img, ip[A0], ip[A1], ip[A2], fout, ip[A3], ip[A4], ip[A5], lo, hi)
-    elif k == K_STEM_POOL:
-        rc.stem_pool_rows(fin, op.sg, op.toff, op.wt, ip[A0], op.scale, op.shift,
-                          _f(ps, ip, IP_PS), fout, uout, lo, hi)
-    elif k == K_STEM_CONV:
-        rc.conv_taps_tiles(fin, op.bases, ip[A1], op.toff, op.wt, ip[A0], ip[A2], op.scale,
-                           op.shift, fout, lo, hi)
-    elif k == K_PACK:
-        ew.merge_pack_rows(fin, _r(af, ip, IP_FRES, S_FRES, gi), op.sg, op.slopes, uout, lo, hi)
-    elif k == K_BCONV or k == K_BCONV_FLOAT:
+    if k == K_BCONV or k == K_BCONV_FLOAT:
         bf.conv_items(_r(au, ip, IP_UIN, S_UIN, gi), op.conv, op.table, lo, hi,
-                      ip[IP_CM] != 0 and not pixel_major, fout.view(np.uint8),
-                      _r(af, ip, IP_FRES, S_FRES, gi), ip[IP_RSC], uout, acc, rtmp)
+                      ip[IP_CM] != 0 and not pixel_major,
+                      _r(af, ip, IP_FOUT, S_FOUT, gi).view(np.uint8),
+                      _r(af, ip, IP_FRES, S_FRES, gi), ip[IP_RSC],
+                      _r(au, ip, IP_UOUT, S_UOUT, gi), acc, rtmp)
+    elif k == K_INPUT:
+        ew.to_padded_nhwc(x, img, ip[A0], ip[A1], ip[A2], _r(af, ip, IP_FOUT, S_FOUT, gi), ip[A3],
+                          ip[A4], ip[A5], lo, hi)
+    elif k == K_STEM_POOL:
+        rc.stem_pool_rows(_r(af, ip, IP_FIN, S_FIN, gi), op.sg, op.toff, op.wt, ip[A0], op.scale,
+                          op.shift, _f(ps, ip, IP_PS), _r(af, ip, IP_FOUT, S_FOUT, gi),
+                          _r(au, ip, IP_UOUT, S_UOUT, gi), lo, hi)
+    elif k == K_STEM_CONV:
+        rc.conv_taps_tiles(_r(af, ip, IP_FIN, S_FIN, gi), op.bases, ip[A1], op.toff, op.wt,
+                           ip[A0], ip[A2], op.scale, op.shift, _r(af, ip, IP_FOUT, S_FOUT, gi),
+                           lo, hi)
+    elif k == K_PACK:
+        ew.merge_pack_rows(_r(af, ip, IP_FIN, S_FIN, gi), _r(af, ip, IP_FRES, S_FRES, gi), op.sg,
+                           op.slopes, _r(au, ip, IP_UOUT, S_UOUT, gi), lo, hi)
     elif k == K_POOL_CONV:
-        rc.pool2_conv1x1_tiles(fin, ip[IP_GROUP] if ip[IP_GROUPED] else 1, ip[A0], ip[A1], ip[A2],
-                               ip[A3], ip[A4], op.wt, ip[A5], ip[A6], op.scale, op.shift, fout,
-                               lo, hi)
+        rc.pool2_conv1x1_tiles(_r(af, ip, IP_FIN, S_FIN, gi), ip[IP_GROUP] if ip[IP_GROUPED] else 1,
+                               ip[A0], ip[A1], ip[A2], ip[A3], ip[A4], op.wt, ip[A5], ip[A6],
+                               op.scale, op.shift, _r(af, ip, IP_FOUT, S_FOUT, gi), lo, hi)
     elif k == K_AVGPOOL:
-        rp.avgpool2_rows(fin, ip[IP_GROUP] if ip[IP_GROUPED] else 1, ip[A0], ip[A1], ip[A2], ip[A3],
-                         ip[A4], fout, lo, hi)
+        rp.avgpool2_rows(_r(af, ip, IP_FIN, S_FIN, gi), ip[IP_GROUP] if ip[IP_GROUPED] else 1,
+                         ip[A0], ip[A1], ip[A2], ip[A3], ip[A4], _r(af, ip, IP_FOUT, S_FOUT, gi),
+                         lo, hi)
     elif k == K_MAXPOOL:
-        rp.maxpool3s2_pack_rows(fin, op.sg, fout, uout, lo, hi)
+        rp.maxpool3s2_pack_rows(_r(af, ip, IP_FIN, S_FIN, gi), op.sg,
+                                _r(af, ip, IP_FOUT, S_FOUT, gi), _r(au, ip, IP_UOUT, S_UOUT, gi),
+                                lo, hi)
     elif k == K_HEAD:
         cl, classes = ip[A1], ip[A2]
         f = feats[img * cl:(img + 1) * cl]
-        rp.global_avgpool_image(fin, 0, ip[A0], cl, f)
+        rp.global_avgpool_image(_r(af, ip, IP_FIN, S_FIN, gi), 0, ip[A0], cl, f)
         rc.conv_taps_tiles(f, op.bases, 1, op.toff, op.wt, ip[A3], classes, op.scale, op.shift,
                            logits[img * classes:(img + 1) * classes], 0, 1)
 

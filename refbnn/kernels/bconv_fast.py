@@ -74,7 +74,7 @@ MR = 6  # pixels per tile; bconv_tiles holds kernels for 1..MR
 
 # Numba's cache does not notice edits to imported kernels; this digest of the modules this one
 # imports, transitively (written by ``python refbnn/kernels/_codegen.py``), forces a recompile.
-DEPS_DIGEST = "2eca510ca937e20b"
+DEPS_DIGEST = "bc0eb6b78add9f86"
 
 
 @structref.register

@@ -236,10 +236,7 @@ def fuse_tile(acc, to, m, nl, o0, s0, k, corr, tcor, z, tout, residual, rsc, rtm
     ``8 * tbits[s0 + i] + unit`` of the bits buffer at address ``a_bits`` (the caller checked that
     these channels are exactly those bits of the packed layout); ``unit < 0``: signs not written
     here. ``rtmp``: float32 scratch of 16 (a residual run that wraps around ``rsc``)."""
-    # the record's arrays read once (each attribute read of a structref costs a reference count)
-    mul, bias = epi.mul, epi.bias
-    pre_pos, pre_neg, post_pos, post_neg = epi.pre_pos, epi.pre_neg, epi.post_pos, epi.post_neg
-    o_all = mul.shape[0]
+    o_all = epi.mul.shape[0]
     nonpos = epi.saz == -1
     pre, post = epi.pre, epi.post
     for i in range(m):
@@ -252,7 +249,8 @@ def fuse_tile(acc, to, m, nl, o0, s0, k, corr, tcor, z, tout, residual, rsc, rtm
             n = min(16, nl - h)
             o = o0 + h
             a = a16_acc_f32(acc, i * to + h, k, corr, cb + o, cb != 0, n)
-            v = act16(f16_affine_n(a, mul, bias, o, n), pre, pre_pos, pre_neg, o, n)
+            v = act16(f16_affine_n(a, epi.mul, epi.bias, o, n), pre, epi.pre_pos, epi.pre_neg,
+                       o, n)
             if rsc > 0:
                 r0 = o % rsc
                 if r0 + n <= rsc:
@@ -261,7 +259,7 @@ def fuse_tile(acc, to, m, nl, o0, s0, k, corr, tcor, z, tout, residual, rsc, rtm
                     for j in range(n):
                         rtmp[j] = residual[rb + (o + j) % rsc]
                     v = f16_add(v, f16_load_n(rtmp, 0, n))
-            v = act16(v, post, post_pos, post_neg, o, n)
+            v = act16(v, post, epi.post_pos, epi.post_neg, o, n)
             f16_store_n(z, ob + o, v, n)
             word |= f16_sign_bits(v, nonpos, n) << np.uint64(h)
         if unit >= 0:
