@@ -1,11 +1,10 @@
 """refbnn.experiments.nonlinearity: the MNIST study of non-linearity (FTBNN Figure 2)."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from one_line import run_refused
 from PIL import Image
 
 from refbnn import nn
@@ -111,12 +110,7 @@ def test_parallel_workers_give_the_same_runs(quick_run, data_dir, tmp_path):
     ["--no-such-flag"],
 ])
 def test_bad_arguments_one_line_exit_2(args, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "refbnn.experiments.nonlinearity",
-                           "--out-dir", str(tmp_path / "out"), *args],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    run_refused("refbnn.experiments.nonlinearity", "--out-dir", str(tmp_path / "out"), *args)
     assert not (tmp_path / "out").exists()
 
 

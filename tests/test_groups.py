@@ -1,11 +1,10 @@
 """refbnn.experiments.groups: FTBNN's Figure 5 at 28x28 (derived models, 1/2/4 groups)."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from one_line import run_refused
 from PIL import Image
 
 from refbnn import models
@@ -124,12 +123,7 @@ def test_seeds_are_paired_and_workers_do_not_change_the_runs(fake_mnist, tmp_pat
     ["--threads", "0"], ["--no-such-flag"],
 ])
 def test_bad_arguments_one_line_exit_2(args, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "refbnn.experiments.groups",
-                           "--out-dir", str(tmp_path / "out"), *args],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    run_refused("refbnn.experiments.groups", "--out-dir", str(tmp_path / "out"), *args)
     assert not (tmp_path / "out").exists()
 
 
