@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from refbnn.nn import activation as A
 from refbnn.nn import batchnorm as BN
 from refbnn.nn import functional as F
+from refbnn.nn.batchnorm import BatchNorm2d
 
 
 @st.composite
@@ -105,6 +106,39 @@ def test_batch_norm_kernels_equal_oracle(n, c, spatial, dtype, seed):
     assert np.all(np.abs(dx - rdx) <= 10 * tol + tol * np.abs(rdx) + ill)
     np.testing.assert_allclose(dw, rdw, rtol=tol, atol=tol)
     np.testing.assert_allclose(db, rdb, rtol=1e-12, atol=1e-12)
+
+
+@given(st.integers(1, 5), st.integers(1, 4), st.sampled_from([(), (3,), (2, 5)]),
+       st.sampled_from([np.float32, np.float64]), st.integers(0, 2**31 - 1), st.booleans())
+def test_batch_norm_eval_kernel_is_bit_identical(n, c, spatial, dtype, seed, special):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((n, c) + spatial) * 3).astype(dtype)
+    if special:  # NaN, infinities and signed zeros pass through the same two roundings
+        x.reshape(-1)[rng.integers(0, x.size, max(1, x.size // 3))] = rng.choice(
+            np.array([np.nan, np.inf, -np.inf, -0.0, 0.0], dtype))
+    scale, shift = rng.standard_normal(c).astype(dtype), rng.standard_normal(c).astype(dtype)
+    y = BN.batch_norm_eval(x, scale, shift)
+    col = (1, c) + (1,) * len(spatial)
+    expected = x * scale.reshape(col) + shift.reshape(col)  # the definition, written out here
+    assert y.dtype == dtype and y.shape == x.shape
+    np.testing.assert_array_equal(y, expected)
+    assert np.array_equal(np.signbit(y), np.signbit(expected))
+    np.testing.assert_array_equal(BN.batch_norm_eval_reference(x, scale, shift), expected)
+
+
+def test_batch_norm_eval_mode_uses_the_running_statistics():
+    rng = np.random.default_rng(3)
+    bn = BatchNorm2d(3, eps=1e-3)
+    bn.weight.data[:] = [0.5, 2.0, -1.0]
+    bn.bias.data[:] = [0.1, -0.2, 0.3]
+    bn.running_mean = np.array([1.0, -2.0, 0.5], np.float32)
+    bn.running_var = np.array([4.0, 0.25, 1.0], np.float32)
+    bn.eval()
+    x = rng.standard_normal((2, 3, 4, 5)).astype(np.float32)
+    inv = np.float32(1) / np.sqrt(bn.running_var + np.float32(1e-3))
+    scale = bn.weight.data * inv
+    shift = bn.bias.data - bn.running_mean * scale
+    np.testing.assert_array_equal(bn.forward(x), x * scale[:, None, None] + shift[:, None, None])
 
 
 @given(st.integers(1, 5), st.integers(1, 4), st.sampled_from([(), (3,), (2, 5)]),

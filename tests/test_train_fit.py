@@ -216,6 +216,11 @@ def test_first_nonfinite_reads_every_float_array_and_never_flags_a_finite_one():
         b[-1] = bad
         assert faults.first_nonfinite([("a", big), ("b", b), ("c", b)]) == "b"
     assert faults.first_nonfinite([("g", None)]) is None
+    # finite arrays whose sums overflow only when added together; a complex array
+    huge = np.array([1.5e308])
+    assert faults.first_nonfinite([("a", huge), ("b", huge)]) is None
+    assert faults.first_nonfinite([("z", np.array([1 + 2j, np.nan * 1j]))]) == "z"
+    assert faults.first_nonfinite([("z", np.array([1 + 2j])), ("e", np.empty(0))]) is None
 
 
 def test_locate_in_forward_restores_the_modules():

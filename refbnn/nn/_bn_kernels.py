@@ -98,3 +98,20 @@ def bn_backward_kernel(dy, x, mean, inv, w, dx, dw, db):
                 xh = (xr[li] - mu) * iv
                 o[li] = (gr[li] - k1 - xh * k2) * scale
     return dx
+
+
+@nb.njit(cache=True, parallel=True)
+def bn_affine_kernel(x, scale, shift, y):
+    """Evaluation mode: ``y[n, c, l] = x[n, c, l] * scale[c] + shift[c]``, a product then a sum,
+    each rounded to the dtype of ``x`` (no fused multiply-add), as NumPy's ``x * scale + shift``.
+    One (n, c) row per task."""
+    n, c, length = x.shape
+    for row in nb.prange(n * c):
+        ni = row // c
+        ci = row % c
+        r = x[ni, ci]
+        o = y[ni, ci]
+        sc, sh = scale[ci], shift[ci]
+        for li in range(length):
+            o[li] = r[li] * sc + sh
+    return y

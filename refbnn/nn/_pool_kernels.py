@@ -72,29 +72,37 @@ def max_pool_forward_kernel(x, kh, kw, sh, sw, ph, pw, y, arg, want_arg):
 
 @nb.njit(cache=True, parallel=True)
 def max_pool_backward_kernel(dy, arg, kh, kw, sh, sw, ph, pw, dx):
-    """``dx`` (N, C, H, W) zeroed, then for each tap ``t`` in order and each window (i, j) in
-    row-major order whose arg-max is ``t``, ``dy[n, c, i, j]`` is added at that tap's input
-    position (taps in the padding get nothing)."""
+    """``dx`` (N, C, H, W) zeroed, then ``dy[n, c, i, j]`` added at the input position of window
+    (i, j)'s arg-max tap, windows in DESCENDING row-major order (taps in the padding get nothing).
+
+    An input element read by windows (i, j) and (i', j') through taps ``a*KW + b`` and
+    ``a'*KW + b'`` has ``a = y + ph - i*sh``: the later window in row-major order has the smaller
+    tap. So descending windows add into every element in ascending tap order: the same additions
+    in the same order as ``max_pool2d_backward_reference`` (dy tap by tap into zeros)."""
     n, c, h, w = dx.shape
     oh, ow = dy.shape[2], dy.shape[3]
+    zero = dx.dtype.type(0)
+    row_of = np.empty(kh * kw, dtype=np.int64)  # tap -> (a, b)
+    col_of = np.empty(kh * kw, dtype=np.int64)
+    for t in range(kh * kw):
+        row_of[t] = t // kw
+        col_of[t] = t % kw
     for plane in nb.prange(n * c):
         ni = plane // c
         ci = plane % c
         d = dx[ni, ci]
+        g = dy[ni, ci]
+        am = arg[ni, ci]
         for yy in range(h):
             for xx in range(w):
-                d[yy, xx] = 0
-        for t in range(kh * kw):
-            a = t // kw
-            b = t % kw
-            for i in range(oh):
-                yy = i * sh + a - ph
-                if yy < 0 or yy >= h:
-                    continue
-                for j in range(ow):
-                    xx = j * sw + b - pw
-                    if xx >= 0 and xx < w and arg[ni, ci, i, j] == t:
-                        d[yy, xx] += dy[ni, ci, i, j]
+                d[yy, xx] = zero
+        for i in range(oh - 1, -1, -1):
+            for j in range(ow - 1, -1, -1):
+                t = am[i, j]
+                yy = i * sh + row_of[t] - ph
+                xx = j * sw + col_of[t] - pw
+                if yy >= 0 and yy < h and xx >= 0 and xx < w:
+                    d[yy, xx] += g[i, j]
     return dx
 
 

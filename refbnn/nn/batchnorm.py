@@ -49,6 +49,21 @@ def batch_norm_backward_reference(dy, x, mean, inv, w):
     return dx.astype(dy.dtype).reshape(dy.shape), dw, db
 
 
+def batch_norm_eval_reference(x, scale, shift):
+    """NumPy oracle of evaluation mode: ``x * scale + shift`` with per-channel (axis 1) ``scale``
+    and ``shift`` in the dtype of ``x`` (the product rounded, then the sum)."""
+    col = (1, -1) + (1,) * (x.ndim - 2)
+    return x * scale.reshape(col) + shift.reshape(col)
+
+
+def batch_norm_eval(x, scale, shift):
+    """Fast :func:`batch_norm_eval_reference` (Numba, one (n, c) row per task): bit-identical."""
+    x3 = _ncl(x)
+    y = np.empty_like(x3)
+    _bn.bn_affine_kernel(x3, scale.astype(x.dtype, copy=False), shift.astype(x.dtype, copy=False), y)
+    return y.reshape(x.shape)
+
+
 def batch_norm_train(x, w, b, eps):
     """Fast :func:`batch_norm_train_reference` (Numba, one channel per task): returns
     ``(y, mean, var, inv)``; ``mean``/``var`` float64, ``inv`` in the dtype of ``x``."""
@@ -92,20 +107,15 @@ class _BatchNorm(Module):
         self.register_buffer("num_batches_tracked", np.array(0, dtype=np.int64))
         self._cache = None
 
-    @staticmethod
-    def _col(v, ndim):
-        return v.reshape((1, -1) + (1,) * (ndim - 2))
-
     def forward(self, x):
         x = check_input(x, self._ndims, type(self).__name__, self.num_features)
-        w = self._col(param(self.weight, x.dtype), x.ndim)
-        b = self._col(param(self.bias, x.dtype), x.ndim)
         if not self.training:
+            w, b = param(self.weight, x.dtype), param(self.bias, x.dtype)
             inv = 1.0 / np.sqrt(self.running_var.astype(x.dtype) + x.dtype.type(self.eps))
-            scale = w * self._col(inv, x.ndim)
-            shift = b - self._col(self.running_mean.astype(x.dtype), x.ndim) * scale
+            scale = w * inv
+            shift = b - self.running_mean.astype(x.dtype) * scale
             self._cache = None
-            return x * scale + shift
+            return batch_norm_eval(x, scale, shift)
         m = x.size // self.num_features
         if m < 2:
             raise ValueError(f"{type(self).__name__}: training needs more than 1 value per "
