@@ -126,3 +126,21 @@ def test_compiled_engine_keeps_its_own_copies():
     for _, p in model.named_parameters():
         p.data += 0.5  # in place, as an optimizer step does
     np.testing.assert_array_equal(engine.forward(x), before)
+
+
+def test_accumulate_copies_unless_the_gradient_is_owned():
+    p = nn.Parameter(np.zeros((2, 3), np.float32))
+    g = np.ones((2, 3), np.float32)
+    p.accumulate(g)
+    g[0, 0] = 7.0  # the caller keeps g: grad must not change with it
+    assert p.grad[0, 0] == 1.0 and not np.shares_memory(p.grad, g)
+    p.accumulate(g)  # a second gradient adds into grad, g untouched
+    assert p.grad[0, 0] == 8.0 and g[0, 0] == 7.0
+    q = nn.Parameter(np.zeros((2, 3), np.float32))
+    fresh = np.full((2, 3), 2.0, np.float32)
+    q.accumulate(fresh, owned=True)
+    assert np.shares_memory(q.grad, fresh)  # taken over without a copy
+    view = np.full((3, 2), 3.0, np.float32).T  # not C-contiguous: copied even when owned
+    r = nn.Parameter(np.zeros((2, 3), np.float32))
+    r.accumulate(view, owned=True)
+    assert not np.shares_memory(r.grad, view) and r.grad.flags.c_contiguous and np.all(r.grad == 3.0)

@@ -88,7 +88,7 @@ class _BinaryMixin:
         g = np.ascontiguousarray(dwq, dtype=np.result_type(dwq, w))
         out = np.empty_like(g)
         _ck.clipped_ste_kernel(w.reshape(-1), g.reshape(-1), out.reshape(-1))
-        self.weight.accumulate(out)
+        self.weight.accumulate(out, owned=True)
 
 
 class BinaryConv2d(_BinaryMixin, ConvLayer):

@@ -30,11 +30,12 @@ class Parameter:
     def shape(self):
         return self.data.shape
 
-    def accumulate(self, g) -> None:
-        """Add ``g`` to ``grad`` (allocating it on first use)."""
+    def accumulate(self, g, owned: bool = False) -> None:
+        """Add ``g`` to ``grad`` (allocating it on first use). ``owned``: ``g`` is a new array that
+        nothing else holds, so a float32 C-contiguous one becomes ``grad`` without a copy."""
         g = np.asarray(g, dtype=np.float32).reshape(self.data.shape)
         if self.grad is None:
-            self.grad = g.copy()
+            self.grad = g if owned and g.flags.c_contiguous and g.flags.writeable else g.copy()
         else:
             self.grad += g
 
