@@ -31,7 +31,8 @@ values) run on the calling thread, since a region costs a few microseconds to st
 busy core, waits for the OS to run its second thread. On top, :class:`ThreadPolicy`
 (``adaptive_threads``, the default): with more than one thread requested, the forwards of each
 (batch size, threads) pair are timed at the requested threads and, every :data:`PROBE_EVERY`
-calls, once on a single thread; whichever has the lower recent median runs (measured on
+calls, for a few calls on a single thread (the first forward after a switch untimed: it pays for
+moving the buffers between the cores' caches); whichever has the lower recent median runs (measured on
 weights/ftbnn18.h5 before this policy: 37-53 ms at batch 1 with two threads and a CPU-bound
 process beside it, vs 0.6-1.0 ms with one). Results do not depend on the thread count or the
 batch (every output element is computed by one worker, in a fixed order).
@@ -59,7 +60,11 @@ from refbnn.ops import BConv2DPlan
 MAX_PLANS = 8
 
 #: With adaptive threads, every this many forwards of a plan one runs with the other setting.
-PROBE_EVERY = 16
+PROBE_EVERY = 32
+#: A probe of the other setting runs this many forwards in a row; the first one is not timed.
+PROBE_RUNS = 3
+#: The policy compares the medians of the last this many timed forwards of each setting.
+HISTORY = 8
 
 #: A stage with less work than this (multiply-adds, binary MACs / 64, or values touched) runs on
 #: one thread. A parallel region costs a few microseconds to start and, when another process holds
@@ -105,32 +110,53 @@ def group_size(n: int, threads: int) -> int:
 class ThreadPolicy:
     """Chooses, per plan, between the requested threads and one thread by measured forward time.
 
-    Keeps the last :data:`PROBE_EVERY` times of each setting; runs the setting with the lower
-    median and, every :data:`PROBE_EVERY` calls, the other one once (the first calls try both)."""
+    Keeps the last :data:`HISTORY` *warm* times of each setting and runs the one with the lower
+    median; every :data:`PROBE_EVERY` calls it runs the other one for :data:`PROBE_RUNS`
+    consecutive calls (the first calls try both the same way). The first forward after a switch
+    is not recorded: it pays for the switch itself (the buffers move between the cores' caches,
+    the idle worker wakes up), and counting it made the minority setting look slow for good
+    (measured on Bi-Real-18 224x224, batch 1, 2 threads on a 2-core AMD EPYC: a 2-thread median
+    of 11.0 ms from single probes after runs of 1-thread calls, 6.7-7.8 ms run back to back, so
+    the policy stayed on 1 thread at 8.7-9.0 ms)."""
 
     def __init__(self, threads: int):
         self.threads = threads
         self.times = {threads: [], 1: []}
         self.calls = 0
+        self.last = None
+        self.burst = (None, 0)
 
     def choose(self) -> int:
         if self.threads == 1:
             return 1
         self.calls += 1
+        setting, left = self.burst
+        if left > 0:
+            self.burst = (setting, left - 1)
+            return setting
         a, b = self.times[self.threads], self.times[1]
         if len(a) < 2:
-            return self.threads
+            return self._start(self.threads)
         if len(b) < 2:
-            return 1
+            return self._start(1)
         best = self.threads if _median(a) <= _median(b) else 1
         if self.calls % PROBE_EVERY == 0:
-            return 1 if best == self.threads else self.threads
+            return self._start(1 if best == self.threads else self.threads)
         return best
 
+    def _start(self, setting: int) -> int:
+        """Run ``setting`` for :data:`PROBE_RUNS` calls in a row (this one included)."""
+        self.burst = (setting, PROBE_RUNS - 1)
+        return setting
+
     def record(self, threads: int, seconds: float) -> None:
+        warm = threads == self.last
+        self.last = threads
+        if not warm:
+            return
         t = self.times[threads]
         t.append(seconds)
-        if len(t) > PROBE_EVERY:
+        if len(t) > HISTORY:
             del t[0]
 
 
