@@ -2,9 +2,10 @@
 :class:`~refbnn.engine.program.Program` (ops + buffers allocated once), run as one Numba call per
 forward.
 
-Data flow per image (NHWC throughout; ``x`` NCHW float32 at the door):
+Data flow per image (NHWC after the stem's input; ``x`` NCHW float32 at the door):
 
-1. ``stem``: the image is copied into a zero-bordered NHWC buffer; the real conv + BatchNorm runs
+1. ``stem``: the image is copied row by row into a zero-bordered planar (CHW) buffer (no
+   transpose: the conv's taps index it directly); the real conv + BatchNorm runs
    as a direct convolution on float32 FMA micro-kernels (register tiles of 6 pixels x 64
    channels, no im2col matrix), six conv rows at a time into a ring buffer that stays in cache,
    and the 3x3/2 max-pool of each finished pooled row writes the residual stream and packs its
@@ -449,15 +450,17 @@ class Program:
         bits = {id(cv): a.u(self._padded_words(eng._fused[id(cv)])) for cv in convs}
         first = eng._fused[id(convs[0])]
         xin = a.f(hp * wp * c)
+        # the image stays planar (a row-by-row copy into the zero border; the stem's taps read
+        # it in the weights' (a, b, channel) order)
         self._add(pg.K_INPUT, "stem", items=h, work=c * h * w, fout=xin,
-                  args=(c, h, w, wp, p, p))
-        _, stem_toff = rc.conv_geometry(1, hp, wp, c, eng._stem_k, st.stride, sh, sw)
+                  args=(c, h, w, wp, p, p, hp))
+        _, stem_toff = rc.planar_geometry(1, c, hp, wp, eng._stem_k, st.stride, sh, sw)
         if net.stem_pool and self.group > 1 and self.group * sh * sw * sc * 4 <= GROUP_STEM_BYTES:
             # the whole group's conv output, then the max-pool (tiles span the group's images)
             ph, pw = net.blocks[0].in_hw
             pooled = a.f(ph * pw * sc)
             out = a.f(sh * sw * sc)
-            bases, _ = rc.conv_geometry(self.group, hp, wp, c, eng._stem_k, st.stride, sh, sw)
+            bases, _ = rc.planar_geometry(self.group, c, hp, wp, eng._stem_k, st.stride, sh, sw)
             npix = self.group * sh * sw
             self._add(pg.K_STEM_CONV, "stem", items=rc.conv_tiles_count(npix, eng._stem_nv),
                       work=sh * sw * sc * ntaps, fin=xin, fout=out, args=(eng._stem_nv, npix, sc),
@@ -470,7 +473,7 @@ class Program:
         elif net.stem_pool:
             ph, pw = net.blocks[0].in_hw
             pooled = a.f(ph * pw * sc)
-            sg = rc.stem_geometry(c, wp, st.stride, sh, sw, sc, ph, pw, _geom(first), eng._nonpos,
+            sg = rc.stem_geometry(1, wp, st.stride, sh, sw, sc, ph, pw, _geom(first), eng._nonpos,
                                   True, sh if record else None)
             ring = int(sg[rc.SG_RB]) * sw * sc
             self._ps = max(self._ps, ring)
@@ -481,7 +484,7 @@ class Program:
             stream, shw = pooled, (ph, pw)
         else:
             out = a.f(sh * sw * sc)
-            bases, _ = rc.conv_geometry(1, hp, wp, c, eng._stem_k, st.stride, sh, sw)
+            bases, _ = rc.planar_geometry(1, c, hp, wp, eng._stem_k, st.stride, sh, sw)
             self._add(pg.K_STEM_CONV, "stem", items=rc.conv_tiles_count(sh * sw, eng._stem_nv),
                       work=sh * sw * sc * ntaps, fin=xin, fout=out,
                       args=(eng._stem_nv, sh * sw, sc), wt=eng._stem_w, scale=st.bn.scale,
