@@ -67,7 +67,8 @@ def test_digests_cover_the_real_imports_transitively():
     assert deps("refbnn.kernels.bconv_fast") == {"bconv_tiles", "epilogue", "simd", "sync"} | fused
     assert deps("refbnn.kernels.bconv_portable") == {"epilogue", "simd"} | fused
     assert deps("refbnn.kernels.packing") == {"simd"}
-    assert deps("refbnn.kernels.realpool") == {"elementwise", "realconv", "ftiles", "fvec", "simd"}
+    assert deps("refbnn.kernels.realpool") == {"elementwise", "realconv", "ftiles", "fvec", "simd",
+                                               "sync"}
     cached = "@njit(cache=True)\ndef f():\n    pass\n"
     assert _codegen.needs_digest("from .simd import v8_zero\n" + cached, "refbnn.kernels.y")
     assert not _codegen.needs_digest(cached, "refbnn.kernels.y")

@@ -29,10 +29,11 @@ from numba import njit, prange
 from .elementwise import pack_pixel
 from .ftiles import MR, tile_nv1, tile_nv2, tile_nv4
 from .fvec import f16_add, f16_div, f16_load_n, f16_max, f16_store_n
+from .sync import borrowed
 
 # Numba's cache does not notice edits to imported kernels; this digest of ftiles.py and fvec.py
 # (tests/test_kernels_real.py recomputes it) forces an edit here, hence a recompile.
-DEPS_DIGEST = "cf8adae7fd934b1d"
+DEPS_DIGEST = "48f5bb20a67e0817"
 
 MR1, MR2, MR4 = MR[1], MR[2], MR[4]
 
@@ -112,12 +113,17 @@ def _conv_tiles(x, bases, npix, toff, w, nv, o, scale, shift, out, q0, q1):
     ntaps = toff.shape[0]
     b = np.empty(mr, np.int64)
     ob = np.empty(mr, np.int64)
+    # the per-tile calls get views without reference counting (refbnn.kernels.sync.borrowed;
+    # b and ob stay bound: they own their memory)
+    x, toff, w, scale, shift, out = borrowed(x), borrowed(toff), borrowed(w), borrowed(scale), \
+        borrowed(shift), borrowed(out)
+    tb, tob = borrowed(b), borrowed(ob)
     for q in range(q0, q1):
         for i in range(mr):
             p = min(q * mr + i, npix - 1)
-            b[i] = bases[p]
-            ob[i] = p * o
-        _tile(x, toff, ntaps, w, nv, o, scale, shift, out, b, ob)
+            tb[i] = bases[p]
+            tob[i] = p * o
+        _tile(x, toff, ntaps, w, nv, o, scale, shift, out, tb, tob)
 
 
 def conv_tiles_count(npix: int, nv: int) -> int:
@@ -183,6 +189,10 @@ def stem_pool_rows(xin, sg, toff, w, nv, scale, shift, ring, pooled, dst, i0, i1
     ntaps = toff.shape[0]
     b = np.empty(mr, np.int64)
     ob = np.empty(mr, np.int64)
+    # views without reference counting for the per-tile calls (b and ob own their memory)
+    tb, tob = borrowed(b), borrowed(ob)
+    xin, toff, w, scale, shift, ring = borrowed(xin), borrowed(toff), borrowed(w), \
+        borrowed(scale), borrowed(shift), borrowed(ring)
     y = max(2 * i0 - 1, 0)
     yend = min(2 * (i1 - 1) + 2, sh)
     i = i0
@@ -194,9 +204,9 @@ def stem_pool_rows(xin, sg, toff, w, nv, scale, shift, ring, pooled, dst, i0, i1
                 p = min(q * mr + t, npix - 1)
                 yy = ya + p // sw
                 xx = p - (p // sw) * sw
-                b[t] = (yy * stride * wp + xx * stride) * c
-                ob[t] = ((yy % rb) * sw + xx) * o
-            _tile(xin, toff, ntaps, w, nv, o, scale, shift, ring, b, ob)
+                tb[t] = (yy * stride * wp + xx * stride) * c
+                tob[t] = ((yy % rb) * sw + xx) * o
+            _tile(xin, toff, ntaps, w, nv, o, scale, shift, ring, tb, tob)
         y = yb
         while i < i1 and min(2 * i + 2, sh) <= y:
             r0, r1 = max(2 * i - 1, 0), min(2 * i + 2, sh)
@@ -247,15 +257,19 @@ def _pool2_conv1x1_tiles(x, n, h, w, c, oh, ow, w_tiles, nv, o, scale, shift, ou
     scratch = np.empty(mr * c, np.float32)
     b = np.empty(mr, np.int64)
     ob = np.empty(mr, np.int64)
+    # views without reference counting for the per-tile calls (the originals own the memory)
+    tb, tob, ttoff, tscr = borrowed(b), borrowed(ob), borrowed(toff), borrowed(scratch)
+    x, w_tiles, scale, shift, out = borrowed(x), borrowed(w_tiles), borrowed(scale), \
+        borrowed(shift), borrowed(out)
     for q in range(q0, q1):
         for i in range(mr):
             p = min(q * mr + i, npix - 1)
             img = p // (oh * ow)
             r = p - img * oh * ow
-            avgpool2_pixel(x, img, h, w, c, r // ow, r % ow, scratch, i * c)
-            b[i] = i * c
-            ob[i] = p * o
-        _tile(scratch, toff, c, w_tiles, nv, o, scale, shift, out, b, ob)
+            avgpool2_pixel(x, img, h, w, c, r // ow, r % ow, tscr, i * c)
+            tb[i] = i * c
+            tob[i] = p * o
+        _tile(tscr, ttoff, c, w_tiles, nv, o, scale, shift, out, tb, tob)
 
 
 @njit(cache=True)
