@@ -64,13 +64,31 @@ def test_digests_cover_the_real_imports_transitively():
         return {p.stem for p in _codegen.dependencies(path.read_text(), module)}
 
     fused = {"elementwise", "fvec"}  # the fused epilogue's merge and pack (the engine's)
-    assert deps("refbnn.kernels.bconv_fast") == {"bconv_tiles", "epilogue", "simd"} | fused
+    assert deps("refbnn.kernels.bconv_fast") == {"bconv_tiles", "epilogue", "simd", "sync"} | fused
     assert deps("refbnn.kernels.bconv_portable") == {"epilogue", "simd"} | fused
     assert deps("refbnn.kernels.packing") == {"simd"}
-    assert deps("refbnn.kernels.realpool") == {"elementwise", "realconv", "ftiles", "fvec", "simd"}
+    assert deps("refbnn.kernels.realpool") == {"elementwise", "realconv", "ftiles", "fvec", "simd",
+                                               "sync"}
     cached = "@njit(cache=True)\ndef f():\n    pass\n"
     assert _codegen.needs_digest("from .simd import v8_zero\n" + cached, "refbnn.kernels.y")
     assert not _codegen.needs_digest(cached, "refbnn.kernels.y")
+
+
+def test_borrowed_view_is_the_same_memory():
+    from numba import njit
+
+    from refbnn.kernels.sync import borrowed
+
+    @njit
+    def through(a, b):
+        v, w = borrowed(a), borrowed(b)
+        v[1:3] += 10.0  # writes land in ``a``
+        return v.shape[0], v.strides[0], w[1, 1], w.strides[0]
+
+    a = np.arange(5, dtype=np.float32)
+    b = np.arange(12, dtype=np.int64).reshape(4, 3)[::2]
+    assert through(a, b) == (5, 4, 7, 48)  # strides kept (every other row of 3 int64)
+    np.testing.assert_array_equal(a, [0, 11, 12, 3, 4])
 
 
 def test_kernel_choice_env_and_argument(monkeypatch):

@@ -53,6 +53,43 @@ def test_conv_taps_matches_oracle(n, h, w, c, k, stride, o, seed):
     assert (np.abs(got.astype(np.float64) - want) <= bound + 1e-30).all()
 
 
+@given(n=st.integers(1, 2), h=st.integers(1, 9), w=st.integers(1, 9), c=st.integers(1, 4),
+       k=st.sampled_from([1, 3, 7]), stride=st.integers(1, 2), o=st.integers(1, 70),
+       seed=st.integers(0, 2 ** 16))
+def test_planar_input_gives_the_nhwc_convs_bits(n, h, w, c, k, stride, o, seed):
+    """The stem's planar input (:func:`to_padded_planar`, :func:`planar_geometry`): an exact copy
+    into the zero border, and a conv on it sums in the NHWC geometry's order, bit for bit."""
+    rng = np.random.default_rng(seed)
+    pad = k // 2
+    hp, wp = h + 2 * pad, w + 2 * pad
+    x = _rand(rng, (n, c, h, w))
+    planar = np.full((n, c, hp, wp), 5.0, np.float32)
+    planar[:, :, pad:pad + h, pad:pad + w] = 0.0
+    border = planar.copy()
+    flat = planar.reshape(n, -1)
+    for img in range(n):
+        rc.to_padded_planar(x.reshape(-1), img, c, h, w, flat[img], hp, wp, pad, pad, 0, h)
+    np.testing.assert_array_equal(planar[:, :, pad:pad + h, pad:pad + w], x)
+    inner = np.zeros(planar.shape, bool)
+    inner[:, :, pad:pad + h, pad:pad + w] = True
+    np.testing.assert_array_equal(planar[~inner], border[~inner])  # the border is never written
+    planar[~inner] = 0.0
+    nhwc = np.ascontiguousarray(planar.transpose(0, 2, 3, 1))
+    oh, ow = (hp - k) // stride + 1, (wp - k) // stride + 1
+    wt = rng.standard_normal((k, k, c, o)).astype(np.float32)
+    scale, shift = rng.normal(0, 1, o).astype(np.float32), rng.normal(0, 1, o).astype(np.float32)
+    nv = rc.vectors_for(o)
+    tiles = rc.weight_tiles(wt.reshape(-1, o), nv)
+    got = {}
+    for name, src, (bases, toff) in (
+            ("nhwc", nhwc, rc.conv_geometry(n, hp, wp, c, k, stride, oh, ow)),
+            ("planar", planar, rc.planar_geometry(n, c, hp, wp, k, stride, oh, ow))):
+        got[name] = np.empty(n * oh * ow * o, np.float32)
+        rc.conv_taps(src.reshape(-1), bases, bases.shape[0], toff, tiles, nv, o, scale, shift,
+                     got[name])
+    np.testing.assert_array_equal(got["planar"].view(np.uint32), got["nhwc"].view(np.uint32))
+
+
 @given(n=st.integers(1, 2), h=st.integers(1, 9), w=st.integers(1, 9), c=st.integers(1, 40),
        seed=st.integers(0, 2 ** 16))
 def test_avgpool2_is_exactly_the_float_paths(n, h, w, c, seed):

@@ -8,7 +8,8 @@ reads padding. No Python runs between layers.
 
 Ops (``K_*``), each a range of work items of one image on the calling thread:
 
-* ``K_INPUT``: NCHW image -> zero-bordered NHWC input of the stem (items: rows);
+* ``K_INPUT``: NCHW image -> zero-bordered planar ``(C, Hp, Wp)`` input of the stem (items:
+  rows);
 * ``K_STEM_POOL``: stem conv + BN, 3x3/2 max-pool, sign-pack for the first binary conv, band by
   band through a ring of conv rows (:func:`refbnn.kernels.realconv.stem_pool_rows`; items: pooled
   rows); ``K_STEM_CONV`` + ``K_PACK`` without the max-pool; in a program of groups with small
@@ -47,7 +48,7 @@ from refbnn.kernels.sync import cycles, fetch_add
 
 # Numba's cache does not notice edits to imported kernels; this digest of the modules this one
 # imports, transitively (written by ``python refbnn/kernels/_codegen.py``), forces a recompile.
-DEPS_DIGEST = "7bb2b0470e445674"
+DEPS_DIGEST = "3183daee43ef359b"
 
 K_INPUT, K_STEM_POOL, K_STEM_CONV, K_PACK, K_BCONV, K_BCONV_FLOAT, K_POOL_CONV, K_AVGPOOL, \
     K_HEAD, K_MAXPOOL = range(10)
@@ -125,8 +126,8 @@ def run_op(op, x, img, gi, lo, hi, af, au, ps, logits, feats, acc, rtmp, pixel_m
                       _r(af, ip, IP_FRES, S_FRES, gi), ip[IP_RSC],
                       _r(au, ip, IP_UOUT, S_UOUT, gi), acc, rtmp)
     elif k == K_INPUT:
-        ew.to_padded_nhwc(x, img, ip[A0], ip[A1], ip[A2], _r(af, ip, IP_FOUT, S_FOUT, gi), ip[A3],
-                          ip[A4], ip[A5], lo, hi)
+        rc.to_padded_planar(x, img, ip[A0], ip[A1], ip[A2], _r(af, ip, IP_FOUT, S_FOUT, gi), ip[A6],
+                            ip[A3], ip[A4], ip[A5], lo, hi)
     elif k == K_STEM_POOL:
         rc.stem_pool_rows(_r(af, ip, IP_FIN, S_FIN, gi), op.sg, op.toff, op.wt, ip[A0], op.scale,
                           op.shift, _f(ps, ip, IP_PS), _r(af, ip, IP_FOUT, S_FOUT, gi),

@@ -2,9 +2,10 @@
 :class:`~refbnn.engine.program.Program` (ops + buffers allocated once), run as one Numba call per
 forward.
 
-Data flow per image (NHWC throughout; ``x`` NCHW float32 at the door):
+Data flow per image (NHWC after the stem's input; ``x`` NCHW float32 at the door):
 
-1. ``stem``: the image is copied into a zero-bordered NHWC buffer; the real conv + BatchNorm runs
+1. ``stem``: the image is copied row by row into a zero-bordered planar (CHW) buffer (no
+   transpose: the conv's taps index it directly); the real conv + BatchNorm runs
    as a direct convolution on float32 FMA micro-kernels (register tiles of 6 pixels x 64
    channels, no im2col matrix), six conv rows at a time into a ring buffer that stays in cache,
    and the 3x3/2 max-pool of each finished pooled row writes the residual stream and packs its
@@ -31,7 +32,8 @@ values) run on the calling thread, since a region costs a few microseconds to st
 busy core, waits for the OS to run its second thread. On top, :class:`ThreadPolicy`
 (``adaptive_threads``, the default): with more than one thread requested, the forwards of each
 (batch size, threads) pair are timed at the requested threads and, every :data:`PROBE_EVERY`
-calls, once on a single thread; whichever has the lower recent median runs (measured on
+calls, for a few calls on a single thread (the first forward after a switch untimed: it pays for
+moving the buffers between the cores' caches); whichever has the lower recent median runs (measured on
 weights/ftbnn18.h5 before this policy: 37-53 ms at batch 1 with two threads and a CPU-bound
 process beside it, vs 0.6-1.0 ms with one). Results do not depend on the thread count or the
 batch (every output element is computed by one worker, in a fixed order).
@@ -59,7 +61,11 @@ from refbnn.ops import BConv2DPlan
 MAX_PLANS = 8
 
 #: With adaptive threads, every this many forwards of a plan one runs with the other setting.
-PROBE_EVERY = 16
+PROBE_EVERY = 32
+#: A probe of the other setting runs this many forwards in a row; the first one is not timed.
+PROBE_RUNS = 3
+#: The policy compares the medians of the last this many timed forwards of each setting.
+HISTORY = 8
 
 #: A stage with less work than this (multiply-adds, binary MACs / 64, or values touched) runs on
 #: one thread. A parallel region costs a few microseconds to start and, when another process holds
@@ -105,32 +111,53 @@ def group_size(n: int, threads: int) -> int:
 class ThreadPolicy:
     """Chooses, per plan, between the requested threads and one thread by measured forward time.
 
-    Keeps the last :data:`PROBE_EVERY` times of each setting; runs the setting with the lower
-    median and, every :data:`PROBE_EVERY` calls, the other one once (the first calls try both)."""
+    Keeps the last :data:`HISTORY` *warm* times of each setting and runs the one with the lower
+    median; every :data:`PROBE_EVERY` calls it runs the other one for :data:`PROBE_RUNS`
+    consecutive calls (the first calls try both the same way). The first forward after a switch
+    is not recorded: it pays for the switch itself (the buffers move between the cores' caches,
+    the idle worker wakes up), and counting it made the minority setting look slow for good
+    (measured on Bi-Real-18 224x224, batch 1, 2 threads on a 2-core AMD EPYC: a 2-thread median
+    of 11.0 ms from single probes after runs of 1-thread calls, 6.7-7.8 ms run back to back, so
+    the policy stayed on 1 thread at 8.7-9.0 ms)."""
 
     def __init__(self, threads: int):
         self.threads = threads
         self.times = {threads: [], 1: []}
         self.calls = 0
+        self.last = None
+        self.burst = (None, 0)
 
     def choose(self) -> int:
         if self.threads == 1:
             return 1
         self.calls += 1
+        setting, left = self.burst
+        if left > 0:
+            self.burst = (setting, left - 1)
+            return setting
         a, b = self.times[self.threads], self.times[1]
         if len(a) < 2:
-            return self.threads
+            return self._start(self.threads)
         if len(b) < 2:
-            return 1
+            return self._start(1)
         best = self.threads if _median(a) <= _median(b) else 1
         if self.calls % PROBE_EVERY == 0:
-            return 1 if best == self.threads else self.threads
+            return self._start(1 if best == self.threads else self.threads)
         return best
 
+    def _start(self, setting: int) -> int:
+        """Run ``setting`` for :data:`PROBE_RUNS` calls in a row (this one included)."""
+        self.burst = (setting, PROBE_RUNS - 1)
+        return setting
+
     def record(self, threads: int, seconds: float) -> None:
+        warm = threads == self.last
+        self.last = threads
+        if not warm:
+            return
         t = self.times[threads]
         t.append(seconds)
-        if len(t) > PROBE_EVERY:
+        if len(t) > HISTORY:
             del t[0]
 
 
@@ -423,15 +450,17 @@ class Program:
         bits = {id(cv): a.u(self._padded_words(eng._fused[id(cv)])) for cv in convs}
         first = eng._fused[id(convs[0])]
         xin = a.f(hp * wp * c)
+        # the image stays planar (a row-by-row copy into the zero border; the stem's taps read
+        # it in the weights' (a, b, channel) order)
         self._add(pg.K_INPUT, "stem", items=h, work=c * h * w, fout=xin,
-                  args=(c, h, w, wp, p, p))
-        _, stem_toff = rc.conv_geometry(1, hp, wp, c, eng._stem_k, st.stride, sh, sw)
+                  args=(c, h, w, wp, p, p, hp))
+        _, stem_toff = rc.planar_geometry(1, c, hp, wp, eng._stem_k, st.stride, sh, sw)
         if net.stem_pool and self.group > 1 and self.group * sh * sw * sc * 4 <= GROUP_STEM_BYTES:
             # the whole group's conv output, then the max-pool (tiles span the group's images)
             ph, pw = net.blocks[0].in_hw
             pooled = a.f(ph * pw * sc)
             out = a.f(sh * sw * sc)
-            bases, _ = rc.conv_geometry(self.group, hp, wp, c, eng._stem_k, st.stride, sh, sw)
+            bases, _ = rc.planar_geometry(self.group, c, hp, wp, eng._stem_k, st.stride, sh, sw)
             npix = self.group * sh * sw
             self._add(pg.K_STEM_CONV, "stem", items=rc.conv_tiles_count(npix, eng._stem_nv),
                       work=sh * sw * sc * ntaps, fin=xin, fout=out, args=(eng._stem_nv, npix, sc),
@@ -444,7 +473,7 @@ class Program:
         elif net.stem_pool:
             ph, pw = net.blocks[0].in_hw
             pooled = a.f(ph * pw * sc)
-            sg = rc.stem_geometry(c, wp, st.stride, sh, sw, sc, ph, pw, _geom(first), eng._nonpos,
+            sg = rc.stem_geometry(1, wp, st.stride, sh, sw, sc, ph, pw, _geom(first), eng._nonpos,
                                   True, sh if record else None)
             ring = int(sg[rc.SG_RB]) * sw * sc
             self._ps = max(self._ps, ring)
@@ -455,7 +484,7 @@ class Program:
             stream, shw = pooled, (ph, pw)
         else:
             out = a.f(sh * sw * sc)
-            bases, _ = rc.conv_geometry(1, hp, wp, c, eng._stem_k, st.stride, sh, sw)
+            bases, _ = rc.planar_geometry(1, c, hp, wp, eng._stem_k, st.stride, sh, sw)
             self._add(pg.K_STEM_CONV, "stem", items=rc.conv_tiles_count(sh * sw, eng._stem_nv),
                       work=sh * sw * sc * ntaps, fin=xin, fout=out,
                       args=(eng._stem_nv, sh * sw, sc), wt=eng._stem_w, scale=st.bn.scale,

@@ -69,12 +69,13 @@ from .epilogue import (
     v8_threshold_bits,
 )
 from .simd import a_or_u64, a_store, v8_load, v8_zero
+from .sync import borrowed
 
 MR = 6  # pixels per tile; bconv_tiles holds kernels for 1..MR
 
 # Numba's cache does not notice edits to imported kernels; this digest of the modules this one
 # imports, transitively (written by ``python refbnn/kernels/_codegen.py``), forces a recompile.
-DEPS_DIGEST = "bc0eb6b78add9f86"
+DEPS_DIGEST = "821f212c282933bf"
 
 
 @structref.register
@@ -132,135 +133,154 @@ def make_table(tpix, tout, tcor, tm, tborder, nchunks, tbits):
     return t
 
 
-@njit(cache=True, inline="always")
-def _tile_start(conv, table, ti, out):
-    """Before the channel tiles of pixel tile ``ti`` (pixel-major order): :data:`BITS` clears the
-    output words."""
-    epi = conv.epi
-    s0 = ti * MR
-    m = table.tm[ti]
-    if epi.mode == BITS:
-        for i in range(m):
-            for k in range(epi.owords):
-                a_store(out.ctypes.data, table.tout[s0 + i] + k, np.uint64(0))
-
+# Reading an array field of a structref costs a reference-count round trip (two calls into Numba's
+# runtime, each an atomic update); the per-tile code read about twenty of them, which at Bi-Real-18's
+# layer1 (nine steps per tile) cost as much as the popcounts themselves. So a call reads the
+# records' fields once (:func:`_run`) and hands them to :func:`_tiles` as plain arguments.
 
 @njit(cache=True, inline="always")
-def _zero_uncovered(conv, table, ti, a_bits):
-    tz = conv.tzero
-    if tz.shape[0] == 0:
+def _zero_uncovered(tzero, tm, tbits, ti, a_bits):
+    if tzero.shape[0] == 0:
         return
     s0 = ti * MR
-    for i in range(table.tm[ti]):
-        base = a_bits + 8 * table.tbits[s0 + i]
-        for z in range(0, tz.shape[0], 2):
-            for b in range(tz[z + 1]):
-                a_store(base + tz[z], b, np.uint8(0))
+    for i in range(tm[ti]):
+        base = a_bits + 8 * tbits[s0 + i]
+        for z in range(0, tzero.shape[0], 2):
+            for b in range(tzero[z + 1]):
+                a_store(base + tzero[z], b, np.uint8(0))
 
 
-@njit(cache=True, inline="always")
-def _tile_body(xp, conv, table, ti, gt, out, residual, rsc, bits, acc, rtmp):
-    """One ``m x 8*NV`` tile (pixel tile ``ti``, channel tile ``gt = g * T + t``) of any mode."""
-    epi = conv.epi
-    mode, K, O, T, nv = epi.mode, epi.k, conv.o, conv.t, conv.nv
-    corr, mul, bias, off = conv.corr, epi.mul, epi.bias, epi.off
-    thr, dirn, oword, obit, run8 = epi.thr, epi.dirn, epi.oword, epi.obit, epi.run8
-    tout, tcor = table.tout, table.tcor
+@njit(cache=True)
+def _tiles(xp, i0, i1, channel_major, out, residual, rsc, bits, acc, rtmp,
+           wt, soff, nv, groups, wg, T, O, corr, tunit, tzero, tpix, tout, tcor, tm, tborder, tbits,
+           mode, K, mul, bias, off, thr, dirn, pcflip, pcthr, oword, obit, run8, owords,
+           pre, pre_pos, pre_neg, post, post_pos, post_neg, nonpos, ogroups):
+    """:func:`conv_items` on the records' fields (see the comment above): item ``it`` is pixel
+    tile ``it`` with all its channel tiles, or (``channel_major``) channel tile ``it // ntiles``
+    of pixel tile ``it % ntiles``; each ``m x 8*NV`` tile (pixel tile ``ti``, channel tile
+    ``gt = g * T + t``) in any mode."""
+    ntiles = tm.shape[0]
+    fused = mode == FUSED
+    aligned = tunit[0] >= 0
+    a_out = out.ctypes.data
+    a_bits = bits.ctypes.data
+    # what the per-tile code hands to inlined functions, as views without reference counting
+    z = borrowed(out.view(np.float32))
+    corr, tcor, tout, tbits, residual = borrowed(corr), borrowed(tcor), borrowed(tout), \
+        borrowed(tbits), borrowed(residual)
+    rtmp, acc, bits, tzero, tm = borrowed(rtmp), borrowed(acc), borrowed(bits), borrowed(tzero), \
+        borrowed(tm)
+    mul, bias, off = borrowed(mul), borrowed(bias), borrowed(off)
+    pre_pos, pre_neg, post_pos, post_neg = borrowed(pre_pos), borrowed(pre_neg), \
+        borrowed(post_pos), borrowed(post_neg)
     fmode = FLOAT if mode == FUSED else mode
     to = 8 * nv
-    og = O // conv.groups
-    nsteps = conv.soff.shape[0]
+    og = O // groups
+    nsteps = soff.shape[0]
     wstep = nsteps * to
-    g = gt // T
-    t = gt - g * T
-    m = table.tm[ti]
-    s0 = ti * MR
-    border = table.tborder[ti]
-    a_out = out.ctypes.data
-    wbase = gt * wstep
-    o0 = g * og + t * to
-    nl = min(to, og - t * to)
-    tmode = TILE_SCRATCH
-    shift = 0
-    ooff = o0
-    a_t1, a_t2 = epi.pcflip.ctypes.data, epi.pcthr.ctypes.data
-    if mode == INT32 and nl == to:
-        tmode = TILE_INT32_CORR if border else TILE_INT32
-    elif mode == BITS and nl == to and oword[o0 + to - 1] == oword[o0] \
-            and obit[o0 + to - 1] == obit[o0] + to - 1:
-        tmode = TILE_BITS_CORR if border else TILE_BITS
-        shift = obit[o0]
-        ooff = oword[o0]
-        if border:
-            a_t1, a_t2 = dirn.ctypes.data, thr.ctypes.data
-    tile(nv, m, xp.ctypes.data, table.tpix.ctypes.data + 8 * s0, g * conv.wg, conv.wt.ctypes.data,
-         wbase, conv.soff.ctypes.data, nsteps, acc.ctypes.data, a_out, tout.ctypes.data + 8 * s0,
-         ooff, K, tmode, a_t1, a_t2, o0, shift, corr.ctypes.data, tcor.ctypes.data + 8 * s0)
-    if tmode != TILE_SCRATCH:
-        return
-    if mode == FUSED:
-        unit = conv.tunit[gt] if conv.tunit[0] >= 0 else -1
-        fuse_tile(acc, to, m, nl, o0, s0, K, corr, tcor, out.view(np.float32), tout, residual,
-                  rsc, rtmp, bits.ctypes.data, table.tbits, unit, nv, epi)
-        return
-    # the other modes read the scratch popcounts: whole 8-lane groups as vectors
-    # (K - 2*pc + corr, then the output mode), the other lanes scalar
-    l0 = 8 * (nl // 8)
-    for i in range(m):
-        cbase = tcor[s0 + i]
-        pborder = cbase != 0
-        obase = tout[s0 + i]
-        for l in range(0, l0, 8):
-            o = o0 + l
-            pc = v8_load(acc, i * to + l)
-            cv = v8_load(corr, cbase + o) if pborder else v8_zero()
-            if mode == INT32:
-                v8_store_i32(a_out, obase + o, pc, K, cv)
-            elif fmode == FLOAT or fmode == FLOAT_LCE:
-                v8_store_f32(a_out, obase + o, pc, K, cv, mul,
-                             bias if fmode == FLOAT else off, o, fmode == FLOAT_LCE)
-            else:  # bits: a vector compare, then one OR per 8-bit run
-                b8 = v8_threshold_bits(pc, K, cv, v8_load(dirn, o), v8_load(thr, o))
-                if run8[o]:
-                    a_or_u64(a_out, obase + oword[o], b8 << np.uint64(obit[o]))
-                else:
-                    for j in range(8):
-                        if (b8 >> np.uint64(j)) & np.uint64(1):
-                            a_or_u64(a_out, obase + oword[o + j],
-                                     np.uint64(1) << np.uint64(obit[o + j]))
-        for l in range(l0, nl):
-            o = o0 + l
-            a = K - 2 * acc[i * to + l]
-            if pborder:
-                a += corr[cbase + o]
-            if mode == INT32:
-                a_store(a_out, obase + o, np.int32(a))
-            elif mode == BITS:
-                if bit_output(a, dirn[o], thr[o]):
-                    a_or_u64(a_out, obase + oword[o], np.uint64(1) << np.uint64(obit[o]))
-            else:
-                a_store(a_out, obase + o, float_output(a, K, fmode, mul[o], bias[o], off[o]))
+    gts = groups * T
+    for it in range(i0, i1):
+        if channel_major:
+            g_lo = it // ntiles
+            ti = it - g_lo * ntiles
+            g_hi = g_lo + 1
+        else:
+            ti, g_lo, g_hi = it, 0, gts
+        s0 = ti * MR
+        m = tm[ti]
+        border = tborder[ti]
+        if mode == BITS and not channel_major:  # the tile's output words start cleared
+            for i in range(m):
+                for k in range(owords):
+                    a_store(a_out, tout[s0 + i] + k, np.uint64(0))
+        if fused and aligned and g_lo == 0:
+            _zero_uncovered(tzero, tm, tbits, ti, a_bits)
+        for gt in range(g_lo, g_hi):
+            g = gt // T
+            t = gt - g * T
+            wbase = gt * wstep
+            o0 = g * og + t * to
+            nl = min(to, og - t * to)
+            tmode = TILE_SCRATCH
+            shift = 0
+            ooff = o0
+            a_t1, a_t2 = pcflip.ctypes.data, pcthr.ctypes.data
+            if mode == INT32 and nl == to:
+                tmode = TILE_INT32_CORR if border else TILE_INT32
+            elif mode == BITS and nl == to and oword[o0 + to - 1] == oword[o0] \
+                    and obit[o0 + to - 1] == obit[o0] + to - 1:
+                tmode = TILE_BITS_CORR if border else TILE_BITS
+                shift = obit[o0]
+                ooff = oword[o0]
+                if border:
+                    a_t1, a_t2 = dirn.ctypes.data, thr.ctypes.data
+            tile(nv, m, xp.ctypes.data, tpix.ctypes.data + 8 * s0, g * wg, wt.ctypes.data,
+                 wbase, soff.ctypes.data, nsteps, acc.ctypes.data, a_out,
+                 tout.ctypes.data + 8 * s0, ooff, K, tmode, a_t1, a_t2, o0, shift, corr.ctypes.data,
+                 tcor.ctypes.data + 8 * s0)
+            if tmode != TILE_SCRATCH:
+                continue
+            if mode == FUSED:
+                unit = tunit[gt] if aligned else -1
+                fuse_tile(acc, to, m, nl, o0, s0, K, corr, tcor, z, tout, residual, rsc, rtmp,
+                          a_bits, tbits, unit, nv, mul, bias, pre, pre_pos, pre_neg, post,
+                          post_pos, post_neg, nonpos)
+                continue
+            # the other modes read the scratch popcounts: whole 8-lane groups as vectors
+            # (K - 2*pc + corr, then the output mode), the other lanes scalar
+            l0 = 8 * (nl // 8)
+            for i in range(m):
+                cbase = tcor[s0 + i]
+                pborder = cbase != 0
+                obase = tout[s0 + i]
+                for l in range(0, l0, 8):
+                    o = o0 + l
+                    pc = v8_load(acc, i * to + l)
+                    cv = v8_load(corr, cbase + o) if pborder else v8_zero()
+                    if mode == INT32:
+                        v8_store_i32(a_out, obase + o, pc, K, cv)
+                    elif fmode == FLOAT or fmode == FLOAT_LCE:
+                        v8_store_f32(a_out, obase + o, pc, K, cv, mul,
+                                     bias if fmode == FLOAT else off, o, fmode == FLOAT_LCE)
+                    else:  # bits: a vector compare, then one OR per 8-bit run
+                        b8 = v8_threshold_bits(pc, K, cv, v8_load(dirn, o), v8_load(thr, o))
+                        if run8[o]:
+                            a_or_u64(a_out, obase + oword[o], b8 << np.uint64(obit[o]))
+                        else:
+                            for j in range(8):
+                                if (b8 >> np.uint64(j)) & np.uint64(1):
+                                    a_or_u64(a_out, obase + oword[o + j],
+                                             np.uint64(1) << np.uint64(obit[o + j]))
+                for l in range(l0, nl):
+                    o = o0 + l
+                    a = K - 2 * acc[i * to + l]
+                    if pborder:
+                        a += corr[cbase + o]
+                    if mode == INT32:
+                        a_store(a_out, obase + o, np.int32(a))
+                    elif mode == BITS:
+                        if bit_output(a, dirn[o], thr[o]):
+                            a_or_u64(a_out, obase + oword[o], np.uint64(1) << np.uint64(obit[o]))
+                    else:
+                        a_store(a_out, obase + o,
+                                float_output(a, K, fmode, mul[o], bias[o], off[o]))
+        if fused and not aligned and not channel_major:
+            ogo = O // ogroups
+            for i in range(m):
+                pack_pixel(z, tout[s0 + i], ogroups, ogo, (ogo + 63) // 64, bits, tbits[s0 + i],
+                           nonpos)
 
 
 @njit(cache=True, inline="always")
-def _pixel_tiles(xp, conv, table, ti0, ti1, out, residual, rsc, bits, acc, rtmp):
-    """Pixel tiles ``ti0 .. ti1 - 1``, each with all its channel tiles (pixel-major)."""
+def _run(xp, conv, table, i0, i1, channel_major, out, residual, rsc, bits, acc, rtmp):
+    """Items ``i0 .. i1 - 1`` (pixel tiles, or channel-major items): the fields read once."""
     epi = conv.epi
-    gts = conv.groups * conv.t
-    fused = epi.mode == FUSED
-    aligned = conv.tunit[0] >= 0
-    for ti in range(ti0, ti1):
-        _tile_start(conv, table, ti, out)
-        if fused and aligned:
-            _zero_uncovered(conv, table, ti, bits.ctypes.data)
-        for gt in range(gts):
-            _tile_body(xp, conv, table, ti, gt, out, residual, rsc, bits, acc, rtmp)
-        if fused and not aligned:
-            s0 = ti * MR
-            og = conv.o // epi.groups
-            for i in range(table.tm[ti]):
-                pack_pixel(out.view(np.float32), table.tout[s0 + i], epi.groups, og,
-                           (og + 63) // 64, bits, table.tbits[s0 + i], epi.saz == -1)
+    _tiles(xp, i0, i1, channel_major, out, residual, rsc, bits, acc, rtmp,
+           conv.wt, conv.soff, conv.nv, conv.groups, conv.wg, conv.t, conv.o, conv.corr,
+           conv.tunit, conv.tzero, table.tpix, table.tout, table.tcor, table.tm, table.tborder,
+           table.tbits, epi.mode, epi.k, epi.mul, epi.bias, epi.off, epi.thr, epi.dirn,
+           epi.pcflip, epi.pcthr, epi.oword, epi.obit, epi.run8, epi.owords, epi.pre, epi.pre_pos,
+           epi.pre_neg, epi.post, epi.post_pos, epi.post_neg, epi.saz == -1, epi.groups)
 
 
 def acc_scratch():
@@ -287,17 +307,7 @@ def conv_items(xp, conv, table, i0, i1, channel_major, out, residual, rsc, bits,
     :func:`bconv_fast`, plus ``rsc`` (the residual's channels per pixel, repeated across the
     output's ``O``; 0: none), ``acc`` (:func:`acc_scratch`) and ``rtmp`` (float32 scratch of 16).
     """
-    if not channel_major:
-        _pixel_tiles(xp, conv, table, i0, i1, out, residual, rsc, bits, acc, rtmp)
-        return
-    ntiles = table.tm.shape[0]
-    fused = conv.epi.mode == FUSED
-    for it in range(i0, i1):
-        gt = it // ntiles
-        ti = it - gt * ntiles
-        if fused and gt == 0:
-            _zero_uncovered(conv, table, ti, bits.ctypes.data)
-        _tile_body(xp, conv, table, ti, gt, out, residual, rsc, bits, acc, rtmp)
+    _run(xp, conv, table, i0, i1, channel_major, out, residual, rsc, bits, acc, rtmp)
 
 
 @njit(cache=True, parallel=True)
@@ -308,5 +318,5 @@ def bconv_fast(xp, conv, table, out, residual, rsc, bits):
     for ch in prange(nchunks):
         acc = np.empty(MR * 32 + 16, np.int64)
         rtmp = np.empty(16, np.float32)
-        _pixel_tiles(xp, conv, table, ch * ntiles // nchunks, (ch + 1) * ntiles // nchunks, out,
-                     residual, rsc, bits, acc, rtmp)
+        _run(xp, conv, table, ch * ntiles // nchunks, (ch + 1) * ntiles // nchunks, False, out,
+             residual, rsc, bits, acc, rtmp)

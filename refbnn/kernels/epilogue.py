@@ -225,7 +225,7 @@ def fuse_pixel(y, z, ob, residual, rsc, bits, bb, epi):
 
 @njit(cache=True, inline="always")
 def fuse_tile(acc, to, m, nl, o0, s0, k, corr, tcor, z, tout, residual, rsc, rtmp, a_bits, tbits,
-              unit, unit_bytes, epi):
+              unit, unit_bytes, mul, bias, pre, pre_pos, pre_neg, post, post_pos, post_neg, nonpos):
     """:data:`FUSED` of one ``m x nl`` tile, straight from its popcounts (no float round trip):
     for pixel ``i < m`` (table slot ``s0 + i``) and channels ``o0 .. o0 + nl - 1``, 16 lanes at a
     time, ``a = k - 2 * acc[i * to + l] + corr``, ``y = float32(float32(a) * mul) + bias``,
@@ -235,10 +235,10 @@ def fuse_tile(acc, to, m, nl, o0, s0, k, corr, tcor, z, tout, residual, rsc, rtm
     ``o0 + l``, zero above ``nl``) are stored as one ``unit_bytes``-byte integer at byte
     ``8 * tbits[s0 + i] + unit`` of the bits buffer at address ``a_bits`` (the caller checked that
     these channels are exactly those bits of the packed layout); ``unit < 0``: signs not written
-    here. ``rtmp``: float32 scratch of 16 (a residual run that wraps around ``rsc``)."""
-    o_all = epi.mul.shape[0]
-    nonpos = epi.saz == -1
-    pre, post = epi.pre, epi.post
+    here. ``rtmp``: float32 scratch of 16 (a residual run that wraps around ``rsc``). The
+    :class:`Epilogue`'s fields come as arguments (``nonpos``: ``saz == -1``): the caller reads
+    them once per call, not once per tile."""
+    o_all = mul.shape[0]
     for i in range(m):
         s = s0 + i
         cb = tcor[s]
@@ -249,8 +249,7 @@ def fuse_tile(acc, to, m, nl, o0, s0, k, corr, tcor, z, tout, residual, rsc, rtm
             n = min(16, nl - h)
             o = o0 + h
             a = a16_acc_f32(acc, i * to + h, k, corr, cb + o, cb != 0, n)
-            v = act16(f16_affine_n(a, epi.mul, epi.bias, o, n), pre, epi.pre_pos, epi.pre_neg,
-                       o, n)
+            v = act16(f16_affine_n(a, mul, bias, o, n), pre, pre_pos, pre_neg, o, n)
             if rsc > 0:
                 r0 = o % rsc
                 if r0 + n <= rsc:
@@ -259,7 +258,7 @@ def fuse_tile(acc, to, m, nl, o0, s0, k, corr, tcor, z, tout, residual, rsc, rtm
                     for j in range(n):
                         rtmp[j] = residual[rb + (o + j) % rsc]
                     v = f16_add(v, f16_load_n(rtmp, 0, n))
-            v = act16(v, post, epi.post_pos, epi.post_neg, o, n)
+            v = act16(v, post, post_pos, post_neg, o, n)
             f16_store_n(z, ob + o, v, n)
             word |= f16_sign_bits(v, nonpos, n) << np.uint64(h)
         if unit >= 0:

@@ -8,8 +8,10 @@ One driver, :func:`conv_taps`, serves every real-valued layer of the engine (no 
 for output pixel ``p`` in ``0 .. npix-1``. A KxK conv of a zero-padded NHWC image has
 ``bases[p]`` = the flat index of pixel ``p``'s top-left input value and ``toff[t]`` the offset of tap
 ``t = (a, b, c)`` (:func:`conv_geometry`); a 1x1 conv or a matrix product has ``bases[p] = p * C``,
-``toff = 0 .. C-1``. :func:`pool2_conv1x1` fuses the 2x2/2 average pool (ceil mode, in-bounds pixels
-only) in front of a 1x1 conv, pooling each tile's pixels into a small scratch first;
+``toff = 0 .. C-1``; the stem reads its image planar (``(C, Hp, Wp)``, :func:`planar_geometry`,
+copied in row by row with :func:`to_padded_planar`: no NCHW -> NHWC transpose).
+:func:`pool2_conv1x1` fuses the 2x2/2 average pool (ceil mode, in-bounds pixels only) in front of
+a 1x1 conv, pooling each tile's pixels into a small scratch first;
 :func:`stem_pool_rows` fuses the stem's conv + BN, its 3x3/2 max-pool and the sign packing, band by
 band through a ring of conv rows that stays in cache. The ``*_tiles`` / ``*_rows`` functions run a
 range of work items on the calling thread (the engine's executor splits layers with them).
@@ -27,10 +29,11 @@ from numba import njit, prange
 from .elementwise import pack_pixel
 from .ftiles import MR, tile_nv1, tile_nv2, tile_nv4
 from .fvec import f16_add, f16_div, f16_load_n, f16_max, f16_store_n
+from .sync import borrowed
 
 # Numba's cache does not notice edits to imported kernels; this digest of ftiles.py and fvec.py
 # (tests/test_kernels_real.py recomputes it) forces an edit here, hence a recompile.
-DEPS_DIGEST = "cf8adae7fd934b1d"
+DEPS_DIGEST = "48f5bb20a67e0817"
 
 MR1, MR2, MR4 = MR[1], MR[2], MR[4]
 
@@ -60,6 +63,30 @@ def conv_geometry(n, hp, wp, c, k, stride, oh, ow):
     return bases, toff
 
 
+def planar_geometry(n, c, hp, wp, k, stride, oh, ow):
+    """``(bases, toff)`` int64 of a ``k x k`` stride-``stride`` conv reading zero-padded *planar*
+    images ``(n, c, hp, wp)`` (flat NCHW, :func:`to_padded_planar`), output ``(n, oh, ow)`` pixels
+    in row-major order. The taps keep :func:`conv_geometry`'s order ``(a, b, channel)`` (the
+    weights' HWIO order), so a conv sums in the same order, bit for bit, from either layout."""
+    img, i, j = np.meshgrid(np.arange(n), np.arange(oh), np.arange(ow), indexing="ij")
+    bases = (img * c * hp * wp + i * stride * wp + j * stride).reshape(-1).astype(np.int64)
+    a, b, ch = np.meshgrid(np.arange(k), np.arange(k), np.arange(c), indexing="ij")
+    toff = ((ch * hp + a) * wp + b).reshape(-1).astype(np.int64)
+    return bases, toff
+
+
+@njit(cache=True)
+def to_padded_planar(x, img, c, h, w, dst, hp, wp, pt, pl, r0, r1):
+    """Rows ``r0 .. r1 - 1`` of every channel of image ``img`` of NCHW float32 ``x`` (flat
+    ``(n, c, h, w)``) into the planar buffer ``dst`` (flat ``(c, hp, wp)``, one image) at row
+    ``pt + r``, column ``pl``: an exact copy, row by row (the border is never written)."""
+    for ch in range(c):
+        for r in range(r0, r1):
+            src = ((img * c + ch) * h + r) * w
+            d = (ch * hp + pt + r) * wp + pl
+            dst[d:d + w] = x[src:src + w]
+
+
 @njit(cache=True, inline="always")
 def _tile(x, toff, ntaps, w, nv, o, scale, shift, out, b, ob):
     lanes = 16 * nv
@@ -86,12 +113,17 @@ def _conv_tiles(x, bases, npix, toff, w, nv, o, scale, shift, out, q0, q1):
     ntaps = toff.shape[0]
     b = np.empty(mr, np.int64)
     ob = np.empty(mr, np.int64)
+    # the per-tile calls get views without reference counting (refbnn.kernels.sync.borrowed;
+    # b and ob stay bound: they own their memory)
+    x, toff, w, scale, shift, out = borrowed(x), borrowed(toff), borrowed(w), borrowed(scale), \
+        borrowed(shift), borrowed(out)
+    tb, tob = borrowed(b), borrowed(ob)
     for q in range(q0, q1):
         for i in range(mr):
             p = min(q * mr + i, npix - 1)
-            b[i] = bases[p]
-            ob[i] = p * o
-        _tile(x, toff, ntaps, w, nv, o, scale, shift, out, b, ob)
+            tb[i] = bases[p]
+            tob[i] = p * o
+        _tile(x, toff, ntaps, w, nv, o, scale, shift, out, tb, tob)
 
 
 def conv_tiles_count(npix: int, nv: int) -> int:
@@ -124,7 +156,8 @@ STEM_BAND = 6
 
 
 def stem_geometry(c, wp, stride, sh, sw, o, ph, pw, target, nonpos, pack, ring_rows=None):
-    """``sg`` for :func:`stem_pool_rows`: input channels ``c`` and padded width ``wp``, conv
+    """``sg`` for :func:`stem_pool_rows`: ``c`` the flat step between neighbouring input pixels of
+    a row (the channel count of an NHWC input, 1 of a planar one) and padded width ``wp``, conv
     ``stride`` and output ``sh x sw x o``, pooled ``ph x pw``, ``target`` ``(hp, wp, pt, pl,
     groups, wg)`` of the packed output, ``nonpos`` (``sign_at_zero=-1``), ``pack``; the ring holds
     ``ring_rows`` conv rows (default ``STEM_BAND + 2``; ``>= sh`` keeps the whole conv output, row
@@ -143,7 +176,8 @@ def stem_pool_rows(xin, sg, toff, w, nv, scale, shift, ring, pooled, dst, i0, i1
     running maximum over the in-bounds taps, row-major, replaced only by a strictly larger value)
     into ``pooled`` (``(ph, pw, o)``), each pixel sign-packed into ``dst`` (this image's padded
     ``(hp, wp, groups * wg)`` buffer, at row ``pt + i``, column ``pl + j``) when ``SG_PACK``.
-    ``xin``: the image zero-padded NHWC ``(hp_in, wp_in, c)`` (flat). Rows of one image may be
+    ``xin``: the image zero-padded, NHWC ``(hp_in, wp_in, c)`` or planar ``(c_in, hp_in, wp_in)``
+    (flat; ``toff`` from :func:`conv_geometry` or :func:`planar_geometry`). Rows of one image may be
     split over threads (each with its own ring): a range recomputes one conv row above it."""
     c, wp, stride, sh, sw, o = sg[SG_C], sg[SG_WP], sg[SG_STRIDE], sg[SG_SH], sg[SG_SW], sg[SG_O]
     pw, rb, band = sg[SG_PW], sg[SG_RB], sg[SG_BAND]
@@ -155,6 +189,10 @@ def stem_pool_rows(xin, sg, toff, w, nv, scale, shift, ring, pooled, dst, i0, i1
     ntaps = toff.shape[0]
     b = np.empty(mr, np.int64)
     ob = np.empty(mr, np.int64)
+    # views without reference counting for the per-tile calls (b and ob own their memory)
+    tb, tob = borrowed(b), borrowed(ob)
+    xin, toff, w, scale, shift, ring = borrowed(xin), borrowed(toff), borrowed(w), \
+        borrowed(scale), borrowed(shift), borrowed(ring)
     y = max(2 * i0 - 1, 0)
     yend = min(2 * (i1 - 1) + 2, sh)
     i = i0
@@ -166,9 +204,9 @@ def stem_pool_rows(xin, sg, toff, w, nv, scale, shift, ring, pooled, dst, i0, i1
                 p = min(q * mr + t, npix - 1)
                 yy = ya + p // sw
                 xx = p - (p // sw) * sw
-                b[t] = (yy * stride * wp + xx * stride) * c
-                ob[t] = ((yy % rb) * sw + xx) * o
-            _tile(xin, toff, ntaps, w, nv, o, scale, shift, ring, b, ob)
+                tb[t] = (yy * stride * wp + xx * stride) * c
+                tob[t] = ((yy % rb) * sw + xx) * o
+            _tile(xin, toff, ntaps, w, nv, o, scale, shift, ring, tb, tob)
         y = yb
         while i < i1 and min(2 * i + 2, sh) <= y:
             r0, r1 = max(2 * i - 1, 0), min(2 * i + 2, sh)
@@ -219,15 +257,19 @@ def _pool2_conv1x1_tiles(x, n, h, w, c, oh, ow, w_tiles, nv, o, scale, shift, ou
     scratch = np.empty(mr * c, np.float32)
     b = np.empty(mr, np.int64)
     ob = np.empty(mr, np.int64)
+    # views without reference counting for the per-tile calls (the originals own the memory)
+    tb, tob, ttoff, tscr = borrowed(b), borrowed(ob), borrowed(toff), borrowed(scratch)
+    x, w_tiles, scale, shift, out = borrowed(x), borrowed(w_tiles), borrowed(scale), \
+        borrowed(shift), borrowed(out)
     for q in range(q0, q1):
         for i in range(mr):
             p = min(q * mr + i, npix - 1)
             img = p // (oh * ow)
             r = p - img * oh * ow
-            avgpool2_pixel(x, img, h, w, c, r // ow, r % ow, scratch, i * c)
-            b[i] = i * c
-            ob[i] = p * o
-        _tile(scratch, toff, c, w_tiles, nv, o, scale, shift, out, b, ob)
+            avgpool2_pixel(x, img, h, w, c, r // ow, r % ow, tscr, i * c)
+            tb[i] = i * c
+            tob[i] = p * o
+        _tile(tscr, ttoff, c, w_tiles, nv, o, scale, shift, out, tb, tob)
 
 
 @njit(cache=True)
