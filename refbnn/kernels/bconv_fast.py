@@ -75,7 +75,7 @@ MR = 6  # pixels per tile; bconv_tiles holds kernels for 1..MR
 
 # Numba's cache does not notice edits to imported kernels; this digest of the modules this one
 # imports, transitively (written by ``python refbnn/kernels/_codegen.py``), forces a recompile.
-DEPS_DIGEST = "821f212c282933bf"
+DEPS_DIGEST = "9372401b65487d40"
 
 
 @structref.register

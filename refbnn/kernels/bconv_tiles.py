@@ -45,7 +45,7 @@ from .simd import a8_bcast, a8_load, a8_store, a_i64, a_or_u64, v8_xpa, v8_zero
 
 # Numba's cache does not notice edits to imported kernels; this digest of the modules
 # imported here (written by the generator) makes their edit change this file, hence a recompile.
-DEPS_DIGEST = "7c501dd7d48ee0b5"
+DEPS_DIGEST = "989d5a4e3635c8d0"
 
 
 @njit(cache=True)

@@ -163,19 +163,6 @@ def merge_pack(y, short, ip, slopes, dst):
         _merge_pack_rows(y, short, ip, slopes, dst, q, q + 1)
 
 
-@njit(cache=True)
-def to_padded_nhwc(x, img, c, h, w, dst, wp, pt, pl, r0, r1):
-    """Rows ``r0 .. r1 - 1`` of image ``img`` of NCHW float32 ``x`` (flat ``(n, c, h, w)``) into
-    the NHWC buffer ``dst`` (flat ``(hp, wp, c)``, one image) at row ``pt + r``, column ``pl``
-    (an exact copy; the border is never written)."""
-    for r in range(r0, r1):
-        src = (img * c * h + r) * w
-        d = ((pt + r) * wp + pl) * c
-        for j in range(w):
-            for ch in range(c):
-                dst[d + j * c + ch] = x[src + ch * h * w + j]
-
-
 def merge_params(sc, n, oh, ow, c, pre, post, target_geom, nonpos, pre_slopes, post_slopes):
     """``(ip, slopes)`` for :func:`merge_pack`; ``target_geom`` ``(hp, wp, pt, pl, groups, wg)``,
     ``pre_slopes``/``post_slopes`` ``(pos, neg)`` float32 ``(c,)`` each."""

@@ -50,7 +50,7 @@ from .simd import V8, a_store, addr_ptr, elem_ptr, splat, vec8
 
 # Numba's cache does not notice edits to imported kernels; this digest of the modules this one
 # imports, transitively (written by ``python refbnn/kernels/_codegen.py``), forces a recompile.
-DEPS_DIGEST = "beb8032f0dfcd2ca"
+DEPS_DIGEST = "f0e8c2d14990db3d"
 
 # output modes
 INT32, FLOAT, FLOAT_LCE, BITS, FUSED = 0, 1, 2, 3, 4
