@@ -124,6 +124,34 @@ def test_thread_policy_ignores_the_first_forward_after_a_switch():
     assert seq[12 * p:].count(2) > 4 * seq[12 * p:].count(1)  # and back
 
 
+def test_batches_always_run_on_the_requested_threads(monkeypatch):
+    """The adaptive policy is for one image (layer-parallel, where every op waits for its slowest
+    worker); a batch's image-parallel workers never wait for each other, so probing one thread there
+    would only cost time."""
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs Numba with at least 2 threads")
+    engine = Engine.from_model(trained_looking("ftbnn18"))
+    used = []
+    real_run = runtime.Program.run
+    monkeypatch.setattr(runtime.Program, "run",
+                        lambda self, x, use, timer=None: used.append((x.shape[0], use))
+                        or real_run(self, x, use, timer))
+    x = np.random.default_rng(2).standard_normal((4, 1, 28, 28)).astype(np.float32)
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(2)
+        for _ in range(2 * runtime.PROBE_EVERY):
+            engine.forward(x)
+        for _ in range(2 * runtime.PROBE_EVERY):
+            engine.forward(x[:1])
+    finally:
+        numba.set_num_threads(before)
+    assert {u for n, u in used if n == 4} == {2}
+    assert {u for n, u in used if n == 1} == {1, 2}  # one image: both settings tried
+
+
 def test_results_do_not_depend_on_threads_or_batch_plan():
     import numba
 

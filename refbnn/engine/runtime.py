@@ -29,14 +29,18 @@ groups; :class:`Program` says which ops run once per group). One image with seve
 threads runs *layer-parallel*: each op's work items split over the workers, one parallel region
 per op; ops with less work than :data:`PARALLEL_MIN_WORK` (multiply-adds, binary MACs / 64 or
 values) run on the calling thread, since a region costs a few microseconds to start and, with a
-busy core, waits for the OS to run its second thread. On top, :class:`ThreadPolicy`
-(``adaptive_threads``, the default): with more than one thread requested, the forwards of each
-(batch size, threads) pair are timed at the requested threads and, every :data:`PROBE_EVERY`
-calls, for a few calls on a single thread (the first forward after a switch untimed: it pays for
-moving the buffers between the cores' caches); whichever has the lower recent median runs (measured on
-weights/ftbnn18.h5 before this policy: 37-53 ms at batch 1 with two threads and a CPU-bound
-process beside it, vs 0.6-1.0 ms with one). Results do not depend on the thread count or the
-batch (every output element is computed by one worker, in a fixed order).
+busy core, waits for the OS to run its second thread. On top, for one image only (the
+layer-parallel mode, where every op waits for its slowest worker), :class:`ThreadPolicy`
+(``adaptive_threads``, the default): with more than one thread requested, the forwards are timed
+at the requested threads and, every :data:`PROBE_EVERY` calls, for a few calls on a single thread
+(the first forward after a switch untimed: it pays for moving the buffers between the cores'
+caches); whichever has the lower recent median runs (measured on weights/ftbnn18.h5 before this
+policy: 37-53 ms at batch 1 with two threads and a CPU-bound process beside it, vs 0.6-1.0 ms with
+one). Batches always run on the requested threads: image-parallel workers never wait for each
+other, and probing one thread there only cost time (ftbnn18_g2 224x224, batch 32, 2 threads on the
+2-core AMD EPYC: 421 ms per batch with the probes in the first calls, 273 ms without; 1 thread:
+465 ms). Results do not depend on the thread count or the batch (every output element is computed
+by one worker, in a fixed order).
 """
 
 from __future__ import annotations
@@ -299,7 +303,7 @@ class Engine:
         requested = numba.get_num_threads()
         use = requested if threads is None else threads
         pol = None
-        if threads is None and self.adaptive_threads and requested > 1:
+        if threads is None and self.adaptive_threads and requested > 1 and n == 1:
             pol = self._policy(n, requested)
             use = pol.choose()
         t = requested if threads is None else threads
