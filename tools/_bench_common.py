@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -66,3 +67,33 @@ def save_results(path, meta: dict, rows: list) -> int:
         return 1
     print(f"wrote {path}")
     return 0
+
+
+_LIMIT_JOB = """
+import sys, time
+import numpy as np
+a = np.random.default_rng(0).standard_normal((384, 384)).astype(np.float32)
+b = a.copy()
+a @ b
+n, t = 0, time.perf_counter()
+while time.perf_counter() - t < float(sys.argv[1]):
+    a @ b
+    n += 1
+print(n / (time.perf_counter() - t))
+"""
+
+
+def parallel_limit(jobs: int = 2, seconds: float = 3.0) -> float:
+    """The machine's own limit for ``jobs`` threads: the combined throughput of ``jobs``
+    independent single-threaded processes, each a float32 384x384 GEMM loop (OpenBLAS on one
+    thread, operands in the core's cache), over the throughput of one alone. 2.0 for two real
+    cores; what a framework's 2-thread speed-up can be held against."""
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    cmd = [sys.executable, "-c", _LIMIT_JOB, str(seconds)]
+
+    def rates(k):
+        procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True) for _ in range(k)]
+        return [float(p.communicate()[0]) for p in procs]
+
+    one = rates(1)[0]
+    return sum(rates(jobs)) / one

@@ -19,7 +19,9 @@ step).
 
 Prints a table and writes JSON (temp file then ``os.replace``). The floors (issue 18): refbnn's step
 at most 1.0x PyTorch's in every configuration, and with both 1 and 2 threads measured, 2 threads at
-least 1.7x the 1-thread throughput (``--check`` exits 1 when one is missed).
+least 1.7x the 1-thread throughput (``--check`` exits 1 when one is missed). Beside the scaling it
+prints the machine's own limit (``_bench_common.parallel_limit``: two independent single-threaded
+GEMM processes over one).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from _bench_common import cpu_name, source_revision, write_json
+from _bench_common import cpu_name, parallel_limit, source_revision, write_json
 
 FLOOR_RATIO = 1.0
 SCALING_FLOOR = 1.7
@@ -295,14 +297,18 @@ def main(argv=None) -> int:
               f"{1e3 * r['torch_s']:>10.1f} {r['ratio']:>6.2f} "
               f"{r['refbnn_min_s'] / r['torch_min_s']:>9.2f}  {ok}")
     speedups = scaling(rows)
+    limit = parallel_limit(2) if speedups else None
     for width, (ours, theirs) in speedups.items():
         ok = "ok" if ours >= SCALING_FLOOR else "MISSED"
         print(f"C={width}: 2 threads / 1 thread throughput: refbnn {ours:.2f}x, torch {theirs:.2f}x"
               f"  floor >= {SCALING_FLOOR}x: {ok}")
+    if limit is not None:
+        print(f"the machine's own limit: two independent single-threaded GEMM processes run "
+              f"{limit:.2f}x one alone")
     meta = {"benchmark": "bench_train", "floor_ratio": FLOOR_RATIO,
             "scaling_floor": SCALING_FLOOR, "cpu_count": os.cpu_count(),
             "cpu": cpu_name(), "source": source_revision(), "input": [1, H, W],
-            "optimizer": "Adam",
+            "optimizer": "Adam", "two_process_gemm_limit": limit,
             "load_average_1_5_15min": {"start": load_start, "end": os.getloadavg()}}
     write_json(Path(args.out), {"meta": meta, "results": rows,
                                 "scaling": {str(w): {"refbnn": a, "torch": b}
