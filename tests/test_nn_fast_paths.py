@@ -325,3 +325,14 @@ def test_swap01_kernel_is_an_exact_transpose(a, b, length, seed):
     out = np.empty((b, a, length), np.float32)
     CK.swap01_kernel(src, out)
     np.testing.assert_array_equal(out, src.transpose(1, 0, 2))
+
+
+@given(st.integers(1, 9), st.integers(1, 9), st.integers(1, 3), st.integers(1, 3), seeds)
+def test_oihw_to_hwio_kernel_is_an_exact_transpose(o, c, kh, kw, seed):
+    w = np.random.default_rng(seed).standard_normal((o, c, kh, kw)).astype(np.float32)
+    w.reshape(-1)[::4] = -0.0
+    out = np.empty((kh, kw, c, o), np.float32)
+    CK.oihw_to_hwio_kernel(w, out)
+    want = w.transpose(2, 3, 1, 0)
+    np.testing.assert_array_equal(out, want)
+    assert np.array_equal(np.signbit(out), np.signbit(want))

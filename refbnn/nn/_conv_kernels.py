@@ -252,6 +252,21 @@ def nhwc_to_nchw_kernel(src, out):
 
 
 @nb.njit(cache=True, parallel=True)
+def oihw_to_hwio_kernel(w, out):
+    """``out[a, b, c, o] = w[o, c, a, b]``: a conv kernel (O, C, KH, KW) as HWIO (KH, KW, C, O),
+    an exact copy (what the packed kernels read). One (a, b, c) row of ``out`` per task."""
+    o, c, kh, kw = w.shape
+    for r in nb.prange(kh * kw * c):
+        a = r // (kw * c)
+        b = (r // c) % kw
+        ci = r % c
+        row = out[a, b, ci]
+        for q in range(o):
+            row[q] = w[q, ci, a, b]
+    return out
+
+
+@nb.njit(cache=True, parallel=True)
 def nchw_to_nhwc_kernel(x, out):
     """``out[n, y, x, c] = x[n, c, y, x]``; returns whether ``x`` holds a NaN (the check the
     binary layers make before taking signs, in the same pass). One image row per task."""

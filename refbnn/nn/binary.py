@@ -130,7 +130,9 @@ class BinaryConv2d(_BinaryMixin, ConvLayer):
             xh = np.empty((geom.n, geom.h, geom.w, geom.c), dtype=x.dtype)
             if _ck.nchw_to_nhwc_kernel(np.ascontiguousarray(x), xh):
                 raise ValueError("BinaryConv2d: input contains NaN; sign(NaN) is undefined")
-            acc = packed_bconv2d(xh, self.weight.data.transpose(2, 3, 1, 0),
+            w = self.weight.data
+            whwio = np.empty((w.shape[2], w.shape[3], w.shape[1], w.shape[0]), dtype=w.dtype)
+            acc = packed_bconv2d(xh, _ck.oihw_to_hwio_kernel(w, whwio),
                                  stride=self.stride, padding=(geom.ph, geom.pb, geom.pw, geom.pr),
                                  pad_value=int(self.pad_value), dilation=self.dilation,
                                  groups=self.groups, sign_at_zero=self.sign_at_zero)
