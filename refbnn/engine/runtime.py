@@ -230,7 +230,7 @@ class Engine:
         self._fc_scale = np.ones(classes, np.float32)
         self._fc_shift = net.fc_b if net.fc_b is not None else np.zeros(classes, np.float32)
         self._programs = OrderedDict()
-        self._policies = OrderedDict()
+        self._policies: dict[int, ThreadPolicy] = {}
 
     def _in_hw(self, conv):
         if self.net.bridge is not None and conv is self.net.bridge[0]:
@@ -277,13 +277,11 @@ class Engine:
             prog = self._programs[key] = Program(self, threads, record, group)
         return prog
 
-    def _policy(self, n: int, threads: int) -> ThreadPolicy:
-        key = (n, threads)
-        pol = self._policies.get(key)
+    def _policy(self, threads: int) -> ThreadPolicy:
+        """The one-image thread policy for ``threads`` requested threads."""
+        pol = self._policies.get(threads)
         if pol is None:
-            if len(self._policies) >= 16:
-                self._policies.popitem(last=False)
-            pol = self._policies[key] = ThreadPolicy(threads)
+            pol = self._policies[threads] = ThreadPolicy(threads)
         return pol
 
     # -- running ---------------------------------------------------------------------------
@@ -304,7 +302,7 @@ class Engine:
         use = requested if threads is None else threads
         pol = None
         if threads is None and self.adaptive_threads and requested > 1 and n == 1:
-            pol = self._policy(n, requested)
+            pol = self._policy(requested)
             use = pol.choose()
         t = requested if threads is None else threads
         prog = self._program(t, group=group_size(n, t))
