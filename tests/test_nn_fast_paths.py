@@ -336,3 +336,32 @@ def test_oihw_to_hwio_kernel_is_an_exact_transpose(o, c, kh, kw, seed):
     want = w.transpose(2, 3, 1, 0)
     np.testing.assert_array_equal(out, want)
     assert np.array_equal(np.signbit(out), np.signbit(want))
+
+
+def sum_dw_partials_reference(parts, tap_major, kh, kw):
+    """The oracle: the parts added one after another with NumPy in index order, then reordered
+    from tap-major (g, O/g, (a, b, c)) or channel-major (g, (c, a, b), O/g) to OIHW."""
+    total = parts[0].copy()
+    for q in parts[1:]:
+        total += q
+    g = parts.shape[1]
+    if tap_major:
+        og, cg = parts.shape[2], parts.shape[3] // (kh * kw)
+        dw = total.reshape(g, og, kh, kw, cg).transpose(0, 1, 4, 2, 3)
+    else:
+        og, cg = parts.shape[3], parts.shape[2] // (kh * kw)
+        dw = total.transpose(0, 2, 1).reshape(g, og, cg, kh, kw)
+    return dw.reshape(g * og, cg, kh, kw)
+
+
+@given(st.integers(1, 5), st.integers(1, 3), st.integers(1, 4), st.integers(1, 4),
+       st.integers(1, 3), st.integers(1, 3), st.booleans(),
+       st.sampled_from([np.float32, np.float64]), seeds)
+def test_sum_dw_partials_kernel_equals_serial_sum(count, g, og, cg, kh, kw, tap_major, dtype, seed):
+    rng = np.random.default_rng(seed)
+    shape = (count, g) + ((og, kh * kw * cg) if tap_major else (cg * kh * kw, og))
+    # values of many magnitudes: a different order of the additions would round differently
+    parts = (rng.standard_normal(shape) * 10.0 ** rng.integers(-6, 7, shape)).astype(dtype)
+    out = np.empty((g * og, cg, kh, kw), dtype)
+    CK.sum_dw_partials_kernel(parts, tap_major, kh, kw, out)
+    np.testing.assert_array_equal(out, sum_dw_partials_reference(parts, tap_major, kh, kw))

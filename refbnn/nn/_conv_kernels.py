@@ -337,3 +337,44 @@ def swap01_kernel(src, out):
             for i in range(length):
                 o[i] = s[i]
     return out
+
+
+@nb.njit(cache=True, parallel=True)
+def sum_dw_partials_kernel(parts, tap_major, kh, kw, out):
+    """``out`` (O, C/g, KH, KW) = ``parts[0] + parts[1] + ...``, added one part after another in
+    index order (as ``total = parts[0]; total += parts[1]; ...``: the same float additions, so
+    bit-identical), each element written straight to its OIHW place. ``parts`` (count, g, A, B):
+    :func:`refbnn.nn.functional.conv2d_backward_fused`'s per-chunk ``dw`` in tap-major (O/g,
+    (a, b, c)) or channel-major ((c, a, b), O/g) order. Parallel over blocks of output channels;
+    the parts are read in memory order (tap-major) or 16 channels at a time (channel-major)."""
+    count, g = parts.shape[0], parts.shape[1]
+    o_all, cg = out.shape[0], out.shape[1]
+    og = o_all // g
+    taps = kh * kw
+    flat = out.reshape(o_all, cg * taps)
+    if tap_major:  # parts (count, g, O/g, (a, b, c)): rows in memory order
+        for o in nb.prange(o_all):
+            gi = o // og
+            oi = o - gi * og
+            row = flat[o]
+            for t in range(taps):
+                for c in range(cg):
+                    j = t * cg + c
+                    s = parts[0, gi, oi, j]
+                    for q in range(1, count):
+                        s += parts[q, gi, oi, j]
+                    row[c * taps + t] = s
+        return out
+    block = 16  # channel-major parts (count, g, (c, a, b), O/g): a blocked transpose
+    nblk = (og + block - 1) // block
+    for task in nb.prange(g * nblk):
+        gi = task // nblk
+        o0 = (task - gi * nblk) * block
+        o1 = min(og, o0 + block)
+        for j in range(cg * taps):
+            for oi in range(o0, o1):
+                s = parts[0, gi, j, oi]
+                for q in range(1, count):
+                    s += parts[q, gi, j, oi]
+                flat[gi * og + oi, j] = s
+    return out
