@@ -273,11 +273,15 @@ def test_avg_pool_kernels_equal_oracle(case, ceil_mode, include_pad):
     assert dx.dtype == x.dtype
 
 
-@given(st.integers(1, 40000), st.sampled_from([0.0, 0.01]), st.booleans(), st.integers(1, 30), seeds)
-def test_adam_kernel_equals_numpy_update(size, wd, decoupled, t, seed):
+@given(st.integers(1, 40000), st.sampled_from([0.0, 0.01]), st.booleans(), st.integers(1, 30), seeds,
+       st.sampled_from([None, (-1.0, 1.0), (-0.5, 0.25), (0.5, -0.5)]))
+def test_adam_kernel_equals_numpy_update(size, wd, decoupled, t, seed, clip):
     from refbnn.training import optim
     rng = np.random.default_rng(seed)
     p0 = rng.standard_normal(size).astype(np.float32)
+    p0[::7] = -0.0
+    if size > 3:
+        p0[3] = np.nan
     grad = (rng.standard_normal(size) * 0.1).astype(np.float32)
     m0 = (rng.standard_normal(size) * 0.01).astype(np.float32)
     v0 = (rng.random(size) * 1e-4).astype(np.float32)
@@ -289,11 +293,15 @@ def test_adam_kernel_equals_numpy_update(size, wd, decoupled, t, seed):
     ref.data, fast.data = p0.copy(), p0.copy()
     ref_state = {"exp_avg": m0.copy(), "exp_avg_sq": v0.copy()}
     optim.adam_update_reference(ref, grad, ref_state, g, t, decoupled)
+    if clip is not None:  # the optimizer's step clips latent weights after the update
+        np.clip(ref.data, clip[0], clip[1], out=ref.data)
+        g["clip"] = clip
     opt = (optim.AdamW if decoupled else optim.Adam)([], lr=3e-3, weight_decay=wd)
     state = {"step": np.array(t - 1), "exp_avg": m0.copy(), "exp_avg_sq": v0.copy()}
-    opt._update(fast, grad, state, g)
-    # the same float32 operations in the same order: bit-identical
+    assert opt._update(fast, grad, state, g) is True  # the kernel path also applied the clip
+    # the same float32 operations in the same order: bit-identical (NaN and -0.0 included)
     np.testing.assert_array_equal(fast.data, ref.data)
+    assert np.array_equal(np.signbit(fast.data), np.signbit(ref.data))
     np.testing.assert_array_equal(state["exp_avg"], ref_state["exp_avg"])
     np.testing.assert_array_equal(state["exp_avg_sq"], ref_state["exp_avg_sq"])
 
