@@ -373,3 +373,15 @@ def test_sum_dw_partials_kernel_equals_serial_sum(count, g, og, cg, kh, kw, tap_
     out = np.empty((g * og, cg, kh, kw), dtype)
     CK.sum_dw_partials_kernel(parts, tap_major, kh, kw, out)
     np.testing.assert_array_equal(out, sum_dw_partials_reference(parts, tap_major, kh, kw))
+
+
+@given(st.integers(1, 9), st.integers(1, 9), st.integers(1, 3), st.integers(1, 3),
+       st.sampled_from([np.float32, np.float64]), seeds)
+def test_oihw_to_ohwi_kernel_is_an_exact_transpose(o, c, kh, kw, dtype, seed):
+    w = np.random.default_rng(seed).standard_normal((o, c, kh, kw)).astype(np.float32)
+    w.reshape(-1)[::4] = -0.0
+    out = np.empty((o, kh, kw, c), dtype)
+    CK.oihw_to_ohwi_kernel(w, out)
+    want = w.transpose(0, 2, 3, 1).astype(dtype)
+    np.testing.assert_array_equal(out, want)
+    assert np.array_equal(np.signbit(out), np.signbit(want))

@@ -267,6 +267,23 @@ def oihw_to_hwio_kernel(w, out):
 
 
 @nb.njit(cache=True, parallel=True)
+def oihw_to_ohwi_kernel(w, out):
+    """``out[o, a, b, c] = w[o, c, a, b]`` converted to the dtype of ``out``: a conv kernel (O,
+    C, KH, KW) tap-major per output channel (the dX GEMM's operand), an exact copy for float32
+    to float32/float64. One output channel per task."""
+    o, c, kh, kw = w.shape
+    for q in nb.prange(o):
+        wq = w[q]
+        oq = out[q]
+        for a in range(kh):
+            for b in range(kw):
+                row = oq[a, b]
+                for ci in range(c):
+                    row[ci] = wq[ci, a, b]
+    return out
+
+
+@nb.njit(cache=True, parallel=True)
 def nchw_to_nhwc_kernel(x, out):
     """``out[n, y, x, c] = x[n, c, y, x]``; returns whether ``x`` holds a NaN (the check the
     binary layers make before taking signs, in the same pass). One image row per task."""

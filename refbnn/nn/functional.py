@@ -288,9 +288,9 @@ def conv2d_backward_fused(dy, w, geom: ConvGeometry, x=None, cols=None, pad_valu
     wt = None
     dx = None
     if need_input_grad:
-        wt = np.ascontiguousarray(
-            w.astype(dt, copy=False).reshape(g, og, cg, taps).transpose(0, 1, 3, 2)).reshape(
-                g, og, taps * cg)
+        wt = np.empty((geom.o, geom.kh, geom.kw, cg), dtype=dt)
+        _k.oihw_to_ohwi_kernel(np.ascontiguousarray(w), wt)
+        wt = wt.reshape(g, og, taps * cg)
         dx = np.empty((geom.n, geom.c, geom.h, geom.w), dtype=dt)
     xg = x if gate else dx
     hp, wp = geom.h + geom.ph + geom.pb, geom.w + geom.pw + geom.pr
