@@ -321,12 +321,13 @@ def wide_layers(draw):
 
 @given(layer=wide_layers(), out_groups=st.sampled_from([1, 2]), channel_major=st.booleans(),
        residual_kind=st.sampled_from(["full", "none", "in_place"]),
-       cuts=st.lists(st.integers(0, 10 ** 6), max_size=3), data=st.data())
+       cuts=st.lists(st.integers(0, 10 ** 6), max_size=3), band=st.sampled_from([0, 1, 2, 5, 32]),
+       data=st.data())
 def test_fused_in_registers_equals_reference(layer, out_groups, channel_major, residual_kind,
-                                             cuts, data):
+                                             cuts, band, data):
     """The register epilogue (``conv_items(..., regs=True)``, the default) in any split of the
-    work items writes the reference's float result and packed signs, and exactly what the
-    scratch-buffer epilogue (``regs=False``) writes."""
+    work items and any band of pixel tiles writes the reference's float result and packed
+    signs, and exactly what the scratch-buffer epilogue (``regs=False``) writes."""
     from refbnn.kernels import bconv_fast as bf
 
     o = layer["kernel"].shape[3]
@@ -335,6 +336,8 @@ def test_fused_in_registers_equals_reference(layer, out_groups, channel_major, r
     pre, post = data.draw(activations(o)), data.draw(activations(o))
     plan = _fused_plan(layer, "fast", out_groups, pre, post)
     assert plan.fused_units_aligned
+    assert bf.fused_in_registers(o, layer["groups"], True, o) and bf.fused_in_registers(o, 1,
+                                                                                       True, 0)
     acc = _acc(layer)
     residual = data.draw(hnp.arrays(np.float32, acc.shape, elements=VALUES | st.floats(-9, 9,
                                                                                      width=32)))
@@ -362,7 +365,7 @@ def test_fused_in_registers_equals_reference(layer, out_groups, channel_major, r
         for i0, i1 in itertools.pairwise(edges):
             bf.conv_items(buf, conv, table, i0, i1, channel_major, z.reshape(-1).view(np.uint8),
                           res, rsc, bits.reshape(-1), bf.acc_scratch(), np.empty(16, np.float32),
-                          regs)
+                          regs, band)
         # values as the reference (which adds a zero residual where there is none: -0 -> +0)
         assert np.array_equal(z, want_z) and np.array_equal(bits, want_bits.astype(np.uint64))
         got.append((z.view(np.uint32), bits))

@@ -81,6 +81,9 @@ from .simd import a_or_u64, a_store, v8_load, v8_zero
 from .sync import borrowed
 
 MR = 6  # pixels per tile; bconv_tiles holds kernels for 1..MR
+#: Pixel tiles per band (0: all): every channel tile runs over a band before the next band
+#: starts, so that the band's outputs and residual stay in cache.
+BAND = 32
 
 # Numba's cache does not notice edits to imported kernels; this digest of the modules this one
 # imports, transitively (written by ``python refbnn/kernels/_codegen.py``), forces a recompile.
@@ -163,7 +166,7 @@ def _zero_uncovered(tzero, tm, tbits, ti, a_bits):
 def _tiles(xp, i0, i1, channel_major, out, residual, rsc, bits, acc, rtmp,
            wt, soff, nv, groups, wg, T, O, corr, tunit, tzero, tpix, tout, tcor, tm, tborder, tbits,
            mode, K, mul, bias, off, thr, dirn, pcflip, pcthr, oword, obit, run8, owords,
-           pre, pre_pos, pre_neg, post, post_pos, post_neg, nonpos, ogroups, regs):
+           pre, pre_pos, pre_neg, post, post_pos, post_neg, nonpos, ogroups, regs, band):
     """:func:`conv_items` on the records' fields (see the comment above): item ``it`` is pixel
     tile ``it`` with all its channel tiles, or (``channel_major``) channel tile ``it // ntiles``
     of pixel tile ``it % ntiles``; each ``m x 8*NV`` tile (pixel tile ``ti``, channel tile
@@ -207,11 +210,16 @@ def _tiles(xp, i0, i1, channel_major, out, residual, rsc, bits, acc, rtmp,
     runs = channel_major or (mode != BITS and (not fused or aligned))
     if i1 <= i0:
         return
-    if runs and channel_major:
+    # segments: channel tiles over bands of pixel tiles (a part of the channel-major items: over
+    # the pixel tiles of each channel tile in the part), or channel tiles of one pixel tile
+    part = channel_major and (i0 > 0 or i1 < gts * ntiles)
+    p0, p1 = (0, ntiles) if channel_major else (i0, i1)
+    bw = p1 - p0 if band <= 0 else band
+    if part:
         gt0 = i0 // ntiles
         nseg = (i1 - 1) // ntiles + 1 - gt0
     elif runs:
-        gt0, nseg = 0, gts
+        gt0, nseg = 0, -(-(p1 - p0) // bw) * gts
     else:
         gt0, nseg = 0, (i1 - i0) * gts
     a_tpix, a_tout, a_tcor, a_tbits = tpix.ctypes.data, tout.ctypes.data, tcor.ctypes.data, \
@@ -219,12 +227,15 @@ def _tiles(xp, i0, i1, channel_major, out, residual, rsc, bits, acc, rtmp,
     a_wt, a_soff, a_corr, a_fp, a_bord = wt.ctypes.data, soff.ctypes.data, corr.ctypes.data, \
         fpar.ctypes.data, tborder.ctypes.data
     for sg in range(nseg):
-        if runs and channel_major:  # channel tile gt over its pixel tiles within i0 .. i1 - 1
+        if part:  # channel tile gt over its pixel tiles within i0 .. i1 - 1
             gt = gt0 + sg
             ta = max(i0 - gt * ntiles, 0)
             tb = min(i1 - gt * ntiles, ntiles)
-        elif runs:
-            gt, ta, tb = sg, i0, i1
+        elif runs:  # band sg // gts, channel tile sg % gts
+            bi = sg // gts
+            gt = sg - bi * gts
+            ta = p0 + bi * bw
+            tb = min(ta + bw, p1)
         else:  # pixel tile ti, its channel tiles in turn
             ti = i0 + sg // gts
             gt = sg - (sg // gts) * gts
@@ -332,7 +343,8 @@ def _tiles(xp, i0, i1, channel_major, out, residual, rsc, bits, acc, rtmp,
 
 
 @njit(cache=True, inline="always")
-def _run(xp, conv, table, i0, i1, channel_major, out, residual, rsc, bits, acc, rtmp, regs=True):
+def _run(xp, conv, table, i0, i1, channel_major, out, residual, rsc, bits, acc, rtmp, regs=True,
+         band=BAND):
     """Items ``i0 .. i1 - 1`` (pixel tiles, or channel-major items): the fields read once."""
     epi = conv.epi
     _tiles(xp, i0, i1, channel_major, out, residual, rsc, bits, acc, rtmp,
@@ -340,7 +352,16 @@ def _run(xp, conv, table, i0, i1, channel_major, out, residual, rsc, bits, acc, 
            conv.tunit, conv.tzero, table.tpix, table.tout, table.tcor, table.tm, table.tborder,
            table.tbits, epi.mode, epi.k, epi.mul, epi.bias, epi.off, epi.thr, epi.dirn,
            epi.pcflip, epi.pcthr, epi.oword, epi.obit, epi.run8, epi.owords, epi.pre, epi.pre_pos,
-           epi.pre_neg, epi.post, epi.post_pos, epi.post_neg, epi.saz == -1, epi.groups, regs)
+           epi.pre_neg, epi.post, epi.post_pos, epi.post_neg, epi.saz == -1, epi.groups, regs,
+           band)
+
+
+def fused_in_registers(out_channels: int, groups: int, aligned: bool, rsc: int) -> bool:
+    """Whether :func:`conv_items` finishes every tile of a :data:`FUSED` call in the micro-kernel's
+    registers (:data:`~refbnn.kernels.epilogue.TILE_FUSED`): sign units aligned
+    (``BConv2DPlan.fused_units_aligned``), whole 32-channel tiles, and a residual of ``rsc`` =
+    ``out_channels`` channels or none (``rsc = 0``)."""
+    return bool(aligned) and (out_channels // groups) % 32 == 0 and rsc in (0, out_channels)
 
 
 def acc_scratch():
@@ -358,7 +379,7 @@ def items(conv, table, channel_major):
 
 @njit(cache=True)
 def conv_items(xp, conv, table, i0, i1, channel_major, out, residual, rsc, bits, acc, rtmp,
-               regs=True):
+               regs=True, band=BAND):
     """Work items ``i0 .. i1 - 1`` of one call (see :func:`items`), on the calling thread.
 
     ``channel_major`` (item ``it`` = channel tile ``it // ntiles`` of pixel tile
@@ -371,7 +392,7 @@ def conv_items(xp, conv, table, i0, i1, channel_major, out, residual, rsc, bits,
     (:func:`~refbnn.kernels.epilogue.fuse_tile`), never in the micro-kernel's registers
     (:data:`~refbnn.kernels.epilogue.TILE_FUSED`); the same values (tests compare the two).
     """
-    _run(xp, conv, table, i0, i1, channel_major, out, residual, rsc, bits, acc, rtmp, regs)
+    _run(xp, conv, table, i0, i1, channel_major, out, residual, rsc, bits, acc, rtmp, regs, band)
 
 
 @njit(cache=True, parallel=True)
