@@ -315,5 +315,10 @@ def test_batch_in_image_groups_gives_the_same_logits_as_one_image_at_a_time(monk
                 np.testing.assert_array_equal(engine.forward(x[:n]), want[:n])
                 prog = engine._program(threads, group=runtime.group_size(n, threads))
                 assert any(prog.grouped) and not all(prog.grouped)
+                # grouped binary convs with the fused epilogue (a record of the block's output)
+                # where it runs in registers (whole 32-channel tiles), else conv + a merge pass
+                fused = [prog.meta[j][0][0][0] for j, s in enumerate(prog.stages)
+                         if prog.grouped[j] and s == "binary_convs" and prog.meta[j][0]]
+                assert bool(fused) == (name != "ftbnn18_g2"), fused  # g2: 152-channel groups
     finally:
         numba.set_num_threads(before)

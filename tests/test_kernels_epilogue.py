@@ -299,3 +299,74 @@ def test_fast_work_items_in_any_split_equal_one_call(layer, out_groups, channel_
                       z.reshape(-1).view(np.uint8), residual.reshape(-1), o, bits.reshape(-1),
                       bf.acc_scratch(), np.empty(16, np.float32))
     assert np.array_equal(z, want_z) and np.array_equal(bits, want_bits)
+
+
+@st.composite
+def wide_layers(draw):
+    """Layers whose groups fill whole 32-channel tiles: the fused epilogue runs in the
+    micro-kernel's registers (``TILE_FUSED``) on runs of equal tiles, border tiles included."""
+    groups = draw(st.integers(1, 2))
+    cg = draw(st.sampled_from([3, 64, 70]))
+    o = groups * draw(st.sampled_from([32, 64]))
+    n, h, w = draw(st.integers(1, 2)), draw(st.integers(1, 9)), draw(st.integers(1, 9))
+    kh = draw(st.integers(1, 3))
+    x = draw(hnp.arrays(np.float32, (n, h, w, groups * cg), elements=VALUES))
+    kernel = draw(hnp.arrays(np.float32, (kh, kh, cg, o), elements=VALUES))
+    mul, bias = draw(affine_with_ties(o, kh * kh * cg))
+    return dict(x=x, kernel=kernel, groups=groups, stride=draw(st.sampled_from([1, 2])),
+                padding=draw(st.sampled_from(["same", "valid", 1])) if kh <= min(h, w) else "same",
+                pad_value=draw(st.sampled_from([0, 1, -1])), mul=mul, bias=bias,
+                saz=draw(st.sampled_from([1, -1])))
+
+
+@given(layer=wide_layers(), out_groups=st.sampled_from([1, 2]), channel_major=st.booleans(),
+       residual_kind=st.sampled_from(["full", "none", "in_place"]),
+       cuts=st.lists(st.integers(0, 10 ** 6), max_size=3), band=st.sampled_from([0, 1, 2, 5, 32]),
+       data=st.data())
+def test_fused_in_registers_equals_reference(layer, out_groups, channel_major, residual_kind,
+                                             cuts, band, data):
+    """The register epilogue (``conv_items(..., regs=True)``, the default) in any split of the
+    work items and any band of pixel tiles writes the reference's float result and packed
+    signs, and exactly what the scratch-buffer epilogue (``regs=False``) writes."""
+    from refbnn.kernels import bconv_fast as bf
+
+    o = layer["kernel"].shape[3]
+    if (o // out_groups) % 32:
+        out_groups = 1  # output groups of whole tiles: every tile's signs one aligned unit
+    pre, post = data.draw(activations(o)), data.draw(activations(o))
+    plan = _fused_plan(layer, "fast", out_groups, pre, post)
+    assert plan.fused_units_aligned
+    assert bf.fused_in_registers(o, layer["groups"], True, o) and bf.fused_in_registers(o, 1,
+                                                                                       True, 0)
+    acc = _acc(layer)
+    residual = data.draw(hnp.arrays(np.float32, acc.shape, elements=VALUES | st.floats(-9, 9,
+                                                                                     width=32)))
+    y0 = ref.activation(ref.output_transform(acc, layer["mul"], layer["bias"]), pre)
+    residual = np.where(data.draw(hnp.arrays(np.bool_, acc.shape)), -y0, residual)
+    residual = residual.astype(np.float32)
+    r = np.zeros_like(residual) if residual_kind == "none" else residual
+    want_z, want_sign = ref.residual_output(acc, layer["mul"], layer["bias"], r, pre, post,
+                                            layer["saz"])
+    og = o // out_groups
+    n, oh, ow, _ = acc.shape
+    want_bits = np.concatenate([ref.pack(want_sign[..., g * og:(g + 1) * og])
+                                for g in range(out_groups)], axis=-1).reshape(n, oh, ow, -1)
+    buf = plan.pack_input(layer["x"]).reshape(-1)
+    conv, table = plan.fast_records(n)
+    total = bf.items(conv, table, channel_major)
+    edges = sorted({0, total, *(c % (total + 1) for c in cuts)})
+    got = []
+    for regs in (True, False):
+        z = residual.copy() if residual_kind == "in_place" else np.full(acc.shape, np.nan,
+                                                                        np.float32)
+        res, rsc = (np.zeros(0, np.float32), 0) if residual_kind == "none" else \
+            (z.reshape(-1) if residual_kind == "in_place" else residual.reshape(-1), o)
+        bits = np.full(want_bits.shape, 7, np.uint64)
+        for i0, i1 in itertools.pairwise(edges):
+            bf.conv_items(buf, conv, table, i0, i1, channel_major, z.reshape(-1).view(np.uint8),
+                          res, rsc, bits.reshape(-1), bf.acc_scratch(), np.empty(16, np.float32),
+                          regs, band)
+        # values as the reference (which adds a zero residual where there is none: -0 -> +0)
+        assert np.array_equal(z, want_z) and np.array_equal(bits, want_bits.astype(np.uint64))
+        got.append((z.view(np.uint32), bits))
+    assert all(np.array_equal(a, b) for a, b in zip(*got))  # and bit for bit the same

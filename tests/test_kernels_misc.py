@@ -121,7 +121,8 @@ def test_fast_tile_compiles_to_zmm_vpopcntq():
     xp = np.zeros(192, np.uint64)
     i64, i32 = np.zeros(192, np.int64), np.zeros(32, np.int32)
     a, a32, ax = i64.ctypes.data, i32.ctypes.data, xp.ctypes.data  # the tiles take addresses
-    fn(ax, a, 0, ax, 0, a, 1, a, a32, a, 0, 1, TILE_SCRATCH, a, a, 0, 0, a, a)
+    fn(ax, a, 0, ax, 0, a, 1, a, a32, a, 0, 1, TILE_SCRATCH, a, a, 0, 0, a, a, a, a, 1, 0,
+       TILE_SCRATCH)
     asm = fn.inspect_asm(fn.signatures[0])
     assert len(re.findall(r"vpopcntq\s+[^\n]*zmm", asm)) == 24
     assert not re.search(r"vpopcntq\s+[^\n]*ymm", asm)

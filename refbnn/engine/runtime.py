@@ -84,10 +84,14 @@ PARALLEL_MIN_WORK = 1 << 18
 #: included) 213 ms vs 225 ms with only 14x14 and smaller grouped.
 GROUP_MAX = 8
 GROUP_PIXELS = 56 * 56
-#: Grouped binary convs write conv + BN as float32, then one separate pass adds the residual,
-#: applies the non-linearities and packs (measured faster there than the per-tile fused epilogue:
+#: Grouped binary convs whose fused epilogue would not run in the micro-kernel's registers
+#: (:func:`refbnn.kernels.bconv_fast.fused_in_registers`: partial 32-channel tiles, a repeated
+#: residual) write conv + BN as float32, then one separate pass adds the residual, applies the
+#: non-linearities and packs (measured faster there than the scratch-buffer fused epilogue:
 #: weights/ftbnn18.h5 layer1 convs, 24 channels, 8 vs 12.7 us per image plus about 3 for the
-#: pass); the others (all of them at batch 1) keep the fused epilogue.
+#: pass; ftbnn18_g2, 77 channels per group, about even); the others (all of them at batch 1) keep
+#: the fused epilogue (2-core AMD EPYC, 1 thread, batch 32, interleaved: Bi-Real-18 190 -> 167-169
+#: ms, FTBNN-18 193 -> 166-175 ms per batch with every grouped conv fused).
 GROUP_SPLIT_EPILOGUE = True
 #: A group's stem runs as one conv over the group, then the max-pool, when the group's conv output
 #: takes at most this many bytes (else image by image through a ring of rows, as at batch 1).
@@ -631,7 +635,8 @@ class Program:
         grouped = self._grouped(plan)
         oh, ow = plan.out_hw
         c = plan.out_channels
-        if grouped and GROUP_SPLIT_EPILOGUE:
+        if grouped and GROUP_SPLIT_EPILOGUE and not bf.fused_in_registers(
+                c, plan.groups, plan.fused_units_aligned, rsc):
             # conv + BN into a float buffer, then one pass of residual add, activations and packing
             fplan = eng.binary_plan(conv.name)
             cv, table = fplan.fast_records(self.group)

@@ -27,18 +27,23 @@ layer (:func:`make_conv`) and a :class:`TileTable` per batch size, thread count 
   residual), which may be the float output itself (each element is read before it is written) but
   must not overlap it otherwise; ``bits``, a flat ``uint64`` buffer as for ``BITS``, pixel words at
   ``table.tbits`` (for the other modes ``tbits`` is ``tout``). The fused epilogue runs on each
-  tile's popcounts (:func:`~refbnn.kernels.epilogue.fuse_tile`, 16 lanes at a time); where every
-  tile's channels are one byte-aligned run of the packed layout (``conv.tunit``) each tile stores
-  its sign bits as one integer, else each pixel is packed from its float result after its last
-  channel tile (:func:`~refbnn.kernels.elementwise.pack_pixel`).
+  tile's popcounts, 16 lanes at a time: for full 32-channel tiles with a residual in the output's
+  layout (or none) in the micro-kernel's registers (:data:`~refbnn.kernels.epilogue.TILE_FUSED`),
+  else from the scratch popcounts (:func:`~refbnn.kernels.epilogue.fuse_tile`), the same float32
+  steps; where every tile's channels are one byte-aligned run of the packed layout
+  (``conv.tunit``) each tile stores its sign bits as one integer, else each pixel is packed from
+  its float result after its last channel tile (:func:`~refbnn.kernels.elementwise.pack_pixel`).
 
 Entry points: :func:`bconv_fast` (one call, ``prange`` over ``table.nchunks`` workers, pixel-major)
 and :func:`conv_items` (a range of work items on the calling thread, pixel-major or channel-major;
 the engine's whole-network executor splits a layer over threads with it).
 
 Per output value ``acc = K - 2*popcount + corr`` then the epilogue; the micro-kernels
-(:mod:`refbnn.kernels.bconv_tiles`) finish whole tiles themselves where they can (int32, or bits
-that fill one word run), otherwise this module's vector and scalar epilogue does.
+(:mod:`refbnn.kernels.bconv_tiles`) finish whole tiles themselves where they can (int32, the fused
+epilogue, or bits that fill one word run), otherwise this module's vector and scalar epilogue does.
+Where tiles write outputs of their own, one micro-kernel call computes a run of consecutive pixel
+tiles of one channel tile (the per-tile bookkeeping paid once per run: at Bi-Real-18's layer1,
+1046 tiles of nine steps, it cost about a fifth of the conv).
 """
 
 from __future__ import annotations
@@ -54,16 +59,20 @@ from .epilogue import (
     EPILOGUE,
     FLOAT,
     FLOAT_LCE,
+    FP_SIZE,
     FUSED,
     INT32,
     TILE_BITS,
     TILE_BITS_CORR,
+    TILE_FUSED,
+    TILE_FUSED_CORR,
     TILE_INT32,
     TILE_INT32_CORR,
     TILE_SCRATCH,
     bit_output,
     float_output,
     fuse_tile,
+    fused_block,
     v8_store_f32,
     v8_store_i32,
     v8_threshold_bits,
@@ -72,10 +81,13 @@ from .simd import a_or_u64, a_store, v8_load, v8_zero
 from .sync import borrowed
 
 MR = 6  # pixels per tile; bconv_tiles holds kernels for 1..MR
+#: Pixel tiles per band (0: all): every channel tile runs over a band before the next band
+#: starts, so that the band's outputs and residual stay in cache.
+BAND = 32
 
 # Numba's cache does not notice edits to imported kernels; this digest of the modules this one
 # imports, transitively (written by ``python refbnn/kernels/_codegen.py``), forces a recompile.
-DEPS_DIGEST = "9372401b65487d40"
+DEPS_DIGEST = "848212b8f606d4bb"
 
 
 @structref.register
@@ -154,11 +166,20 @@ def _zero_uncovered(tzero, tm, tbits, ti, a_bits):
 def _tiles(xp, i0, i1, channel_major, out, residual, rsc, bits, acc, rtmp,
            wt, soff, nv, groups, wg, T, O, corr, tunit, tzero, tpix, tout, tcor, tm, tborder, tbits,
            mode, K, mul, bias, off, thr, dirn, pcflip, pcthr, oword, obit, run8, owords,
-           pre, pre_pos, pre_neg, post, post_pos, post_neg, nonpos, ogroups):
+           pre, pre_pos, pre_neg, post, post_pos, post_neg, nonpos, ogroups, regs, band):
     """:func:`conv_items` on the records' fields (see the comment above): item ``it`` is pixel
     tile ``it`` with all its channel tiles, or (``channel_major``) channel tile ``it // ntiles``
     of pixel tile ``it % ntiles``; each ``m x 8*NV`` tile (pixel tile ``ti``, channel tile
-    ``gt = g * T + t``) in any mode."""
+    ``gt = g * T + t``) in any mode.
+
+    Where every tile writes outputs of its own (not :data:`BITS`, whose tiles share words, nor
+    :data:`FUSED` packing whole pixels), the work runs as *segments*, one channel tile over a range
+    of pixel tiles (pixel-major items: the range ``i0 .. i1 - 1`` for each channel tile in turn),
+    and a micro-kernel call computes a whole run of tiles of equal size that it finishes in
+    registers (:data:`TILE_INT32`, :data:`TILE_FUSED`, with or without the correction), so the
+    per-tile bookkeeping here is paid once per run; otherwise one segment per (pixel tile,
+    channel tile), pixel-major. The same values either way: each output element is written once,
+    from the same popcounts."""
     ntiles = tm.shape[0]
     fused = mode == FUSED
     aligned = tunit[0] >= 0
@@ -174,50 +195,99 @@ def _tiles(xp, i0, i1, channel_major, out, residual, rsc, bits, acc, rtmp,
     pre_pos, pre_neg, post_pos, post_neg = borrowed(pre_pos), borrowed(pre_neg), \
         borrowed(post_pos), borrowed(post_neg)
     fmode = FLOAT if mode == FUSED else mode
+    # the fused epilogue in the micro-kernel's registers: 32-channel tiles whose signs are one
+    # aligned 32-bit unit and a residual in the output's own layout (or none); else TILE_SCRATCH
+    regs = regs and fused and aligned and nv == 4 and (rsc == 0 or rsc == O)
+    fpar = np.empty(FP_SIZE, np.int64)
+    if regs:
+        fused_block(fpar, mul, bias, pre, pre_pos, pre_neg, post, post_pos, post_neg, residual,
+                    rsc, nonpos, bits)
     to = 8 * nv
     og = O // groups
     nsteps = soff.shape[0]
     wstep = nsteps * to
     gts = groups * T
-    for it in range(i0, i1):
-        if channel_major:
-            g_lo = it // ntiles
-            ti = it - g_lo * ntiles
-            g_hi = g_lo + 1
-        else:
-            ti, g_lo, g_hi = it, 0, gts
-        s0 = ti * MR
-        m = tm[ti]
-        border = tborder[ti]
-        if mode == BITS and not channel_major:  # the tile's output words start cleared
-            for i in range(m):
-                for k in range(owords):
-                    a_store(a_out, tout[s0 + i] + k, np.uint64(0))
-        if fused and aligned and g_lo == 0:
-            _zero_uncovered(tzero, tm, tbits, ti, a_bits)
-        for gt in range(g_lo, g_hi):
-            g = gt // T
-            t = gt - g * T
-            wbase = gt * wstep
-            o0 = g * og + t * to
-            nl = min(to, og - t * to)
+    runs = channel_major or (mode != BITS and (not fused or aligned))
+    if i1 <= i0:
+        return
+    # segments: channel tiles over bands of pixel tiles (a part of the channel-major items: over
+    # the pixel tiles of each channel tile in the part), or channel tiles of one pixel tile
+    part = channel_major and (i0 > 0 or i1 < gts * ntiles)
+    p0, p1 = (0, ntiles) if channel_major else (i0, i1)
+    bw = p1 - p0 if band <= 0 else band
+    if part:
+        gt0 = i0 // ntiles
+        nseg = (i1 - 1) // ntiles + 1 - gt0
+    elif runs:
+        gt0, nseg = 0, -(-(p1 - p0) // bw) * gts
+    else:
+        gt0, nseg = 0, (i1 - i0) * gts
+    a_tpix, a_tout, a_tcor, a_tbits = tpix.ctypes.data, tout.ctypes.data, tcor.ctypes.data, \
+        tbits.ctypes.data
+    a_wt, a_soff, a_corr, a_fp, a_bord = wt.ctypes.data, soff.ctypes.data, corr.ctypes.data, \
+        fpar.ctypes.data, tborder.ctypes.data
+    for sg in range(nseg):
+        if part:  # channel tile gt over its pixel tiles within i0 .. i1 - 1
+            gt = gt0 + sg
+            ta = max(i0 - gt * ntiles, 0)
+            tb = min(i1 - gt * ntiles, ntiles)
+        elif runs:  # band sg // gts, channel tile sg % gts
+            bi = sg // gts
+            gt = sg - bi * gts
+            ta = p0 + bi * bw
+            tb = min(ta + bw, p1)
+        else:  # pixel tile ti, its channel tiles in turn
+            ti = i0 + sg // gts
+            gt = sg - (sg // gts) * gts
+            ta, tb = ti, ti + 1
+            if mode == BITS and gt == 0:  # the tile's output words start cleared
+                s0 = ti * MR
+                for i in range(tm[ti]):
+                    for k in range(owords):
+                        a_store(a_out, tout[s0 + i] + k, np.uint64(0))
+        g = gt // T
+        t = gt - g * T
+        wbase = gt * wstep
+        o0 = g * og + t * to
+        nl = min(to, og - t * to)
+        if fused and aligned and gt == 0:
+            for ti in range(ta, tb):
+                _zero_uncovered(tzero, tm, tbits, ti, a_bits)
+        # a mode the micro-kernel finishes for whole runs (-1: none)
+        rmode, rcorr, shift = -1, -1, 0
+        if mode == INT32 and nl == to:
+            rmode, rcorr = TILE_INT32, TILE_INT32_CORR
+        elif regs and nl == to:
+            rmode, rcorr, shift = TILE_FUSED, TILE_FUSED_CORR, tunit[gt]
+        ti = ta
+        while ti < tb:
+            m = tm[ti]
+            s0 = ti * MR
+            if rmode >= 0:
+                e = ti + 1
+                while e < tb and tm[e] == m:
+                    e += 1
+                tile(nv, m, xp.ctypes.data, a_tpix + 8 * s0, g * wg, a_wt, wbase, a_soff, nsteps,
+                     acc.ctypes.data, a_out, a_tout + 8 * s0, o0, K, rmode, 0, 0, o0, shift,
+                     a_corr, a_tcor + 8 * s0, a_fp, a_tbits + 8 * s0, e - ti, a_bord + ti, rcorr)
+                ti = e
+                continue
+            border = tborder[ti]
             tmode = TILE_SCRATCH
-            shift = 0
+            bshift = 0
             ooff = o0
             a_t1, a_t2 = pcflip.ctypes.data, pcthr.ctypes.data
-            if mode == INT32 and nl == to:
-                tmode = TILE_INT32_CORR if border else TILE_INT32
-            elif mode == BITS and nl == to and oword[o0 + to - 1] == oword[o0] \
+            if mode == BITS and nl == to and oword[o0 + to - 1] == oword[o0] \
                     and obit[o0 + to - 1] == obit[o0] + to - 1:
                 tmode = TILE_BITS_CORR if border else TILE_BITS
-                shift = obit[o0]
+                bshift = obit[o0]
                 ooff = oword[o0]
                 if border:
                     a_t1, a_t2 = dirn.ctypes.data, thr.ctypes.data
-            tile(nv, m, xp.ctypes.data, tpix.ctypes.data + 8 * s0, g * wg, wt.ctypes.data,
-                 wbase, soff.ctypes.data, nsteps, acc.ctypes.data, a_out,
-                 tout.ctypes.data + 8 * s0, ooff, K, tmode, a_t1, a_t2, o0, shift, corr.ctypes.data,
-                 tcor.ctypes.data + 8 * s0)
+            tile(nv, m, xp.ctypes.data, a_tpix + 8 * s0, g * wg, a_wt, wbase, a_soff, nsteps,
+                 acc.ctypes.data, a_out, a_tout + 8 * s0, ooff, K, tmode, a_t1, a_t2, o0, bshift,
+                 a_corr, a_tcor + 8 * s0, a_fp, a_tbits + 8 * s0, 1, 0, tmode)
+            ti += 1
             if tmode != TILE_SCRATCH:
                 continue
             if mode == FUSED:
@@ -264,15 +334,17 @@ def _tiles(xp, i0, i1, channel_major, out, residual, rsc, bits, acc, rtmp,
                     else:
                         a_store(a_out, obase + o,
                                 float_output(a, K, fmode, mul[o], bias[o], off[o]))
-        if fused and not aligned and not channel_major:
+        if fused and not aligned and not runs and gt == gts - 1:
+            s0 = ta * MR
             ogo = O // ogroups
-            for i in range(m):
+            for i in range(tm[ta]):
                 pack_pixel(z, tout[s0 + i], ogroups, ogo, (ogo + 63) // 64, bits, tbits[s0 + i],
                            nonpos)
 
 
 @njit(cache=True, inline="always")
-def _run(xp, conv, table, i0, i1, channel_major, out, residual, rsc, bits, acc, rtmp):
+def _run(xp, conv, table, i0, i1, channel_major, out, residual, rsc, bits, acc, rtmp, regs=True,
+         band=BAND):
     """Items ``i0 .. i1 - 1`` (pixel tiles, or channel-major items): the fields read once."""
     epi = conv.epi
     _tiles(xp, i0, i1, channel_major, out, residual, rsc, bits, acc, rtmp,
@@ -280,7 +352,16 @@ def _run(xp, conv, table, i0, i1, channel_major, out, residual, rsc, bits, acc, 
            conv.tunit, conv.tzero, table.tpix, table.tout, table.tcor, table.tm, table.tborder,
            table.tbits, epi.mode, epi.k, epi.mul, epi.bias, epi.off, epi.thr, epi.dirn,
            epi.pcflip, epi.pcthr, epi.oword, epi.obit, epi.run8, epi.owords, epi.pre, epi.pre_pos,
-           epi.pre_neg, epi.post, epi.post_pos, epi.post_neg, epi.saz == -1, epi.groups)
+           epi.pre_neg, epi.post, epi.post_pos, epi.post_neg, epi.saz == -1, epi.groups, regs,
+           band)
+
+
+def fused_in_registers(out_channels: int, groups: int, aligned: bool, rsc: int) -> bool:
+    """Whether :func:`conv_items` finishes every tile of a :data:`FUSED` call in the micro-kernel's
+    registers (:data:`~refbnn.kernels.epilogue.TILE_FUSED`): sign units aligned
+    (``BConv2DPlan.fused_units_aligned``), whole 32-channel tiles, and a residual of ``rsc`` =
+    ``out_channels`` channels or none (``rsc = 0``)."""
+    return bool(aligned) and (out_channels // groups) % 32 == 0 and rsc in (0, out_channels)
 
 
 def acc_scratch():
@@ -297,7 +378,8 @@ def items(conv, table, channel_major):
 
 
 @njit(cache=True)
-def conv_items(xp, conv, table, i0, i1, channel_major, out, residual, rsc, bits, acc, rtmp):
+def conv_items(xp, conv, table, i0, i1, channel_major, out, residual, rsc, bits, acc, rtmp,
+               regs=True, band=BAND):
     """Work items ``i0 .. i1 - 1`` of one call (see :func:`items`), on the calling thread.
 
     ``channel_major`` (item ``it`` = channel tile ``it // ntiles`` of pixel tile
@@ -306,8 +388,11 @@ def conv_items(xp, conv, table, i0, i1, channel_major, out, residual, rsc, bits,
     ``FUSED`` with aligned sign units (``conv.tunit``); otherwise pixel tiles. Arguments as for
     :func:`bconv_fast`, plus ``rsc`` (the residual's channels per pixel, repeated across the
     output's ``O``; 0: none), ``acc`` (:func:`acc_scratch`) and ``rtmp`` (float32 scratch of 16).
+    ``regs=False``: the fused epilogue always through the scratch popcounts
+    (:func:`~refbnn.kernels.epilogue.fuse_tile`), never in the micro-kernel's registers
+    (:data:`~refbnn.kernels.epilogue.TILE_FUSED`); the same values (tests compare the two).
     """
-    _run(xp, conv, table, i0, i1, channel_major, out, residual, rsc, bits, acc, rtmp)
+    _run(xp, conv, table, i0, i1, channel_major, out, residual, rsc, bits, acc, rtmp, regs, band)
 
 
 @njit(cache=True, parallel=True)

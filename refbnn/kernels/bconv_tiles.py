@@ -12,6 +12,11 @@ addresses (``array.ctypes.data``), indices count elements:
   one step per (tap ``t``, word ``c``): ``toff[t] + c``, ``nsteps = ntaps * wg`` of them.
 * ``wt``: flat weight tiles (uint64), ``nsteps`` steps of ``nv * 8`` words from ``wbase``: lane
   ``l`` of vector ``v`` at step ``(t, c)`` is output channel ``8 * v + l``'s word ``c`` of tap ``t``.
+* A call computes a *run* of ``ntl`` tiles of ``m`` pixels each with the same weights: tile ``j``'s
+  table slots are ``bases[6 * j ..]``, ``obases[6 * j ..]``, ``cbases[6 * j ..]``,
+  ``bbases[6 * j ..]`` (the indices ``i`` below are relative to them); its mode is ``tmc`` where
+  its flag ``bord[j]`` (the bool array at address ``bord``; ``bord == 0``: no flags) is set, else
+  ``tmode``. ``TILE_SCRATCH`` keeps only the run's last tile (callers use runs of one).
 * ``TILE_SCRATCH``: int64 scratch ``acc`` receives pixel ``i``'s popcounts at
   ``acc[i * 8 * nv : (i + 1) * 8 * nv]``;
 * ``TILE_INT32``: ``out[ob : ob + 8 * nv] = int32(k - 2 * popcount)`` (int32),
@@ -25,13 +30,24 @@ addresses (``array.ctypes.data``), indices count elements:
   ``(k - 2 * popcount[l] + corr[cb + l]) * pcflip[o0 + l] < pcthr[o0 + l]``, ``cb`` as for
   ``TILE_INT32_CORR``; the caller passes the direction (+-1) and accumulator thresholds as
   ``pcflip, pcthr``.
+* ``TILE_FUSED`` (``nv`` 4 only): the fused epilogue (:func:`refbnn.kernels.epilogue.fuse16`,
+  16 lanes at a time) of ``acc = k - 2 * popcount`` for channels ``o0 ..``: float32 results at
+  ``out[ob : ob + 32]`` (float32; ``ob`` as for ``TILE_INT32``), the residual read at the same
+  index, the 32 sign bits stored as one ``uint32`` at byte ``8 * bbases[i] + shift`` of the bits
+  buffer; ``fp``: the address of the int64 parameter block
+  (:func:`refbnn.kernels.epilogue.fused_block`);
+* ``TILE_FUSED_CORR``: as ``TILE_FUSED`` plus the padding correction as ``TILE_INT32_CORR`` adds it.
 """
 
+import numpy as np
 from numba import njit
 
 from .epilogue import (
+    FP_BITS,
     TILE_BITS,
     TILE_BITS_CORR,
+    TILE_FUSED,
+    TILE_FUSED_CORR,
     TILE_INT32,
     TILE_INT32_CORR,
     a8_store_acc_corr_i32,
@@ -39,1358 +55,1653 @@ from .epilogue import (
     a8_threshold_bits,
     a16_store_acc_corr_i32,
     a16_store_acc_i32,
+    fuse16,
+    fused_params,
     v8_pc_bits,
+    v16_acc_corr_f32,
+    v16_acc_f32,
 )
-from .simd import a8_bcast, a8_load, a8_store, a_i64, a_or_u64, v8_xpa, v8_zero
+from .simd import a8_bcast, a8_load, a8_store, a_i64, a_or_u64, a_store, a_u8, v8_xpa, v8_zero
 
 # Numba's cache does not notice edits to imported kernels; this digest of the modules
 # imported here (written by the generator) makes their edit change this file, hence a recompile.
-DEPS_DIGEST = "989d5a4e3635c8d0"
+DEPS_DIGEST = "b8f02c7afeedc19c"
 
 
 @njit(cache=True)
 def _t1x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
-        k, tmode, pcflip, pcthr, o0, shift, corr, cbases):
-    b0 = a_i64(bases, 0) + boff
-    a0_0 = v8_zero()
-    a0_1 = v8_zero()
-    a0_2 = v8_zero()
-    a0_3 = v8_zero()
-    wi = wbase
-    for s in range(nsteps):  # one step = one word of one tap
-        o = a_i64(soff, s)
-        w0 = a8_load(wt, wi + 0)
-        w1 = a8_load(wt, wi + 8)
-        w2 = a8_load(wt, wi + 16)
-        w3 = a8_load(wt, wi + 24)
-        wi += 32
-        x = a8_bcast(xp, b0 + o)
-        a0_0 = v8_xpa(a0_0, w0, x)
-        a0_1 = v8_xpa(a0_1, w1, x)
-        a0_2 = v8_xpa(a0_2, w2, x)
-        a0_3 = v8_xpa(a0_3, w3, x)
-    if tmode == TILE_INT32:
-        ob = a_i64(obases, 0) + ooff
-        a16_store_acc_i32(out, ob + 0, a0_0, a0_1, k)
-        a16_store_acc_i32(out, ob + 16, a0_2, a0_3, k)
-    elif tmode == TILE_INT32_CORR:
-        ob = a_i64(obases, 0) + ooff
-        cb = a_i64(cbases, 0) + o0
-        a16_store_acc_corr_i32(out, ob + 0, a0_0, a0_1, k, corr, cb + 0)
-        a16_store_acc_corr_i32(out, ob + 16, a0_2, a0_3, k, corr, cb + 16)
-    elif tmode == TILE_BITS:
-        d0 = a8_load(pcflip, o0 + 0)
-        t0 = a8_load(pcthr, o0 + 0)
-        d1 = a8_load(pcflip, o0 + 8)
-        t1 = a8_load(pcthr, o0 + 8)
-        d2 = a8_load(pcflip, o0 + 16)
-        t2 = a8_load(pcthr, o0 + 16)
-        d3 = a8_load(pcflip, o0 + 24)
-        t3 = a8_load(pcthr, o0 + 24)
-        bits = (v8_pc_bits(a0_0, d0, t0) << 0)
-        bits |= (v8_pc_bits(a0_1, d1, t1) << 8)
-        bits |= (v8_pc_bits(a0_2, d2, t2) << 16)
-        bits |= (v8_pc_bits(a0_3, d3, t3) << 24)
-        a_or_u64(out, a_i64(obases, 0) + ooff, bits << shift)
-    elif tmode == TILE_BITS_CORR:
-        d0 = a8_load(pcflip, o0 + 0)
-        t0 = a8_load(pcthr, o0 + 0)
-        d1 = a8_load(pcflip, o0 + 8)
-        t1 = a8_load(pcthr, o0 + 8)
-        d2 = a8_load(pcflip, o0 + 16)
-        t2 = a8_load(pcthr, o0 + 16)
-        d3 = a8_load(pcflip, o0 + 24)
-        t3 = a8_load(pcthr, o0 + 24)
-        cb = a_i64(cbases, 0) + o0
-        bits = (a8_threshold_bits(a0_0, k, corr, cb + 0, d0, t0) << 0)
-        bits |= (a8_threshold_bits(a0_1, k, corr, cb + 8, d1, t1) << 8)
-        bits |= (a8_threshold_bits(a0_2, k, corr, cb + 16, d2, t2) << 16)
-        bits |= (a8_threshold_bits(a0_3, k, corr, cb + 24, d3, t3) << 24)
-        a_or_u64(out, a_i64(obases, 0) + ooff, bits << shift)
-    else:  # TILE_SCRATCH
-        a8_store(acc, 0, a0_0)
-        a8_store(acc, 8, a0_1)
-        a8_store(acc, 16, a0_2)
-        a8_store(acc, 24, a0_3)
+        k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc):
+    for j in range(ntl):  # the run's tiles, MR table slots apart
+        q = j * 6
+        tmode_j = tmc if bord != 0 and a_u8(bord, j) != 0 else tmode
+        b0 = a_i64(bases, q + 0) + boff
+        a0_0 = v8_zero()
+        a0_1 = v8_zero()
+        a0_2 = v8_zero()
+        a0_3 = v8_zero()
+        wi = wbase
+        for s in range(nsteps):  # one step = one word of one tap
+            o = a_i64(soff, s)
+            w0 = a8_load(wt, wi + 0)
+            w1 = a8_load(wt, wi + 8)
+            w2 = a8_load(wt, wi + 16)
+            w3 = a8_load(wt, wi + 24)
+            wi += 32
+            x = a8_bcast(xp, b0 + o)
+            a0_0 = v8_xpa(a0_0, w0, x)
+            a0_1 = v8_xpa(a0_1, w1, x)
+            a0_2 = v8_xpa(a0_2, w2, x)
+            a0_3 = v8_xpa(a0_3, w3, x)
+        if tmode_j == TILE_INT32:
+            ob = a_i64(obases, q + 0) + ooff
+            a16_store_acc_i32(out, ob + 0, a0_0, a0_1, k)
+            a16_store_acc_i32(out, ob + 16, a0_2, a0_3, k)
+        elif tmode_j == TILE_INT32_CORR:
+            ob = a_i64(obases, q + 0) + ooff
+            cb = a_i64(cbases, q + 0) + o0
+            a16_store_acc_corr_i32(out, ob + 0, a0_0, a0_1, k, corr, cb + 0)
+            a16_store_acc_corr_i32(out, ob + 16, a0_2, a0_3, k, corr, cb + 16)
+        elif tmode_j == TILE_BITS:
+            d0 = a8_load(pcflip, o0 + 0)
+            t0 = a8_load(pcthr, o0 + 0)
+            d1 = a8_load(pcflip, o0 + 8)
+            t1 = a8_load(pcthr, o0 + 8)
+            d2 = a8_load(pcflip, o0 + 16)
+            t2 = a8_load(pcthr, o0 + 16)
+            d3 = a8_load(pcflip, o0 + 24)
+            t3 = a8_load(pcthr, o0 + 24)
+            bits = (v8_pc_bits(a0_0, d0, t0) << 0)
+            bits |= (v8_pc_bits(a0_1, d1, t1) << 8)
+            bits |= (v8_pc_bits(a0_2, d2, t2) << 16)
+            bits |= (v8_pc_bits(a0_3, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 0) + ooff, bits << shift)
+        elif tmode_j == TILE_BITS_CORR:
+            d0 = a8_load(pcflip, o0 + 0)
+            t0 = a8_load(pcthr, o0 + 0)
+            d1 = a8_load(pcflip, o0 + 8)
+            t1 = a8_load(pcthr, o0 + 8)
+            d2 = a8_load(pcflip, o0 + 16)
+            t2 = a8_load(pcthr, o0 + 16)
+            d3 = a8_load(pcflip, o0 + 24)
+            t3 = a8_load(pcthr, o0 + 24)
+            cb = a_i64(cbases, q + 0) + o0
+            bits = (a8_threshold_bits(a0_0, k, corr, cb + 0, d0, t0) << 0)
+            bits |= (a8_threshold_bits(a0_1, k, corr, cb + 8, d1, t1) << 8)
+            bits |= (a8_threshold_bits(a0_2, k, corr, cb + 16, d2, t2) << 16)
+            bits |= (a8_threshold_bits(a0_3, k, corr, cb + 24, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 0) + ooff, bits << shift)
+        elif tmode_j == TILE_FUSED:
+            fz = fused_params(fp)
+            ob = a_i64(obases, q + 0) + ooff
+            w = fuse16(v16_acc_f32(a0_0, a0_1, k), o0 + 0, ob + 0, out, fz)
+            h = fuse16(v16_acc_f32(a0_2, a0_3, k), o0 + 16, ob + 16, out, fz)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 0) + shift, 0, np.uint32(w))
+        elif tmode_j == TILE_FUSED_CORR:
+            fz = fused_params(fp)
+            ob = a_i64(obases, q + 0) + ooff
+            cb = a_i64(cbases, q + 0) + o0
+            w = fuse16(v16_acc_corr_f32(a0_0, a0_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz)
+            h = fuse16(v16_acc_corr_f32(a0_2, a0_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 0) + shift, 0, np.uint32(w))
+        else:  # TILE_SCRATCH
+            a8_store(acc, 0, a0_0)
+            a8_store(acc, 8, a0_1)
+            a8_store(acc, 16, a0_2)
+            a8_store(acc, 24, a0_3)
 
 
 @njit(cache=True)
 def _t2x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
-        k, tmode, pcflip, pcthr, o0, shift, corr, cbases):
-    b0 = a_i64(bases, 0) + boff
-    b1 = a_i64(bases, 1) + boff
-    a0_0 = v8_zero()
-    a0_1 = v8_zero()
-    a0_2 = v8_zero()
-    a0_3 = v8_zero()
-    a1_0 = v8_zero()
-    a1_1 = v8_zero()
-    a1_2 = v8_zero()
-    a1_3 = v8_zero()
-    wi = wbase
-    for s in range(nsteps):  # one step = one word of one tap
-        o = a_i64(soff, s)
-        w0 = a8_load(wt, wi + 0)
-        w1 = a8_load(wt, wi + 8)
-        w2 = a8_load(wt, wi + 16)
-        w3 = a8_load(wt, wi + 24)
-        wi += 32
-        x = a8_bcast(xp, b0 + o)
-        a0_0 = v8_xpa(a0_0, w0, x)
-        a0_1 = v8_xpa(a0_1, w1, x)
-        a0_2 = v8_xpa(a0_2, w2, x)
-        a0_3 = v8_xpa(a0_3, w3, x)
-        x = a8_bcast(xp, b1 + o)
-        a1_0 = v8_xpa(a1_0, w0, x)
-        a1_1 = v8_xpa(a1_1, w1, x)
-        a1_2 = v8_xpa(a1_2, w2, x)
-        a1_3 = v8_xpa(a1_3, w3, x)
-    if tmode == TILE_INT32:
-        ob = a_i64(obases, 0) + ooff
-        a16_store_acc_i32(out, ob + 0, a0_0, a0_1, k)
-        a16_store_acc_i32(out, ob + 16, a0_2, a0_3, k)
-        ob = a_i64(obases, 1) + ooff
-        a16_store_acc_i32(out, ob + 0, a1_0, a1_1, k)
-        a16_store_acc_i32(out, ob + 16, a1_2, a1_3, k)
-    elif tmode == TILE_INT32_CORR:
-        ob = a_i64(obases, 0) + ooff
-        cb = a_i64(cbases, 0) + o0
-        a16_store_acc_corr_i32(out, ob + 0, a0_0, a0_1, k, corr, cb + 0)
-        a16_store_acc_corr_i32(out, ob + 16, a0_2, a0_3, k, corr, cb + 16)
-        ob = a_i64(obases, 1) + ooff
-        cb = a_i64(cbases, 1) + o0
-        a16_store_acc_corr_i32(out, ob + 0, a1_0, a1_1, k, corr, cb + 0)
-        a16_store_acc_corr_i32(out, ob + 16, a1_2, a1_3, k, corr, cb + 16)
-    elif tmode == TILE_BITS:
-        d0 = a8_load(pcflip, o0 + 0)
-        t0 = a8_load(pcthr, o0 + 0)
-        d1 = a8_load(pcflip, o0 + 8)
-        t1 = a8_load(pcthr, o0 + 8)
-        d2 = a8_load(pcflip, o0 + 16)
-        t2 = a8_load(pcthr, o0 + 16)
-        d3 = a8_load(pcflip, o0 + 24)
-        t3 = a8_load(pcthr, o0 + 24)
-        bits = (v8_pc_bits(a0_0, d0, t0) << 0)
-        bits |= (v8_pc_bits(a0_1, d1, t1) << 8)
-        bits |= (v8_pc_bits(a0_2, d2, t2) << 16)
-        bits |= (v8_pc_bits(a0_3, d3, t3) << 24)
-        a_or_u64(out, a_i64(obases, 0) + ooff, bits << shift)
-        bits = (v8_pc_bits(a1_0, d0, t0) << 0)
-        bits |= (v8_pc_bits(a1_1, d1, t1) << 8)
-        bits |= (v8_pc_bits(a1_2, d2, t2) << 16)
-        bits |= (v8_pc_bits(a1_3, d3, t3) << 24)
-        a_or_u64(out, a_i64(obases, 1) + ooff, bits << shift)
-    elif tmode == TILE_BITS_CORR:
-        d0 = a8_load(pcflip, o0 + 0)
-        t0 = a8_load(pcthr, o0 + 0)
-        d1 = a8_load(pcflip, o0 + 8)
-        t1 = a8_load(pcthr, o0 + 8)
-        d2 = a8_load(pcflip, o0 + 16)
-        t2 = a8_load(pcthr, o0 + 16)
-        d3 = a8_load(pcflip, o0 + 24)
-        t3 = a8_load(pcthr, o0 + 24)
-        cb = a_i64(cbases, 0) + o0
-        bits = (a8_threshold_bits(a0_0, k, corr, cb + 0, d0, t0) << 0)
-        bits |= (a8_threshold_bits(a0_1, k, corr, cb + 8, d1, t1) << 8)
-        bits |= (a8_threshold_bits(a0_2, k, corr, cb + 16, d2, t2) << 16)
-        bits |= (a8_threshold_bits(a0_3, k, corr, cb + 24, d3, t3) << 24)
-        a_or_u64(out, a_i64(obases, 0) + ooff, bits << shift)
-        cb = a_i64(cbases, 1) + o0
-        bits = (a8_threshold_bits(a1_0, k, corr, cb + 0, d0, t0) << 0)
-        bits |= (a8_threshold_bits(a1_1, k, corr, cb + 8, d1, t1) << 8)
-        bits |= (a8_threshold_bits(a1_2, k, corr, cb + 16, d2, t2) << 16)
-        bits |= (a8_threshold_bits(a1_3, k, corr, cb + 24, d3, t3) << 24)
-        a_or_u64(out, a_i64(obases, 1) + ooff, bits << shift)
-    else:  # TILE_SCRATCH
-        a8_store(acc, 0, a0_0)
-        a8_store(acc, 8, a0_1)
-        a8_store(acc, 16, a0_2)
-        a8_store(acc, 24, a0_3)
-        a8_store(acc, 32, a1_0)
-        a8_store(acc, 40, a1_1)
-        a8_store(acc, 48, a1_2)
-        a8_store(acc, 56, a1_3)
+        k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc):
+    for j in range(ntl):  # the run's tiles, MR table slots apart
+        q = j * 6
+        tmode_j = tmc if bord != 0 and a_u8(bord, j) != 0 else tmode
+        b0 = a_i64(bases, q + 0) + boff
+        b1 = a_i64(bases, q + 1) + boff
+        a0_0 = v8_zero()
+        a0_1 = v8_zero()
+        a0_2 = v8_zero()
+        a0_3 = v8_zero()
+        a1_0 = v8_zero()
+        a1_1 = v8_zero()
+        a1_2 = v8_zero()
+        a1_3 = v8_zero()
+        wi = wbase
+        for s in range(nsteps):  # one step = one word of one tap
+            o = a_i64(soff, s)
+            w0 = a8_load(wt, wi + 0)
+            w1 = a8_load(wt, wi + 8)
+            w2 = a8_load(wt, wi + 16)
+            w3 = a8_load(wt, wi + 24)
+            wi += 32
+            x = a8_bcast(xp, b0 + o)
+            a0_0 = v8_xpa(a0_0, w0, x)
+            a0_1 = v8_xpa(a0_1, w1, x)
+            a0_2 = v8_xpa(a0_2, w2, x)
+            a0_3 = v8_xpa(a0_3, w3, x)
+            x = a8_bcast(xp, b1 + o)
+            a1_0 = v8_xpa(a1_0, w0, x)
+            a1_1 = v8_xpa(a1_1, w1, x)
+            a1_2 = v8_xpa(a1_2, w2, x)
+            a1_3 = v8_xpa(a1_3, w3, x)
+        if tmode_j == TILE_INT32:
+            ob = a_i64(obases, q + 0) + ooff
+            a16_store_acc_i32(out, ob + 0, a0_0, a0_1, k)
+            a16_store_acc_i32(out, ob + 16, a0_2, a0_3, k)
+            ob = a_i64(obases, q + 1) + ooff
+            a16_store_acc_i32(out, ob + 0, a1_0, a1_1, k)
+            a16_store_acc_i32(out, ob + 16, a1_2, a1_3, k)
+        elif tmode_j == TILE_INT32_CORR:
+            ob = a_i64(obases, q + 0) + ooff
+            cb = a_i64(cbases, q + 0) + o0
+            a16_store_acc_corr_i32(out, ob + 0, a0_0, a0_1, k, corr, cb + 0)
+            a16_store_acc_corr_i32(out, ob + 16, a0_2, a0_3, k, corr, cb + 16)
+            ob = a_i64(obases, q + 1) + ooff
+            cb = a_i64(cbases, q + 1) + o0
+            a16_store_acc_corr_i32(out, ob + 0, a1_0, a1_1, k, corr, cb + 0)
+            a16_store_acc_corr_i32(out, ob + 16, a1_2, a1_3, k, corr, cb + 16)
+        elif tmode_j == TILE_BITS:
+            d0 = a8_load(pcflip, o0 + 0)
+            t0 = a8_load(pcthr, o0 + 0)
+            d1 = a8_load(pcflip, o0 + 8)
+            t1 = a8_load(pcthr, o0 + 8)
+            d2 = a8_load(pcflip, o0 + 16)
+            t2 = a8_load(pcthr, o0 + 16)
+            d3 = a8_load(pcflip, o0 + 24)
+            t3 = a8_load(pcthr, o0 + 24)
+            bits = (v8_pc_bits(a0_0, d0, t0) << 0)
+            bits |= (v8_pc_bits(a0_1, d1, t1) << 8)
+            bits |= (v8_pc_bits(a0_2, d2, t2) << 16)
+            bits |= (v8_pc_bits(a0_3, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 0) + ooff, bits << shift)
+            bits = (v8_pc_bits(a1_0, d0, t0) << 0)
+            bits |= (v8_pc_bits(a1_1, d1, t1) << 8)
+            bits |= (v8_pc_bits(a1_2, d2, t2) << 16)
+            bits |= (v8_pc_bits(a1_3, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 1) + ooff, bits << shift)
+        elif tmode_j == TILE_BITS_CORR:
+            d0 = a8_load(pcflip, o0 + 0)
+            t0 = a8_load(pcthr, o0 + 0)
+            d1 = a8_load(pcflip, o0 + 8)
+            t1 = a8_load(pcthr, o0 + 8)
+            d2 = a8_load(pcflip, o0 + 16)
+            t2 = a8_load(pcthr, o0 + 16)
+            d3 = a8_load(pcflip, o0 + 24)
+            t3 = a8_load(pcthr, o0 + 24)
+            cb = a_i64(cbases, q + 0) + o0
+            bits = (a8_threshold_bits(a0_0, k, corr, cb + 0, d0, t0) << 0)
+            bits |= (a8_threshold_bits(a0_1, k, corr, cb + 8, d1, t1) << 8)
+            bits |= (a8_threshold_bits(a0_2, k, corr, cb + 16, d2, t2) << 16)
+            bits |= (a8_threshold_bits(a0_3, k, corr, cb + 24, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 0) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 1) + o0
+            bits = (a8_threshold_bits(a1_0, k, corr, cb + 0, d0, t0) << 0)
+            bits |= (a8_threshold_bits(a1_1, k, corr, cb + 8, d1, t1) << 8)
+            bits |= (a8_threshold_bits(a1_2, k, corr, cb + 16, d2, t2) << 16)
+            bits |= (a8_threshold_bits(a1_3, k, corr, cb + 24, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 1) + ooff, bits << shift)
+        elif tmode_j == TILE_FUSED:
+            fz = fused_params(fp)
+            ob = a_i64(obases, q + 0) + ooff
+            w = fuse16(v16_acc_f32(a0_0, a0_1, k), o0 + 0, ob + 0, out, fz)
+            h = fuse16(v16_acc_f32(a0_2, a0_3, k), o0 + 16, ob + 16, out, fz)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 0) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 1) + ooff
+            w = fuse16(v16_acc_f32(a1_0, a1_1, k), o0 + 0, ob + 0, out, fz)
+            h = fuse16(v16_acc_f32(a1_2, a1_3, k), o0 + 16, ob + 16, out, fz)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 1) + shift, 0, np.uint32(w))
+        elif tmode_j == TILE_FUSED_CORR:
+            fz = fused_params(fp)
+            ob = a_i64(obases, q + 0) + ooff
+            cb = a_i64(cbases, q + 0) + o0
+            w = fuse16(v16_acc_corr_f32(a0_0, a0_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz)
+            h = fuse16(v16_acc_corr_f32(a0_2, a0_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 0) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 1) + ooff
+            cb = a_i64(cbases, q + 1) + o0
+            w = fuse16(v16_acc_corr_f32(a1_0, a1_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz)
+            h = fuse16(v16_acc_corr_f32(a1_2, a1_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 1) + shift, 0, np.uint32(w))
+        else:  # TILE_SCRATCH
+            a8_store(acc, 0, a0_0)
+            a8_store(acc, 8, a0_1)
+            a8_store(acc, 16, a0_2)
+            a8_store(acc, 24, a0_3)
+            a8_store(acc, 32, a1_0)
+            a8_store(acc, 40, a1_1)
+            a8_store(acc, 48, a1_2)
+            a8_store(acc, 56, a1_3)
 
 
 @njit(cache=True)
 def _t3x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
-        k, tmode, pcflip, pcthr, o0, shift, corr, cbases):
-    b0 = a_i64(bases, 0) + boff
-    b1 = a_i64(bases, 1) + boff
-    b2 = a_i64(bases, 2) + boff
-    a0_0 = v8_zero()
-    a0_1 = v8_zero()
-    a0_2 = v8_zero()
-    a0_3 = v8_zero()
-    a1_0 = v8_zero()
-    a1_1 = v8_zero()
-    a1_2 = v8_zero()
-    a1_3 = v8_zero()
-    a2_0 = v8_zero()
-    a2_1 = v8_zero()
-    a2_2 = v8_zero()
-    a2_3 = v8_zero()
-    wi = wbase
-    for s in range(nsteps):  # one step = one word of one tap
-        o = a_i64(soff, s)
-        w0 = a8_load(wt, wi + 0)
-        w1 = a8_load(wt, wi + 8)
-        w2 = a8_load(wt, wi + 16)
-        w3 = a8_load(wt, wi + 24)
-        wi += 32
-        x = a8_bcast(xp, b0 + o)
-        a0_0 = v8_xpa(a0_0, w0, x)
-        a0_1 = v8_xpa(a0_1, w1, x)
-        a0_2 = v8_xpa(a0_2, w2, x)
-        a0_3 = v8_xpa(a0_3, w3, x)
-        x = a8_bcast(xp, b1 + o)
-        a1_0 = v8_xpa(a1_0, w0, x)
-        a1_1 = v8_xpa(a1_1, w1, x)
-        a1_2 = v8_xpa(a1_2, w2, x)
-        a1_3 = v8_xpa(a1_3, w3, x)
-        x = a8_bcast(xp, b2 + o)
-        a2_0 = v8_xpa(a2_0, w0, x)
-        a2_1 = v8_xpa(a2_1, w1, x)
-        a2_2 = v8_xpa(a2_2, w2, x)
-        a2_3 = v8_xpa(a2_3, w3, x)
-    if tmode == TILE_INT32:
-        ob = a_i64(obases, 0) + ooff
-        a16_store_acc_i32(out, ob + 0, a0_0, a0_1, k)
-        a16_store_acc_i32(out, ob + 16, a0_2, a0_3, k)
-        ob = a_i64(obases, 1) + ooff
-        a16_store_acc_i32(out, ob + 0, a1_0, a1_1, k)
-        a16_store_acc_i32(out, ob + 16, a1_2, a1_3, k)
-        ob = a_i64(obases, 2) + ooff
-        a16_store_acc_i32(out, ob + 0, a2_0, a2_1, k)
-        a16_store_acc_i32(out, ob + 16, a2_2, a2_3, k)
-    elif tmode == TILE_INT32_CORR:
-        ob = a_i64(obases, 0) + ooff
-        cb = a_i64(cbases, 0) + o0
-        a16_store_acc_corr_i32(out, ob + 0, a0_0, a0_1, k, corr, cb + 0)
-        a16_store_acc_corr_i32(out, ob + 16, a0_2, a0_3, k, corr, cb + 16)
-        ob = a_i64(obases, 1) + ooff
-        cb = a_i64(cbases, 1) + o0
-        a16_store_acc_corr_i32(out, ob + 0, a1_0, a1_1, k, corr, cb + 0)
-        a16_store_acc_corr_i32(out, ob + 16, a1_2, a1_3, k, corr, cb + 16)
-        ob = a_i64(obases, 2) + ooff
-        cb = a_i64(cbases, 2) + o0
-        a16_store_acc_corr_i32(out, ob + 0, a2_0, a2_1, k, corr, cb + 0)
-        a16_store_acc_corr_i32(out, ob + 16, a2_2, a2_3, k, corr, cb + 16)
-    elif tmode == TILE_BITS:
-        d0 = a8_load(pcflip, o0 + 0)
-        t0 = a8_load(pcthr, o0 + 0)
-        d1 = a8_load(pcflip, o0 + 8)
-        t1 = a8_load(pcthr, o0 + 8)
-        d2 = a8_load(pcflip, o0 + 16)
-        t2 = a8_load(pcthr, o0 + 16)
-        d3 = a8_load(pcflip, o0 + 24)
-        t3 = a8_load(pcthr, o0 + 24)
-        bits = (v8_pc_bits(a0_0, d0, t0) << 0)
-        bits |= (v8_pc_bits(a0_1, d1, t1) << 8)
-        bits |= (v8_pc_bits(a0_2, d2, t2) << 16)
-        bits |= (v8_pc_bits(a0_3, d3, t3) << 24)
-        a_or_u64(out, a_i64(obases, 0) + ooff, bits << shift)
-        bits = (v8_pc_bits(a1_0, d0, t0) << 0)
-        bits |= (v8_pc_bits(a1_1, d1, t1) << 8)
-        bits |= (v8_pc_bits(a1_2, d2, t2) << 16)
-        bits |= (v8_pc_bits(a1_3, d3, t3) << 24)
-        a_or_u64(out, a_i64(obases, 1) + ooff, bits << shift)
-        bits = (v8_pc_bits(a2_0, d0, t0) << 0)
-        bits |= (v8_pc_bits(a2_1, d1, t1) << 8)
-        bits |= (v8_pc_bits(a2_2, d2, t2) << 16)
-        bits |= (v8_pc_bits(a2_3, d3, t3) << 24)
-        a_or_u64(out, a_i64(obases, 2) + ooff, bits << shift)
-    elif tmode == TILE_BITS_CORR:
-        d0 = a8_load(pcflip, o0 + 0)
-        t0 = a8_load(pcthr, o0 + 0)
-        d1 = a8_load(pcflip, o0 + 8)
-        t1 = a8_load(pcthr, o0 + 8)
-        d2 = a8_load(pcflip, o0 + 16)
-        t2 = a8_load(pcthr, o0 + 16)
-        d3 = a8_load(pcflip, o0 + 24)
-        t3 = a8_load(pcthr, o0 + 24)
-        cb = a_i64(cbases, 0) + o0
-        bits = (a8_threshold_bits(a0_0, k, corr, cb + 0, d0, t0) << 0)
-        bits |= (a8_threshold_bits(a0_1, k, corr, cb + 8, d1, t1) << 8)
-        bits |= (a8_threshold_bits(a0_2, k, corr, cb + 16, d2, t2) << 16)
-        bits |= (a8_threshold_bits(a0_3, k, corr, cb + 24, d3, t3) << 24)
-        a_or_u64(out, a_i64(obases, 0) + ooff, bits << shift)
-        cb = a_i64(cbases, 1) + o0
-        bits = (a8_threshold_bits(a1_0, k, corr, cb + 0, d0, t0) << 0)
-        bits |= (a8_threshold_bits(a1_1, k, corr, cb + 8, d1, t1) << 8)
-        bits |= (a8_threshold_bits(a1_2, k, corr, cb + 16, d2, t2) << 16)
-        bits |= (a8_threshold_bits(a1_3, k, corr, cb + 24, d3, t3) << 24)
-        a_or_u64(out, a_i64(obases, 1) + ooff, bits << shift)
-        cb = a_i64(cbases, 2) + o0
-        bits = (a8_threshold_bits(a2_0, k, corr, cb + 0, d0, t0) << 0)
-        bits |= (a8_threshold_bits(a2_1, k, corr, cb + 8, d1, t1) << 8)
-        bits |= (a8_threshold_bits(a2_2, k, corr, cb + 16, d2, t2) << 16)
-        bits |= (a8_threshold_bits(a2_3, k, corr, cb + 24, d3, t3) << 24)
-        a_or_u64(out, a_i64(obases, 2) + ooff, bits << shift)
-    else:  # TILE_SCRATCH
-        a8_store(acc, 0, a0_0)
-        a8_store(acc, 8, a0_1)
-        a8_store(acc, 16, a0_2)
-        a8_store(acc, 24, a0_3)
-        a8_store(acc, 32, a1_0)
-        a8_store(acc, 40, a1_1)
-        a8_store(acc, 48, a1_2)
-        a8_store(acc, 56, a1_3)
-        a8_store(acc, 64, a2_0)
-        a8_store(acc, 72, a2_1)
-        a8_store(acc, 80, a2_2)
-        a8_store(acc, 88, a2_3)
+        k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc):
+    for j in range(ntl):  # the run's tiles, MR table slots apart
+        q = j * 6
+        tmode_j = tmc if bord != 0 and a_u8(bord, j) != 0 else tmode
+        b0 = a_i64(bases, q + 0) + boff
+        b1 = a_i64(bases, q + 1) + boff
+        b2 = a_i64(bases, q + 2) + boff
+        a0_0 = v8_zero()
+        a0_1 = v8_zero()
+        a0_2 = v8_zero()
+        a0_3 = v8_zero()
+        a1_0 = v8_zero()
+        a1_1 = v8_zero()
+        a1_2 = v8_zero()
+        a1_3 = v8_zero()
+        a2_0 = v8_zero()
+        a2_1 = v8_zero()
+        a2_2 = v8_zero()
+        a2_3 = v8_zero()
+        wi = wbase
+        for s in range(nsteps):  # one step = one word of one tap
+            o = a_i64(soff, s)
+            w0 = a8_load(wt, wi + 0)
+            w1 = a8_load(wt, wi + 8)
+            w2 = a8_load(wt, wi + 16)
+            w3 = a8_load(wt, wi + 24)
+            wi += 32
+            x = a8_bcast(xp, b0 + o)
+            a0_0 = v8_xpa(a0_0, w0, x)
+            a0_1 = v8_xpa(a0_1, w1, x)
+            a0_2 = v8_xpa(a0_2, w2, x)
+            a0_3 = v8_xpa(a0_3, w3, x)
+            x = a8_bcast(xp, b1 + o)
+            a1_0 = v8_xpa(a1_0, w0, x)
+            a1_1 = v8_xpa(a1_1, w1, x)
+            a1_2 = v8_xpa(a1_2, w2, x)
+            a1_3 = v8_xpa(a1_3, w3, x)
+            x = a8_bcast(xp, b2 + o)
+            a2_0 = v8_xpa(a2_0, w0, x)
+            a2_1 = v8_xpa(a2_1, w1, x)
+            a2_2 = v8_xpa(a2_2, w2, x)
+            a2_3 = v8_xpa(a2_3, w3, x)
+        if tmode_j == TILE_INT32:
+            ob = a_i64(obases, q + 0) + ooff
+            a16_store_acc_i32(out, ob + 0, a0_0, a0_1, k)
+            a16_store_acc_i32(out, ob + 16, a0_2, a0_3, k)
+            ob = a_i64(obases, q + 1) + ooff
+            a16_store_acc_i32(out, ob + 0, a1_0, a1_1, k)
+            a16_store_acc_i32(out, ob + 16, a1_2, a1_3, k)
+            ob = a_i64(obases, q + 2) + ooff
+            a16_store_acc_i32(out, ob + 0, a2_0, a2_1, k)
+            a16_store_acc_i32(out, ob + 16, a2_2, a2_3, k)
+        elif tmode_j == TILE_INT32_CORR:
+            ob = a_i64(obases, q + 0) + ooff
+            cb = a_i64(cbases, q + 0) + o0
+            a16_store_acc_corr_i32(out, ob + 0, a0_0, a0_1, k, corr, cb + 0)
+            a16_store_acc_corr_i32(out, ob + 16, a0_2, a0_3, k, corr, cb + 16)
+            ob = a_i64(obases, q + 1) + ooff
+            cb = a_i64(cbases, q + 1) + o0
+            a16_store_acc_corr_i32(out, ob + 0, a1_0, a1_1, k, corr, cb + 0)
+            a16_store_acc_corr_i32(out, ob + 16, a1_2, a1_3, k, corr, cb + 16)
+            ob = a_i64(obases, q + 2) + ooff
+            cb = a_i64(cbases, q + 2) + o0
+            a16_store_acc_corr_i32(out, ob + 0, a2_0, a2_1, k, corr, cb + 0)
+            a16_store_acc_corr_i32(out, ob + 16, a2_2, a2_3, k, corr, cb + 16)
+        elif tmode_j == TILE_BITS:
+            d0 = a8_load(pcflip, o0 + 0)
+            t0 = a8_load(pcthr, o0 + 0)
+            d1 = a8_load(pcflip, o0 + 8)
+            t1 = a8_load(pcthr, o0 + 8)
+            d2 = a8_load(pcflip, o0 + 16)
+            t2 = a8_load(pcthr, o0 + 16)
+            d3 = a8_load(pcflip, o0 + 24)
+            t3 = a8_load(pcthr, o0 + 24)
+            bits = (v8_pc_bits(a0_0, d0, t0) << 0)
+            bits |= (v8_pc_bits(a0_1, d1, t1) << 8)
+            bits |= (v8_pc_bits(a0_2, d2, t2) << 16)
+            bits |= (v8_pc_bits(a0_3, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 0) + ooff, bits << shift)
+            bits = (v8_pc_bits(a1_0, d0, t0) << 0)
+            bits |= (v8_pc_bits(a1_1, d1, t1) << 8)
+            bits |= (v8_pc_bits(a1_2, d2, t2) << 16)
+            bits |= (v8_pc_bits(a1_3, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 1) + ooff, bits << shift)
+            bits = (v8_pc_bits(a2_0, d0, t0) << 0)
+            bits |= (v8_pc_bits(a2_1, d1, t1) << 8)
+            bits |= (v8_pc_bits(a2_2, d2, t2) << 16)
+            bits |= (v8_pc_bits(a2_3, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 2) + ooff, bits << shift)
+        elif tmode_j == TILE_BITS_CORR:
+            d0 = a8_load(pcflip, o0 + 0)
+            t0 = a8_load(pcthr, o0 + 0)
+            d1 = a8_load(pcflip, o0 + 8)
+            t1 = a8_load(pcthr, o0 + 8)
+            d2 = a8_load(pcflip, o0 + 16)
+            t2 = a8_load(pcthr, o0 + 16)
+            d3 = a8_load(pcflip, o0 + 24)
+            t3 = a8_load(pcthr, o0 + 24)
+            cb = a_i64(cbases, q + 0) + o0
+            bits = (a8_threshold_bits(a0_0, k, corr, cb + 0, d0, t0) << 0)
+            bits |= (a8_threshold_bits(a0_1, k, corr, cb + 8, d1, t1) << 8)
+            bits |= (a8_threshold_bits(a0_2, k, corr, cb + 16, d2, t2) << 16)
+            bits |= (a8_threshold_bits(a0_3, k, corr, cb + 24, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 0) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 1) + o0
+            bits = (a8_threshold_bits(a1_0, k, corr, cb + 0, d0, t0) << 0)
+            bits |= (a8_threshold_bits(a1_1, k, corr, cb + 8, d1, t1) << 8)
+            bits |= (a8_threshold_bits(a1_2, k, corr, cb + 16, d2, t2) << 16)
+            bits |= (a8_threshold_bits(a1_3, k, corr, cb + 24, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 1) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 2) + o0
+            bits = (a8_threshold_bits(a2_0, k, corr, cb + 0, d0, t0) << 0)
+            bits |= (a8_threshold_bits(a2_1, k, corr, cb + 8, d1, t1) << 8)
+            bits |= (a8_threshold_bits(a2_2, k, corr, cb + 16, d2, t2) << 16)
+            bits |= (a8_threshold_bits(a2_3, k, corr, cb + 24, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 2) + ooff, bits << shift)
+        elif tmode_j == TILE_FUSED:
+            fz = fused_params(fp)
+            ob = a_i64(obases, q + 0) + ooff
+            w = fuse16(v16_acc_f32(a0_0, a0_1, k), o0 + 0, ob + 0, out, fz)
+            h = fuse16(v16_acc_f32(a0_2, a0_3, k), o0 + 16, ob + 16, out, fz)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 0) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 1) + ooff
+            w = fuse16(v16_acc_f32(a1_0, a1_1, k), o0 + 0, ob + 0, out, fz)
+            h = fuse16(v16_acc_f32(a1_2, a1_3, k), o0 + 16, ob + 16, out, fz)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 1) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 2) + ooff
+            w = fuse16(v16_acc_f32(a2_0, a2_1, k), o0 + 0, ob + 0, out, fz)
+            h = fuse16(v16_acc_f32(a2_2, a2_3, k), o0 + 16, ob + 16, out, fz)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 2) + shift, 0, np.uint32(w))
+        elif tmode_j == TILE_FUSED_CORR:
+            fz = fused_params(fp)
+            ob = a_i64(obases, q + 0) + ooff
+            cb = a_i64(cbases, q + 0) + o0
+            w = fuse16(v16_acc_corr_f32(a0_0, a0_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz)
+            h = fuse16(v16_acc_corr_f32(a0_2, a0_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 0) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 1) + ooff
+            cb = a_i64(cbases, q + 1) + o0
+            w = fuse16(v16_acc_corr_f32(a1_0, a1_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz)
+            h = fuse16(v16_acc_corr_f32(a1_2, a1_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 1) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 2) + ooff
+            cb = a_i64(cbases, q + 2) + o0
+            w = fuse16(v16_acc_corr_f32(a2_0, a2_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz)
+            h = fuse16(v16_acc_corr_f32(a2_2, a2_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 2) + shift, 0, np.uint32(w))
+        else:  # TILE_SCRATCH
+            a8_store(acc, 0, a0_0)
+            a8_store(acc, 8, a0_1)
+            a8_store(acc, 16, a0_2)
+            a8_store(acc, 24, a0_3)
+            a8_store(acc, 32, a1_0)
+            a8_store(acc, 40, a1_1)
+            a8_store(acc, 48, a1_2)
+            a8_store(acc, 56, a1_3)
+            a8_store(acc, 64, a2_0)
+            a8_store(acc, 72, a2_1)
+            a8_store(acc, 80, a2_2)
+            a8_store(acc, 88, a2_3)
 
 
 @njit(cache=True)
 def _t4x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
-        k, tmode, pcflip, pcthr, o0, shift, corr, cbases):
-    b0 = a_i64(bases, 0) + boff
-    b1 = a_i64(bases, 1) + boff
-    b2 = a_i64(bases, 2) + boff
-    b3 = a_i64(bases, 3) + boff
-    a0_0 = v8_zero()
-    a0_1 = v8_zero()
-    a0_2 = v8_zero()
-    a0_3 = v8_zero()
-    a1_0 = v8_zero()
-    a1_1 = v8_zero()
-    a1_2 = v8_zero()
-    a1_3 = v8_zero()
-    a2_0 = v8_zero()
-    a2_1 = v8_zero()
-    a2_2 = v8_zero()
-    a2_3 = v8_zero()
-    a3_0 = v8_zero()
-    a3_1 = v8_zero()
-    a3_2 = v8_zero()
-    a3_3 = v8_zero()
-    wi = wbase
-    for s in range(nsteps):  # one step = one word of one tap
-        o = a_i64(soff, s)
-        w0 = a8_load(wt, wi + 0)
-        w1 = a8_load(wt, wi + 8)
-        w2 = a8_load(wt, wi + 16)
-        w3 = a8_load(wt, wi + 24)
-        wi += 32
-        x = a8_bcast(xp, b0 + o)
-        a0_0 = v8_xpa(a0_0, w0, x)
-        a0_1 = v8_xpa(a0_1, w1, x)
-        a0_2 = v8_xpa(a0_2, w2, x)
-        a0_3 = v8_xpa(a0_3, w3, x)
-        x = a8_bcast(xp, b1 + o)
-        a1_0 = v8_xpa(a1_0, w0, x)
-        a1_1 = v8_xpa(a1_1, w1, x)
-        a1_2 = v8_xpa(a1_2, w2, x)
-        a1_3 = v8_xpa(a1_3, w3, x)
-        x = a8_bcast(xp, b2 + o)
-        a2_0 = v8_xpa(a2_0, w0, x)
-        a2_1 = v8_xpa(a2_1, w1, x)
-        a2_2 = v8_xpa(a2_2, w2, x)
-        a2_3 = v8_xpa(a2_3, w3, x)
-        x = a8_bcast(xp, b3 + o)
-        a3_0 = v8_xpa(a3_0, w0, x)
-        a3_1 = v8_xpa(a3_1, w1, x)
-        a3_2 = v8_xpa(a3_2, w2, x)
-        a3_3 = v8_xpa(a3_3, w3, x)
-    if tmode == TILE_INT32:
-        ob = a_i64(obases, 0) + ooff
-        a16_store_acc_i32(out, ob + 0, a0_0, a0_1, k)
-        a16_store_acc_i32(out, ob + 16, a0_2, a0_3, k)
-        ob = a_i64(obases, 1) + ooff
-        a16_store_acc_i32(out, ob + 0, a1_0, a1_1, k)
-        a16_store_acc_i32(out, ob + 16, a1_2, a1_3, k)
-        ob = a_i64(obases, 2) + ooff
-        a16_store_acc_i32(out, ob + 0, a2_0, a2_1, k)
-        a16_store_acc_i32(out, ob + 16, a2_2, a2_3, k)
-        ob = a_i64(obases, 3) + ooff
-        a16_store_acc_i32(out, ob + 0, a3_0, a3_1, k)
-        a16_store_acc_i32(out, ob + 16, a3_2, a3_3, k)
-    elif tmode == TILE_INT32_CORR:
-        ob = a_i64(obases, 0) + ooff
-        cb = a_i64(cbases, 0) + o0
-        a16_store_acc_corr_i32(out, ob + 0, a0_0, a0_1, k, corr, cb + 0)
-        a16_store_acc_corr_i32(out, ob + 16, a0_2, a0_3, k, corr, cb + 16)
-        ob = a_i64(obases, 1) + ooff
-        cb = a_i64(cbases, 1) + o0
-        a16_store_acc_corr_i32(out, ob + 0, a1_0, a1_1, k, corr, cb + 0)
-        a16_store_acc_corr_i32(out, ob + 16, a1_2, a1_3, k, corr, cb + 16)
-        ob = a_i64(obases, 2) + ooff
-        cb = a_i64(cbases, 2) + o0
-        a16_store_acc_corr_i32(out, ob + 0, a2_0, a2_1, k, corr, cb + 0)
-        a16_store_acc_corr_i32(out, ob + 16, a2_2, a2_3, k, corr, cb + 16)
-        ob = a_i64(obases, 3) + ooff
-        cb = a_i64(cbases, 3) + o0
-        a16_store_acc_corr_i32(out, ob + 0, a3_0, a3_1, k, corr, cb + 0)
-        a16_store_acc_corr_i32(out, ob + 16, a3_2, a3_3, k, corr, cb + 16)
-    elif tmode == TILE_BITS:
-        d0 = a8_load(pcflip, o0 + 0)
-        t0 = a8_load(pcthr, o0 + 0)
-        d1 = a8_load(pcflip, o0 + 8)
-        t1 = a8_load(pcthr, o0 + 8)
-        d2 = a8_load(pcflip, o0 + 16)
-        t2 = a8_load(pcthr, o0 + 16)
-        d3 = a8_load(pcflip, o0 + 24)
-        t3 = a8_load(pcthr, o0 + 24)
-        bits = (v8_pc_bits(a0_0, d0, t0) << 0)
-        bits |= (v8_pc_bits(a0_1, d1, t1) << 8)
-        bits |= (v8_pc_bits(a0_2, d2, t2) << 16)
-        bits |= (v8_pc_bits(a0_3, d3, t3) << 24)
-        a_or_u64(out, a_i64(obases, 0) + ooff, bits << shift)
-        bits = (v8_pc_bits(a1_0, d0, t0) << 0)
-        bits |= (v8_pc_bits(a1_1, d1, t1) << 8)
-        bits |= (v8_pc_bits(a1_2, d2, t2) << 16)
-        bits |= (v8_pc_bits(a1_3, d3, t3) << 24)
-        a_or_u64(out, a_i64(obases, 1) + ooff, bits << shift)
-        bits = (v8_pc_bits(a2_0, d0, t0) << 0)
-        bits |= (v8_pc_bits(a2_1, d1, t1) << 8)
-        bits |= (v8_pc_bits(a2_2, d2, t2) << 16)
-        bits |= (v8_pc_bits(a2_3, d3, t3) << 24)
-        a_or_u64(out, a_i64(obases, 2) + ooff, bits << shift)
-        bits = (v8_pc_bits(a3_0, d0, t0) << 0)
-        bits |= (v8_pc_bits(a3_1, d1, t1) << 8)
-        bits |= (v8_pc_bits(a3_2, d2, t2) << 16)
-        bits |= (v8_pc_bits(a3_3, d3, t3) << 24)
-        a_or_u64(out, a_i64(obases, 3) + ooff, bits << shift)
-    elif tmode == TILE_BITS_CORR:
-        d0 = a8_load(pcflip, o0 + 0)
-        t0 = a8_load(pcthr, o0 + 0)
-        d1 = a8_load(pcflip, o0 + 8)
-        t1 = a8_load(pcthr, o0 + 8)
-        d2 = a8_load(pcflip, o0 + 16)
-        t2 = a8_load(pcthr, o0 + 16)
-        d3 = a8_load(pcflip, o0 + 24)
-        t3 = a8_load(pcthr, o0 + 24)
-        cb = a_i64(cbases, 0) + o0
-        bits = (a8_threshold_bits(a0_0, k, corr, cb + 0, d0, t0) << 0)
-        bits |= (a8_threshold_bits(a0_1, k, corr, cb + 8, d1, t1) << 8)
-        bits |= (a8_threshold_bits(a0_2, k, corr, cb + 16, d2, t2) << 16)
-        bits |= (a8_threshold_bits(a0_3, k, corr, cb + 24, d3, t3) << 24)
-        a_or_u64(out, a_i64(obases, 0) + ooff, bits << shift)
-        cb = a_i64(cbases, 1) + o0
-        bits = (a8_threshold_bits(a1_0, k, corr, cb + 0, d0, t0) << 0)
-        bits |= (a8_threshold_bits(a1_1, k, corr, cb + 8, d1, t1) << 8)
-        bits |= (a8_threshold_bits(a1_2, k, corr, cb + 16, d2, t2) << 16)
-        bits |= (a8_threshold_bits(a1_3, k, corr, cb + 24, d3, t3) << 24)
-        a_or_u64(out, a_i64(obases, 1) + ooff, bits << shift)
-        cb = a_i64(cbases, 2) + o0
-        bits = (a8_threshold_bits(a2_0, k, corr, cb + 0, d0, t0) << 0)
-        bits |= (a8_threshold_bits(a2_1, k, corr, cb + 8, d1, t1) << 8)
-        bits |= (a8_threshold_bits(a2_2, k, corr, cb + 16, d2, t2) << 16)
-        bits |= (a8_threshold_bits(a2_3, k, corr, cb + 24, d3, t3) << 24)
-        a_or_u64(out, a_i64(obases, 2) + ooff, bits << shift)
-        cb = a_i64(cbases, 3) + o0
-        bits = (a8_threshold_bits(a3_0, k, corr, cb + 0, d0, t0) << 0)
-        bits |= (a8_threshold_bits(a3_1, k, corr, cb + 8, d1, t1) << 8)
-        bits |= (a8_threshold_bits(a3_2, k, corr, cb + 16, d2, t2) << 16)
-        bits |= (a8_threshold_bits(a3_3, k, corr, cb + 24, d3, t3) << 24)
-        a_or_u64(out, a_i64(obases, 3) + ooff, bits << shift)
-    else:  # TILE_SCRATCH
-        a8_store(acc, 0, a0_0)
-        a8_store(acc, 8, a0_1)
-        a8_store(acc, 16, a0_2)
-        a8_store(acc, 24, a0_3)
-        a8_store(acc, 32, a1_0)
-        a8_store(acc, 40, a1_1)
-        a8_store(acc, 48, a1_2)
-        a8_store(acc, 56, a1_3)
-        a8_store(acc, 64, a2_0)
-        a8_store(acc, 72, a2_1)
-        a8_store(acc, 80, a2_2)
-        a8_store(acc, 88, a2_3)
-        a8_store(acc, 96, a3_0)
-        a8_store(acc, 104, a3_1)
-        a8_store(acc, 112, a3_2)
-        a8_store(acc, 120, a3_3)
+        k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc):
+    for j in range(ntl):  # the run's tiles, MR table slots apart
+        q = j * 6
+        tmode_j = tmc if bord != 0 and a_u8(bord, j) != 0 else tmode
+        b0 = a_i64(bases, q + 0) + boff
+        b1 = a_i64(bases, q + 1) + boff
+        b2 = a_i64(bases, q + 2) + boff
+        b3 = a_i64(bases, q + 3) + boff
+        a0_0 = v8_zero()
+        a0_1 = v8_zero()
+        a0_2 = v8_zero()
+        a0_3 = v8_zero()
+        a1_0 = v8_zero()
+        a1_1 = v8_zero()
+        a1_2 = v8_zero()
+        a1_3 = v8_zero()
+        a2_0 = v8_zero()
+        a2_1 = v8_zero()
+        a2_2 = v8_zero()
+        a2_3 = v8_zero()
+        a3_0 = v8_zero()
+        a3_1 = v8_zero()
+        a3_2 = v8_zero()
+        a3_3 = v8_zero()
+        wi = wbase
+        for s in range(nsteps):  # one step = one word of one tap
+            o = a_i64(soff, s)
+            w0 = a8_load(wt, wi + 0)
+            w1 = a8_load(wt, wi + 8)
+            w2 = a8_load(wt, wi + 16)
+            w3 = a8_load(wt, wi + 24)
+            wi += 32
+            x = a8_bcast(xp, b0 + o)
+            a0_0 = v8_xpa(a0_0, w0, x)
+            a0_1 = v8_xpa(a0_1, w1, x)
+            a0_2 = v8_xpa(a0_2, w2, x)
+            a0_3 = v8_xpa(a0_3, w3, x)
+            x = a8_bcast(xp, b1 + o)
+            a1_0 = v8_xpa(a1_0, w0, x)
+            a1_1 = v8_xpa(a1_1, w1, x)
+            a1_2 = v8_xpa(a1_2, w2, x)
+            a1_3 = v8_xpa(a1_3, w3, x)
+            x = a8_bcast(xp, b2 + o)
+            a2_0 = v8_xpa(a2_0, w0, x)
+            a2_1 = v8_xpa(a2_1, w1, x)
+            a2_2 = v8_xpa(a2_2, w2, x)
+            a2_3 = v8_xpa(a2_3, w3, x)
+            x = a8_bcast(xp, b3 + o)
+            a3_0 = v8_xpa(a3_0, w0, x)
+            a3_1 = v8_xpa(a3_1, w1, x)
+            a3_2 = v8_xpa(a3_2, w2, x)
+            a3_3 = v8_xpa(a3_3, w3, x)
+        if tmode_j == TILE_INT32:
+            ob = a_i64(obases, q + 0) + ooff
+            a16_store_acc_i32(out, ob + 0, a0_0, a0_1, k)
+            a16_store_acc_i32(out, ob + 16, a0_2, a0_3, k)
+            ob = a_i64(obases, q + 1) + ooff
+            a16_store_acc_i32(out, ob + 0, a1_0, a1_1, k)
+            a16_store_acc_i32(out, ob + 16, a1_2, a1_3, k)
+            ob = a_i64(obases, q + 2) + ooff
+            a16_store_acc_i32(out, ob + 0, a2_0, a2_1, k)
+            a16_store_acc_i32(out, ob + 16, a2_2, a2_3, k)
+            ob = a_i64(obases, q + 3) + ooff
+            a16_store_acc_i32(out, ob + 0, a3_0, a3_1, k)
+            a16_store_acc_i32(out, ob + 16, a3_2, a3_3, k)
+        elif tmode_j == TILE_INT32_CORR:
+            ob = a_i64(obases, q + 0) + ooff
+            cb = a_i64(cbases, q + 0) + o0
+            a16_store_acc_corr_i32(out, ob + 0, a0_0, a0_1, k, corr, cb + 0)
+            a16_store_acc_corr_i32(out, ob + 16, a0_2, a0_3, k, corr, cb + 16)
+            ob = a_i64(obases, q + 1) + ooff
+            cb = a_i64(cbases, q + 1) + o0
+            a16_store_acc_corr_i32(out, ob + 0, a1_0, a1_1, k, corr, cb + 0)
+            a16_store_acc_corr_i32(out, ob + 16, a1_2, a1_3, k, corr, cb + 16)
+            ob = a_i64(obases, q + 2) + ooff
+            cb = a_i64(cbases, q + 2) + o0
+            a16_store_acc_corr_i32(out, ob + 0, a2_0, a2_1, k, corr, cb + 0)
+            a16_store_acc_corr_i32(out, ob + 16, a2_2, a2_3, k, corr, cb + 16)
+            ob = a_i64(obases, q + 3) + ooff
+            cb = a_i64(cbases, q + 3) + o0
+            a16_store_acc_corr_i32(out, ob + 0, a3_0, a3_1, k, corr, cb + 0)
+            a16_store_acc_corr_i32(out, ob + 16, a3_2, a3_3, k, corr, cb + 16)
+        elif tmode_j == TILE_BITS:
+            d0 = a8_load(pcflip, o0 + 0)
+            t0 = a8_load(pcthr, o0 + 0)
+            d1 = a8_load(pcflip, o0 + 8)
+            t1 = a8_load(pcthr, o0 + 8)
+            d2 = a8_load(pcflip, o0 + 16)
+            t2 = a8_load(pcthr, o0 + 16)
+            d3 = a8_load(pcflip, o0 + 24)
+            t3 = a8_load(pcthr, o0 + 24)
+            bits = (v8_pc_bits(a0_0, d0, t0) << 0)
+            bits |= (v8_pc_bits(a0_1, d1, t1) << 8)
+            bits |= (v8_pc_bits(a0_2, d2, t2) << 16)
+            bits |= (v8_pc_bits(a0_3, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 0) + ooff, bits << shift)
+            bits = (v8_pc_bits(a1_0, d0, t0) << 0)
+            bits |= (v8_pc_bits(a1_1, d1, t1) << 8)
+            bits |= (v8_pc_bits(a1_2, d2, t2) << 16)
+            bits |= (v8_pc_bits(a1_3, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 1) + ooff, bits << shift)
+            bits = (v8_pc_bits(a2_0, d0, t0) << 0)
+            bits |= (v8_pc_bits(a2_1, d1, t1) << 8)
+            bits |= (v8_pc_bits(a2_2, d2, t2) << 16)
+            bits |= (v8_pc_bits(a2_3, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 2) + ooff, bits << shift)
+            bits = (v8_pc_bits(a3_0, d0, t0) << 0)
+            bits |= (v8_pc_bits(a3_1, d1, t1) << 8)
+            bits |= (v8_pc_bits(a3_2, d2, t2) << 16)
+            bits |= (v8_pc_bits(a3_3, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 3) + ooff, bits << shift)
+        elif tmode_j == TILE_BITS_CORR:
+            d0 = a8_load(pcflip, o0 + 0)
+            t0 = a8_load(pcthr, o0 + 0)
+            d1 = a8_load(pcflip, o0 + 8)
+            t1 = a8_load(pcthr, o0 + 8)
+            d2 = a8_load(pcflip, o0 + 16)
+            t2 = a8_load(pcthr, o0 + 16)
+            d3 = a8_load(pcflip, o0 + 24)
+            t3 = a8_load(pcthr, o0 + 24)
+            cb = a_i64(cbases, q + 0) + o0
+            bits = (a8_threshold_bits(a0_0, k, corr, cb + 0, d0, t0) << 0)
+            bits |= (a8_threshold_bits(a0_1, k, corr, cb + 8, d1, t1) << 8)
+            bits |= (a8_threshold_bits(a0_2, k, corr, cb + 16, d2, t2) << 16)
+            bits |= (a8_threshold_bits(a0_3, k, corr, cb + 24, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 0) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 1) + o0
+            bits = (a8_threshold_bits(a1_0, k, corr, cb + 0, d0, t0) << 0)
+            bits |= (a8_threshold_bits(a1_1, k, corr, cb + 8, d1, t1) << 8)
+            bits |= (a8_threshold_bits(a1_2, k, corr, cb + 16, d2, t2) << 16)
+            bits |= (a8_threshold_bits(a1_3, k, corr, cb + 24, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 1) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 2) + o0
+            bits = (a8_threshold_bits(a2_0, k, corr, cb + 0, d0, t0) << 0)
+            bits |= (a8_threshold_bits(a2_1, k, corr, cb + 8, d1, t1) << 8)
+            bits |= (a8_threshold_bits(a2_2, k, corr, cb + 16, d2, t2) << 16)
+            bits |= (a8_threshold_bits(a2_3, k, corr, cb + 24, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 2) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 3) + o0
+            bits = (a8_threshold_bits(a3_0, k, corr, cb + 0, d0, t0) << 0)
+            bits |= (a8_threshold_bits(a3_1, k, corr, cb + 8, d1, t1) << 8)
+            bits |= (a8_threshold_bits(a3_2, k, corr, cb + 16, d2, t2) << 16)
+            bits |= (a8_threshold_bits(a3_3, k, corr, cb + 24, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 3) + ooff, bits << shift)
+        elif tmode_j == TILE_FUSED:
+            fz = fused_params(fp)
+            ob = a_i64(obases, q + 0) + ooff
+            w = fuse16(v16_acc_f32(a0_0, a0_1, k), o0 + 0, ob + 0, out, fz)
+            h = fuse16(v16_acc_f32(a0_2, a0_3, k), o0 + 16, ob + 16, out, fz)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 0) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 1) + ooff
+            w = fuse16(v16_acc_f32(a1_0, a1_1, k), o0 + 0, ob + 0, out, fz)
+            h = fuse16(v16_acc_f32(a1_2, a1_3, k), o0 + 16, ob + 16, out, fz)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 1) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 2) + ooff
+            w = fuse16(v16_acc_f32(a2_0, a2_1, k), o0 + 0, ob + 0, out, fz)
+            h = fuse16(v16_acc_f32(a2_2, a2_3, k), o0 + 16, ob + 16, out, fz)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 2) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 3) + ooff
+            w = fuse16(v16_acc_f32(a3_0, a3_1, k), o0 + 0, ob + 0, out, fz)
+            h = fuse16(v16_acc_f32(a3_2, a3_3, k), o0 + 16, ob + 16, out, fz)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 3) + shift, 0, np.uint32(w))
+        elif tmode_j == TILE_FUSED_CORR:
+            fz = fused_params(fp)
+            ob = a_i64(obases, q + 0) + ooff
+            cb = a_i64(cbases, q + 0) + o0
+            w = fuse16(v16_acc_corr_f32(a0_0, a0_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz)
+            h = fuse16(v16_acc_corr_f32(a0_2, a0_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 0) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 1) + ooff
+            cb = a_i64(cbases, q + 1) + o0
+            w = fuse16(v16_acc_corr_f32(a1_0, a1_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz)
+            h = fuse16(v16_acc_corr_f32(a1_2, a1_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 1) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 2) + ooff
+            cb = a_i64(cbases, q + 2) + o0
+            w = fuse16(v16_acc_corr_f32(a2_0, a2_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz)
+            h = fuse16(v16_acc_corr_f32(a2_2, a2_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 2) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 3) + ooff
+            cb = a_i64(cbases, q + 3) + o0
+            w = fuse16(v16_acc_corr_f32(a3_0, a3_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz)
+            h = fuse16(v16_acc_corr_f32(a3_2, a3_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 3) + shift, 0, np.uint32(w))
+        else:  # TILE_SCRATCH
+            a8_store(acc, 0, a0_0)
+            a8_store(acc, 8, a0_1)
+            a8_store(acc, 16, a0_2)
+            a8_store(acc, 24, a0_3)
+            a8_store(acc, 32, a1_0)
+            a8_store(acc, 40, a1_1)
+            a8_store(acc, 48, a1_2)
+            a8_store(acc, 56, a1_3)
+            a8_store(acc, 64, a2_0)
+            a8_store(acc, 72, a2_1)
+            a8_store(acc, 80, a2_2)
+            a8_store(acc, 88, a2_3)
+            a8_store(acc, 96, a3_0)
+            a8_store(acc, 104, a3_1)
+            a8_store(acc, 112, a3_2)
+            a8_store(acc, 120, a3_3)
 
 
 @njit(cache=True)
 def _t5x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
-        k, tmode, pcflip, pcthr, o0, shift, corr, cbases):
-    b0 = a_i64(bases, 0) + boff
-    b1 = a_i64(bases, 1) + boff
-    b2 = a_i64(bases, 2) + boff
-    b3 = a_i64(bases, 3) + boff
-    b4 = a_i64(bases, 4) + boff
-    a0_0 = v8_zero()
-    a0_1 = v8_zero()
-    a0_2 = v8_zero()
-    a0_3 = v8_zero()
-    a1_0 = v8_zero()
-    a1_1 = v8_zero()
-    a1_2 = v8_zero()
-    a1_3 = v8_zero()
-    a2_0 = v8_zero()
-    a2_1 = v8_zero()
-    a2_2 = v8_zero()
-    a2_3 = v8_zero()
-    a3_0 = v8_zero()
-    a3_1 = v8_zero()
-    a3_2 = v8_zero()
-    a3_3 = v8_zero()
-    a4_0 = v8_zero()
-    a4_1 = v8_zero()
-    a4_2 = v8_zero()
-    a4_3 = v8_zero()
-    wi = wbase
-    for s in range(nsteps):  # one step = one word of one tap
-        o = a_i64(soff, s)
-        w0 = a8_load(wt, wi + 0)
-        w1 = a8_load(wt, wi + 8)
-        w2 = a8_load(wt, wi + 16)
-        w3 = a8_load(wt, wi + 24)
-        wi += 32
-        x = a8_bcast(xp, b0 + o)
-        a0_0 = v8_xpa(a0_0, w0, x)
-        a0_1 = v8_xpa(a0_1, w1, x)
-        a0_2 = v8_xpa(a0_2, w2, x)
-        a0_3 = v8_xpa(a0_3, w3, x)
-        x = a8_bcast(xp, b1 + o)
-        a1_0 = v8_xpa(a1_0, w0, x)
-        a1_1 = v8_xpa(a1_1, w1, x)
-        a1_2 = v8_xpa(a1_2, w2, x)
-        a1_3 = v8_xpa(a1_3, w3, x)
-        x = a8_bcast(xp, b2 + o)
-        a2_0 = v8_xpa(a2_0, w0, x)
-        a2_1 = v8_xpa(a2_1, w1, x)
-        a2_2 = v8_xpa(a2_2, w2, x)
-        a2_3 = v8_xpa(a2_3, w3, x)
-        x = a8_bcast(xp, b3 + o)
-        a3_0 = v8_xpa(a3_0, w0, x)
-        a3_1 = v8_xpa(a3_1, w1, x)
-        a3_2 = v8_xpa(a3_2, w2, x)
-        a3_3 = v8_xpa(a3_3, w3, x)
-        x = a8_bcast(xp, b4 + o)
-        a4_0 = v8_xpa(a4_0, w0, x)
-        a4_1 = v8_xpa(a4_1, w1, x)
-        a4_2 = v8_xpa(a4_2, w2, x)
-        a4_3 = v8_xpa(a4_3, w3, x)
-    if tmode == TILE_INT32:
-        ob = a_i64(obases, 0) + ooff
-        a16_store_acc_i32(out, ob + 0, a0_0, a0_1, k)
-        a16_store_acc_i32(out, ob + 16, a0_2, a0_3, k)
-        ob = a_i64(obases, 1) + ooff
-        a16_store_acc_i32(out, ob + 0, a1_0, a1_1, k)
-        a16_store_acc_i32(out, ob + 16, a1_2, a1_3, k)
-        ob = a_i64(obases, 2) + ooff
-        a16_store_acc_i32(out, ob + 0, a2_0, a2_1, k)
-        a16_store_acc_i32(out, ob + 16, a2_2, a2_3, k)
-        ob = a_i64(obases, 3) + ooff
-        a16_store_acc_i32(out, ob + 0, a3_0, a3_1, k)
-        a16_store_acc_i32(out, ob + 16, a3_2, a3_3, k)
-        ob = a_i64(obases, 4) + ooff
-        a16_store_acc_i32(out, ob + 0, a4_0, a4_1, k)
-        a16_store_acc_i32(out, ob + 16, a4_2, a4_3, k)
-    elif tmode == TILE_INT32_CORR:
-        ob = a_i64(obases, 0) + ooff
-        cb = a_i64(cbases, 0) + o0
-        a16_store_acc_corr_i32(out, ob + 0, a0_0, a0_1, k, corr, cb + 0)
-        a16_store_acc_corr_i32(out, ob + 16, a0_2, a0_3, k, corr, cb + 16)
-        ob = a_i64(obases, 1) + ooff
-        cb = a_i64(cbases, 1) + o0
-        a16_store_acc_corr_i32(out, ob + 0, a1_0, a1_1, k, corr, cb + 0)
-        a16_store_acc_corr_i32(out, ob + 16, a1_2, a1_3, k, corr, cb + 16)
-        ob = a_i64(obases, 2) + ooff
-        cb = a_i64(cbases, 2) + o0
-        a16_store_acc_corr_i32(out, ob + 0, a2_0, a2_1, k, corr, cb + 0)
-        a16_store_acc_corr_i32(out, ob + 16, a2_2, a2_3, k, corr, cb + 16)
-        ob = a_i64(obases, 3) + ooff
-        cb = a_i64(cbases, 3) + o0
-        a16_store_acc_corr_i32(out, ob + 0, a3_0, a3_1, k, corr, cb + 0)
-        a16_store_acc_corr_i32(out, ob + 16, a3_2, a3_3, k, corr, cb + 16)
-        ob = a_i64(obases, 4) + ooff
-        cb = a_i64(cbases, 4) + o0
-        a16_store_acc_corr_i32(out, ob + 0, a4_0, a4_1, k, corr, cb + 0)
-        a16_store_acc_corr_i32(out, ob + 16, a4_2, a4_3, k, corr, cb + 16)
-    elif tmode == TILE_BITS:
-        d0 = a8_load(pcflip, o0 + 0)
-        t0 = a8_load(pcthr, o0 + 0)
-        d1 = a8_load(pcflip, o0 + 8)
-        t1 = a8_load(pcthr, o0 + 8)
-        d2 = a8_load(pcflip, o0 + 16)
-        t2 = a8_load(pcthr, o0 + 16)
-        d3 = a8_load(pcflip, o0 + 24)
-        t3 = a8_load(pcthr, o0 + 24)
-        bits = (v8_pc_bits(a0_0, d0, t0) << 0)
-        bits |= (v8_pc_bits(a0_1, d1, t1) << 8)
-        bits |= (v8_pc_bits(a0_2, d2, t2) << 16)
-        bits |= (v8_pc_bits(a0_3, d3, t3) << 24)
-        a_or_u64(out, a_i64(obases, 0) + ooff, bits << shift)
-        bits = (v8_pc_bits(a1_0, d0, t0) << 0)
-        bits |= (v8_pc_bits(a1_1, d1, t1) << 8)
-        bits |= (v8_pc_bits(a1_2, d2, t2) << 16)
-        bits |= (v8_pc_bits(a1_3, d3, t3) << 24)
-        a_or_u64(out, a_i64(obases, 1) + ooff, bits << shift)
-        bits = (v8_pc_bits(a2_0, d0, t0) << 0)
-        bits |= (v8_pc_bits(a2_1, d1, t1) << 8)
-        bits |= (v8_pc_bits(a2_2, d2, t2) << 16)
-        bits |= (v8_pc_bits(a2_3, d3, t3) << 24)
-        a_or_u64(out, a_i64(obases, 2) + ooff, bits << shift)
-        bits = (v8_pc_bits(a3_0, d0, t0) << 0)
-        bits |= (v8_pc_bits(a3_1, d1, t1) << 8)
-        bits |= (v8_pc_bits(a3_2, d2, t2) << 16)
-        bits |= (v8_pc_bits(a3_3, d3, t3) << 24)
-        a_or_u64(out, a_i64(obases, 3) + ooff, bits << shift)
-        bits = (v8_pc_bits(a4_0, d0, t0) << 0)
-        bits |= (v8_pc_bits(a4_1, d1, t1) << 8)
-        bits |= (v8_pc_bits(a4_2, d2, t2) << 16)
-        bits |= (v8_pc_bits(a4_3, d3, t3) << 24)
-        a_or_u64(out, a_i64(obases, 4) + ooff, bits << shift)
-    elif tmode == TILE_BITS_CORR:
-        d0 = a8_load(pcflip, o0 + 0)
-        t0 = a8_load(pcthr, o0 + 0)
-        d1 = a8_load(pcflip, o0 + 8)
-        t1 = a8_load(pcthr, o0 + 8)
-        d2 = a8_load(pcflip, o0 + 16)
-        t2 = a8_load(pcthr, o0 + 16)
-        d3 = a8_load(pcflip, o0 + 24)
-        t3 = a8_load(pcthr, o0 + 24)
-        cb = a_i64(cbases, 0) + o0
-        bits = (a8_threshold_bits(a0_0, k, corr, cb + 0, d0, t0) << 0)
-        bits |= (a8_threshold_bits(a0_1, k, corr, cb + 8, d1, t1) << 8)
-        bits |= (a8_threshold_bits(a0_2, k, corr, cb + 16, d2, t2) << 16)
-        bits |= (a8_threshold_bits(a0_3, k, corr, cb + 24, d3, t3) << 24)
-        a_or_u64(out, a_i64(obases, 0) + ooff, bits << shift)
-        cb = a_i64(cbases, 1) + o0
-        bits = (a8_threshold_bits(a1_0, k, corr, cb + 0, d0, t0) << 0)
-        bits |= (a8_threshold_bits(a1_1, k, corr, cb + 8, d1, t1) << 8)
-        bits |= (a8_threshold_bits(a1_2, k, corr, cb + 16, d2, t2) << 16)
-        bits |= (a8_threshold_bits(a1_3, k, corr, cb + 24, d3, t3) << 24)
-        a_or_u64(out, a_i64(obases, 1) + ooff, bits << shift)
-        cb = a_i64(cbases, 2) + o0
-        bits = (a8_threshold_bits(a2_0, k, corr, cb + 0, d0, t0) << 0)
-        bits |= (a8_threshold_bits(a2_1, k, corr, cb + 8, d1, t1) << 8)
-        bits |= (a8_threshold_bits(a2_2, k, corr, cb + 16, d2, t2) << 16)
-        bits |= (a8_threshold_bits(a2_3, k, corr, cb + 24, d3, t3) << 24)
-        a_or_u64(out, a_i64(obases, 2) + ooff, bits << shift)
-        cb = a_i64(cbases, 3) + o0
-        bits = (a8_threshold_bits(a3_0, k, corr, cb + 0, d0, t0) << 0)
-        bits |= (a8_threshold_bits(a3_1, k, corr, cb + 8, d1, t1) << 8)
-        bits |= (a8_threshold_bits(a3_2, k, corr, cb + 16, d2, t2) << 16)
-        bits |= (a8_threshold_bits(a3_3, k, corr, cb + 24, d3, t3) << 24)
-        a_or_u64(out, a_i64(obases, 3) + ooff, bits << shift)
-        cb = a_i64(cbases, 4) + o0
-        bits = (a8_threshold_bits(a4_0, k, corr, cb + 0, d0, t0) << 0)
-        bits |= (a8_threshold_bits(a4_1, k, corr, cb + 8, d1, t1) << 8)
-        bits |= (a8_threshold_bits(a4_2, k, corr, cb + 16, d2, t2) << 16)
-        bits |= (a8_threshold_bits(a4_3, k, corr, cb + 24, d3, t3) << 24)
-        a_or_u64(out, a_i64(obases, 4) + ooff, bits << shift)
-    else:  # TILE_SCRATCH
-        a8_store(acc, 0, a0_0)
-        a8_store(acc, 8, a0_1)
-        a8_store(acc, 16, a0_2)
-        a8_store(acc, 24, a0_3)
-        a8_store(acc, 32, a1_0)
-        a8_store(acc, 40, a1_1)
-        a8_store(acc, 48, a1_2)
-        a8_store(acc, 56, a1_3)
-        a8_store(acc, 64, a2_0)
-        a8_store(acc, 72, a2_1)
-        a8_store(acc, 80, a2_2)
-        a8_store(acc, 88, a2_3)
-        a8_store(acc, 96, a3_0)
-        a8_store(acc, 104, a3_1)
-        a8_store(acc, 112, a3_2)
-        a8_store(acc, 120, a3_3)
-        a8_store(acc, 128, a4_0)
-        a8_store(acc, 136, a4_1)
-        a8_store(acc, 144, a4_2)
-        a8_store(acc, 152, a4_3)
+        k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc):
+    for j in range(ntl):  # the run's tiles, MR table slots apart
+        q = j * 6
+        tmode_j = tmc if bord != 0 and a_u8(bord, j) != 0 else tmode
+        b0 = a_i64(bases, q + 0) + boff
+        b1 = a_i64(bases, q + 1) + boff
+        b2 = a_i64(bases, q + 2) + boff
+        b3 = a_i64(bases, q + 3) + boff
+        b4 = a_i64(bases, q + 4) + boff
+        a0_0 = v8_zero()
+        a0_1 = v8_zero()
+        a0_2 = v8_zero()
+        a0_3 = v8_zero()
+        a1_0 = v8_zero()
+        a1_1 = v8_zero()
+        a1_2 = v8_zero()
+        a1_3 = v8_zero()
+        a2_0 = v8_zero()
+        a2_1 = v8_zero()
+        a2_2 = v8_zero()
+        a2_3 = v8_zero()
+        a3_0 = v8_zero()
+        a3_1 = v8_zero()
+        a3_2 = v8_zero()
+        a3_3 = v8_zero()
+        a4_0 = v8_zero()
+        a4_1 = v8_zero()
+        a4_2 = v8_zero()
+        a4_3 = v8_zero()
+        wi = wbase
+        for s in range(nsteps):  # one step = one word of one tap
+            o = a_i64(soff, s)
+            w0 = a8_load(wt, wi + 0)
+            w1 = a8_load(wt, wi + 8)
+            w2 = a8_load(wt, wi + 16)
+            w3 = a8_load(wt, wi + 24)
+            wi += 32
+            x = a8_bcast(xp, b0 + o)
+            a0_0 = v8_xpa(a0_0, w0, x)
+            a0_1 = v8_xpa(a0_1, w1, x)
+            a0_2 = v8_xpa(a0_2, w2, x)
+            a0_3 = v8_xpa(a0_3, w3, x)
+            x = a8_bcast(xp, b1 + o)
+            a1_0 = v8_xpa(a1_0, w0, x)
+            a1_1 = v8_xpa(a1_1, w1, x)
+            a1_2 = v8_xpa(a1_2, w2, x)
+            a1_3 = v8_xpa(a1_3, w3, x)
+            x = a8_bcast(xp, b2 + o)
+            a2_0 = v8_xpa(a2_0, w0, x)
+            a2_1 = v8_xpa(a2_1, w1, x)
+            a2_2 = v8_xpa(a2_2, w2, x)
+            a2_3 = v8_xpa(a2_3, w3, x)
+            x = a8_bcast(xp, b3 + o)
+            a3_0 = v8_xpa(a3_0, w0, x)
+            a3_1 = v8_xpa(a3_1, w1, x)
+            a3_2 = v8_xpa(a3_2, w2, x)
+            a3_3 = v8_xpa(a3_3, w3, x)
+            x = a8_bcast(xp, b4 + o)
+            a4_0 = v8_xpa(a4_0, w0, x)
+            a4_1 = v8_xpa(a4_1, w1, x)
+            a4_2 = v8_xpa(a4_2, w2, x)
+            a4_3 = v8_xpa(a4_3, w3, x)
+        if tmode_j == TILE_INT32:
+            ob = a_i64(obases, q + 0) + ooff
+            a16_store_acc_i32(out, ob + 0, a0_0, a0_1, k)
+            a16_store_acc_i32(out, ob + 16, a0_2, a0_3, k)
+            ob = a_i64(obases, q + 1) + ooff
+            a16_store_acc_i32(out, ob + 0, a1_0, a1_1, k)
+            a16_store_acc_i32(out, ob + 16, a1_2, a1_3, k)
+            ob = a_i64(obases, q + 2) + ooff
+            a16_store_acc_i32(out, ob + 0, a2_0, a2_1, k)
+            a16_store_acc_i32(out, ob + 16, a2_2, a2_3, k)
+            ob = a_i64(obases, q + 3) + ooff
+            a16_store_acc_i32(out, ob + 0, a3_0, a3_1, k)
+            a16_store_acc_i32(out, ob + 16, a3_2, a3_3, k)
+            ob = a_i64(obases, q + 4) + ooff
+            a16_store_acc_i32(out, ob + 0, a4_0, a4_1, k)
+            a16_store_acc_i32(out, ob + 16, a4_2, a4_3, k)
+        elif tmode_j == TILE_INT32_CORR:
+            ob = a_i64(obases, q + 0) + ooff
+            cb = a_i64(cbases, q + 0) + o0
+            a16_store_acc_corr_i32(out, ob + 0, a0_0, a0_1, k, corr, cb + 0)
+            a16_store_acc_corr_i32(out, ob + 16, a0_2, a0_3, k, corr, cb + 16)
+            ob = a_i64(obases, q + 1) + ooff
+            cb = a_i64(cbases, q + 1) + o0
+            a16_store_acc_corr_i32(out, ob + 0, a1_0, a1_1, k, corr, cb + 0)
+            a16_store_acc_corr_i32(out, ob + 16, a1_2, a1_3, k, corr, cb + 16)
+            ob = a_i64(obases, q + 2) + ooff
+            cb = a_i64(cbases, q + 2) + o0
+            a16_store_acc_corr_i32(out, ob + 0, a2_0, a2_1, k, corr, cb + 0)
+            a16_store_acc_corr_i32(out, ob + 16, a2_2, a2_3, k, corr, cb + 16)
+            ob = a_i64(obases, q + 3) + ooff
+            cb = a_i64(cbases, q + 3) + o0
+            a16_store_acc_corr_i32(out, ob + 0, a3_0, a3_1, k, corr, cb + 0)
+            a16_store_acc_corr_i32(out, ob + 16, a3_2, a3_3, k, corr, cb + 16)
+            ob = a_i64(obases, q + 4) + ooff
+            cb = a_i64(cbases, q + 4) + o0
+            a16_store_acc_corr_i32(out, ob + 0, a4_0, a4_1, k, corr, cb + 0)
+            a16_store_acc_corr_i32(out, ob + 16, a4_2, a4_3, k, corr, cb + 16)
+        elif tmode_j == TILE_BITS:
+            d0 = a8_load(pcflip, o0 + 0)
+            t0 = a8_load(pcthr, o0 + 0)
+            d1 = a8_load(pcflip, o0 + 8)
+            t1 = a8_load(pcthr, o0 + 8)
+            d2 = a8_load(pcflip, o0 + 16)
+            t2 = a8_load(pcthr, o0 + 16)
+            d3 = a8_load(pcflip, o0 + 24)
+            t3 = a8_load(pcthr, o0 + 24)
+            bits = (v8_pc_bits(a0_0, d0, t0) << 0)
+            bits |= (v8_pc_bits(a0_1, d1, t1) << 8)
+            bits |= (v8_pc_bits(a0_2, d2, t2) << 16)
+            bits |= (v8_pc_bits(a0_3, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 0) + ooff, bits << shift)
+            bits = (v8_pc_bits(a1_0, d0, t0) << 0)
+            bits |= (v8_pc_bits(a1_1, d1, t1) << 8)
+            bits |= (v8_pc_bits(a1_2, d2, t2) << 16)
+            bits |= (v8_pc_bits(a1_3, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 1) + ooff, bits << shift)
+            bits = (v8_pc_bits(a2_0, d0, t0) << 0)
+            bits |= (v8_pc_bits(a2_1, d1, t1) << 8)
+            bits |= (v8_pc_bits(a2_2, d2, t2) << 16)
+            bits |= (v8_pc_bits(a2_3, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 2) + ooff, bits << shift)
+            bits = (v8_pc_bits(a3_0, d0, t0) << 0)
+            bits |= (v8_pc_bits(a3_1, d1, t1) << 8)
+            bits |= (v8_pc_bits(a3_2, d2, t2) << 16)
+            bits |= (v8_pc_bits(a3_3, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 3) + ooff, bits << shift)
+            bits = (v8_pc_bits(a4_0, d0, t0) << 0)
+            bits |= (v8_pc_bits(a4_1, d1, t1) << 8)
+            bits |= (v8_pc_bits(a4_2, d2, t2) << 16)
+            bits |= (v8_pc_bits(a4_3, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 4) + ooff, bits << shift)
+        elif tmode_j == TILE_BITS_CORR:
+            d0 = a8_load(pcflip, o0 + 0)
+            t0 = a8_load(pcthr, o0 + 0)
+            d1 = a8_load(pcflip, o0 + 8)
+            t1 = a8_load(pcthr, o0 + 8)
+            d2 = a8_load(pcflip, o0 + 16)
+            t2 = a8_load(pcthr, o0 + 16)
+            d3 = a8_load(pcflip, o0 + 24)
+            t3 = a8_load(pcthr, o0 + 24)
+            cb = a_i64(cbases, q + 0) + o0
+            bits = (a8_threshold_bits(a0_0, k, corr, cb + 0, d0, t0) << 0)
+            bits |= (a8_threshold_bits(a0_1, k, corr, cb + 8, d1, t1) << 8)
+            bits |= (a8_threshold_bits(a0_2, k, corr, cb + 16, d2, t2) << 16)
+            bits |= (a8_threshold_bits(a0_3, k, corr, cb + 24, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 0) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 1) + o0
+            bits = (a8_threshold_bits(a1_0, k, corr, cb + 0, d0, t0) << 0)
+            bits |= (a8_threshold_bits(a1_1, k, corr, cb + 8, d1, t1) << 8)
+            bits |= (a8_threshold_bits(a1_2, k, corr, cb + 16, d2, t2) << 16)
+            bits |= (a8_threshold_bits(a1_3, k, corr, cb + 24, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 1) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 2) + o0
+            bits = (a8_threshold_bits(a2_0, k, corr, cb + 0, d0, t0) << 0)
+            bits |= (a8_threshold_bits(a2_1, k, corr, cb + 8, d1, t1) << 8)
+            bits |= (a8_threshold_bits(a2_2, k, corr, cb + 16, d2, t2) << 16)
+            bits |= (a8_threshold_bits(a2_3, k, corr, cb + 24, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 2) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 3) + o0
+            bits = (a8_threshold_bits(a3_0, k, corr, cb + 0, d0, t0) << 0)
+            bits |= (a8_threshold_bits(a3_1, k, corr, cb + 8, d1, t1) << 8)
+            bits |= (a8_threshold_bits(a3_2, k, corr, cb + 16, d2, t2) << 16)
+            bits |= (a8_threshold_bits(a3_3, k, corr, cb + 24, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 3) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 4) + o0
+            bits = (a8_threshold_bits(a4_0, k, corr, cb + 0, d0, t0) << 0)
+            bits |= (a8_threshold_bits(a4_1, k, corr, cb + 8, d1, t1) << 8)
+            bits |= (a8_threshold_bits(a4_2, k, corr, cb + 16, d2, t2) << 16)
+            bits |= (a8_threshold_bits(a4_3, k, corr, cb + 24, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 4) + ooff, bits << shift)
+        elif tmode_j == TILE_FUSED:
+            fz = fused_params(fp)
+            ob = a_i64(obases, q + 0) + ooff
+            w = fuse16(v16_acc_f32(a0_0, a0_1, k), o0 + 0, ob + 0, out, fz)
+            h = fuse16(v16_acc_f32(a0_2, a0_3, k), o0 + 16, ob + 16, out, fz)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 0) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 1) + ooff
+            w = fuse16(v16_acc_f32(a1_0, a1_1, k), o0 + 0, ob + 0, out, fz)
+            h = fuse16(v16_acc_f32(a1_2, a1_3, k), o0 + 16, ob + 16, out, fz)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 1) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 2) + ooff
+            w = fuse16(v16_acc_f32(a2_0, a2_1, k), o0 + 0, ob + 0, out, fz)
+            h = fuse16(v16_acc_f32(a2_2, a2_3, k), o0 + 16, ob + 16, out, fz)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 2) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 3) + ooff
+            w = fuse16(v16_acc_f32(a3_0, a3_1, k), o0 + 0, ob + 0, out, fz)
+            h = fuse16(v16_acc_f32(a3_2, a3_3, k), o0 + 16, ob + 16, out, fz)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 3) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 4) + ooff
+            w = fuse16(v16_acc_f32(a4_0, a4_1, k), o0 + 0, ob + 0, out, fz)
+            h = fuse16(v16_acc_f32(a4_2, a4_3, k), o0 + 16, ob + 16, out, fz)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 4) + shift, 0, np.uint32(w))
+        elif tmode_j == TILE_FUSED_CORR:
+            fz = fused_params(fp)
+            ob = a_i64(obases, q + 0) + ooff
+            cb = a_i64(cbases, q + 0) + o0
+            w = fuse16(v16_acc_corr_f32(a0_0, a0_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz)
+            h = fuse16(v16_acc_corr_f32(a0_2, a0_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 0) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 1) + ooff
+            cb = a_i64(cbases, q + 1) + o0
+            w = fuse16(v16_acc_corr_f32(a1_0, a1_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz)
+            h = fuse16(v16_acc_corr_f32(a1_2, a1_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 1) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 2) + ooff
+            cb = a_i64(cbases, q + 2) + o0
+            w = fuse16(v16_acc_corr_f32(a2_0, a2_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz)
+            h = fuse16(v16_acc_corr_f32(a2_2, a2_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 2) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 3) + ooff
+            cb = a_i64(cbases, q + 3) + o0
+            w = fuse16(v16_acc_corr_f32(a3_0, a3_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz)
+            h = fuse16(v16_acc_corr_f32(a3_2, a3_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 3) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 4) + ooff
+            cb = a_i64(cbases, q + 4) + o0
+            w = fuse16(v16_acc_corr_f32(a4_0, a4_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz)
+            h = fuse16(v16_acc_corr_f32(a4_2, a4_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 4) + shift, 0, np.uint32(w))
+        else:  # TILE_SCRATCH
+            a8_store(acc, 0, a0_0)
+            a8_store(acc, 8, a0_1)
+            a8_store(acc, 16, a0_2)
+            a8_store(acc, 24, a0_3)
+            a8_store(acc, 32, a1_0)
+            a8_store(acc, 40, a1_1)
+            a8_store(acc, 48, a1_2)
+            a8_store(acc, 56, a1_3)
+            a8_store(acc, 64, a2_0)
+            a8_store(acc, 72, a2_1)
+            a8_store(acc, 80, a2_2)
+            a8_store(acc, 88, a2_3)
+            a8_store(acc, 96, a3_0)
+            a8_store(acc, 104, a3_1)
+            a8_store(acc, 112, a3_2)
+            a8_store(acc, 120, a3_3)
+            a8_store(acc, 128, a4_0)
+            a8_store(acc, 136, a4_1)
+            a8_store(acc, 144, a4_2)
+            a8_store(acc, 152, a4_3)
 
 
 @njit(cache=True)
 def _t6x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
-        k, tmode, pcflip, pcthr, o0, shift, corr, cbases):
-    b0 = a_i64(bases, 0) + boff
-    b1 = a_i64(bases, 1) + boff
-    b2 = a_i64(bases, 2) + boff
-    b3 = a_i64(bases, 3) + boff
-    b4 = a_i64(bases, 4) + boff
-    b5 = a_i64(bases, 5) + boff
-    a0_0 = v8_zero()
-    a0_1 = v8_zero()
-    a0_2 = v8_zero()
-    a0_3 = v8_zero()
-    a1_0 = v8_zero()
-    a1_1 = v8_zero()
-    a1_2 = v8_zero()
-    a1_3 = v8_zero()
-    a2_0 = v8_zero()
-    a2_1 = v8_zero()
-    a2_2 = v8_zero()
-    a2_3 = v8_zero()
-    a3_0 = v8_zero()
-    a3_1 = v8_zero()
-    a3_2 = v8_zero()
-    a3_3 = v8_zero()
-    a4_0 = v8_zero()
-    a4_1 = v8_zero()
-    a4_2 = v8_zero()
-    a4_3 = v8_zero()
-    a5_0 = v8_zero()
-    a5_1 = v8_zero()
-    a5_2 = v8_zero()
-    a5_3 = v8_zero()
-    wi = wbase
-    for s in range(nsteps):  # one step = one word of one tap
-        o = a_i64(soff, s)
-        w0 = a8_load(wt, wi + 0)
-        w1 = a8_load(wt, wi + 8)
-        w2 = a8_load(wt, wi + 16)
-        w3 = a8_load(wt, wi + 24)
-        wi += 32
-        x = a8_bcast(xp, b0 + o)
-        a0_0 = v8_xpa(a0_0, w0, x)
-        a0_1 = v8_xpa(a0_1, w1, x)
-        a0_2 = v8_xpa(a0_2, w2, x)
-        a0_3 = v8_xpa(a0_3, w3, x)
-        x = a8_bcast(xp, b1 + o)
-        a1_0 = v8_xpa(a1_0, w0, x)
-        a1_1 = v8_xpa(a1_1, w1, x)
-        a1_2 = v8_xpa(a1_2, w2, x)
-        a1_3 = v8_xpa(a1_3, w3, x)
-        x = a8_bcast(xp, b2 + o)
-        a2_0 = v8_xpa(a2_0, w0, x)
-        a2_1 = v8_xpa(a2_1, w1, x)
-        a2_2 = v8_xpa(a2_2, w2, x)
-        a2_3 = v8_xpa(a2_3, w3, x)
-        x = a8_bcast(xp, b3 + o)
-        a3_0 = v8_xpa(a3_0, w0, x)
-        a3_1 = v8_xpa(a3_1, w1, x)
-        a3_2 = v8_xpa(a3_2, w2, x)
-        a3_3 = v8_xpa(a3_3, w3, x)
-        x = a8_bcast(xp, b4 + o)
-        a4_0 = v8_xpa(a4_0, w0, x)
-        a4_1 = v8_xpa(a4_1, w1, x)
-        a4_2 = v8_xpa(a4_2, w2, x)
-        a4_3 = v8_xpa(a4_3, w3, x)
-        x = a8_bcast(xp, b5 + o)
-        a5_0 = v8_xpa(a5_0, w0, x)
-        a5_1 = v8_xpa(a5_1, w1, x)
-        a5_2 = v8_xpa(a5_2, w2, x)
-        a5_3 = v8_xpa(a5_3, w3, x)
-    if tmode == TILE_INT32:
-        ob = a_i64(obases, 0) + ooff
-        a16_store_acc_i32(out, ob + 0, a0_0, a0_1, k)
-        a16_store_acc_i32(out, ob + 16, a0_2, a0_3, k)
-        ob = a_i64(obases, 1) + ooff
-        a16_store_acc_i32(out, ob + 0, a1_0, a1_1, k)
-        a16_store_acc_i32(out, ob + 16, a1_2, a1_3, k)
-        ob = a_i64(obases, 2) + ooff
-        a16_store_acc_i32(out, ob + 0, a2_0, a2_1, k)
-        a16_store_acc_i32(out, ob + 16, a2_2, a2_3, k)
-        ob = a_i64(obases, 3) + ooff
-        a16_store_acc_i32(out, ob + 0, a3_0, a3_1, k)
-        a16_store_acc_i32(out, ob + 16, a3_2, a3_3, k)
-        ob = a_i64(obases, 4) + ooff
-        a16_store_acc_i32(out, ob + 0, a4_0, a4_1, k)
-        a16_store_acc_i32(out, ob + 16, a4_2, a4_3, k)
-        ob = a_i64(obases, 5) + ooff
-        a16_store_acc_i32(out, ob + 0, a5_0, a5_1, k)
-        a16_store_acc_i32(out, ob + 16, a5_2, a5_3, k)
-    elif tmode == TILE_INT32_CORR:
-        ob = a_i64(obases, 0) + ooff
-        cb = a_i64(cbases, 0) + o0
-        a16_store_acc_corr_i32(out, ob + 0, a0_0, a0_1, k, corr, cb + 0)
-        a16_store_acc_corr_i32(out, ob + 16, a0_2, a0_3, k, corr, cb + 16)
-        ob = a_i64(obases, 1) + ooff
-        cb = a_i64(cbases, 1) + o0
-        a16_store_acc_corr_i32(out, ob + 0, a1_0, a1_1, k, corr, cb + 0)
-        a16_store_acc_corr_i32(out, ob + 16, a1_2, a1_3, k, corr, cb + 16)
-        ob = a_i64(obases, 2) + ooff
-        cb = a_i64(cbases, 2) + o0
-        a16_store_acc_corr_i32(out, ob + 0, a2_0, a2_1, k, corr, cb + 0)
-        a16_store_acc_corr_i32(out, ob + 16, a2_2, a2_3, k, corr, cb + 16)
-        ob = a_i64(obases, 3) + ooff
-        cb = a_i64(cbases, 3) + o0
-        a16_store_acc_corr_i32(out, ob + 0, a3_0, a3_1, k, corr, cb + 0)
-        a16_store_acc_corr_i32(out, ob + 16, a3_2, a3_3, k, corr, cb + 16)
-        ob = a_i64(obases, 4) + ooff
-        cb = a_i64(cbases, 4) + o0
-        a16_store_acc_corr_i32(out, ob + 0, a4_0, a4_1, k, corr, cb + 0)
-        a16_store_acc_corr_i32(out, ob + 16, a4_2, a4_3, k, corr, cb + 16)
-        ob = a_i64(obases, 5) + ooff
-        cb = a_i64(cbases, 5) + o0
-        a16_store_acc_corr_i32(out, ob + 0, a5_0, a5_1, k, corr, cb + 0)
-        a16_store_acc_corr_i32(out, ob + 16, a5_2, a5_3, k, corr, cb + 16)
-    elif tmode == TILE_BITS:
-        d0 = a8_load(pcflip, o0 + 0)
-        t0 = a8_load(pcthr, o0 + 0)
-        d1 = a8_load(pcflip, o0 + 8)
-        t1 = a8_load(pcthr, o0 + 8)
-        d2 = a8_load(pcflip, o0 + 16)
-        t2 = a8_load(pcthr, o0 + 16)
-        d3 = a8_load(pcflip, o0 + 24)
-        t3 = a8_load(pcthr, o0 + 24)
-        bits = (v8_pc_bits(a0_0, d0, t0) << 0)
-        bits |= (v8_pc_bits(a0_1, d1, t1) << 8)
-        bits |= (v8_pc_bits(a0_2, d2, t2) << 16)
-        bits |= (v8_pc_bits(a0_3, d3, t3) << 24)
-        a_or_u64(out, a_i64(obases, 0) + ooff, bits << shift)
-        bits = (v8_pc_bits(a1_0, d0, t0) << 0)
-        bits |= (v8_pc_bits(a1_1, d1, t1) << 8)
-        bits |= (v8_pc_bits(a1_2, d2, t2) << 16)
-        bits |= (v8_pc_bits(a1_3, d3, t3) << 24)
-        a_or_u64(out, a_i64(obases, 1) + ooff, bits << shift)
-        bits = (v8_pc_bits(a2_0, d0, t0) << 0)
-        bits |= (v8_pc_bits(a2_1, d1, t1) << 8)
-        bits |= (v8_pc_bits(a2_2, d2, t2) << 16)
-        bits |= (v8_pc_bits(a2_3, d3, t3) << 24)
-        a_or_u64(out, a_i64(obases, 2) + ooff, bits << shift)
-        bits = (v8_pc_bits(a3_0, d0, t0) << 0)
-        bits |= (v8_pc_bits(a3_1, d1, t1) << 8)
-        bits |= (v8_pc_bits(a3_2, d2, t2) << 16)
-        bits |= (v8_pc_bits(a3_3, d3, t3) << 24)
-        a_or_u64(out, a_i64(obases, 3) + ooff, bits << shift)
-        bits = (v8_pc_bits(a4_0, d0, t0) << 0)
-        bits |= (v8_pc_bits(a4_1, d1, t1) << 8)
-        bits |= (v8_pc_bits(a4_2, d2, t2) << 16)
-        bits |= (v8_pc_bits(a4_3, d3, t3) << 24)
-        a_or_u64(out, a_i64(obases, 4) + ooff, bits << shift)
-        bits = (v8_pc_bits(a5_0, d0, t0) << 0)
-        bits |= (v8_pc_bits(a5_1, d1, t1) << 8)
-        bits |= (v8_pc_bits(a5_2, d2, t2) << 16)
-        bits |= (v8_pc_bits(a5_3, d3, t3) << 24)
-        a_or_u64(out, a_i64(obases, 5) + ooff, bits << shift)
-    elif tmode == TILE_BITS_CORR:
-        d0 = a8_load(pcflip, o0 + 0)
-        t0 = a8_load(pcthr, o0 + 0)
-        d1 = a8_load(pcflip, o0 + 8)
-        t1 = a8_load(pcthr, o0 + 8)
-        d2 = a8_load(pcflip, o0 + 16)
-        t2 = a8_load(pcthr, o0 + 16)
-        d3 = a8_load(pcflip, o0 + 24)
-        t3 = a8_load(pcthr, o0 + 24)
-        cb = a_i64(cbases, 0) + o0
-        bits = (a8_threshold_bits(a0_0, k, corr, cb + 0, d0, t0) << 0)
-        bits |= (a8_threshold_bits(a0_1, k, corr, cb + 8, d1, t1) << 8)
-        bits |= (a8_threshold_bits(a0_2, k, corr, cb + 16, d2, t2) << 16)
-        bits |= (a8_threshold_bits(a0_3, k, corr, cb + 24, d3, t3) << 24)
-        a_or_u64(out, a_i64(obases, 0) + ooff, bits << shift)
-        cb = a_i64(cbases, 1) + o0
-        bits = (a8_threshold_bits(a1_0, k, corr, cb + 0, d0, t0) << 0)
-        bits |= (a8_threshold_bits(a1_1, k, corr, cb + 8, d1, t1) << 8)
-        bits |= (a8_threshold_bits(a1_2, k, corr, cb + 16, d2, t2) << 16)
-        bits |= (a8_threshold_bits(a1_3, k, corr, cb + 24, d3, t3) << 24)
-        a_or_u64(out, a_i64(obases, 1) + ooff, bits << shift)
-        cb = a_i64(cbases, 2) + o0
-        bits = (a8_threshold_bits(a2_0, k, corr, cb + 0, d0, t0) << 0)
-        bits |= (a8_threshold_bits(a2_1, k, corr, cb + 8, d1, t1) << 8)
-        bits |= (a8_threshold_bits(a2_2, k, corr, cb + 16, d2, t2) << 16)
-        bits |= (a8_threshold_bits(a2_3, k, corr, cb + 24, d3, t3) << 24)
-        a_or_u64(out, a_i64(obases, 2) + ooff, bits << shift)
-        cb = a_i64(cbases, 3) + o0
-        bits = (a8_threshold_bits(a3_0, k, corr, cb + 0, d0, t0) << 0)
-        bits |= (a8_threshold_bits(a3_1, k, corr, cb + 8, d1, t1) << 8)
-        bits |= (a8_threshold_bits(a3_2, k, corr, cb + 16, d2, t2) << 16)
-        bits |= (a8_threshold_bits(a3_3, k, corr, cb + 24, d3, t3) << 24)
-        a_or_u64(out, a_i64(obases, 3) + ooff, bits << shift)
-        cb = a_i64(cbases, 4) + o0
-        bits = (a8_threshold_bits(a4_0, k, corr, cb + 0, d0, t0) << 0)
-        bits |= (a8_threshold_bits(a4_1, k, corr, cb + 8, d1, t1) << 8)
-        bits |= (a8_threshold_bits(a4_2, k, corr, cb + 16, d2, t2) << 16)
-        bits |= (a8_threshold_bits(a4_3, k, corr, cb + 24, d3, t3) << 24)
-        a_or_u64(out, a_i64(obases, 4) + ooff, bits << shift)
-        cb = a_i64(cbases, 5) + o0
-        bits = (a8_threshold_bits(a5_0, k, corr, cb + 0, d0, t0) << 0)
-        bits |= (a8_threshold_bits(a5_1, k, corr, cb + 8, d1, t1) << 8)
-        bits |= (a8_threshold_bits(a5_2, k, corr, cb + 16, d2, t2) << 16)
-        bits |= (a8_threshold_bits(a5_3, k, corr, cb + 24, d3, t3) << 24)
-        a_or_u64(out, a_i64(obases, 5) + ooff, bits << shift)
-    else:  # TILE_SCRATCH
-        a8_store(acc, 0, a0_0)
-        a8_store(acc, 8, a0_1)
-        a8_store(acc, 16, a0_2)
-        a8_store(acc, 24, a0_3)
-        a8_store(acc, 32, a1_0)
-        a8_store(acc, 40, a1_1)
-        a8_store(acc, 48, a1_2)
-        a8_store(acc, 56, a1_3)
-        a8_store(acc, 64, a2_0)
-        a8_store(acc, 72, a2_1)
-        a8_store(acc, 80, a2_2)
-        a8_store(acc, 88, a2_3)
-        a8_store(acc, 96, a3_0)
-        a8_store(acc, 104, a3_1)
-        a8_store(acc, 112, a3_2)
-        a8_store(acc, 120, a3_3)
-        a8_store(acc, 128, a4_0)
-        a8_store(acc, 136, a4_1)
-        a8_store(acc, 144, a4_2)
-        a8_store(acc, 152, a4_3)
-        a8_store(acc, 160, a5_0)
-        a8_store(acc, 168, a5_1)
-        a8_store(acc, 176, a5_2)
-        a8_store(acc, 184, a5_3)
+        k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc):
+    for j in range(ntl):  # the run's tiles, MR table slots apart
+        q = j * 6
+        tmode_j = tmc if bord != 0 and a_u8(bord, j) != 0 else tmode
+        b0 = a_i64(bases, q + 0) + boff
+        b1 = a_i64(bases, q + 1) + boff
+        b2 = a_i64(bases, q + 2) + boff
+        b3 = a_i64(bases, q + 3) + boff
+        b4 = a_i64(bases, q + 4) + boff
+        b5 = a_i64(bases, q + 5) + boff
+        a0_0 = v8_zero()
+        a0_1 = v8_zero()
+        a0_2 = v8_zero()
+        a0_3 = v8_zero()
+        a1_0 = v8_zero()
+        a1_1 = v8_zero()
+        a1_2 = v8_zero()
+        a1_3 = v8_zero()
+        a2_0 = v8_zero()
+        a2_1 = v8_zero()
+        a2_2 = v8_zero()
+        a2_3 = v8_zero()
+        a3_0 = v8_zero()
+        a3_1 = v8_zero()
+        a3_2 = v8_zero()
+        a3_3 = v8_zero()
+        a4_0 = v8_zero()
+        a4_1 = v8_zero()
+        a4_2 = v8_zero()
+        a4_3 = v8_zero()
+        a5_0 = v8_zero()
+        a5_1 = v8_zero()
+        a5_2 = v8_zero()
+        a5_3 = v8_zero()
+        wi = wbase
+        for s in range(nsteps):  # one step = one word of one tap
+            o = a_i64(soff, s)
+            w0 = a8_load(wt, wi + 0)
+            w1 = a8_load(wt, wi + 8)
+            w2 = a8_load(wt, wi + 16)
+            w3 = a8_load(wt, wi + 24)
+            wi += 32
+            x = a8_bcast(xp, b0 + o)
+            a0_0 = v8_xpa(a0_0, w0, x)
+            a0_1 = v8_xpa(a0_1, w1, x)
+            a0_2 = v8_xpa(a0_2, w2, x)
+            a0_3 = v8_xpa(a0_3, w3, x)
+            x = a8_bcast(xp, b1 + o)
+            a1_0 = v8_xpa(a1_0, w0, x)
+            a1_1 = v8_xpa(a1_1, w1, x)
+            a1_2 = v8_xpa(a1_2, w2, x)
+            a1_3 = v8_xpa(a1_3, w3, x)
+            x = a8_bcast(xp, b2 + o)
+            a2_0 = v8_xpa(a2_0, w0, x)
+            a2_1 = v8_xpa(a2_1, w1, x)
+            a2_2 = v8_xpa(a2_2, w2, x)
+            a2_3 = v8_xpa(a2_3, w3, x)
+            x = a8_bcast(xp, b3 + o)
+            a3_0 = v8_xpa(a3_0, w0, x)
+            a3_1 = v8_xpa(a3_1, w1, x)
+            a3_2 = v8_xpa(a3_2, w2, x)
+            a3_3 = v8_xpa(a3_3, w3, x)
+            x = a8_bcast(xp, b4 + o)
+            a4_0 = v8_xpa(a4_0, w0, x)
+            a4_1 = v8_xpa(a4_1, w1, x)
+            a4_2 = v8_xpa(a4_2, w2, x)
+            a4_3 = v8_xpa(a4_3, w3, x)
+            x = a8_bcast(xp, b5 + o)
+            a5_0 = v8_xpa(a5_0, w0, x)
+            a5_1 = v8_xpa(a5_1, w1, x)
+            a5_2 = v8_xpa(a5_2, w2, x)
+            a5_3 = v8_xpa(a5_3, w3, x)
+        if tmode_j == TILE_INT32:
+            ob = a_i64(obases, q + 0) + ooff
+            a16_store_acc_i32(out, ob + 0, a0_0, a0_1, k)
+            a16_store_acc_i32(out, ob + 16, a0_2, a0_3, k)
+            ob = a_i64(obases, q + 1) + ooff
+            a16_store_acc_i32(out, ob + 0, a1_0, a1_1, k)
+            a16_store_acc_i32(out, ob + 16, a1_2, a1_3, k)
+            ob = a_i64(obases, q + 2) + ooff
+            a16_store_acc_i32(out, ob + 0, a2_0, a2_1, k)
+            a16_store_acc_i32(out, ob + 16, a2_2, a2_3, k)
+            ob = a_i64(obases, q + 3) + ooff
+            a16_store_acc_i32(out, ob + 0, a3_0, a3_1, k)
+            a16_store_acc_i32(out, ob + 16, a3_2, a3_3, k)
+            ob = a_i64(obases, q + 4) + ooff
+            a16_store_acc_i32(out, ob + 0, a4_0, a4_1, k)
+            a16_store_acc_i32(out, ob + 16, a4_2, a4_3, k)
+            ob = a_i64(obases, q + 5) + ooff
+            a16_store_acc_i32(out, ob + 0, a5_0, a5_1, k)
+            a16_store_acc_i32(out, ob + 16, a5_2, a5_3, k)
+        elif tmode_j == TILE_INT32_CORR:
+            ob = a_i64(obases, q + 0) + ooff
+            cb = a_i64(cbases, q + 0) + o0
+            a16_store_acc_corr_i32(out, ob + 0, a0_0, a0_1, k, corr, cb + 0)
+            a16_store_acc_corr_i32(out, ob + 16, a0_2, a0_3, k, corr, cb + 16)
+            ob = a_i64(obases, q + 1) + ooff
+            cb = a_i64(cbases, q + 1) + o0
+            a16_store_acc_corr_i32(out, ob + 0, a1_0, a1_1, k, corr, cb + 0)
+            a16_store_acc_corr_i32(out, ob + 16, a1_2, a1_3, k, corr, cb + 16)
+            ob = a_i64(obases, q + 2) + ooff
+            cb = a_i64(cbases, q + 2) + o0
+            a16_store_acc_corr_i32(out, ob + 0, a2_0, a2_1, k, corr, cb + 0)
+            a16_store_acc_corr_i32(out, ob + 16, a2_2, a2_3, k, corr, cb + 16)
+            ob = a_i64(obases, q + 3) + ooff
+            cb = a_i64(cbases, q + 3) + o0
+            a16_store_acc_corr_i32(out, ob + 0, a3_0, a3_1, k, corr, cb + 0)
+            a16_store_acc_corr_i32(out, ob + 16, a3_2, a3_3, k, corr, cb + 16)
+            ob = a_i64(obases, q + 4) + ooff
+            cb = a_i64(cbases, q + 4) + o0
+            a16_store_acc_corr_i32(out, ob + 0, a4_0, a4_1, k, corr, cb + 0)
+            a16_store_acc_corr_i32(out, ob + 16, a4_2, a4_3, k, corr, cb + 16)
+            ob = a_i64(obases, q + 5) + ooff
+            cb = a_i64(cbases, q + 5) + o0
+            a16_store_acc_corr_i32(out, ob + 0, a5_0, a5_1, k, corr, cb + 0)
+            a16_store_acc_corr_i32(out, ob + 16, a5_2, a5_3, k, corr, cb + 16)
+        elif tmode_j == TILE_BITS:
+            d0 = a8_load(pcflip, o0 + 0)
+            t0 = a8_load(pcthr, o0 + 0)
+            d1 = a8_load(pcflip, o0 + 8)
+            t1 = a8_load(pcthr, o0 + 8)
+            d2 = a8_load(pcflip, o0 + 16)
+            t2 = a8_load(pcthr, o0 + 16)
+            d3 = a8_load(pcflip, o0 + 24)
+            t3 = a8_load(pcthr, o0 + 24)
+            bits = (v8_pc_bits(a0_0, d0, t0) << 0)
+            bits |= (v8_pc_bits(a0_1, d1, t1) << 8)
+            bits |= (v8_pc_bits(a0_2, d2, t2) << 16)
+            bits |= (v8_pc_bits(a0_3, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 0) + ooff, bits << shift)
+            bits = (v8_pc_bits(a1_0, d0, t0) << 0)
+            bits |= (v8_pc_bits(a1_1, d1, t1) << 8)
+            bits |= (v8_pc_bits(a1_2, d2, t2) << 16)
+            bits |= (v8_pc_bits(a1_3, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 1) + ooff, bits << shift)
+            bits = (v8_pc_bits(a2_0, d0, t0) << 0)
+            bits |= (v8_pc_bits(a2_1, d1, t1) << 8)
+            bits |= (v8_pc_bits(a2_2, d2, t2) << 16)
+            bits |= (v8_pc_bits(a2_3, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 2) + ooff, bits << shift)
+            bits = (v8_pc_bits(a3_0, d0, t0) << 0)
+            bits |= (v8_pc_bits(a3_1, d1, t1) << 8)
+            bits |= (v8_pc_bits(a3_2, d2, t2) << 16)
+            bits |= (v8_pc_bits(a3_3, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 3) + ooff, bits << shift)
+            bits = (v8_pc_bits(a4_0, d0, t0) << 0)
+            bits |= (v8_pc_bits(a4_1, d1, t1) << 8)
+            bits |= (v8_pc_bits(a4_2, d2, t2) << 16)
+            bits |= (v8_pc_bits(a4_3, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 4) + ooff, bits << shift)
+            bits = (v8_pc_bits(a5_0, d0, t0) << 0)
+            bits |= (v8_pc_bits(a5_1, d1, t1) << 8)
+            bits |= (v8_pc_bits(a5_2, d2, t2) << 16)
+            bits |= (v8_pc_bits(a5_3, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 5) + ooff, bits << shift)
+        elif tmode_j == TILE_BITS_CORR:
+            d0 = a8_load(pcflip, o0 + 0)
+            t0 = a8_load(pcthr, o0 + 0)
+            d1 = a8_load(pcflip, o0 + 8)
+            t1 = a8_load(pcthr, o0 + 8)
+            d2 = a8_load(pcflip, o0 + 16)
+            t2 = a8_load(pcthr, o0 + 16)
+            d3 = a8_load(pcflip, o0 + 24)
+            t3 = a8_load(pcthr, o0 + 24)
+            cb = a_i64(cbases, q + 0) + o0
+            bits = (a8_threshold_bits(a0_0, k, corr, cb + 0, d0, t0) << 0)
+            bits |= (a8_threshold_bits(a0_1, k, corr, cb + 8, d1, t1) << 8)
+            bits |= (a8_threshold_bits(a0_2, k, corr, cb + 16, d2, t2) << 16)
+            bits |= (a8_threshold_bits(a0_3, k, corr, cb + 24, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 0) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 1) + o0
+            bits = (a8_threshold_bits(a1_0, k, corr, cb + 0, d0, t0) << 0)
+            bits |= (a8_threshold_bits(a1_1, k, corr, cb + 8, d1, t1) << 8)
+            bits |= (a8_threshold_bits(a1_2, k, corr, cb + 16, d2, t2) << 16)
+            bits |= (a8_threshold_bits(a1_3, k, corr, cb + 24, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 1) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 2) + o0
+            bits = (a8_threshold_bits(a2_0, k, corr, cb + 0, d0, t0) << 0)
+            bits |= (a8_threshold_bits(a2_1, k, corr, cb + 8, d1, t1) << 8)
+            bits |= (a8_threshold_bits(a2_2, k, corr, cb + 16, d2, t2) << 16)
+            bits |= (a8_threshold_bits(a2_3, k, corr, cb + 24, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 2) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 3) + o0
+            bits = (a8_threshold_bits(a3_0, k, corr, cb + 0, d0, t0) << 0)
+            bits |= (a8_threshold_bits(a3_1, k, corr, cb + 8, d1, t1) << 8)
+            bits |= (a8_threshold_bits(a3_2, k, corr, cb + 16, d2, t2) << 16)
+            bits |= (a8_threshold_bits(a3_3, k, corr, cb + 24, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 3) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 4) + o0
+            bits = (a8_threshold_bits(a4_0, k, corr, cb + 0, d0, t0) << 0)
+            bits |= (a8_threshold_bits(a4_1, k, corr, cb + 8, d1, t1) << 8)
+            bits |= (a8_threshold_bits(a4_2, k, corr, cb + 16, d2, t2) << 16)
+            bits |= (a8_threshold_bits(a4_3, k, corr, cb + 24, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 4) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 5) + o0
+            bits = (a8_threshold_bits(a5_0, k, corr, cb + 0, d0, t0) << 0)
+            bits |= (a8_threshold_bits(a5_1, k, corr, cb + 8, d1, t1) << 8)
+            bits |= (a8_threshold_bits(a5_2, k, corr, cb + 16, d2, t2) << 16)
+            bits |= (a8_threshold_bits(a5_3, k, corr, cb + 24, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 5) + ooff, bits << shift)
+        elif tmode_j == TILE_FUSED:
+            fz = fused_params(fp)
+            ob = a_i64(obases, q + 0) + ooff
+            w = fuse16(v16_acc_f32(a0_0, a0_1, k), o0 + 0, ob + 0, out, fz)
+            h = fuse16(v16_acc_f32(a0_2, a0_3, k), o0 + 16, ob + 16, out, fz)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 0) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 1) + ooff
+            w = fuse16(v16_acc_f32(a1_0, a1_1, k), o0 + 0, ob + 0, out, fz)
+            h = fuse16(v16_acc_f32(a1_2, a1_3, k), o0 + 16, ob + 16, out, fz)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 1) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 2) + ooff
+            w = fuse16(v16_acc_f32(a2_0, a2_1, k), o0 + 0, ob + 0, out, fz)
+            h = fuse16(v16_acc_f32(a2_2, a2_3, k), o0 + 16, ob + 16, out, fz)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 2) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 3) + ooff
+            w = fuse16(v16_acc_f32(a3_0, a3_1, k), o0 + 0, ob + 0, out, fz)
+            h = fuse16(v16_acc_f32(a3_2, a3_3, k), o0 + 16, ob + 16, out, fz)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 3) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 4) + ooff
+            w = fuse16(v16_acc_f32(a4_0, a4_1, k), o0 + 0, ob + 0, out, fz)
+            h = fuse16(v16_acc_f32(a4_2, a4_3, k), o0 + 16, ob + 16, out, fz)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 4) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 5) + ooff
+            w = fuse16(v16_acc_f32(a5_0, a5_1, k), o0 + 0, ob + 0, out, fz)
+            h = fuse16(v16_acc_f32(a5_2, a5_3, k), o0 + 16, ob + 16, out, fz)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 5) + shift, 0, np.uint32(w))
+        elif tmode_j == TILE_FUSED_CORR:
+            fz = fused_params(fp)
+            ob = a_i64(obases, q + 0) + ooff
+            cb = a_i64(cbases, q + 0) + o0
+            w = fuse16(v16_acc_corr_f32(a0_0, a0_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz)
+            h = fuse16(v16_acc_corr_f32(a0_2, a0_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 0) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 1) + ooff
+            cb = a_i64(cbases, q + 1) + o0
+            w = fuse16(v16_acc_corr_f32(a1_0, a1_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz)
+            h = fuse16(v16_acc_corr_f32(a1_2, a1_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 1) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 2) + ooff
+            cb = a_i64(cbases, q + 2) + o0
+            w = fuse16(v16_acc_corr_f32(a2_0, a2_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz)
+            h = fuse16(v16_acc_corr_f32(a2_2, a2_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 2) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 3) + ooff
+            cb = a_i64(cbases, q + 3) + o0
+            w = fuse16(v16_acc_corr_f32(a3_0, a3_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz)
+            h = fuse16(v16_acc_corr_f32(a3_2, a3_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 3) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 4) + ooff
+            cb = a_i64(cbases, q + 4) + o0
+            w = fuse16(v16_acc_corr_f32(a4_0, a4_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz)
+            h = fuse16(v16_acc_corr_f32(a4_2, a4_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 4) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 5) + ooff
+            cb = a_i64(cbases, q + 5) + o0
+            w = fuse16(v16_acc_corr_f32(a5_0, a5_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz)
+            h = fuse16(v16_acc_corr_f32(a5_2, a5_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 5) + shift, 0, np.uint32(w))
+        else:  # TILE_SCRATCH
+            a8_store(acc, 0, a0_0)
+            a8_store(acc, 8, a0_1)
+            a8_store(acc, 16, a0_2)
+            a8_store(acc, 24, a0_3)
+            a8_store(acc, 32, a1_0)
+            a8_store(acc, 40, a1_1)
+            a8_store(acc, 48, a1_2)
+            a8_store(acc, 56, a1_3)
+            a8_store(acc, 64, a2_0)
+            a8_store(acc, 72, a2_1)
+            a8_store(acc, 80, a2_2)
+            a8_store(acc, 88, a2_3)
+            a8_store(acc, 96, a3_0)
+            a8_store(acc, 104, a3_1)
+            a8_store(acc, 112, a3_2)
+            a8_store(acc, 120, a3_3)
+            a8_store(acc, 128, a4_0)
+            a8_store(acc, 136, a4_1)
+            a8_store(acc, 144, a4_2)
+            a8_store(acc, 152, a4_3)
+            a8_store(acc, 160, a5_0)
+            a8_store(acc, 168, a5_1)
+            a8_store(acc, 176, a5_2)
+            a8_store(acc, 184, a5_3)
 
 
 @njit(cache=True)
 def _t1x1(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
-        k, tmode, pcflip, pcthr, o0, shift, corr, cbases):
-    b0 = a_i64(bases, 0) + boff
-    a0_0 = v8_zero()
-    wi = wbase
-    for s in range(nsteps):  # one step = one word of one tap
-        o = a_i64(soff, s)
-        w0 = a8_load(wt, wi + 0)
-        wi += 8
-        x = a8_bcast(xp, b0 + o)
-        a0_0 = v8_xpa(a0_0, w0, x)
-    if tmode == TILE_INT32:
-        ob = a_i64(obases, 0) + ooff
-        a8_store_acc_i32(out, ob + 0, a0_0, k)
-    elif tmode == TILE_INT32_CORR:
-        ob = a_i64(obases, 0) + ooff
-        cb = a_i64(cbases, 0) + o0
-        a8_store_acc_corr_i32(out, ob + 0, a0_0, k, corr, cb + 0)
-    elif tmode == TILE_BITS:
-        d0 = a8_load(pcflip, o0 + 0)
-        t0 = a8_load(pcthr, o0 + 0)
-        bits = (v8_pc_bits(a0_0, d0, t0) << 0)
-        a_or_u64(out, a_i64(obases, 0) + ooff, bits << shift)
-    elif tmode == TILE_BITS_CORR:
-        d0 = a8_load(pcflip, o0 + 0)
-        t0 = a8_load(pcthr, o0 + 0)
-        cb = a_i64(cbases, 0) + o0
-        bits = (a8_threshold_bits(a0_0, k, corr, cb + 0, d0, t0) << 0)
-        a_or_u64(out, a_i64(obases, 0) + ooff, bits << shift)
-    else:  # TILE_SCRATCH
-        a8_store(acc, 0, a0_0)
+        k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc):
+    for j in range(ntl):  # the run's tiles, MR table slots apart
+        q = j * 6
+        tmode_j = tmc if bord != 0 and a_u8(bord, j) != 0 else tmode
+        b0 = a_i64(bases, q + 0) + boff
+        a0_0 = v8_zero()
+        wi = wbase
+        for s in range(nsteps):  # one step = one word of one tap
+            o = a_i64(soff, s)
+            w0 = a8_load(wt, wi + 0)
+            wi += 8
+            x = a8_bcast(xp, b0 + o)
+            a0_0 = v8_xpa(a0_0, w0, x)
+        if tmode_j == TILE_INT32:
+            ob = a_i64(obases, q + 0) + ooff
+            a8_store_acc_i32(out, ob + 0, a0_0, k)
+        elif tmode_j == TILE_INT32_CORR:
+            ob = a_i64(obases, q + 0) + ooff
+            cb = a_i64(cbases, q + 0) + o0
+            a8_store_acc_corr_i32(out, ob + 0, a0_0, k, corr, cb + 0)
+        elif tmode_j == TILE_BITS:
+            d0 = a8_load(pcflip, o0 + 0)
+            t0 = a8_load(pcthr, o0 + 0)
+            bits = (v8_pc_bits(a0_0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 0) + ooff, bits << shift)
+        elif tmode_j == TILE_BITS_CORR:
+            d0 = a8_load(pcflip, o0 + 0)
+            t0 = a8_load(pcthr, o0 + 0)
+            cb = a_i64(cbases, q + 0) + o0
+            bits = (a8_threshold_bits(a0_0, k, corr, cb + 0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 0) + ooff, bits << shift)
+        else:  # TILE_SCRATCH
+            a8_store(acc, 0, a0_0)
 
 
 @njit(cache=True)
 def _t2x1(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
-        k, tmode, pcflip, pcthr, o0, shift, corr, cbases):
-    b0 = a_i64(bases, 0) + boff
-    b1 = a_i64(bases, 1) + boff
-    a0_0 = v8_zero()
-    a1_0 = v8_zero()
-    wi = wbase
-    for s in range(nsteps):  # one step = one word of one tap
-        o = a_i64(soff, s)
-        w0 = a8_load(wt, wi + 0)
-        wi += 8
-        x = a8_bcast(xp, b0 + o)
-        a0_0 = v8_xpa(a0_0, w0, x)
-        x = a8_bcast(xp, b1 + o)
-        a1_0 = v8_xpa(a1_0, w0, x)
-    if tmode == TILE_INT32:
-        ob = a_i64(obases, 0) + ooff
-        a8_store_acc_i32(out, ob + 0, a0_0, k)
-        ob = a_i64(obases, 1) + ooff
-        a8_store_acc_i32(out, ob + 0, a1_0, k)
-    elif tmode == TILE_INT32_CORR:
-        ob = a_i64(obases, 0) + ooff
-        cb = a_i64(cbases, 0) + o0
-        a8_store_acc_corr_i32(out, ob + 0, a0_0, k, corr, cb + 0)
-        ob = a_i64(obases, 1) + ooff
-        cb = a_i64(cbases, 1) + o0
-        a8_store_acc_corr_i32(out, ob + 0, a1_0, k, corr, cb + 0)
-    elif tmode == TILE_BITS:
-        d0 = a8_load(pcflip, o0 + 0)
-        t0 = a8_load(pcthr, o0 + 0)
-        bits = (v8_pc_bits(a0_0, d0, t0) << 0)
-        a_or_u64(out, a_i64(obases, 0) + ooff, bits << shift)
-        bits = (v8_pc_bits(a1_0, d0, t0) << 0)
-        a_or_u64(out, a_i64(obases, 1) + ooff, bits << shift)
-    elif tmode == TILE_BITS_CORR:
-        d0 = a8_load(pcflip, o0 + 0)
-        t0 = a8_load(pcthr, o0 + 0)
-        cb = a_i64(cbases, 0) + o0
-        bits = (a8_threshold_bits(a0_0, k, corr, cb + 0, d0, t0) << 0)
-        a_or_u64(out, a_i64(obases, 0) + ooff, bits << shift)
-        cb = a_i64(cbases, 1) + o0
-        bits = (a8_threshold_bits(a1_0, k, corr, cb + 0, d0, t0) << 0)
-        a_or_u64(out, a_i64(obases, 1) + ooff, bits << shift)
-    else:  # TILE_SCRATCH
-        a8_store(acc, 0, a0_0)
-        a8_store(acc, 8, a1_0)
+        k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc):
+    for j in range(ntl):  # the run's tiles, MR table slots apart
+        q = j * 6
+        tmode_j = tmc if bord != 0 and a_u8(bord, j) != 0 else tmode
+        b0 = a_i64(bases, q + 0) + boff
+        b1 = a_i64(bases, q + 1) + boff
+        a0_0 = v8_zero()
+        a1_0 = v8_zero()
+        wi = wbase
+        for s in range(nsteps):  # one step = one word of one tap
+            o = a_i64(soff, s)
+            w0 = a8_load(wt, wi + 0)
+            wi += 8
+            x = a8_bcast(xp, b0 + o)
+            a0_0 = v8_xpa(a0_0, w0, x)
+            x = a8_bcast(xp, b1 + o)
+            a1_0 = v8_xpa(a1_0, w0, x)
+        if tmode_j == TILE_INT32:
+            ob = a_i64(obases, q + 0) + ooff
+            a8_store_acc_i32(out, ob + 0, a0_0, k)
+            ob = a_i64(obases, q + 1) + ooff
+            a8_store_acc_i32(out, ob + 0, a1_0, k)
+        elif tmode_j == TILE_INT32_CORR:
+            ob = a_i64(obases, q + 0) + ooff
+            cb = a_i64(cbases, q + 0) + o0
+            a8_store_acc_corr_i32(out, ob + 0, a0_0, k, corr, cb + 0)
+            ob = a_i64(obases, q + 1) + ooff
+            cb = a_i64(cbases, q + 1) + o0
+            a8_store_acc_corr_i32(out, ob + 0, a1_0, k, corr, cb + 0)
+        elif tmode_j == TILE_BITS:
+            d0 = a8_load(pcflip, o0 + 0)
+            t0 = a8_load(pcthr, o0 + 0)
+            bits = (v8_pc_bits(a0_0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 0) + ooff, bits << shift)
+            bits = (v8_pc_bits(a1_0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 1) + ooff, bits << shift)
+        elif tmode_j == TILE_BITS_CORR:
+            d0 = a8_load(pcflip, o0 + 0)
+            t0 = a8_load(pcthr, o0 + 0)
+            cb = a_i64(cbases, q + 0) + o0
+            bits = (a8_threshold_bits(a0_0, k, corr, cb + 0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 0) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 1) + o0
+            bits = (a8_threshold_bits(a1_0, k, corr, cb + 0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 1) + ooff, bits << shift)
+        else:  # TILE_SCRATCH
+            a8_store(acc, 0, a0_0)
+            a8_store(acc, 8, a1_0)
 
 
 @njit(cache=True)
 def _t3x1(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
-        k, tmode, pcflip, pcthr, o0, shift, corr, cbases):
-    b0 = a_i64(bases, 0) + boff
-    b1 = a_i64(bases, 1) + boff
-    b2 = a_i64(bases, 2) + boff
-    a0_0 = v8_zero()
-    a1_0 = v8_zero()
-    a2_0 = v8_zero()
-    wi = wbase
-    for s in range(nsteps):  # one step = one word of one tap
-        o = a_i64(soff, s)
-        w0 = a8_load(wt, wi + 0)
-        wi += 8
-        x = a8_bcast(xp, b0 + o)
-        a0_0 = v8_xpa(a0_0, w0, x)
-        x = a8_bcast(xp, b1 + o)
-        a1_0 = v8_xpa(a1_0, w0, x)
-        x = a8_bcast(xp, b2 + o)
-        a2_0 = v8_xpa(a2_0, w0, x)
-    if tmode == TILE_INT32:
-        ob = a_i64(obases, 0) + ooff
-        a8_store_acc_i32(out, ob + 0, a0_0, k)
-        ob = a_i64(obases, 1) + ooff
-        a8_store_acc_i32(out, ob + 0, a1_0, k)
-        ob = a_i64(obases, 2) + ooff
-        a8_store_acc_i32(out, ob + 0, a2_0, k)
-    elif tmode == TILE_INT32_CORR:
-        ob = a_i64(obases, 0) + ooff
-        cb = a_i64(cbases, 0) + o0
-        a8_store_acc_corr_i32(out, ob + 0, a0_0, k, corr, cb + 0)
-        ob = a_i64(obases, 1) + ooff
-        cb = a_i64(cbases, 1) + o0
-        a8_store_acc_corr_i32(out, ob + 0, a1_0, k, corr, cb + 0)
-        ob = a_i64(obases, 2) + ooff
-        cb = a_i64(cbases, 2) + o0
-        a8_store_acc_corr_i32(out, ob + 0, a2_0, k, corr, cb + 0)
-    elif tmode == TILE_BITS:
-        d0 = a8_load(pcflip, o0 + 0)
-        t0 = a8_load(pcthr, o0 + 0)
-        bits = (v8_pc_bits(a0_0, d0, t0) << 0)
-        a_or_u64(out, a_i64(obases, 0) + ooff, bits << shift)
-        bits = (v8_pc_bits(a1_0, d0, t0) << 0)
-        a_or_u64(out, a_i64(obases, 1) + ooff, bits << shift)
-        bits = (v8_pc_bits(a2_0, d0, t0) << 0)
-        a_or_u64(out, a_i64(obases, 2) + ooff, bits << shift)
-    elif tmode == TILE_BITS_CORR:
-        d0 = a8_load(pcflip, o0 + 0)
-        t0 = a8_load(pcthr, o0 + 0)
-        cb = a_i64(cbases, 0) + o0
-        bits = (a8_threshold_bits(a0_0, k, corr, cb + 0, d0, t0) << 0)
-        a_or_u64(out, a_i64(obases, 0) + ooff, bits << shift)
-        cb = a_i64(cbases, 1) + o0
-        bits = (a8_threshold_bits(a1_0, k, corr, cb + 0, d0, t0) << 0)
-        a_or_u64(out, a_i64(obases, 1) + ooff, bits << shift)
-        cb = a_i64(cbases, 2) + o0
-        bits = (a8_threshold_bits(a2_0, k, corr, cb + 0, d0, t0) << 0)
-        a_or_u64(out, a_i64(obases, 2) + ooff, bits << shift)
-    else:  # TILE_SCRATCH
-        a8_store(acc, 0, a0_0)
-        a8_store(acc, 8, a1_0)
-        a8_store(acc, 16, a2_0)
+        k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc):
+    for j in range(ntl):  # the run's tiles, MR table slots apart
+        q = j * 6
+        tmode_j = tmc if bord != 0 and a_u8(bord, j) != 0 else tmode
+        b0 = a_i64(bases, q + 0) + boff
+        b1 = a_i64(bases, q + 1) + boff
+        b2 = a_i64(bases, q + 2) + boff
+        a0_0 = v8_zero()
+        a1_0 = v8_zero()
+        a2_0 = v8_zero()
+        wi = wbase
+        for s in range(nsteps):  # one step = one word of one tap
+            o = a_i64(soff, s)
+            w0 = a8_load(wt, wi + 0)
+            wi += 8
+            x = a8_bcast(xp, b0 + o)
+            a0_0 = v8_xpa(a0_0, w0, x)
+            x = a8_bcast(xp, b1 + o)
+            a1_0 = v8_xpa(a1_0, w0, x)
+            x = a8_bcast(xp, b2 + o)
+            a2_0 = v8_xpa(a2_0, w0, x)
+        if tmode_j == TILE_INT32:
+            ob = a_i64(obases, q + 0) + ooff
+            a8_store_acc_i32(out, ob + 0, a0_0, k)
+            ob = a_i64(obases, q + 1) + ooff
+            a8_store_acc_i32(out, ob + 0, a1_0, k)
+            ob = a_i64(obases, q + 2) + ooff
+            a8_store_acc_i32(out, ob + 0, a2_0, k)
+        elif tmode_j == TILE_INT32_CORR:
+            ob = a_i64(obases, q + 0) + ooff
+            cb = a_i64(cbases, q + 0) + o0
+            a8_store_acc_corr_i32(out, ob + 0, a0_0, k, corr, cb + 0)
+            ob = a_i64(obases, q + 1) + ooff
+            cb = a_i64(cbases, q + 1) + o0
+            a8_store_acc_corr_i32(out, ob + 0, a1_0, k, corr, cb + 0)
+            ob = a_i64(obases, q + 2) + ooff
+            cb = a_i64(cbases, q + 2) + o0
+            a8_store_acc_corr_i32(out, ob + 0, a2_0, k, corr, cb + 0)
+        elif tmode_j == TILE_BITS:
+            d0 = a8_load(pcflip, o0 + 0)
+            t0 = a8_load(pcthr, o0 + 0)
+            bits = (v8_pc_bits(a0_0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 0) + ooff, bits << shift)
+            bits = (v8_pc_bits(a1_0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 1) + ooff, bits << shift)
+            bits = (v8_pc_bits(a2_0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 2) + ooff, bits << shift)
+        elif tmode_j == TILE_BITS_CORR:
+            d0 = a8_load(pcflip, o0 + 0)
+            t0 = a8_load(pcthr, o0 + 0)
+            cb = a_i64(cbases, q + 0) + o0
+            bits = (a8_threshold_bits(a0_0, k, corr, cb + 0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 0) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 1) + o0
+            bits = (a8_threshold_bits(a1_0, k, corr, cb + 0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 1) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 2) + o0
+            bits = (a8_threshold_bits(a2_0, k, corr, cb + 0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 2) + ooff, bits << shift)
+        else:  # TILE_SCRATCH
+            a8_store(acc, 0, a0_0)
+            a8_store(acc, 8, a1_0)
+            a8_store(acc, 16, a2_0)
 
 
 @njit(cache=True)
 def _t4x1(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
-        k, tmode, pcflip, pcthr, o0, shift, corr, cbases):
-    b0 = a_i64(bases, 0) + boff
-    b1 = a_i64(bases, 1) + boff
-    b2 = a_i64(bases, 2) + boff
-    b3 = a_i64(bases, 3) + boff
-    a0_0 = v8_zero()
-    a1_0 = v8_zero()
-    a2_0 = v8_zero()
-    a3_0 = v8_zero()
-    wi = wbase
-    for s in range(nsteps):  # one step = one word of one tap
-        o = a_i64(soff, s)
-        w0 = a8_load(wt, wi + 0)
-        wi += 8
-        x = a8_bcast(xp, b0 + o)
-        a0_0 = v8_xpa(a0_0, w0, x)
-        x = a8_bcast(xp, b1 + o)
-        a1_0 = v8_xpa(a1_0, w0, x)
-        x = a8_bcast(xp, b2 + o)
-        a2_0 = v8_xpa(a2_0, w0, x)
-        x = a8_bcast(xp, b3 + o)
-        a3_0 = v8_xpa(a3_0, w0, x)
-    if tmode == TILE_INT32:
-        ob = a_i64(obases, 0) + ooff
-        a8_store_acc_i32(out, ob + 0, a0_0, k)
-        ob = a_i64(obases, 1) + ooff
-        a8_store_acc_i32(out, ob + 0, a1_0, k)
-        ob = a_i64(obases, 2) + ooff
-        a8_store_acc_i32(out, ob + 0, a2_0, k)
-        ob = a_i64(obases, 3) + ooff
-        a8_store_acc_i32(out, ob + 0, a3_0, k)
-    elif tmode == TILE_INT32_CORR:
-        ob = a_i64(obases, 0) + ooff
-        cb = a_i64(cbases, 0) + o0
-        a8_store_acc_corr_i32(out, ob + 0, a0_0, k, corr, cb + 0)
-        ob = a_i64(obases, 1) + ooff
-        cb = a_i64(cbases, 1) + o0
-        a8_store_acc_corr_i32(out, ob + 0, a1_0, k, corr, cb + 0)
-        ob = a_i64(obases, 2) + ooff
-        cb = a_i64(cbases, 2) + o0
-        a8_store_acc_corr_i32(out, ob + 0, a2_0, k, corr, cb + 0)
-        ob = a_i64(obases, 3) + ooff
-        cb = a_i64(cbases, 3) + o0
-        a8_store_acc_corr_i32(out, ob + 0, a3_0, k, corr, cb + 0)
-    elif tmode == TILE_BITS:
-        d0 = a8_load(pcflip, o0 + 0)
-        t0 = a8_load(pcthr, o0 + 0)
-        bits = (v8_pc_bits(a0_0, d0, t0) << 0)
-        a_or_u64(out, a_i64(obases, 0) + ooff, bits << shift)
-        bits = (v8_pc_bits(a1_0, d0, t0) << 0)
-        a_or_u64(out, a_i64(obases, 1) + ooff, bits << shift)
-        bits = (v8_pc_bits(a2_0, d0, t0) << 0)
-        a_or_u64(out, a_i64(obases, 2) + ooff, bits << shift)
-        bits = (v8_pc_bits(a3_0, d0, t0) << 0)
-        a_or_u64(out, a_i64(obases, 3) + ooff, bits << shift)
-    elif tmode == TILE_BITS_CORR:
-        d0 = a8_load(pcflip, o0 + 0)
-        t0 = a8_load(pcthr, o0 + 0)
-        cb = a_i64(cbases, 0) + o0
-        bits = (a8_threshold_bits(a0_0, k, corr, cb + 0, d0, t0) << 0)
-        a_or_u64(out, a_i64(obases, 0) + ooff, bits << shift)
-        cb = a_i64(cbases, 1) + o0
-        bits = (a8_threshold_bits(a1_0, k, corr, cb + 0, d0, t0) << 0)
-        a_or_u64(out, a_i64(obases, 1) + ooff, bits << shift)
-        cb = a_i64(cbases, 2) + o0
-        bits = (a8_threshold_bits(a2_0, k, corr, cb + 0, d0, t0) << 0)
-        a_or_u64(out, a_i64(obases, 2) + ooff, bits << shift)
-        cb = a_i64(cbases, 3) + o0
-        bits = (a8_threshold_bits(a3_0, k, corr, cb + 0, d0, t0) << 0)
-        a_or_u64(out, a_i64(obases, 3) + ooff, bits << shift)
-    else:  # TILE_SCRATCH
-        a8_store(acc, 0, a0_0)
-        a8_store(acc, 8, a1_0)
-        a8_store(acc, 16, a2_0)
-        a8_store(acc, 24, a3_0)
+        k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc):
+    for j in range(ntl):  # the run's tiles, MR table slots apart
+        q = j * 6
+        tmode_j = tmc if bord != 0 and a_u8(bord, j) != 0 else tmode
+        b0 = a_i64(bases, q + 0) + boff
+        b1 = a_i64(bases, q + 1) + boff
+        b2 = a_i64(bases, q + 2) + boff
+        b3 = a_i64(bases, q + 3) + boff
+        a0_0 = v8_zero()
+        a1_0 = v8_zero()
+        a2_0 = v8_zero()
+        a3_0 = v8_zero()
+        wi = wbase
+        for s in range(nsteps):  # one step = one word of one tap
+            o = a_i64(soff, s)
+            w0 = a8_load(wt, wi + 0)
+            wi += 8
+            x = a8_bcast(xp, b0 + o)
+            a0_0 = v8_xpa(a0_0, w0, x)
+            x = a8_bcast(xp, b1 + o)
+            a1_0 = v8_xpa(a1_0, w0, x)
+            x = a8_bcast(xp, b2 + o)
+            a2_0 = v8_xpa(a2_0, w0, x)
+            x = a8_bcast(xp, b3 + o)
+            a3_0 = v8_xpa(a3_0, w0, x)
+        if tmode_j == TILE_INT32:
+            ob = a_i64(obases, q + 0) + ooff
+            a8_store_acc_i32(out, ob + 0, a0_0, k)
+            ob = a_i64(obases, q + 1) + ooff
+            a8_store_acc_i32(out, ob + 0, a1_0, k)
+            ob = a_i64(obases, q + 2) + ooff
+            a8_store_acc_i32(out, ob + 0, a2_0, k)
+            ob = a_i64(obases, q + 3) + ooff
+            a8_store_acc_i32(out, ob + 0, a3_0, k)
+        elif tmode_j == TILE_INT32_CORR:
+            ob = a_i64(obases, q + 0) + ooff
+            cb = a_i64(cbases, q + 0) + o0
+            a8_store_acc_corr_i32(out, ob + 0, a0_0, k, corr, cb + 0)
+            ob = a_i64(obases, q + 1) + ooff
+            cb = a_i64(cbases, q + 1) + o0
+            a8_store_acc_corr_i32(out, ob + 0, a1_0, k, corr, cb + 0)
+            ob = a_i64(obases, q + 2) + ooff
+            cb = a_i64(cbases, q + 2) + o0
+            a8_store_acc_corr_i32(out, ob + 0, a2_0, k, corr, cb + 0)
+            ob = a_i64(obases, q + 3) + ooff
+            cb = a_i64(cbases, q + 3) + o0
+            a8_store_acc_corr_i32(out, ob + 0, a3_0, k, corr, cb + 0)
+        elif tmode_j == TILE_BITS:
+            d0 = a8_load(pcflip, o0 + 0)
+            t0 = a8_load(pcthr, o0 + 0)
+            bits = (v8_pc_bits(a0_0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 0) + ooff, bits << shift)
+            bits = (v8_pc_bits(a1_0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 1) + ooff, bits << shift)
+            bits = (v8_pc_bits(a2_0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 2) + ooff, bits << shift)
+            bits = (v8_pc_bits(a3_0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 3) + ooff, bits << shift)
+        elif tmode_j == TILE_BITS_CORR:
+            d0 = a8_load(pcflip, o0 + 0)
+            t0 = a8_load(pcthr, o0 + 0)
+            cb = a_i64(cbases, q + 0) + o0
+            bits = (a8_threshold_bits(a0_0, k, corr, cb + 0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 0) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 1) + o0
+            bits = (a8_threshold_bits(a1_0, k, corr, cb + 0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 1) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 2) + o0
+            bits = (a8_threshold_bits(a2_0, k, corr, cb + 0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 2) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 3) + o0
+            bits = (a8_threshold_bits(a3_0, k, corr, cb + 0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 3) + ooff, bits << shift)
+        else:  # TILE_SCRATCH
+            a8_store(acc, 0, a0_0)
+            a8_store(acc, 8, a1_0)
+            a8_store(acc, 16, a2_0)
+            a8_store(acc, 24, a3_0)
 
 
 @njit(cache=True)
 def _t5x1(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
-        k, tmode, pcflip, pcthr, o0, shift, corr, cbases):
-    b0 = a_i64(bases, 0) + boff
-    b1 = a_i64(bases, 1) + boff
-    b2 = a_i64(bases, 2) + boff
-    b3 = a_i64(bases, 3) + boff
-    b4 = a_i64(bases, 4) + boff
-    a0_0 = v8_zero()
-    a1_0 = v8_zero()
-    a2_0 = v8_zero()
-    a3_0 = v8_zero()
-    a4_0 = v8_zero()
-    wi = wbase
-    for s in range(nsteps):  # one step = one word of one tap
-        o = a_i64(soff, s)
-        w0 = a8_load(wt, wi + 0)
-        wi += 8
-        x = a8_bcast(xp, b0 + o)
-        a0_0 = v8_xpa(a0_0, w0, x)
-        x = a8_bcast(xp, b1 + o)
-        a1_0 = v8_xpa(a1_0, w0, x)
-        x = a8_bcast(xp, b2 + o)
-        a2_0 = v8_xpa(a2_0, w0, x)
-        x = a8_bcast(xp, b3 + o)
-        a3_0 = v8_xpa(a3_0, w0, x)
-        x = a8_bcast(xp, b4 + o)
-        a4_0 = v8_xpa(a4_0, w0, x)
-    if tmode == TILE_INT32:
-        ob = a_i64(obases, 0) + ooff
-        a8_store_acc_i32(out, ob + 0, a0_0, k)
-        ob = a_i64(obases, 1) + ooff
-        a8_store_acc_i32(out, ob + 0, a1_0, k)
-        ob = a_i64(obases, 2) + ooff
-        a8_store_acc_i32(out, ob + 0, a2_0, k)
-        ob = a_i64(obases, 3) + ooff
-        a8_store_acc_i32(out, ob + 0, a3_0, k)
-        ob = a_i64(obases, 4) + ooff
-        a8_store_acc_i32(out, ob + 0, a4_0, k)
-    elif tmode == TILE_INT32_CORR:
-        ob = a_i64(obases, 0) + ooff
-        cb = a_i64(cbases, 0) + o0
-        a8_store_acc_corr_i32(out, ob + 0, a0_0, k, corr, cb + 0)
-        ob = a_i64(obases, 1) + ooff
-        cb = a_i64(cbases, 1) + o0
-        a8_store_acc_corr_i32(out, ob + 0, a1_0, k, corr, cb + 0)
-        ob = a_i64(obases, 2) + ooff
-        cb = a_i64(cbases, 2) + o0
-        a8_store_acc_corr_i32(out, ob + 0, a2_0, k, corr, cb + 0)
-        ob = a_i64(obases, 3) + ooff
-        cb = a_i64(cbases, 3) + o0
-        a8_store_acc_corr_i32(out, ob + 0, a3_0, k, corr, cb + 0)
-        ob = a_i64(obases, 4) + ooff
-        cb = a_i64(cbases, 4) + o0
-        a8_store_acc_corr_i32(out, ob + 0, a4_0, k, corr, cb + 0)
-    elif tmode == TILE_BITS:
-        d0 = a8_load(pcflip, o0 + 0)
-        t0 = a8_load(pcthr, o0 + 0)
-        bits = (v8_pc_bits(a0_0, d0, t0) << 0)
-        a_or_u64(out, a_i64(obases, 0) + ooff, bits << shift)
-        bits = (v8_pc_bits(a1_0, d0, t0) << 0)
-        a_or_u64(out, a_i64(obases, 1) + ooff, bits << shift)
-        bits = (v8_pc_bits(a2_0, d0, t0) << 0)
-        a_or_u64(out, a_i64(obases, 2) + ooff, bits << shift)
-        bits = (v8_pc_bits(a3_0, d0, t0) << 0)
-        a_or_u64(out, a_i64(obases, 3) + ooff, bits << shift)
-        bits = (v8_pc_bits(a4_0, d0, t0) << 0)
-        a_or_u64(out, a_i64(obases, 4) + ooff, bits << shift)
-    elif tmode == TILE_BITS_CORR:
-        d0 = a8_load(pcflip, o0 + 0)
-        t0 = a8_load(pcthr, o0 + 0)
-        cb = a_i64(cbases, 0) + o0
-        bits = (a8_threshold_bits(a0_0, k, corr, cb + 0, d0, t0) << 0)
-        a_or_u64(out, a_i64(obases, 0) + ooff, bits << shift)
-        cb = a_i64(cbases, 1) + o0
-        bits = (a8_threshold_bits(a1_0, k, corr, cb + 0, d0, t0) << 0)
-        a_or_u64(out, a_i64(obases, 1) + ooff, bits << shift)
-        cb = a_i64(cbases, 2) + o0
-        bits = (a8_threshold_bits(a2_0, k, corr, cb + 0, d0, t0) << 0)
-        a_or_u64(out, a_i64(obases, 2) + ooff, bits << shift)
-        cb = a_i64(cbases, 3) + o0
-        bits = (a8_threshold_bits(a3_0, k, corr, cb + 0, d0, t0) << 0)
-        a_or_u64(out, a_i64(obases, 3) + ooff, bits << shift)
-        cb = a_i64(cbases, 4) + o0
-        bits = (a8_threshold_bits(a4_0, k, corr, cb + 0, d0, t0) << 0)
-        a_or_u64(out, a_i64(obases, 4) + ooff, bits << shift)
-    else:  # TILE_SCRATCH
-        a8_store(acc, 0, a0_0)
-        a8_store(acc, 8, a1_0)
-        a8_store(acc, 16, a2_0)
-        a8_store(acc, 24, a3_0)
-        a8_store(acc, 32, a4_0)
+        k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc):
+    for j in range(ntl):  # the run's tiles, MR table slots apart
+        q = j * 6
+        tmode_j = tmc if bord != 0 and a_u8(bord, j) != 0 else tmode
+        b0 = a_i64(bases, q + 0) + boff
+        b1 = a_i64(bases, q + 1) + boff
+        b2 = a_i64(bases, q + 2) + boff
+        b3 = a_i64(bases, q + 3) + boff
+        b4 = a_i64(bases, q + 4) + boff
+        a0_0 = v8_zero()
+        a1_0 = v8_zero()
+        a2_0 = v8_zero()
+        a3_0 = v8_zero()
+        a4_0 = v8_zero()
+        wi = wbase
+        for s in range(nsteps):  # one step = one word of one tap
+            o = a_i64(soff, s)
+            w0 = a8_load(wt, wi + 0)
+            wi += 8
+            x = a8_bcast(xp, b0 + o)
+            a0_0 = v8_xpa(a0_0, w0, x)
+            x = a8_bcast(xp, b1 + o)
+            a1_0 = v8_xpa(a1_0, w0, x)
+            x = a8_bcast(xp, b2 + o)
+            a2_0 = v8_xpa(a2_0, w0, x)
+            x = a8_bcast(xp, b3 + o)
+            a3_0 = v8_xpa(a3_0, w0, x)
+            x = a8_bcast(xp, b4 + o)
+            a4_0 = v8_xpa(a4_0, w0, x)
+        if tmode_j == TILE_INT32:
+            ob = a_i64(obases, q + 0) + ooff
+            a8_store_acc_i32(out, ob + 0, a0_0, k)
+            ob = a_i64(obases, q + 1) + ooff
+            a8_store_acc_i32(out, ob + 0, a1_0, k)
+            ob = a_i64(obases, q + 2) + ooff
+            a8_store_acc_i32(out, ob + 0, a2_0, k)
+            ob = a_i64(obases, q + 3) + ooff
+            a8_store_acc_i32(out, ob + 0, a3_0, k)
+            ob = a_i64(obases, q + 4) + ooff
+            a8_store_acc_i32(out, ob + 0, a4_0, k)
+        elif tmode_j == TILE_INT32_CORR:
+            ob = a_i64(obases, q + 0) + ooff
+            cb = a_i64(cbases, q + 0) + o0
+            a8_store_acc_corr_i32(out, ob + 0, a0_0, k, corr, cb + 0)
+            ob = a_i64(obases, q + 1) + ooff
+            cb = a_i64(cbases, q + 1) + o0
+            a8_store_acc_corr_i32(out, ob + 0, a1_0, k, corr, cb + 0)
+            ob = a_i64(obases, q + 2) + ooff
+            cb = a_i64(cbases, q + 2) + o0
+            a8_store_acc_corr_i32(out, ob + 0, a2_0, k, corr, cb + 0)
+            ob = a_i64(obases, q + 3) + ooff
+            cb = a_i64(cbases, q + 3) + o0
+            a8_store_acc_corr_i32(out, ob + 0, a3_0, k, corr, cb + 0)
+            ob = a_i64(obases, q + 4) + ooff
+            cb = a_i64(cbases, q + 4) + o0
+            a8_store_acc_corr_i32(out, ob + 0, a4_0, k, corr, cb + 0)
+        elif tmode_j == TILE_BITS:
+            d0 = a8_load(pcflip, o0 + 0)
+            t0 = a8_load(pcthr, o0 + 0)
+            bits = (v8_pc_bits(a0_0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 0) + ooff, bits << shift)
+            bits = (v8_pc_bits(a1_0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 1) + ooff, bits << shift)
+            bits = (v8_pc_bits(a2_0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 2) + ooff, bits << shift)
+            bits = (v8_pc_bits(a3_0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 3) + ooff, bits << shift)
+            bits = (v8_pc_bits(a4_0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 4) + ooff, bits << shift)
+        elif tmode_j == TILE_BITS_CORR:
+            d0 = a8_load(pcflip, o0 + 0)
+            t0 = a8_load(pcthr, o0 + 0)
+            cb = a_i64(cbases, q + 0) + o0
+            bits = (a8_threshold_bits(a0_0, k, corr, cb + 0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 0) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 1) + o0
+            bits = (a8_threshold_bits(a1_0, k, corr, cb + 0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 1) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 2) + o0
+            bits = (a8_threshold_bits(a2_0, k, corr, cb + 0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 2) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 3) + o0
+            bits = (a8_threshold_bits(a3_0, k, corr, cb + 0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 3) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 4) + o0
+            bits = (a8_threshold_bits(a4_0, k, corr, cb + 0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 4) + ooff, bits << shift)
+        else:  # TILE_SCRATCH
+            a8_store(acc, 0, a0_0)
+            a8_store(acc, 8, a1_0)
+            a8_store(acc, 16, a2_0)
+            a8_store(acc, 24, a3_0)
+            a8_store(acc, 32, a4_0)
 
 
 @njit(cache=True)
 def _t6x1(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
-        k, tmode, pcflip, pcthr, o0, shift, corr, cbases):
-    b0 = a_i64(bases, 0) + boff
-    b1 = a_i64(bases, 1) + boff
-    b2 = a_i64(bases, 2) + boff
-    b3 = a_i64(bases, 3) + boff
-    b4 = a_i64(bases, 4) + boff
-    b5 = a_i64(bases, 5) + boff
-    a0_0 = v8_zero()
-    a1_0 = v8_zero()
-    a2_0 = v8_zero()
-    a3_0 = v8_zero()
-    a4_0 = v8_zero()
-    a5_0 = v8_zero()
-    wi = wbase
-    for s in range(nsteps):  # one step = one word of one tap
-        o = a_i64(soff, s)
-        w0 = a8_load(wt, wi + 0)
-        wi += 8
-        x = a8_bcast(xp, b0 + o)
-        a0_0 = v8_xpa(a0_0, w0, x)
-        x = a8_bcast(xp, b1 + o)
-        a1_0 = v8_xpa(a1_0, w0, x)
-        x = a8_bcast(xp, b2 + o)
-        a2_0 = v8_xpa(a2_0, w0, x)
-        x = a8_bcast(xp, b3 + o)
-        a3_0 = v8_xpa(a3_0, w0, x)
-        x = a8_bcast(xp, b4 + o)
-        a4_0 = v8_xpa(a4_0, w0, x)
-        x = a8_bcast(xp, b5 + o)
-        a5_0 = v8_xpa(a5_0, w0, x)
-    if tmode == TILE_INT32:
-        ob = a_i64(obases, 0) + ooff
-        a8_store_acc_i32(out, ob + 0, a0_0, k)
-        ob = a_i64(obases, 1) + ooff
-        a8_store_acc_i32(out, ob + 0, a1_0, k)
-        ob = a_i64(obases, 2) + ooff
-        a8_store_acc_i32(out, ob + 0, a2_0, k)
-        ob = a_i64(obases, 3) + ooff
-        a8_store_acc_i32(out, ob + 0, a3_0, k)
-        ob = a_i64(obases, 4) + ooff
-        a8_store_acc_i32(out, ob + 0, a4_0, k)
-        ob = a_i64(obases, 5) + ooff
-        a8_store_acc_i32(out, ob + 0, a5_0, k)
-    elif tmode == TILE_INT32_CORR:
-        ob = a_i64(obases, 0) + ooff
-        cb = a_i64(cbases, 0) + o0
-        a8_store_acc_corr_i32(out, ob + 0, a0_0, k, corr, cb + 0)
-        ob = a_i64(obases, 1) + ooff
-        cb = a_i64(cbases, 1) + o0
-        a8_store_acc_corr_i32(out, ob + 0, a1_0, k, corr, cb + 0)
-        ob = a_i64(obases, 2) + ooff
-        cb = a_i64(cbases, 2) + o0
-        a8_store_acc_corr_i32(out, ob + 0, a2_0, k, corr, cb + 0)
-        ob = a_i64(obases, 3) + ooff
-        cb = a_i64(cbases, 3) + o0
-        a8_store_acc_corr_i32(out, ob + 0, a3_0, k, corr, cb + 0)
-        ob = a_i64(obases, 4) + ooff
-        cb = a_i64(cbases, 4) + o0
-        a8_store_acc_corr_i32(out, ob + 0, a4_0, k, corr, cb + 0)
-        ob = a_i64(obases, 5) + ooff
-        cb = a_i64(cbases, 5) + o0
-        a8_store_acc_corr_i32(out, ob + 0, a5_0, k, corr, cb + 0)
-    elif tmode == TILE_BITS:
-        d0 = a8_load(pcflip, o0 + 0)
-        t0 = a8_load(pcthr, o0 + 0)
-        bits = (v8_pc_bits(a0_0, d0, t0) << 0)
-        a_or_u64(out, a_i64(obases, 0) + ooff, bits << shift)
-        bits = (v8_pc_bits(a1_0, d0, t0) << 0)
-        a_or_u64(out, a_i64(obases, 1) + ooff, bits << shift)
-        bits = (v8_pc_bits(a2_0, d0, t0) << 0)
-        a_or_u64(out, a_i64(obases, 2) + ooff, bits << shift)
-        bits = (v8_pc_bits(a3_0, d0, t0) << 0)
-        a_or_u64(out, a_i64(obases, 3) + ooff, bits << shift)
-        bits = (v8_pc_bits(a4_0, d0, t0) << 0)
-        a_or_u64(out, a_i64(obases, 4) + ooff, bits << shift)
-        bits = (v8_pc_bits(a5_0, d0, t0) << 0)
-        a_or_u64(out, a_i64(obases, 5) + ooff, bits << shift)
-    elif tmode == TILE_BITS_CORR:
-        d0 = a8_load(pcflip, o0 + 0)
-        t0 = a8_load(pcthr, o0 + 0)
-        cb = a_i64(cbases, 0) + o0
-        bits = (a8_threshold_bits(a0_0, k, corr, cb + 0, d0, t0) << 0)
-        a_or_u64(out, a_i64(obases, 0) + ooff, bits << shift)
-        cb = a_i64(cbases, 1) + o0
-        bits = (a8_threshold_bits(a1_0, k, corr, cb + 0, d0, t0) << 0)
-        a_or_u64(out, a_i64(obases, 1) + ooff, bits << shift)
-        cb = a_i64(cbases, 2) + o0
-        bits = (a8_threshold_bits(a2_0, k, corr, cb + 0, d0, t0) << 0)
-        a_or_u64(out, a_i64(obases, 2) + ooff, bits << shift)
-        cb = a_i64(cbases, 3) + o0
-        bits = (a8_threshold_bits(a3_0, k, corr, cb + 0, d0, t0) << 0)
-        a_or_u64(out, a_i64(obases, 3) + ooff, bits << shift)
-        cb = a_i64(cbases, 4) + o0
-        bits = (a8_threshold_bits(a4_0, k, corr, cb + 0, d0, t0) << 0)
-        a_or_u64(out, a_i64(obases, 4) + ooff, bits << shift)
-        cb = a_i64(cbases, 5) + o0
-        bits = (a8_threshold_bits(a5_0, k, corr, cb + 0, d0, t0) << 0)
-        a_or_u64(out, a_i64(obases, 5) + ooff, bits << shift)
-    else:  # TILE_SCRATCH
-        a8_store(acc, 0, a0_0)
-        a8_store(acc, 8, a1_0)
-        a8_store(acc, 16, a2_0)
-        a8_store(acc, 24, a3_0)
-        a8_store(acc, 32, a4_0)
-        a8_store(acc, 40, a5_0)
+        k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc):
+    for j in range(ntl):  # the run's tiles, MR table slots apart
+        q = j * 6
+        tmode_j = tmc if bord != 0 and a_u8(bord, j) != 0 else tmode
+        b0 = a_i64(bases, q + 0) + boff
+        b1 = a_i64(bases, q + 1) + boff
+        b2 = a_i64(bases, q + 2) + boff
+        b3 = a_i64(bases, q + 3) + boff
+        b4 = a_i64(bases, q + 4) + boff
+        b5 = a_i64(bases, q + 5) + boff
+        a0_0 = v8_zero()
+        a1_0 = v8_zero()
+        a2_0 = v8_zero()
+        a3_0 = v8_zero()
+        a4_0 = v8_zero()
+        a5_0 = v8_zero()
+        wi = wbase
+        for s in range(nsteps):  # one step = one word of one tap
+            o = a_i64(soff, s)
+            w0 = a8_load(wt, wi + 0)
+            wi += 8
+            x = a8_bcast(xp, b0 + o)
+            a0_0 = v8_xpa(a0_0, w0, x)
+            x = a8_bcast(xp, b1 + o)
+            a1_0 = v8_xpa(a1_0, w0, x)
+            x = a8_bcast(xp, b2 + o)
+            a2_0 = v8_xpa(a2_0, w0, x)
+            x = a8_bcast(xp, b3 + o)
+            a3_0 = v8_xpa(a3_0, w0, x)
+            x = a8_bcast(xp, b4 + o)
+            a4_0 = v8_xpa(a4_0, w0, x)
+            x = a8_bcast(xp, b5 + o)
+            a5_0 = v8_xpa(a5_0, w0, x)
+        if tmode_j == TILE_INT32:
+            ob = a_i64(obases, q + 0) + ooff
+            a8_store_acc_i32(out, ob + 0, a0_0, k)
+            ob = a_i64(obases, q + 1) + ooff
+            a8_store_acc_i32(out, ob + 0, a1_0, k)
+            ob = a_i64(obases, q + 2) + ooff
+            a8_store_acc_i32(out, ob + 0, a2_0, k)
+            ob = a_i64(obases, q + 3) + ooff
+            a8_store_acc_i32(out, ob + 0, a3_0, k)
+            ob = a_i64(obases, q + 4) + ooff
+            a8_store_acc_i32(out, ob + 0, a4_0, k)
+            ob = a_i64(obases, q + 5) + ooff
+            a8_store_acc_i32(out, ob + 0, a5_0, k)
+        elif tmode_j == TILE_INT32_CORR:
+            ob = a_i64(obases, q + 0) + ooff
+            cb = a_i64(cbases, q + 0) + o0
+            a8_store_acc_corr_i32(out, ob + 0, a0_0, k, corr, cb + 0)
+            ob = a_i64(obases, q + 1) + ooff
+            cb = a_i64(cbases, q + 1) + o0
+            a8_store_acc_corr_i32(out, ob + 0, a1_0, k, corr, cb + 0)
+            ob = a_i64(obases, q + 2) + ooff
+            cb = a_i64(cbases, q + 2) + o0
+            a8_store_acc_corr_i32(out, ob + 0, a2_0, k, corr, cb + 0)
+            ob = a_i64(obases, q + 3) + ooff
+            cb = a_i64(cbases, q + 3) + o0
+            a8_store_acc_corr_i32(out, ob + 0, a3_0, k, corr, cb + 0)
+            ob = a_i64(obases, q + 4) + ooff
+            cb = a_i64(cbases, q + 4) + o0
+            a8_store_acc_corr_i32(out, ob + 0, a4_0, k, corr, cb + 0)
+            ob = a_i64(obases, q + 5) + ooff
+            cb = a_i64(cbases, q + 5) + o0
+            a8_store_acc_corr_i32(out, ob + 0, a5_0, k, corr, cb + 0)
+        elif tmode_j == TILE_BITS:
+            d0 = a8_load(pcflip, o0 + 0)
+            t0 = a8_load(pcthr, o0 + 0)
+            bits = (v8_pc_bits(a0_0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 0) + ooff, bits << shift)
+            bits = (v8_pc_bits(a1_0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 1) + ooff, bits << shift)
+            bits = (v8_pc_bits(a2_0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 2) + ooff, bits << shift)
+            bits = (v8_pc_bits(a3_0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 3) + ooff, bits << shift)
+            bits = (v8_pc_bits(a4_0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 4) + ooff, bits << shift)
+            bits = (v8_pc_bits(a5_0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 5) + ooff, bits << shift)
+        elif tmode_j == TILE_BITS_CORR:
+            d0 = a8_load(pcflip, o0 + 0)
+            t0 = a8_load(pcthr, o0 + 0)
+            cb = a_i64(cbases, q + 0) + o0
+            bits = (a8_threshold_bits(a0_0, k, corr, cb + 0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 0) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 1) + o0
+            bits = (a8_threshold_bits(a1_0, k, corr, cb + 0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 1) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 2) + o0
+            bits = (a8_threshold_bits(a2_0, k, corr, cb + 0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 2) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 3) + o0
+            bits = (a8_threshold_bits(a3_0, k, corr, cb + 0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 3) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 4) + o0
+            bits = (a8_threshold_bits(a4_0, k, corr, cb + 0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 4) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 5) + o0
+            bits = (a8_threshold_bits(a5_0, k, corr, cb + 0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 5) + ooff, bits << shift)
+        else:  # TILE_SCRATCH
+            a8_store(acc, 0, a0_0)
+            a8_store(acc, 8, a1_0)
+            a8_store(acc, 16, a2_0)
+            a8_store(acc, 24, a3_0)
+            a8_store(acc, 32, a4_0)
+            a8_store(acc, 40, a5_0)
 
 
 @njit(cache=True)
 def tile(nv, m, xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
-        k, tmode, pcflip, pcthr, o0, shift, corr, cbases):
+        k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc):
     if nv == 4:
         if m == 6:
             _t6x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
-                    k, tmode, pcflip, pcthr, o0, shift, corr, cbases)
+                    k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc)
         elif m == 5:
             _t5x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
-                    k, tmode, pcflip, pcthr, o0, shift, corr, cbases)
+                    k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc)
         elif m == 4:
             _t4x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
-                    k, tmode, pcflip, pcthr, o0, shift, corr, cbases)
+                    k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc)
         elif m == 3:
             _t3x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
-                    k, tmode, pcflip, pcthr, o0, shift, corr, cbases)
+                    k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc)
         elif m == 2:
             _t2x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
-                    k, tmode, pcflip, pcthr, o0, shift, corr, cbases)
+                    k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc)
         elif m == 1:
             _t1x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
-                    k, tmode, pcflip, pcthr, o0, shift, corr, cbases)
+                    k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc)
     else:
         if m == 6:
             _t6x1(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
-                    k, tmode, pcflip, pcthr, o0, shift, corr, cbases)
+                    k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc)
         elif m == 5:
             _t5x1(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
-                    k, tmode, pcflip, pcthr, o0, shift, corr, cbases)
+                    k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc)
         elif m == 4:
             _t4x1(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
-                    k, tmode, pcflip, pcthr, o0, shift, corr, cbases)
+                    k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc)
         elif m == 3:
             _t3x1(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
-                    k, tmode, pcflip, pcthr, o0, shift, corr, cbases)
+                    k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc)
         elif m == 2:
             _t2x1(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
-                    k, tmode, pcflip, pcthr, o0, shift, corr, cbases)
+                    k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc)
         elif m == 1:
             _t1x1(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
-                    k, tmode, pcflip, pcthr, o0, shift, corr, cbases)
+                    k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc)

@@ -32,8 +32,10 @@ output mode:
   :func:`~refbnn.kernels.elementwise.pack_pixel`).
 
 A micro-kernel finishes its ``m x 8*NV`` block itself in one of the tile modes :data:`TILE_INT32`,
-:data:`TILE_INT32_CORR`, :data:`TILE_BITS`, :data:`TILE_BITS_CORR`, or leaves the popcounts in a
-scratch buffer (:data:`TILE_SCRATCH`) for the caller's vector/scalar epilogue.
+:data:`TILE_INT32_CORR`, :data:`TILE_BITS`, :data:`TILE_BITS_CORR`, :data:`TILE_FUSED`,
+:data:`TILE_FUSED_CORR` (:func:`fuse16`, the same float32 steps as :func:`fuse_tile` on the
+accumulators in registers), or leaves the popcounts in a scratch buffer (:data:`TILE_SCRATCH`)
+for the caller's vector/scalar epilogue.
 """
 
 from __future__ import annotations
@@ -45,12 +47,23 @@ from numba.experimental import structref
 from numba.extending import intrinsic
 
 from .elementwise import NONE, act16, merge_pixel, pack_pixel
-from .fvec import f16, f16_add, f16_affine_n, f16_load_n, f16_sign_bits, f16_store_n
-from .simd import V8, a_store, addr_ptr, elem_ptr, splat, vec8
+from .fvec import (
+    f16,
+    f16_add,
+    f16_affine_n,
+    f16_fprelu,
+    f16_load_n,
+    f16_max,
+    f16_prelu,
+    f16_sign_bits,
+    f16_store_n,
+    f16_zero,
+)
+from .simd import V8, a_i64, a_store, addr_ptr, elem_ptr, splat, vec8
 
 # Numba's cache does not notice edits to imported kernels; this digest of the modules this one
 # imports, transitively (written by ``python refbnn/kernels/_codegen.py``), forces a recompile.
-DEPS_DIGEST = "f0e8c2d14990db3d"
+DEPS_DIGEST = "5bcebbb9eecef5a8"
 
 # output modes
 INT32, FLOAT, FLOAT_LCE, BITS, FUSED = 0, 1, 2, 3, 4
@@ -62,6 +75,15 @@ TILE_INT32 = 1        # int32(K - 2*pc) to the output
 TILE_BITS = 2         # packed bits from the popcount thresholds (no padding correction)
 TILE_INT32_CORR = 3   # int32(K - 2*pc + corr)
 TILE_BITS_CORR = 4    # packed bits from the accumulator thresholds, with the correction
+TILE_FUSED = 5        # FUSED in registers (32-channel tiles): float32 out, residual, sign bits
+TILE_FUSED_CORR = 6   # TILE_FUSED with the padding correction
+
+#: Slots of the int64 parameter block of :data:`TILE_FUSED` (:func:`fused_block`): addresses of
+#: the float32 ``mul``, ``bias``, slopes and residual (0: no residual) and of the uint64 bits
+#: buffer, the non-linearity codes, and ``nonpos`` (1 for ``sign_at_zero = -1``).
+FP_MUL, FP_BIAS, FP_PRE, FP_PRE_POS, FP_PRE_NEG, FP_POST, FP_POST_POS, FP_POST_NEG, FP_RES, \
+    FP_NONPOS, FP_BITS = range(11)
+FP_SIZE = 11
 
 
 # -- the parameters ---------------------------------------------------------------------------
@@ -266,6 +288,62 @@ def fuse_tile(acc, to, m, nl, o0, s0, k, corr, tcor, z, tout, residual, rsc, rtm
                 a_store(a_bits + 8 * tbits[s] + unit, 0, np.uint32(word))
             else:
                 a_store(a_bits + 8 * tbits[s] + unit, 0, np.uint8(word))
+
+
+@njit(cache=True, inline="always")
+def fused_block(fp, mul, bias, pre, pre_pos, pre_neg, post, post_pos, post_neg, residual, rsc,
+                nonpos, bits):
+    """Fill ``fp`` (int64 ``(FP_SIZE,)``) with :data:`TILE_FUSED`'s parameters (``FP_*`` slots):
+    the arrays' addresses (the caller keeps them alive), the residual's only where ``rsc > 0``."""
+    fp[FP_MUL], fp[FP_BIAS] = mul.ctypes.data, bias.ctypes.data
+    fp[FP_PRE], fp[FP_PRE_POS], fp[FP_PRE_NEG] = pre, pre_pos.ctypes.data, pre_neg.ctypes.data
+    fp[FP_POST], fp[FP_POST_POS], fp[FP_POST_NEG] = post, post_pos.ctypes.data, \
+        post_neg.ctypes.data
+    fp[FP_RES] = 0
+    if rsc > 0:
+        fp[FP_RES] = residual.ctypes.data
+    fp[FP_NONPOS] = 1 if nonpos else 0
+    fp[FP_BITS] = bits.ctypes.data
+
+
+@njit(cache=True, inline="always")
+def fused_params(fp):
+    """The :data:`TILE_FUSED` parameters read from the block at address ``fp``:
+    ``(mul, bias, pre, pre_pos, pre_neg, post, post_pos, post_neg, res, nonpos, bits)``."""
+    return (a_i64(fp, FP_MUL), a_i64(fp, FP_BIAS), a_i64(fp, FP_PRE), a_i64(fp, FP_PRE_POS),
+            a_i64(fp, FP_PRE_NEG), a_i64(fp, FP_POST), a_i64(fp, FP_POST_POS),
+            a_i64(fp, FP_POST_NEG), a_i64(fp, FP_RES), a_i64(fp, FP_NONPOS) != 0,
+            a_i64(fp, FP_BITS))
+
+
+@njit(cache=True, inline="always")
+def act16a(v, code, pos, neg, o):
+    """:func:`~refbnn.kernels.elementwise.act16` of 16 full lanes, the slopes at elements
+    ``o ..`` of the float32 arrays at addresses ``pos`` and ``neg``."""
+    if code == 1:
+        return f16_max(v, f16_zero())
+    if code == 2:
+        return f16_prelu(v, a16f_load(neg, o))
+    if code == 3:
+        return f16_fprelu(v, a16f_load(pos, o), a16f_load(neg, o))
+    return v
+
+
+@njit(cache=True, inline="always")
+def fuse16(a, o, zi, z, fz):
+    """:data:`FUSED` of 16 channels ``o .. o + 15`` of one pixel from ``a`` (:data:`f16`, the
+    accumulators as float32): ``y = float32(a * mul) + bias``, ``v = post(pre(y) + r)`` (``r`` the
+    residual at elements ``zi ..`` of the float32 array at address ``res``, i.e. the output's own
+    layout; none for ``res == 0``), stored at elements ``zi ..`` of the float32 array at ``z``;
+    returns the 16 sign bits (:func:`f16_sign_bits`). ``fz``: the parameters as
+    :func:`fused_params` returns them; the float32 steps are :func:`fuse_tile`'s."""
+    mul, bias, pre, pre_pos, pre_neg, post, post_pos, post_neg, res, nonpos, _bits = fz
+    v = act16a(a16_affine(a, mul, bias, o), pre, pre_pos, pre_neg, o)
+    if res != 0:
+        v = f16_add(v, a16f_load(res, zi))
+    v = act16a(v, post, post_pos, post_neg, o)
+    a16f_store(z, zi, v)
+    return f16_sign_bits(v, nonpos, 16)
 
 
 # -- vector code (LLVM IR) ------------------------------------------------------------------------
@@ -546,3 +624,97 @@ def v8_pc_bits(typingctx, pc, flip, thr):
         return builder.zext(builder.bitcast(mask, ir.IntType(8)), ir.IntType(64))
 
     return types.uint64(vec8, vec8, vec8), codegen
+
+
+# -- TILE_FUSED: 16 lanes of float32 from two <8 x i64> accumulator vectors ----------------------
+
+def _acc16_f32(context, builder, sig, args, corr):
+    """``float32(k - 2 * pc [+ corr])`` of the popcounts ``args[0]`` then ``args[1]``: int32
+    arithmetic (popcounts, ``k`` and corrections fit in 31 bits), then one conversion, which
+    rounds the same integer as the int64 path's (exact for ``|acc| < 2**24``)."""
+    pc = _low_dwords(builder, args[0], args[1])
+    k32 = builder.trunc(context.cast(builder, args[2], sig.args[2], types.int64), ir.IntType(32))
+    kvec = builder.shuffle_vector(
+        builder.insert_element(ir.Constant(_V16, None), k32, ir.Constant(ir.IntType(32), 0)),
+        ir.Constant(_V16, None), ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16))
+    a = builder.sub(kvec, builder.shl(pc, ir.Constant(_V16, [1] * 16)))
+    if corr is not None:
+        a = builder.add(a, corr)
+    return builder.sitofp(a, _V16F)
+
+
+@intrinsic
+def v16_acc_f32(typingctx, lo, hi, k):
+    """:data:`f16` ``float32(k - 2 * pc)`` of the 16 popcounts ``lo`` then ``hi`` (:data:`vec8`),
+    the same values as :func:`a16_acc_f32` (the same integer, converted once)."""
+    if lo != vec8 or hi != vec8 or not isinstance(k, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _acc16_f32(context, builder, sig, args, None)
+
+    return f16(vec8, vec8, k), codegen
+
+
+@intrinsic
+def v16_acc_corr_f32(typingctx, lo, hi, k, caddr, cindex):
+    """:func:`v16_acc_f32` plus the corrections at elements ``cindex .. cindex + 15`` of the
+    int64 array at ``caddr``."""
+    if lo != vec8 or hi != vec8 or not all(isinstance(a, types.Integer) for a in (k, caddr, cindex)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ca, ci = args[3], args[4]
+        i64 = ir.IntType(64)
+        c_lo = builder.load(addr_ptr(context, builder, ca, sig.args[3], ci, i64, V8), align=8)
+        c_hi = builder.load(addr_ptr(context, builder, ca, sig.args[3],
+                                     builder.add(ci, ir.Constant(ci.type, 8)), i64, V8), align=8)
+        return _acc16_f32(context, builder, sig, args, _low_dwords(builder, c_lo, c_hi))
+
+    return f16(vec8, vec8, k, caddr, cindex), codegen
+
+
+@intrinsic
+def a16f_load(typingctx, addr, index):
+    """:data:`f16` of elements ``index .. index + 15`` of the float32 array at ``addr``."""
+    if not (isinstance(addr, types.Integer) and isinstance(index, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.load(addr_ptr(context, builder, args[0], sig.args[0], args[1],
+                                     ir.FloatType(), _V16F), align=4)
+
+    return f16(addr, index), codegen
+
+
+@intrinsic
+def a16f_store(typingctx, addr, index, v):
+    """Store the :data:`f16` ``v`` to elements ``index .. index + 15`` of the float32 array at
+    ``addr``."""
+    if not (isinstance(addr, types.Integer) and isinstance(index, types.Integer) and v == f16):
+        return None
+
+    def codegen(context, builder, sig, args):
+        builder.store(args[2], addr_ptr(context, builder, args[0], sig.args[0], args[1],
+                                        ir.FloatType(), _V16F), align=4)
+        return context.get_dummy_value()
+
+    return types.none(addr, index, f16), codegen
+
+
+@intrinsic
+def a16_affine(typingctx, v, maddr, baddr, o):
+    """``float32(v * mul[o + l]) + bias[o + l]`` on 16 lanes, ``mul``/``bias`` the float32 arrays
+    at addresses ``maddr``/``baddr``: a multiply then an add, two roundings (no contraction)."""
+    if not (v == f16 and all(isinstance(a, types.Integer) for a in (maddr, baddr, o))):
+        return None
+
+    def codegen(context, builder, sig, args):
+        vv, ma, ba, ov = args
+        m = builder.load(addr_ptr(context, builder, ma, sig.args[1], ov, ir.FloatType(), _V16F),
+                         align=4)
+        b = builder.load(addr_ptr(context, builder, ba, sig.args[2], ov, ir.FloatType(), _V16F),
+                         align=4)
+        return builder.fadd(builder.fmul(vv, m), b)
+
+    return f16(f16, maddr, baddr, o), codegen

@@ -23,7 +23,7 @@ from .simd import (
 
 # Numba's cache does not notice edits to imported kernels; this digest of the modules this one
 # imports, transitively (written by ``python refbnn/kernels/_codegen.py``), forces a recompile.
-DEPS_DIGEST = "e3d40147a5f7e363"
+DEPS_DIGEST = "daa21ee1f1739ee6"
 
 
 @njit(cache=True, inline="always")

@@ -329,6 +329,19 @@ def a8_store(typingctx, addr, index, v):
 
 
 @intrinsic
+def a_u8(typingctx, addr, index):
+    """The byte at element ``index`` of the uint8 (or bool) array at ``addr``, as a uint8."""
+    if not (isinstance(addr, types.Integer) and isinstance(index, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.load(addr_ptr(context, builder, args[0], sig.args[0], args[1],
+                                     ir.IntType(8)), align=1)
+
+    return types.uint8(addr, index), codegen
+
+
+@intrinsic
 def a_f32(typingctx, addr, index):
     """The float32 at element ``index`` of the float32 array at ``addr``."""
     if not (isinstance(addr, types.Integer) and isinstance(index, types.Integer)):
