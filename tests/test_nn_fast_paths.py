@@ -273,11 +273,15 @@ def test_avg_pool_kernels_equal_oracle(case, ceil_mode, include_pad):
     assert dx.dtype == x.dtype
 
 
-@given(st.integers(1, 40000), st.sampled_from([0.0, 0.01]), st.booleans(), st.integers(1, 30), seeds)
-def test_adam_kernel_equals_numpy_update(size, wd, decoupled, t, seed):
+@given(st.integers(1, 40000), st.sampled_from([0.0, 0.01]), st.booleans(), st.integers(1, 30), seeds,
+       st.sampled_from([None, (-1.0, 1.0), (-0.5, 0.25), (0.5, -0.5)]))
+def test_adam_kernel_equals_numpy_update(size, wd, decoupled, t, seed, clip):
     from refbnn.training import optim
     rng = np.random.default_rng(seed)
     p0 = rng.standard_normal(size).astype(np.float32)
+    p0[::7] = -0.0
+    if size > 3:
+        p0[3] = np.nan
     grad = (rng.standard_normal(size) * 0.1).astype(np.float32)
     m0 = (rng.standard_normal(size) * 0.01).astype(np.float32)
     v0 = (rng.random(size) * 1e-4).astype(np.float32)
@@ -289,11 +293,15 @@ def test_adam_kernel_equals_numpy_update(size, wd, decoupled, t, seed):
     ref.data, fast.data = p0.copy(), p0.copy()
     ref_state = {"exp_avg": m0.copy(), "exp_avg_sq": v0.copy()}
     optim.adam_update_reference(ref, grad, ref_state, g, t, decoupled)
+    if clip is not None:  # the optimizer's step clips latent weights after the update
+        np.clip(ref.data, clip[0], clip[1], out=ref.data)
+        g["clip"] = clip
     opt = (optim.AdamW if decoupled else optim.Adam)([], lr=3e-3, weight_decay=wd)
     state = {"step": np.array(t - 1), "exp_avg": m0.copy(), "exp_avg_sq": v0.copy()}
-    opt._update(fast, grad, state, g)
-    # the same float32 operations in the same order: bit-identical
+    assert opt._update(fast, grad, state, g) is True  # the kernel path also applied the clip
+    # the same float32 operations in the same order: bit-identical (NaN and -0.0 included)
     np.testing.assert_array_equal(fast.data, ref.data)
+    assert np.array_equal(np.signbit(fast.data), np.signbit(ref.data))
     np.testing.assert_array_equal(state["exp_avg"], ref_state["exp_avg"])
     np.testing.assert_array_equal(state["exp_avg_sq"], ref_state["exp_avg_sq"])
 
@@ -334,5 +342,46 @@ def test_oihw_to_hwio_kernel_is_an_exact_transpose(o, c, kh, kw, seed):
     out = np.empty((kh, kw, c, o), np.float32)
     CK.oihw_to_hwio_kernel(w, out)
     want = w.transpose(2, 3, 1, 0)
+    np.testing.assert_array_equal(out, want)
+    assert np.array_equal(np.signbit(out), np.signbit(want))
+
+
+def sum_dw_partials_reference(parts, tap_major, kh, kw):
+    """The oracle: the parts added one after another with NumPy in index order, then reordered
+    from tap-major (g, O/g, (a, b, c)) or channel-major (g, (c, a, b), O/g) to OIHW."""
+    total = parts[0].copy()
+    for q in parts[1:]:
+        total += q
+    g = parts.shape[1]
+    if tap_major:
+        og, cg = parts.shape[2], parts.shape[3] // (kh * kw)
+        dw = total.reshape(g, og, kh, kw, cg).transpose(0, 1, 4, 2, 3)
+    else:
+        og, cg = parts.shape[3], parts.shape[2] // (kh * kw)
+        dw = total.transpose(0, 2, 1).reshape(g, og, cg, kh, kw)
+    return dw.reshape(g * og, cg, kh, kw)
+
+
+@given(st.integers(1, 5), st.integers(1, 3), st.integers(1, 4), st.integers(1, 4),
+       st.integers(1, 3), st.integers(1, 3), st.booleans(),
+       st.sampled_from([np.float32, np.float64]), seeds)
+def test_sum_dw_partials_kernel_equals_serial_sum(count, g, og, cg, kh, kw, tap_major, dtype, seed):
+    rng = np.random.default_rng(seed)
+    shape = (count, g) + ((og, kh * kw * cg) if tap_major else (cg * kh * kw, og))
+    # values of many magnitudes: a different order of the additions would round differently
+    parts = (rng.standard_normal(shape) * 10.0 ** rng.integers(-6, 7, shape)).astype(dtype)
+    out = np.empty((g * og, cg, kh, kw), dtype)
+    CK.sum_dw_partials_kernel(parts, tap_major, kh, kw, out)
+    np.testing.assert_array_equal(out, sum_dw_partials_reference(parts, tap_major, kh, kw))
+
+
+@given(st.integers(1, 9), st.integers(1, 9), st.integers(1, 3), st.integers(1, 3),
+       st.sampled_from([np.float32, np.float64]), seeds)
+def test_oihw_to_ohwi_kernel_is_an_exact_transpose(o, c, kh, kw, dtype, seed):
+    w = np.random.default_rng(seed).standard_normal((o, c, kh, kw)).astype(np.float32)
+    w.reshape(-1)[::4] = -0.0
+    out = np.empty((o, kh, kw, c), dtype)
+    CK.oihw_to_ohwi_kernel(w, out)
+    want = w.transpose(0, 2, 3, 1).astype(dtype)
     np.testing.assert_array_equal(out, want)
     assert np.array_equal(np.signbit(out), np.signbit(want))

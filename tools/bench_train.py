@@ -8,10 +8,12 @@ real 1x1 conv -> BN; global average pool; FC to 10 classes. Binary convs: sign w
 Bi-Real's ApproxSign gradient, clipped straight-through weights, zero padding, no scale.
 
 A step is: zero grads, forward on a (B, 1, 28, 28) batch, cross-entropy, backward, Adam step,
-clip latent weights to [-1, 1]. Both frameworks run alternately in the same worker process, one
-worker per thread count (OpenMP/MKL/Numba pools sized by environment variables before import,
-``OMP_WAIT_POLICY=PASSIVE``, ``torch.set_num_threads``, ``numba.set_num_threads``; numpy's
-OpenBLAS is pinned to one thread because refbnn splits its GEMMs over its own threads). Reported:
+clip latent weights to [-1, 1]. One worker process per width runs both frameworks, interleaved
+in rounds: each round takes one refbnn step and one PyTorch step at every thread count in turn
+(``numba.set_num_threads``, ``torch.set_num_threads``; OpenMP/MKL/Numba pools sized for the most
+threads by environment variables before import, ``OMP_WAIT_POLICY=PASSIVE``; numpy's OpenBLAS
+is pinned to one thread because refbnn splits its GEMMs over its own threads), so the 1- and
+2-thread times that make the scaling see the same machine state. Reported:
 median seconds per step, and refbnn's split by layer type and pass (exclusive; shares of the mean
 step).
 
@@ -199,13 +201,15 @@ def torch_stepper(model, x, y):
 
 
 # --- worker ------------------------------------------------------------------------------------
-def worker(width: int, batch: int, threads: int, steps: int) -> dict:
+def worker(width: int, batch: int, threads: list, steps: int) -> list:
+    """One row per thread count in ``threads``, measured in rounds: each round runs one refbnn step
+    and one PyTorch step at every thread count in turn (``numba.set_num_threads``,
+    ``torch.set_num_threads``), so a slow drift of the machine (another process starting or
+    stopping) touches every configuration alike instead of the one that happened to run then."""
     import numba
     import numpy as np
     import torch
 
-    torch.set_num_threads(threads)
-    numba.set_num_threads(threads)
     from refbnn.nn import init
     init.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -216,33 +220,47 @@ def worker(width: int, batch: int, threads: int, steps: int) -> dict:
     ours.train()
     theirs.train()
     step_ours, step_theirs = refbnn_stepper(ours, x, y), torch_stepper(theirs, x, y)
-    for _ in range(2):  # warm-up: Numba cache loads, buffer allocation, oneDNN primitive creation
-        step_ours()
-        step_theirs()
+
+    def use(t):
+        torch.set_num_threads(t)
+        numba.set_num_threads(t)
+
+    for t in threads:  # warm-up: Numba cache loads, buffer allocation, oneDNN primitive creation
+        use(t)
+        for _ in range(2):
+            step_ours()
+            step_theirs()
     timer = LayerTimer(ours)
-    t_ours, t_theirs, opt_ours = [], [], []
+    seconds = {t: defaultdict(float) for t in threads}
+    t_ours, t_theirs, opt_ours = ({t: [] for t in threads} for _ in range(3))
     try:
         for _ in range(steps):
-            timer.enabled = True
-            t0 = time.perf_counter()
-            opt_ours.append(step_ours())
-            t_ours.append(time.perf_counter() - t0)
-            timer.enabled = False
-            t0 = time.perf_counter()
-            step_theirs()
-            t_theirs.append(time.perf_counter() - t0)
+            for t in threads:
+                use(t)
+                timer.seconds = seconds[t]
+                timer.enabled = True
+                t0 = time.perf_counter()
+                opt_ours[t].append(step_ours())
+                t_ours[t].append(time.perf_counter() - t0)
+                timer.enabled = False
+                t0 = time.perf_counter()
+                step_theirs()
+                t_theirs[t].append(time.perf_counter() - t0)
     finally:
         timer.restore()
-    split = {k: v / steps for k, v in sorted(timer.seconds.items(), key=lambda kv: -kv[1])}
-    split["optimizer"] = float(np.mean(opt_ours))
-    med = float(np.median(t_ours))
-    split["other (loss, glue)"] = max(0.0, float(np.mean(t_ours)) - sum(split.values()))
-    return {"width": width, "batch": batch, "threads": threads, "steps": steps,
-            "refbnn_mean_s": float(np.mean(t_ours)),
-            "refbnn_s": med, "torch_s": float(np.median(t_theirs)),
-            "ratio": med / float(np.median(t_theirs)), "refbnn_min_s": float(np.min(t_ours)),
-            "torch_min_s": float(np.min(t_theirs)), "refbnn_split_s": split,
-            "torch_version": torch.__version__, "numpy_version": np.__version__}
+    rows = []
+    for t in threads:
+        split = {k: v / steps for k, v in sorted(seconds[t].items(), key=lambda kv: -kv[1])}
+        split["optimizer"] = float(np.mean(opt_ours[t]))
+        med, theirs_med = float(np.median(t_ours[t])), float(np.median(t_theirs[t]))
+        split["other (loss, glue)"] = max(0.0, float(np.mean(t_ours[t])) - sum(split.values()))
+        rows.append({"width": width, "batch": batch, "threads": t, "steps": steps,
+                     "refbnn_mean_s": float(np.mean(t_ours[t])),
+                     "refbnn_s": med, "torch_s": theirs_med, "ratio": med / theirs_med,
+                     "refbnn_min_s": float(np.min(t_ours[t])),
+                     "torch_min_s": float(np.min(t_theirs[t])), "refbnn_split_s": split,
+                     "torch_version": torch.__version__, "numpy_version": np.__version__})
+    return rows
 
 
 def main(argv=None) -> int:
@@ -250,14 +268,17 @@ def main(argv=None) -> int:
     ap.add_argument("--widths", type=int, nargs="+", default=[32, 64])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per framework")
+    ap.add_argument("--steps", type=int, default=5,
+                    help="timed rounds (one step per framework and thread count each)")
     ap.add_argument("--out", default="bench-results/train.json")
     ap.add_argument("--check", action="store_true",
                     help=f"exit 1 if a ratio > {FLOOR_RATIO} or a 2-thread speed-up < {SCALING_FLOOR}")
-    ap.add_argument("--worker", nargs=4, type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(*args.worker)), flush=True)
+        width, batch, threads, steps = args.worker
+        print(json.dumps(worker(int(width), int(batch), [int(t) for t in threads.split(",")],
+                                int(steps))), flush=True)
         return 0
     if min(args.widths + args.threads) < 1 or args.batch < 2 or args.steps < 1:
         print("error: widths and threads must be >= 1, batch >= 2, steps >= 1", file=sys.stderr)
@@ -270,23 +291,23 @@ def main(argv=None) -> int:
         return 2
     rows = []
     load_start = os.getloadavg()  # other processes on the machine skew the scaling most
-    for t in args.threads:
-        for width in args.widths:
-            # refbnn threads its GEMMs itself (NUMBA_NUM_THREADS) over single-threaded OpenBLAS;
-            # torch uses OpenMP/MKL threads (OpenBLAS is numpy's only)
-            env = dict(os.environ, OMP_NUM_THREADS=str(t), OPENBLAS_NUM_THREADS="1",
-                       MKL_NUM_THREADS=str(t), NUMBA_NUM_THREADS=str(t),
-                       OMP_WAIT_POLICY="PASSIVE")
-            cmd = [sys.executable, __file__, "--worker", str(width), str(args.batch), str(t),
-                   str(args.steps)]
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(proc.stderr, file=sys.stderr)
-                print(f"error: worker for width {width}, {t} thread(s) failed", file=sys.stderr)
-                return 1
-            row = json.loads(proc.stdout.strip().splitlines()[-1])
+    threads = sorted(set(args.threads))
+    for width in args.widths:
+        # refbnn threads its GEMMs itself (Numba threads) over single-threaded OpenBLAS; torch
+        # uses OpenMP/MKL threads (OpenBLAS is numpy's only); pools sized for the most threads
+        t = str(max(threads))
+        env = dict(os.environ, OMP_NUM_THREADS=t, OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS=t,
+                   NUMBA_NUM_THREADS=t, OMP_WAIT_POLICY="PASSIVE")
+        cmd = [sys.executable, __file__, "--worker", str(width), str(args.batch),
+               ",".join(map(str, threads)), str(args.steps)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(proc.stderr, file=sys.stderr)
+            print(f"error: worker for width {width} failed", file=sys.stderr)
+            return 1
+        for row in json.loads(proc.stdout.strip().splitlines()[-1]):
             rows.append(row)
-            print(f"\nC={width} threads={t}: refbnn time by layer type (ms per step)")
+            print(f"\nC={width} threads={row['threads']}: refbnn time by layer type (ms per step)")
             for k, v in row["refbnn_split_s"].items():
                 print(f"  {k:<26s} {1e3 * v:9.1f}  {100 * v / row['refbnn_mean_s']:5.1f}%")
     print(f"\n{'C':>4} {'thr':>4} {'batch':>6} {'refbnn ms':>10} {'torch ms':>10} {'ratio':>6}"

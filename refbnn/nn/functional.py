@@ -288,9 +288,9 @@ def conv2d_backward_fused(dy, w, geom: ConvGeometry, x=None, cols=None, pad_valu
     wt = None
     dx = None
     if need_input_grad:
-        wt = np.ascontiguousarray(
-            w.astype(dt, copy=False).reshape(g, og, cg, taps).transpose(0, 1, 3, 2)).reshape(
-                g, og, taps * cg)
+        wt = np.empty((geom.o, geom.kh, geom.kw, cg), dtype=dt)
+        _k.oihw_to_ohwi_kernel(np.ascontiguousarray(w), wt)
+        wt = wt.reshape(g, og, taps * cg)
         dx = np.empty((geom.n, geom.c, geom.h, geom.w), dtype=dt)
     xg = x if gate else dx
     hp, wp = geom.h + geom.ph + geom.pb, geom.w + geom.pw + geom.pr
@@ -304,8 +304,13 @@ def conv2d_backward_fused(dy, w, geom: ConvGeometry, x=None, cols=None, pad_valu
              g * cpx * taps * cg if need_input_grad else 0, geom.h * geom.w * geom.c,
              hp * wp * geom.c if tap_major else 0)
 
-    def work(c0, c1):
-        """dw of images c0..c1 (and their dx), in the calling thread's workspace."""
+    # the chunks' dw, each written by its GEMM into its own slot (summed after, in chunk order)
+    parts = scratch("conv_dw_parts", (len(chunks), g) + ((og, kg) if tap_major else (kg, og)),
+                    dt)
+
+    def work(i, c0, c1):
+        """dw of images c0..c1 (and their dx) into ``parts[i]``, in the calling thread's
+        workspace."""
         buf = thread_arena(sum(sizes), dt)
         views, at = [], 0
         for s in sizes:
@@ -318,7 +323,7 @@ def conv2d_backward_fused(dy, w, geom: ConvGeometry, x=None, cols=None, pad_valu
             c_t = views[1][:g * npx * kg].reshape(g, npx, kg)
             _k.im2col_taps_kernel(x, c0, c1, g, *conv, float(pad_value), mode,
                                   views[4].reshape(hp, wp, geom.c), c_t)
-            part = np.matmul(dyt.transpose(0, 2, 1), c_t)
+            np.matmul(dyt.transpose(0, 2, 1), c_t, out=parts[i])
         else:
             if cols is None:
                 c_t = views[1][:g * kg * npx].reshape(g * kg, npx)
@@ -326,31 +331,23 @@ def conv2d_backward_fused(dy, w, geom: ConvGeometry, x=None, cols=None, pad_valu
                 c_t = c_t.reshape(g, kg, npx)
             else:
                 c_t = cols[:, :, c0 * p:c1 * p]
-            part = np.matmul(c_t, dyt)
+            np.matmul(c_t, dyt, out=parts[i])
         if need_input_grad:
             dpm = views[2][:g * npx * taps * cg].reshape(g, npx, taps * cg)
             np.matmul(dyt, wt, out=dpm)
             _k.col2im_taps_kernel(dpm, c0, c1, g, *conv, xg, gate, dx,
                                   views[3].reshape(geom.h, geom.w, geom.c))
-        return part
 
     with single_threaded_blas():
         if threads == 1 or len(chunks) == 1:
-            parts = (work(*c) for c in chunks)
+            for i, c in enumerate(chunks):
+                work(i, *c)
         else:
-            parts = pool(threads).map(lambda c: work(*c), chunks)
-        # the chunks' dw added in chunk order as they arrive: deterministic for a thread count
-        total = None
-        for q in parts:
-            if total is None:
-                total = q
-            else:
-                total += q
-    if tap_major:  # (g, O/g, (a, b, c)) -> (O, C/g, KH, KW)
-        dw = total.reshape(g, og, geom.kh, geom.kw, cg).transpose(0, 1, 4, 2, 3)
-    else:  # (g, (c, a, b), O/g) -> (O, C/g, KH, KW)
-        dw = total.transpose(0, 2, 1)
-    return dx, np.ascontiguousarray(dw).reshape(geom.o, cg, geom.kh, geom.kw)
+            list(pool(threads).map(lambda ic: work(ic[0], *ic[1]), enumerate(chunks)))
+    # the chunks' dw added in chunk order (deterministic for a thread count), straight to OIHW
+    dw = np.empty((geom.o, cg, geom.kh, geom.kw), dtype=dt)
+    _k.sum_dw_partials_kernel(parts, tap_major, geom.kh, geom.kw, dw)
+    return dx, dw
 
 
 def conv_padding(padding, x_shape, w_shape, stride, dilation):

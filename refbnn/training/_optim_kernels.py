@@ -13,11 +13,12 @@ import numpy as np
 
 @nb.njit(cache=True, parallel=True)
 def adam_kernel(p, grad, m, v, one_minus_b1, b2, one_minus_b2, bias2_sqrt, eps, step_size,
-                l2, decay_scale, decoupled):
+                l2, decay_scale, decoupled, clip, clip_lo, clip_hi):
     """All arrays flat float32, all scalars float32. Per element, in this order:
     ``p *= decay_scale`` (``decoupled``) or ``g = grad + l2 * p`` (``l2 != 0``) else ``g = grad``;
     ``m += one_minus_b1 * (g - m)``; ``v *= b2``; ``v += one_minus_b2 * (g * g)``;
-    ``p -= step_size * (m / (sqrt(v) / bias2_sqrt + eps))``."""
+    ``p -= step_size * (m / (sqrt(v) / bias2_sqrt + eps))``; then with ``clip`` the new ``p``
+    is clipped to [clip_lo, clip_hi] as ``np.clip`` does (NaN stays NaN, -0.0 stays -0.0)."""
     size = p.size
     step = 1 << 14
     for blk in nb.prange((size + step - 1) // step):
@@ -37,5 +38,11 @@ def adam_kernel(p, grad, m, v, one_minus_b1, b2, one_minus_b2, bias2_sqrt, eps, 
             denom = np.sqrt(vi) / bias2_sqrt + eps
             mb[i] = mi
             vb[i] = vi
-            pb[i] = pi - step_size * (mi / denom)
+            pi = pi - step_size * (mi / denom)
+            if clip:
+                if pi < clip_lo:  # np.clip: maximum(., lo), then minimum(., hi)
+                    pi = clip_lo
+                if pi > clip_hi:
+                    pi = clip_hi
+            pb[i] = pi
     return p

@@ -94,16 +94,17 @@ class Optimizer:
 
     def step(self) -> None:
         for g in self.param_groups:
-            for name, p in zip(g["names"], g["params"]):
-                if p.grad is not None:
-                    self._update(p, p.grad.astype(p.data.dtype, copy=False),
-                                 self.state.setdefault(name, {}), g)
             clip = g.get("clip")
-            if clip is not None:
-                for p in g["params"]:
+            for name, p in zip(g["names"], g["params"]):
+                clipped = False
+                if p.grad is not None:
+                    clipped = self._update(p, p.grad.astype(p.data.dtype, copy=False),
+                                           self.state.setdefault(name, {}), g)
+                if clip is not None and not clipped:
                     np.clip(p.data, clip[0], clip[1], out=p.data)
 
-    def _update(self, p, grad, state, group):
+    def _update(self, p, grad, state, group) -> bool:
+        """Update ``p.data`` in place; True when it also applied the group's ``"clip"``."""
         raise NotImplementedError
 
     # --- checkpoints ---------------------------------------------------------------------------
@@ -164,6 +165,7 @@ class SGD(Optimizer):
                 buf += d
             d = d + _f32(mom) * buf if g["nesterov"] else buf
         p.data -= _f32(g["lr"]) * d
+        return False
 
 
 class Adam(Optimizer):
@@ -192,14 +194,17 @@ class Adam(Optimizer):
         t = int(state["step"])
         m, v = state["exp_avg"], state["exp_avg_sq"]
         arrays = (p.data, grad, m, v)
+        clip = g.get("clip")
         if all(a.dtype == np.float32 and a.flags.c_contiguous for a in arrays):
             # one parallel Numba pass, bit-identical to the NumPy expressions below
             _ok.adam_kernel(*(a.reshape(-1) for a in arrays), _f32(1 - b1), _f32(b2),
                             _f32(1 - b2), _f32(math.sqrt(1 - b2 ** t)), _f32(g["eps"]),
                             _f32(lr / (1 - b1 ** t)), _f32(wd if wd and not self._decoupled else 0),
-                            _f32(1 - lr * wd), bool(wd and self._decoupled))
-            return
+                            _f32(1 - lr * wd), bool(wd and self._decoupled),
+                            clip is not None, *(_f32(c) for c in (clip or (0.0, 0.0))))
+            return True  # the kernel clipped p (as np.clip after the update would)
         adam_update_reference(p, grad, state, g, t, self._decoupled)
+        return False
 
 
 def adam_update_reference(p, grad, state, g, t, decoupled):
