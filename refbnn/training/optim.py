@@ -196,12 +196,14 @@ class Adam(Optimizer):
         arrays = (p.data, grad, m, v)
         clip = g.get("clip")
         if all(a.dtype == np.float32 and a.flags.c_contiguous for a in arrays):
-            # one parallel Numba pass, bit-identical to the NumPy expressions below
-            _ok.adam_kernel(*(a.reshape(-1) for a in arrays), _f32(1 - b1), _f32(b2),
-                            _f32(1 - b2), _f32(math.sqrt(1 - b2 ** t)), _f32(g["eps"]),
-                            _f32(lr / (1 - b1 ** t)), _f32(wd if wd and not self._decoupled else 0),
-                            _f32(1 - lr * wd), bool(wd and self._decoupled),
-                            clip is not None, *(_f32(c) for c in (clip or (0.0, 0.0))))
+            # one Numba pass, bit-identical to the NumPy expressions below; on the calling thread
+            # for a parameter of one block (waking the workers would cost more)
+            kernel = _ok.adam_kernel if p.data.size > _ok.BLOCK else _ok.adam_kernel_serial
+            kernel(*(a.reshape(-1) for a in arrays), _f32(1 - b1), _f32(b2), _f32(1 - b2),
+                   _f32(math.sqrt(1 - b2 ** t)), _f32(g["eps"]), _f32(lr / (1 - b1 ** t)),
+                   _f32(wd if wd and not self._decoupled else 0), _f32(1 - lr * wd),
+                   bool(wd and self._decoupled), clip is not None,
+                   *(_f32(c) for c in (clip or (0.0, 0.0))))
             return True  # the kernel clipped p (as np.clip after the update would)
         adam_update_reference(p, grad, state, g, t, self._decoupled)
         return False
