@@ -31,12 +31,9 @@ def affine_with_ties(draw, channels, k):
     return mul, bias
 
 
-@st.composite
-def layers(draw):
-    groups = draw(st.integers(1, 2))
-    cg = draw(st.sampled_from([1, 5, 33, 64, 70]))
-    o = groups * draw(st.integers(1, 40))
-    n, h, w = draw(st.integers(1, 2)), draw(st.integers(1, 6)), draw(st.integers(1, 6))
+def _layer(draw, groups, cg, o, max_hw):
+    """A random conv layer case with these groups, channels and at most ``max_hw`` rows/columns."""
+    n, h, w = draw(st.integers(1, 2)), draw(st.integers(1, max_hw)), draw(st.integers(1, max_hw))
     kh = draw(st.integers(1, 3))
     x = draw(hnp.arrays(np.float32, (n, h, w, groups * cg), elements=VALUES))
     kernel = draw(hnp.arrays(np.float32, (kh, kh, cg, o), elements=VALUES))
@@ -45,6 +42,13 @@ def layers(draw):
                 padding=draw(st.sampled_from(["same", "valid", 1])) if kh <= min(h, w) else "same",
                 pad_value=draw(st.sampled_from([0, 1, -1])), mul=mul, bias=bias,
                 saz=draw(st.sampled_from([1, -1])))
+
+
+@st.composite
+def layers(draw):
+    groups = draw(st.integers(1, 2))
+    return _layer(draw, groups, draw(st.sampled_from([1, 5, 33, 64, 70])),
+                  groups * draw(st.integers(1, 40)), 6)
 
 
 def _run(layer, impl, output, **kw):
@@ -306,17 +310,8 @@ def wide_layers(draw):
     """Layers whose groups fill whole 32-channel tiles: the fused epilogue runs in the
     micro-kernel's registers (``TILE_FUSED``) on runs of equal tiles, border tiles included."""
     groups = draw(st.integers(1, 2))
-    cg = draw(st.sampled_from([3, 64, 70]))
-    o = groups * draw(st.sampled_from([32, 64]))
-    n, h, w = draw(st.integers(1, 2)), draw(st.integers(1, 9)), draw(st.integers(1, 9))
-    kh = draw(st.integers(1, 3))
-    x = draw(hnp.arrays(np.float32, (n, h, w, groups * cg), elements=VALUES))
-    kernel = draw(hnp.arrays(np.float32, (kh, kh, cg, o), elements=VALUES))
-    mul, bias = draw(affine_with_ties(o, kh * kh * cg))
-    return dict(x=x, kernel=kernel, groups=groups, stride=draw(st.sampled_from([1, 2])),
-                padding=draw(st.sampled_from(["same", "valid", 1])) if kh <= min(h, w) else "same",
-                pad_value=draw(st.sampled_from([0, 1, -1])), mul=mul, bias=bias,
-                saz=draw(st.sampled_from([1, -1])))
+    return _layer(draw, groups, draw(st.sampled_from([3, 64, 70])),
+                  groups * draw(st.sampled_from([32, 64])), 9)
 
 
 @given(layer=wide_layers(), out_groups=st.sampled_from([1, 2]), channel_major=st.booleans(),

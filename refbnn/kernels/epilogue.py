@@ -570,6 +570,17 @@ def a16_store_acc_i32(typingctx, addr, index, lo, hi, k):
     return types.none(addr, index, vec8, vec8, k), codegen
 
 
+def _corr16(context, builder, sig, args, at):
+    """The low dwords of the 16 int64 corrections at elements ``args[at + 1] ..`` of the array at
+    address ``args[at]`` (two aligned 8-lane loads)."""
+    ca, ci = args[at], args[at + 1]
+    i64 = ir.IntType(64)
+    c_lo = builder.load(addr_ptr(context, builder, ca, sig.args[at], ci, i64, V8), align=8)
+    c_hi = builder.load(addr_ptr(context, builder, ca, sig.args[at],
+                                 builder.add(ci, ir.Constant(ci.type, 8)), i64, V8), align=8)
+    return _low_dwords(builder, c_lo, c_hi)
+
+
 @intrinsic
 def a16_store_acc_corr_i32(typingctx, addr, index, lo, hi, k, caddr, cindex):
     """:data:`TILE_INT32_CORR` of 16 lanes: :func:`a16_store_acc_i32` plus the corrections at
@@ -580,12 +591,7 @@ def a16_store_acc_corr_i32(typingctx, addr, index, lo, hi, k, caddr, cindex):
         return None
 
     def codegen(context, builder, sig, args):
-        ca, ci = args[5], args[6]
-        i64 = ir.IntType(64)
-        c_lo = builder.load(addr_ptr(context, builder, ca, sig.args[5], ci, i64, V8), align=8)
-        c_hi = builder.load(addr_ptr(context, builder, ca, sig.args[5],
-                                     builder.add(ci, ir.Constant(ci.type, 8)), i64, V8), align=8)
-        return _store_acc16(context, builder, sig, args, _low_dwords(builder, c_lo, c_hi))
+        return _store_acc16(context, builder, sig, args, _corr16(context, builder, sig, args, 5))
 
     return types.none(addr, index, vec8, vec8, k, caddr, cindex), codegen
 
@@ -664,12 +670,7 @@ def v16_acc_corr_f32(typingctx, lo, hi, k, caddr, cindex):
         return None
 
     def codegen(context, builder, sig, args):
-        ca, ci = args[3], args[4]
-        i64 = ir.IntType(64)
-        c_lo = builder.load(addr_ptr(context, builder, ca, sig.args[3], ci, i64, V8), align=8)
-        c_hi = builder.load(addr_ptr(context, builder, ca, sig.args[3],
-                                     builder.add(ci, ir.Constant(ci.type, 8)), i64, V8), align=8)
-        return _acc16_f32(context, builder, sig, args, _low_dwords(builder, c_lo, c_hi))
+        return _acc16_f32(context, builder, sig, args, _corr16(context, builder, sig, args, 3))
 
     return f16(vec8, vec8, k, caddr, cindex), codegen
 
