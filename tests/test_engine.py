@@ -322,3 +322,39 @@ def test_batch_in_image_groups_gives_the_same_logits_as_one_image_at_a_time(monk
                 assert bool(fused) == (name != "ftbnn18_g2"), fused  # g2: 152-channel groups
     finally:
         numba.set_num_threads(before)
+
+
+def test_split_path_convs_run_once_per_group_only_while_their_float_output_fits(monkeypatch):
+    """A grouped binary conv whose epilogue cannot run in registers (ftbnn18_g2's odd channel
+    groups) writes conv + BN as float32 for the whole group, then a merge pass: that only while the
+    group's float output takes at most GROUP_SPLIT_BYTES; larger maps run image by image with the
+    fused epilogue. Either way the logits of one image at a time, bit for bit."""
+    import numba
+
+    monkeypatch.setattr(runtime, "GROUP_MAX", 4)
+    engine = Engine.from_model(trained_looking("ftbnn18_g2"), adaptive_threads=False)
+    x = np.random.default_rng(12).standard_normal((9, 1, 28, 28)).astype(np.float32)
+    want = np.concatenate([engine.forward(x[i:i + 1]) for i in range(len(x))])
+
+    def conv_bytes(prog):
+        """(group float bytes, grouped) of each block conv of ``prog``."""
+        return [(prog.group * p.out_hw[0] * p.out_hw[1] * p.out_channels * 4, prog.grouped[j])
+                for j, (_, before) in enumerate(prog.meta) if before is not None
+                for p in [before[3]]]
+
+    sizes = sorted({b for b, _ in conv_bytes(engine._program(1, group=4))})
+    assert len(sizes) >= 3
+    before = numba.get_num_threads()
+    try:
+        for limit in (0, sizes[len(sizes) // 2], 1 << 40):
+            monkeypatch.setattr(runtime, "GROUP_SPLIT_BYTES", limit)
+            engine = Engine.from_model(trained_looking("ftbnn18_g2"), adaptive_threads=False)
+            for threads in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
+                numba.set_num_threads(threads)
+                np.testing.assert_array_equal(engine.forward(x), want)
+                prog = engine._program(threads, group=runtime.group_size(len(x), threads))
+                assert prog.group > 1
+                got = conv_bytes(prog)
+                assert [g for _, g in got] == [b <= limit for b, _ in got], (limit, got)
+    finally:
+        numba.set_num_threads(before)

@@ -93,6 +93,13 @@ GROUP_PIXELS = 56 * 56
 #: the fused epilogue (2-core AMD EPYC, 1 thread, batch 32, interleaved: Bi-Real-18 190 -> 167-169
 #: ms, FTBNN-18 193 -> 166-175 ms per batch with every grouped conv fused).
 GROUP_SPLIT_EPILOGUE = True
+#: ... and such a conv runs once per group only while the group's float32 conv output takes at
+#: most this many bytes (the merge pass then reads it from cache); larger ones run image by image
+#: with the fused epilogue, as at batch 1. Measured on the 2-core AMD EPYC, 1 thread, batch 32:
+#: ftbnn18_g2 (77- to 616-channel groups) 12.7-14.0 ms per image with every map up to 56x56 on
+#: the split path, 9.3-10.4 with only its 7x7 maps there (<= 1 MiB at 8 images; batch 1: about
+#: 10); weights/ftbnn18.h5 at batch 256 unchanged (0.079 ms per image: its maps are small).
+GROUP_SPLIT_BYTES = 1 << 20
 #: A group's stem runs as one conv over the group, then the max-pool, when the group's conv output
 #: takes at most this many bytes (else image by image through a ring of rows, as at batch 1).
 GROUP_STEM_BYTES = 1 << 20
@@ -514,7 +521,7 @@ class Program:
                 out = a.f(oh * ow * cout)
                 res, rsc = out, cout
                 # with a grouped conv after it, the shortcut runs once for the whole group too
-                gs = self._grouped(eng._fused[id(blk.conv)])
+                gs = self._grouped(eng._fused[id(blk.conv)], cin if kind == "repeat" else cout)
                 ng = self.group if gs else 1
                 if kind == "real":
                     nv = rc.vectors_for(cout)
@@ -565,8 +572,23 @@ class Program:
     def _padded_words(plan):
         return plan.padded_hw[0] * plan.padded_hw[1] * plan.groups * plan.wg
 
-    def _grouped(self, plan) -> bool:
-        return self.group > 1 and plan.out_hw[0] * plan.out_hw[1] <= GROUP_PIXELS
+    def _grouped(self, plan, rsc=None) -> bool:
+        """Whether ``plan`` runs once per group: its map has at most :data:`GROUP_PIXELS` pixels
+        and, for a fused block conv with a residual of ``rsc`` channels whose epilogue would take
+        the split path (:meth:`_split_epilogue`), the group's float output fits
+        :data:`GROUP_SPLIT_BYTES`."""
+        oh, ow = plan.out_hw
+        if self.group <= 1 or oh * ow > GROUP_PIXELS:
+            return False
+        if rsc is not None and self._split_epilogue(plan, rsc):
+            return self.group * oh * ow * plan.out_channels * 4 <= GROUP_SPLIT_BYTES
+        return True
+
+    @staticmethod
+    def _split_epilogue(plan, rsc) -> bool:
+        """Whether grouped, ``plan`` writes conv + BN as float32 and a separate pass merges."""
+        return GROUP_SPLIT_EPILOGUE and not bf.fused_in_registers(
+            plan.out_channels, plan.groups, plan.fused_units_aligned, rsc)
 
     def _add(self, kind, stage, items, work, fin=_NO, fout=_NO, fres=_NO, rsc=0, uin=_NO,
              uout=_NO, ps=(0, 0), cm=0, args=(), sg=None, conv=None, table=None, wt=None,
@@ -632,11 +654,10 @@ class Program:
             uout, bits_out = bits[id(convs[i + 1])], _bits_out(target)
         else:
             target, uout, bits_out = None, last, (*plan.out_hw, plan.out_words, 0, 0)
-        grouped = self._grouped(plan)
+        grouped = self._grouped(plan, rsc)
         oh, ow = plan.out_hw
         c = plan.out_channels
-        if grouped and GROUP_SPLIT_EPILOGUE and not bf.fused_in_registers(
-                c, plan.groups, plan.fused_units_aligned, rsc):
+        if grouped and self._split_epilogue(plan, rsc):
             # conv + BN into a float buffer, then one pass of residual add, activations and packing
             fplan = eng.binary_plan(conv.name)
             cv, table = fplan.fast_records(self.group)
