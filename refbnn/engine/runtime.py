@@ -436,7 +436,8 @@ class Program:
     workers, each running ``group`` images at a time: per worker one row of a float32 and a uint64
     arena (the buffers of one group, zeroed once: the padded borders stay zero) and a private
     float32 scratch row. Binary convs whose output has at most :data:`GROUP_PIXELS` pixels per
-    image are *grouped*: one call, tiles built for the ``group`` images (small maps fill whole
+    image (and, on the split epilogue path, a group output within :data:`GROUP_SPLIT_BYTES`) are
+    *grouped*: one call, tiles built for the ``group`` images (small maps fill whole
     register tiles, and a weight tile serves more pixels); the buffers they and the ops after the
     first of them touch hold one slot per image, the others one slot that the images of a group
     use in turn. ``record``: a program whose stem keeps its whole conv output (for
