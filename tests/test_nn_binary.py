@@ -187,7 +187,7 @@ def test_bad_input_and_options():
     layer = nn.BinaryConv2d(2, 2)
     x = np.zeros((1, 2, 3, 3), np.float32)
     x[0, 0, 0, 0] = np.nan
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(ValueError, match=r"^BinaryConv2d: input contains NaN"):
         layer.forward(x)
     with pytest.raises(ValueError, match="channels"):
         layer.forward(np.zeros((1, 3, 3, 3), np.float32))

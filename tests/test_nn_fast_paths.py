@@ -234,13 +234,9 @@ def test_sign_kernel_equals_binarize(x, sign_at_zero, with_nan):
     assert np.array_equal(np.signbit(out), np.signbit(ref))
 
 
-@given(specials(), st.booleans())
-def test_layout_kernels_are_exact_transposes(x, with_nan):
-    if with_nan:
-        x.reshape(-1)[-1] = np.nan
-    nhwc = np.empty(x.transpose(0, 2, 3, 1).shape, x.dtype)
-    assert CK.nchw_to_nhwc_kernel(x, nhwc) == with_nan
-    np.testing.assert_array_equal(nhwc, x.transpose(0, 2, 3, 1))
+@given(specials())
+def test_accumulator_layout_kernel_is_an_exact_transpose(x):
+    nhwc = x.transpose(0, 2, 3, 1)
     acc = np.random.default_rng(0).integers(-2**23, 2**23, nhwc.shape).astype(np.int32)
     back = np.empty(x.shape, x.dtype)
     CK.nhwc_to_nchw_kernel(acc, back)

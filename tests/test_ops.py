@@ -199,3 +199,69 @@ def test_parallel_hwio_packing_equals_serial(taps, cg, o, below, data):
         assert (kernel(k.reshape(-1), taps, cg, o, below, out) > 0) == np.isnan(k).any()
         outs.append(out)
     assert np.array_equal(outs[0], outs[1])
+
+
+@given(st.integers(1, 3), st.integers(1, 6), st.integers(1, 7), st.integers(1, 3),
+       st.integers(1, 140), st.sampled_from([1, -1]), st.sampled_from(PACK_DTYPES),
+       st.sampled_from([0, 1, (2, 0, 1, 3)]), st.sampled_from(["fast", "portable"]), st.data())
+def test_pack_input_nchw_writes_the_words_of_the_nhwc_transpose(n, h, w, groups, cg, saz, dtype,
+                                                                padding, impl, data):
+    """Packing NCHW input straight from its channel planes gives the plan's padded buffer the
+    words of the NHWC transpose (refbnn.reference.pack per group, border words 0); the threaded
+    kernel and its serial twin write the same words."""
+    from refbnn.kernels import packing as kp
+
+    c = groups * cg
+    elems = st.sampled_from([0.0, -0.0, 1.5, -2.0, np.inf, -np.inf]) | st.floats(-4, 4, width=16)
+    if np.dtype(dtype).kind == "i":
+        elems = st.integers(-3, 3)
+    x = data.draw(hnp.arrays(dtype, (n, c, h, w), elements=elems))
+    k = 1 if padding == 0 else 3  # a 3x3 kernel needs the padding on a 1x1 input
+    kernel = np.ones((k, k, cg, 2 * groups), np.float32)
+    plan = refbnn.BConv2DPlan(refbnn.pack_kernel(kernel), c, (h, w), padding=padding,
+                              groups=groups, impl=impl)
+    buf = plan.padded_input(n)
+    buf[...] = ~np.uint64(0)  # every word the packing must write is garbage before it
+    (t, left), hp, wp = plan.input_offset, *plan.padded_hw
+    buf[:, :t] = buf[:, t + h:] = buf[:, :, :left] = buf[:, :, left + w:] = 0  # the zero border
+    got = plan.pack_input_nchw(x, saz).copy()
+    nhwc = x.transpose(0, 2, 3, 1)
+    want = np.zeros_like(got)
+    want[:, t:t + h, left:left + w] = np.concatenate(
+        [ref.pack(nhwc[..., g * cg:(g + 1) * cg], 64, saz) for g in range(groups)], axis=3)
+    assert np.array_equal(got, want)
+    xf = np.ascontiguousarray(x if x.dtype != np.float16 else x.astype(np.float32))
+    for kernel_fn in (kp.pack_nchw_into, kp.pack_nchw_into_serial):
+        out = np.full_like(got, ~np.uint64(0))
+        out[:, :t] = out[:, t + h:] = out[:, :, :left] = out[:, :, left + w:] = 0
+        assert kernel_fn(xf.reshape(-1), n, c, h, w, groups, out.reshape(-1), hp, wp, t, left,
+                         saz == -1) == 0
+        assert np.array_equal(out, want)
+    if x.dtype.kind == "f":
+        x[-1, -1, -1, -1] = np.nan
+        with pytest.raises(ValueError, match=r"^x contains NaN"):
+            plan.pack_input_nchw(x, saz)
+
+
+def test_bconv2d_nchw_equals_bconv2d_of_the_transpose():
+    """Including maps of more than one block of NCHW_BLOCK_PIXELS (37x33: blocks of 31 rows, the
+    last one short) and inputs large enough for the threaded packing kernel."""
+    from refbnn.kernels.packing import NCHW_BLOCK_PIXELS
+    from refbnn.ops.packing import PACK_PARALLEL_MIN_VALUES
+
+    rng = np.random.default_rng(5)
+    assert 37 * 33 > NCHW_BLOCK_PIXELS and 37 % (NCHW_BLOCK_PIXELS // 33)
+    for c, groups, stride, pad_value, hw in ((70, 1, 1, 0, (9, 8)), (48, 2, 2, 1, (37, 33)),
+                                             (3, 3, 1, -1, (9, 8)), (130, 2, 1, 0, (37, 33))):
+        x = rng.standard_normal((2, c, *hw)).astype(np.float32)
+        x[0, 0, :2] = 0.0
+        k = rng.standard_normal((3, 3, c // groups, 6)).astype(np.float32)
+        for saz in (1, -1):
+            want = refbnn.bconv2d(x.transpose(0, 2, 3, 1), k, stride, 1, pad_value,
+                                  groups=groups, sign_at_zero=saz)
+            got = refbnn.ops.bconv2d_nchw(x, k, stride, 1, pad_value, groups=groups,
+                                          sign_at_zero=saz)
+            assert np.array_equal(got, want)
+            assert np.array_equal(got, ref.bconv2d(x.transpose(0, 2, 3, 1), k, stride, 1,
+                                                   pad_value, groups=groups, sign_at_zero=saz))
+    assert x.size >= PACK_PARALLEL_MIN_VALUES  # the last case ran the threaded kernel

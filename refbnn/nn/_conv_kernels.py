@@ -15,7 +15,6 @@ sign(0) = -1 (``x > 0 -> +1``); 2 ternary ``np.sign`` (0 -> 0). NaN inputs are t
 from __future__ import annotations
 
 import numba as nb
-import numpy as np
 
 
 @nb.njit(cache=True, parallel=True)
@@ -283,29 +282,6 @@ def oihw_to_ohwi_kernel(w, out):
                 for ci in range(c):
                     row[ci] = wq[ci, a, b]
     return out
-
-
-@nb.njit(cache=True, parallel=True)
-def nchw_to_nhwc_kernel(x, out):
-    """``out[n, y, x, c] = x[n, c, y, x]``; returns whether ``x`` holds a NaN (the check the
-    binary layers make before taking signs, in the same pass). One image row per task."""
-    n, c, h, w = x.shape
-    nan_rows = np.zeros(n * h, dtype=np.bool_)
-    for r in nb.prange(n * h):
-        ni = r // h
-        y = r % h
-        o = out[ni, y]
-        xr = x[ni, :, y, :]
-        bad = False
-        # written pixel by pixel in memory order: measured 2.9x faster than channel by channel
-        for xx in range(w):
-            oo = o[xx]
-            for ci in range(c):
-                v = xr[ci, xx]
-                bad |= v != v
-                oo[ci] = v
-        nan_rows[r] = bad
-    return nan_rows.any()
 
 
 @nb.njit(cache=True, parallel=True)

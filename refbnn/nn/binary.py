@@ -31,7 +31,7 @@ from refbnn.nn._checks import check_grad, check_input, param, positive_int
 from refbnn.nn.conv import ConvLayer
 from refbnn.nn.init import uniform_fan_in
 from refbnn.nn.module import Module, Parameter
-from refbnn.ops import bconv2d as packed_bconv2d
+from refbnn.ops import bconv2d_nchw as packed_bconv2d_nchw
 from refbnn.scale import mean_abs_scale
 
 SCALES = ("none", "mean_abs")
@@ -127,15 +127,15 @@ class BinaryConv2d(_BinaryMixin, ConvLayer):
         x = check_input(x, (4,), "BinaryConv2d", self.in_channels)
         geom = self._geometry(x)
         if self._packed_path():
-            xh = np.empty((geom.n, geom.h, geom.w, geom.c), dtype=x.dtype)
-            if _ck.nchw_to_nhwc_kernel(np.ascontiguousarray(x), xh):
-                raise ValueError("BinaryConv2d: input contains NaN; sign(NaN) is undefined")
             w = self.weight.data
             whwio = np.empty((w.shape[2], w.shape[3], w.shape[1], w.shape[0]), dtype=w.dtype)
-            acc = packed_bconv2d(xh, _ck.oihw_to_hwio_kernel(w, whwio),
-                                 stride=self.stride, padding=(geom.ph, geom.pb, geom.pw, geom.pr),
-                                 pad_value=int(self.pad_value), dilation=self.dilation,
-                                 groups=self.groups, sign_at_zero=self.sign_at_zero)
+            # the signs packed straight from NCHW (no NHWC float copy; NaN raises there)
+            acc = packed_bconv2d_nchw(x, _ck.oihw_to_hwio_kernel(w, whwio),
+                                      stride=self.stride,
+                                      padding=(geom.ph, geom.pb, geom.pw, geom.pr),
+                                      pad_value=int(self.pad_value), dilation=self.dilation,
+                                      groups=self.groups, sign_at_zero=self.sign_at_zero,
+                                      what="BinaryConv2d: input")
             out = np.empty((geom.n, geom.o, geom.oh, geom.ow), dtype=x.dtype)
             return _ck.nhwc_to_nchw_kernel(acc, out)  # |acc| <= K < 2**24: exact
         return F.conv2d_gemm(self._columns(x, geom), self.binarized_weight(x.dtype), geom)

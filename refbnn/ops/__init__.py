@@ -10,16 +10,16 @@ of sign and of a packed bit are those of :mod:`refbnn.bits`: ``sign(x) = +1`` fo
   :func:`pack_kernel`;
 * :mod:`~refbnn.ops.plan`: :class:`BConv2DPlan` (a layer prepared once: validation, weight layout,
   padding correction, output transform, buffers, kernel dispatch), :func:`output_thresholds`;
-* :mod:`~refbnn.ops.conv`: :func:`bconv2d`, :func:`bconv2d_packed`, :func:`bgemm`,
+* :mod:`~refbnn.ops.conv`: :func:`bconv2d` (:func:`bconv2d_nchw`), :func:`bconv2d_packed`, :func:`bgemm`,
   :func:`bgemm_packed`, :func:`maxpool2d_packed`.
 """
 
 from ..bits import sign
 from .args import resolve_padding
-from .conv import bconv2d, bconv2d_packed, bgemm, bgemm_packed, maxpool2d_packed
+from .conv import bconv2d, bconv2d_nchw, bconv2d_packed, bgemm, bgemm_packed, maxpool2d_packed
 from .packing import pack_bits, pack_groups, pack_kernel, unpack_bits
 from .plan import BConv2DPlan, output_thresholds
 
-__all__ = ["BConv2DPlan", "bconv2d", "bconv2d_packed", "bgemm", "bgemm_packed", "maxpool2d_packed",
-           "output_thresholds", "pack_bits", "pack_groups", "pack_kernel", "resolve_padding",
-           "sign", "unpack_bits"]
+__all__ = ["BConv2DPlan", "bconv2d", "bconv2d_nchw", "bconv2d_packed", "bgemm", "bgemm_packed",
+           "maxpool2d_packed", "output_thresholds", "pack_bits", "pack_groups", "pack_kernel",
+           "resolve_padding", "sign", "unpack_bits"]

@@ -24,19 +24,42 @@ def bconv2d(x, kernel, stride=1, padding="same", pad_value: int = 0, dilation=1,
     ``(N, OH, OW, O)``; each value equals ``K - 2 * popcount(x XOR w)`` over the taps that take part.
     ``impl``: ``"fast"``, ``"portable"`` or ``None`` (``$REFBNN_KERNEL`` / CPU auto-detection).
     """
-    x, kernel = np.asarray(x), np.asarray(kernel)
+    x = np.asarray(x)
     if x.ndim != 4:
         raise ValueError(f"x must be NHWC (4-D), got shape {x.shape}")
+    plan = _real_plan(x.shape[3], x.shape[1:3], kernel, stride, padding, pad_value, dilation,
+                      groups, sign_at_zero, impl)
+    return plan(x, sign_at_zero)
+
+
+def bconv2d_nchw(x, kernel, stride=1, padding="same", pad_value: int = 0, dilation=1,
+                 groups: int = 1, sign_at_zero: int = 1, impl: str | None = None,
+                 what: str = "x") -> np.ndarray:
+    """:func:`bconv2d` of NCHW ``x`` ``(N, C, H, W)``: the same int32 ``(N, OH, OW, O)`` as
+    ``bconv2d(x.transpose(0, 2, 3, 1), ...)``, the signs packed straight from the channel planes
+    (:meth:`BConv2DPlan.pack_input_nchw`; no transposed copy of ``x``). ``what`` names ``x`` in
+    the NaN error."""
+    x = np.asarray(x)
+    if x.ndim != 4:
+        raise ValueError(f"x must be NCHW (4-D), got shape {x.shape}")
+    plan = _real_plan(x.shape[1], x.shape[2:4], kernel, stride, padding, pad_value, dilation,
+                      groups, sign_at_zero, impl)
+    return plan.run_padded(plan.pack_input_nchw(x, sign_at_zero, what))
+
+
+def _real_plan(channels, hw, kernel, stride, padding, pad_value, dilation, groups, sign_at_zero,
+               impl) -> BConv2DPlan:
+    """The plan of :func:`bconv2d` for an input of ``channels`` channels and size ``hw``."""
+    kernel = np.asarray(kernel)
     if kernel.ndim != 4:
         raise ValueError(f"kernel must be HWIO (4-D), got shape {kernel.shape}")
-    groups = check_groups(groups, x.shape[3], "input channels")
-    if kernel.shape[2] * groups != x.shape[3]:
+    groups = check_groups(groups, channels, "input channels")
+    if kernel.shape[2] * groups != channels:
         raise ValueError(f"kernel has {kernel.shape[2]} input channels per group; x has "
-                         f"{x.shape[3]} channels in {groups} groups")
-    plan = BConv2DPlan.from_tap_words(pack_kernel_taps(kernel, sign_at_zero), kernel.shape[:2],
-                                      x.shape[3], x.shape[1:3], stride, padding, pad_value,
-                                      dilation, groups, impl=impl)
-    return plan(x, sign_at_zero)
+                         f"{channels} channels in {groups} groups")
+    return BConv2DPlan.from_tap_words(pack_kernel_taps(kernel, sign_at_zero), kernel.shape[:2],
+                                      channels, tuple(hw), stride, padding, pad_value, dilation,
+                                      groups, impl=impl)
 
 
 def bconv2d_packed(x_packed, w_packed, in_channels: int, stride=1, padding="same",

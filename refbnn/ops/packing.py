@@ -14,6 +14,8 @@ from .. import bits
 from ..kernels.packing import (
     pack_hwio,
     pack_hwio_serial,
+    pack_nchw_into,
+    pack_nchw_into_serial,
     pack_rows_into,
     pack_rows_into_serial,
     unpack_rows,
@@ -53,6 +55,21 @@ def pack_last_axis(x: np.ndarray, groups: int, sign_at_zero: int, out=None, offs
     pack = pack_rows_into_serial if _serial(x.size) else pack_rows_into
     if d0 * d1 * d2 and pack(x.reshape(-1), d0, d1, d2, c, groups, out.reshape(-1),
                              p1, p2, offset[0], offset[1], sign_at_zero == -1):
+        raise ValueError(f"{what} contains NaN; sign(NaN) is undefined")
+    return out
+
+
+def pack_channels_first(x: np.ndarray, groups: int, sign_at_zero: int, out, offset=(0, 0),
+                        what: str = "input") -> np.ndarray:
+    """:func:`pack_last_axis` of the NHWC transpose of NCHW ``x`` (validated, contiguous) into the
+    ``uint64`` ``(N, Hp, Wp, groups * Wg)`` buffer ``out`` at ``offset``, without building the
+    transpose. Raises ``ValueError`` naming ``what`` if ``x`` holds a NaN."""
+    n, c, h, w = x.shape
+    if n * c * h * w == 0:
+        return out
+    pack = pack_nchw_into_serial if _serial(x.size) else pack_nchw_into
+    if pack(x.reshape(-1), n, c, h, w, groups, out.reshape(-1), out.shape[1], out.shape[2],
+            offset[0], offset[1], sign_at_zero == -1):
         raise ValueError(f"{what} contains NaN; sign(NaN) is undefined")
     return out
 

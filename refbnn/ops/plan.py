@@ -30,7 +30,7 @@ from .args import (
     check_tail_bits,
     resolve_padding,
 )
-from .packing import pack_last_axis
+from .packing import pack_channels_first, pack_last_axis
 
 __all__ = ["OUTPUTS", "BConv2DPlan", "output_bases", "output_thresholds", "tile_table",
            "weight_tiles"]
@@ -417,6 +417,21 @@ class BConv2DPlan:
         x = as_packable(x, "x")
         buf = self.padded_input(x.shape[0])
         pack_last_axis(x, self.groups, saz, buf, self.input_offset, "x")
+        return buf
+
+    def pack_input_nchw(self, x, sign_at_zero: int = 1, what: str = "x") -> np.ndarray:
+        """:meth:`pack_input` of real NCHW ``x`` ``(N, C, H, W)``: the same words as for its NHWC
+        transpose, packed straight from the channel planes (no transposed copy); returns the
+        buffer. ``what`` names ``x`` in the NaN error."""
+        saz = bits.check_sign_at_zero(sign_at_zero)
+        x = np.asarray(x)
+        if x.ndim != 4:
+            raise ValueError(f"{what} must be NCHW (4-D), got shape {x.shape}")
+        self._check_input_shape((x.shape[0], x.shape[2], x.shape[3], x.shape[1]),
+                                self.in_channels, what + " (as NHWC)")
+        x = as_packable(x, what)
+        buf = self.padded_input(x.shape[0])
+        pack_channels_first(x, self.groups, saz, buf, self.input_offset, what)
         return buf
 
     def _check_input_shape(self, shape, channels, what):
