@@ -8,12 +8,13 @@ real 1x1 conv -> BN; global average pool; FC to 10 classes. Binary convs: sign w
 Bi-Real's ApproxSign gradient, clipped straight-through weights, zero padding, no scale.
 
 A step is: zero grads, forward on a (B, 1, 28, 28) batch, cross-entropy, backward, Adam step,
-clip latent weights to [-1, 1]. One worker process per width runs both frameworks, interleaved
-in rounds: each round takes one refbnn step and one PyTorch step at every thread count in turn
-(``numba.set_num_threads``, ``torch.set_num_threads``; OpenMP/MKL/Numba pools sized for the most
-threads by environment variables before import, ``OMP_WAIT_POLICY=PASSIVE``; numpy's OpenBLAS
-is pinned to one thread because refbnn splits its GEMMs over its own threads), so the 1- and
-2-thread times that make the scaling see the same machine state. Reported:
+clip latent weights to [-1, 1]. Each framework runs in its own worker process per width (refbnn's
+never imports torch), and a coordinator takes them in rounds: each round one refbnn step and one
+PyTorch step at every thread count in turn (``numba.set_num_threads``, ``torch.set_num_threads``;
+OpenMP/MKL/Numba pools sized for the most threads by environment variables, OpenMP's wait policy as
+a user has it; numpy's OpenBLAS is pinned to one thread because refbnn splits its GEMMs over its own
+threads), one step at a time, so the 1- and 2-thread times that make the scaling see the same
+machine state. Reported:
 median seconds per step, and refbnn's split by layer type and pass (exclusive; shares of the mean
 step).
 
@@ -200,15 +201,19 @@ def torch_stepper(model, x, y):
     return step
 
 
-# --- worker ------------------------------------------------------------------------------------
-def worker(width: int, batch: int, threads: list, steps: int) -> list:
-    """One row per thread count in ``threads``, measured in rounds: each round runs one refbnn step
-    and one PyTorch step at every thread count in turn (``numba.set_num_threads``,
-    ``torch.set_num_threads``), so a slow drift of the machine (another process starting or
-    stopping) touches every configuration alike instead of the one that happened to run then."""
+# --- workers -----------------------------------------------------------------------------------
+def serve(framework: str, width: int, batch: int, threads: list) -> int:
+    """A worker process for one framework and width, driven line by line over stdin/stdout: it
+    builds the network (PyTorch's from refbnn's initial weights), warms up at every thread count
+    (Numba cache loads, buffer allocation, oneDNN primitive creation), prints ``ready``, then for
+    each line ``T`` runs one step at ``T`` threads and prints ``{"s": step seconds, "opt":
+    optimizer seconds}``; for ``end`` it prints refbnn's split by layer type per thread count
+    (seconds summed over the steps) and the versions, and exits. The refbnn worker never imports
+    torch: with PyTorch's OpenMP runtime in the process, refbnn's 2-thread steps ran slower
+    (measured on the 2-core AMD EPYC, C=32: 1.49x over 1 thread with torch imported vs 1.79x
+    without, same code)."""
     import numba
     import numpy as np
-    import torch
 
     from refbnn.nn import init
     init.manual_seed(0)
@@ -216,50 +221,125 @@ def worker(width: int, batch: int, threads: list, steps: int) -> list:
     x = rng.standard_normal((batch, 1, H, W)).astype(np.float32)
     y = rng.integers(0, CLASSES, batch)
     ours = build_refbnn(width)
-    theirs = build_torch(width, ours)
     ours.train()
-    theirs.train()
-    step_ours, step_theirs = refbnn_stepper(ours, x, y), torch_stepper(theirs, x, y)
-
-    def use(t):
-        torch.set_num_threads(t)
-        numba.set_num_threads(t)
-
-    for t in threads:  # warm-up: Numba cache loads, buffer allocation, oneDNN primitive creation
+    versions = {"numpy_version": np.__version__}
+    timer = None
+    if framework == "torch":
+        import torch
+        theirs = build_torch(width, ours)
+        theirs.train()
+        step = torch_stepper(theirs, x, y)
+        use = torch.set_num_threads
+        versions["torch_version"] = torch.__version__
+    else:
+        step = refbnn_stepper(ours, x, y)
+        use = numba.set_num_threads
+    for t in threads:
         use(t)
         for _ in range(2):
-            step_ours()
-            step_theirs()
-    timer = LayerTimer(ours)
+            step()
+    if framework == "refbnn":
+        timer = LayerTimer(ours)
     seconds = {t: defaultdict(float) for t in threads}
-    t_ours, t_theirs, opt_ours = ({t: [] for t in threads} for _ in range(3))
+    print("ready", flush=True)
     try:
-        for _ in range(steps):
-            for t in threads:
-                use(t)
+        for line in sys.stdin:
+            cmd = line.strip()
+            if cmd == "end":
+                break
+            t = int(cmd)
+            use(t)
+            if timer is not None:
                 timer.seconds = seconds[t]
                 timer.enabled = True
-                t0 = time.perf_counter()
-                opt_ours[t].append(step_ours())
-                t_ours[t].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            opt = step()
+            took = time.perf_counter() - t0
+            if timer is not None:
                 timer.enabled = False
-                t0 = time.perf_counter()
-                step_theirs()
-                t_theirs[t].append(time.perf_counter() - t0)
+            print(json.dumps({"s": took, "opt": opt}), flush=True)
     finally:
-        timer.restore()
+        if timer is not None:
+            timer.restore()
+    print(json.dumps({"split": {str(t): dict(v) for t, v in seconds.items()}, **versions}),
+          flush=True)
+    return 0
+
+
+class Worker:
+    """A :func:`serve` process seen from the coordinator."""
+
+    def __init__(self, framework, width, batch, threads, env):
+        cmd = [sys.executable, __file__, "--worker", framework, str(width), str(batch),
+               ",".join(map(str, threads))]
+        self.name = f"{framework} worker for width {width}"
+        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+        self._read()  # "ready"
+
+    def _read(self) -> str:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            raise RuntimeError(f"{self.name} exited (status {self.proc.returncode})")
+        return line.strip()
+
+    def ask(self, cmd: str) -> dict:
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self._read())
+
+    def close(self) -> dict:
+        out = self.ask("end")
+        self.proc.stdin.close()
+        self.proc.wait()
+        return out
+
+
+def measure(width: int, batch: int, threads: list, steps: int) -> list:
+    """One row per thread count in ``threads``, measured in rounds: each round takes one refbnn
+    step and one PyTorch step at every thread count in turn, each framework in its own worker
+    process (the coordinator waits for one step before asking for the next: they never run at
+    once), so a slow drift of the machine touches every configuration alike."""
+    import numpy as np
+
+    t = str(max(threads))
+    # refbnn threads its GEMMs itself (Numba threads) over single-threaded OpenBLAS; torch uses
+    # OpenMP/MKL threads; pools sized for the most threads, OpenMP's wait policy left as a user has it
+    base = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+    workers = {"refbnn": Worker("refbnn", width, batch, threads, dict(base, NUMBA_NUM_THREADS=t)),
+               "torch": Worker("torch", width, batch, threads,
+                               dict(base, OMP_NUM_THREADS=t, MKL_NUM_THREADS=t))}
+    times = {(f, th): [] for f in workers for th in threads}
+    opt = {th: [] for th in threads}
+    try:
+        for _ in range(steps):
+            for th in threads:
+                for f, wk in workers.items():
+                    r = wk.ask(str(th))
+                    times[f, th].append(r["s"])
+                    if f == "refbnn":
+                        opt[th].append(r["opt"])
+        ends = {f: wk.close() for f, wk in workers.items()}
+    finally:
+        for wk in workers.values():
+            if wk.proc.poll() is None:
+                wk.proc.kill()
     rows = []
-    for t in threads:
-        split = {k: v / steps for k, v in sorted(seconds[t].items(), key=lambda kv: -kv[1])}
-        split["optimizer"] = float(np.mean(opt_ours[t]))
-        med, theirs_med = float(np.median(t_ours[t])), float(np.median(t_theirs[t]))
-        split["other (loss, glue)"] = max(0.0, float(np.mean(t_ours[t])) - sum(split.values()))
-        rows.append({"width": width, "batch": batch, "threads": t, "steps": steps,
-                     "refbnn_mean_s": float(np.mean(t_ours[t])),
+    for th in threads:
+        ours, theirs = times["refbnn", th], times["torch", th]
+        split = {k: v / steps for k, v in sorted(ends["refbnn"]["split"][str(th)].items(),
+                                                  key=lambda kv: -kv[1])}
+        split["optimizer"] = float(np.mean(opt[th]))
+        split["other (loss, glue)"] = max(0.0, float(np.mean(ours)) - sum(split.values()))
+        med, theirs_med = float(np.median(ours)), float(np.median(theirs))
+        rows.append({"width": width, "batch": batch, "threads": th, "steps": steps,
+                     "refbnn_mean_s": float(np.mean(ours)),
                      "refbnn_s": med, "torch_s": theirs_med, "ratio": med / theirs_med,
-                     "refbnn_min_s": float(np.min(t_ours[t])),
-                     "torch_min_s": float(np.min(t_theirs[t])), "refbnn_split_s": split,
-                     "torch_version": torch.__version__, "numpy_version": np.__version__})
+                     "refbnn_min_s": float(np.min(ours)),
+                     "torch_min_s": float(np.min(theirs)), "refbnn_split_s": split,
+                     "torch_version": ends["torch"]["torch_version"],
+                     "numpy_version": ends["refbnn"]["numpy_version"]})
     return rows
 
 
@@ -276,10 +356,8 @@ def main(argv=None) -> int:
     ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        width, batch, threads, steps = args.worker
-        print(json.dumps(worker(int(width), int(batch), [int(t) for t in threads.split(",")],
-                                int(steps))), flush=True)
-        return 0
+        framework, width, batch, threads = args.worker
+        return serve(framework, int(width), int(batch), [int(t) for t in threads.split(",")])
     if min(args.widths + args.threads) < 1 or args.batch < 2 or args.steps < 1:
         print("error: widths and threads must be >= 1, batch >= 2, steps >= 1", file=sys.stderr)
         return 2
@@ -293,19 +371,12 @@ def main(argv=None) -> int:
     load_start = os.getloadavg()  # other processes on the machine skew the scaling most
     threads = sorted(set(args.threads))
     for width in args.widths:
-        # refbnn threads its GEMMs itself (Numba threads) over single-threaded OpenBLAS; torch
-        # uses OpenMP/MKL threads (OpenBLAS is numpy's only); pools sized for the most threads
-        t = str(max(threads))
-        env = dict(os.environ, OMP_NUM_THREADS=t, OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS=t,
-                   NUMBA_NUM_THREADS=t, OMP_WAIT_POLICY="PASSIVE")
-        cmd = [sys.executable, __file__, "--worker", str(width), str(args.batch),
-               ",".join(map(str, threads)), str(args.steps)]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(proc.stderr, file=sys.stderr)
-            print(f"error: worker for width {width} failed", file=sys.stderr)
+        try:
+            measured = measure(width, args.batch, threads, args.steps)
+        except RuntimeError as e:
+            print(f"error: {e}", file=sys.stderr)
             return 1
-        for row in json.loads(proc.stdout.strip().splitlines()[-1]):
+        for row in measured:
             rows.append(row)
             print(f"\nC={width} threads={row['threads']}: refbnn time by layer type (ms per step)")
             for k, v in row["refbnn_split_s"].items():
