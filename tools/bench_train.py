@@ -14,7 +14,8 @@ PyTorch step at every thread count in turn (``numba.set_num_threads``, ``torch.s
 OpenMP/MKL/Numba pools sized for the most threads by environment variables, OpenMP's wait policy as
 a user has it; numpy's OpenBLAS is pinned to one thread because refbnn splits its GEMMs over its own
 threads), one step at a time, so the 1- and 2-thread times that make the scaling see the same
-machine state. Reported:
+machine state; before each timed step an untimed one at the same setting (:data:`WARM_STEPS`).
+Reported:
 median seconds per step, and refbnn's split by layer type and pass (exclusive; shares of the mean
 step).
 
@@ -42,6 +43,12 @@ from _bench_common import cpu_name, parallel_limit, source_revision, write_json
 
 FLOOR_RATIO = 1.0
 SCALING_FLOOR = 1.7
+#: Untimed steps before each timed one in a round (:func:`measure`). Measured on the 2-core AMD
+#: EPYC VM, binary-conv forward at C=32, batch 64: 2 threads 1.28 ms per call run back to back,
+#: 2.28 ms when every call alternates with a 1-thread one, 5.99 ms after 0.3 s idle (1 thread:
+#: 2.26, 2.42, 3.84); whole steps measured that way scaled 1.43-1.57x at C=32 where runs of
+#: consecutive steps scaled 1.68-1.79x.
+WARM_STEPS = 1
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 H = W = 28
 CLASSES = 10
@@ -207,11 +214,11 @@ def serve(framework: str, width: int, batch: int, threads: list) -> int:
     builds the network (PyTorch's from refbnn's initial weights), warms up at every thread count
     (Numba cache loads, buffer allocation, oneDNN primitive creation), prints ``ready``, then for
     each line ``T`` runs one step at ``T`` threads and prints ``{"s": step seconds, "opt":
-    optimizer seconds}``; for ``end`` it prints refbnn's split by layer type per thread count
-    (seconds summed over the steps) and the versions, and exits. The refbnn worker never imports
-    torch: with PyTorch's OpenMP runtime in the process, refbnn's 2-thread steps ran slower
-    (measured on the 2-core AMD EPYC, C=32: 1.49x over 1 thread with torch imported vs 1.79x
-    without, same code)."""
+    optimizer seconds}`` (``wT``: the same, left out of the split); for ``end`` it prints
+    refbnn's split by layer type per thread count (seconds summed over the counted steps) and the
+    versions, and exits. The refbnn worker never imports torch: with PyTorch's OpenMP runtime in
+    the process and ``OMP_WAIT_POLICY=PASSIVE``, refbnn's 2-thread binary-conv forward (C=32,
+    batch 64, 2-core AMD EPYC) ran 1.33-1.49x faster than on 1 thread, 1.77-1.85x without torch."""
     import numba
     import numpy as np
 
@@ -247,11 +254,12 @@ def serve(framework: str, width: int, batch: int, threads: list) -> int:
             cmd = line.strip()
             if cmd == "end":
                 break
-            t = int(cmd)
+            warm = cmd.startswith("w")  # a step after a switch, not counted
+            t = int(cmd[1:] if warm else cmd)
             use(t)
             if timer is not None:
                 timer.seconds = seconds[t]
-                timer.enabled = True
+                timer.enabled = not warm
             t0 = time.perf_counter()
             opt = step()
             took = time.perf_counter() - t0
@@ -296,11 +304,14 @@ class Worker:
         return out
 
 
-def measure(width: int, batch: int, threads: list, steps: int) -> list:
-    """One row per thread count in ``threads``, measured in rounds: each round takes one refbnn
-    step and one PyTorch step at every thread count in turn, each framework in its own worker
-    process (the coordinator waits for one step before asking for the next: they never run at
-    once), so a slow drift of the machine touches every configuration alike."""
+def measure(width: int, batch: int, threads: list, steps: int, warm: int = WARM_STEPS) -> list:
+    """One row per thread count in ``threads``, measured in rounds: each round takes ``warm``
+    untimed steps and then one timed step of refbnn and of PyTorch at every thread count in turn,
+    each framework in its own worker process (the coordinator waits for one step before asking
+    for the next: they never run at once), so a slow drift of the machine touches every
+    configuration alike. The untimed steps: the first step after a switch of framework or thread
+    count pays for waking a core that sat idle (on this VM the host runs other work there
+    meanwhile) and for caches the other run filled; a training run never switches."""
     import numpy as np
 
     t = str(max(threads))
@@ -316,6 +327,8 @@ def measure(width: int, batch: int, threads: list, steps: int) -> list:
         for _ in range(steps):
             for th in threads:
                 for f, wk in workers.items():
+                    for _ in range(warm):
+                        wk.ask(f"w{th}")
                     r = wk.ask(str(th))
                     times[f, th].append(r["s"])
                     if f == "refbnn":
