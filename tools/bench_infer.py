@@ -5,8 +5,9 @@ Models: Bi-Real-18 and FTBNN-18 at 224x224, the derived FTBNN-18 with 2 groups (
 random weights with randomised BatchNorm statistics (so they matter), and the shipped MNIST model
 ``weights/ftbnn18.h5``. For each: batch 1 and 32, 1 and 2 threads (``--threads``):
 
-Each row's peers are timed interleaved (rounds running each once), so they share the machine's
-conditions; the medians are reported.
+Each row's peers are timed interleaved (rounds running each twice in a row, the second call timed:
+:func:`timed_interleaved` says why), so they share the machine's conditions; the medians are
+reported.
 
 * ``refbnn``: :class:`refbnn.engine.Engine` and its time split by stage (binary convs, stem,
   shortcuts, elementwise + glue; :meth:`Engine.profile`, batch 1 and 32, one thread);
@@ -49,8 +50,14 @@ def timed(fn, min_runs=3, budget=1.0, max_runs=200):
 
 
 def timed_interleaved(fns: dict, min_runs=3, budget=1.0, max_runs=200):
-    """Median seconds of each ``fns[name]()``, measured in rounds that run every function once (the
-    order rotating), so that the peers share the machine's conditions (this host is shared)."""
+    """Median seconds of each ``fns[name]()``, measured in rounds that run every function twice in
+    a row and time the second call (the order rotating), so that the peers share the machine's
+    conditions (this host is shared) but no timed call pays for the peer before it: a runtime's
+    worker threads keep spinning for a while after its call (OpenVINO's TBB, Numba's and
+    PyTorch's OpenMP), and the call after it waits for a core. Measured on the 2-core AMD EPYC,
+    FTBNN-18 224x224, batch 1, 2 threads, medians of 60 rounds: refbnn 6.01 ms when every call
+    followed an OpenVINO call, 3.24 ms as the second call of a pair, 3.14 ms in runs of five
+    (OpenVINO f32: 4.37, 4.06, 3.75)."""
     names = list(fns)
     for f in fns.values():
         f()  # warm-up
@@ -59,6 +66,7 @@ def timed_interleaved(fns: dict, min_runs=3, budget=1.0, max_runs=200):
     r = 0
     while r < min_runs or (time.perf_counter() < t_end and r < max_runs):
         for k in names[r % len(names):] + names[:r % len(names)]:
+            fns[k]()  # untimed: the peer's threads settle, this one's wake
             t = time.perf_counter()
             fns[k]()
             times[k].append(time.perf_counter() - t)
