@@ -115,6 +115,14 @@ NCHW_BLOCK_PIXELS = 1024
 
 
 @njit(cache=True, inline="always")
+def _nchw_blocks(h, w):
+    """``(rows, blocks)`` per image of :func:`pack_nchw_into`: blocks of ``rows`` image rows
+    (about :data:`NCHW_BLOCK_PIXELS` pixels, at least one row), the last one possibly short."""
+    rows = max(1, min(h, NCHW_BLOCK_PIXELS // w))
+    return rows, (h + rows - 1) // rows
+
+
+@njit(cache=True, inline="always")
 def _pack_nchw_block(xf, t, nblocks, rows, c, h, w, groups, out, p1, p2, off1, off2, nonpos,
                      tmp):
     """Pack block ``t`` (image ``t // nblocks``, ``rows`` image rows from ``(t % nblocks) * rows``)
@@ -137,7 +145,7 @@ def _pack_nchw_block(xf, t, nblocks, rows, c, h, w, groups, out, p1, p2, off1, o
                 base = ((i0 * c + g * cg + k * 64 + b) * h + r0) * w
                 sh = np.uint64(b)
                 xs = xf[base:base + npx]
-                if nonpos:
+                if nonpos:  # two loops, each branch-free, so that both vectorize
                     for j in range(npx):
                         v = xs[j]
                         nans += v != v
@@ -162,8 +170,7 @@ def pack_nchw_into(xf, n, c, h, w, groups, out, p1, p2, off1, off2, nonpos):
     at ``(i0, i1 + off1, i2 + off2)``: the same words :func:`pack_rows_into` writes for the NHWC
     transpose of ``xf``, without building it. Returns the number of NaN values (the caller
     raises). Blocks of about :data:`NCHW_BLOCK_PIXELS` pixels are split over numba's threads."""
-    rows = max(1, min(h, NCHW_BLOCK_PIXELS // w))
-    nblocks = (h + rows - 1) // rows
+    rows, nblocks = _nchw_blocks(h, w)
     nans = 0
     for t in prange(n * nblocks):
         tmp = np.empty(rows * w, np.uint64)
@@ -175,8 +182,7 @@ def pack_nchw_into(xf, n, c, h, w, groups, out, p1, p2, off1, off2, nonpos):
 @njit(cache=True)
 def pack_nchw_into_serial(xf, n, c, h, w, groups, out, p1, p2, off1, off2, nonpos):
     """:func:`pack_nchw_into` on the calling thread only (same bits), for small inputs."""
-    rows = max(1, min(h, NCHW_BLOCK_PIXELS // w))
-    nblocks = (h + rows - 1) // rows
+    rows, nblocks = _nchw_blocks(h, w)
     nans = 0
     tmp = np.empty(rows * w, np.uint64)
     for t in range(n * nblocks):
