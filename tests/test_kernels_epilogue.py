@@ -301,7 +301,7 @@ def test_fast_work_items_in_any_split_equal_one_call(layer, out_groups, channel_
     for i0, i1 in itertools.pairwise(edges):
         bf.conv_items(buf.reshape(-1), conv, table, i0, i1, channel_major,
                       z.reshape(-1).view(np.uint8), residual.reshape(-1), o, bits.reshape(-1),
-                      bf.acc_scratch(), np.empty(16, np.float32))
+                      bf.acc_scratch(), np.empty(16, np.float32), True, bf.BAND)
     assert np.array_equal(z, want_z) and np.array_equal(bits, want_bits)
 
 
@@ -320,8 +320,8 @@ def wide_layers(draw):
        data=st.data())
 def test_fused_in_registers_equals_reference(layer, out_groups, channel_major, residual_kind,
                                              cuts, band, data):
-    """The register epilogue (``conv_items(..., regs=True)``, the default) in any split of the
-    work items and any band of pixel tiles writes the reference's float result and packed
+    """The register epilogue (``conv_items(..., regs=True)``, as the engine runs it) in any split of
+    the work items and any band of pixel tiles writes the reference's float result and packed
     signs, and exactly what the scratch-buffer epilogue (``regs=False``) writes."""
     from refbnn.kernels import bconv_fast as bf
 

@@ -48,7 +48,7 @@ from refbnn.kernels.sync import cycles, fetch_add
 
 # Numba's cache does not notice edits to imported kernels; this digest of the modules this one
 # imports, transitively (written by ``python refbnn/kernels/_codegen.py``), forces a recompile.
-DEPS_DIGEST = "53c0b554454c9232"
+DEPS_DIGEST = "5df505a0be55868f"
 
 K_INPUT, K_STEM_POOL, K_STEM_CONV, K_PACK, K_BCONV, K_BCONV_FLOAT, K_POOL_CONV, K_AVGPOOL, \
     K_HEAD, K_MAXPOOL = range(10)
@@ -110,13 +110,15 @@ def _r(a, ip, slot, bit, gi):
 
 
 @njit(cache=True)
-def run_op(op, x, img, gi, lo, hi, af, au, ps, logits, feats, acc, rtmp, pixel_major=False):
+def run_op(op, x, img, gi, lo, hi, af, au, ps, logits, feats, acc, rtmp, pixel_major):
     """Work items ``lo .. hi - 1`` of ``op`` for image ``img`` of the batch, image ``gi`` of the
     worker's group (a grouped op: the group from image ``img`` on, ``gi`` unused): ``af``/``au``
     the arena rows (float32, uint64) holding the group's buffers, ``ps`` the worker's private float
     scratch;
     ``pixel_major``: a binary conv's items are its pixel tiles (:func:`op_items`) even where the op
-    is channel-major."""
+    is channel-major. Callers pass every scalar as a plain ``int64``/``bool`` (``np.int64(0)``, not
+    ``0``: a constant is a Numba literal type, and each combination of them would be another
+    compilation of this whole tree of kernels)."""
     k = op.kind
     ip = op.ip
     if k == K_BCONV or k == K_BCONV_FLOAT:
@@ -124,7 +126,8 @@ def run_op(op, x, img, gi, lo, hi, af, au, ps, logits, feats, acc, rtmp, pixel_m
                       ip[IP_CM] != 0 and not pixel_major,
                       _r(af, ip, IP_FOUT, S_FOUT, gi).view(np.uint8),
                       _r(af, ip, IP_FRES, S_FRES, gi), ip[IP_RSC],
-                      _r(au, ip, IP_UOUT, S_UOUT, gi), acc, rtmp)
+                      _r(au, ip, IP_UOUT, S_UOUT, gi), acc, rtmp, np.bool_(True),
+                      np.int64(bf.BAND))
     elif k == K_INPUT:
         rc.to_padded_planar(x, img, ip[A0], ip[A1], ip[A2], _r(af, ip, IP_FOUT, S_FOUT, gi), ip[A6],
                             ip[A3], ip[A4], ip[A5], lo, hi)
@@ -155,8 +158,9 @@ def run_op(op, x, img, gi, lo, hi, af, au, ps, logits, feats, acc, rtmp, pixel_m
         cl, classes = ip[A1], ip[A2]
         f = feats[img * cl:(img + 1) * cl]
         rp.global_avgpool_image(_r(af, ip, IP_FIN, S_FIN, gi), 0, ip[A0], cl, f)
-        rc.conv_taps_tiles(f, op.bases, 1, op.toff, op.wt, ip[A3], classes, op.scale, op.shift,
-                           logits[img * classes:(img + 1) * classes], 0, 1)
+        rc.conv_taps_tiles(f, op.bases, np.int64(1), op.toff, op.wt, ip[A3], classes, op.scale,
+                           op.shift, logits[img * classes:(img + 1) * classes], np.int64(0),
+                           np.int64(1))
 
 
 @njit(cache=True)
@@ -171,6 +175,7 @@ def op_items(op, pixel_major):
 def _images(ops, x, n, af, au, ps, logits, feats, counter, op_lo, op_hi, timer, timing):
     acc = np.empty(bf.MR * 32 + 16, np.int64)
     rtmp = np.empty(16, np.float32)
+    zero, no = np.int64(0), np.bool_(False)  # not literals (run_op)
     group = ops[0].ip[IP_GROUP]
     split = op_hi
     for j in range(op_lo, op_hi):
@@ -187,8 +192,8 @@ def _images(ops, x, n, af, au, ps, logits, feats, counter, op_lo, op_hi, timer, 
             for j in range(op_lo, split):
                 op = ops[j]
                 c0 = cycles() if timing else 0
-                run_op(op, x, g0 + gi, gi, 0, op.ip[IP_ITEMS], af, au, ps, logits, feats, acc,
-                       rtmp)
+                run_op(op, x, g0 + gi, gi, zero, op.ip[IP_ITEMS], af, au, ps, logits, feats, acc,
+                       rtmp, no)
                 if timing:
                     timer[j] += cycles() - c0
         # from there on op by op: a grouped op once for the whole group (its tiles span images;
@@ -198,11 +203,12 @@ def _images(ops, x, n, af, au, ps, logits, feats, counter, op_lo, op_hi, timer, 
             op = ops[j]
             c0 = cycles() if timing else 0
             if op.ip[IP_GROUPED] != 0:
-                run_op(op, x, g0, 0, 0, op.ip[IP_ITEMS], af, au, ps, logits, feats, acc, rtmp)
+                run_op(op, x, g0, zero, zero, op.ip[IP_ITEMS], af, au, ps, logits, feats, acc,
+                       rtmp, no)
             else:
                 for gi in range(m):
-                    run_op(op, x, g0 + gi, gi, 0, op.ip[IP_ITEMS], af, au, ps, logits, feats,
-                           acc, rtmp)
+                    run_op(op, x, g0 + gi, gi, zero, op.ip[IP_ITEMS], af, au, ps, logits, feats,
+                           acc, rtmp, no)
             if timing:
                 timer[j] += cycles() - c0
 
@@ -236,19 +242,21 @@ def run_layers(ops, x, af, au, ps, logits, feats, nworkers, min_work, op_lo, op_
     cores)."""
     acc = np.empty(bf.MR * 32 + 16, np.int64)
     rtmp = np.empty(16, np.float32)
+    zero = np.int64(0)  # not a literal (run_op)
     for j in range(op_lo, op_hi):
         op = ops[j]
         items = op.ip[IP_ITEMS]
         c0 = cycles() if timing else 0
         if op.ip[IP_WORK] < min_work or items < 2 or nworkers < 2:
-            run_op(op, x, 0, 0, 0, items, af[0], au[0], ps[0], logits, feats, acc, rtmp)
+            run_op(op, x, zero, zero, zero, items, af[0], au[0], ps[0], logits, feats, acc, rtmp,
+                   np.bool_(False))
         else:
             items = op_items(op, True)
             nw = min(nworkers, items)
             for t in prange(nw):
                 acc_t = np.empty(bf.MR * 32 + 16, np.int64)
                 rtmp_t = np.empty(16, np.float32)
-                run_op(op, x, 0, 0, t * items // nw, (t + 1) * items // nw, af[0], au[0], ps[t],
-                       logits, feats, acc_t, rtmp_t, True)
+                run_op(op, x, zero, zero, t * items // nw, (t + 1) * items // nw, af[0], au[0],
+                       ps[t], logits, feats, acc_t, rtmp_t, np.bool_(True))
         if timing:
             timer[j] += cycles() - c0

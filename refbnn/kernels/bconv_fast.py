@@ -268,8 +268,9 @@ def _tiles(xp, i0, i1, channel_major, out, residual, rsc, bits, acc, rtmp,
                 while e < tb and tm[e] == m:
                     e += 1
                 tile(nv, m, xp.ctypes.data, a_tpix + 8 * s0, g * wg, a_wt, wbase, a_soff, nsteps,
-                     acc.ctypes.data, a_out, a_tout + 8 * s0, o0, K, rmode, 0, 0, o0, shift,
-                     a_corr, a_tcor + 8 * s0, a_fp, a_tbits + 8 * s0, e - ti, a_bord + ti, rcorr)
+                     acc.ctypes.data, a_out, a_tout + 8 * s0, o0, K, rmode, np.uint64(0),
+                     np.uint64(0), o0, shift, a_corr, a_tcor + 8 * s0, a_fp, a_tbits + 8 * s0,
+                     e - ti, a_bord + ti, rcorr)
                 ti = e
                 continue
             border = tborder[ti]
@@ -286,7 +287,8 @@ def _tiles(xp, i0, i1, channel_major, out, residual, rsc, bits, acc, rtmp,
                     a_t1, a_t2 = dirn.ctypes.data, thr.ctypes.data
             tile(nv, m, xp.ctypes.data, a_tpix + 8 * s0, g * wg, a_wt, wbase, a_soff, nsteps,
                  acc.ctypes.data, a_out, a_tout + 8 * s0, ooff, K, tmode, a_t1, a_t2, o0, bshift,
-                 a_corr, a_tcor + 8 * s0, a_fp, a_tbits + 8 * s0, 1, 0, tmode)
+                 a_corr, a_tcor + 8 * s0, a_fp, a_tbits + 8 * s0, np.int64(1), np.int64(0),
+                 tmode)
             ti += 1
             if tmode != TILE_SCRATCH:
                 continue
@@ -343,17 +345,20 @@ def _tiles(xp, i0, i1, channel_major, out, residual, rsc, bits, acc, rtmp,
 
 
 @njit(cache=True, inline="always")
-def _run(xp, conv, table, i0, i1, channel_major, out, residual, rsc, bits, acc, rtmp, regs=True,
-         band=BAND):
-    """Items ``i0 .. i1 - 1`` (pixel tiles, or channel-major items): the fields read once."""
+def _run(xp, conv, table, i0, i1, channel_major, out, residual, rsc, bits, acc, rtmp, regs, band):
+    """Items ``i0 .. i1 - 1`` (pixel tiles, or channel-major items): the fields read once.
+
+    The scalars go to :func:`_tiles` as plain ``int64``/``bool`` (a constant would reach it as a
+    Numba literal type, and each literal is another compilation of the whole micro-kernel tree)."""
     epi = conv.epi
-    _tiles(xp, i0, i1, channel_major, out, residual, rsc, bits, acc, rtmp,
+    _tiles(xp, np.int64(i0), np.int64(i1), np.bool_(channel_major), out, residual, np.int64(rsc),
+           bits, acc, rtmp,
            conv.wt, conv.soff, conv.nv, conv.groups, conv.wg, conv.t, conv.o, conv.corr,
            conv.tunit, conv.tzero, table.tpix, table.tout, table.tcor, table.tm, table.tborder,
            table.tbits, epi.mode, epi.k, epi.mul, epi.bias, epi.off, epi.thr, epi.dirn,
            epi.pcflip, epi.pcthr, epi.oword, epi.obit, epi.run8, epi.owords, epi.pre, epi.pre_pos,
-           epi.pre_neg, epi.post, epi.post_pos, epi.post_neg, epi.saz == -1, epi.groups, regs,
-           band)
+           epi.pre_neg, epi.post, epi.post_pos, epi.post_neg, epi.saz == -1, epi.groups,
+           np.bool_(regs), np.int64(band))
 
 
 def fused_in_registers(out_channels: int, groups: int, aligned: bool, rsc: int) -> bool:
@@ -379,7 +384,7 @@ def items(conv, table, channel_major):
 
 @njit(cache=True)
 def conv_items(xp, conv, table, i0, i1, channel_major, out, residual, rsc, bits, acc, rtmp,
-               regs=True, band=BAND):
+               regs, band):
     """Work items ``i0 .. i1 - 1`` of one call (see :func:`items`), on the calling thread.
 
     ``channel_major`` (item ``it`` = channel tile ``it // ntiles`` of pixel tile
@@ -388,9 +393,11 @@ def conv_items(xp, conv, table, i0, i1, channel_major, out, residual, rsc, bits,
     ``FUSED`` with aligned sign units (``conv.tunit``); otherwise pixel tiles. Arguments as for
     :func:`bconv_fast`, plus ``rsc`` (the residual's channels per pixel, repeated across the
     output's ``O``; 0: none), ``acc`` (:func:`acc_scratch`) and ``rtmp`` (float32 scratch of 16).
-    ``regs=False``: the fused epilogue always through the scratch popcounts
-    (:func:`~refbnn.kernels.epilogue.fuse_tile`), never in the micro-kernel's registers
-    (:data:`~refbnn.kernels.epilogue.TILE_FUSED`); the same values (tests compare the two).
+    ``regs`` (normally ``True``; ``False``: the fused epilogue always through the scratch
+    popcounts, :func:`~refbnn.kernels.epilogue.fuse_tile`, never in the micro-kernel's registers,
+    :data:`~refbnn.kernels.epilogue.TILE_FUSED`; the same values, tests compare the two) and
+    ``band`` (normally :data:`BAND`) have no defaults: every caller passes the same argument types,
+    so the kernel tree compiles once (an omitted argument is a type of its own to Numba).
     """
     _run(xp, conv, table, i0, i1, channel_major, out, residual, rsc, bits, acc, rtmp, regs, band)
 
@@ -404,4 +411,4 @@ def bconv_fast(xp, conv, table, out, residual, rsc, bits):
         acc = np.empty(MR * 32 + 16, np.int64)
         rtmp = np.empty(16, np.float32)
         _run(xp, conv, table, ch * ntiles // nchunks, (ch + 1) * ntiles // nchunks, False, out,
-             residual, rsc, bits, acc, rtmp)
+             residual, rsc, bits, acc, rtmp, True, BAND)
