@@ -74,6 +74,45 @@ def test_digests_cover_the_real_imports_transitively():
     assert not _codegen.needs_digest(cached, "refbnn.kernels.y")
 
 
+
+#: The binary-conv kernel tree's jitted functions (name: defining file) and the jitted modules
+#: that call them.
+_TREE = {"run_op": "refbnn/engine/program.py", "conv_items": "refbnn/kernels/bconv_fast.py",
+         "_tiles": "refbnn/kernels/bconv_fast.py", "tile": "refbnn/kernels/bconv_tiles.py"}
+_TREE_CALLERS = ("refbnn/engine/program.py", "refbnn/kernels/bconv_fast.py")
+
+
+def test_binary_conv_tree_is_called_without_constants_or_omitted_arguments():
+    """Inside jitted code a constant argument (``0``, ``True``) is a Numba literal type and an
+    omitted one a type of its own, so every call that passes them compiles the whole micro-kernel
+    tree under it again (cold, a few seconds each; the engine's ``run_op`` had 4 copies, ``_tiles``
+    4, each micro-kernel 2). Every call of these kernels passes all parameters, none a constant
+    (``np.int64(0)`` is a plain ``int64``)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(_codegen.PACKAGE).parent
+    params = {}
+    for name, rel in _TREE.items():
+        tree = ast.parse((root / rel).read_text())
+        fn = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == name)
+        params[name] = len(fn.args.args)
+    bad, seen = [], set()
+    for rel in _TREE_CALLERS:
+        for node in ast.walk(ast.parse((root / rel).read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            f = node.func
+            name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", None)
+            if name not in params:
+                continue
+            seen.add(name)
+            args = list(node.args) + [k.value for k in node.keywords]
+            if len(args) != params[name] or any(isinstance(a, ast.Constant) for a in args):
+                bad.append(f"{rel}:{node.lineno} {name}")
+    assert seen == set(params) and not bad, bad
+
+
 def test_borrowed_view_is_the_same_memory():
     from numba import njit
 
