@@ -60,9 +60,10 @@ class LoadedModel:
     (``"packed"`` or ``"reference"``), ``input_spec``, ``class_names`` (a name per class),
     ``dataset``, ``input_shape`` (one image in the input layout)."""
 
-    def __init__(self, file, network, forward, engine: str):
+    def __init__(self, file, network, forward, engine: str, warm_up=None):
         self.file, self.network, self.engine = file, network, engine
         self._forward = forward
+        self._warm_up = warm_up
         self.input_spec = file.input_spec
         self.dataset = file.dataset
         k = int(file.config["num_classes"])
@@ -88,6 +89,12 @@ class LoadedModel:
         if self.layout == "NHWC":
             x = x.transpose(0, 3, 1, 2)
         return np.ascontiguousarray(x)
+
+    def warm_up(self) -> None:
+        """Load every compiled path of the packed engine before calls are timed
+        (:meth:`refbnn.engine.Engine.warm_up`); nothing for the reference engine."""
+        if self._warm_up is not None:
+            self._warm_up()
 
     def logits(self, images) -> np.ndarray:
         """Raw scores ``(N, classes)`` float32 of ``images`` (input as in the module docstring)."""
@@ -132,7 +139,7 @@ def load(path, engine: str = "packed") -> LoadedModel:
             compiled = Engine.from_file(f)
         except EngineError as e:  # e.g. sign_at_zero=0 (converted official Bi-Real Net checkpoints)
             raise ValueError(f"{path}: {e}; --engine reference runs it on the float path") from None
-        return LoadedModel(f, None, compiled.forward, engine)
+        return LoadedModel(f, None, compiled.forward, engine, compiled.warm_up)
     try:
         network = models.build(f.config)
     except (ValueError, TypeError, KeyError) as e:

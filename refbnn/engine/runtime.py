@@ -327,6 +327,20 @@ class Engine:
             pol.record(use, time.perf_counter() - t0)
         return out
 
+    def warm_up(self, batch: int = 2) -> None:
+        """Load (or, the first time on a machine, compile) every compiled path a forward can take,
+        so that no later call pays for it: one thread, one image on Numba's threads
+        (layer-parallel) and a batch of ``batch`` (image-parallel), on zero images. Each path is
+        one Numba function, loaded from the on-disk cache the first time the process uses it
+        (tens of milliseconds; a cold cache compiles it, tens of seconds): a timed call, or the
+        adaptive thread policy's probes, would otherwise measure that."""
+        x = np.zeros((max(2, int(batch)), *self.input_shape), np.float32)
+        threads = numba.get_num_threads()
+        self._run(x[:1], threads=1)
+        if threads > 1:
+            self._run(x[:1], threads=threads)
+            self._run(x, threads=threads)
+
     def features(self, x) -> np.ndarray:
         """The global average pool's output ``(N, C_last)`` float32 (a new array)."""
         x = self._check(x)
