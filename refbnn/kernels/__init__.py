@@ -19,4 +19,10 @@ conv kernels read).
 
 ``python refbnn/kernels/_codegen.py`` regenerates the generated code and stamps every
 ``DEPS_DIGEST`` (the Numba cache keys of modules that import other kernel modules).
+
+Calls between jitted functions pass plain ``int64``/``bool`` scalars and every parameter: a constant
+(``0``, ``True``) reaches the callee as a Numba literal type and an omitted argument as a type of its
+own, and each new combination compiles the callee and everything it calls again (the binary-conv
+tree is tens of seconds cold); write ``np.int64(0)``, ``np.bool_(True)``
+(``tests/test_kernels_misc.py`` checks the binary-conv tree's call sites).
 """
