@@ -107,9 +107,8 @@ def evaluate(args, model):
     norm = (spec["mean"][0], spec["std"][0]) if spec.get("mean") else "dataset"
     rng = np.random.default_rng(0)
     xs, ys = zip(*batches(test, args.batch_size, rng, shuffle=False, normalize=norm))
-    model.warm_up()  # every compiled path loaded (or compiled) before anything is timed
-    predict(xs[0][:1])  # and the buffers of the timed batch sizes
-    predict(xs[0])
+    model.warm_up()  # every compiled path (and the one-image buffers) before anything is timed
+    predict(xs[0])  # the large batch's buffers
     t0 = time.perf_counter()
     correct = sum(int((predict(x).argmax(1) == y).sum()) for x, y in zip(xs, ys))
     seconds = time.perf_counter() - t0
