@@ -316,47 +316,70 @@ def test_batch_in_image_groups_gives_the_same_logits_as_one_image_at_a_time(monk
                 np.testing.assert_array_equal(engine.forward(x[:n]), want[:n])
                 prog = engine._program(threads, group=runtime.group_size(n, threads))
                 assert any(prog.grouped) and not all(prog.grouped)
-                # grouped binary convs with the fused epilogue (a record of the block's output)
-                # where it runs in registers (whole 32-channel tiles), else conv + a merge pass
+                # grouped binary convs with the fused epilogue in registers (each records the
+                # block's output; 32-lane tiles, a last partial one masked: ftbnn18_g2's 152-channel
+                # groups too), not conv + a merge pass
                 fused = [prog.meta[j][0][0][0] for j, s in enumerate(prog.stages)
                          if prog.grouped[j] and s == "binary_convs" and prog.meta[j][0]]
-                assert bool(fused) == (name != "ftbnn18_g2"), fused  # g2: 152-channel groups
+                assert "layer3.1" in fused and "layer4.1" in fused, fused
     finally:
         numba.set_num_threads(before)
 
 
 def test_split_path_convs_run_once_per_group_only_while_their_float_output_fits(monkeypatch):
-    """A grouped binary conv whose epilogue cannot run in registers (ftbnn18_g2's odd channel
-    groups) writes conv + BN as float32 for the whole group, then a merge pass: that only while the
-    group's float output takes at most GROUP_SPLIT_BYTES; larger maps run image by image with the
-    fused epilogue. Either way the logits of one image at a time, bit for bit."""
+    """A grouped binary conv whose epilogue cannot run in registers (a repeated residual: the cheap
+    shortcut of the reduction blocks, ``downsample="cheap"``) writes conv + BN as float32 for the
+    whole group, then a merge pass: that only while the group's float output takes at most
+    GROUP_SPLIT_BYTES; larger maps run image by image with the fused epilogue. The other block
+    convs (ftbnn18_g2's 19- to 152-channel groups: partial 32-lane tiles) keep the fused epilogue
+    in registers and run grouped at every limit. Either way the logits of one image at a time,
+    bit for bit."""
     import numba
 
     monkeypatch.setattr(runtime, "GROUP_MAX", 4)
-    engine = Engine.from_model(trained_looking("ftbnn18_g2"), adaptive_threads=False)
+
+    def build():
+        return Engine.from_model(trained_looking("ftbnn18_g2", downsample="cheap"),
+                                 adaptive_threads=False)
+
+    engine = build()
     x = np.random.default_rng(12).standard_normal((9, 1, 28, 28)).astype(np.float32)
     want = np.concatenate([engine.forward(x[i:i + 1]) for i in range(len(x))])
 
+    def split(name):
+        """The convs that cannot finish in registers: the reduction blocks (the cheap shortcut
+        repeats the input's channels), and two whose tiles' signs are no aligned 32-bit unit: the
+        bridge (38 channels in one group, read by layer1.0 as two groups of 19) and layer4.3 (two
+        groups of 152 channels packed as one)."""
+        return name in ("layer2.0.binary_conv", "layer3.0.binary_conv", "layer4.0.binary_conv",
+                        "bridge.binary_conv", "layer4.3.binary_conv")
+
     def conv_bytes(prog):
-        """(group float bytes, grouped) of each block conv of ``prog``."""
-        return [(prog.group * p.out_hw[0] * p.out_hw[1] * p.out_channels * 4, prog.grouped[j])
+        """(conv name, group float bytes, grouped, fused record) of each block conv of ``prog``."""
+        return [(before[1], prog.group * p.out_hw[0] * p.out_hw[1] * p.out_channels * 4,
+                 prog.grouped[j], bool(prog.meta[j][0]))
                 for j, (_, before) in enumerate(prog.meta) if before is not None
                 for p in [before[3]]]
 
-    sizes = sorted({b for b, _ in conv_bytes(engine._program(1, group=4))})
-    assert len(sizes) >= 3
+    sizes = sorted({b for n, b, _, _ in conv_bytes(engine._program(1, group=4)) if split(n)})
+    assert len(sizes) == 4
     before = numba.get_num_threads()
     try:
-        for limit in (0, sizes[len(sizes) // 2], 1 << 40):
+        for limit in (0, sizes[1], 1 << 40):
             monkeypatch.setattr(runtime, "GROUP_SPLIT_BYTES", limit)
-            engine = Engine.from_model(trained_looking("ftbnn18_g2"), adaptive_threads=False)
+            engine = build()
             for threads in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
                 numba.set_num_threads(threads)
                 np.testing.assert_array_equal(engine.forward(x), want)
                 prog = engine._program(threads, group=runtime.group_size(len(x), threads))
                 assert prog.group > 1
                 got = conv_bytes(prog)
-                assert [g for _, g in got] == [b <= limit for b, _ in got], (limit, got)
+                assert [g for _, _, g, _ in got] == [b <= limit if split(n) else True
+                                                    for n, b, _, _ in got], (limit, got)
+                # grouped split convs record nothing (the merge pass after them does), the
+                # others record the block's output themselves
+                assert not any(r for n, _, g, r in got if split(n) and g), (limit, got)
+                assert all(r for n, _, _, r in got if not split(n)), (limit, got)
     finally:
         numba.set_num_threads(before)
 

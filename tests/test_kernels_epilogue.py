@@ -307,11 +307,13 @@ def test_fast_work_items_in_any_split_equal_one_call(layer, out_groups, channel_
 
 @st.composite
 def wide_layers(draw):
-    """Layers whose groups fill whole 32-channel tiles: the fused epilogue runs in the
-    micro-kernel's registers (``TILE_FUSED``) on runs of equal tiles, border tiles included."""
+    """Layers with 32-lane tiles (more than 8 channels per group): the fused epilogue runs in the
+    micro-kernel's registers (``TILE_FUSED``) on runs of equal tiles, border tiles included; a
+    group's last tile is whole (32, 64 channels) or partial (9 to 31 lanes used: 9, 20, 24, 40,
+    48, 77 channels), masked to its channels."""
     groups = draw(st.integers(1, 2))
     return _layer(draw, groups, draw(st.sampled_from([3, 64, 70])),
-                  groups * draw(st.sampled_from([32, 64])), 9)
+                  groups * draw(st.sampled_from([32, 64, 9, 20, 24, 40, 48, 77])), 9)
 
 
 @given(layer=wide_layers(), out_groups=st.sampled_from([1, 2]), channel_major=st.booleans(),
@@ -326,8 +328,8 @@ def test_fused_in_registers_equals_reference(layer, out_groups, channel_major, r
     from refbnn.kernels import bconv_fast as bf
 
     o = layer["kernel"].shape[3]
-    if (o // out_groups) % 32:
-        out_groups = 1  # output groups of whole tiles: every tile's signs one aligned unit
+    if (o // out_groups) % 32 or (o // layer["groups"]) % 32:  # every tile's signs one aligned
+        out_groups = layer["groups"]  # unit: each conv group's channels from a multiple of 32 bits
     pre, post = data.draw(activations(o)), data.draw(activations(o))
     plan = _fused_plan(layer, "fast", out_groups, pre, post)
     assert plan.fused_units_aligned
@@ -351,9 +353,12 @@ def test_fused_in_registers_equals_reference(layer, out_groups, channel_major, r
     total = bf.items(conv, table, channel_major)
     edges = sorted({0, total, *(c % (total + 1) for c in cuts)})
     got = []
+    guard = 40  # float32 elements after the output: a partial tile must not store past its lanes
     for regs in (True, False):
-        z = residual.copy() if residual_kind == "in_place" else np.full(acc.shape, np.nan,
-                                                                        np.float32)
+        zbuf = np.full(acc.size + guard, np.nan, np.float32)
+        z = zbuf[:acc.size].reshape(acc.shape)
+        if residual_kind == "in_place":
+            z[...] = residual
         res, rsc = (np.zeros(0, np.float32), 0) if residual_kind == "none" else \
             (z.reshape(-1) if residual_kind == "in_place" else residual.reshape(-1), o)
         bits = np.full(want_bits.shape, 7, np.uint64)
@@ -363,5 +368,6 @@ def test_fused_in_registers_equals_reference(layer, out_groups, channel_major, r
                           regs, band)
         # values as the reference (which adds a zero residual where there is none: -0 -> +0)
         assert np.array_equal(z, want_z) and np.array_equal(bits, want_bits.astype(np.uint64))
+        assert np.isnan(zbuf[acc.size:]).all()
         got.append((z.view(np.uint32), bits))
     assert all(np.array_equal(a, b) for a, b in zip(*got))  # and bit for bit the same

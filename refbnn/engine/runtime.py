@@ -85,13 +85,15 @@ PARALLEL_MIN_WORK = 1 << 18
 GROUP_MAX = 8
 GROUP_PIXELS = 56 * 56
 #: Grouped binary convs whose fused epilogue would not run in the micro-kernel's registers
-#: (:func:`refbnn.kernels.bconv_fast.fused_in_registers`: partial 32-channel tiles, a repeated
-#: residual) write conv + BN as float32, then one separate pass adds the residual, applies the
-#: non-linearities and packs (measured faster there than the scratch-buffer fused epilogue:
-#: weights/ftbnn18.h5 layer1 convs, 24 channels, 8 vs 12.7 us per image plus about 3 for the
-#: pass; ftbnn18_g2, 77 channels per group, about even); the others (all of them at batch 1) keep
-#: the fused epilogue (2-core AMD EPYC, 1 thread, batch 32, interleaved: Bi-Real-18 190 -> 167-169
-#: ms, FTBNN-18 193 -> 166-175 ms per batch with every grouped conv fused).
+#: (:func:`refbnn.kernels.bconv_fast.fused_in_registers`: sign units not aligned, at most 8
+#: channels per group, a repeated residual) write conv + BN as float32, then one separate pass
+#: adds the residual, applies the non-linearities and packs (measured faster there than the
+#: scratch-buffer fused epilogue: weights/ftbnn18.h5 layer1 convs, 24 channels, 8 vs 12.7 us per
+#: image plus about 3 for the pass, before partial tiles ran in registers); the others (all of
+#: them at batch 1) keep the fused epilogue (2-core AMD EPYC, 1 thread, batch 32, interleaved:
+#: Bi-Real-18 190 -> 167-169 ms, FTBNN-18 193 -> 166-175 ms per batch with every grouped conv
+#: fused). Partial 32-lane tiles in registers (masked) took weights/ftbnn18.h5 at batch 32 from
+#: 2.81-3.08 to 2.33-2.53 ms (the merge passes, 0.73-1.2 ms, gone).
 GROUP_SPLIT_EPILOGUE = True
 #: ... and such a conv runs once per group only while the group's float32 conv output takes at
 #: most this many bytes (the merge pass then reads it from cache); larger ones run image by image

@@ -27,8 +27,9 @@ layer (:func:`make_conv`) and a :class:`TileTable` per batch size, thread count 
   residual), which may be the float output itself (each element is read before it is written) but
   must not overlap it otherwise; ``bits``, a flat ``uint64`` buffer as for ``BITS``, pixel words at
   ``table.tbits`` (for the other modes ``tbits`` is ``tout``). The fused epilogue runs on each
-  tile's popcounts, 16 lanes at a time: for full 32-channel tiles with a residual in the output's
-  layout (or none) in the micro-kernel's registers (:data:`~refbnn.kernels.epilogue.TILE_FUSED`),
+  tile's popcounts, 16 lanes at a time: for 32-lane tiles (a group's last one may be partial:
+  masked to its channels) with a residual in the output's layout (or none) and aligned sign units
+  in the micro-kernel's registers (:data:`~refbnn.kernels.epilogue.TILE_FUSED`),
   else from the scratch popcounts (:func:`~refbnn.kernels.epilogue.fuse_tile`), the same float32
   steps; where every tile's channels are one byte-aligned run of the packed layout
   (``conv.tunit``) each tile stores its sign bits as one integer, else each pixel is packed from
@@ -59,6 +60,7 @@ from .epilogue import (
     EPILOGUE,
     FLOAT,
     FLOAT_LCE,
+    FP_NL,
     FP_SIZE,
     FUSED,
     INT32,
@@ -66,6 +68,8 @@ from .epilogue import (
     TILE_BITS_CORR,
     TILE_FUSED,
     TILE_FUSED_CORR,
+    TILE_FUSED_PART,
+    TILE_FUSED_PART_CORR,
     TILE_INT32,
     TILE_INT32_CORR,
     TILE_SCRATCH,
@@ -87,7 +91,7 @@ BAND = 32
 
 # Numba's cache does not notice edits to imported kernels; this digest of the modules this one
 # imports, transitively (written by ``python refbnn/kernels/_codegen.py``), forces a recompile.
-DEPS_DIGEST = "3140c32c3be99921"
+DEPS_DIGEST = "97743269f720c018"
 
 
 @structref.register
@@ -195,8 +199,9 @@ def _tiles(xp, i0, i1, channel_major, out, residual, rsc, bits, acc, rtmp,
     pre_pos, pre_neg, post_pos, post_neg = borrowed(pre_pos), borrowed(pre_neg), \
         borrowed(post_pos), borrowed(post_neg)
     fmode = FLOAT if mode == FUSED else mode
-    # the fused epilogue in the micro-kernel's registers: 32-channel tiles whose signs are one
-    # aligned 32-bit unit and a residual in the output's own layout (or none); else TILE_SCRATCH
+    # the fused epilogue in the micro-kernel's registers: 32-lane tiles (whole or a group's last,
+    # partial one) whose signs are one aligned 32-bit unit and a residual in the output's own
+    # layout (or none); else TILE_SCRATCH
     regs = regs and fused and aligned and nv == 4 and (rsc == 0 or rsc == O)
     fpar = np.empty(FP_SIZE, np.int64)
     if regs:
@@ -259,6 +264,9 @@ def _tiles(xp, i0, i1, channel_major, out, residual, rsc, bits, acc, rtmp,
             rmode, rcorr = TILE_INT32, TILE_INT32_CORR
         elif regs and nl == to:
             rmode, rcorr, shift = TILE_FUSED, TILE_FUSED_CORR, tunit[gt]
+        elif regs:  # a group's last, partial tile: the kernel masks to its nl lanes
+            rmode, rcorr, shift = TILE_FUSED_PART, TILE_FUSED_PART_CORR, tunit[gt]
+            fpar[FP_NL] = nl
         ti = ta
         while ti < tb:
             m = tm[ti]
@@ -364,9 +372,10 @@ def _run(xp, conv, table, i0, i1, channel_major, out, residual, rsc, bits, acc, 
 def fused_in_registers(out_channels: int, groups: int, aligned: bool, rsc: int) -> bool:
     """Whether :func:`conv_items` finishes every tile of a :data:`FUSED` call in the micro-kernel's
     registers (:data:`~refbnn.kernels.epilogue.TILE_FUSED`): sign units aligned
-    (``BConv2DPlan.fused_units_aligned``), whole 32-channel tiles, and a residual of ``rsc`` =
-    ``out_channels`` channels or none (``rsc = 0``)."""
-    return bool(aligned) and (out_channels // groups) % 32 == 0 and rsc in (0, out_channels)
+    (``BConv2DPlan.fused_units_aligned``), 32-lane tiles (more than 8 channels per group; a
+    group's last tile may be partial, masked) and a residual of ``rsc`` = ``out_channels``
+    channels or none (``rsc = 0``)."""
+    return bool(aligned) and out_channels // groups > 8 and rsc in (0, out_channels)
 
 
 def acc_scratch():

@@ -34,8 +34,9 @@ output mode:
 A micro-kernel finishes its ``m x 8*NV`` block itself in one of the tile modes :data:`TILE_INT32`,
 :data:`TILE_INT32_CORR`, :data:`TILE_BITS`, :data:`TILE_BITS_CORR`, :data:`TILE_FUSED`,
 :data:`TILE_FUSED_CORR` (:func:`fuse16`, the same float32 steps as :func:`fuse_tile` on the
-accumulators in registers), or leaves the popcounts in a scratch buffer (:data:`TILE_SCRATCH`)
-for the caller's vector/scalar epilogue.
+accumulators in registers), :data:`TILE_FUSED_PART`, :data:`TILE_FUSED_PART_CORR` (the same for a
+group's last, partial tile, masked to its lanes), or leaves the popcounts in a scratch buffer
+(:data:`TILE_SCRATCH`) for the caller's vector/scalar epilogue.
 """
 
 from __future__ import annotations
@@ -77,13 +78,17 @@ TILE_INT32_CORR = 3   # int32(K - 2*pc + corr)
 TILE_BITS_CORR = 4    # packed bits from the accumulator thresholds, with the correction
 TILE_FUSED = 5        # FUSED in registers (32-channel tiles): float32 out, residual, sign bits
 TILE_FUSED_CORR = 6   # TILE_FUSED with the padding correction
+TILE_FUSED_PART = 7   # TILE_FUSED of a group's last, partial tile: nl < 32 lanes, masked
+TILE_FUSED_PART_CORR = 8  # TILE_FUSED_PART with the padding correction
 
 #: Slots of the int64 parameter block of :data:`TILE_FUSED` (:func:`fused_block`): addresses of
 #: the float32 ``mul``, ``bias``, slopes and residual (0: no residual) and of the uint64 bits
-#: buffer, the non-linearity codes, and ``nonpos`` (1 for ``sign_at_zero = -1``).
+#: buffer, the non-linearity codes, ``nonpos`` (1 for ``sign_at_zero = -1``) and ``FP_NL``, the
+#: channels of a partial tile (:data:`TILE_FUSED_PART`; the caller sets it per channel tile: a
+#: group's last tile computes only its ``nl`` lanes, every load and store masked to them).
 FP_MUL, FP_BIAS, FP_PRE, FP_PRE_POS, FP_PRE_NEG, FP_POST, FP_POST_POS, FP_POST_NEG, FP_RES, \
-    FP_NONPOS, FP_BITS = range(11)
-FP_SIZE = 11
+    FP_NONPOS, FP_BITS, FP_NL = range(12)
+FP_SIZE = 12
 
 
 # -- the parameters ---------------------------------------------------------------------------
@@ -294,7 +299,8 @@ def fuse_tile(acc, to, m, nl, o0, s0, k, corr, tcor, z, tout, residual, rsc, rtm
 def fused_block(fp, mul, bias, pre, pre_pos, pre_neg, post, post_pos, post_neg, residual, rsc,
                 nonpos, bits):
     """Fill ``fp`` (int64 ``(FP_SIZE,)``) with :data:`TILE_FUSED`'s parameters (``FP_*`` slots):
-    the arrays' addresses (the caller keeps them alive), the residual's only where ``rsc > 0``."""
+    the arrays' addresses (the caller keeps them alive), the residual's only where ``rsc > 0``;
+    ``FP_NL`` = 32 (whole tiles)."""
     fp[FP_MUL], fp[FP_BIAS] = mul.ctypes.data, bias.ctypes.data
     fp[FP_PRE], fp[FP_PRE_POS], fp[FP_PRE_NEG] = pre, pre_pos.ctypes.data, pre_neg.ctypes.data
     fp[FP_POST], fp[FP_POST_POS], fp[FP_POST_NEG] = post, post_pos.ctypes.data, \
@@ -304,6 +310,7 @@ def fused_block(fp, mul, bias, pre, pre_pos, pre_neg, post, post_pos, post_neg, 
         fp[FP_RES] = residual.ctypes.data
     fp[FP_NONPOS] = 1 if nonpos else 0
     fp[FP_BITS] = bits.ctypes.data
+    fp[FP_NL] = 32
 
 
 @njit(cache=True, inline="always")
@@ -317,33 +324,37 @@ def fused_params(fp):
 
 
 @njit(cache=True, inline="always")
-def act16a(v, code, pos, neg, o):
-    """:func:`~refbnn.kernels.elementwise.act16` of 16 full lanes, the slopes at elements
-    ``o ..`` of the float32 arrays at addresses ``pos`` and ``neg``."""
+def act16a(v, code, pos, neg, o, n):
+    """:func:`~refbnn.kernels.elementwise.act16` of lanes ``l < n`` (``0 <= n <= 16``), the slopes
+    at elements ``o ..`` of the float32 arrays at addresses ``pos`` and ``neg`` (masked loads:
+    nothing at or past element ``o + n`` is read; lanes ``>= n`` are don't-care)."""
     if code == 1:
         return f16_max(v, f16_zero())
     if code == 2:
-        return f16_prelu(v, a16f_load(neg, o))
+        return f16_prelu(v, a16f_load(neg, o, n))
     if code == 3:
-        return f16_fprelu(v, a16f_load(pos, o), a16f_load(neg, o))
+        return f16_fprelu(v, a16f_load(pos, o, n), a16f_load(neg, o, n))
     return v
 
 
 @njit(cache=True, inline="always")
-def fuse16(a, o, zi, z, fz):
-    """:data:`FUSED` of 16 channels ``o .. o + 15`` of one pixel from ``a`` (:data:`f16`, the
-    accumulators as float32): ``y = float32(a * mul) + bias``, ``v = post(pre(y) + r)`` (``r`` the
-    residual at elements ``zi ..`` of the float32 array at address ``res``, i.e. the output's own
-    layout; none for ``res == 0``), stored at elements ``zi ..`` of the float32 array at ``z``;
-    returns the 16 sign bits (:func:`f16_sign_bits`). ``fz``: the parameters as
-    :func:`fused_params` returns them; the float32 steps are :func:`fuse_tile`'s."""
+def fuse16(a, o, zi, z, fz, n):
+    """:data:`FUSED` of channels ``o .. o + n - 1`` (``0 <= n <= 16``) of one pixel from ``a``
+    (:data:`f16`, the accumulators as float32): ``y = float32(a * mul) + bias``,
+    ``v = post(pre(y) + r)`` (``r`` the residual at elements ``zi ..`` of the float32 array at
+    address ``res``, i.e. the output's own layout; none for ``res == 0``), stored at elements
+    ``zi .. zi + n - 1`` of the float32 array at ``z``; returns the ``n`` sign bits
+    (:func:`f16_sign_bits`, 0 above ``n``). Every load and store is masked to the ``n`` lanes, so
+    a partial tile touches no element past its channels; with ``n`` a constant 16 the masks fold
+    away. ``fz``: the parameters as :func:`fused_params` returns them; the float32 steps are
+    :func:`fuse_tile`'s."""
     mul, bias, pre, pre_pos, pre_neg, post, post_pos, post_neg, res, nonpos, _bits = fz
-    v = act16a(a16_affine(a, mul, bias, o), pre, pre_pos, pre_neg, o)
+    v = act16a(a16_affine(a, mul, bias, o, n), pre, pre_pos, pre_neg, o, n)
     if res != 0:
-        v = f16_add(v, a16f_load(res, zi))
-    v = act16a(v, post, post_pos, post_neg, o)
-    a16f_store(z, zi, v)
-    return f16_sign_bits(v, nonpos, 16)
+        v = f16_add(v, a16f_load(res, zi, n))
+    v = act16a(v, post, post_pos, post_neg, o, n)
+    a16f_store(z, zi, v, n)
+    return f16_sign_bits(v, nonpos, n)
 
 
 # -- vector code (LLVM IR) ------------------------------------------------------------------------
@@ -366,6 +377,12 @@ def _masked_load_i64x16(builder, ptr, mask):
     fn = _get_fn(builder, _V16L, [ir.PointerType(_V16L), ir.IntType(32), _M16, _V16L],
                  "llvm.masked.load.v16i64.p0v16i64")
     return builder.call(fn, [ptr, ir.Constant(ir.IntType(32), 8), mask, ir.Constant(_V16L, None)])
+
+
+def _masked_load_f32x16(builder, ptr, mask):
+    fn = _get_fn(builder, _V16F, [ir.PointerType(_V16F), ir.IntType(32), _M16, _V16F],
+                 "llvm.masked.load.v16f32.p0v16f32")
+    return builder.call(fn, [ptr, ir.Constant(ir.IntType(32), 4), mask, ir.Constant(_V16F, None)])
 
 
 def _get_fn(builder, ret, params, name):
@@ -663,59 +680,72 @@ def v16_acc_f32(typingctx, lo, hi, k):
 
 
 @intrinsic
-def v16_acc_corr_f32(typingctx, lo, hi, k, caddr, cindex):
-    """:func:`v16_acc_f32` plus the corrections at elements ``cindex .. cindex + 15`` of the
-    int64 array at ``caddr``."""
-    if lo != vec8 or hi != vec8 or not all(isinstance(a, types.Integer) for a in (k, caddr, cindex)):
+def v16_acc_corr_f32(typingctx, lo, hi, k, caddr, cindex, n):
+    """:func:`v16_acc_f32` plus the corrections at elements ``cindex .. cindex + n - 1`` of the
+    int64 array at ``caddr`` (masked loads, ``0 <= n <= 16``: nothing past them is read; lanes
+    ``>= n`` are don't-care)."""
+    if lo != vec8 or hi != vec8 or not all(isinstance(a, types.Integer)
+                                           for a in (k, caddr, cindex, n)):
         return None
 
     def codegen(context, builder, sig, args):
-        return _acc16_f32(context, builder, sig, args, _corr16(context, builder, sig, args, 3))
+        ca, ci, nv = args[3], args[4], args[5]
+        mask = _lanes_below(builder, nv)
+        c = _masked_load_i64x16(builder, addr_ptr(context, builder, ca, sig.args[3], ci,
+                                                  ir.IntType(64), _V16L), mask)
+        corr = builder.trunc(c, _V16)
+        return _acc16_f32(context, builder, sig, args, corr)
 
-    return f16(vec8, vec8, k, caddr, cindex), codegen
+    return f16(vec8, vec8, k, caddr, cindex, n), codegen
 
 
 @intrinsic
-def a16f_load(typingctx, addr, index):
-    """:data:`f16` of elements ``index .. index + 15`` of the float32 array at ``addr``."""
-    if not (isinstance(addr, types.Integer) and isinstance(index, types.Integer)):
+def a16f_load(typingctx, addr, index, n):
+    """:data:`f16` of elements ``index .. index + n - 1`` of the float32 array at ``addr`` (masked
+    load, ``0 <= n <= 16``; 0 above ``n``)."""
+    if not all(isinstance(a, types.Integer) for a in (addr, index, n)):
         return None
 
     def codegen(context, builder, sig, args):
-        return builder.load(addr_ptr(context, builder, args[0], sig.args[0], args[1],
-                                     ir.FloatType(), _V16F), align=4)
+        ptr = addr_ptr(context, builder, args[0], sig.args[0], args[1], ir.FloatType(), _V16F)
+        return _masked_load_f32x16(builder, ptr, _lanes_below(builder, args[2]))
 
-    return f16(addr, index), codegen
+    return f16(addr, index, n), codegen
 
 
 @intrinsic
-def a16f_store(typingctx, addr, index, v):
-    """Store the :data:`f16` ``v`` to elements ``index .. index + 15`` of the float32 array at
-    ``addr``."""
-    if not (isinstance(addr, types.Integer) and isinstance(index, types.Integer) and v == f16):
+def a16f_store(typingctx, addr, index, v, n):
+    """Store lanes ``l < n`` of the :data:`f16` ``v`` to elements ``index + l`` of the float32
+    array at ``addr`` (masked store, ``0 <= n <= 16``)."""
+    if not (all(isinstance(a, types.Integer) for a in (addr, index, n)) and v == f16):
         return None
 
     def codegen(context, builder, sig, args):
-        builder.store(args[2], addr_ptr(context, builder, args[0], sig.args[0], args[1],
-                                        ir.FloatType(), _V16F), align=4)
+        ptr = addr_ptr(context, builder, args[0], sig.args[0], args[1], ir.FloatType(), _V16F)
+        fn = _get_fn(builder, ir.VoidType(), [_V16F, ir.PointerType(_V16F), ir.IntType(32), _M16],
+                     "llvm.masked.store.v16f32.p0v16f32")
+        builder.call(fn, [args[2], ptr, ir.Constant(ir.IntType(32), 4),
+                          _lanes_below(builder, args[3])])
         return context.get_dummy_value()
 
-    return types.none(addr, index, f16), codegen
+    return types.none(addr, index, f16, n), codegen
 
 
 @intrinsic
-def a16_affine(typingctx, v, maddr, baddr, o):
-    """``float32(v * mul[o + l]) + bias[o + l]`` on 16 lanes, ``mul``/``bias`` the float32 arrays
-    at addresses ``maddr``/``baddr``: a multiply then an add, two roundings (no contraction)."""
-    if not (v == f16 and all(isinstance(a, types.Integer) for a in (maddr, baddr, o))):
+def a16_affine(typingctx, v, maddr, baddr, o, n):
+    """``float32(v * mul[o + l]) + bias[o + l]`` on lanes ``l < n`` (``0 <= n <= 16``; masked
+    loads, lanes above are don't-care), ``mul``/``bias`` the float32 arrays at addresses
+    ``maddr``/``baddr``: a multiply then an add, two roundings (no contraction)."""
+    if not (v == f16 and all(isinstance(a, types.Integer) for a in (maddr, baddr, o, n))):
         return None
 
     def codegen(context, builder, sig, args):
-        vv, ma, ba, ov = args
-        m = builder.load(addr_ptr(context, builder, ma, sig.args[1], ov, ir.FloatType(), _V16F),
-                         align=4)
-        b = builder.load(addr_ptr(context, builder, ba, sig.args[2], ov, ir.FloatType(), _V16F),
-                         align=4)
+        vv, ma, ba, ov, nv = args
+        mask = _lanes_below(builder, nv)
+        m = _masked_load_f32x16(builder, addr_ptr(context, builder, ma, sig.args[1], ov,
+                                                  ir.FloatType(), _V16F), mask)
+        b = _masked_load_f32x16(builder, addr_ptr(context, builder, ba, sig.args[2], ov,
+                                                  ir.FloatType(), _V16F), mask)
         return builder.fadd(builder.fmul(vv, m), b)
 
-    return f16(f16, maddr, baddr, o), codegen
+    return f16(f16, maddr, baddr, o, n), codegen
