@@ -73,10 +73,12 @@ addresses (``array.ctypes.data``), indices count elements:
   (:func:`refbnn.kernels.epilogue.fused_block`);
 * ``TILE_FUSED_CORR``: as ``TILE_FUSED`` plus the padding correction as ``TILE_INT32_CORR`` adds it;
 * ``TILE_FUSED_PART``, ``TILE_FUSED_PART_CORR``: as those two for a group's last, partial tile of
-  ``nl`` channels (``nl`` = the parameter block's ``FP_NL``, 1 .. 31): every load and store masked
-  to the ``nl`` lanes (``out[ob : ob + nl]``, no element past them read or written), sign bits
-  above ``nl`` zero. Whole tiles keep their own unmasked code: with run-time masks they ran
-  15-25% slower (fused 3x3 conv alone, 64 to 256 channels, 2-core AMD EPYC Zen 4).
+  ``nl`` channels (``nl`` = the parameter block's ``FP_NL``, 1 .. 31): the popcounts go to ``acc``
+  as for ``TILE_SCRATCH``, then :func:`refbnn.kernels.epilogue.fuse_part` (one function for every
+  tile shape) finishes the tile with every load and store masked to the ``nl`` lanes
+  (``out[ob : ob + nl]``, no element past them read or written), sign bits above ``nl`` zero.
+  Whole tiles keep their own unmasked code: with run-time masks they ran 15-25% slower (fused 3x3
+  conv alone, 64 to 256 channels, 2-core AMD EPYC Zen 4).
 """
 
 import numpy as np
@@ -84,7 +86,6 @@ from numba import njit
 
 from .epilogue import (
     FP_BITS,
-    FP_NL,
     TILE_BITS,
     TILE_BITS_CORR,
     TILE_FUSED,
@@ -99,6 +100,7 @@ from .epilogue import (
     a16_store_acc_corr_i32,
     a16_store_acc_i32,
     fuse16,
+    fuse_part,
     fused_params,
     v8_pc_bits,
     v16_acc_corr_f32,
@@ -164,31 +166,31 @@ def _tile(m: int, nv: int) -> str:
             lines.append(f"        a_or_u64(out, a_i64(obases, q + {i}) + ooff, bits << shift)")
     # the fused epilogue in registers, 16 lanes (a pair of vectors) at a time
     if nv == 4:
-        # whole tiles with constant lane counts (no masks), partial ones masked to FP_NL lanes
-        plain = "v16_acc_f32(a{i}_{v}, a{i}_{w}, k)"
-        corrected = "v16_acc_corr_f32(a{i}_{v}, a{i}_{w}, k, corr, cb + {o}, {n})"
-        fused = {"TILE_FUSED": (plain, False), "TILE_FUSED_CORR": (corrected, False),
-                 "TILE_FUSED_PART": (plain, True), "TILE_FUSED_PART_CORR": (corrected, True)}
-        for mode, (conv, part) in fused.items():
+        fused = {"TILE_FUSED": "v16_acc_f32(a{i}_{v}, a{i}_{w}, k)",
+                 "TILE_FUSED_CORR": "v16_acc_corr_f32(a{i}_{v}, a{i}_{w}, k, corr, cb + {o}, 16)"}
+        for mode, conv in fused.items():
             lines.append(f"    elif tmode_j == {mode}:")
             lines.append("        fz = fused_params(fp)")
-            if part:
-                lines.append("        n0 = min(a_i64(fp, FP_NL), 16)  # lanes of each half")
-                lines.append("        n1 = a_i64(fp, FP_NL) - n0")
             for i in range(m):
                 lines.append(f"        ob = a_i64(obases, q + {i}) + ooff")
-                if mode.endswith("_CORR"):
+                if mode == "TILE_FUSED_CORR":
                     lines.append(f"        cb = a_i64(cbases, q + {i}) + o0")
                 for h, v in enumerate(range(0, nv, 2)):
-                    n = f"n{h}" if part else "16"
-                    a = conv.format(i=i, v=v, w=v + 1, o=16 * h, n=n)
-                    call = f"fuse16({a}, o0 + {16 * h}, ob + {16 * h}, out, fz, {n})"
+                    a = conv.format(i=i, v=v, w=v + 1, o=16 * h)
+                    call = f"fuse16({a}, o0 + {16 * h}, ob + {16 * h}, out, fz, 16)"
                     if h == 0:
                         lines.append(f"        w = {call}")
                     else:
                         lines += [f"        h = {call}", f"        w |= h << np.uint64({16 * h})"]
                 lines.append(f"        a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + {i}) + shift, 0, "
                              "np.uint32(w))")
+        # a partial tile: the popcounts through the scratch to one shared, masked loop
+        lines.append("    elif tmode_j == TILE_FUSED_PART or tmode_j == TILE_FUSED_PART_CORR:")
+        for i in range(m):
+            for v in range(nv):
+                lines.append(f"        a8_store(acc, {i * 8 * nv + 8 * v}, a{i}_{v})")
+        lines.append(f"        fuse_part(acc, np.int64({m}), k, fp, out, obases, ooff, cbases, o0, corr,")
+        lines.append("                  tmode_j == TILE_FUSED_PART_CORR, bbases, shift, q)")
     lines.append("    else:  # TILE_SCRATCH")
     for i in range(m):
         for v in range(nv):

@@ -38,10 +38,12 @@ addresses (``array.ctypes.data``), indices count elements:
   (:func:`refbnn.kernels.epilogue.fused_block`);
 * ``TILE_FUSED_CORR``: as ``TILE_FUSED`` plus the padding correction as ``TILE_INT32_CORR`` adds it;
 * ``TILE_FUSED_PART``, ``TILE_FUSED_PART_CORR``: as those two for a group's last, partial tile of
-  ``nl`` channels (``nl`` = the parameter block's ``FP_NL``, 1 .. 31): every load and store masked
-  to the ``nl`` lanes (``out[ob : ob + nl]``, no element past them read or written), sign bits
-  above ``nl`` zero. Whole tiles keep their own unmasked code: with run-time masks they ran
-  15-25% slower (fused 3x3 conv alone, 64 to 256 channels, 2-core AMD EPYC Zen 4).
+  ``nl`` channels (``nl`` = the parameter block's ``FP_NL``, 1 .. 31): the popcounts go to ``acc``
+  as for ``TILE_SCRATCH``, then :func:`refbnn.kernels.epilogue.fuse_part` (one function for every
+  tile shape) finishes the tile with every load and store masked to the ``nl`` lanes
+  (``out[ob : ob + nl]``, no element past them read or written), sign bits above ``nl`` zero.
+  Whole tiles keep their own unmasked code: with run-time masks they ran 15-25% slower (fused 3x3
+  conv alone, 64 to 256 channels, 2-core AMD EPYC Zen 4).
 """
 
 import numpy as np
@@ -49,7 +51,6 @@ from numba import njit
 
 from .epilogue import (
     FP_BITS,
-    FP_NL,
     TILE_BITS,
     TILE_BITS_CORR,
     TILE_FUSED,
@@ -64,6 +65,7 @@ from .epilogue import (
     a16_store_acc_corr_i32,
     a16_store_acc_i32,
     fuse16,
+    fuse_part,
     fused_params,
     v8_pc_bits,
     v16_acc_corr_f32,
@@ -73,7 +75,7 @@ from .simd import a8_bcast, a8_load, a8_store, a_i64, a_or_u64, a_store, a_u8, v
 
 # Numba's cache does not notice edits to imported kernels; this digest of the modules
 # imported here (written by the generator) makes their edit change this file, hence a recompile.
-DEPS_DIGEST = "c7acd4ebbecdba5d"
+DEPS_DIGEST = "71207c885600ae16"
 
 
 @njit(cache=True)
@@ -153,25 +155,13 @@ def _t1x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
             h = fuse16(v16_acc_corr_f32(a0_2, a0_3, k, corr, cb + 16, 16), o0 + 16, ob + 16, out, fz, 16)
             w |= h << np.uint64(16)
             a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 0) + shift, 0, np.uint32(w))
-        elif tmode_j == TILE_FUSED_PART:
-            fz = fused_params(fp)
-            n0 = min(a_i64(fp, FP_NL), 16)  # lanes of each half
-            n1 = a_i64(fp, FP_NL) - n0
-            ob = a_i64(obases, q + 0) + ooff
-            w = fuse16(v16_acc_f32(a0_0, a0_1, k), o0 + 0, ob + 0, out, fz, n0)
-            h = fuse16(v16_acc_f32(a0_2, a0_3, k), o0 + 16, ob + 16, out, fz, n1)
-            w |= h << np.uint64(16)
-            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 0) + shift, 0, np.uint32(w))
-        elif tmode_j == TILE_FUSED_PART_CORR:
-            fz = fused_params(fp)
-            n0 = min(a_i64(fp, FP_NL), 16)  # lanes of each half
-            n1 = a_i64(fp, FP_NL) - n0
-            ob = a_i64(obases, q + 0) + ooff
-            cb = a_i64(cbases, q + 0) + o0
-            w = fuse16(v16_acc_corr_f32(a0_0, a0_1, k, corr, cb + 0, n0), o0 + 0, ob + 0, out, fz, n0)
-            h = fuse16(v16_acc_corr_f32(a0_2, a0_3, k, corr, cb + 16, n1), o0 + 16, ob + 16, out, fz, n1)
-            w |= h << np.uint64(16)
-            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 0) + shift, 0, np.uint32(w))
+        elif tmode_j == TILE_FUSED_PART or tmode_j == TILE_FUSED_PART_CORR:
+            a8_store(acc, 0, a0_0)
+            a8_store(acc, 8, a0_1)
+            a8_store(acc, 16, a0_2)
+            a8_store(acc, 24, a0_3)
+            fuse_part(acc, np.int64(1), k, fp, out, obases, ooff, cbases, o0, corr,
+                      tmode_j == TILE_FUSED_PART_CORR, bbases, shift, q)
         else:  # TILE_SCRATCH
             a8_store(acc, 0, a0_0)
             a8_store(acc, 8, a0_1)
@@ -295,36 +285,17 @@ def _t2x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
             h = fuse16(v16_acc_corr_f32(a1_2, a1_3, k, corr, cb + 16, 16), o0 + 16, ob + 16, out, fz, 16)
             w |= h << np.uint64(16)
             a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 1) + shift, 0, np.uint32(w))
-        elif tmode_j == TILE_FUSED_PART:
-            fz = fused_params(fp)
-            n0 = min(a_i64(fp, FP_NL), 16)  # lanes of each half
-            n1 = a_i64(fp, FP_NL) - n0
-            ob = a_i64(obases, q + 0) + ooff
-            w = fuse16(v16_acc_f32(a0_0, a0_1, k), o0 + 0, ob + 0, out, fz, n0)
-            h = fuse16(v16_acc_f32(a0_2, a0_3, k), o0 + 16, ob + 16, out, fz, n1)
-            w |= h << np.uint64(16)
-            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 0) + shift, 0, np.uint32(w))
-            ob = a_i64(obases, q + 1) + ooff
-            w = fuse16(v16_acc_f32(a1_0, a1_1, k), o0 + 0, ob + 0, out, fz, n0)
-            h = fuse16(v16_acc_f32(a1_2, a1_3, k), o0 + 16, ob + 16, out, fz, n1)
-            w |= h << np.uint64(16)
-            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 1) + shift, 0, np.uint32(w))
-        elif tmode_j == TILE_FUSED_PART_CORR:
-            fz = fused_params(fp)
-            n0 = min(a_i64(fp, FP_NL), 16)  # lanes of each half
-            n1 = a_i64(fp, FP_NL) - n0
-            ob = a_i64(obases, q + 0) + ooff
-            cb = a_i64(cbases, q + 0) + o0
-            w = fuse16(v16_acc_corr_f32(a0_0, a0_1, k, corr, cb + 0, n0), o0 + 0, ob + 0, out, fz, n0)
-            h = fuse16(v16_acc_corr_f32(a0_2, a0_3, k, corr, cb + 16, n1), o0 + 16, ob + 16, out, fz, n1)
-            w |= h << np.uint64(16)
-            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 0) + shift, 0, np.uint32(w))
-            ob = a_i64(obases, q + 1) + ooff
-            cb = a_i64(cbases, q + 1) + o0
-            w = fuse16(v16_acc_corr_f32(a1_0, a1_1, k, corr, cb + 0, n0), o0 + 0, ob + 0, out, fz, n0)
-            h = fuse16(v16_acc_corr_f32(a1_2, a1_3, k, corr, cb + 16, n1), o0 + 16, ob + 16, out, fz, n1)
-            w |= h << np.uint64(16)
-            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 1) + shift, 0, np.uint32(w))
+        elif tmode_j == TILE_FUSED_PART or tmode_j == TILE_FUSED_PART_CORR:
+            a8_store(acc, 0, a0_0)
+            a8_store(acc, 8, a0_1)
+            a8_store(acc, 16, a0_2)
+            a8_store(acc, 24, a0_3)
+            a8_store(acc, 32, a1_0)
+            a8_store(acc, 40, a1_1)
+            a8_store(acc, 48, a1_2)
+            a8_store(acc, 56, a1_3)
+            fuse_part(acc, np.int64(2), k, fp, out, obases, ooff, cbases, o0, corr,
+                      tmode_j == TILE_FUSED_PART_CORR, bbases, shift, q)
         else:  # TILE_SCRATCH
             a8_store(acc, 0, a0_0)
             a8_store(acc, 8, a0_1)
@@ -491,47 +462,21 @@ def _t3x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
             h = fuse16(v16_acc_corr_f32(a2_2, a2_3, k, corr, cb + 16, 16), o0 + 16, ob + 16, out, fz, 16)
             w |= h << np.uint64(16)
             a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 2) + shift, 0, np.uint32(w))
-        elif tmode_j == TILE_FUSED_PART:
-            fz = fused_params(fp)
-            n0 = min(a_i64(fp, FP_NL), 16)  # lanes of each half
-            n1 = a_i64(fp, FP_NL) - n0
-            ob = a_i64(obases, q + 0) + ooff
-            w = fuse16(v16_acc_f32(a0_0, a0_1, k), o0 + 0, ob + 0, out, fz, n0)
-            h = fuse16(v16_acc_f32(a0_2, a0_3, k), o0 + 16, ob + 16, out, fz, n1)
-            w |= h << np.uint64(16)
-            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 0) + shift, 0, np.uint32(w))
-            ob = a_i64(obases, q + 1) + ooff
-            w = fuse16(v16_acc_f32(a1_0, a1_1, k), o0 + 0, ob + 0, out, fz, n0)
-            h = fuse16(v16_acc_f32(a1_2, a1_3, k), o0 + 16, ob + 16, out, fz, n1)
-            w |= h << np.uint64(16)
-            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 1) + shift, 0, np.uint32(w))
-            ob = a_i64(obases, q + 2) + ooff
-            w = fuse16(v16_acc_f32(a2_0, a2_1, k), o0 + 0, ob + 0, out, fz, n0)
-            h = fuse16(v16_acc_f32(a2_2, a2_3, k), o0 + 16, ob + 16, out, fz, n1)
-            w |= h << np.uint64(16)
-            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 2) + shift, 0, np.uint32(w))
-        elif tmode_j == TILE_FUSED_PART_CORR:
-            fz = fused_params(fp)
-            n0 = min(a_i64(fp, FP_NL), 16)  # lanes of each half
-            n1 = a_i64(fp, FP_NL) - n0
-            ob = a_i64(obases, q + 0) + ooff
-            cb = a_i64(cbases, q + 0) + o0
-            w = fuse16(v16_acc_corr_f32(a0_0, a0_1, k, corr, cb + 0, n0), o0 + 0, ob + 0, out, fz, n0)
-            h = fuse16(v16_acc_corr_f32(a0_2, a0_3, k, corr, cb + 16, n1), o0 + 16, ob + 16, out, fz, n1)
-            w |= h << np.uint64(16)
-            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 0) + shift, 0, np.uint32(w))
-            ob = a_i64(obases, q + 1) + ooff
-            cb = a_i64(cbases, q + 1) + o0
-            w = fuse16(v16_acc_corr_f32(a1_0, a1_1, k, corr, cb + 0, n0), o0 + 0, ob + 0, out, fz, n0)
-            h = fuse16(v16_acc_corr_f32(a1_2, a1_3, k, corr, cb + 16, n1), o0 + 16, ob + 16, out, fz, n1)
-            w |= h << np.uint64(16)
-            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 1) + shift, 0, np.uint32(w))
-            ob = a_i64(obases, q + 2) + ooff
-            cb = a_i64(cbases, q + 2) + o0
-            w = fuse16(v16_acc_corr_f32(a2_0, a2_1, k, corr, cb + 0, n0), o0 + 0, ob + 0, out, fz, n0)
-            h = fuse16(v16_acc_corr_f32(a2_2, a2_3, k, corr, cb + 16, n1), o0 + 16, ob + 16, out, fz, n1)
-            w |= h << np.uint64(16)
-            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 2) + shift, 0, np.uint32(w))
+        elif tmode_j == TILE_FUSED_PART or tmode_j == TILE_FUSED_PART_CORR:
+            a8_store(acc, 0, a0_0)
+            a8_store(acc, 8, a0_1)
+            a8_store(acc, 16, a0_2)
+            a8_store(acc, 24, a0_3)
+            a8_store(acc, 32, a1_0)
+            a8_store(acc, 40, a1_1)
+            a8_store(acc, 48, a1_2)
+            a8_store(acc, 56, a1_3)
+            a8_store(acc, 64, a2_0)
+            a8_store(acc, 72, a2_1)
+            a8_store(acc, 80, a2_2)
+            a8_store(acc, 88, a2_3)
+            fuse_part(acc, np.int64(3), k, fp, out, obases, ooff, cbases, o0, corr,
+                      tmode_j == TILE_FUSED_PART_CORR, bbases, shift, q)
         else:  # TILE_SCRATCH
             a8_store(acc, 0, a0_0)
             a8_store(acc, 8, a0_1)
@@ -741,58 +686,25 @@ def _t4x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
             h = fuse16(v16_acc_corr_f32(a3_2, a3_3, k, corr, cb + 16, 16), o0 + 16, ob + 16, out, fz, 16)
             w |= h << np.uint64(16)
             a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 3) + shift, 0, np.uint32(w))
-        elif tmode_j == TILE_FUSED_PART:
-            fz = fused_params(fp)
-            n0 = min(a_i64(fp, FP_NL), 16)  # lanes of each half
-            n1 = a_i64(fp, FP_NL) - n0
-            ob = a_i64(obases, q + 0) + ooff
-            w = fuse16(v16_acc_f32(a0_0, a0_1, k), o0 + 0, ob + 0, out, fz, n0)
-            h = fuse16(v16_acc_f32(a0_2, a0_3, k), o0 + 16, ob + 16, out, fz, n1)
-            w |= h << np.uint64(16)
-            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 0) + shift, 0, np.uint32(w))
-            ob = a_i64(obases, q + 1) + ooff
-            w = fuse16(v16_acc_f32(a1_0, a1_1, k), o0 + 0, ob + 0, out, fz, n0)
-            h = fuse16(v16_acc_f32(a1_2, a1_3, k), o0 + 16, ob + 16, out, fz, n1)
-            w |= h << np.uint64(16)
-            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 1) + shift, 0, np.uint32(w))
-            ob = a_i64(obases, q + 2) + ooff
-            w = fuse16(v16_acc_f32(a2_0, a2_1, k), o0 + 0, ob + 0, out, fz, n0)
-            h = fuse16(v16_acc_f32(a2_2, a2_3, k), o0 + 16, ob + 16, out, fz, n1)
-            w |= h << np.uint64(16)
-            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 2) + shift, 0, np.uint32(w))
-            ob = a_i64(obases, q + 3) + ooff
-            w = fuse16(v16_acc_f32(a3_0, a3_1, k), o0 + 0, ob + 0, out, fz, n0)
-            h = fuse16(v16_acc_f32(a3_2, a3_3, k), o0 + 16, ob + 16, out, fz, n1)
-            w |= h << np.uint64(16)
-            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 3) + shift, 0, np.uint32(w))
-        elif tmode_j == TILE_FUSED_PART_CORR:
-            fz = fused_params(fp)
-            n0 = min(a_i64(fp, FP_NL), 16)  # lanes of each half
-            n1 = a_i64(fp, FP_NL) - n0
-            ob = a_i64(obases, q + 0) + ooff
-            cb = a_i64(cbases, q + 0) + o0
-            w = fuse16(v16_acc_corr_f32(a0_0, a0_1, k, corr, cb + 0, n0), o0 + 0, ob + 0, out, fz, n0)
-            h = fuse16(v16_acc_corr_f32(a0_2, a0_3, k, corr, cb + 16, n1), o0 + 16, ob + 16, out, fz, n1)
-            w |= h << np.uint64(16)
-            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 0) + shift, 0, np.uint32(w))
-            ob = a_i64(obases, q + 1) + ooff
-            cb = a_i64(cbases, q + 1) + o0
-            w = fuse16(v16_acc_corr_f32(a1_0, a1_1, k, corr, cb + 0, n0), o0 + 0, ob + 0, out, fz, n0)
-            h = fuse16(v16_acc_corr_f32(a1_2, a1_3, k, corr, cb + 16, n1), o0 + 16, ob + 16, out, fz, n1)
-            w |= h << np.uint64(16)
-            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 1) + shift, 0, np.uint32(w))
-            ob = a_i64(obases, q + 2) + ooff
-            cb = a_i64(cbases, q + 2) + o0
-            w = fuse16(v16_acc_corr_f32(a2_0, a2_1, k, corr, cb + 0, n0), o0 + 0, ob + 0, out, fz, n0)
-            h = fuse16(v16_acc_corr_f32(a2_2, a2_3, k, corr, cb + 16, n1), o0 + 16, ob + 16, out, fz, n1)
-            w |= h << np.uint64(16)
-            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 2) + shift, 0, np.uint32(w))
-            ob = a_i64(obases, q + 3) + ooff
-            cb = a_i64(cbases, q + 3) + o0
-            w = fuse16(v16_acc_corr_f32(a3_0, a3_1, k, corr, cb + 0, n0), o0 + 0, ob + 0, out, fz, n0)
-            h = fuse16(v16_acc_corr_f32(a3_2, a3_3, k, corr, cb + 16, n1), o0 + 16, ob + 16, out, fz, n1)
-            w |= h << np.uint64(16)
-            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 3) + shift, 0, np.uint32(w))
+        elif tmode_j == TILE_FUSED_PART or tmode_j == TILE_FUSED_PART_CORR:
+            a8_store(acc, 0, a0_0)
+            a8_store(acc, 8, a0_1)
+            a8_store(acc, 16, a0_2)
+            a8_store(acc, 24, a0_3)
+            a8_store(acc, 32, a1_0)
+            a8_store(acc, 40, a1_1)
+            a8_store(acc, 48, a1_2)
+            a8_store(acc, 56, a1_3)
+            a8_store(acc, 64, a2_0)
+            a8_store(acc, 72, a2_1)
+            a8_store(acc, 80, a2_2)
+            a8_store(acc, 88, a2_3)
+            a8_store(acc, 96, a3_0)
+            a8_store(acc, 104, a3_1)
+            a8_store(acc, 112, a3_2)
+            a8_store(acc, 120, a3_3)
+            fuse_part(acc, np.int64(4), k, fp, out, obases, ooff, cbases, o0, corr,
+                      tmode_j == TILE_FUSED_PART_CORR, bbases, shift, q)
         else:  # TILE_SCRATCH
             a8_store(acc, 0, a0_0)
             a8_store(acc, 8, a0_1)
@@ -1045,69 +957,29 @@ def _t5x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
             h = fuse16(v16_acc_corr_f32(a4_2, a4_3, k, corr, cb + 16, 16), o0 + 16, ob + 16, out, fz, 16)
             w |= h << np.uint64(16)
             a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 4) + shift, 0, np.uint32(w))
-        elif tmode_j == TILE_FUSED_PART:
-            fz = fused_params(fp)
-            n0 = min(a_i64(fp, FP_NL), 16)  # lanes of each half
-            n1 = a_i64(fp, FP_NL) - n0
-            ob = a_i64(obases, q + 0) + ooff
-            w = fuse16(v16_acc_f32(a0_0, a0_1, k), o0 + 0, ob + 0, out, fz, n0)
-            h = fuse16(v16_acc_f32(a0_2, a0_3, k), o0 + 16, ob + 16, out, fz, n1)
-            w |= h << np.uint64(16)
-            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 0) + shift, 0, np.uint32(w))
-            ob = a_i64(obases, q + 1) + ooff
-            w = fuse16(v16_acc_f32(a1_0, a1_1, k), o0 + 0, ob + 0, out, fz, n0)
-            h = fuse16(v16_acc_f32(a1_2, a1_3, k), o0 + 16, ob + 16, out, fz, n1)
-            w |= h << np.uint64(16)
-            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 1) + shift, 0, np.uint32(w))
-            ob = a_i64(obases, q + 2) + ooff
-            w = fuse16(v16_acc_f32(a2_0, a2_1, k), o0 + 0, ob + 0, out, fz, n0)
-            h = fuse16(v16_acc_f32(a2_2, a2_3, k), o0 + 16, ob + 16, out, fz, n1)
-            w |= h << np.uint64(16)
-            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 2) + shift, 0, np.uint32(w))
-            ob = a_i64(obases, q + 3) + ooff
-            w = fuse16(v16_acc_f32(a3_0, a3_1, k), o0 + 0, ob + 0, out, fz, n0)
-            h = fuse16(v16_acc_f32(a3_2, a3_3, k), o0 + 16, ob + 16, out, fz, n1)
-            w |= h << np.uint64(16)
-            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 3) + shift, 0, np.uint32(w))
-            ob = a_i64(obases, q + 4) + ooff
-            w = fuse16(v16_acc_f32(a4_0, a4_1, k), o0 + 0, ob + 0, out, fz, n0)
-            h = fuse16(v16_acc_f32(a4_2, a4_3, k), o0 + 16, ob + 16, out, fz, n1)
-            w |= h << np.uint64(16)
-            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 4) + shift, 0, np.uint32(w))
-        elif tmode_j == TILE_FUSED_PART_CORR:
-            fz = fused_params(fp)
-            n0 = min(a_i64(fp, FP_NL), 16)  # lanes of each half
-            n1 = a_i64(fp, FP_NL) - n0
-            ob = a_i64(obases, q + 0) + ooff
-            cb = a_i64(cbases, q + 0) + o0
-            w = fuse16(v16_acc_corr_f32(a0_0, a0_1, k, corr, cb + 0, n0), o0 + 0, ob + 0, out, fz, n0)
-            h = fuse16(v16_acc_corr_f32(a0_2, a0_3, k, corr, cb + 16, n1), o0 + 16, ob + 16, out, fz, n1)
-            w |= h << np.uint64(16)
-            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 0) + shift, 0, np.uint32(w))
-            ob = a_i64(obases, q + 1) + ooff
-            cb = a_i64(cbases, q + 1) + o0
-            w = fuse16(v16_acc_corr_f32(a1_0, a1_1, k, corr, cb + 0, n0), o0 + 0, ob + 0, out, fz, n0)
-            h = fuse16(v16_acc_corr_f32(a1_2, a1_3, k, corr, cb + 16, n1), o0 + 16, ob + 16, out, fz, n1)
-            w |= h << np.uint64(16)
-            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 1) + shift, 0, np.uint32(w))
-            ob = a_i64(obases, q + 2) + ooff
-            cb = a_i64(cbases, q + 2) + o0
-            w = fuse16(v16_acc_corr_f32(a2_0, a2_1, k, corr, cb + 0, n0), o0 + 0, ob + 0, out, fz, n0)
-            h = fuse16(v16_acc_corr_f32(a2_2, a2_3, k, corr, cb + 16, n1), o0 + 16, ob + 16, out, fz, n1)
-            w |= h << np.uint64(16)
-            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 2) + shift, 0, np.uint32(w))
-            ob = a_i64(obases, q + 3) + ooff
-            cb = a_i64(cbases, q + 3) + o0
-            w = fuse16(v16_acc_corr_f32(a3_0, a3_1, k, corr, cb + 0, n0), o0 + 0, ob + 0, out, fz, n0)
-            h = fuse16(v16_acc_corr_f32(a3_2, a3_3, k, corr, cb + 16, n1), o0 + 16, ob + 16, out, fz, n1)
-            w |= h << np.uint64(16)
-            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 3) + shift, 0, np.uint32(w))
-            ob = a_i64(obases, q + 4) + ooff
-            cb = a_i64(cbases, q + 4) + o0
-            w = fuse16(v16_acc_corr_f32(a4_0, a4_1, k, corr, cb + 0, n0), o0 + 0, ob + 0, out, fz, n0)
-            h = fuse16(v16_acc_corr_f32(a4_2, a4_3, k, corr, cb + 16, n1), o0 + 16, ob + 16, out, fz, n1)
-            w |= h << np.uint64(16)
-            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 4) + shift, 0, np.uint32(w))
+        elif tmode_j == TILE_FUSED_PART or tmode_j == TILE_FUSED_PART_CORR:
+            a8_store(acc, 0, a0_0)
+            a8_store(acc, 8, a0_1)
+            a8_store(acc, 16, a0_2)
+            a8_store(acc, 24, a0_3)
+            a8_store(acc, 32, a1_0)
+            a8_store(acc, 40, a1_1)
+            a8_store(acc, 48, a1_2)
+            a8_store(acc, 56, a1_3)
+            a8_store(acc, 64, a2_0)
+            a8_store(acc, 72, a2_1)
+            a8_store(acc, 80, a2_2)
+            a8_store(acc, 88, a2_3)
+            a8_store(acc, 96, a3_0)
+            a8_store(acc, 104, a3_1)
+            a8_store(acc, 112, a3_2)
+            a8_store(acc, 120, a3_3)
+            a8_store(acc, 128, a4_0)
+            a8_store(acc, 136, a4_1)
+            a8_store(acc, 144, a4_2)
+            a8_store(acc, 152, a4_3)
+            fuse_part(acc, np.int64(5), k, fp, out, obases, ooff, cbases, o0, corr,
+                      tmode_j == TILE_FUSED_PART_CORR, bbases, shift, q)
         else:  # TILE_SCRATCH
             a8_store(acc, 0, a0_0)
             a8_store(acc, 8, a0_1)
@@ -1403,80 +1275,33 @@ def _t6x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
             h = fuse16(v16_acc_corr_f32(a5_2, a5_3, k, corr, cb + 16, 16), o0 + 16, ob + 16, out, fz, 16)
             w |= h << np.uint64(16)
             a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 5) + shift, 0, np.uint32(w))
-        elif tmode_j == TILE_FUSED_PART:
-            fz = fused_params(fp)
-            n0 = min(a_i64(fp, FP_NL), 16)  # lanes of each half
-            n1 = a_i64(fp, FP_NL) - n0
-            ob = a_i64(obases, q + 0) + ooff
-            w = fuse16(v16_acc_f32(a0_0, a0_1, k), o0 + 0, ob + 0, out, fz, n0)
-            h = fuse16(v16_acc_f32(a0_2, a0_3, k), o0 + 16, ob + 16, out, fz, n1)
-            w |= h << np.uint64(16)
-            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 0) + shift, 0, np.uint32(w))
-            ob = a_i64(obases, q + 1) + ooff
-            w = fuse16(v16_acc_f32(a1_0, a1_1, k), o0 + 0, ob + 0, out, fz, n0)
-            h = fuse16(v16_acc_f32(a1_2, a1_3, k), o0 + 16, ob + 16, out, fz, n1)
-            w |= h << np.uint64(16)
-            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 1) + shift, 0, np.uint32(w))
-            ob = a_i64(obases, q + 2) + ooff
-            w = fuse16(v16_acc_f32(a2_0, a2_1, k), o0 + 0, ob + 0, out, fz, n0)
-            h = fuse16(v16_acc_f32(a2_2, a2_3, k), o0 + 16, ob + 16, out, fz, n1)
-            w |= h << np.uint64(16)
-            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 2) + shift, 0, np.uint32(w))
-            ob = a_i64(obases, q + 3) + ooff
-            w = fuse16(v16_acc_f32(a3_0, a3_1, k), o0 + 0, ob + 0, out, fz, n0)
-            h = fuse16(v16_acc_f32(a3_2, a3_3, k), o0 + 16, ob + 16, out, fz, n1)
-            w |= h << np.uint64(16)
-            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 3) + shift, 0, np.uint32(w))
-            ob = a_i64(obases, q + 4) + ooff
-            w = fuse16(v16_acc_f32(a4_0, a4_1, k), o0 + 0, ob + 0, out, fz, n0)
-            h = fuse16(v16_acc_f32(a4_2, a4_3, k), o0 + 16, ob + 16, out, fz, n1)
-            w |= h << np.uint64(16)
-            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 4) + shift, 0, np.uint32(w))
-            ob = a_i64(obases, q + 5) + ooff
-            w = fuse16(v16_acc_f32(a5_0, a5_1, k), o0 + 0, ob + 0, out, fz, n0)
-            h = fuse16(v16_acc_f32(a5_2, a5_3, k), o0 + 16, ob + 16, out, fz, n1)
-            w |= h << np.uint64(16)
-            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 5) + shift, 0, np.uint32(w))
-        elif tmode_j == TILE_FUSED_PART_CORR:
-            fz = fused_params(fp)
-            n0 = min(a_i64(fp, FP_NL), 16)  # lanes of each half
-            n1 = a_i64(fp, FP_NL) - n0
-            ob = a_i64(obases, q + 0) + ooff
-            cb = a_i64(cbases, q + 0) + o0
-            w = fuse16(v16_acc_corr_f32(a0_0, a0_1, k, corr, cb + 0, n0), o0 + 0, ob + 0, out, fz, n0)
-            h = fuse16(v16_acc_corr_f32(a0_2, a0_3, k, corr, cb + 16, n1), o0 + 16, ob + 16, out, fz, n1)
-            w |= h << np.uint64(16)
-            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 0) + shift, 0, np.uint32(w))
-            ob = a_i64(obases, q + 1) + ooff
-            cb = a_i64(cbases, q + 1) + o0
-            w = fuse16(v16_acc_corr_f32(a1_0, a1_1, k, corr, cb + 0, n0), o0 + 0, ob + 0, out, fz, n0)
-            h = fuse16(v16_acc_corr_f32(a1_2, a1_3, k, corr, cb + 16, n1), o0 + 16, ob + 16, out, fz, n1)
-            w |= h << np.uint64(16)
-            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 1) + shift, 0, np.uint32(w))
-            ob = a_i64(obases, q + 2) + ooff
-            cb = a_i64(cbases, q + 2) + o0
-            w = fuse16(v16_acc_corr_f32(a2_0, a2_1, k, corr, cb + 0, n0), o0 + 0, ob + 0, out, fz, n0)
-            h = fuse16(v16_acc_corr_f32(a2_2, a2_3, k, corr, cb + 16, n1), o0 + 16, ob + 16, out, fz, n1)
-            w |= h << np.uint64(16)
-            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 2) + shift, 0, np.uint32(w))
-            ob = a_i64(obases, q + 3) + ooff
-            cb = a_i64(cbases, q + 3) + o0
-            w = fuse16(v16_acc_corr_f32(a3_0, a3_1, k, corr, cb + 0, n0), o0 + 0, ob + 0, out, fz, n0)
-            h = fuse16(v16_acc_corr_f32(a3_2, a3_3, k, corr, cb + 16, n1), o0 + 16, ob + 16, out, fz, n1)
-            w |= h << np.uint64(16)
-            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 3) + shift, 0, np.uint32(w))
-            ob = a_i64(obases, q + 4) + ooff
-            cb = a_i64(cbases, q + 4) + o0
-            w = fuse16(v16_acc_corr_f32(a4_0, a4_1, k, corr, cb + 0, n0), o0 + 0, ob + 0, out, fz, n0)
-            h = fuse16(v16_acc_corr_f32(a4_2, a4_3, k, corr, cb + 16, n1), o0 + 16, ob + 16, out, fz, n1)
-            w |= h << np.uint64(16)
-            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 4) + shift, 0, np.uint32(w))
-            ob = a_i64(obases, q + 5) + ooff
-            cb = a_i64(cbases, q + 5) + o0
-            w = fuse16(v16_acc_corr_f32(a5_0, a5_1, k, corr, cb + 0, n0), o0 + 0, ob + 0, out, fz, n0)
-            h = fuse16(v16_acc_corr_f32(a5_2, a5_3, k, corr, cb + 16, n1), o0 + 16, ob + 16, out, fz, n1)
-            w |= h << np.uint64(16)
-            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 5) + shift, 0, np.uint32(w))
+        elif tmode_j == TILE_FUSED_PART or tmode_j == TILE_FUSED_PART_CORR:
+            a8_store(acc, 0, a0_0)
+            a8_store(acc, 8, a0_1)
+            a8_store(acc, 16, a0_2)
+            a8_store(acc, 24, a0_3)
+            a8_store(acc, 32, a1_0)
+            a8_store(acc, 40, a1_1)
+            a8_store(acc, 48, a1_2)
+            a8_store(acc, 56, a1_3)
+            a8_store(acc, 64, a2_0)
+            a8_store(acc, 72, a2_1)
+            a8_store(acc, 80, a2_2)
+            a8_store(acc, 88, a2_3)
+            a8_store(acc, 96, a3_0)
+            a8_store(acc, 104, a3_1)
+            a8_store(acc, 112, a3_2)
+            a8_store(acc, 120, a3_3)
+            a8_store(acc, 128, a4_0)
+            a8_store(acc, 136, a4_1)
+            a8_store(acc, 144, a4_2)
+            a8_store(acc, 152, a4_3)
+            a8_store(acc, 160, a5_0)
+            a8_store(acc, 168, a5_1)
+            a8_store(acc, 176, a5_2)
+            a8_store(acc, 184, a5_3)
+            fuse_part(acc, np.int64(6), k, fp, out, obases, ooff, cbases, o0, corr,
+                      tmode_j == TILE_FUSED_PART_CORR, bbases, shift, q)
         else:  # TILE_SCRATCH
             a8_store(acc, 0, a0_0)
             a8_store(acc, 8, a0_1)

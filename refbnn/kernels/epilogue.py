@@ -357,6 +357,30 @@ def fuse16(a, o, zi, z, fz, n):
     return f16_sign_bits(v, nonpos, n)
 
 
+@njit(cache=True)
+def fuse_part(acc, m, k, fp, out, obases, ooff, cbases, o0, corr, has_corr, bbases, shift, q):
+    """:data:`TILE_FUSED_PART` (``has_corr``: :data:`TILE_FUSED_PART_CORR`) of the ``m`` pixels of
+    one tile whose popcounts a micro-kernel stored at the int64 array at address ``acc`` (pixel
+    ``i``'s 32 lanes from element ``32 * i``): the ``nl`` channels (``FP_NL`` of the parameter block
+    at ``fp``) of each pixel through :func:`fuse16` masked to them, float32 results at
+    ``out[ob : ob + nl]`` and the ``nl`` sign bits as one ``uint32`` at byte
+    ``8 * bbases[q + i] + shift`` of the bits buffer (arguments as the micro-kernels', see
+    :mod:`refbnn.kernels._codegen`). One function for every tile shape, called by each of them:
+    unrolled into every micro-kernel, this code doubled the kernels' compile time."""
+    fz = fused_params(fp)
+    nl = a_i64(fp, FP_NL)
+    n0 = min(nl, 16)
+    n1 = nl - n0
+    for i in range(m):
+        ob = a_i64(obases, q + i) + ooff
+        cb = a_i64(cbases, q + i) + o0 if has_corr else o0
+        w = fuse16(p16_acc_f32(acc, 32 * i, k, corr, cb, has_corr, n0), o0, ob, out, fz, n0)
+        h = fuse16(p16_acc_f32(acc, 32 * i + 16, k, corr, cb + 16, has_corr, n1), o0 + 16, ob + 16,
+                   out, fz, n1)
+        w |= h << np.uint64(16)
+        a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + i) + shift, 0, np.uint32(w))
+
+
 # -- vector code (LLVM IR) ------------------------------------------------------------------------
 
 _V16F = ir.VectorType(ir.FloatType(), 16)
@@ -391,6 +415,24 @@ def _get_fn(builder, ret, params, name):
     return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, params), name)
 
 
+def _acc16_masked(context, builder, pc_ptr, c_ptr, k, k_ty, has_corr, n):
+    """``float32(k - 2 * pc[l] + corr[l])`` for lanes ``l < n`` (0 above; the correction only when
+    ``has_corr``): masked ``<16 x i64>`` loads at ``pc_ptr`` and ``c_ptr``."""
+    mask = _lanes_below(builder, n)
+    pc = _masked_load_i64x16(builder, pc_ptr, mask)
+    kk = context.cast(builder, k, k_ty, types.int64)
+    kvec = builder.shuffle_vector(
+        builder.insert_element(ir.Constant(_V16L, ir.Undefined), kk, ir.Constant(ir.IntType(32), 0)),
+        ir.Constant(_V16L, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), 16), None))
+    a = builder.sub(kvec, builder.shl(pc, ir.Constant(_V16L, [1] * 16)))
+    hmask = builder.and_(mask, builder.shuffle_vector(
+        builder.insert_element(ir.Constant(_M16, ir.Undefined), has_corr,
+                               ir.Constant(ir.IntType(32), 0)),
+        ir.Constant(_M16, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), 16), None)))
+    a = builder.add(a, _masked_load_i64x16(builder, c_ptr, hmask))
+    return builder.sitofp(builder.select(mask, a, ir.Constant(_V16L, None)), _V16F)
+
+
 @intrinsic
 def a16_acc_f32(typingctx, acc, index, k, corr, cindex, has_corr, n):
     """``float32(k - 2 * acc[index + l] + corr[cindex + l])`` for lanes ``l < n`` (0 above; the
@@ -403,23 +445,28 @@ def a16_acc_f32(typingctx, acc, index, k, corr, cindex, has_corr, n):
 
     def codegen(context, builder, sig, args):
         av, iv, kv, cv, civ, hv, nv = args
-        mask = _lanes_below(builder, nv)
-        pc = _masked_load_i64x16(builder, elem_ptr(context, builder, sig.args[0], av, iv, _V16L),
-                                 mask)
-        kk = context.cast(builder, kv, sig.args[2], types.int64)
-        kvec = builder.shuffle_vector(
-            builder.insert_element(ir.Constant(_V16L, ir.Undefined), kk,
-                                   ir.Constant(ir.IntType(32), 0)),
-            ir.Constant(_V16L, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), 16), None))
-        a = builder.sub(kvec, builder.shl(pc, ir.Constant(_V16L, [1] * 16)))
-        hmask = builder.and_(mask, builder.shuffle_vector(
-            builder.insert_element(ir.Constant(_M16, ir.Undefined), hv,
-                                   ir.Constant(ir.IntType(32), 0)),
-            ir.Constant(_M16, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), 16), None)))
-        c = _masked_load_i64x16(builder, elem_ptr(context, builder, sig.args[3], cv, civ, _V16L),
-                                hmask)
-        a = builder.add(a, c)
-        return builder.sitofp(builder.select(mask, a, ir.Constant(_V16L, None)), _V16F)
+        return _acc16_masked(context, builder,
+                             elem_ptr(context, builder, sig.args[0], av, iv, _V16L),
+                             elem_ptr(context, builder, sig.args[3], cv, civ, _V16L),
+                             kv, sig.args[2], hv, nv)
+
+    return f16(acc, index, k, corr, cindex, has_corr, n), codegen
+
+
+@intrinsic
+def p16_acc_f32(typingctx, acc, index, k, corr, cindex, has_corr, n):
+    """:func:`a16_acc_f32` on the int64 arrays at addresses ``acc`` and ``corr``."""
+    if not (all(isinstance(a, types.Integer) for a in (acc, index, k, corr, cindex, n))
+            and isinstance(has_corr, types.Boolean)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        av, iv, kv, cv, civ, hv, nv = args
+        i64 = ir.IntType(64)
+        return _acc16_masked(context, builder,
+                             addr_ptr(context, builder, av, sig.args[0], iv, i64, _V16L),
+                             addr_ptr(context, builder, cv, sig.args[3], civ, i64, _V16L),
+                             kv, sig.args[2], hv, nv)
 
     return f16(acc, index, k, corr, cindex, has_corr, n), codegen
 
