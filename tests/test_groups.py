@@ -115,6 +115,47 @@ def test_seeds_are_paired_and_workers_do_not_change_the_runs(fake_mnist, tmp_pat
     assert c["mean"] == pytest.approx(np.mean(c["differences"]))
 
 
+def test_resume_reuses_matching_stored_runs_and_trains_the_rest(fake_mnist, tmp_path, capsys):
+    """Every finished run is stored under runs/; --resume trains only what is missing (more seeds),
+    reuses the rest unchanged, and trains again a run whose file is corrupt or whose settings
+    differ. The results equal a study run in one go."""
+    base = ["--quick", "--dataset", "mnist", "--data-dir", str(fake_mnist), "--no-download",
+            "--train-size", "0", "--test-size", "0", "--depths", "18", "--groups", "1,4",
+            "--out-dir", str(tmp_path / "r")]
+    runs = tmp_path / "r" / "runs"
+    assert study.main([*base, "--seeds", "1"]) == 0
+    assert sorted(p.name for p in runs.iterdir()) == ["ftbnn18_g1_seed0.json", "ftbnn18_g4_seed0.json"]
+    first = {p.name: p.read_bytes() for p in runs.iterdir()}
+    assert study.main([*base, "--seeds", "2", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("stored run reused") == 2
+    second = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert second["runs_reused"] == 2 and len(list(runs.iterdir())) == 4
+    assert all(first[name] == (runs / name).read_bytes() for name in first)  # not rewritten
+    assert study.main([*base, "--seeds", "2", "--out-dir", str(tmp_path / "once")]) == 0
+    once = json.loads((tmp_path / "once" / "results.json").read_text())
+    for a, b in zip(second["models"], once["models"]):
+        assert a["seeds"] == b["seeds"] == [0, 1]
+        assert a["test_accuracy_per_seed"] == b["test_accuracy_per_seed"]
+        assert a["train_loss_per_seed"] == b["train_loss_per_seed"]
+    assert second["comparisons"] == once["comparisons"]
+    # a truncated file is trained again; without --resume nothing is reused
+    (runs / "ftbnn18_g4_seed1.json").write_text('{"settings": {')
+    assert study.main([*base, "--seeds", "2", "--resume"]) == 0
+    third = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert third["runs_reused"] == 3
+    for a, b in zip(third["models"], second["models"]):  # the same numbers (times aside)
+        assert a["test_accuracy_per_seed"] == b["test_accuracy_per_seed"]
+        assert a["train_loss_per_seed"] == b["train_loss_per_seed"]
+    assert json.loads((runs / "ftbnn18_g4_seed1.json").read_text())["run"]["seed"] == 1
+    assert study.main([*base, "--seeds", "2"]) == 0
+    assert json.loads((tmp_path / "r" / "results.json").read_text())["runs_reused"] == 0
+    # other settings (one epoch instead of two): nothing matches
+    assert study.main([*base, "--seeds", "1", "--epochs", "1", "--resume"]) == 0
+    assert json.loads((tmp_path / "r" / "results.json").read_text())["runs_reused"] == 0
+    assert not list(runs.glob("*.tmp"))
+
+
 # --- flags: one line, exit status 2, nothing written -----------------------------------------------
 @pytest.mark.parametrize("args", [
     ["--seeds", "0"], ["--epochs", "0"], ["--epochs", "x"], ["--budget18", "0"], ["--budget34", "nan"],

@@ -10,6 +10,7 @@ context, so the results do not depend on ``jobs``; they are yielded in completio
 from __future__ import annotations
 
 import functools
+import json
 import multiprocessing
 import os
 import platform
@@ -51,6 +52,37 @@ def run_tasks(tasks, run_one, setup, setup_args=(), jobs: int = 1, threads: int 
     with pool_ctx.Pool(min(jobs, len(tasks)), initializer=_init_worker,
                        initargs=(setup, setup_args, threads)) as pool:
         yield from pool.imap_unordered(functools.partial(_call, run_one), tasks)
+
+
+class RunStore:
+    """A study's finished runs, one JSON file each: ``<out_dir>/runs/<name>.json`` holding
+    ``{"settings": ..., "run": ...}``, written atomically as each run finishes, so a study that is
+    interrupted (or extended, e.g. ``--seeds 3`` after ``--seeds 1``) loses only the runs in
+    progress. ``load(name, settings)`` returns a stored run only when its settings equal
+    ``settings`` (compared after a JSON round trip: everything a run depends on except its own
+    name); a missing, unreadable, corrupt or mismatched file gives ``None`` (the run is done again
+    and its file replaced)."""
+
+    def __init__(self, out_dir: Path):
+        self.dir = Path(out_dir) / "runs"
+
+    def path(self, name: str) -> Path:
+        return self.dir / f"{name}.json"
+
+    def load(self, name: str, settings: dict):
+        try:
+            doc = json.loads(self.path(name).read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(doc, dict) or doc.get("settings") != json.loads(json.dumps(settings)) \
+                or not isinstance(doc.get("run"), dict):
+            return None
+        return doc["run"]
+
+    def save(self, name: str, settings: dict, run: dict) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        cli_util.write_text_atomic(self.path(name),
+                                   json.dumps({"settings": settings, "run": run}, indent=1) + "\n")
 
 
 def load_splits(dataset: str, data_dir, download: bool, train_size: int = 0, test_size: int = 0):

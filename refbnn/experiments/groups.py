@@ -15,13 +15,16 @@ reseeds the initialiser (``models.build(seed=...)``), so differences can be pair
 Writes into ``--out-dir`` (default ``runs/groups``, checked before anything else): ``results.json``,
 ``results.md`` (widths, OPs, parameters, final test accuracy, time; paired differences between
 group settings when there are 2 or more seeds) and ``curves.png`` (test accuracy per epoch, one
-panel per depth, like Figure 5). Exit status: 0 done, 2 bad arguments or data, 3 a loss became
+panel per depth, like Figure 5), and each run as it finishes under ``runs/`` (``--resume`` reuses
+those whose settings match: an interrupted study, or ``--seeds 3`` after ``--seeds 1``, trains
+only what is missing). Exit status: 0 done, 2 bad arguments or data, 3 a loss became
 NaN/inf.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -34,6 +37,7 @@ from refbnn import cli_util, models
 from refbnn.cli_util import ArgumentParser, write_text_atomic
 from refbnn.experiments import stats
 from refbnn.experiments.common import (
+    RunStore,
     add_run_flags,
     check_out_dir,
     config_values,
@@ -243,31 +247,63 @@ def write_curves(path: Path, summary: list, cfg: StudyConfig, dataset: str) -> N
     line_panels(path, panels)
 
 
+def run_settings(cfg: StudyConfig, entry: dict, train, test) -> dict:
+    """Everything one run of ``entry`` depends on besides its seed (:class:`RunStore`'s check):
+    the study's configuration without the seed count, the recipe, the data and the widths."""
+    config = asdict(cfg)
+    del config["seeds"]
+    return {"config": config, "recipe": Recipe(epochs=cfg.epochs).to_dict(), "dataset": train.name,
+            "train_images": len(train), "test_images": len(test), "name": entry["name"],
+            "widths": entry["widths"]}
+
+
+def _log_run(log, r, t0, reused=False):
+    log(f"Layer={r['depth']} Group={r['groups']} seed {r['seed']}: test accuracy "
+        f"{' '.join(f'{a:.4f}' for a in r['test_accuracy'])} ({r['images_per_second']:.0f} "
+        f"images/s, {r['seconds']:.0f} s; "
+        + ("stored run reused)" if reused else f"{time.perf_counter() - t0:.0f} s elapsed)"))
+
+
 def run_study(cfg: StudyConfig, out_dir: Path, data_dir=None, download=True, jobs=1, threads=1,
-              log=print) -> dict:
-    """Solve the widths, train every model for every seed, write the outputs, return the results."""
+              log=print, resume=False) -> dict:
+    """Solve the widths, train every model for every seed, write the outputs, return the results.
+    Each finished run is stored under ``out_dir/runs/`` (:class:`RunStore`); ``resume`` reuses the
+    stored runs whose settings match instead of training them again."""
     train, test = load_splits(cfg.dataset, data_dir, download, cfg.train_size, cfg.test_size)
     input_shape = [1, *train.images.shape[1:]]
     entries = plan(cfg, input_shape, len(train.class_names))
     log(format_plan(entries))
     out_dir.mkdir(parents=True, exist_ok=True)
-    # the longest runs first (deeper, then more groups: wider), so the workers finish together
+    store = RunStore(out_dir)
+    # seed by seed (an interrupted study keeps whole seeds), within one the longest runs first
+    # (deeper, then more groups: wider), so the workers finish together
     order = sorted(entries, key=lambda e: (-e["depth"], -e["groups"]))
-    tasks = [(e, seed) for e in order for seed in range(cfg.seeds)]
+    tasks = [(e, seed) for seed in range(cfg.seeds) for e in order]
     t0, load_start = time.perf_counter(), os.getloadavg()
-    runs = []
+    runs, todo = [], []
+    for e, seed in tasks:
+        r = store.load(f"{e['name']}_seed{seed}", run_settings(cfg, e, train, test)) if resume \
+            else None
+        if r is None:
+            todo.append((e, seed))
+        else:
+            runs.append(r)
+            _log_run(log, r, t0, reused=True)
+    reused = len(runs)
     context = {"cfg": cfg, "train": train, "test": test}
-    for r in run_tasks(tasks, train_run, _setup, (cfg, data_dir), jobs, threads, context=context):
+    names = {(e["depth"], e["groups"]): e for e in entries}
+    for r in run_tasks(todo, train_run, _setup, (cfg, data_dir), jobs, threads, context=context):
+        e = names[r["depth"], r["groups"]]
+        store.save(f"{e['name']}_seed{r['seed']}", run_settings(cfg, e, train, test), r)
         runs.append(r)
-        log(f"Layer={r['depth']} Group={r['groups']} seed {r['seed']}: test accuracy "
-            f"{' '.join(f'{a:.4f}' for a in r['test_accuracy'])} ({r['images_per_second']:.0f} "
-            f"images/s, {r['seconds']:.0f} s; {time.perf_counter() - t0:.0f} s elapsed)")
+        _log_run(log, r, t0)
     summary = summarize(entries, runs)
     comparisons = compare(summary, cfg)
     results = {"config": asdict(cfg), "recipe": Recipe(epochs=cfg.epochs).to_dict(),
                "dataset": train.name, "input_shape": input_shape, "train_images": len(train),
                "test_images": len(test), "jobs": jobs, "threads": threads, "cpu": cpu_name(),
-               "seconds": round(time.perf_counter() - t0, 1), "load_average_start": list(load_start),
+               "seconds": round(time.perf_counter() - t0, 1), "runs_reused": reused,
+               "load_average_start": list(load_start),
                "load_average_end": list(os.getloadavg()), "models": summary,
                "comparisons": comparisons}
     write_text_atomic(out_dir / "results.json", json.dumps(results, indent=1) + "\n")
@@ -315,6 +351,9 @@ def build_parser() -> ArgumentParser:
                        help=f"million OPs per image of every Layer={depth} model (default {default})")
     p.add_argument("--depths", type=_int_list(DEPTHS), help="subset of 18,34 (default both)")
     p.add_argument("--groups", type=_int_list(GROUPS), help="subset of 1,2,4 (default all)")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the finished runs stored under OUT_DIR/runs/ whose settings match "
+                        "(an interrupted study, or more --seeds) instead of training them again")
     add_run_flags(p, "Numba threads per worker (default 1: see docs/groups.md)")
     return p
 
@@ -337,7 +376,8 @@ def make_config(args) -> StudyConfig:
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = make_config(args)
-    return run_cli(args, cfg, run_study, lambda r: markdown(r["models"], r["comparisons"], cfg))
+    return run_cli(args, cfg, functools.partial(run_study, resume=args.resume),
+                   lambda r: markdown(r["models"], r["comparisons"], cfg))
 
 
 if __name__ == "__main__":
