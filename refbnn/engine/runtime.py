@@ -101,6 +101,10 @@ GROUP_SPLIT_EPILOGUE = True
 #: ftbnn18_g2 (77- to 616-channel groups) 12.7-14.0 ms per image with every map up to 56x56 on
 #: the split path, 9.3-10.4 with only its 7x7 maps there (<= 1 MiB at 8 images; batch 1: about
 #: 10); weights/ftbnn18.h5 at batch 256 unchanged (0.079 ms per image: its maps are small).
+#: The same limit holds for fused convs whose groups end in a partial 32-lane tile, in registers
+#: since cad717a: grouped regardless of size, ftbnn18_g2's layer1-3 convs (154-616 channels, 8
+#: images: 15 MB of float output at 56x56) ran 1.3-1.6x slower per image than image by image
+#: (per-op cycles, batch 32, 1 thread: 15.1-16.4 vs 11.6-12.7 ms per image in all).
 GROUP_SPLIT_BYTES = 1 << 20
 #: A group's stem runs as one conv over the group, then the max-pool, when the group's conv output
 #: takes at most this many bytes (else image by image through a ring of rows, as at batch 1).
@@ -592,12 +596,13 @@ class Program:
     def _grouped(self, plan, rsc=None) -> bool:
         """Whether ``plan`` runs once per group: its map has at most :data:`GROUP_PIXELS` pixels
         and, for a fused block conv with a residual of ``rsc`` channels whose epilogue would take
-        the split path (:meth:`_split_epilogue`), the group's float output fits
-        :data:`GROUP_SPLIT_BYTES`."""
+        the split path (:meth:`_split_epilogue`) or whose groups end in a partial 32-lane tile,
+        the group's float output fits :data:`GROUP_SPLIT_BYTES`."""
         oh, ow = plan.out_hw
         if self.group <= 1 or oh * ow > GROUP_PIXELS:
             return False
-        if rsc is not None and self._split_epilogue(plan, rsc):
+        if rsc is not None and (self._split_epilogue(plan, rsc)
+                                or (plan.out_channels // plan.groups) % 32):
             return self.group * oh * ow * plan.out_channels * 4 <= GROUP_SPLIT_BYTES
         return True
 
