@@ -167,7 +167,7 @@ def _tile(m: int, nv: int) -> str:
     # the fused epilogue in registers, 16 lanes (a pair of vectors) at a time
     if nv == 4:
         fused = {"TILE_FUSED": "v16_acc_f32(a{i}_{v}, a{i}_{w}, k)",
-                 "TILE_FUSED_CORR": "v16_acc_corr_f32(a{i}_{v}, a{i}_{w}, k, corr, cb + {o}, 16)"}
+                 "TILE_FUSED_CORR": "v16_acc_corr_f32(a{i}_{v}, a{i}_{w}, k, corr, cb + {o})"}
         for mode, conv in fused.items():
             lines.append(f"    elif tmode_j == {mode}:")
             lines.append("        fz = fused_params(fp)")

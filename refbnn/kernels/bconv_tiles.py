@@ -75,7 +75,7 @@ from .simd import a8_bcast, a8_load, a8_store, a_i64, a_or_u64, a_store, a_u8, v
 
 # Numba's cache does not notice edits to imported kernels; this digest of the modules
 # imported here (written by the generator) makes their edit change this file, hence a recompile.
-DEPS_DIGEST = "71207c885600ae16"
+DEPS_DIGEST = "79b78d3b8250f704"
 
 
 @njit(cache=True)
@@ -151,8 +151,8 @@ def _t1x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
             fz = fused_params(fp)
             ob = a_i64(obases, q + 0) + ooff
             cb = a_i64(cbases, q + 0) + o0
-            w = fuse16(v16_acc_corr_f32(a0_0, a0_1, k, corr, cb + 0, 16), o0 + 0, ob + 0, out, fz, 16)
-            h = fuse16(v16_acc_corr_f32(a0_2, a0_3, k, corr, cb + 16, 16), o0 + 16, ob + 16, out, fz, 16)
+            w = fuse16(v16_acc_corr_f32(a0_0, a0_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_corr_f32(a0_2, a0_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz, 16)
             w |= h << np.uint64(16)
             a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 0) + shift, 0, np.uint32(w))
         elif tmode_j == TILE_FUSED_PART or tmode_j == TILE_FUSED_PART_CORR:
@@ -275,14 +275,14 @@ def _t2x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
             fz = fused_params(fp)
             ob = a_i64(obases, q + 0) + ooff
             cb = a_i64(cbases, q + 0) + o0
-            w = fuse16(v16_acc_corr_f32(a0_0, a0_1, k, corr, cb + 0, 16), o0 + 0, ob + 0, out, fz, 16)
-            h = fuse16(v16_acc_corr_f32(a0_2, a0_3, k, corr, cb + 16, 16), o0 + 16, ob + 16, out, fz, 16)
+            w = fuse16(v16_acc_corr_f32(a0_0, a0_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_corr_f32(a0_2, a0_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz, 16)
             w |= h << np.uint64(16)
             a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 0) + shift, 0, np.uint32(w))
             ob = a_i64(obases, q + 1) + ooff
             cb = a_i64(cbases, q + 1) + o0
-            w = fuse16(v16_acc_corr_f32(a1_0, a1_1, k, corr, cb + 0, 16), o0 + 0, ob + 0, out, fz, 16)
-            h = fuse16(v16_acc_corr_f32(a1_2, a1_3, k, corr, cb + 16, 16), o0 + 16, ob + 16, out, fz, 16)
+            w = fuse16(v16_acc_corr_f32(a1_0, a1_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_corr_f32(a1_2, a1_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz, 16)
             w |= h << np.uint64(16)
             a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 1) + shift, 0, np.uint32(w))
         elif tmode_j == TILE_FUSED_PART or tmode_j == TILE_FUSED_PART_CORR:
@@ -446,20 +446,20 @@ def _t3x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
             fz = fused_params(fp)
             ob = a_i64(obases, q + 0) + ooff
             cb = a_i64(cbases, q + 0) + o0
-            w = fuse16(v16_acc_corr_f32(a0_0, a0_1, k, corr, cb + 0, 16), o0 + 0, ob + 0, out, fz, 16)
-            h = fuse16(v16_acc_corr_f32(a0_2, a0_3, k, corr, cb + 16, 16), o0 + 16, ob + 16, out, fz, 16)
+            w = fuse16(v16_acc_corr_f32(a0_0, a0_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_corr_f32(a0_2, a0_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz, 16)
             w |= h << np.uint64(16)
             a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 0) + shift, 0, np.uint32(w))
             ob = a_i64(obases, q + 1) + ooff
             cb = a_i64(cbases, q + 1) + o0
-            w = fuse16(v16_acc_corr_f32(a1_0, a1_1, k, corr, cb + 0, 16), o0 + 0, ob + 0, out, fz, 16)
-            h = fuse16(v16_acc_corr_f32(a1_2, a1_3, k, corr, cb + 16, 16), o0 + 16, ob + 16, out, fz, 16)
+            w = fuse16(v16_acc_corr_f32(a1_0, a1_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_corr_f32(a1_2, a1_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz, 16)
             w |= h << np.uint64(16)
             a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 1) + shift, 0, np.uint32(w))
             ob = a_i64(obases, q + 2) + ooff
             cb = a_i64(cbases, q + 2) + o0
-            w = fuse16(v16_acc_corr_f32(a2_0, a2_1, k, corr, cb + 0, 16), o0 + 0, ob + 0, out, fz, 16)
-            h = fuse16(v16_acc_corr_f32(a2_2, a2_3, k, corr, cb + 16, 16), o0 + 16, ob + 16, out, fz, 16)
+            w = fuse16(v16_acc_corr_f32(a2_0, a2_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_corr_f32(a2_2, a2_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz, 16)
             w |= h << np.uint64(16)
             a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 2) + shift, 0, np.uint32(w))
         elif tmode_j == TILE_FUSED_PART or tmode_j == TILE_FUSED_PART_CORR:
@@ -664,26 +664,26 @@ def _t4x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
             fz = fused_params(fp)
             ob = a_i64(obases, q + 0) + ooff
             cb = a_i64(cbases, q + 0) + o0
-            w = fuse16(v16_acc_corr_f32(a0_0, a0_1, k, corr, cb + 0, 16), o0 + 0, ob + 0, out, fz, 16)
-            h = fuse16(v16_acc_corr_f32(a0_2, a0_3, k, corr, cb + 16, 16), o0 + 16, ob + 16, out, fz, 16)
+            w = fuse16(v16_acc_corr_f32(a0_0, a0_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_corr_f32(a0_2, a0_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz, 16)
             w |= h << np.uint64(16)
             a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 0) + shift, 0, np.uint32(w))
             ob = a_i64(obases, q + 1) + ooff
             cb = a_i64(cbases, q + 1) + o0
-            w = fuse16(v16_acc_corr_f32(a1_0, a1_1, k, corr, cb + 0, 16), o0 + 0, ob + 0, out, fz, 16)
-            h = fuse16(v16_acc_corr_f32(a1_2, a1_3, k, corr, cb + 16, 16), o0 + 16, ob + 16, out, fz, 16)
+            w = fuse16(v16_acc_corr_f32(a1_0, a1_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_corr_f32(a1_2, a1_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz, 16)
             w |= h << np.uint64(16)
             a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 1) + shift, 0, np.uint32(w))
             ob = a_i64(obases, q + 2) + ooff
             cb = a_i64(cbases, q + 2) + o0
-            w = fuse16(v16_acc_corr_f32(a2_0, a2_1, k, corr, cb + 0, 16), o0 + 0, ob + 0, out, fz, 16)
-            h = fuse16(v16_acc_corr_f32(a2_2, a2_3, k, corr, cb + 16, 16), o0 + 16, ob + 16, out, fz, 16)
+            w = fuse16(v16_acc_corr_f32(a2_0, a2_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_corr_f32(a2_2, a2_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz, 16)
             w |= h << np.uint64(16)
             a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 2) + shift, 0, np.uint32(w))
             ob = a_i64(obases, q + 3) + ooff
             cb = a_i64(cbases, q + 3) + o0
-            w = fuse16(v16_acc_corr_f32(a3_0, a3_1, k, corr, cb + 0, 16), o0 + 0, ob + 0, out, fz, 16)
-            h = fuse16(v16_acc_corr_f32(a3_2, a3_3, k, corr, cb + 16, 16), o0 + 16, ob + 16, out, fz, 16)
+            w = fuse16(v16_acc_corr_f32(a3_0, a3_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_corr_f32(a3_2, a3_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz, 16)
             w |= h << np.uint64(16)
             a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 3) + shift, 0, np.uint32(w))
         elif tmode_j == TILE_FUSED_PART or tmode_j == TILE_FUSED_PART_CORR:
@@ -929,32 +929,32 @@ def _t5x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
             fz = fused_params(fp)
             ob = a_i64(obases, q + 0) + ooff
             cb = a_i64(cbases, q + 0) + o0
-            w = fuse16(v16_acc_corr_f32(a0_0, a0_1, k, corr, cb + 0, 16), o0 + 0, ob + 0, out, fz, 16)
-            h = fuse16(v16_acc_corr_f32(a0_2, a0_3, k, corr, cb + 16, 16), o0 + 16, ob + 16, out, fz, 16)
+            w = fuse16(v16_acc_corr_f32(a0_0, a0_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_corr_f32(a0_2, a0_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz, 16)
             w |= h << np.uint64(16)
             a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 0) + shift, 0, np.uint32(w))
             ob = a_i64(obases, q + 1) + ooff
             cb = a_i64(cbases, q + 1) + o0
-            w = fuse16(v16_acc_corr_f32(a1_0, a1_1, k, corr, cb + 0, 16), o0 + 0, ob + 0, out, fz, 16)
-            h = fuse16(v16_acc_corr_f32(a1_2, a1_3, k, corr, cb + 16, 16), o0 + 16, ob + 16, out, fz, 16)
+            w = fuse16(v16_acc_corr_f32(a1_0, a1_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_corr_f32(a1_2, a1_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz, 16)
             w |= h << np.uint64(16)
             a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 1) + shift, 0, np.uint32(w))
             ob = a_i64(obases, q + 2) + ooff
             cb = a_i64(cbases, q + 2) + o0
-            w = fuse16(v16_acc_corr_f32(a2_0, a2_1, k, corr, cb + 0, 16), o0 + 0, ob + 0, out, fz, 16)
-            h = fuse16(v16_acc_corr_f32(a2_2, a2_3, k, corr, cb + 16, 16), o0 + 16, ob + 16, out, fz, 16)
+            w = fuse16(v16_acc_corr_f32(a2_0, a2_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_corr_f32(a2_2, a2_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz, 16)
             w |= h << np.uint64(16)
             a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 2) + shift, 0, np.uint32(w))
             ob = a_i64(obases, q + 3) + ooff
             cb = a_i64(cbases, q + 3) + o0
-            w = fuse16(v16_acc_corr_f32(a3_0, a3_1, k, corr, cb + 0, 16), o0 + 0, ob + 0, out, fz, 16)
-            h = fuse16(v16_acc_corr_f32(a3_2, a3_3, k, corr, cb + 16, 16), o0 + 16, ob + 16, out, fz, 16)
+            w = fuse16(v16_acc_corr_f32(a3_0, a3_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_corr_f32(a3_2, a3_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz, 16)
             w |= h << np.uint64(16)
             a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 3) + shift, 0, np.uint32(w))
             ob = a_i64(obases, q + 4) + ooff
             cb = a_i64(cbases, q + 4) + o0
-            w = fuse16(v16_acc_corr_f32(a4_0, a4_1, k, corr, cb + 0, 16), o0 + 0, ob + 0, out, fz, 16)
-            h = fuse16(v16_acc_corr_f32(a4_2, a4_3, k, corr, cb + 16, 16), o0 + 16, ob + 16, out, fz, 16)
+            w = fuse16(v16_acc_corr_f32(a4_0, a4_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_corr_f32(a4_2, a4_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz, 16)
             w |= h << np.uint64(16)
             a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 4) + shift, 0, np.uint32(w))
         elif tmode_j == TILE_FUSED_PART or tmode_j == TILE_FUSED_PART_CORR:
@@ -1241,38 +1241,38 @@ def _t6x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
             fz = fused_params(fp)
             ob = a_i64(obases, q + 0) + ooff
             cb = a_i64(cbases, q + 0) + o0
-            w = fuse16(v16_acc_corr_f32(a0_0, a0_1, k, corr, cb + 0, 16), o0 + 0, ob + 0, out, fz, 16)
-            h = fuse16(v16_acc_corr_f32(a0_2, a0_3, k, corr, cb + 16, 16), o0 + 16, ob + 16, out, fz, 16)
+            w = fuse16(v16_acc_corr_f32(a0_0, a0_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_corr_f32(a0_2, a0_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz, 16)
             w |= h << np.uint64(16)
             a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 0) + shift, 0, np.uint32(w))
             ob = a_i64(obases, q + 1) + ooff
             cb = a_i64(cbases, q + 1) + o0
-            w = fuse16(v16_acc_corr_f32(a1_0, a1_1, k, corr, cb + 0, 16), o0 + 0, ob + 0, out, fz, 16)
-            h = fuse16(v16_acc_corr_f32(a1_2, a1_3, k, corr, cb + 16, 16), o0 + 16, ob + 16, out, fz, 16)
+            w = fuse16(v16_acc_corr_f32(a1_0, a1_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_corr_f32(a1_2, a1_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz, 16)
             w |= h << np.uint64(16)
             a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 1) + shift, 0, np.uint32(w))
             ob = a_i64(obases, q + 2) + ooff
             cb = a_i64(cbases, q + 2) + o0
-            w = fuse16(v16_acc_corr_f32(a2_0, a2_1, k, corr, cb + 0, 16), o0 + 0, ob + 0, out, fz, 16)
-            h = fuse16(v16_acc_corr_f32(a2_2, a2_3, k, corr, cb + 16, 16), o0 + 16, ob + 16, out, fz, 16)
+            w = fuse16(v16_acc_corr_f32(a2_0, a2_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_corr_f32(a2_2, a2_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz, 16)
             w |= h << np.uint64(16)
             a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 2) + shift, 0, np.uint32(w))
             ob = a_i64(obases, q + 3) + ooff
             cb = a_i64(cbases, q + 3) + o0
-            w = fuse16(v16_acc_corr_f32(a3_0, a3_1, k, corr, cb + 0, 16), o0 + 0, ob + 0, out, fz, 16)
-            h = fuse16(v16_acc_corr_f32(a3_2, a3_3, k, corr, cb + 16, 16), o0 + 16, ob + 16, out, fz, 16)
+            w = fuse16(v16_acc_corr_f32(a3_0, a3_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_corr_f32(a3_2, a3_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz, 16)
             w |= h << np.uint64(16)
             a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 3) + shift, 0, np.uint32(w))
             ob = a_i64(obases, q + 4) + ooff
             cb = a_i64(cbases, q + 4) + o0
-            w = fuse16(v16_acc_corr_f32(a4_0, a4_1, k, corr, cb + 0, 16), o0 + 0, ob + 0, out, fz, 16)
-            h = fuse16(v16_acc_corr_f32(a4_2, a4_3, k, corr, cb + 16, 16), o0 + 16, ob + 16, out, fz, 16)
+            w = fuse16(v16_acc_corr_f32(a4_0, a4_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_corr_f32(a4_2, a4_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz, 16)
             w |= h << np.uint64(16)
             a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 4) + shift, 0, np.uint32(w))
             ob = a_i64(obases, q + 5) + ooff
             cb = a_i64(cbases, q + 5) + o0
-            w = fuse16(v16_acc_corr_f32(a5_0, a5_1, k, corr, cb + 0, 16), o0 + 0, ob + 0, out, fz, 16)
-            h = fuse16(v16_acc_corr_f32(a5_2, a5_3, k, corr, cb + 16, 16), o0 + 16, ob + 16, out, fz, 16)
+            w = fuse16(v16_acc_corr_f32(a5_0, a5_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_corr_f32(a5_2, a5_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz, 16)
             w |= h << np.uint64(16)
             a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 5) + shift, 0, np.uint32(w))
         elif tmode_j == TILE_FUSED_PART or tmode_j == TILE_FUSED_PART_CORR:

@@ -727,23 +727,16 @@ def v16_acc_f32(typingctx, lo, hi, k):
 
 
 @intrinsic
-def v16_acc_corr_f32(typingctx, lo, hi, k, caddr, cindex, n):
-    """:func:`v16_acc_f32` plus the corrections at elements ``cindex .. cindex + n - 1`` of the
-    int64 array at ``caddr`` (masked loads, ``0 <= n <= 16``: nothing past them is read; lanes
-    ``>= n`` are don't-care)."""
-    if lo != vec8 or hi != vec8 or not all(isinstance(a, types.Integer)
-                                           for a in (k, caddr, cindex, n)):
+def v16_acc_corr_f32(typingctx, lo, hi, k, caddr, cindex):
+    """:func:`v16_acc_f32` plus the corrections at elements ``cindex .. cindex + 15`` of the
+    int64 array at ``caddr``."""
+    if lo != vec8 or hi != vec8 or not all(isinstance(a, types.Integer) for a in (k, caddr, cindex)):
         return None
 
     def codegen(context, builder, sig, args):
-        ca, ci, nv = args[3], args[4], args[5]
-        mask = _lanes_below(builder, nv)
-        c = _masked_load_i64x16(builder, addr_ptr(context, builder, ca, sig.args[3], ci,
-                                                  ir.IntType(64), _V16L), mask)
-        corr = builder.trunc(c, _V16)
-        return _acc16_f32(context, builder, sig, args, corr)
+        return _acc16_f32(context, builder, sig, args, _corr16(context, builder, sig, args, 3))
 
-    return f16(vec8, vec8, k, caddr, cindex, n), codegen
+    return f16(vec8, vec8, k, caddr, cindex), codegen
 
 
 @intrinsic
