@@ -299,8 +299,8 @@ def fuse_tile(acc, to, m, nl, o0, s0, k, corr, tcor, z, tout, residual, rsc, rtm
 def fused_block(fp, mul, bias, pre, pre_pos, pre_neg, post, post_pos, post_neg, residual, rsc,
                 nonpos, bits):
     """Fill ``fp`` (int64 ``(FP_SIZE,)``) with :data:`TILE_FUSED`'s parameters (``FP_*`` slots):
-    the arrays' addresses (the caller keeps them alive), the residual's only where ``rsc > 0``;
-    ``FP_NL`` = 32 (whole tiles)."""
+    the arrays' addresses (the caller keeps them alive), the residual's only where ``rsc > 0``
+    (``FP_NL`` is the caller's, set before each partial tile's run)."""
     fp[FP_MUL], fp[FP_BIAS] = mul.ctypes.data, bias.ctypes.data
     fp[FP_PRE], fp[FP_PRE_POS], fp[FP_PRE_NEG] = pre, pre_pos.ctypes.data, pre_neg.ctypes.data
     fp[FP_POST], fp[FP_POST_POS], fp[FP_POST_NEG] = post, post_pos.ctypes.data, \
@@ -310,7 +310,6 @@ def fused_block(fp, mul, bias, pre, pre_pos, pre_neg, post, post_pos, post_neg, 
         fp[FP_RES] = residual.ctypes.data
     fp[FP_NONPOS] = 1 if nonpos else 0
     fp[FP_BITS] = bits.ctypes.data
-    fp[FP_NL] = 32
 
 
 @njit(cache=True, inline="always")
