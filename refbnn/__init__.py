@@ -44,12 +44,13 @@ __all__ = ["BConv2DPlan", "__version__", "bconv2d", "bconv2d_packed", "bgemm", "
            "sign", "unpack_bits"]
 
 
-def load(path, engine: str = "packed"):
+def load(path, engine: str = "packed", stem: str = "float32"):
     """Load refbnn weight file ``path`` ready to predict: a :class:`refbnn.predictor.LoadedModel`
     with ``predict(images)``, ``logits(images)`` and ``predict_files(paths)`` (shapes, dtypes and
     the image conversion: :mod:`refbnn.predictor`). ``engine``: ``"packed"`` (XNOR-popcount
-    kernels) or ``"reference"`` (the float path). The file format, models and engine are imported
-    here, on first use, so ``import refbnn`` stays light."""
+    kernels) or ``"reference"`` (the float path); ``stem``: the packed engine's stem arithmetic,
+    ``"float32"`` or the opt-in ``"bf16"`` (docs/semantics.md 7b). The file format, models and
+    engine are imported here, on first use, so ``import refbnn`` stays light."""
     from refbnn.predictor import load as _load
 
-    return _load(path, engine)
+    return _load(path, engine, stem)

@@ -23,7 +23,7 @@ import numpy as np
 
 from refbnn import cli_util
 from refbnn.cli_util import ArgumentParser, UserError, fail
-from refbnn.predictor import ENGINES, INVERT, image_batch  # noqa: F401 - image_batch: for callers
+from refbnn.predictor import ENGINES, INVERT, STEM_PRECISIONS, image_batch  # noqa: F401 - image_batch: for callers
 
 
 def build_parser() -> ArgumentParser:
@@ -31,6 +31,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("model", help="a refbnn .h5 model, checkpoint or packed file")
     p.add_argument("images", nargs="*", help="image files to classify (default: evaluate the test set)")
     p.add_argument("--engine", choices=ENGINES, default="packed")
+    p.add_argument("--stem", choices=STEM_PRECISIONS, default="float32",
+                   help="the packed engine's stem arithmetic: float32 (default: the reference's "
+                        "numbers) or bf16 (opt-in: faster on AVX512-BF16 CPUs, image and stem "
+                        "weights rounded to bfloat16; docs/semantics.md 7b)")
     p.add_argument("--top-k", type=cli_util.int_in(1, 100_000), default=3,
                    help="classes printed per image (default 3)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -61,11 +65,11 @@ def load_runner(path, engine_kind):
     return m._forward, m.file
 
 
-def _load(path, engine):
+def _load(path, engine, stem="float32"):
     from refbnn.predictor import load
 
     try:
-        return load(path, engine)
+        return load(path, engine, stem)
     except (FileNotFoundError, ValueError) as e:  # FormatError is a ValueError
         raise UserError(str(e)) from None
     except OSError as e:
@@ -127,7 +131,7 @@ def evaluate(args, model):
         predict(big)
         big_ms.append((time.perf_counter() - t) / len(big) * 1e3)
     per_image_big = float(np.median(big_ms))
-    result = {"model": args.model, "engine": args.engine, "dataset": f.dataset,
+    result = {"model": args.model, "engine": args.engine, "stem": args.stem, "dataset": f.dataset,
               "data_dir": str(folder), "images": n,
               "accuracy": correct / n, "images_per_second": n / seconds,
               "batch1_latency_ms": {"median": float(np.median(lat_ms)),
@@ -136,7 +140,8 @@ def evaluate(args, model):
     if args.json:
         print(json.dumps(result, indent=1))
     else:
-        print(f"{args.model} ({args.engine} engine) on {f.dataset} test ({folder}): accuracy "
+        stem = f", {args.stem} stem" if args.stem != "float32" else ""
+        print(f"{args.model} ({args.engine} engine{stem}) on {f.dataset} test ({folder}): accuracy "
               f"{correct / n:.4f} ({correct}/{n})")
         print(f"throughput {n / seconds:,.0f} images/s at batch {args.batch_size}; "
               f"batch 1 latency median {np.median(lat_ms):.3f} ms, p90 {np.percentile(lat_ms, 90):.3f} ms; "
@@ -155,7 +160,7 @@ def main(argv=None) -> int:
         # beside them keeps polling after each call and takes their cores. Measured, 2 threads,
         # weights/ftbnn18.h5 on MNIST: BLAS at 2 threads 2,688-2,910 images/s, at 1: 4,389.
         threadpool_limits(1)
-        model = _load(args.model, args.engine)
+        model = _load(args.model, args.engine, args.stem)
         if args.images:
             classify(args, model)
         else:

@@ -43,7 +43,7 @@ import warnings
 import numpy as np
 
 from refbnn import fileformat, models
-from refbnn.engine import Engine, EngineError
+from refbnn.engine import STEM_PRECISIONS, Engine, EngineError
 
 ENGINES = ("packed", "reference")
 INVERT = ("auto", "yes", "no")
@@ -123,12 +123,19 @@ def softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def load(path, engine: str = "packed") -> LoadedModel:
-    """Load refbnn file ``path`` for prediction (module docstring). Raises ``FileNotFoundError``,
+def load(path, engine: str = "packed", stem: str = "float32") -> LoadedModel:
+    """Load refbnn file ``path`` for prediction (module docstring); ``stem``: the packed engine's
+    stem arithmetic (``"float32"``, or ``"bf16"``: docs/semantics.md 7b; the reference engine
+    takes ``"float32"`` only). Raises ``FileNotFoundError``,
     :class:`~refbnn.fileformat.FormatError` (a ``ValueError``) for a bad file, ``ValueError`` for a
     config the network builder or the engine refuses, ``OSError`` when it cannot be read."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if stem not in STEM_PRECISIONS:
+        raise ValueError(f"stem must be one of {', '.join(STEM_PRECISIONS)}, got {stem!r}")
+    if stem != "float32" and engine != "packed":
+        raise ValueError(f"stem={stem!r} is an option of the packed engine; the reference engine "
+                         "computes the float path in float32")
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file")
@@ -136,7 +143,7 @@ def load(path, engine: str = "packed") -> LoadedModel:
     if engine == "packed":
         # built from the config and the named tensors: a packed-only file needs no float model
         try:
-            compiled = Engine.from_file(f)
+            compiled = Engine.from_file(f, stem=stem)
         except EngineError as e:  # e.g. sign_at_zero=0 (converted official Bi-Real Net checkpoints)
             raise ValueError(f"{path}: {e}; --engine reference runs it on the float path") from None
         return LoadedModel(f, None, compiled.forward, engine, compiled.warm_up)

@@ -45,6 +45,7 @@ TABLE = {
     }),
     "infer": (infer, ["{model}"], {
         "--engine": ("choice", ["gpu"]),
+        "--stem": ("choice", ["fp16", "BF16"]),
         "--top-k": ("int", ["0", "-1"]),
         "--invert": ("choice", ["maybe"]),
         "--data-dir": ("path", ["{missing}"]),

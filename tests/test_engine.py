@@ -288,14 +288,17 @@ def test_stem_in_row_bands_gives_the_same_logits(monkeypatch, band):
     np.testing.assert_array_equal(banded.layer_outputs(x)["maxpool"], want_pool)
 
 
-@pytest.mark.parametrize("name, overrides, stem_bytes", [
-    ("birealnet18", {"stem_pool": True}, 1 << 30),  # the stem's conv over the whole group
-    ("birealnet18", {"stem_pool": True}, 0),  # the stem image by image, the convs grouped
-    ("ftbnn18_g2", {}, 1 << 30),
-    ("ftbnn18_purified", {}, 1 << 30),
+@pytest.mark.parametrize("name, overrides, stem_bytes, stem", [
+    ("birealnet18", {"stem_pool": True}, 1 << 30, "float32"),  # the stem's conv over the group
+    ("birealnet18", {"stem_pool": True}, 0, "float32"),  # the stem image by image, convs grouped
+    ("birealnet18", {"stem_pool": True}, 1 << 30, "bf16"),
+    ("birealnet18", {"stem_pool": True}, 0, "bf16"),
+    ("ftbnn18_g2", {}, 1 << 30, "float32"),
+    ("ftbnn18_purified", {}, 1 << 30, "float32"),
 ])
 def test_batch_in_image_groups_gives_the_same_logits_as_one_image_at_a_time(monkeypatch, name,
-                                                                          overrides, stem_bytes):
+                                                                          overrides, stem_bytes,
+                                                                          stem):
     """A batch runs in groups of images (small-map binary convs once per group, tiles spanning
     images; a short last group computes stale slots nobody reads): batch sizes that are no multiple
     of the group, on 1 and 2 threads, give the logits of one image at a time bit for bit."""
@@ -304,7 +307,8 @@ def test_batch_in_image_groups_gives_the_same_logits_as_one_image_at_a_time(monk
     monkeypatch.setattr(runtime, "GROUP_MAX", 4)
     monkeypatch.setattr(runtime, "GROUP_PIXELS", 49)  # 14x14 maps image by image, 7x7 on grouped
     monkeypatch.setattr(runtime, "GROUP_STEM_BYTES", stem_bytes)
-    engine = Engine.from_model(trained_looking(name, **overrides), adaptive_threads=False)
+    engine = Engine.from_model(trained_looking(name, **overrides), adaptive_threads=False,
+                               stem=stem)
     x = np.random.default_rng(11).standard_normal((11, 1, 28, 28)).astype(np.float32)
     want = np.concatenate([engine.forward(x[i:i + 1]) for i in range(len(x))])
     before = numba.get_num_threads()
@@ -417,3 +421,60 @@ def test_warm_up_runs_every_compiled_path_and_changes_nothing(monkeypatch):
     loaded.warm_up()
     assert used and used[0] == (1, 1)
     assert predictor.load(shipped, engine="reference").warm_up() is None
+
+
+def _imagenet_like(seed=0):
+    """Bi-Real-18's ImageNet stem (7x7/2, 3 channels, max-pool) on a small image."""
+    model = models.build("birealnet18", seed=seed, width_multiplier=0.25, input_shape=[3, 40, 40],
+                         num_classes=10, stem_kernel=7, stem_stride=2, stem_pool=True)
+    randomize_state(model, seed, scale_mean=0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("make, pooled", [
+    (_imagenet_like, True),                                                  # K_STEM_POOL_BF16
+    (lambda: trained_looking("ftbnn18"), False),                             # K_STEM_CONV_BF16
+    (lambda: trained_looking("birealnet18", stem_pool=True, stem_kernel=5), True),  # 5x5/1
+])
+def test_bf16_stem_gives_the_oracles_bits(make, pooled):
+    """``Engine(stem="bf16")``: the stem's output (``bn1``) is real_oracle.conv_bn_bf16's bits
+    (image and weights rounded to bfloat16, the documented order of float32 sums), its max-pool the
+    pool of those; one image or a batch, one thread or two."""
+    import numba
+
+    from refbnn.kernels import real_oracle
+
+    model = make()
+    engine = Engine.from_model(model, stem="bf16", adaptive_threads=False)
+    c, h, w = engine.input_shape
+    x = np.random.default_rng(5).standard_normal((3, c, h, w)).astype(np.float32)
+    st = engine.net.stem
+    want = real_oracle.conv_bn_bf16(x.transpose(0, 2, 3, 1), st.w_hwio, st.stride, st.padding,
+                                    st.bn.scale, st.bn.shift)
+    rec = engine.layer_outputs(x)
+    np.testing.assert_array_equal(rec["bn1"].view(np.uint32), want.view(np.uint32))
+    if pooled:
+        np.testing.assert_array_equal(rec["maxpool"], real_oracle.maxpool3s2(want))
+    # and the float32 stem differs (it does not round): the option is not ignored
+    assert not np.array_equal(Engine.from_model(model).layer_outputs(x)["bn1"], rec["bn1"])
+    logits = engine.forward(x)
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+        np.testing.assert_array_equal(engine.forward(x), logits)
+        np.testing.assert_array_equal(engine.forward(x[1:2]), logits[1:2])
+    finally:
+        numba.set_num_threads(before)
+
+
+def test_bf16_stem_refuses_what_bfloat16_cannot_hold():
+    engine = Engine.from_model(trained_looking("ftbnn18"), stem="bf16")
+    x = np.zeros((1, 1, 28, 28), np.float32)
+    for bad in (np.inf, -np.inf, 3.4e38, -3.3961776e38):
+        x[0, 0, 3, 4] = bad
+        with pytest.raises(ValueError, match="bf16 stem"):
+            engine.forward(x)
+    x[0, 0, 3, 4] = 3.3895e38  # bfloat16's largest value: fine
+    assert engine.forward(x).shape == (1, 10)
+    with pytest.raises(ValueError, match="stem must be one of"):
+        Engine.from_model(trained_looking("ftbnn18"), stem="fp16")

@@ -76,7 +76,8 @@ def test_evaluates_the_test_split(model_file, data_dir):
     assert out["images_per_second"] > 0 and lat["p90"] >= lat["median"] > 0
 
 
-@pytest.mark.parametrize("case", ["missing", "not_refbnn", "not_image", "missing_image", "future"])
+@pytest.mark.parametrize("case", ["missing", "not_refbnn", "not_image", "missing_image", "future",
+                                  "reference_bf16"])
 def test_bad_input_is_one_line_and_status_2(case, model_file, tmp_path, monkeypatch):
     args = [model_file, tmp_path / "nothing.png"]
     if case == "missing":
@@ -96,6 +97,8 @@ def test_bad_input_is_one_line_and_status_2(case, model_file, tmp_path, monkeypa
                               binary_weights=model.binary_weights(), input_spec=SPEC)
         monkeypatch.undo()
         args = [tmp_path / "v2.h5"]
+    elif case == "reference_bf16":  # the bf16 stem is the packed engine's option
+        args = [model_file, "--engine", "reference", "--stem", "bf16"]
     r = run(args)
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -63,12 +63,14 @@ def test_digests_cover_the_real_imports_transitively():
         path = Path(_codegen.PACKAGE.parent, *module.split(".")).with_suffix(".py")
         return {p.stem for p in _codegen.dependencies(path.read_text(), module)}
 
-    fused = {"elementwise", "fvec"}  # the fused epilogue's merge and pack (the engine's)
+    # the fused epilogue's merge and pack (the engine's); fvec's bf16 dot asks dispatch which
+    # instruction the host has
+    fused = {"elementwise", "fvec", "dispatch"}
     assert deps("refbnn.kernels.bconv_fast") == {"bconv_tiles", "epilogue", "simd", "sync"} | fused
     assert deps("refbnn.kernels.bconv_portable") == {"epilogue", "simd"} | fused
     assert deps("refbnn.kernels.packing") == {"simd"}
     assert deps("refbnn.kernels.realpool") == {"elementwise", "realconv", "ftiles", "fvec", "simd",
-                                               "sync"}
+                                               "sync", "dispatch"}
     cached = "@njit(cache=True)\ndef f():\n    pass\n"
     assert _codegen.needs_digest("from .simd import v8_zero\n" + cached, "refbnn.kernels.y")
     assert not _codegen.needs_digest(cached, "refbnn.kernels.y")

@@ -6,7 +6,8 @@
   buffer allocated once per (batch size, threads), fused epilogues and threaded real-valued stages.
 
 ``Engine.from_file(path)``, ``Engine.from_model(model)``; ``compile_model(model)`` is the same as
-``Engine.from_model``.
+``Engine.from_model``. ``stem="bf16"`` (opt-in, :data:`STEM_PRECISIONS`) runs the real stem in
+bfloat16 (docs/semantics.md 7b); everything below is about the default, ``"float32"``.
 
 Agreement with the float training path (eval mode): for ``scale="none"`` models (FTBNN) every binary
 layer's output equals the float path's exactly, because ``acc`` is an exact integer and the float
@@ -27,8 +28,9 @@ from refbnn.engine.network import (
     network_from_model,
     network_from_tensors,
 )
-from refbnn.engine.runtime import Engine, compile_model, stage_threads
+from refbnn.engine.runtime import STEM_PRECISIONS, Engine, compile_model, stage_threads
 
-__all__ = ["Engine", "EngineError", "Network", "compile_model", "fold_batchnorm", "fold_batchnorm_module",
+__all__ = ["STEM_PRECISIONS", "Engine", "EngineError", "Network", "compile_model", "fold_batchnorm",
+           "fold_batchnorm_module",
            "network_from_file",
            "network_from_model", "network_from_tensors", "stage_threads"]

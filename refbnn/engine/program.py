@@ -15,6 +15,10 @@ Ops (``K_*``), each a range of work items of one image on the calling thread:
   rows); ``K_STEM_CONV`` + ``K_PACK`` without the max-pool; in a program of groups with small
   stem maps ``K_STEM_CONV`` for the whole group + ``K_MAXPOOL`` (3x3/2 max-pool and pack,
   :func:`refbnn.kernels.realpool.maxpool3s2_pack_rows`; items: pooled rows);
+* ``K_INPUT_BF16``, ``K_STEM_POOL_BF16``, ``K_STEM_CONV_BF16``: the same with the opt-in bf16
+  stem (``Engine(stem="bf16")``): the planar input as bfloat16 bits in the float arena's memory,
+  the weights as bfloat16 pairs (``Op.wt`` holds their ``uint32`` bits), tap pairs in ``Op.toff``
+  (:mod:`refbnn.kernels.realconv`'s bf16 section);
 * ``K_BCONV``: a binary conv with its fused epilogue (folded BN, pre-activation, residual add,
   post-activation; float32 residual stream and the next conv's packed input;
   :func:`refbnn.kernels.bconv_fast.conv_items`); ``K_BCONV_FLOAT``: conv + BN only (binary
@@ -48,10 +52,10 @@ from refbnn.kernels.sync import cycles, fetch_add
 
 # Numba's cache does not notice edits to imported kernels; this digest of the modules this one
 # imports, transitively (written by ``python refbnn/kernels/_codegen.py``), forces a recompile.
-DEPS_DIGEST = "663a3358b5327904"
+DEPS_DIGEST = "5b12a56dbc00f806"
 
 K_INPUT, K_STEM_POOL, K_STEM_CONV, K_PACK, K_BCONV, K_BCONV_FLOAT, K_POOL_CONV, K_AVGPOOL, \
-    K_HEAD, K_MAXPOOL = range(10)
+    K_HEAD, K_MAXPOOL, K_INPUT_BF16, K_STEM_POOL_BF16, K_STEM_CONV_BF16 = range(13)
 
 #: ``Op.ip`` slots: work items, work (for the threading choice), channel-major flag, then
 #: (offset, size) of the float input / output / residual in the float arena, residual channels,
@@ -139,6 +143,18 @@ def run_op(op, x, img, gi, lo, hi, af, au, ps, logits, feats, acc, rtmp, pixel_m
         rc.conv_taps_tiles(_r(af, ip, IP_FIN, S_FIN, gi), op.bases, ip[A1], op.toff, op.wt,
                            ip[A0], ip[A2], op.scale, op.shift, _r(af, ip, IP_FOUT, S_FOUT, gi),
                            lo, hi)
+    elif k == K_INPUT_BF16:
+        rc.to_padded_planar_bf16(x, img, ip[A0], ip[A1], ip[A2],
+                                 _r(af, ip, IP_FOUT, S_FOUT, gi).view(np.uint16), ip[A6], ip[A3],
+                                 ip[A4], ip[A5], lo, hi)
+    elif k == K_STEM_POOL_BF16:
+        rc.stem_pool_rows(_r(af, ip, IP_FIN, S_FIN, gi).view(np.uint16), op.sg, op.toff,
+                          op.wt.view(np.uint32), ip[A0], op.scale, op.shift, _f(ps, ip, IP_PS),
+                          _r(af, ip, IP_FOUT, S_FOUT, gi), _r(au, ip, IP_UOUT, S_UOUT, gi), lo, hi)
+    elif k == K_STEM_CONV_BF16:
+        rc.conv_taps_tiles(_r(af, ip, IP_FIN, S_FIN, gi).view(np.uint16), op.bases, ip[A1],
+                           op.toff, op.wt.view(np.uint32), ip[A0], ip[A2], op.scale, op.shift,
+                           _r(af, ip, IP_FOUT, S_FOUT, gi), lo, hi)
     elif k == K_PACK:
         ew.merge_pack_rows(_r(af, ip, IP_FIN, S_FIN, gi), _r(af, ip, IP_FRES, S_FRES, gi), op.sg,
                            op.slopes, _r(au, ip, IP_UOUT, S_UOUT, gi), lo, hi)

@@ -22,12 +22,16 @@ multiply-add per tap (taps in order ``t = 0, 1, ...``), holding the accumulators
 values (zmm registers), and stores ``float32(acc * scale[o]) + shift[o]`` to
 ``out[obases[i] + o]`` for ``o < c0 + nrem`` (masked: other channels' memory is untouched).
 ``MR`` is {shapes}.
-Indices are flat element indices into float32 arrays; no bounds checks.
+``tile_bf_nv{{NV}}`` (the opt-in bf16 stem) is the same block over *pairs* of taps: ``x`` holds
+bfloat16 bits (``uint16``), ``toff[t]`` the offset of pair ``t``'s even element (its odd one
+follows it), ``w`` the weight pairs (``uint32``: the even tap's bfloat16 in the low half), each
+pair accumulated by :func:`refbnn.kernels.fvec.bf_dot` (odd product first, then even).
+Indices are flat element indices; no bounds checks.
 """
 
 from numba import njit
 
-from .fvec import f16_affine_store_n, f16_bcast, f16_fma, f16_load, f16_zero
+from .fvec import bf_bcast, bf_dot, bf_load, f16_affine_store_n, f16_bcast, f16_fma, f16_load, f16_zero
 
 # Numba's cache does not notice edits to imported kernels; this digest of the modules imported
 # here (written by refbnn/kernels/_codegen.py) makes their edit change this file, hence a recompile.
@@ -36,9 +40,11 @@ DEPS_DIGEST = "0000000000000000"
 '''
 
 
-def _tile(nv: int, mr: int) -> str:
+def _tile(nv: int, mr: int, bf: bool = False) -> str:
+    name, load, bcast = ("tile_bf_nv", "bf_load", "bf_bcast") if bf else \
+        ("tile_nv", "f16_load", "f16_bcast")
     L = ["@njit(cache=True)",
-         f"def tile_nv{nv}(x, bases, toff, ntaps, w, wbase, out, obases, scale, shift, c0, nrem):"]
+         f"def {name}{nv}(x, bases, toff, ntaps, w, wbase, out, obases, scale, shift, c0, nrem):"]
     for i in range(mr):
         L.append(f"    b{i} = bases[{i}]")
     for i in range(mr):
@@ -48,12 +54,13 @@ def _tile(nv: int, mr: int) -> str:
     L.append("    for t in range(ntaps):")
     L.append("        o = toff[t]")
     for v in range(nv):
-        L.append(f"        w{v} = f16_load(w, wi + {16 * v})")
+        L.append(f"        w{v} = {load}(w, wi + {16 * v})")
     L.append(f"        wi += {16 * nv}")
     for i in range(mr):
-        L.append(f"        v = f16_bcast(x, b{i} + o)")
+        L.append(f"        v = {bcast}(x, b{i} + o)")
         for v in range(nv):
-            L.append(f"        a{i}_{v} = f16_fma(v, w{v}, a{i}_{v})")
+            L.append(f"        a{i}_{v} = bf_dot(a{i}_{v}, v, w{v})" if bf else
+                     f"        a{i}_{v} = f16_fma(v, w{v}, a{i}_{v})")
     for v in range(nv):
         L.append(f"    n{v} = min(max(nrem - {16 * v}, 0), 16)")
     for i in range(mr):
@@ -66,7 +73,8 @@ def _tile(nv: int, mr: int) -> str:
 
 def generate() -> str:
     shapes = ", ".join(f"{mr} for NV={nv}" for nv, mr in SHAPES)
-    body = "\n\n".join(_tile(nv, mr) for nv, mr in SHAPES)
+    body = "\n\n".join([_tile(nv, mr) for nv, mr in SHAPES]
+                         + [_tile(nv, mr, bf=True) for nv, mr in SHAPES])
     mr = ", ".join(f"{nv}: {m}" for nv, m in SHAPES)
     return HEADER.format(shapes=shapes) + "\n" + body + f"\n\nMR = {{{mr}}}\n"
 

@@ -27,6 +27,18 @@ def host_has_avx512_popcount() -> bool:
     return bool(features.get("avx512f")) and bool(features.get("avx512vpopcntdq"))
 
 
+@functools.lru_cache(maxsize=1)
+def host_has_avx512_bf16() -> bool:
+    """True if the host CPU has AVX512-BF16 (VDPBF16PS: the bf16 stem's dot products)."""
+    try:
+        from llvmlite import binding
+
+        features = binding.get_host_cpu_features()
+    except Exception:  # pragma: no cover - llvmlite without host feature query
+        return False
+    return bool(features.get("avx512bf16"))
+
+
 def resolve_kernel(impl: str | None = None) -> str:
     """Return ``"portable"`` or ``"fast"`` for ``impl`` (``None``: ``$REFBNN_KERNEL``, else auto)."""
     choice = impl if impl is not None else os.environ.get("REFBNN_KERNEL", "auto")

@@ -7,16 +7,20 @@ multiply-add per tap (taps in order ``t = 0, 1, ...``), holding the accumulators
 values (zmm registers), and stores ``float32(acc * scale[o]) + shift[o]`` to
 ``out[obases[i] + o]`` for ``o < c0 + nrem`` (masked: other channels' memory is untouched).
 ``MR`` is 6 for NV=4, 12 for NV=2, 12 for NV=1.
-Indices are flat element indices into float32 arrays; no bounds checks.
+``tile_bf_nv{NV}`` (the opt-in bf16 stem) is the same block over *pairs* of taps: ``x`` holds
+bfloat16 bits (``uint16``), ``toff[t]`` the offset of pair ``t``'s even element (its odd one
+follows it), ``w`` the weight pairs (``uint32``: the even tap's bfloat16 in the low half), each
+pair accumulated by :func:`refbnn.kernels.fvec.bf_dot` (odd product first, then even).
+Indices are flat element indices; no bounds checks.
 """
 
 from numba import njit
 
-from .fvec import f16_affine_store_n, f16_bcast, f16_fma, f16_load, f16_zero
+from .fvec import bf_bcast, bf_dot, bf_load, f16_affine_store_n, f16_bcast, f16_fma, f16_load, f16_zero
 
 # Numba's cache does not notice edits to imported kernels; this digest of the modules imported
 # here (written by refbnn/kernels/_codegen.py) makes their edit change this file, hence a recompile.
-DEPS_DIGEST = "bb4812a03efad010"
+DEPS_DIGEST = "fbdaa2c80d816043"
 
 
 @njit(cache=True)
@@ -300,6 +304,314 @@ def tile_nv1(x, bases, toff, ntaps, w, wbase, out, obases, scale, shift, c0, nre
         a10_0 = f16_fma(v, w0, a10_0)
         v = f16_bcast(x, b11 + o)
         a11_0 = f16_fma(v, w0, a11_0)
+    n0 = min(max(nrem - 0, 0), 16)
+    ob = obases[0] + c0
+    f16_affine_store_n(out, ob + 0, a0_0, scale, shift, c0 + 0, n0)
+    ob = obases[1] + c0
+    f16_affine_store_n(out, ob + 0, a1_0, scale, shift, c0 + 0, n0)
+    ob = obases[2] + c0
+    f16_affine_store_n(out, ob + 0, a2_0, scale, shift, c0 + 0, n0)
+    ob = obases[3] + c0
+    f16_affine_store_n(out, ob + 0, a3_0, scale, shift, c0 + 0, n0)
+    ob = obases[4] + c0
+    f16_affine_store_n(out, ob + 0, a4_0, scale, shift, c0 + 0, n0)
+    ob = obases[5] + c0
+    f16_affine_store_n(out, ob + 0, a5_0, scale, shift, c0 + 0, n0)
+    ob = obases[6] + c0
+    f16_affine_store_n(out, ob + 0, a6_0, scale, shift, c0 + 0, n0)
+    ob = obases[7] + c0
+    f16_affine_store_n(out, ob + 0, a7_0, scale, shift, c0 + 0, n0)
+    ob = obases[8] + c0
+    f16_affine_store_n(out, ob + 0, a8_0, scale, shift, c0 + 0, n0)
+    ob = obases[9] + c0
+    f16_affine_store_n(out, ob + 0, a9_0, scale, shift, c0 + 0, n0)
+    ob = obases[10] + c0
+    f16_affine_store_n(out, ob + 0, a10_0, scale, shift, c0 + 0, n0)
+    ob = obases[11] + c0
+    f16_affine_store_n(out, ob + 0, a11_0, scale, shift, c0 + 0, n0)
+
+
+@njit(cache=True)
+def tile_bf_nv4(x, bases, toff, ntaps, w, wbase, out, obases, scale, shift, c0, nrem):
+    b0 = bases[0]
+    b1 = bases[1]
+    b2 = bases[2]
+    b3 = bases[3]
+    b4 = bases[4]
+    b5 = bases[5]
+    a0_0 = f16_zero()
+    a0_1 = f16_zero()
+    a0_2 = f16_zero()
+    a0_3 = f16_zero()
+    a1_0 = f16_zero()
+    a1_1 = f16_zero()
+    a1_2 = f16_zero()
+    a1_3 = f16_zero()
+    a2_0 = f16_zero()
+    a2_1 = f16_zero()
+    a2_2 = f16_zero()
+    a2_3 = f16_zero()
+    a3_0 = f16_zero()
+    a3_1 = f16_zero()
+    a3_2 = f16_zero()
+    a3_3 = f16_zero()
+    a4_0 = f16_zero()
+    a4_1 = f16_zero()
+    a4_2 = f16_zero()
+    a4_3 = f16_zero()
+    a5_0 = f16_zero()
+    a5_1 = f16_zero()
+    a5_2 = f16_zero()
+    a5_3 = f16_zero()
+    wi = wbase
+    for t in range(ntaps):
+        o = toff[t]
+        w0 = bf_load(w, wi + 0)
+        w1 = bf_load(w, wi + 16)
+        w2 = bf_load(w, wi + 32)
+        w3 = bf_load(w, wi + 48)
+        wi += 64
+        v = bf_bcast(x, b0 + o)
+        a0_0 = bf_dot(a0_0, v, w0)
+        a0_1 = bf_dot(a0_1, v, w1)
+        a0_2 = bf_dot(a0_2, v, w2)
+        a0_3 = bf_dot(a0_3, v, w3)
+        v = bf_bcast(x, b1 + o)
+        a1_0 = bf_dot(a1_0, v, w0)
+        a1_1 = bf_dot(a1_1, v, w1)
+        a1_2 = bf_dot(a1_2, v, w2)
+        a1_3 = bf_dot(a1_3, v, w3)
+        v = bf_bcast(x, b2 + o)
+        a2_0 = bf_dot(a2_0, v, w0)
+        a2_1 = bf_dot(a2_1, v, w1)
+        a2_2 = bf_dot(a2_2, v, w2)
+        a2_3 = bf_dot(a2_3, v, w3)
+        v = bf_bcast(x, b3 + o)
+        a3_0 = bf_dot(a3_0, v, w0)
+        a3_1 = bf_dot(a3_1, v, w1)
+        a3_2 = bf_dot(a3_2, v, w2)
+        a3_3 = bf_dot(a3_3, v, w3)
+        v = bf_bcast(x, b4 + o)
+        a4_0 = bf_dot(a4_0, v, w0)
+        a4_1 = bf_dot(a4_1, v, w1)
+        a4_2 = bf_dot(a4_2, v, w2)
+        a4_3 = bf_dot(a4_3, v, w3)
+        v = bf_bcast(x, b5 + o)
+        a5_0 = bf_dot(a5_0, v, w0)
+        a5_1 = bf_dot(a5_1, v, w1)
+        a5_2 = bf_dot(a5_2, v, w2)
+        a5_3 = bf_dot(a5_3, v, w3)
+    n0 = min(max(nrem - 0, 0), 16)
+    n1 = min(max(nrem - 16, 0), 16)
+    n2 = min(max(nrem - 32, 0), 16)
+    n3 = min(max(nrem - 48, 0), 16)
+    ob = obases[0] + c0
+    f16_affine_store_n(out, ob + 0, a0_0, scale, shift, c0 + 0, n0)
+    f16_affine_store_n(out, ob + 16, a0_1, scale, shift, c0 + 16, n1)
+    f16_affine_store_n(out, ob + 32, a0_2, scale, shift, c0 + 32, n2)
+    f16_affine_store_n(out, ob + 48, a0_3, scale, shift, c0 + 48, n3)
+    ob = obases[1] + c0
+    f16_affine_store_n(out, ob + 0, a1_0, scale, shift, c0 + 0, n0)
+    f16_affine_store_n(out, ob + 16, a1_1, scale, shift, c0 + 16, n1)
+    f16_affine_store_n(out, ob + 32, a1_2, scale, shift, c0 + 32, n2)
+    f16_affine_store_n(out, ob + 48, a1_3, scale, shift, c0 + 48, n3)
+    ob = obases[2] + c0
+    f16_affine_store_n(out, ob + 0, a2_0, scale, shift, c0 + 0, n0)
+    f16_affine_store_n(out, ob + 16, a2_1, scale, shift, c0 + 16, n1)
+    f16_affine_store_n(out, ob + 32, a2_2, scale, shift, c0 + 32, n2)
+    f16_affine_store_n(out, ob + 48, a2_3, scale, shift, c0 + 48, n3)
+    ob = obases[3] + c0
+    f16_affine_store_n(out, ob + 0, a3_0, scale, shift, c0 + 0, n0)
+    f16_affine_store_n(out, ob + 16, a3_1, scale, shift, c0 + 16, n1)
+    f16_affine_store_n(out, ob + 32, a3_2, scale, shift, c0 + 32, n2)
+    f16_affine_store_n(out, ob + 48, a3_3, scale, shift, c0 + 48, n3)
+    ob = obases[4] + c0
+    f16_affine_store_n(out, ob + 0, a4_0, scale, shift, c0 + 0, n0)
+    f16_affine_store_n(out, ob + 16, a4_1, scale, shift, c0 + 16, n1)
+    f16_affine_store_n(out, ob + 32, a4_2, scale, shift, c0 + 32, n2)
+    f16_affine_store_n(out, ob + 48, a4_3, scale, shift, c0 + 48, n3)
+    ob = obases[5] + c0
+    f16_affine_store_n(out, ob + 0, a5_0, scale, shift, c0 + 0, n0)
+    f16_affine_store_n(out, ob + 16, a5_1, scale, shift, c0 + 16, n1)
+    f16_affine_store_n(out, ob + 32, a5_2, scale, shift, c0 + 32, n2)
+    f16_affine_store_n(out, ob + 48, a5_3, scale, shift, c0 + 48, n3)
+
+
+@njit(cache=True)
+def tile_bf_nv2(x, bases, toff, ntaps, w, wbase, out, obases, scale, shift, c0, nrem):
+    b0 = bases[0]
+    b1 = bases[1]
+    b2 = bases[2]
+    b3 = bases[3]
+    b4 = bases[4]
+    b5 = bases[5]
+    b6 = bases[6]
+    b7 = bases[7]
+    b8 = bases[8]
+    b9 = bases[9]
+    b10 = bases[10]
+    b11 = bases[11]
+    a0_0 = f16_zero()
+    a0_1 = f16_zero()
+    a1_0 = f16_zero()
+    a1_1 = f16_zero()
+    a2_0 = f16_zero()
+    a2_1 = f16_zero()
+    a3_0 = f16_zero()
+    a3_1 = f16_zero()
+    a4_0 = f16_zero()
+    a4_1 = f16_zero()
+    a5_0 = f16_zero()
+    a5_1 = f16_zero()
+    a6_0 = f16_zero()
+    a6_1 = f16_zero()
+    a7_0 = f16_zero()
+    a7_1 = f16_zero()
+    a8_0 = f16_zero()
+    a8_1 = f16_zero()
+    a9_0 = f16_zero()
+    a9_1 = f16_zero()
+    a10_0 = f16_zero()
+    a10_1 = f16_zero()
+    a11_0 = f16_zero()
+    a11_1 = f16_zero()
+    wi = wbase
+    for t in range(ntaps):
+        o = toff[t]
+        w0 = bf_load(w, wi + 0)
+        w1 = bf_load(w, wi + 16)
+        wi += 32
+        v = bf_bcast(x, b0 + o)
+        a0_0 = bf_dot(a0_0, v, w0)
+        a0_1 = bf_dot(a0_1, v, w1)
+        v = bf_bcast(x, b1 + o)
+        a1_0 = bf_dot(a1_0, v, w0)
+        a1_1 = bf_dot(a1_1, v, w1)
+        v = bf_bcast(x, b2 + o)
+        a2_0 = bf_dot(a2_0, v, w0)
+        a2_1 = bf_dot(a2_1, v, w1)
+        v = bf_bcast(x, b3 + o)
+        a3_0 = bf_dot(a3_0, v, w0)
+        a3_1 = bf_dot(a3_1, v, w1)
+        v = bf_bcast(x, b4 + o)
+        a4_0 = bf_dot(a4_0, v, w0)
+        a4_1 = bf_dot(a4_1, v, w1)
+        v = bf_bcast(x, b5 + o)
+        a5_0 = bf_dot(a5_0, v, w0)
+        a5_1 = bf_dot(a5_1, v, w1)
+        v = bf_bcast(x, b6 + o)
+        a6_0 = bf_dot(a6_0, v, w0)
+        a6_1 = bf_dot(a6_1, v, w1)
+        v = bf_bcast(x, b7 + o)
+        a7_0 = bf_dot(a7_0, v, w0)
+        a7_1 = bf_dot(a7_1, v, w1)
+        v = bf_bcast(x, b8 + o)
+        a8_0 = bf_dot(a8_0, v, w0)
+        a8_1 = bf_dot(a8_1, v, w1)
+        v = bf_bcast(x, b9 + o)
+        a9_0 = bf_dot(a9_0, v, w0)
+        a9_1 = bf_dot(a9_1, v, w1)
+        v = bf_bcast(x, b10 + o)
+        a10_0 = bf_dot(a10_0, v, w0)
+        a10_1 = bf_dot(a10_1, v, w1)
+        v = bf_bcast(x, b11 + o)
+        a11_0 = bf_dot(a11_0, v, w0)
+        a11_1 = bf_dot(a11_1, v, w1)
+    n0 = min(max(nrem - 0, 0), 16)
+    n1 = min(max(nrem - 16, 0), 16)
+    ob = obases[0] + c0
+    f16_affine_store_n(out, ob + 0, a0_0, scale, shift, c0 + 0, n0)
+    f16_affine_store_n(out, ob + 16, a0_1, scale, shift, c0 + 16, n1)
+    ob = obases[1] + c0
+    f16_affine_store_n(out, ob + 0, a1_0, scale, shift, c0 + 0, n0)
+    f16_affine_store_n(out, ob + 16, a1_1, scale, shift, c0 + 16, n1)
+    ob = obases[2] + c0
+    f16_affine_store_n(out, ob + 0, a2_0, scale, shift, c0 + 0, n0)
+    f16_affine_store_n(out, ob + 16, a2_1, scale, shift, c0 + 16, n1)
+    ob = obases[3] + c0
+    f16_affine_store_n(out, ob + 0, a3_0, scale, shift, c0 + 0, n0)
+    f16_affine_store_n(out, ob + 16, a3_1, scale, shift, c0 + 16, n1)
+    ob = obases[4] + c0
+    f16_affine_store_n(out, ob + 0, a4_0, scale, shift, c0 + 0, n0)
+    f16_affine_store_n(out, ob + 16, a4_1, scale, shift, c0 + 16, n1)
+    ob = obases[5] + c0
+    f16_affine_store_n(out, ob + 0, a5_0, scale, shift, c0 + 0, n0)
+    f16_affine_store_n(out, ob + 16, a5_1, scale, shift, c0 + 16, n1)
+    ob = obases[6] + c0
+    f16_affine_store_n(out, ob + 0, a6_0, scale, shift, c0 + 0, n0)
+    f16_affine_store_n(out, ob + 16, a6_1, scale, shift, c0 + 16, n1)
+    ob = obases[7] + c0
+    f16_affine_store_n(out, ob + 0, a7_0, scale, shift, c0 + 0, n0)
+    f16_affine_store_n(out, ob + 16, a7_1, scale, shift, c0 + 16, n1)
+    ob = obases[8] + c0
+    f16_affine_store_n(out, ob + 0, a8_0, scale, shift, c0 + 0, n0)
+    f16_affine_store_n(out, ob + 16, a8_1, scale, shift, c0 + 16, n1)
+    ob = obases[9] + c0
+    f16_affine_store_n(out, ob + 0, a9_0, scale, shift, c0 + 0, n0)
+    f16_affine_store_n(out, ob + 16, a9_1, scale, shift, c0 + 16, n1)
+    ob = obases[10] + c0
+    f16_affine_store_n(out, ob + 0, a10_0, scale, shift, c0 + 0, n0)
+    f16_affine_store_n(out, ob + 16, a10_1, scale, shift, c0 + 16, n1)
+    ob = obases[11] + c0
+    f16_affine_store_n(out, ob + 0, a11_0, scale, shift, c0 + 0, n0)
+    f16_affine_store_n(out, ob + 16, a11_1, scale, shift, c0 + 16, n1)
+
+
+@njit(cache=True)
+def tile_bf_nv1(x, bases, toff, ntaps, w, wbase, out, obases, scale, shift, c0, nrem):
+    b0 = bases[0]
+    b1 = bases[1]
+    b2 = bases[2]
+    b3 = bases[3]
+    b4 = bases[4]
+    b5 = bases[5]
+    b6 = bases[6]
+    b7 = bases[7]
+    b8 = bases[8]
+    b9 = bases[9]
+    b10 = bases[10]
+    b11 = bases[11]
+    a0_0 = f16_zero()
+    a1_0 = f16_zero()
+    a2_0 = f16_zero()
+    a3_0 = f16_zero()
+    a4_0 = f16_zero()
+    a5_0 = f16_zero()
+    a6_0 = f16_zero()
+    a7_0 = f16_zero()
+    a8_0 = f16_zero()
+    a9_0 = f16_zero()
+    a10_0 = f16_zero()
+    a11_0 = f16_zero()
+    wi = wbase
+    for t in range(ntaps):
+        o = toff[t]
+        w0 = bf_load(w, wi + 0)
+        wi += 16
+        v = bf_bcast(x, b0 + o)
+        a0_0 = bf_dot(a0_0, v, w0)
+        v = bf_bcast(x, b1 + o)
+        a1_0 = bf_dot(a1_0, v, w0)
+        v = bf_bcast(x, b2 + o)
+        a2_0 = bf_dot(a2_0, v, w0)
+        v = bf_bcast(x, b3 + o)
+        a3_0 = bf_dot(a3_0, v, w0)
+        v = bf_bcast(x, b4 + o)
+        a4_0 = bf_dot(a4_0, v, w0)
+        v = bf_bcast(x, b5 + o)
+        a5_0 = bf_dot(a5_0, v, w0)
+        v = bf_bcast(x, b6 + o)
+        a6_0 = bf_dot(a6_0, v, w0)
+        v = bf_bcast(x, b7 + o)
+        a7_0 = bf_dot(a7_0, v, w0)
+        v = bf_bcast(x, b8 + o)
+        a8_0 = bf_dot(a8_0, v, w0)
+        v = bf_bcast(x, b9 + o)
+        a9_0 = bf_dot(a9_0, v, w0)
+        v = bf_bcast(x, b10 + o)
+        a10_0 = bf_dot(a10_0, v, w0)
+        v = bf_bcast(x, b11 + o)
+        a11_0 = bf_dot(a11_0, v, w0)
     n0 = min(max(nrem - 0, 0), 16)
     ob = obases[0] + c0
     f16_affine_store_n(out, ob + 0, a0_0, scale, shift, c0 + 0, n0)

@@ -13,6 +13,10 @@ instructions, still the same values.
   multiply and add: no contraction) to the first ``n`` lanes at ``out[index]``, masked so the
   other lanes' memory is untouched; :func:`f16_store_n`: the same without the affine.
 
+The opt-in bf16 stem's vocabulary (:data:`bf32`: sixteen pairs of bfloat16 in one zmm register):
+:func:`bf_bcast`, :func:`bf_load`, :func:`bf_dot` (VDPBF16PS, or its float32 emulation on CPUs
+without AVX512-BF16), :func:`bf_dot_emulated` (see the section's comment for the exact arithmetic).
+
 Array arguments are arrays plus a flat element index: there is no bounds check and no negative-index
 wrap; callers guarantee ``index .. index + n - 1`` is in range.
 """
@@ -23,6 +27,8 @@ from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
+
+from .dispatch import host_has_avx512_bf16
 
 _F32 = ir.FloatType()
 _V16 = ir.VectorType(_F32, 16)
@@ -292,3 +298,138 @@ def f16_sign_bits(typingctx, v, nonpos, n):
         return builder.zext(builder.bitcast(m, ir.IntType(16)), ir.IntType(64))
 
     return types.uint64(f16, nonpos, n), codegen
+
+
+# --- bfloat16 pairs (the opt-in bf16 stem) ---------------------------------------------------------
+# A ``bf32`` value is 32 bfloat16 numbers as sixteen pairs, pair ``l`` in 32-bit lane ``l``: its
+# low half the even element, its high half the odd one (memory order). ``bf_dot(acc, a, b)`` is
+# AVX512-BF16's VDPBF16PS as Intel documents it: per lane ``l``,
+#     acc[l] = ftz(fl(acc[l] + a.odd[l] * b.odd[l]))   then
+#     acc[l] = ftz(fl(acc[l] + a.even[l] * b.even[l]))
+# each product exact in float32 (8-bit significands), each sum rounded to nearest even, ``ftz``
+# flushing results below 2**-126 in magnitude to zero of the same sign (and denormal inputs read
+# as zero: refbnn's converters never produce denormal bfloat16, see ``realconv.to_bf16``). On Zen 4
+# the instruction gave exactly this for 2000 random cases (tests/test_kernels_real.py keeps
+# checking it). CPUs without AVX512-BF16 get the same computation as two float32 FMAs plus the
+# flush (:func:`bf_dot_emulated`, also what the tests compare the instruction with).
+
+class BF32Type(types.Type):
+    """Sixteen pairs of ``bfloat16`` held as one LLVM ``<16 x i32>`` value."""
+
+    def __init__(self):
+        super().__init__(name="vec16xbf16x2")
+
+
+bf32 = BF32Type()
+_VI16 = ir.VectorType(_I32, 16)
+
+
+@register_model(BF32Type)
+class _BF32Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _VI16)
+
+
+class _BFloatType(ir.Type):
+    """LLVM's ``bfloat`` (llvmlite has no class for it; the IR is text, so its name suffices)."""
+
+    def _to_string(self):
+        return "bfloat"
+
+    def __eq__(self, other):
+        return isinstance(other, _BFloatType)
+
+    def __hash__(self):
+        return hash("bfloat")
+
+
+_VBF32 = ir.VectorType(_BFloatType(), 32)
+
+
+def _is_array_of(a, dtype):
+    return isinstance(a, types.Array) and a.dtype == dtype
+
+
+@intrinsic
+def bf_bcast(typingctx, arr, index):
+    """The pair ``arr[index], arr[index + 1]`` (``uint16`` bfloat16 bits; any alignment) in all
+    sixteen lanes."""
+    if not _is_array_of(arr, types.uint16) or not isinstance(index, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        s = builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], _I32), align=2)
+        v = builder.insert_element(ir.Constant(_VI16, ir.Undefined), s, ir.Constant(_I32, 0))
+        return builder.shuffle_vector(v, ir.Constant(_VI16, ir.Undefined),
+                                      ir.Constant(_VI16, None))
+
+    return bf32(arr, index), codegen
+
+
+@intrinsic
+def bf_load(typingctx, arr, index):
+    """Sixteen pairs ``arr[index : index + 16]`` (``uint32``, each a pair of bfloat16 bits)."""
+    if not _is_array_of(arr, types.uint32) or not isinstance(index, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], _VI16), align=4)
+
+    return bf32(arr, index), codegen
+
+
+def _bf_dot_fmas(builder, acc, a, b):
+    """VDPBF16PS in float32 FMAs: odd halves first, then even ones, each result flushed."""
+    hi = ir.Constant(_VI16, [0xFFFF0000] * 16)
+    sixteen = ir.Constant(_VI16, [16] * 16)
+    fma = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(_V16, [_V16, _V16, _V16]), "llvm.fma.v16f32")
+    fabs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16, [_V16]),
+                                          "llvm.fabs.v16f32")
+    tiny = ir.Constant(_V16, [float(2.0 ** -126)] * 16)
+    zero_bits = ir.Constant(_VI16, [0x80000000] * 16)
+
+    def flush(v):
+        # |v| < 2**-126 -> zero of v's sign (bits & sign mask)
+        small = builder.fcmp_ordered("<", builder.call(fabs, [v]), tiny)
+        signed_zero = builder.bitcast(builder.and_(builder.bitcast(v, _VI16), zero_bits), _V16)
+        return builder.select(small, signed_zero, v)
+
+    for half in ("odd", "even"):
+        if half == "odd":
+            x, y = builder.and_(a, hi), builder.and_(b, hi)
+        else:
+            x, y = builder.shl(a, sixteen), builder.shl(b, sixteen)
+        acc = flush(builder.call(fma, [builder.bitcast(x, _V16), builder.bitcast(y, _V16), acc]))
+    return acc
+
+
+@intrinsic
+def bf_dot(typingctx, acc, a, b):
+    """``acc`` plus the pairwise products of ``a`` and ``b`` (the module's section comment): one
+    VDPBF16PS where the host CPU has AVX512-BF16, :func:`bf_dot_emulated`'s FMAs elsewhere."""
+    if not (acc == f16 and a == bf32 and b == bf32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        if not host_has_avx512_bf16():
+            return _bf_dot_fmas(builder, *args)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_V16, [_V16, _VBF32, _VBF32]),
+            "llvm.x86.avx512bf16.dpbf16ps.512")
+        return builder.call(fn, [args[0], builder.bitcast(args[1], _VBF32),
+                                 builder.bitcast(args[2], _VBF32)])
+
+    return f16(f16, bf32, bf32), codegen
+
+
+@intrinsic
+def bf_dot_emulated(typingctx, acc, a, b):
+    """:func:`bf_dot` as float32 FMAs on every CPU (odd halves, then even, each result flushed)."""
+    if not (acc == f16 and a == bf32 and b == bf32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _bf_dot_fmas(builder, *args)
+
+    return f16(f16, bf32, bf32), codegen

@@ -34,6 +34,52 @@ def conv_bn(x, w_hwio, stride, pad, scale, shift):
     return y, bound
 
 
+def bf16_round(x):
+    """float32 ``x`` rounded to bfloat16 (8 significant bits, to nearest even), as float32; results
+    below 2**-126 in magnitude are zeros of ``x``'s sign, values at or beyond 2**128 after rounding
+    infinities, NaN stays NaN (:func:`refbnn.kernels.realconv.to_bf16`'s rule, derived here from
+    ``frexp`` instead of bit arithmetic)."""
+    x = np.asarray(x, np.float32)
+    m, e = np.frexp(x.astype(np.float64))          # x = m * 2**e, 0.5 <= |m| < 1
+    with np.errstate(over="ignore", invalid="ignore"):
+        r = np.ldexp(np.round(m * 256.0), e - 8).astype(np.float32)   # np.round: half to even
+    r = np.where(np.abs(r) < 2.0 ** -126, np.copysign(np.float32(0), x), r)
+    return np.where(np.isnan(x) | np.isinf(x), x, r).astype(np.float32)
+
+
+def _ftz(v):
+    return np.where(np.abs(v) < 2.0 ** -126, np.copysign(np.float32(0), v), v).astype(np.float32)
+
+
+def conv_bn_bf16(x, w_hwio, stride, pad, scale, shift):
+    """The bf16 stem (docs/semantics.md, "bf16 stem"), exactly: NHWC ``x`` and HWIO ``w``
+    rounded by :func:`bf16_round`, zero padding ``pad``; per output, in float32 from +0, the tap
+    pairs in the order (input channel, kernel row ``a``, column pair ``(2q, 2q + 1)``) (an odd
+    kernel's last column with a zero weight), each pair adding its odd column's product, then its
+    even one's, each sum rounded once and flushed below 2**-126 (the products of two bfloat16
+    values are exact in float32); then ``float32(acc * scale) + shift``. Exact for finite inputs
+    whose products stay at or above 2**-126 in magnitude (or are zero)."""
+    xb = bf16_round(x)
+    wb = bf16_round(w_hwio)
+    kh, kw, c, o = wb.shape
+    kq = -(-kw // 2)
+    xp = np.pad(xb, ((0, 0), (pad, pad), (pad, pad + 1), (0, 0)))
+    n = xp.shape[0]
+    oh = (x.shape[1] + 2 * pad - kh) // stride + 1
+    ow = (x.shape[2] + 2 * pad - kw) // stride + 1
+    acc = np.zeros((n, oh, ow, o), np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for ch in range(c):
+            for a in range(kh):
+                for q in range(kq):
+                    for b in (2 * q + 1, 2 * q):
+                        wv = wb[a, b, ch] if b < kw else np.zeros(o, np.float32)
+                        patch = xp[:, a:a + stride * (oh - 1) + 1:stride,
+                                   b:b + stride * (ow - 1) + 1:stride, ch]
+                        acc = _ftz(acc + patch[..., None] * wv)
+    return (acc * scale).astype(np.float32) + shift
+
+
 def avgpool2(x):
     """2x2/2 average pool, ceil mode, in-bounds pixels only, as the float path: taps (0,0), (0,1),
     (1,0), (1,1) summed in float32 in that order (missing taps skipped), divided by their count."""

@@ -24,16 +24,17 @@ repeats pixel ``npix - 1``, which recomputes and rewrites the same values (same 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from .elementwise import pack_pixel
-from .ftiles import MR, tile_nv1, tile_nv2, tile_nv4
+from .ftiles import MR, tile_bf_nv1, tile_bf_nv2, tile_bf_nv4, tile_nv1, tile_nv2, tile_nv4
 from .fvec import f16_add, f16_div, f16_load_n, f16_max, f16_store_n
 from .sync import borrowed
 
 # Numba's cache does not notice edits to imported kernels; this digest of ftiles.py and fvec.py
 # (tests/test_kernels_real.py recomputes it) forces an edit here, hence a recompile.
-DEPS_DIGEST = "07c802115a2c8b10"
+DEPS_DIGEST = "7f2c17211932a6da"
 
 MR1, MR2, MR4 = MR[1], MR[2], MR[4]
 
@@ -44,11 +45,12 @@ def vectors_for(channels: int) -> int:
 
 
 def weight_tiles(w_to, nv: int) -> np.ndarray:
-    """``w_to`` float32 ``(T, O)`` -> flat ``(ceil(O / (16 nv)), T, 16 nv)`` blocks, zero padded."""
+    """``w_to`` ``(T, O)`` (float32, or :func:`weight_pairs_bf16`'s uint32) -> flat
+    ``(ceil(O / (16 nv)), T, 16 nv)`` blocks of its dtype, zero padded."""
     t, o = w_to.shape
     lanes = 16 * nv
     nct = -(-o // lanes)
-    wt = np.zeros((t, nct * lanes), np.float32)
+    wt = np.zeros((t, nct * lanes), np.uint32 if w_to.dtype == np.uint32 else np.float32)
     wt[:, :o] = w_to
     return np.ascontiguousarray(wt.reshape(t, nct, lanes).transpose(1, 0, 2)).reshape(-1)
 
@@ -87,6 +89,110 @@ def to_padded_planar(x, img, c, h, w, dst, hp, wp, pt, pl, r0, r1):
             dst[d:d + w] = x[src:src + w]
 
 
+# --- the opt-in bf16 stem ----------------------------------------------------------------------
+# Image and weights rounded to bfloat16 (:func:`to_bf16`), the taps taken in pairs along a kernel
+# row, each pair by one :func:`refbnn.kernels.fvec.bf_dot` (VDPBF16PS): pairs in the order
+# (input channel, kernel row a, column pair (2q, 2q + 1)), an odd kernel's last column paired with
+# a zero weight (reading a zero column appended to every padded row: :func:`bf16_planar_width`).
+# docs/semantics.md ("bf16 stem") states the arithmetic; real_oracle.conv_bn_bf16 is its oracle.
+
+@njit(cache=True, inline="always")
+def to_bf16(bits):
+    """float32 bits (``uint32``) -> bfloat16 bits (``uint32`` below 2**16): round to nearest even;
+    a result below the smallest normal (2**-126) becomes zero of the same sign; NaN stays NaN
+    (quiet, sign kept); infinities stay."""
+    r = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    # (selects, no branches: the converters' loops vectorise)
+    r = r if (r & np.uint32(0x7F80)) != 0 else r & np.uint32(0x8000)
+    nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    r = ((bits >> np.uint32(16)) | np.uint32(0x40)) if nan else r
+    return r
+
+
+@njit(cache=True)
+def to_bf16_array(x, out):
+    """:func:`to_bf16` of every element of float32 ``x`` into ``uint16`` ``out`` (same length)."""
+    u = x.view(np.uint32)
+    for i in range(u.shape[0]):
+        out[i] = np.uint16(to_bf16(u[i]))
+
+
+def bf16_planar_width(wp: int, k: int) -> int:
+    """Row length of the bf16 stem's planar image: ``wp`` plus one zero column for an odd ``k``
+    (the last column pair's odd partner)."""
+    return wp + (k % 2)
+
+
+def weight_pairs_bf16(w_hwio) -> np.ndarray:
+    """HWIO float32 ``(k, k, c, o)`` -> ``(c * k * ceil(k / 2), o)`` uint32 pairs in the bf16
+    stem's order ``(channel, a, q)``: low half ``bf16(w[a, 2q, ch])``, high half
+    ``bf16(w[a, 2q + 1, ch])`` (0 past the kernel's last column)."""
+    w = np.asarray(w_hwio, np.float32)
+    k, _, c, o = w.shape
+    kq = -(-k // 2)
+    wb = np.zeros((k, 2 * kq, c, o), np.uint16)
+    flat = np.empty(w.size, np.uint16)
+    to_bf16_array(np.ascontiguousarray(w).reshape(-1), flat)
+    wb[:, :k] = flat.reshape(w.shape)
+    lo = wb[:, 0::2].astype(np.uint32)          # (a, q, ch, o)
+    hi = wb[:, 1::2].astype(np.uint32)
+    pairs = lo | (hi << np.uint32(16))
+    return np.ascontiguousarray(pairs.transpose(2, 0, 1, 3)).reshape(c * k * kq, o)
+
+
+def planar_geometry_bf16(n, c, hp, wpb, k, stride, oh, ow):
+    """:func:`planar_geometry` for the bf16 stem: ``(bases, toff)`` over a planar bfloat16 image
+    ``(n, c, hp, wpb)``, ``toff`` one offset per tap pair (its even element), in
+    :func:`weight_pairs_bf16`'s order."""
+    img, i, j = np.meshgrid(np.arange(n), np.arange(oh), np.arange(ow), indexing="ij")
+    bases = (img * c * hp * wpb + i * stride * wpb + j * stride).reshape(-1).astype(np.int64)
+    ch, a, q = np.meshgrid(np.arange(c), np.arange(k), np.arange(-(-k // 2)), indexing="ij")
+    toff = ((ch * hp + a) * wpb + 2 * q).reshape(-1).astype(np.int64)
+    return bases, toff
+
+
+@njit(cache=True)
+def to_padded_planar_bf16(x, img, c, h, w, dst, hp, wpb, pt, pl, r0, r1):
+    """:func:`to_padded_planar` into a ``uint16`` planar buffer ``(c, hp, wpb)`` of bfloat16 bits
+    (:func:`to_bf16` of each value; the border, zero, is never written)."""
+    u = x.view(np.uint32)
+    for ch in range(c):
+        for r in range(r0, r1):
+            src = ((img * c + ch) * h + r) * w
+            d = (ch * hp + pt + r) * wpb + pl
+            s_row, d_row = u[src:src + w], dst[d:d + w]
+            for j in range(w):
+                d_row[j] = np.uint16(to_bf16(s_row[j]))
+
+
+def _tile_any(x, toff, ntaps, w, nv, o, scale, shift, out, b, ob):
+    """``_tile`` for float32 images and weights, :func:`_tile_bf` for bf16 ones (by dtype)."""
+
+
+@overload(_tile_any, inline="always")
+def _tile_any_impl(x, toff, ntaps, w, nv, o, scale, shift, out, b, ob):
+    if isinstance(x, types.Array) and x.dtype == types.uint16:
+        return lambda x, toff, ntaps, w, nv, o, scale, shift, out, b, ob: \
+            _tile_bf(x, toff, ntaps, w, nv, o, scale, shift, out, b, ob)
+    return lambda x, toff, ntaps, w, nv, o, scale, shift, out, b, ob: \
+        _tile(x, toff, ntaps, w, nv, o, scale, shift, out, b, ob)
+
+
+@njit(cache=True, inline="always")
+def _tile_bf(x, toff, ntaps, w, nv, o, scale, shift, out, b, ob):
+    lanes = 16 * nv
+    nct = (o + lanes - 1) // lanes
+    for ct in range(nct):
+        c0 = ct * lanes
+        wbase = ct * ntaps * lanes
+        if nv == 4:
+            tile_bf_nv4(x, b, toff, ntaps, w, wbase, out, ob, scale, shift, c0, o - c0)
+        elif nv == 2:
+            tile_bf_nv2(x, b, toff, ntaps, w, wbase, out, ob, scale, shift, c0, o - c0)
+        else:
+            tile_bf_nv1(x, b, toff, ntaps, w, wbase, out, ob, scale, shift, c0, o - c0)
+
+
 @njit(cache=True, inline="always")
 def _tile(x, toff, ntaps, w, nv, o, scale, shift, out, b, ob):
     lanes = 16 * nv
@@ -123,7 +229,7 @@ def _conv_tiles(x, bases, npix, toff, w, nv, o, scale, shift, out, q0, q1):
             p = min(q * mr + i, npix - 1)
             tb[i] = bases[p]
             tob[i] = p * o
-        _tile(x, toff, ntaps, w, nv, o, scale, shift, out, tb, tob)
+        _tile_any(x, toff, ntaps, w, nv, o, scale, shift, out, tb, tob)
 
 
 def conv_tiles_count(npix: int, nv: int) -> int:
@@ -206,7 +312,7 @@ def stem_pool_rows(xin, sg, toff, w, nv, scale, shift, ring, pooled, dst, i0, i1
                 xx = p - (p // sw) * sw
                 tb[t] = (yy * stride * wp + xx * stride) * c
                 tob[t] = ((yy % rb) * sw + xx) * o
-            _tile(xin, toff, ntaps, w, nv, o, scale, shift, ring, tb, tob)
+            _tile_any(xin, toff, ntaps, w, nv, o, scale, shift, ring, tb, tob)
         y = yb
         while i < i1 and min(2 * i + 2, sh) <= y:
             r0, r1 = max(2 * i - 1, 0), min(2 * i + 2, sh)
