@@ -16,6 +16,10 @@ a 1x1 conv, pooling each tile's pixels into a small scratch first;
 band through a ring of conv rows that stays in cache. The ``*_tiles`` / ``*_rows`` functions run a
 range of work items on the calling thread (the engine's executor splits layers with them).
 
+With a ``uint16`` image (bfloat16 bits), tap-pair offsets and ``uint32`` weight pairs the same
+drivers (:func:`conv_taps_tiles`, :func:`stem_pool_rows`) run the opt-in bf16 stem (its section
+below; the micro-kernel is picked by the image's dtype at compile time).
+
 Weights go in as :func:`weight_tiles` (``(T, O)`` split into blocks of ``16 * nv`` channels, zero
 padded). Work is split over tiles of ``MR`` consecutive output pixels (``prange``); the last tile
 repeats pixel ``npix - 1``, which recomputes and rewrites the same values (same thread).
