@@ -16,27 +16,25 @@ KERNEL_CHOICES = ("auto", "portable", "fast")
 
 
 @functools.lru_cache(maxsize=1)
+def _host_features() -> dict:
+    """llvmlite's host CPU feature flags (empty where it cannot tell)."""
+    try:
+        from llvmlite import binding
+
+        return dict(binding.get_host_cpu_features())
+    except Exception:  # pragma: no cover - llvmlite without host feature query
+        return {}
+
+
 def host_has_avx512_popcount() -> bool:
     """True if the host CPU has AVX-512F and AVX-512 VPOPCNTDQ."""
-    try:
-        from llvmlite import binding
-
-        features = binding.get_host_cpu_features()
-    except Exception:  # pragma: no cover - llvmlite without host feature query
-        return False
-    return bool(features.get("avx512f")) and bool(features.get("avx512vpopcntdq"))
+    f = _host_features()
+    return bool(f.get("avx512f")) and bool(f.get("avx512vpopcntdq"))
 
 
-@functools.lru_cache(maxsize=1)
 def host_has_avx512_bf16() -> bool:
     """True if the host CPU has AVX512-BF16 (VDPBF16PS: the bf16 stem's dot products)."""
-    try:
-        from llvmlite import binding
-
-        features = binding.get_host_cpu_features()
-    except Exception:  # pragma: no cover - llvmlite without host feature query
-        return False
-    return bool(features.get("avx512bf16"))
+    return bool(_host_features().get("avx512bf16"))
 
 
 def resolve_kernel(impl: str | None = None) -> str:
