@@ -51,7 +51,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--dataset", default="mnist", choices=sorted(DATASETS), help="default mnist")
     p.add_argument("--data-dir", type=cli_util.existing_dir,
                    help="folder holding the IDX files (or <dataset>/ with them); nothing else is "
-                        "searched then (default: $REFBNN_DATA_DIR/<dataset>, the cache, /usr/share/datasets)")
+                        "searched then (default: $REFBNN_DATA_DIR's folders/<dataset>, the cache)")
     p.add_argument("--no-download", action="store_true", help="never try to download the data")
     p.add_argument("--model", choices=list_models(), metavar="PRESET",
                    help=f"model preset, one of {', '.join(list_models())} (default {m['model']})")

@@ -266,7 +266,6 @@ def test_infer_no_download(tmp_path, model_file, monkeypatch, capsys):
     f = fileformat.load(model_file)
     fileformat.save_model(with_dataset, f.state_dict, config=f.config, dataset="mnist",
                           binary_weights={n: {"groups": b.groups} for n, b in f.binary.items()})
-    monkeypatch.setattr("refbnn.data.locate.SYSTEM_DATA_DIR", tmp_path / "none")
     assert infer.main([str(with_dataset), "--no-download"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "download disabled" in err, err

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import socket
 import struct
 import threading
@@ -67,10 +68,9 @@ def write_split(folder: Path, n: int, split: str = "train", gz: bool = True, see
 
 @pytest.fixture
 def isolated(tmp_path, monkeypatch):
-    """Empty env folder, user cache and system folder: nothing is found unless a test puts it."""
+    """Empty env folder and user cache: nothing is found unless a test puts it."""
     monkeypatch.setenv("REFBNN_DATA_DIR", str(tmp_path / "env"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(locate, "SYSTEM_DATA_DIR", tmp_path / "system")
     return tmp_path
 
 
@@ -182,8 +182,7 @@ def sha256_of_content(path: Path) -> str:
     return hashlib.sha256(gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data).hexdigest()
 
 
-def test_real_mnist(data_dir, monkeypatch):
-    monkeypatch.setattr(locate, "SYSTEM_DATA_DIR", Path("/nonexistent"))
+def test_real_mnist(data_dir):
     train = load_dataset("mnist", "train", data_dir=data_dir, download=False)
     test = load_dataset("mnist", "test", data_dir=data_dir / "mnist", download=False)
     assert (train.images.shape, test.images.shape) == ((60000, 28, 28), (10000, 28, 28))
@@ -205,7 +204,11 @@ def test_real_mnist(data_dir, monkeypatch):
 @pytest.mark.skipif(not FASHION_SYSTEM_DIR.is_dir(),
                     reason="Debian package dataset-fashion-mnist not installed")
 def test_real_fashion_mnist_from_debian_package(isolated, monkeypatch):
-    monkeypatch.setattr(locate, "SYSTEM_DATA_DIR", FASHION_SYSTEM_DIR.parent)
+    # the system copy is found only when REFBNN_DATA_DIR lists its parent (here second)
+    with pytest.raises(DataError):
+        load_dataset("fashion-mnist", "train", download=False)
+    monkeypatch.setenv("REFBNN_DATA_DIR",
+                       os.pathsep.join([str(isolated / "env"), str(FASHION_SYSTEM_DIR.parent)]))
     train = load_dataset("fashion-mnist", "train", download=False)
     assert train.images.shape == (60000, 28, 28)
     assert list(train.labels[:10]) == [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]
@@ -255,19 +258,34 @@ def test_inconsistent_split_files_are_rejected_naming_them(isolated, problem):
 
 
 # --- lookup order ------------------------------------------------------------------------------
-def test_lookup_order_argument_env_cache_system(isolated):
+def test_lookup_order_argument_env_roots_cache(isolated, monkeypatch):
     arg_parent = isolated / "arg"
     write_split(arg_parent / "mnist", 1)
     write_split(isolated / "env" / "mnist", 2)
-    write_split(isolated / "cache" / "refbnn" / "mnist", 3)
-    write_split(isolated / "system" / "mnist", 4, gz=False)
+    write_split(isolated / "env2" / "mnist", 3, gz=False)
+    write_split(isolated / "cache" / "refbnn" / "mnist", 4)
+    roots = [str(isolated / "env"), "", str(isolated / "env2")]  # empty entries are ignored
+    monkeypatch.setenv("REFBNN_DATA_DIR", os.pathsep.join(roots))
     assert len(load_dataset("mnist", "train", data_dir=arg_parent, download=False)) == 1
     assert len(load_dataset("mnist", "train", data_dir=arg_parent / "mnist", download=False)) == 1
     assert len(load_dataset("mnist", "train", download=False)) == 2
-    for folder, expected in (("env", 3), ("cache", 4)):
+    for folder, expected in (("env", 3), ("env2", 4)):
         for f in files_under(isolated / folder):
             f.unlink()
         assert len(load_dataset("mnist", "train", download=False)) == expected
+    for f in files_under(isolated / "cache"):
+        f.unlink()
+    with pytest.raises(DataError):
+        load_dataset("mnist", "train", download=False)
+
+
+def test_only_the_argument_env_roots_and_cache_are_searched(isolated, monkeypatch):
+    monkeypatch.setenv("REFBNN_DATA_DIR", os.pathsep.join(["/r1", "/r2"]))
+    assert locate.search_dirs("fashion-mnist", "/arg") == [
+        Path("/arg"), Path("/arg/fashion-mnist"), Path("/r1/fashion-mnist"),
+        Path("/r2/fashion-mnist"), isolated / "cache" / "refbnn" / "fashion-mnist"]
+    monkeypatch.delenv("REFBNN_DATA_DIR")
+    assert locate.search_dirs("mnist") == [isolated / "cache" / "refbnn" / "mnist"]
 
 
 def test_argument_folder_without_files_falls_back_in_order(isolated):

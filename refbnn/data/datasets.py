@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,7 +70,8 @@ def load_dataset(name: str, split: str, data_dir=None, download: bool = True) ->
         where = (f"{spec.name} {split} files ({' and '.join(f + '[.gz]' for f in file_names)}) "
                  f"not found in: {', '.join(str(d) for d in dirs)}")
         hint = (f"put the four files in {locate.cache_dir(spec.name)}, or in DIR/{spec.name}/ and "
-                f"set {locate.ENV_VAR}=DIR, or pass data_dir=DIR")
+                f"set {locate.ENV_VAR}=DIR (a {os.pathsep!r}-separated list of folders), or pass "
+                f"data_dir=DIR")
         if not download:
             raise DataError(f"{where} (download disabled); {hint}")
         cache = locate.cache_dir(spec.name)

@@ -3,11 +3,13 @@
 Folders searched for data set ``name`` (first folder holding BOTH files of the split wins):
 
 1. the explicit ``data_dir`` argument itself, then ``data_dir/<name>/``;
-2. ``$REFBNN_DATA_DIR/<name>/``;
+2. ``<root>/<name>/`` for each root in ``$REFBNN_DATA_DIR``, a list of folders separated by
+   ``os.pathsep`` (``:`` on POSIX) like ``PATH``, searched left to right (empty entries ignored);
+   a system-wide copy, such as the one a distribution package installs, is named here;
 3. the user cache: ``$XDG_CACHE_HOME/refbnn/<name>/`` (``XDG_CACHE_HOME`` used only when set to an
-   absolute path) or else ``~/.cache/refbnn/<name>/`` (downloads go here);
-4. ``/usr/share/datasets/<name>/`` (Debian's ``dataset-fashion-mnist`` installs the four
-   standard ``.gz`` files in ``/usr/share/datasets/fashion-mnist/``).
+   absolute path) or else ``~/.cache/refbnn/<name>/`` (downloads go here).
+
+No other place is searched: the library names no system folder of its own.
 
 In a folder, file ``F`` (a standard name such as ``train-images-idx3-ubyte``) is matched as ``F``,
 else ``F.gz``; the reader detects compression from the content, not from the name.
@@ -19,7 +21,6 @@ import os
 from pathlib import Path
 
 ENV_VAR = "REFBNN_DATA_DIR"
-SYSTEM_DATA_DIR = Path("/usr/share/datasets")
 
 
 def cache_dir(name: str) -> Path:
@@ -29,16 +30,18 @@ def cache_dir(name: str) -> Path:
     return root / "refbnn" / name
 
 
+def env_roots() -> list[Path]:
+    """The folders listed in ``$REFBNN_DATA_DIR`` (``os.pathsep``-separated), in order."""
+    return [Path(r) for r in os.environ.get(ENV_VAR, "").split(os.pathsep) if r]
+
+
 def search_dirs(name: str, data_dir=None) -> list[Path]:
     """The folders searched for data set ``name``, in lookup order (they need not exist)."""
     dirs = []
     if data_dir is not None:
         dirs += [Path(data_dir), Path(data_dir) / name]
-    env = os.environ.get(ENV_VAR)
-    if env:
-        dirs.append(Path(env) / name)
+    dirs += [Path(root) / name for root in env_roots()]
     dirs.append(cache_dir(name))
-    dirs.append(SYSTEM_DATA_DIR / name)
     return dirs
 
 

@@ -3,7 +3,7 @@
 The SHA-256 digests are of the DECOMPRESSED IDX files (gzip bytes differ between mirrors and
 compressors; the content does not). MNIST's were computed from the reference copy of the
 standard files, Fashion-MNIST's from Debian's ``dataset-fashion-mnist`` package
-(``0.0~git20200523.55506a9-1``, files in ``/usr/share/datasets/fashion-mnist/``).
+(``0.0~git20200523.55506a9-1``).
 
 Normalisation statistics are the mean and (population) standard deviation of ``pixel / 255``
 over every pixel of the train split: MNIST 0.13066, 0.30811 (the customary rounded 0.1307,

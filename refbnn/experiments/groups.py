@@ -339,7 +339,7 @@ def build_parser() -> ArgumentParser:
                    help=f"folder for the tables and the figure (default {DEFAULT_OUT_DIR})")
     p.add_argument("--data-dir", type=cli_util.existing_dir,
                    help="folder with the data set's IDX files or <dataset>/; nothing else is searched "
-                        "then (default: $REFBNN_DATA_DIR/<dataset>, the cache, /usr/share/datasets)")
+                        "then (default: $REFBNN_DATA_DIR's folders/<dataset>, the cache)")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke test: {QUICK['train_size']} training images, {QUICK['epochs']} epochs, "
                         "1 seed, the narrowest widths")

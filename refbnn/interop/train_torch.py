@@ -76,8 +76,8 @@ def parse_args(argv):
     d = p.add_argument_group("data")
     d.add_argument("--dataset", help="mnist or fashion-mnist (default mnist unless --data is given)")
     d.add_argument("--data", metavar="ROOT", help="ImageNet-layout folder ROOT/{train,val}/<class>/*")
-    d.add_argument("--data-dir", help="folder holding the IDX files (else $REFBNN_DATA_DIR/<dataset>, "
-                   "the cache, /usr/share/datasets)")
+    d.add_argument("--data-dir", help="folder holding the IDX files (else $REFBNN_DATA_DIR's "
+                   "folders/<dataset>, the cache)")
     d.add_argument("--no-download", action="store_true", help="never try to download the IDX files")
     d.add_argument("--image-size", type=int, help="--data: crop size (default 224; evaluation "
                    "resizes the shorter side to size*256/224 first)")
