@@ -37,6 +37,18 @@ def cpu_name() -> str:
     return "unknown"
 
 
+#: The ISA extensions that decide which of refbnn's kernels run (a VM may hide some of its CPU's).
+ISA_FEATURES = ("avx2", "fma", "avx512f", "avx512vpopcntdq", "avx512bf16")
+
+
+def host_isa() -> dict:
+    """The :data:`ISA_FEATURES` LLVM sees on this host, and the binary kernel ``auto`` picks."""
+    from refbnn.kernels.dispatch import _host_features, resolve_kernel
+    feats = _host_features()
+    return {**{f: bool(feats.get(f, False)) for f in ISA_FEATURES},
+            "binary_kernel": resolve_kernel("auto")}
+
+
 def source_revision() -> str:
     """The checkout's git commit (``+dirty`` when refbnn/ or tools/ has uncommitted edits), or
     ``"unknown"`` outside a git checkout."""

@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from _bench_common import cpu_name, source_revision, write_json
+from _bench_common import cpu_name, host_isa, source_revision, write_json
 
 
 def timed(fn, min_runs=3, budget=1.0, max_runs=200):
@@ -218,7 +218,8 @@ def main(argv=None):
 
     shipped = shipped_checks(args, cases, threads, np) if any(
         lbl.startswith("mnist") for lbl, _, _ in cases) else {}
-    report = {"cpu": cpu_name(), "source": source_revision(), "load_before": os.getloadavg(),
+    report = {"cpu": cpu_name(), "isa": host_isa(), "source": source_revision(),
+              "load_before": os.getloadavg(),
               "threading_layer": numba.threading_layer(), "numba_threads": numba.config.NUMBA_NUM_THREADS,
               "openvino": ovi._ov()[0].__version__ if ovi else None,
               "openvino_default_precision": ov_precision, "torch": torch.__version__ if torch else None,
@@ -327,7 +328,10 @@ def floors(rows, stages, shipped):
 
 
 def print_table(rep):
-    print(f"CPU: {rep['cpu']}; source {rep['source']}; threading layer {rep['threading_layer']}; "
+    isa = rep.get("isa", {})
+    print(f"CPU: {rep['cpu']} ({', '.join(k for k, v in isa.items() if v is True) or 'ISA unknown'}; "
+          f"binary kernel {isa.get('binary_kernel', '?')}); source {rep['source']}; "
+          f"threading layer {rep['threading_layer']}; "
           f"OpenVINO {rep['openvino']} (default precision: "
           f"{sorted(set(rep['openvino_default_precision'].values()))}); torch {rep['torch']}")
     cols = [("refbnn_ms", "refbnn"), ("refbnn_bf16_ms", "rb bf16"), ("ov_f32_ms", "ov f32"),
