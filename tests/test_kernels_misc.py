@@ -137,8 +137,14 @@ def test_kernel_choice_env_and_argument(monkeypatch):
     assert dispatch.resolve_kernel() == "portable"
     assert dispatch.resolve_kernel("fast") == "fast"
     monkeypatch.setenv("REFBNN_KERNEL", "auto")
-    want = "fast" if dispatch.host_has_avx512_popcount() else "portable"
-    assert dispatch.resolve_kernel() == want
+    for feats, want in (({"avx512f": True, "avx512vpopcntdq": True, "avx2": True}, "fast"),
+                        ({"avx2": True, "fma": True}, "fast"),  # an AVX2-only host (measured)
+                        ({"avx512f": True, "avx512vpopcntdq": False, "avx2": False}, "portable"),
+                        ({"neon": True}, "portable"), ({}, "portable")):
+        monkeypatch.setattr(dispatch, "_host_features", lambda f=feats: f)
+        assert dispatch.resolve_kernel() == want, feats
+    monkeypatch.undo()
+    monkeypatch.setenv("REFBNN_KERNEL", "auto")
     k = np.ones((1, 1, 3, 2), np.float32)
     for choice in ("portable", "fast"):
         monkeypatch.setenv("REFBNN_KERNEL", choice)

@@ -42,11 +42,12 @@ ISA_FEATURES = ("avx2", "fma", "avx512f", "avx512vpopcntdq", "avx512bf16")
 
 
 def host_isa() -> dict:
-    """The :data:`ISA_FEATURES` LLVM sees on this host, and the binary kernel ``auto`` picks."""
+    """The :data:`ISA_FEATURES` LLVM sees on this host, and the kernel the ops API's ``auto`` picks
+    (``ops_auto_kernel``; the engine always runs the tiled kernels)."""
     from refbnn.kernels.dispatch import _host_features, resolve_kernel
     feats = _host_features()
     return {**{f: bool(feats.get(f, False)) for f in ISA_FEATURES},
-            "binary_kernel": resolve_kernel("auto")}
+            "ops_auto_kernel": resolve_kernel("auto")}
 
 
 def source_revision() -> str:

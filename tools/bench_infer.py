@@ -330,7 +330,7 @@ def floors(rows, stages, shipped):
 def print_table(rep):
     isa = rep.get("isa", {})
     print(f"CPU: {rep['cpu']} ({', '.join(k for k, v in isa.items() if v is True) or 'ISA unknown'}; "
-          f"binary kernel {isa.get('binary_kernel', '?')}); source {rep['source']}; "
+          f"ops auto kernel {isa.get('ops_auto_kernel', '?')}); source {rep['source']}; "
           f"threading layer {rep['threading_layer']}; "
           f"OpenVINO {rep['openvino']} (default precision: "
           f"{sorted(set(rep['openvino_default_precision'].values()))}); torch {rep['torch']}")
