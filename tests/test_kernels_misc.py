@@ -154,6 +154,31 @@ def test_kernel_choice_env_and_argument(monkeypatch):
         dispatch.resolve_kernel()
 
 
+def test_cpu_features_are_numbas_target(monkeypatch):
+    """``NUMBA_CPU_FEATURES`` (what Numba compiles for, e.g. an AVX2 build on an AVX-512 host)
+    overrides the host query, so the kernel and tile choices follow the code Numba emits."""
+    assert dispatch.parse_features("+avx2, -avx512f,fma,,") == {"avx2": True, "avx512f": False,
+                                                                "fma": True}
+    monkeypatch.setenv("NUMBA_CPU_FEATURES", "+avx2,+fma,-avx512f,-avx512vpopcntdq")
+    dispatch._host_features.cache_clear()
+    try:
+        assert dispatch._host_features() == {"avx2": True, "fma": True, "avx512f": False,
+                                             "avx512vpopcntdq": False}
+        assert not dispatch.host_has_wide_vectors() and not dispatch.host_has_avx512_popcount()
+        assert dispatch.resolve_kernel("auto") == "fast"
+        monkeypatch.setenv("NUMBA_CPU_FEATURES", "+avx512f,+avx512vpopcntdq")
+        dispatch._host_features.cache_clear()
+        assert dispatch.host_has_wide_vectors() and dispatch.host_has_avx512_popcount()
+        monkeypatch.delenv("NUMBA_CPU_FEATURES")
+        dispatch._host_features.cache_clear()
+        from llvmlite import binding
+
+        assert dispatch._host_features() == dict(binding.get_host_cpu_features())
+    finally:
+        monkeypatch.undo()
+        dispatch._host_features.cache_clear()
+
+
 @pytest.mark.skipif(not dispatch.host_has_avx512_popcount(),
                     reason="host has no AVX-512 VPOPCNTDQ, so no zmm vpopcntq is expected")
 def test_fast_tile_compiles_to_zmm_vpopcntq():

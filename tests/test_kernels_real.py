@@ -31,8 +31,9 @@ def _rand(rng, shape, zeros=True):
 
 @given(n=st.integers(1, 2), h=st.integers(1, 9), w=st.integers(1, 9), c=st.integers(1, 5),
        k=st.sampled_from([1, 3, 5, 7]), stride=st.integers(1, 2), o=st.integers(1, 70),
-       seed=st.integers(0, 2 ** 16))
-def test_conv_taps_matches_oracle(n, h, w, c, k, stride, o, seed):
+       narrow=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_conv_taps_matches_oracle(n, h, w, c, k, stride, o, narrow, seed):
+    """Every tile shape (``narrow``: the 6 x 16 tiles of hosts without AVX-512, for any ``o``)."""
     rng = np.random.default_rng(seed)
     pad = k // 2
     x = _rand(rng, (n, h, w, c))
@@ -44,7 +45,7 @@ def test_conv_taps_matches_oracle(n, h, w, c, k, stride, o, seed):
     xp = np.zeros((n, h + 2 * pad, w + 2 * pad, c), np.float32)
     xp[:, pad:pad + h, pad:pad + w] = x
     bases, toff = rc.conv_geometry(n, h + 2 * pad, w + 2 * pad, c, k, stride, oh, ow)
-    nv = rc.vectors_for(o)
+    nv = 1 if narrow else rc.vectors_for(o)
     guard = np.full(n * oh * ow * o + 40, 7.0, np.float32)  # masked stores leave the rest alone
     rc.conv_taps(xp.reshape(-1), bases, bases.shape[0], toff, rc.weight_tiles(wt.reshape(-1, o), nv),
                  nv, o, scale, shift, guard)
@@ -103,14 +104,14 @@ def test_avgpool2_is_exactly_the_float_paths(n, h, w, c, seed):
 
 
 @given(n=st.integers(1, 2), h=st.integers(1, 9), w=st.integers(1, 9), c=st.integers(1, 40),
-       o=st.integers(1, 40), seed=st.integers(0, 2 ** 16))
-def test_pool2_conv1x1_matches_oracle(n, h, w, c, o, seed):
+       o=st.integers(1, 40), narrow=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_pool2_conv1x1_matches_oracle(n, h, w, c, o, narrow, seed):
     rng = np.random.default_rng(seed)
     x = _rand(rng, (n, h, w, c))
     wt = rng.standard_normal((1, 1, c, o)).astype(np.float32)
     scale, shift = rng.normal(0, 1, o).astype(np.float32), rng.normal(0, 1, o).astype(np.float32)
     want, bound = real_oracle.conv_bn(real_oracle.avgpool2(x), wt, 1, 0, scale, shift)
-    nv = rc.vectors_for(o)
+    nv = 1 if narrow else rc.vectors_for(o)
     out = np.empty(want.size, np.float32)
     rc.pool2_conv1x1(x.reshape(-1), n, h, w, c, *want.shape[1:3], rc.weight_tiles(wt.reshape(c, o), nv),
                      nv, o, scale, shift, out)
@@ -189,6 +190,36 @@ def test_merge_pack_is_exact(n, h, w, cs, rep, groups, pre, post, saz, pack, see
         _check_packed(buf, before, geom, want, saz)
     else:
         np.testing.assert_array_equal(buf, before)
+
+
+def test_vectors_for_takes_the_narrow_tile_without_avx512(monkeypatch):
+    assert [rc.vectors_for(o) for o in (1, 16, 17, 32, 33, 512)] == (
+        [1, 1, 2, 2, 4, 4] if rc.host_has_wide_vectors() else [1] * 6)
+    monkeypatch.setattr(rc, "host_has_wide_vectors", lambda: False)
+    assert [rc.vectors_for(o) for o in (1, 16, 17, 32, 33, 512)] == [1] * 6
+    monkeypatch.setattr(rc, "host_has_wide_vectors", lambda: True)
+    assert [rc.vectors_for(o) for o in (1, 16, 17, 32, 33, 512)] == [1, 1, 2, 2, 4, 4]
+
+
+def test_narrow_tile_keeps_its_accumulators_in_registers():
+    """The 6 x 16 tile (every float conv on AVX2 hosts): 6 zmm FMAs per tap with AVX-512F, else
+    12 ymm FMAs, none reading a spilled accumulator from the stack."""
+    import re
+
+    from numba import njit
+
+    from refbnn.kernels.ftiles import MR, tile_nv1
+
+    assert MR[1] == 6
+    fn = njit(tile_nv1.py_func)  # a fresh, uncached compile: cached code cannot be inspected
+    x = np.zeros(200, np.float32)
+    b = np.zeros(6, np.int64)
+    fn(x, b, np.zeros(1, np.int64), 1, np.zeros(16, np.float32), 0, np.zeros(200, np.float32),
+       b, np.ones(16, np.float32), np.zeros(16, np.float32), 0, 16)
+    asm = fn.inspect_asm(fn.signatures[0])
+    reg, count = ("zmm", 6) if rc.host_has_wide_vectors() else ("ymm", 12)
+    assert len(re.findall(r"vfmadd\w+\s+[^\n]*" + reg, asm)) >= count
+    assert not re.search(r"vfmadd\w+\s+[^\n]*\(%rsp\)", asm)
 
 
 def test_stem_tile_is_512_bit_fma():

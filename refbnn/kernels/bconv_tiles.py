@@ -75,7 +75,7 @@ from .simd import a8_bcast, a8_load, a8_store, a_i64, a_or_u64, a_store, a_u8, v
 
 # Numba's cache does not notice edits to imported kernels; this digest of the modules
 # imported here (written by the generator) makes their edit change this file, hence a recompile.
-DEPS_DIGEST = "0cba722b5678c3d2"
+DEPS_DIGEST = "a7b8fdf6d5dbc10f"
 
 
 @njit(cache=True)

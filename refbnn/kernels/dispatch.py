@@ -8,6 +8,13 @@ vector IR, which LLVM lowers to whatever the host has. Measured on an AVX2-only 
 AVX-512; ``tools/bench_kernels.py``, ResNet-18's 3x3 layers, batch 1, 1 thread): ``fast`` 124-163
 G binary MACs/s against ``portable``'s 29-65, so AVX2 hosts get ``fast`` too. Hosts with neither
 (other architectures) keep ``portable``: not measured.
+
+The CPU features are those Numba compiles for: the host's (llvmlite's query), or, where
+``NUMBA_CPU_FEATURES`` is set (Numba's own variable, e.g. to build code for another machine, or to
+run an AVX2 build on an AVX-512 host for tests and benchmarks), that list (``+name`` on, ``-name``
+off; names it does not mention are off). :func:`host_has_wide_vectors` (AVX-512F: 32 vector
+registers of 512 bits) picks the shapes of the float32 micro-kernels
+(:func:`refbnn.kernels.realconv.vectors_for`).
 """
 
 from __future__ import annotations
@@ -18,9 +25,24 @@ import os
 KERNEL_CHOICES = ("auto", "portable", "fast")
 
 
+def parse_features(text: str) -> dict:
+    """``"+avx2,-avx512f,..."`` (LLVM's feature list, as ``NUMBA_CPU_FEATURES`` takes it) ->
+    ``{"avx2": True, "avx512f": False, ...}``; entries without a sign count as on."""
+    out = {}
+    for item in text.split(","):
+        item = item.strip()
+        if item:
+            out[item.lstrip("+-")] = not item.startswith("-")
+    return out
+
+
 @functools.lru_cache(maxsize=1)
 def _host_features() -> dict:
-    """llvmlite's host CPU feature flags (empty where it cannot tell)."""
+    """The CPU feature flags Numba compiles for: ``NUMBA_CPU_FEATURES`` where set, else llvmlite's
+    host query (empty where it cannot tell)."""
+    override = os.environ.get("NUMBA_CPU_FEATURES", "").strip()
+    if override:
+        return parse_features(override)
     try:
         from llvmlite import binding
 
@@ -38,6 +60,12 @@ def host_has_avx512_popcount() -> bool:
 def host_prefers_fast() -> bool:
     """True where ``auto`` picks the fast kernels: AVX-512 VPOPCNTDQ, or AVX2 (module docstring)."""
     return host_has_avx512_popcount() or bool(_host_features().get("avx2"))
+
+
+def host_has_wide_vectors() -> bool:
+    """True if the target has AVX-512F (32 registers of 512 bits); False on AVX2 hosts (16 of 256
+    bits), where the float micro-kernels use their narrow shape."""
+    return bool(_host_features().get("avx512f"))
 
 
 def host_has_avx512_bf16() -> bool:

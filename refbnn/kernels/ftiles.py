@@ -4,9 +4,9 @@ Float32 micro-kernels of the real-valued convolutions: ``tile_nv{NV}`` computes 
 block (``MR`` output pixels x ``16*NV`` output channels from ``c0``) of
 ``acc[i, o] = sum_t x[bases[i] + toff[t]] * w[wbase + t * 16*NV + (o - c0)]`` with one fused
 multiply-add per tap (taps in order ``t = 0, 1, ...``), holding the accumulators as ``<16 x float>``
-values (zmm registers), and stores ``float32(acc * scale[o]) + shift[o]`` to
-``out[obases[i] + o]`` for ``o < c0 + nrem`` (masked: other channels' memory is untouched).
-``MR`` is 6 for NV=4, 12 for NV=2, 12 for NV=1.
+values (zmm registers, or pairs of ymm registers on AVX2), and stores
+``float32(acc * scale[o]) + shift[o]`` to ``out[obases[i] + o]`` for ``o < c0 + nrem``
+(masked: other channels' memory is untouched). ``MR`` is 6 for NV=4, 12 for NV=2, 6 for NV=1.
 ``tile_bf_nv{NV}`` (the opt-in bf16 stem) is the same block over *pairs* of taps: ``x`` holds
 bfloat16 bits (``uint16``), ``toff[t]`` the offset of pair ``t``'s even element (its odd one
 follows it), ``w`` the weight pairs (``uint32``: the even tap's bfloat16 in the low half), each
@@ -20,7 +20,7 @@ from .fvec import bf_bcast, bf_dot, bf_load, f16_affine_store_n, f16_bcast, f16_
 
 # Numba's cache does not notice edits to imported kernels; this digest of the modules imported
 # here (written by refbnn/kernels/_codegen.py) makes their edit change this file, hence a recompile.
-DEPS_DIGEST = "2df73d9fd0c10bc3"
+DEPS_DIGEST = "02a736cacd323067"
 
 
 @njit(cache=True)
@@ -257,24 +257,12 @@ def tile_nv1(x, bases, toff, ntaps, w, wbase, out, obases, scale, shift, c0, nre
     b3 = bases[3]
     b4 = bases[4]
     b5 = bases[5]
-    b6 = bases[6]
-    b7 = bases[7]
-    b8 = bases[8]
-    b9 = bases[9]
-    b10 = bases[10]
-    b11 = bases[11]
     a0_0 = f16_zero()
     a1_0 = f16_zero()
     a2_0 = f16_zero()
     a3_0 = f16_zero()
     a4_0 = f16_zero()
     a5_0 = f16_zero()
-    a6_0 = f16_zero()
-    a7_0 = f16_zero()
-    a8_0 = f16_zero()
-    a9_0 = f16_zero()
-    a10_0 = f16_zero()
-    a11_0 = f16_zero()
     wi = wbase
     for t in range(ntaps):
         o = toff[t]
@@ -292,18 +280,6 @@ def tile_nv1(x, bases, toff, ntaps, w, wbase, out, obases, scale, shift, c0, nre
         a4_0 = f16_fma(v, w0, a4_0)
         v = f16_bcast(x, b5 + o)
         a5_0 = f16_fma(v, w0, a5_0)
-        v = f16_bcast(x, b6 + o)
-        a6_0 = f16_fma(v, w0, a6_0)
-        v = f16_bcast(x, b7 + o)
-        a7_0 = f16_fma(v, w0, a7_0)
-        v = f16_bcast(x, b8 + o)
-        a8_0 = f16_fma(v, w0, a8_0)
-        v = f16_bcast(x, b9 + o)
-        a9_0 = f16_fma(v, w0, a9_0)
-        v = f16_bcast(x, b10 + o)
-        a10_0 = f16_fma(v, w0, a10_0)
-        v = f16_bcast(x, b11 + o)
-        a11_0 = f16_fma(v, w0, a11_0)
     n0 = min(max(nrem - 0, 0), 16)
     ob = obases[0] + c0
     f16_affine_store_n(out, ob + 0, a0_0, scale, shift, c0 + 0, n0)
@@ -317,18 +293,6 @@ def tile_nv1(x, bases, toff, ntaps, w, wbase, out, obases, scale, shift, c0, nre
     f16_affine_store_n(out, ob + 0, a4_0, scale, shift, c0 + 0, n0)
     ob = obases[5] + c0
     f16_affine_store_n(out, ob + 0, a5_0, scale, shift, c0 + 0, n0)
-    ob = obases[6] + c0
-    f16_affine_store_n(out, ob + 0, a6_0, scale, shift, c0 + 0, n0)
-    ob = obases[7] + c0
-    f16_affine_store_n(out, ob + 0, a7_0, scale, shift, c0 + 0, n0)
-    ob = obases[8] + c0
-    f16_affine_store_n(out, ob + 0, a8_0, scale, shift, c0 + 0, n0)
-    ob = obases[9] + c0
-    f16_affine_store_n(out, ob + 0, a9_0, scale, shift, c0 + 0, n0)
-    ob = obases[10] + c0
-    f16_affine_store_n(out, ob + 0, a10_0, scale, shift, c0 + 0, n0)
-    ob = obases[11] + c0
-    f16_affine_store_n(out, ob + 0, a11_0, scale, shift, c0 + 0, n0)
 
 
 @njit(cache=True)
@@ -565,24 +529,12 @@ def tile_bf_nv1(x, bases, toff, ntaps, w, wbase, out, obases, scale, shift, c0, 
     b3 = bases[3]
     b4 = bases[4]
     b5 = bases[5]
-    b6 = bases[6]
-    b7 = bases[7]
-    b8 = bases[8]
-    b9 = bases[9]
-    b10 = bases[10]
-    b11 = bases[11]
     a0_0 = f16_zero()
     a1_0 = f16_zero()
     a2_0 = f16_zero()
     a3_0 = f16_zero()
     a4_0 = f16_zero()
     a5_0 = f16_zero()
-    a6_0 = f16_zero()
-    a7_0 = f16_zero()
-    a8_0 = f16_zero()
-    a9_0 = f16_zero()
-    a10_0 = f16_zero()
-    a11_0 = f16_zero()
     wi = wbase
     for t in range(ntaps):
         o = toff[t]
@@ -600,18 +552,6 @@ def tile_bf_nv1(x, bases, toff, ntaps, w, wbase, out, obases, scale, shift, c0, 
         a4_0 = bf_dot(a4_0, v, w0)
         v = bf_bcast(x, b5 + o)
         a5_0 = bf_dot(a5_0, v, w0)
-        v = bf_bcast(x, b6 + o)
-        a6_0 = bf_dot(a6_0, v, w0)
-        v = bf_bcast(x, b7 + o)
-        a7_0 = bf_dot(a7_0, v, w0)
-        v = bf_bcast(x, b8 + o)
-        a8_0 = bf_dot(a8_0, v, w0)
-        v = bf_bcast(x, b9 + o)
-        a9_0 = bf_dot(a9_0, v, w0)
-        v = bf_bcast(x, b10 + o)
-        a10_0 = bf_dot(a10_0, v, w0)
-        v = bf_bcast(x, b11 + o)
-        a11_0 = bf_dot(a11_0, v, w0)
     n0 = min(max(nrem - 0, 0), 16)
     ob = obases[0] + c0
     f16_affine_store_n(out, ob + 0, a0_0, scale, shift, c0 + 0, n0)
@@ -625,18 +565,6 @@ def tile_bf_nv1(x, bases, toff, ntaps, w, wbase, out, obases, scale, shift, c0, 
     f16_affine_store_n(out, ob + 0, a4_0, scale, shift, c0 + 0, n0)
     ob = obases[5] + c0
     f16_affine_store_n(out, ob + 0, a5_0, scale, shift, c0 + 0, n0)
-    ob = obases[6] + c0
-    f16_affine_store_n(out, ob + 0, a6_0, scale, shift, c0 + 0, n0)
-    ob = obases[7] + c0
-    f16_affine_store_n(out, ob + 0, a7_0, scale, shift, c0 + 0, n0)
-    ob = obases[8] + c0
-    f16_affine_store_n(out, ob + 0, a8_0, scale, shift, c0 + 0, n0)
-    ob = obases[9] + c0
-    f16_affine_store_n(out, ob + 0, a9_0, scale, shift, c0 + 0, n0)
-    ob = obases[10] + c0
-    f16_affine_store_n(out, ob + 0, a10_0, scale, shift, c0 + 0, n0)
-    ob = obases[11] + c0
-    f16_affine_store_n(out, ob + 0, a11_0, scale, shift, c0 + 0, n0)
 
 
-MR = {4: 6, 2: 12, 1: 12}
+MR = {4: 6, 2: 12, 1: 6}
