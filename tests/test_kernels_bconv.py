@@ -105,3 +105,50 @@ def test_empty_batch(impl):
     k = np.ones((3, 3, 3, 5), np.float32)
     out = refbnn.bconv2d(np.zeros((0, 4, 4, 3), np.float32), k, impl=impl)
     assert out.shape == (0, 4, 4, 5) and out.dtype == np.int32
+
+
+@given(nv=st.sampled_from([4, 1]), m=st.integers(1, 6), nsteps=st.integers(1, 100),
+       ones=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_both_tile_families_count_every_bit(nv, m, nsteps, ones, seed):
+    """``tile_wide`` (registers across one pass) and ``tile_narrow`` (a pass per pixel or pair,
+    byte counters folded every ``BYTE_STEPS`` steps) give the popcounts of the NumPy definition
+    for every tile shape, step counts across the byte counters' limit (31, 62, 93 ...) and
+    all-ones words (8 bits per byte per step: the counters' worst case), in a run of two tiles,
+    as scratch popcounts and as int32 accumulators. The fast conv calls the host's family
+    (``bconv_tiles.tile``); this checks the other one too."""
+    from refbnn.kernels import bconv_tiles as bt
+    from refbnn.kernels.epilogue import TILE_INT32, TILE_SCRATCH
+
+    rng = np.random.default_rng(seed)
+    lanes, mr = 8 * nv, 6
+    if ones:  # x ^ w all ones: every byte of every step adds 8
+        xp = np.zeros(2 * mr + nsteps + 8, np.uint64)
+        wt = np.full(nsteps * lanes, np.iinfo(np.uint64).max, np.uint64)
+    else:
+        xp = rng.integers(0, 2 ** 64, 2 * mr + nsteps + 8, dtype=np.uint64)
+        wt = rng.integers(0, 2 ** 64, nsteps * lanes, dtype=np.uint64)
+    bases = rng.integers(0, 2 * mr, 2 * mr).astype(np.int64)  # slots of two tiles, mr apart
+    soff = rng.permutation(nsteps + 8)[:nsteps].astype(np.int64)
+    words = xp[bases[:, None] + soff[None, :]]  # (slot, step)
+    w = wt.reshape(nsteps, lanes)
+    want = np.zeros((2 * mr, lanes), np.int64)
+    for s in range(nsteps):
+        want += np.bitwise_count(words[:, s, None] ^ w[None, s, :]).astype(np.int64)
+    k = 64 * nsteps
+    for family in (bt.tile_wide, bt.tile_narrow):
+        acc = np.full(mr * lanes + 16, -1, np.int64)
+        family(nv, m, xp.ctypes.data, bases.ctypes.data, 0, wt.ctypes.data, 0, soff.ctypes.data,
+               nsteps, acc.ctypes.data, 0, 0, 0, k, TILE_SCRATCH, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0,
+               TILE_SCRATCH)
+        np.testing.assert_array_equal(acc[:m * lanes].reshape(m, lanes), want[:m], family.__name__)
+        out = np.full(2 * mr * lanes + 8, -7, np.int32)
+        obases = (np.arange(2 * mr) * lanes).astype(np.int64)
+        family(nv, m, xp.ctypes.data, bases.ctypes.data, 0, wt.ctypes.data, 0, soff.ctypes.data,
+               nsteps, acc.ctypes.data, out.ctypes.data, obases.ctypes.data, 0, k, TILE_INT32, 0,
+               0, 0, 0, 0, 0, 0, 0, 2, 0, TILE_INT32)
+        got = out[:-8].reshape(2 * mr, lanes)
+        for t in range(2):
+            rows = slice(t * mr, t * mr + m)
+            np.testing.assert_array_equal(got[rows], k - 2 * want[rows], family.__name__)
+            assert (got[t * mr + m:(t + 1) * mr] == -7).all()
+        assert (out[-8:] == -7).all()

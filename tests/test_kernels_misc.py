@@ -77,10 +77,12 @@ def test_digests_cover_the_real_imports_transitively():
 
 
 
-#: The binary-conv kernel tree's jitted functions (name: defining file) and the jitted modules
-#: that call them.
-_TREE = {"run_op": "refbnn/engine/program.py", "conv_items": "refbnn/kernels/bconv_fast.py",
-         "_tiles": "refbnn/kernels/bconv_fast.py", "tile": "refbnn/kernels/bconv_tiles.py"}
+#: The binary-conv kernel tree's jitted functions (name called: defining file, name defined;
+#: ``tile`` is one of the two tile families, same parameters) and the jitted modules that call them.
+_TREE = {"run_op": ("refbnn/engine/program.py", "run_op"),
+         "conv_items": ("refbnn/kernels/bconv_fast.py", "conv_items"),
+         "_tiles": ("refbnn/kernels/bconv_fast.py", "_tiles"),
+         "tile": ("refbnn/kernels/bconv_tiles.py", "tile_wide")}
 _TREE_CALLERS = ("refbnn/engine/program.py", "refbnn/kernels/bconv_fast.py")
 
 
@@ -95,10 +97,12 @@ def test_binary_conv_tree_is_called_without_constants_or_omitted_arguments():
 
     root = Path(_codegen.PACKAGE).parent
     params = {}
-    for name, rel in _TREE.items():
+    for name, (rel, defined) in _TREE.items():
         tree = ast.parse((root / rel).read_text())
-        fn = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == name)
-        params[name] = len(fn.args.args)
+        fns = {n.name: n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+        params[name] = len(fns[defined].args.args)
+        if name == "tile":
+            assert len(fns["tile_narrow"].args.args) == params[name]
     bad, seen = [], set()
     for rel in _TREE_CALLERS:
         for node in ast.walk(ast.parse((root / rel).read_text())):

@@ -41,6 +41,33 @@ def cpu_name() -> str:
 ISA_FEATURES = ("avx2", "fma", "avx512f", "avx512vpopcntdq", "avx512bf16")
 
 
+#: ``--isa avx2``: AVX-512 off for every engine in the process (a Zen 4 or Xeon host stands in for
+#: an AVX2-only one): Numba compiles without it, oneDNN (OpenVINO's and PyTorch's kernels) stops
+#: at AVX2, PyTorch's own kernels too. Frequencies and caches stay the host's.
+EMULATED_ISA_ENV = {"avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}}
+
+
+def emulate_isa(isa: str) -> dict:
+    """Set the environment for ``isa`` (``"native"``: nothing; ``"avx2"``:
+    :data:`EMULATED_ISA_ENV` plus ``NUMBA_CPU_FEATURES`` = the host's features with every AVX-512
+    and AMX one off) before numba, torch or openvino is imported; returns what was set."""
+    if isa == "native":
+        return {}
+    if isa not in EMULATED_ISA_ENV:
+        raise ValueError(f"unknown isa {isa!r}")
+    if "numba" in sys.modules:
+        raise RuntimeError("emulate_isa must run before numba is imported")
+    from llvmlite import binding
+
+    feats = binding.get_host_cpu_features()
+    off = ("avx512", "amx", "evex512", "avx10")
+    flags = ",".join(("+" if on and not name.startswith(off) else "-") + name
+                     for name, on in feats.items())
+    env = {**EMULATED_ISA_ENV[isa], "NUMBA_CPU_FEATURES": flags}
+    os.environ.update(env)
+    return env
+
+
 def host_isa() -> dict:
     """The :data:`ISA_FEATURES` LLVM sees on this host, and the kernel the ops API's ``auto`` picks
     (``ops_auto_kernel``; the engine always runs the tiled kernels)."""

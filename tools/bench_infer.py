@@ -23,6 +23,10 @@ Then for ``weights/ftbnn18.h5``: batch-1 latency with one thread and with the de
 a CPU-bound process (``python -c 'while 1: pass'``) runs beside it, and images/s at batch 256 with
 2 threads. Prints a table (median ms per batch; ratios to refbnn) and the issue's floors, writes JSON
 (``--out``). Run it alone: ``flock -x /work/cpu.lock python tools/bench_infer.py --out ...``.
+
+``--isa avx2`` runs every engine without AVX-512 (:func:`_bench_common.emulate_isa`: Numba's
+target features, oneDNN's and PyTorch's ISA limits), so an AVX-512 host measures the code an
+AVX2-only one would run, all peers alike; the JSON's ``emulated_isa`` and ``isa`` say so.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-from _bench_common import cpu_name, host_isa, source_revision, write_json
+from _bench_common import cpu_name, emulate_isa, host_isa, source_revision, write_json
 
 
 def timed(fn, min_runs=3, budget=1.0, max_runs=200):
@@ -121,7 +125,10 @@ def main(argv=None):
     p.add_argument("--budget", type=float, default=1.0, help="seconds of timing per measurement")
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--no-openvino", action="store_true")
+    p.add_argument("--isa", choices=("native", "avx2"), default="native",
+                   help="avx2: every engine without AVX-512 (module docstring)")
     args = p.parse_args(argv)
+    emulated = emulate_isa(args.isa)
     # importing openvino puts its own libtbb in the process, which numba would then pick; keep the
     # layer a plain refbnn process gets (omp unless the user chose one)
     os.environ.setdefault("NUMBA_THREADING_LAYER", "omp")
@@ -219,6 +226,7 @@ def main(argv=None):
     shipped = shipped_checks(args, cases, threads, np) if any(
         lbl.startswith("mnist") for lbl, _, _ in cases) else {}
     report = {"cpu": cpu_name(), "isa": host_isa(), "source": source_revision(),
+              "emulated_isa": args.isa if emulated else None, "emulation_env": emulated or None,
               "load_before": os.getloadavg(),
               "threading_layer": numba.threading_layer(), "numba_threads": numba.config.NUMBA_NUM_THREADS,
               "openvino": ovi._ov()[0].__version__ if ovi else None,
@@ -329,7 +337,9 @@ def floors(rows, stages, shipped):
 
 def print_table(rep):
     isa = rep.get("isa", {})
-    print(f"CPU: {rep['cpu']} ({', '.join(k for k, v in isa.items() if v is True) or 'ISA unknown'}; "
+    emu = f" running {rep['emulated_isa']} code only" if rep.get("emulated_isa") else ""
+    print(f"CPU: {rep['cpu']}{emu} "
+          f"({', '.join(k for k, v in isa.items() if v is True) or 'ISA unknown'}; "
           f"ops auto kernel {isa.get('ops_auto_kernel', '?')}); source {rep['source']}; "
           f"threading layer {rep['threading_layer']}; "
           f"OpenVINO {rep['openvino']} (default precision: "

@@ -91,7 +91,7 @@ BAND = 32
 
 # Numba's cache does not notice edits to imported kernels; this digest of the modules this one
 # imports, transitively (written by ``python refbnn/kernels/_codegen.py``), forces a recompile.
-DEPS_DIGEST = "fb09529a5c702bc8"
+DEPS_DIGEST = "9f7b143f9a1e7903"
 
 
 @structref.register

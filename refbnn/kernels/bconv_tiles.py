@@ -4,8 +4,17 @@ Micro-kernels of the fast binary convolution: ``tile(nv, m, ...)`` computes an `
 (``m`` <= 6 output pixels x ``8*nv`` output channels, ``nv`` 4 or 1) of popcounts
 ``sum popcount(x XOR w)`` over all taps and words, holding the ``m * nv`` accumulators as
 ``<8 x i64>`` values (zmm registers), then finishes it as ``tmode`` says
-(:mod:`refbnn.kernels.epilogue` defines the modes and their intrinsics). Array arguments are raw
-addresses (``array.ctypes.data``), indices count elements:
+(:mod:`refbnn.kernels.epilogue` defines the modes and their intrinsics). Two families with the
+same arguments and results: ``_t{m}x{nv}`` (``tile_wide``) keep all accumulators in registers
+through one pass over the steps (AVX-512 VPOPCNTDQ: one VPOPCNTQ per vector); ``_n{m}x{nv}``
+(``tile_narrow``, every other host) make one pass per pixel (``nv`` 4) or pixel pair (``nv`` 1),
+counting bits in bytes (:func:`refbnn.kernels.simd.v8_xpb`, folded every ``BYTE_STEPS`` steps by
+``v8_bsum``): with AVX2's 16 ymm registers the wide tiles' 48 halves of accumulators spill, and
+LLVM's nibble-table popcount pays a horizontal sum per word. Measured on a Zen 4 core running AVX2
+code (``NUMBA_CPU_FEATURES`` without AVX-512), L1-resident words: 343-376 G binary MACs/s for the
+6 x 32 wide tile, 383-455 for the narrow one (9 to 288 steps). ``tile`` is the family this host
+uses (the module's last line). Array arguments are raw addresses (``array.ctypes.data``),
+indices count elements:
 
 * ``xp``: flat packed, physically padded input (uint64); ``bases[i] + boff``: flat index of output
   pixel ``i``'s first tap (its top-left input word of the group); ``soff[s]``: offset of step ``s``,
@@ -49,6 +58,7 @@ addresses (``array.ctypes.data``), indices count elements:
 import numpy as np
 from numba import njit
 
+from .dispatch import host_has_avx512_popcount
 from .epilogue import (
     FP_BITS,
     TILE_BITS,
@@ -71,11 +81,24 @@ from .epilogue import (
     v16_acc_corr_f32,
     v16_acc_f32,
 )
-from .simd import a8_bcast, a8_load, a8_store, a_i64, a_or_u64, a_store, a_u8, v8_xpa, v8_zero
+from .simd import (
+    BYTE_STEPS,
+    a8_bcast,
+    a8_load,
+    a8_store,
+    a_i64,
+    a_or_u64,
+    a_store,
+    a_u8,
+    v8_bsum,
+    v8_xpa,
+    v8_xpb,
+    v8_zero,
+)
 
 # Numba's cache does not notice edits to imported kernels; this digest of the modules
 # imported here (written by the generator) makes their edit change this file, hence a recompile.
-DEPS_DIGEST = "a7b8fdf6d5dbc10f"
+DEPS_DIGEST = "1f7718257200a5d4"
 
 
 @njit(cache=True)
@@ -1777,7 +1800,7 @@ def _t6x1(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
 
 
 @njit(cache=True)
-def tile(nv, m, xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+def tile_wide(nv, m, xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
         k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc):
     if nv == 4:
         if m == 6:
@@ -1817,3 +1840,2241 @@ def tile(nv, m, xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff
         elif m == 1:
             _t1x1(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
                     k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc)
+
+
+@njit(cache=True)
+def _n1x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+        k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc):
+    for j in range(ntl):  # the run's tiles, MR table slots apart
+        q = j * 6
+        tmode_j = tmc if bord != 0 and a_u8(bord, j) != 0 else tmode
+        b0 = a_i64(bases, q + 0) + boff
+        a0_0 = v8_zero()
+        a0_1 = v8_zero()
+        a0_2 = v8_zero()
+        a0_3 = v8_zero()
+        wi = wbase
+        s0 = 0
+        while s0 < nsteps:  # byte counters hold BYTE_STEPS steps
+            s1 = min(s0 + BYTE_STEPS, nsteps)
+            y0_0 = v8_zero()
+            y0_1 = v8_zero()
+            y0_2 = v8_zero()
+            y0_3 = v8_zero()
+            for s in range(s0, s1):  # one step = one word of one tap
+                o = a_i64(soff, s)
+                w0 = a8_load(wt, wi + 0)
+                w1 = a8_load(wt, wi + 8)
+                w2 = a8_load(wt, wi + 16)
+                w3 = a8_load(wt, wi + 24)
+                wi += 32
+                x = a8_bcast(xp, b0 + o)
+                y0_0 = v8_xpb(y0_0, w0, x)
+                y0_1 = v8_xpb(y0_1, w1, x)
+                y0_2 = v8_xpb(y0_2, w2, x)
+                y0_3 = v8_xpb(y0_3, w3, x)
+            a0_0 = v8_bsum(a0_0, y0_0)
+            a0_1 = v8_bsum(a0_1, y0_1)
+            a0_2 = v8_bsum(a0_2, y0_2)
+            a0_3 = v8_bsum(a0_3, y0_3)
+            s0 = s1
+        if tmode_j == TILE_INT32:
+            ob = a_i64(obases, q + 0) + ooff
+            a16_store_acc_i32(out, ob + 0, a0_0, a0_1, k)
+            a16_store_acc_i32(out, ob + 16, a0_2, a0_3, k)
+        elif tmode_j == TILE_INT32_CORR:
+            ob = a_i64(obases, q + 0) + ooff
+            cb = a_i64(cbases, q + 0) + o0
+            a16_store_acc_corr_i32(out, ob + 0, a0_0, a0_1, k, corr, cb + 0)
+            a16_store_acc_corr_i32(out, ob + 16, a0_2, a0_3, k, corr, cb + 16)
+        elif tmode_j == TILE_BITS:
+            d0 = a8_load(pcflip, o0 + 0)
+            t0 = a8_load(pcthr, o0 + 0)
+            d1 = a8_load(pcflip, o0 + 8)
+            t1 = a8_load(pcthr, o0 + 8)
+            d2 = a8_load(pcflip, o0 + 16)
+            t2 = a8_load(pcthr, o0 + 16)
+            d3 = a8_load(pcflip, o0 + 24)
+            t3 = a8_load(pcthr, o0 + 24)
+            bits = (v8_pc_bits(a0_0, d0, t0) << 0)
+            bits |= (v8_pc_bits(a0_1, d1, t1) << 8)
+            bits |= (v8_pc_bits(a0_2, d2, t2) << 16)
+            bits |= (v8_pc_bits(a0_3, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 0) + ooff, bits << shift)
+        elif tmode_j == TILE_BITS_CORR:
+            d0 = a8_load(pcflip, o0 + 0)
+            t0 = a8_load(pcthr, o0 + 0)
+            d1 = a8_load(pcflip, o0 + 8)
+            t1 = a8_load(pcthr, o0 + 8)
+            d2 = a8_load(pcflip, o0 + 16)
+            t2 = a8_load(pcthr, o0 + 16)
+            d3 = a8_load(pcflip, o0 + 24)
+            t3 = a8_load(pcthr, o0 + 24)
+            cb = a_i64(cbases, q + 0) + o0
+            bits = (a8_threshold_bits(a0_0, k, corr, cb + 0, d0, t0) << 0)
+            bits |= (a8_threshold_bits(a0_1, k, corr, cb + 8, d1, t1) << 8)
+            bits |= (a8_threshold_bits(a0_2, k, corr, cb + 16, d2, t2) << 16)
+            bits |= (a8_threshold_bits(a0_3, k, corr, cb + 24, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 0) + ooff, bits << shift)
+        elif tmode_j == TILE_FUSED:
+            fz = fused_params(fp)
+            ob = a_i64(obases, q + 0) + ooff
+            w = fuse16(v16_acc_f32(a0_0, a0_1, k), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_f32(a0_2, a0_3, k), o0 + 16, ob + 16, out, fz, 16)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 0) + shift, 0, np.uint32(w))
+        elif tmode_j == TILE_FUSED_CORR:
+            fz = fused_params(fp)
+            ob = a_i64(obases, q + 0) + ooff
+            cb = a_i64(cbases, q + 0) + o0
+            w = fuse16(v16_acc_corr_f32(a0_0, a0_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_corr_f32(a0_2, a0_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz, 16)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 0) + shift, 0, np.uint32(w))
+        elif tmode_j == TILE_FUSED_PART or tmode_j == TILE_FUSED_PART_CORR:
+            a8_store(acc, 0, a0_0)
+            a8_store(acc, 8, a0_1)
+            a8_store(acc, 16, a0_2)
+            a8_store(acc, 24, a0_3)
+            fuse_part(acc, np.int64(1), k, fp, out, obases, ooff, cbases, o0, corr,
+                      tmode_j == TILE_FUSED_PART_CORR, bbases, shift, q)
+        else:  # TILE_SCRATCH
+            a8_store(acc, 0, a0_0)
+            a8_store(acc, 8, a0_1)
+            a8_store(acc, 16, a0_2)
+            a8_store(acc, 24, a0_3)
+
+
+@njit(cache=True)
+def _n2x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+        k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc):
+    for j in range(ntl):  # the run's tiles, MR table slots apart
+        q = j * 6
+        tmode_j = tmc if bord != 0 and a_u8(bord, j) != 0 else tmode
+        b0 = a_i64(bases, q + 0) + boff
+        b1 = a_i64(bases, q + 1) + boff
+        a0_0 = v8_zero()
+        a0_1 = v8_zero()
+        a0_2 = v8_zero()
+        a0_3 = v8_zero()
+        wi = wbase
+        s0 = 0
+        while s0 < nsteps:  # byte counters hold BYTE_STEPS steps
+            s1 = min(s0 + BYTE_STEPS, nsteps)
+            y0_0 = v8_zero()
+            y0_1 = v8_zero()
+            y0_2 = v8_zero()
+            y0_3 = v8_zero()
+            for s in range(s0, s1):  # one step = one word of one tap
+                o = a_i64(soff, s)
+                w0 = a8_load(wt, wi + 0)
+                w1 = a8_load(wt, wi + 8)
+                w2 = a8_load(wt, wi + 16)
+                w3 = a8_load(wt, wi + 24)
+                wi += 32
+                x = a8_bcast(xp, b0 + o)
+                y0_0 = v8_xpb(y0_0, w0, x)
+                y0_1 = v8_xpb(y0_1, w1, x)
+                y0_2 = v8_xpb(y0_2, w2, x)
+                y0_3 = v8_xpb(y0_3, w3, x)
+            a0_0 = v8_bsum(a0_0, y0_0)
+            a0_1 = v8_bsum(a0_1, y0_1)
+            a0_2 = v8_bsum(a0_2, y0_2)
+            a0_3 = v8_bsum(a0_3, y0_3)
+            s0 = s1
+        a1_0 = v8_zero()
+        a1_1 = v8_zero()
+        a1_2 = v8_zero()
+        a1_3 = v8_zero()
+        wi = wbase
+        s0 = 0
+        while s0 < nsteps:  # byte counters hold BYTE_STEPS steps
+            s1 = min(s0 + BYTE_STEPS, nsteps)
+            y1_0 = v8_zero()
+            y1_1 = v8_zero()
+            y1_2 = v8_zero()
+            y1_3 = v8_zero()
+            for s in range(s0, s1):  # one step = one word of one tap
+                o = a_i64(soff, s)
+                w0 = a8_load(wt, wi + 0)
+                w1 = a8_load(wt, wi + 8)
+                w2 = a8_load(wt, wi + 16)
+                w3 = a8_load(wt, wi + 24)
+                wi += 32
+                x = a8_bcast(xp, b1 + o)
+                y1_0 = v8_xpb(y1_0, w0, x)
+                y1_1 = v8_xpb(y1_1, w1, x)
+                y1_2 = v8_xpb(y1_2, w2, x)
+                y1_3 = v8_xpb(y1_3, w3, x)
+            a1_0 = v8_bsum(a1_0, y1_0)
+            a1_1 = v8_bsum(a1_1, y1_1)
+            a1_2 = v8_bsum(a1_2, y1_2)
+            a1_3 = v8_bsum(a1_3, y1_3)
+            s0 = s1
+        if tmode_j == TILE_INT32:
+            ob = a_i64(obases, q + 0) + ooff
+            a16_store_acc_i32(out, ob + 0, a0_0, a0_1, k)
+            a16_store_acc_i32(out, ob + 16, a0_2, a0_3, k)
+            ob = a_i64(obases, q + 1) + ooff
+            a16_store_acc_i32(out, ob + 0, a1_0, a1_1, k)
+            a16_store_acc_i32(out, ob + 16, a1_2, a1_3, k)
+        elif tmode_j == TILE_INT32_CORR:
+            ob = a_i64(obases, q + 0) + ooff
+            cb = a_i64(cbases, q + 0) + o0
+            a16_store_acc_corr_i32(out, ob + 0, a0_0, a0_1, k, corr, cb + 0)
+            a16_store_acc_corr_i32(out, ob + 16, a0_2, a0_3, k, corr, cb + 16)
+            ob = a_i64(obases, q + 1) + ooff
+            cb = a_i64(cbases, q + 1) + o0
+            a16_store_acc_corr_i32(out, ob + 0, a1_0, a1_1, k, corr, cb + 0)
+            a16_store_acc_corr_i32(out, ob + 16, a1_2, a1_3, k, corr, cb + 16)
+        elif tmode_j == TILE_BITS:
+            d0 = a8_load(pcflip, o0 + 0)
+            t0 = a8_load(pcthr, o0 + 0)
+            d1 = a8_load(pcflip, o0 + 8)
+            t1 = a8_load(pcthr, o0 + 8)
+            d2 = a8_load(pcflip, o0 + 16)
+            t2 = a8_load(pcthr, o0 + 16)
+            d3 = a8_load(pcflip, o0 + 24)
+            t3 = a8_load(pcthr, o0 + 24)
+            bits = (v8_pc_bits(a0_0, d0, t0) << 0)
+            bits |= (v8_pc_bits(a0_1, d1, t1) << 8)
+            bits |= (v8_pc_bits(a0_2, d2, t2) << 16)
+            bits |= (v8_pc_bits(a0_3, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 0) + ooff, bits << shift)
+            bits = (v8_pc_bits(a1_0, d0, t0) << 0)
+            bits |= (v8_pc_bits(a1_1, d1, t1) << 8)
+            bits |= (v8_pc_bits(a1_2, d2, t2) << 16)
+            bits |= (v8_pc_bits(a1_3, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 1) + ooff, bits << shift)
+        elif tmode_j == TILE_BITS_CORR:
+            d0 = a8_load(pcflip, o0 + 0)
+            t0 = a8_load(pcthr, o0 + 0)
+            d1 = a8_load(pcflip, o0 + 8)
+            t1 = a8_load(pcthr, o0 + 8)
+            d2 = a8_load(pcflip, o0 + 16)
+            t2 = a8_load(pcthr, o0 + 16)
+            d3 = a8_load(pcflip, o0 + 24)
+            t3 = a8_load(pcthr, o0 + 24)
+            cb = a_i64(cbases, q + 0) + o0
+            bits = (a8_threshold_bits(a0_0, k, corr, cb + 0, d0, t0) << 0)
+            bits |= (a8_threshold_bits(a0_1, k, corr, cb + 8, d1, t1) << 8)
+            bits |= (a8_threshold_bits(a0_2, k, corr, cb + 16, d2, t2) << 16)
+            bits |= (a8_threshold_bits(a0_3, k, corr, cb + 24, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 0) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 1) + o0
+            bits = (a8_threshold_bits(a1_0, k, corr, cb + 0, d0, t0) << 0)
+            bits |= (a8_threshold_bits(a1_1, k, corr, cb + 8, d1, t1) << 8)
+            bits |= (a8_threshold_bits(a1_2, k, corr, cb + 16, d2, t2) << 16)
+            bits |= (a8_threshold_bits(a1_3, k, corr, cb + 24, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 1) + ooff, bits << shift)
+        elif tmode_j == TILE_FUSED:
+            fz = fused_params(fp)
+            ob = a_i64(obases, q + 0) + ooff
+            w = fuse16(v16_acc_f32(a0_0, a0_1, k), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_f32(a0_2, a0_3, k), o0 + 16, ob + 16, out, fz, 16)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 0) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 1) + ooff
+            w = fuse16(v16_acc_f32(a1_0, a1_1, k), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_f32(a1_2, a1_3, k), o0 + 16, ob + 16, out, fz, 16)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 1) + shift, 0, np.uint32(w))
+        elif tmode_j == TILE_FUSED_CORR:
+            fz = fused_params(fp)
+            ob = a_i64(obases, q + 0) + ooff
+            cb = a_i64(cbases, q + 0) + o0
+            w = fuse16(v16_acc_corr_f32(a0_0, a0_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_corr_f32(a0_2, a0_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz, 16)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 0) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 1) + ooff
+            cb = a_i64(cbases, q + 1) + o0
+            w = fuse16(v16_acc_corr_f32(a1_0, a1_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_corr_f32(a1_2, a1_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz, 16)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 1) + shift, 0, np.uint32(w))
+        elif tmode_j == TILE_FUSED_PART or tmode_j == TILE_FUSED_PART_CORR:
+            a8_store(acc, 0, a0_0)
+            a8_store(acc, 8, a0_1)
+            a8_store(acc, 16, a0_2)
+            a8_store(acc, 24, a0_3)
+            a8_store(acc, 32, a1_0)
+            a8_store(acc, 40, a1_1)
+            a8_store(acc, 48, a1_2)
+            a8_store(acc, 56, a1_3)
+            fuse_part(acc, np.int64(2), k, fp, out, obases, ooff, cbases, o0, corr,
+                      tmode_j == TILE_FUSED_PART_CORR, bbases, shift, q)
+        else:  # TILE_SCRATCH
+            a8_store(acc, 0, a0_0)
+            a8_store(acc, 8, a0_1)
+            a8_store(acc, 16, a0_2)
+            a8_store(acc, 24, a0_3)
+            a8_store(acc, 32, a1_0)
+            a8_store(acc, 40, a1_1)
+            a8_store(acc, 48, a1_2)
+            a8_store(acc, 56, a1_3)
+
+
+@njit(cache=True)
+def _n3x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+        k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc):
+    for j in range(ntl):  # the run's tiles, MR table slots apart
+        q = j * 6
+        tmode_j = tmc if bord != 0 and a_u8(bord, j) != 0 else tmode
+        b0 = a_i64(bases, q + 0) + boff
+        b1 = a_i64(bases, q + 1) + boff
+        b2 = a_i64(bases, q + 2) + boff
+        a0_0 = v8_zero()
+        a0_1 = v8_zero()
+        a0_2 = v8_zero()
+        a0_3 = v8_zero()
+        wi = wbase
+        s0 = 0
+        while s0 < nsteps:  # byte counters hold BYTE_STEPS steps
+            s1 = min(s0 + BYTE_STEPS, nsteps)
+            y0_0 = v8_zero()
+            y0_1 = v8_zero()
+            y0_2 = v8_zero()
+            y0_3 = v8_zero()
+            for s in range(s0, s1):  # one step = one word of one tap
+                o = a_i64(soff, s)
+                w0 = a8_load(wt, wi + 0)
+                w1 = a8_load(wt, wi + 8)
+                w2 = a8_load(wt, wi + 16)
+                w3 = a8_load(wt, wi + 24)
+                wi += 32
+                x = a8_bcast(xp, b0 + o)
+                y0_0 = v8_xpb(y0_0, w0, x)
+                y0_1 = v8_xpb(y0_1, w1, x)
+                y0_2 = v8_xpb(y0_2, w2, x)
+                y0_3 = v8_xpb(y0_3, w3, x)
+            a0_0 = v8_bsum(a0_0, y0_0)
+            a0_1 = v8_bsum(a0_1, y0_1)
+            a0_2 = v8_bsum(a0_2, y0_2)
+            a0_3 = v8_bsum(a0_3, y0_3)
+            s0 = s1
+        a1_0 = v8_zero()
+        a1_1 = v8_zero()
+        a1_2 = v8_zero()
+        a1_3 = v8_zero()
+        wi = wbase
+        s0 = 0
+        while s0 < nsteps:  # byte counters hold BYTE_STEPS steps
+            s1 = min(s0 + BYTE_STEPS, nsteps)
+            y1_0 = v8_zero()
+            y1_1 = v8_zero()
+            y1_2 = v8_zero()
+            y1_3 = v8_zero()
+            for s in range(s0, s1):  # one step = one word of one tap
+                o = a_i64(soff, s)
+                w0 = a8_load(wt, wi + 0)
+                w1 = a8_load(wt, wi + 8)
+                w2 = a8_load(wt, wi + 16)
+                w3 = a8_load(wt, wi + 24)
+                wi += 32
+                x = a8_bcast(xp, b1 + o)
+                y1_0 = v8_xpb(y1_0, w0, x)
+                y1_1 = v8_xpb(y1_1, w1, x)
+                y1_2 = v8_xpb(y1_2, w2, x)
+                y1_3 = v8_xpb(y1_3, w3, x)
+            a1_0 = v8_bsum(a1_0, y1_0)
+            a1_1 = v8_bsum(a1_1, y1_1)
+            a1_2 = v8_bsum(a1_2, y1_2)
+            a1_3 = v8_bsum(a1_3, y1_3)
+            s0 = s1
+        a2_0 = v8_zero()
+        a2_1 = v8_zero()
+        a2_2 = v8_zero()
+        a2_3 = v8_zero()
+        wi = wbase
+        s0 = 0
+        while s0 < nsteps:  # byte counters hold BYTE_STEPS steps
+            s1 = min(s0 + BYTE_STEPS, nsteps)
+            y2_0 = v8_zero()
+            y2_1 = v8_zero()
+            y2_2 = v8_zero()
+            y2_3 = v8_zero()
+            for s in range(s0, s1):  # one step = one word of one tap
+                o = a_i64(soff, s)
+                w0 = a8_load(wt, wi + 0)
+                w1 = a8_load(wt, wi + 8)
+                w2 = a8_load(wt, wi + 16)
+                w3 = a8_load(wt, wi + 24)
+                wi += 32
+                x = a8_bcast(xp, b2 + o)
+                y2_0 = v8_xpb(y2_0, w0, x)
+                y2_1 = v8_xpb(y2_1, w1, x)
+                y2_2 = v8_xpb(y2_2, w2, x)
+                y2_3 = v8_xpb(y2_3, w3, x)
+            a2_0 = v8_bsum(a2_0, y2_0)
+            a2_1 = v8_bsum(a2_1, y2_1)
+            a2_2 = v8_bsum(a2_2, y2_2)
+            a2_3 = v8_bsum(a2_3, y2_3)
+            s0 = s1
+        if tmode_j == TILE_INT32:
+            ob = a_i64(obases, q + 0) + ooff
+            a16_store_acc_i32(out, ob + 0, a0_0, a0_1, k)
+            a16_store_acc_i32(out, ob + 16, a0_2, a0_3, k)
+            ob = a_i64(obases, q + 1) + ooff
+            a16_store_acc_i32(out, ob + 0, a1_0, a1_1, k)
+            a16_store_acc_i32(out, ob + 16, a1_2, a1_3, k)
+            ob = a_i64(obases, q + 2) + ooff
+            a16_store_acc_i32(out, ob + 0, a2_0, a2_1, k)
+            a16_store_acc_i32(out, ob + 16, a2_2, a2_3, k)
+        elif tmode_j == TILE_INT32_CORR:
+            ob = a_i64(obases, q + 0) + ooff
+            cb = a_i64(cbases, q + 0) + o0
+            a16_store_acc_corr_i32(out, ob + 0, a0_0, a0_1, k, corr, cb + 0)
+            a16_store_acc_corr_i32(out, ob + 16, a0_2, a0_3, k, corr, cb + 16)
+            ob = a_i64(obases, q + 1) + ooff
+            cb = a_i64(cbases, q + 1) + o0
+            a16_store_acc_corr_i32(out, ob + 0, a1_0, a1_1, k, corr, cb + 0)
+            a16_store_acc_corr_i32(out, ob + 16, a1_2, a1_3, k, corr, cb + 16)
+            ob = a_i64(obases, q + 2) + ooff
+            cb = a_i64(cbases, q + 2) + o0
+            a16_store_acc_corr_i32(out, ob + 0, a2_0, a2_1, k, corr, cb + 0)
+            a16_store_acc_corr_i32(out, ob + 16, a2_2, a2_3, k, corr, cb + 16)
+        elif tmode_j == TILE_BITS:
+            d0 = a8_load(pcflip, o0 + 0)
+            t0 = a8_load(pcthr, o0 + 0)
+            d1 = a8_load(pcflip, o0 + 8)
+            t1 = a8_load(pcthr, o0 + 8)
+            d2 = a8_load(pcflip, o0 + 16)
+            t2 = a8_load(pcthr, o0 + 16)
+            d3 = a8_load(pcflip, o0 + 24)
+            t3 = a8_load(pcthr, o0 + 24)
+            bits = (v8_pc_bits(a0_0, d0, t0) << 0)
+            bits |= (v8_pc_bits(a0_1, d1, t1) << 8)
+            bits |= (v8_pc_bits(a0_2, d2, t2) << 16)
+            bits |= (v8_pc_bits(a0_3, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 0) + ooff, bits << shift)
+            bits = (v8_pc_bits(a1_0, d0, t0) << 0)
+            bits |= (v8_pc_bits(a1_1, d1, t1) << 8)
+            bits |= (v8_pc_bits(a1_2, d2, t2) << 16)
+            bits |= (v8_pc_bits(a1_3, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 1) + ooff, bits << shift)
+            bits = (v8_pc_bits(a2_0, d0, t0) << 0)
+            bits |= (v8_pc_bits(a2_1, d1, t1) << 8)
+            bits |= (v8_pc_bits(a2_2, d2, t2) << 16)
+            bits |= (v8_pc_bits(a2_3, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 2) + ooff, bits << shift)
+        elif tmode_j == TILE_BITS_CORR:
+            d0 = a8_load(pcflip, o0 + 0)
+            t0 = a8_load(pcthr, o0 + 0)
+            d1 = a8_load(pcflip, o0 + 8)
+            t1 = a8_load(pcthr, o0 + 8)
+            d2 = a8_load(pcflip, o0 + 16)
+            t2 = a8_load(pcthr, o0 + 16)
+            d3 = a8_load(pcflip, o0 + 24)
+            t3 = a8_load(pcthr, o0 + 24)
+            cb = a_i64(cbases, q + 0) + o0
+            bits = (a8_threshold_bits(a0_0, k, corr, cb + 0, d0, t0) << 0)
+            bits |= (a8_threshold_bits(a0_1, k, corr, cb + 8, d1, t1) << 8)
+            bits |= (a8_threshold_bits(a0_2, k, corr, cb + 16, d2, t2) << 16)
+            bits |= (a8_threshold_bits(a0_3, k, corr, cb + 24, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 0) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 1) + o0
+            bits = (a8_threshold_bits(a1_0, k, corr, cb + 0, d0, t0) << 0)
+            bits |= (a8_threshold_bits(a1_1, k, corr, cb + 8, d1, t1) << 8)
+            bits |= (a8_threshold_bits(a1_2, k, corr, cb + 16, d2, t2) << 16)
+            bits |= (a8_threshold_bits(a1_3, k, corr, cb + 24, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 1) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 2) + o0
+            bits = (a8_threshold_bits(a2_0, k, corr, cb + 0, d0, t0) << 0)
+            bits |= (a8_threshold_bits(a2_1, k, corr, cb + 8, d1, t1) << 8)
+            bits |= (a8_threshold_bits(a2_2, k, corr, cb + 16, d2, t2) << 16)
+            bits |= (a8_threshold_bits(a2_3, k, corr, cb + 24, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 2) + ooff, bits << shift)
+        elif tmode_j == TILE_FUSED:
+            fz = fused_params(fp)
+            ob = a_i64(obases, q + 0) + ooff
+            w = fuse16(v16_acc_f32(a0_0, a0_1, k), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_f32(a0_2, a0_3, k), o0 + 16, ob + 16, out, fz, 16)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 0) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 1) + ooff
+            w = fuse16(v16_acc_f32(a1_0, a1_1, k), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_f32(a1_2, a1_3, k), o0 + 16, ob + 16, out, fz, 16)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 1) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 2) + ooff
+            w = fuse16(v16_acc_f32(a2_0, a2_1, k), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_f32(a2_2, a2_3, k), o0 + 16, ob + 16, out, fz, 16)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 2) + shift, 0, np.uint32(w))
+        elif tmode_j == TILE_FUSED_CORR:
+            fz = fused_params(fp)
+            ob = a_i64(obases, q + 0) + ooff
+            cb = a_i64(cbases, q + 0) + o0
+            w = fuse16(v16_acc_corr_f32(a0_0, a0_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_corr_f32(a0_2, a0_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz, 16)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 0) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 1) + ooff
+            cb = a_i64(cbases, q + 1) + o0
+            w = fuse16(v16_acc_corr_f32(a1_0, a1_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_corr_f32(a1_2, a1_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz, 16)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 1) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 2) + ooff
+            cb = a_i64(cbases, q + 2) + o0
+            w = fuse16(v16_acc_corr_f32(a2_0, a2_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_corr_f32(a2_2, a2_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz, 16)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 2) + shift, 0, np.uint32(w))
+        elif tmode_j == TILE_FUSED_PART or tmode_j == TILE_FUSED_PART_CORR:
+            a8_store(acc, 0, a0_0)
+            a8_store(acc, 8, a0_1)
+            a8_store(acc, 16, a0_2)
+            a8_store(acc, 24, a0_3)
+            a8_store(acc, 32, a1_0)
+            a8_store(acc, 40, a1_1)
+            a8_store(acc, 48, a1_2)
+            a8_store(acc, 56, a1_3)
+            a8_store(acc, 64, a2_0)
+            a8_store(acc, 72, a2_1)
+            a8_store(acc, 80, a2_2)
+            a8_store(acc, 88, a2_3)
+            fuse_part(acc, np.int64(3), k, fp, out, obases, ooff, cbases, o0, corr,
+                      tmode_j == TILE_FUSED_PART_CORR, bbases, shift, q)
+        else:  # TILE_SCRATCH
+            a8_store(acc, 0, a0_0)
+            a8_store(acc, 8, a0_1)
+            a8_store(acc, 16, a0_2)
+            a8_store(acc, 24, a0_3)
+            a8_store(acc, 32, a1_0)
+            a8_store(acc, 40, a1_1)
+            a8_store(acc, 48, a1_2)
+            a8_store(acc, 56, a1_3)
+            a8_store(acc, 64, a2_0)
+            a8_store(acc, 72, a2_1)
+            a8_store(acc, 80, a2_2)
+            a8_store(acc, 88, a2_3)
+
+
+@njit(cache=True)
+def _n4x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+        k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc):
+    for j in range(ntl):  # the run's tiles, MR table slots apart
+        q = j * 6
+        tmode_j = tmc if bord != 0 and a_u8(bord, j) != 0 else tmode
+        b0 = a_i64(bases, q + 0) + boff
+        b1 = a_i64(bases, q + 1) + boff
+        b2 = a_i64(bases, q + 2) + boff
+        b3 = a_i64(bases, q + 3) + boff
+        a0_0 = v8_zero()
+        a0_1 = v8_zero()
+        a0_2 = v8_zero()
+        a0_3 = v8_zero()
+        wi = wbase
+        s0 = 0
+        while s0 < nsteps:  # byte counters hold BYTE_STEPS steps
+            s1 = min(s0 + BYTE_STEPS, nsteps)
+            y0_0 = v8_zero()
+            y0_1 = v8_zero()
+            y0_2 = v8_zero()
+            y0_3 = v8_zero()
+            for s in range(s0, s1):  # one step = one word of one tap
+                o = a_i64(soff, s)
+                w0 = a8_load(wt, wi + 0)
+                w1 = a8_load(wt, wi + 8)
+                w2 = a8_load(wt, wi + 16)
+                w3 = a8_load(wt, wi + 24)
+                wi += 32
+                x = a8_bcast(xp, b0 + o)
+                y0_0 = v8_xpb(y0_0, w0, x)
+                y0_1 = v8_xpb(y0_1, w1, x)
+                y0_2 = v8_xpb(y0_2, w2, x)
+                y0_3 = v8_xpb(y0_3, w3, x)
+            a0_0 = v8_bsum(a0_0, y0_0)
+            a0_1 = v8_bsum(a0_1, y0_1)
+            a0_2 = v8_bsum(a0_2, y0_2)
+            a0_3 = v8_bsum(a0_3, y0_3)
+            s0 = s1
+        a1_0 = v8_zero()
+        a1_1 = v8_zero()
+        a1_2 = v8_zero()
+        a1_3 = v8_zero()
+        wi = wbase
+        s0 = 0
+        while s0 < nsteps:  # byte counters hold BYTE_STEPS steps
+            s1 = min(s0 + BYTE_STEPS, nsteps)
+            y1_0 = v8_zero()
+            y1_1 = v8_zero()
+            y1_2 = v8_zero()
+            y1_3 = v8_zero()
+            for s in range(s0, s1):  # one step = one word of one tap
+                o = a_i64(soff, s)
+                w0 = a8_load(wt, wi + 0)
+                w1 = a8_load(wt, wi + 8)
+                w2 = a8_load(wt, wi + 16)
+                w3 = a8_load(wt, wi + 24)
+                wi += 32
+                x = a8_bcast(xp, b1 + o)
+                y1_0 = v8_xpb(y1_0, w0, x)
+                y1_1 = v8_xpb(y1_1, w1, x)
+                y1_2 = v8_xpb(y1_2, w2, x)
+                y1_3 = v8_xpb(y1_3, w3, x)
+            a1_0 = v8_bsum(a1_0, y1_0)
+            a1_1 = v8_bsum(a1_1, y1_1)
+            a1_2 = v8_bsum(a1_2, y1_2)
+            a1_3 = v8_bsum(a1_3, y1_3)
+            s0 = s1
+        a2_0 = v8_zero()
+        a2_1 = v8_zero()
+        a2_2 = v8_zero()
+        a2_3 = v8_zero()
+        wi = wbase
+        s0 = 0
+        while s0 < nsteps:  # byte counters hold BYTE_STEPS steps
+            s1 = min(s0 + BYTE_STEPS, nsteps)
+            y2_0 = v8_zero()
+            y2_1 = v8_zero()
+            y2_2 = v8_zero()
+            y2_3 = v8_zero()
+            for s in range(s0, s1):  # one step = one word of one tap
+                o = a_i64(soff, s)
+                w0 = a8_load(wt, wi + 0)
+                w1 = a8_load(wt, wi + 8)
+                w2 = a8_load(wt, wi + 16)
+                w3 = a8_load(wt, wi + 24)
+                wi += 32
+                x = a8_bcast(xp, b2 + o)
+                y2_0 = v8_xpb(y2_0, w0, x)
+                y2_1 = v8_xpb(y2_1, w1, x)
+                y2_2 = v8_xpb(y2_2, w2, x)
+                y2_3 = v8_xpb(y2_3, w3, x)
+            a2_0 = v8_bsum(a2_0, y2_0)
+            a2_1 = v8_bsum(a2_1, y2_1)
+            a2_2 = v8_bsum(a2_2, y2_2)
+            a2_3 = v8_bsum(a2_3, y2_3)
+            s0 = s1
+        a3_0 = v8_zero()
+        a3_1 = v8_zero()
+        a3_2 = v8_zero()
+        a3_3 = v8_zero()
+        wi = wbase
+        s0 = 0
+        while s0 < nsteps:  # byte counters hold BYTE_STEPS steps
+            s1 = min(s0 + BYTE_STEPS, nsteps)
+            y3_0 = v8_zero()
+            y3_1 = v8_zero()
+            y3_2 = v8_zero()
+            y3_3 = v8_zero()
+            for s in range(s0, s1):  # one step = one word of one tap
+                o = a_i64(soff, s)
+                w0 = a8_load(wt, wi + 0)
+                w1 = a8_load(wt, wi + 8)
+                w2 = a8_load(wt, wi + 16)
+                w3 = a8_load(wt, wi + 24)
+                wi += 32
+                x = a8_bcast(xp, b3 + o)
+                y3_0 = v8_xpb(y3_0, w0, x)
+                y3_1 = v8_xpb(y3_1, w1, x)
+                y3_2 = v8_xpb(y3_2, w2, x)
+                y3_3 = v8_xpb(y3_3, w3, x)
+            a3_0 = v8_bsum(a3_0, y3_0)
+            a3_1 = v8_bsum(a3_1, y3_1)
+            a3_2 = v8_bsum(a3_2, y3_2)
+            a3_3 = v8_bsum(a3_3, y3_3)
+            s0 = s1
+        if tmode_j == TILE_INT32:
+            ob = a_i64(obases, q + 0) + ooff
+            a16_store_acc_i32(out, ob + 0, a0_0, a0_1, k)
+            a16_store_acc_i32(out, ob + 16, a0_2, a0_3, k)
+            ob = a_i64(obases, q + 1) + ooff
+            a16_store_acc_i32(out, ob + 0, a1_0, a1_1, k)
+            a16_store_acc_i32(out, ob + 16, a1_2, a1_3, k)
+            ob = a_i64(obases, q + 2) + ooff
+            a16_store_acc_i32(out, ob + 0, a2_0, a2_1, k)
+            a16_store_acc_i32(out, ob + 16, a2_2, a2_3, k)
+            ob = a_i64(obases, q + 3) + ooff
+            a16_store_acc_i32(out, ob + 0, a3_0, a3_1, k)
+            a16_store_acc_i32(out, ob + 16, a3_2, a3_3, k)
+        elif tmode_j == TILE_INT32_CORR:
+            ob = a_i64(obases, q + 0) + ooff
+            cb = a_i64(cbases, q + 0) + o0
+            a16_store_acc_corr_i32(out, ob + 0, a0_0, a0_1, k, corr, cb + 0)
+            a16_store_acc_corr_i32(out, ob + 16, a0_2, a0_3, k, corr, cb + 16)
+            ob = a_i64(obases, q + 1) + ooff
+            cb = a_i64(cbases, q + 1) + o0
+            a16_store_acc_corr_i32(out, ob + 0, a1_0, a1_1, k, corr, cb + 0)
+            a16_store_acc_corr_i32(out, ob + 16, a1_2, a1_3, k, corr, cb + 16)
+            ob = a_i64(obases, q + 2) + ooff
+            cb = a_i64(cbases, q + 2) + o0
+            a16_store_acc_corr_i32(out, ob + 0, a2_0, a2_1, k, corr, cb + 0)
+            a16_store_acc_corr_i32(out, ob + 16, a2_2, a2_3, k, corr, cb + 16)
+            ob = a_i64(obases, q + 3) + ooff
+            cb = a_i64(cbases, q + 3) + o0
+            a16_store_acc_corr_i32(out, ob + 0, a3_0, a3_1, k, corr, cb + 0)
+            a16_store_acc_corr_i32(out, ob + 16, a3_2, a3_3, k, corr, cb + 16)
+        elif tmode_j == TILE_BITS:
+            d0 = a8_load(pcflip, o0 + 0)
+            t0 = a8_load(pcthr, o0 + 0)
+            d1 = a8_load(pcflip, o0 + 8)
+            t1 = a8_load(pcthr, o0 + 8)
+            d2 = a8_load(pcflip, o0 + 16)
+            t2 = a8_load(pcthr, o0 + 16)
+            d3 = a8_load(pcflip, o0 + 24)
+            t3 = a8_load(pcthr, o0 + 24)
+            bits = (v8_pc_bits(a0_0, d0, t0) << 0)
+            bits |= (v8_pc_bits(a0_1, d1, t1) << 8)
+            bits |= (v8_pc_bits(a0_2, d2, t2) << 16)
+            bits |= (v8_pc_bits(a0_3, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 0) + ooff, bits << shift)
+            bits = (v8_pc_bits(a1_0, d0, t0) << 0)
+            bits |= (v8_pc_bits(a1_1, d1, t1) << 8)
+            bits |= (v8_pc_bits(a1_2, d2, t2) << 16)
+            bits |= (v8_pc_bits(a1_3, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 1) + ooff, bits << shift)
+            bits = (v8_pc_bits(a2_0, d0, t0) << 0)
+            bits |= (v8_pc_bits(a2_1, d1, t1) << 8)
+            bits |= (v8_pc_bits(a2_2, d2, t2) << 16)
+            bits |= (v8_pc_bits(a2_3, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 2) + ooff, bits << shift)
+            bits = (v8_pc_bits(a3_0, d0, t0) << 0)
+            bits |= (v8_pc_bits(a3_1, d1, t1) << 8)
+            bits |= (v8_pc_bits(a3_2, d2, t2) << 16)
+            bits |= (v8_pc_bits(a3_3, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 3) + ooff, bits << shift)
+        elif tmode_j == TILE_BITS_CORR:
+            d0 = a8_load(pcflip, o0 + 0)
+            t0 = a8_load(pcthr, o0 + 0)
+            d1 = a8_load(pcflip, o0 + 8)
+            t1 = a8_load(pcthr, o0 + 8)
+            d2 = a8_load(pcflip, o0 + 16)
+            t2 = a8_load(pcthr, o0 + 16)
+            d3 = a8_load(pcflip, o0 + 24)
+            t3 = a8_load(pcthr, o0 + 24)
+            cb = a_i64(cbases, q + 0) + o0
+            bits = (a8_threshold_bits(a0_0, k, corr, cb + 0, d0, t0) << 0)
+            bits |= (a8_threshold_bits(a0_1, k, corr, cb + 8, d1, t1) << 8)
+            bits |= (a8_threshold_bits(a0_2, k, corr, cb + 16, d2, t2) << 16)
+            bits |= (a8_threshold_bits(a0_3, k, corr, cb + 24, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 0) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 1) + o0
+            bits = (a8_threshold_bits(a1_0, k, corr, cb + 0, d0, t0) << 0)
+            bits |= (a8_threshold_bits(a1_1, k, corr, cb + 8, d1, t1) << 8)
+            bits |= (a8_threshold_bits(a1_2, k, corr, cb + 16, d2, t2) << 16)
+            bits |= (a8_threshold_bits(a1_3, k, corr, cb + 24, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 1) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 2) + o0
+            bits = (a8_threshold_bits(a2_0, k, corr, cb + 0, d0, t0) << 0)
+            bits |= (a8_threshold_bits(a2_1, k, corr, cb + 8, d1, t1) << 8)
+            bits |= (a8_threshold_bits(a2_2, k, corr, cb + 16, d2, t2) << 16)
+            bits |= (a8_threshold_bits(a2_3, k, corr, cb + 24, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 2) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 3) + o0
+            bits = (a8_threshold_bits(a3_0, k, corr, cb + 0, d0, t0) << 0)
+            bits |= (a8_threshold_bits(a3_1, k, corr, cb + 8, d1, t1) << 8)
+            bits |= (a8_threshold_bits(a3_2, k, corr, cb + 16, d2, t2) << 16)
+            bits |= (a8_threshold_bits(a3_3, k, corr, cb + 24, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 3) + ooff, bits << shift)
+        elif tmode_j == TILE_FUSED:
+            fz = fused_params(fp)
+            ob = a_i64(obases, q + 0) + ooff
+            w = fuse16(v16_acc_f32(a0_0, a0_1, k), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_f32(a0_2, a0_3, k), o0 + 16, ob + 16, out, fz, 16)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 0) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 1) + ooff
+            w = fuse16(v16_acc_f32(a1_0, a1_1, k), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_f32(a1_2, a1_3, k), o0 + 16, ob + 16, out, fz, 16)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 1) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 2) + ooff
+            w = fuse16(v16_acc_f32(a2_0, a2_1, k), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_f32(a2_2, a2_3, k), o0 + 16, ob + 16, out, fz, 16)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 2) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 3) + ooff
+            w = fuse16(v16_acc_f32(a3_0, a3_1, k), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_f32(a3_2, a3_3, k), o0 + 16, ob + 16, out, fz, 16)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 3) + shift, 0, np.uint32(w))
+        elif tmode_j == TILE_FUSED_CORR:
+            fz = fused_params(fp)
+            ob = a_i64(obases, q + 0) + ooff
+            cb = a_i64(cbases, q + 0) + o0
+            w = fuse16(v16_acc_corr_f32(a0_0, a0_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_corr_f32(a0_2, a0_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz, 16)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 0) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 1) + ooff
+            cb = a_i64(cbases, q + 1) + o0
+            w = fuse16(v16_acc_corr_f32(a1_0, a1_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_corr_f32(a1_2, a1_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz, 16)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 1) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 2) + ooff
+            cb = a_i64(cbases, q + 2) + o0
+            w = fuse16(v16_acc_corr_f32(a2_0, a2_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_corr_f32(a2_2, a2_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz, 16)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 2) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 3) + ooff
+            cb = a_i64(cbases, q + 3) + o0
+            w = fuse16(v16_acc_corr_f32(a3_0, a3_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_corr_f32(a3_2, a3_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz, 16)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 3) + shift, 0, np.uint32(w))
+        elif tmode_j == TILE_FUSED_PART or tmode_j == TILE_FUSED_PART_CORR:
+            a8_store(acc, 0, a0_0)
+            a8_store(acc, 8, a0_1)
+            a8_store(acc, 16, a0_2)
+            a8_store(acc, 24, a0_3)
+            a8_store(acc, 32, a1_0)
+            a8_store(acc, 40, a1_1)
+            a8_store(acc, 48, a1_2)
+            a8_store(acc, 56, a1_3)
+            a8_store(acc, 64, a2_0)
+            a8_store(acc, 72, a2_1)
+            a8_store(acc, 80, a2_2)
+            a8_store(acc, 88, a2_3)
+            a8_store(acc, 96, a3_0)
+            a8_store(acc, 104, a3_1)
+            a8_store(acc, 112, a3_2)
+            a8_store(acc, 120, a3_3)
+            fuse_part(acc, np.int64(4), k, fp, out, obases, ooff, cbases, o0, corr,
+                      tmode_j == TILE_FUSED_PART_CORR, bbases, shift, q)
+        else:  # TILE_SCRATCH
+            a8_store(acc, 0, a0_0)
+            a8_store(acc, 8, a0_1)
+            a8_store(acc, 16, a0_2)
+            a8_store(acc, 24, a0_3)
+            a8_store(acc, 32, a1_0)
+            a8_store(acc, 40, a1_1)
+            a8_store(acc, 48, a1_2)
+            a8_store(acc, 56, a1_3)
+            a8_store(acc, 64, a2_0)
+            a8_store(acc, 72, a2_1)
+            a8_store(acc, 80, a2_2)
+            a8_store(acc, 88, a2_3)
+            a8_store(acc, 96, a3_0)
+            a8_store(acc, 104, a3_1)
+            a8_store(acc, 112, a3_2)
+            a8_store(acc, 120, a3_3)
+
+
+@njit(cache=True)
+def _n5x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+        k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc):
+    for j in range(ntl):  # the run's tiles, MR table slots apart
+        q = j * 6
+        tmode_j = tmc if bord != 0 and a_u8(bord, j) != 0 else tmode
+        b0 = a_i64(bases, q + 0) + boff
+        b1 = a_i64(bases, q + 1) + boff
+        b2 = a_i64(bases, q + 2) + boff
+        b3 = a_i64(bases, q + 3) + boff
+        b4 = a_i64(bases, q + 4) + boff
+        a0_0 = v8_zero()
+        a0_1 = v8_zero()
+        a0_2 = v8_zero()
+        a0_3 = v8_zero()
+        wi = wbase
+        s0 = 0
+        while s0 < nsteps:  # byte counters hold BYTE_STEPS steps
+            s1 = min(s0 + BYTE_STEPS, nsteps)
+            y0_0 = v8_zero()
+            y0_1 = v8_zero()
+            y0_2 = v8_zero()
+            y0_3 = v8_zero()
+            for s in range(s0, s1):  # one step = one word of one tap
+                o = a_i64(soff, s)
+                w0 = a8_load(wt, wi + 0)
+                w1 = a8_load(wt, wi + 8)
+                w2 = a8_load(wt, wi + 16)
+                w3 = a8_load(wt, wi + 24)
+                wi += 32
+                x = a8_bcast(xp, b0 + o)
+                y0_0 = v8_xpb(y0_0, w0, x)
+                y0_1 = v8_xpb(y0_1, w1, x)
+                y0_2 = v8_xpb(y0_2, w2, x)
+                y0_3 = v8_xpb(y0_3, w3, x)
+            a0_0 = v8_bsum(a0_0, y0_0)
+            a0_1 = v8_bsum(a0_1, y0_1)
+            a0_2 = v8_bsum(a0_2, y0_2)
+            a0_3 = v8_bsum(a0_3, y0_3)
+            s0 = s1
+        a1_0 = v8_zero()
+        a1_1 = v8_zero()
+        a1_2 = v8_zero()
+        a1_3 = v8_zero()
+        wi = wbase
+        s0 = 0
+        while s0 < nsteps:  # byte counters hold BYTE_STEPS steps
+            s1 = min(s0 + BYTE_STEPS, nsteps)
+            y1_0 = v8_zero()
+            y1_1 = v8_zero()
+            y1_2 = v8_zero()
+            y1_3 = v8_zero()
+            for s in range(s0, s1):  # one step = one word of one tap
+                o = a_i64(soff, s)
+                w0 = a8_load(wt, wi + 0)
+                w1 = a8_load(wt, wi + 8)
+                w2 = a8_load(wt, wi + 16)
+                w3 = a8_load(wt, wi + 24)
+                wi += 32
+                x = a8_bcast(xp, b1 + o)
+                y1_0 = v8_xpb(y1_0, w0, x)
+                y1_1 = v8_xpb(y1_1, w1, x)
+                y1_2 = v8_xpb(y1_2, w2, x)
+                y1_3 = v8_xpb(y1_3, w3, x)
+            a1_0 = v8_bsum(a1_0, y1_0)
+            a1_1 = v8_bsum(a1_1, y1_1)
+            a1_2 = v8_bsum(a1_2, y1_2)
+            a1_3 = v8_bsum(a1_3, y1_3)
+            s0 = s1
+        a2_0 = v8_zero()
+        a2_1 = v8_zero()
+        a2_2 = v8_zero()
+        a2_3 = v8_zero()
+        wi = wbase
+        s0 = 0
+        while s0 < nsteps:  # byte counters hold BYTE_STEPS steps
+            s1 = min(s0 + BYTE_STEPS, nsteps)
+            y2_0 = v8_zero()
+            y2_1 = v8_zero()
+            y2_2 = v8_zero()
+            y2_3 = v8_zero()
+            for s in range(s0, s1):  # one step = one word of one tap
+                o = a_i64(soff, s)
+                w0 = a8_load(wt, wi + 0)
+                w1 = a8_load(wt, wi + 8)
+                w2 = a8_load(wt, wi + 16)
+                w3 = a8_load(wt, wi + 24)
+                wi += 32
+                x = a8_bcast(xp, b2 + o)
+                y2_0 = v8_xpb(y2_0, w0, x)
+                y2_1 = v8_xpb(y2_1, w1, x)
+                y2_2 = v8_xpb(y2_2, w2, x)
+                y2_3 = v8_xpb(y2_3, w3, x)
+            a2_0 = v8_bsum(a2_0, y2_0)
+            a2_1 = v8_bsum(a2_1, y2_1)
+            a2_2 = v8_bsum(a2_2, y2_2)
+            a2_3 = v8_bsum(a2_3, y2_3)
+            s0 = s1
+        a3_0 = v8_zero()
+        a3_1 = v8_zero()
+        a3_2 = v8_zero()
+        a3_3 = v8_zero()
+        wi = wbase
+        s0 = 0
+        while s0 < nsteps:  # byte counters hold BYTE_STEPS steps
+            s1 = min(s0 + BYTE_STEPS, nsteps)
+            y3_0 = v8_zero()
+            y3_1 = v8_zero()
+            y3_2 = v8_zero()
+            y3_3 = v8_zero()
+            for s in range(s0, s1):  # one step = one word of one tap
+                o = a_i64(soff, s)
+                w0 = a8_load(wt, wi + 0)
+                w1 = a8_load(wt, wi + 8)
+                w2 = a8_load(wt, wi + 16)
+                w3 = a8_load(wt, wi + 24)
+                wi += 32
+                x = a8_bcast(xp, b3 + o)
+                y3_0 = v8_xpb(y3_0, w0, x)
+                y3_1 = v8_xpb(y3_1, w1, x)
+                y3_2 = v8_xpb(y3_2, w2, x)
+                y3_3 = v8_xpb(y3_3, w3, x)
+            a3_0 = v8_bsum(a3_0, y3_0)
+            a3_1 = v8_bsum(a3_1, y3_1)
+            a3_2 = v8_bsum(a3_2, y3_2)
+            a3_3 = v8_bsum(a3_3, y3_3)
+            s0 = s1
+        a4_0 = v8_zero()
+        a4_1 = v8_zero()
+        a4_2 = v8_zero()
+        a4_3 = v8_zero()
+        wi = wbase
+        s0 = 0
+        while s0 < nsteps:  # byte counters hold BYTE_STEPS steps
+            s1 = min(s0 + BYTE_STEPS, nsteps)
+            y4_0 = v8_zero()
+            y4_1 = v8_zero()
+            y4_2 = v8_zero()
+            y4_3 = v8_zero()
+            for s in range(s0, s1):  # one step = one word of one tap
+                o = a_i64(soff, s)
+                w0 = a8_load(wt, wi + 0)
+                w1 = a8_load(wt, wi + 8)
+                w2 = a8_load(wt, wi + 16)
+                w3 = a8_load(wt, wi + 24)
+                wi += 32
+                x = a8_bcast(xp, b4 + o)
+                y4_0 = v8_xpb(y4_0, w0, x)
+                y4_1 = v8_xpb(y4_1, w1, x)
+                y4_2 = v8_xpb(y4_2, w2, x)
+                y4_3 = v8_xpb(y4_3, w3, x)
+            a4_0 = v8_bsum(a4_0, y4_0)
+            a4_1 = v8_bsum(a4_1, y4_1)
+            a4_2 = v8_bsum(a4_2, y4_2)
+            a4_3 = v8_bsum(a4_3, y4_3)
+            s0 = s1
+        if tmode_j == TILE_INT32:
+            ob = a_i64(obases, q + 0) + ooff
+            a16_store_acc_i32(out, ob + 0, a0_0, a0_1, k)
+            a16_store_acc_i32(out, ob + 16, a0_2, a0_3, k)
+            ob = a_i64(obases, q + 1) + ooff
+            a16_store_acc_i32(out, ob + 0, a1_0, a1_1, k)
+            a16_store_acc_i32(out, ob + 16, a1_2, a1_3, k)
+            ob = a_i64(obases, q + 2) + ooff
+            a16_store_acc_i32(out, ob + 0, a2_0, a2_1, k)
+            a16_store_acc_i32(out, ob + 16, a2_2, a2_3, k)
+            ob = a_i64(obases, q + 3) + ooff
+            a16_store_acc_i32(out, ob + 0, a3_0, a3_1, k)
+            a16_store_acc_i32(out, ob + 16, a3_2, a3_3, k)
+            ob = a_i64(obases, q + 4) + ooff
+            a16_store_acc_i32(out, ob + 0, a4_0, a4_1, k)
+            a16_store_acc_i32(out, ob + 16, a4_2, a4_3, k)
+        elif tmode_j == TILE_INT32_CORR:
+            ob = a_i64(obases, q + 0) + ooff
+            cb = a_i64(cbases, q + 0) + o0
+            a16_store_acc_corr_i32(out, ob + 0, a0_0, a0_1, k, corr, cb + 0)
+            a16_store_acc_corr_i32(out, ob + 16, a0_2, a0_3, k, corr, cb + 16)
+            ob = a_i64(obases, q + 1) + ooff
+            cb = a_i64(cbases, q + 1) + o0
+            a16_store_acc_corr_i32(out, ob + 0, a1_0, a1_1, k, corr, cb + 0)
+            a16_store_acc_corr_i32(out, ob + 16, a1_2, a1_3, k, corr, cb + 16)
+            ob = a_i64(obases, q + 2) + ooff
+            cb = a_i64(cbases, q + 2) + o0
+            a16_store_acc_corr_i32(out, ob + 0, a2_0, a2_1, k, corr, cb + 0)
+            a16_store_acc_corr_i32(out, ob + 16, a2_2, a2_3, k, corr, cb + 16)
+            ob = a_i64(obases, q + 3) + ooff
+            cb = a_i64(cbases, q + 3) + o0
+            a16_store_acc_corr_i32(out, ob + 0, a3_0, a3_1, k, corr, cb + 0)
+            a16_store_acc_corr_i32(out, ob + 16, a3_2, a3_3, k, corr, cb + 16)
+            ob = a_i64(obases, q + 4) + ooff
+            cb = a_i64(cbases, q + 4) + o0
+            a16_store_acc_corr_i32(out, ob + 0, a4_0, a4_1, k, corr, cb + 0)
+            a16_store_acc_corr_i32(out, ob + 16, a4_2, a4_3, k, corr, cb + 16)
+        elif tmode_j == TILE_BITS:
+            d0 = a8_load(pcflip, o0 + 0)
+            t0 = a8_load(pcthr, o0 + 0)
+            d1 = a8_load(pcflip, o0 + 8)
+            t1 = a8_load(pcthr, o0 + 8)
+            d2 = a8_load(pcflip, o0 + 16)
+            t2 = a8_load(pcthr, o0 + 16)
+            d3 = a8_load(pcflip, o0 + 24)
+            t3 = a8_load(pcthr, o0 + 24)
+            bits = (v8_pc_bits(a0_0, d0, t0) << 0)
+            bits |= (v8_pc_bits(a0_1, d1, t1) << 8)
+            bits |= (v8_pc_bits(a0_2, d2, t2) << 16)
+            bits |= (v8_pc_bits(a0_3, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 0) + ooff, bits << shift)
+            bits = (v8_pc_bits(a1_0, d0, t0) << 0)
+            bits |= (v8_pc_bits(a1_1, d1, t1) << 8)
+            bits |= (v8_pc_bits(a1_2, d2, t2) << 16)
+            bits |= (v8_pc_bits(a1_3, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 1) + ooff, bits << shift)
+            bits = (v8_pc_bits(a2_0, d0, t0) << 0)
+            bits |= (v8_pc_bits(a2_1, d1, t1) << 8)
+            bits |= (v8_pc_bits(a2_2, d2, t2) << 16)
+            bits |= (v8_pc_bits(a2_3, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 2) + ooff, bits << shift)
+            bits = (v8_pc_bits(a3_0, d0, t0) << 0)
+            bits |= (v8_pc_bits(a3_1, d1, t1) << 8)
+            bits |= (v8_pc_bits(a3_2, d2, t2) << 16)
+            bits |= (v8_pc_bits(a3_3, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 3) + ooff, bits << shift)
+            bits = (v8_pc_bits(a4_0, d0, t0) << 0)
+            bits |= (v8_pc_bits(a4_1, d1, t1) << 8)
+            bits |= (v8_pc_bits(a4_2, d2, t2) << 16)
+            bits |= (v8_pc_bits(a4_3, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 4) + ooff, bits << shift)
+        elif tmode_j == TILE_BITS_CORR:
+            d0 = a8_load(pcflip, o0 + 0)
+            t0 = a8_load(pcthr, o0 + 0)
+            d1 = a8_load(pcflip, o0 + 8)
+            t1 = a8_load(pcthr, o0 + 8)
+            d2 = a8_load(pcflip, o0 + 16)
+            t2 = a8_load(pcthr, o0 + 16)
+            d3 = a8_load(pcflip, o0 + 24)
+            t3 = a8_load(pcthr, o0 + 24)
+            cb = a_i64(cbases, q + 0) + o0
+            bits = (a8_threshold_bits(a0_0, k, corr, cb + 0, d0, t0) << 0)
+            bits |= (a8_threshold_bits(a0_1, k, corr, cb + 8, d1, t1) << 8)
+            bits |= (a8_threshold_bits(a0_2, k, corr, cb + 16, d2, t2) << 16)
+            bits |= (a8_threshold_bits(a0_3, k, corr, cb + 24, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 0) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 1) + o0
+            bits = (a8_threshold_bits(a1_0, k, corr, cb + 0, d0, t0) << 0)
+            bits |= (a8_threshold_bits(a1_1, k, corr, cb + 8, d1, t1) << 8)
+            bits |= (a8_threshold_bits(a1_2, k, corr, cb + 16, d2, t2) << 16)
+            bits |= (a8_threshold_bits(a1_3, k, corr, cb + 24, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 1) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 2) + o0
+            bits = (a8_threshold_bits(a2_0, k, corr, cb + 0, d0, t0) << 0)
+            bits |= (a8_threshold_bits(a2_1, k, corr, cb + 8, d1, t1) << 8)
+            bits |= (a8_threshold_bits(a2_2, k, corr, cb + 16, d2, t2) << 16)
+            bits |= (a8_threshold_bits(a2_3, k, corr, cb + 24, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 2) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 3) + o0
+            bits = (a8_threshold_bits(a3_0, k, corr, cb + 0, d0, t0) << 0)
+            bits |= (a8_threshold_bits(a3_1, k, corr, cb + 8, d1, t1) << 8)
+            bits |= (a8_threshold_bits(a3_2, k, corr, cb + 16, d2, t2) << 16)
+            bits |= (a8_threshold_bits(a3_3, k, corr, cb + 24, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 3) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 4) + o0
+            bits = (a8_threshold_bits(a4_0, k, corr, cb + 0, d0, t0) << 0)
+            bits |= (a8_threshold_bits(a4_1, k, corr, cb + 8, d1, t1) << 8)
+            bits |= (a8_threshold_bits(a4_2, k, corr, cb + 16, d2, t2) << 16)
+            bits |= (a8_threshold_bits(a4_3, k, corr, cb + 24, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 4) + ooff, bits << shift)
+        elif tmode_j == TILE_FUSED:
+            fz = fused_params(fp)
+            ob = a_i64(obases, q + 0) + ooff
+            w = fuse16(v16_acc_f32(a0_0, a0_1, k), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_f32(a0_2, a0_3, k), o0 + 16, ob + 16, out, fz, 16)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 0) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 1) + ooff
+            w = fuse16(v16_acc_f32(a1_0, a1_1, k), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_f32(a1_2, a1_3, k), o0 + 16, ob + 16, out, fz, 16)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 1) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 2) + ooff
+            w = fuse16(v16_acc_f32(a2_0, a2_1, k), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_f32(a2_2, a2_3, k), o0 + 16, ob + 16, out, fz, 16)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 2) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 3) + ooff
+            w = fuse16(v16_acc_f32(a3_0, a3_1, k), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_f32(a3_2, a3_3, k), o0 + 16, ob + 16, out, fz, 16)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 3) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 4) + ooff
+            w = fuse16(v16_acc_f32(a4_0, a4_1, k), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_f32(a4_2, a4_3, k), o0 + 16, ob + 16, out, fz, 16)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 4) + shift, 0, np.uint32(w))
+        elif tmode_j == TILE_FUSED_CORR:
+            fz = fused_params(fp)
+            ob = a_i64(obases, q + 0) + ooff
+            cb = a_i64(cbases, q + 0) + o0
+            w = fuse16(v16_acc_corr_f32(a0_0, a0_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_corr_f32(a0_2, a0_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz, 16)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 0) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 1) + ooff
+            cb = a_i64(cbases, q + 1) + o0
+            w = fuse16(v16_acc_corr_f32(a1_0, a1_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_corr_f32(a1_2, a1_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz, 16)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 1) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 2) + ooff
+            cb = a_i64(cbases, q + 2) + o0
+            w = fuse16(v16_acc_corr_f32(a2_0, a2_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_corr_f32(a2_2, a2_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz, 16)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 2) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 3) + ooff
+            cb = a_i64(cbases, q + 3) + o0
+            w = fuse16(v16_acc_corr_f32(a3_0, a3_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_corr_f32(a3_2, a3_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz, 16)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 3) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 4) + ooff
+            cb = a_i64(cbases, q + 4) + o0
+            w = fuse16(v16_acc_corr_f32(a4_0, a4_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_corr_f32(a4_2, a4_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz, 16)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 4) + shift, 0, np.uint32(w))
+        elif tmode_j == TILE_FUSED_PART or tmode_j == TILE_FUSED_PART_CORR:
+            a8_store(acc, 0, a0_0)
+            a8_store(acc, 8, a0_1)
+            a8_store(acc, 16, a0_2)
+            a8_store(acc, 24, a0_3)
+            a8_store(acc, 32, a1_0)
+            a8_store(acc, 40, a1_1)
+            a8_store(acc, 48, a1_2)
+            a8_store(acc, 56, a1_3)
+            a8_store(acc, 64, a2_0)
+            a8_store(acc, 72, a2_1)
+            a8_store(acc, 80, a2_2)
+            a8_store(acc, 88, a2_3)
+            a8_store(acc, 96, a3_0)
+            a8_store(acc, 104, a3_1)
+            a8_store(acc, 112, a3_2)
+            a8_store(acc, 120, a3_3)
+            a8_store(acc, 128, a4_0)
+            a8_store(acc, 136, a4_1)
+            a8_store(acc, 144, a4_2)
+            a8_store(acc, 152, a4_3)
+            fuse_part(acc, np.int64(5), k, fp, out, obases, ooff, cbases, o0, corr,
+                      tmode_j == TILE_FUSED_PART_CORR, bbases, shift, q)
+        else:  # TILE_SCRATCH
+            a8_store(acc, 0, a0_0)
+            a8_store(acc, 8, a0_1)
+            a8_store(acc, 16, a0_2)
+            a8_store(acc, 24, a0_3)
+            a8_store(acc, 32, a1_0)
+            a8_store(acc, 40, a1_1)
+            a8_store(acc, 48, a1_2)
+            a8_store(acc, 56, a1_3)
+            a8_store(acc, 64, a2_0)
+            a8_store(acc, 72, a2_1)
+            a8_store(acc, 80, a2_2)
+            a8_store(acc, 88, a2_3)
+            a8_store(acc, 96, a3_0)
+            a8_store(acc, 104, a3_1)
+            a8_store(acc, 112, a3_2)
+            a8_store(acc, 120, a3_3)
+            a8_store(acc, 128, a4_0)
+            a8_store(acc, 136, a4_1)
+            a8_store(acc, 144, a4_2)
+            a8_store(acc, 152, a4_3)
+
+
+@njit(cache=True)
+def _n6x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+        k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc):
+    for j in range(ntl):  # the run's tiles, MR table slots apart
+        q = j * 6
+        tmode_j = tmc if bord != 0 and a_u8(bord, j) != 0 else tmode
+        b0 = a_i64(bases, q + 0) + boff
+        b1 = a_i64(bases, q + 1) + boff
+        b2 = a_i64(bases, q + 2) + boff
+        b3 = a_i64(bases, q + 3) + boff
+        b4 = a_i64(bases, q + 4) + boff
+        b5 = a_i64(bases, q + 5) + boff
+        a0_0 = v8_zero()
+        a0_1 = v8_zero()
+        a0_2 = v8_zero()
+        a0_3 = v8_zero()
+        wi = wbase
+        s0 = 0
+        while s0 < nsteps:  # byte counters hold BYTE_STEPS steps
+            s1 = min(s0 + BYTE_STEPS, nsteps)
+            y0_0 = v8_zero()
+            y0_1 = v8_zero()
+            y0_2 = v8_zero()
+            y0_3 = v8_zero()
+            for s in range(s0, s1):  # one step = one word of one tap
+                o = a_i64(soff, s)
+                w0 = a8_load(wt, wi + 0)
+                w1 = a8_load(wt, wi + 8)
+                w2 = a8_load(wt, wi + 16)
+                w3 = a8_load(wt, wi + 24)
+                wi += 32
+                x = a8_bcast(xp, b0 + o)
+                y0_0 = v8_xpb(y0_0, w0, x)
+                y0_1 = v8_xpb(y0_1, w1, x)
+                y0_2 = v8_xpb(y0_2, w2, x)
+                y0_3 = v8_xpb(y0_3, w3, x)
+            a0_0 = v8_bsum(a0_0, y0_0)
+            a0_1 = v8_bsum(a0_1, y0_1)
+            a0_2 = v8_bsum(a0_2, y0_2)
+            a0_3 = v8_bsum(a0_3, y0_3)
+            s0 = s1
+        a1_0 = v8_zero()
+        a1_1 = v8_zero()
+        a1_2 = v8_zero()
+        a1_3 = v8_zero()
+        wi = wbase
+        s0 = 0
+        while s0 < nsteps:  # byte counters hold BYTE_STEPS steps
+            s1 = min(s0 + BYTE_STEPS, nsteps)
+            y1_0 = v8_zero()
+            y1_1 = v8_zero()
+            y1_2 = v8_zero()
+            y1_3 = v8_zero()
+            for s in range(s0, s1):  # one step = one word of one tap
+                o = a_i64(soff, s)
+                w0 = a8_load(wt, wi + 0)
+                w1 = a8_load(wt, wi + 8)
+                w2 = a8_load(wt, wi + 16)
+                w3 = a8_load(wt, wi + 24)
+                wi += 32
+                x = a8_bcast(xp, b1 + o)
+                y1_0 = v8_xpb(y1_0, w0, x)
+                y1_1 = v8_xpb(y1_1, w1, x)
+                y1_2 = v8_xpb(y1_2, w2, x)
+                y1_3 = v8_xpb(y1_3, w3, x)
+            a1_0 = v8_bsum(a1_0, y1_0)
+            a1_1 = v8_bsum(a1_1, y1_1)
+            a1_2 = v8_bsum(a1_2, y1_2)
+            a1_3 = v8_bsum(a1_3, y1_3)
+            s0 = s1
+        a2_0 = v8_zero()
+        a2_1 = v8_zero()
+        a2_2 = v8_zero()
+        a2_3 = v8_zero()
+        wi = wbase
+        s0 = 0
+        while s0 < nsteps:  # byte counters hold BYTE_STEPS steps
+            s1 = min(s0 + BYTE_STEPS, nsteps)
+            y2_0 = v8_zero()
+            y2_1 = v8_zero()
+            y2_2 = v8_zero()
+            y2_3 = v8_zero()
+            for s in range(s0, s1):  # one step = one word of one tap
+                o = a_i64(soff, s)
+                w0 = a8_load(wt, wi + 0)
+                w1 = a8_load(wt, wi + 8)
+                w2 = a8_load(wt, wi + 16)
+                w3 = a8_load(wt, wi + 24)
+                wi += 32
+                x = a8_bcast(xp, b2 + o)
+                y2_0 = v8_xpb(y2_0, w0, x)
+                y2_1 = v8_xpb(y2_1, w1, x)
+                y2_2 = v8_xpb(y2_2, w2, x)
+                y2_3 = v8_xpb(y2_3, w3, x)
+            a2_0 = v8_bsum(a2_0, y2_0)
+            a2_1 = v8_bsum(a2_1, y2_1)
+            a2_2 = v8_bsum(a2_2, y2_2)
+            a2_3 = v8_bsum(a2_3, y2_3)
+            s0 = s1
+        a3_0 = v8_zero()
+        a3_1 = v8_zero()
+        a3_2 = v8_zero()
+        a3_3 = v8_zero()
+        wi = wbase
+        s0 = 0
+        while s0 < nsteps:  # byte counters hold BYTE_STEPS steps
+            s1 = min(s0 + BYTE_STEPS, nsteps)
+            y3_0 = v8_zero()
+            y3_1 = v8_zero()
+            y3_2 = v8_zero()
+            y3_3 = v8_zero()
+            for s in range(s0, s1):  # one step = one word of one tap
+                o = a_i64(soff, s)
+                w0 = a8_load(wt, wi + 0)
+                w1 = a8_load(wt, wi + 8)
+                w2 = a8_load(wt, wi + 16)
+                w3 = a8_load(wt, wi + 24)
+                wi += 32
+                x = a8_bcast(xp, b3 + o)
+                y3_0 = v8_xpb(y3_0, w0, x)
+                y3_1 = v8_xpb(y3_1, w1, x)
+                y3_2 = v8_xpb(y3_2, w2, x)
+                y3_3 = v8_xpb(y3_3, w3, x)
+            a3_0 = v8_bsum(a3_0, y3_0)
+            a3_1 = v8_bsum(a3_1, y3_1)
+            a3_2 = v8_bsum(a3_2, y3_2)
+            a3_3 = v8_bsum(a3_3, y3_3)
+            s0 = s1
+        a4_0 = v8_zero()
+        a4_1 = v8_zero()
+        a4_2 = v8_zero()
+        a4_3 = v8_zero()
+        wi = wbase
+        s0 = 0
+        while s0 < nsteps:  # byte counters hold BYTE_STEPS steps
+            s1 = min(s0 + BYTE_STEPS, nsteps)
+            y4_0 = v8_zero()
+            y4_1 = v8_zero()
+            y4_2 = v8_zero()
+            y4_3 = v8_zero()
+            for s in range(s0, s1):  # one step = one word of one tap
+                o = a_i64(soff, s)
+                w0 = a8_load(wt, wi + 0)
+                w1 = a8_load(wt, wi + 8)
+                w2 = a8_load(wt, wi + 16)
+                w3 = a8_load(wt, wi + 24)
+                wi += 32
+                x = a8_bcast(xp, b4 + o)
+                y4_0 = v8_xpb(y4_0, w0, x)
+                y4_1 = v8_xpb(y4_1, w1, x)
+                y4_2 = v8_xpb(y4_2, w2, x)
+                y4_3 = v8_xpb(y4_3, w3, x)
+            a4_0 = v8_bsum(a4_0, y4_0)
+            a4_1 = v8_bsum(a4_1, y4_1)
+            a4_2 = v8_bsum(a4_2, y4_2)
+            a4_3 = v8_bsum(a4_3, y4_3)
+            s0 = s1
+        a5_0 = v8_zero()
+        a5_1 = v8_zero()
+        a5_2 = v8_zero()
+        a5_3 = v8_zero()
+        wi = wbase
+        s0 = 0
+        while s0 < nsteps:  # byte counters hold BYTE_STEPS steps
+            s1 = min(s0 + BYTE_STEPS, nsteps)
+            y5_0 = v8_zero()
+            y5_1 = v8_zero()
+            y5_2 = v8_zero()
+            y5_3 = v8_zero()
+            for s in range(s0, s1):  # one step = one word of one tap
+                o = a_i64(soff, s)
+                w0 = a8_load(wt, wi + 0)
+                w1 = a8_load(wt, wi + 8)
+                w2 = a8_load(wt, wi + 16)
+                w3 = a8_load(wt, wi + 24)
+                wi += 32
+                x = a8_bcast(xp, b5 + o)
+                y5_0 = v8_xpb(y5_0, w0, x)
+                y5_1 = v8_xpb(y5_1, w1, x)
+                y5_2 = v8_xpb(y5_2, w2, x)
+                y5_3 = v8_xpb(y5_3, w3, x)
+            a5_0 = v8_bsum(a5_0, y5_0)
+            a5_1 = v8_bsum(a5_1, y5_1)
+            a5_2 = v8_bsum(a5_2, y5_2)
+            a5_3 = v8_bsum(a5_3, y5_3)
+            s0 = s1
+        if tmode_j == TILE_INT32:
+            ob = a_i64(obases, q + 0) + ooff
+            a16_store_acc_i32(out, ob + 0, a0_0, a0_1, k)
+            a16_store_acc_i32(out, ob + 16, a0_2, a0_3, k)
+            ob = a_i64(obases, q + 1) + ooff
+            a16_store_acc_i32(out, ob + 0, a1_0, a1_1, k)
+            a16_store_acc_i32(out, ob + 16, a1_2, a1_3, k)
+            ob = a_i64(obases, q + 2) + ooff
+            a16_store_acc_i32(out, ob + 0, a2_0, a2_1, k)
+            a16_store_acc_i32(out, ob + 16, a2_2, a2_3, k)
+            ob = a_i64(obases, q + 3) + ooff
+            a16_store_acc_i32(out, ob + 0, a3_0, a3_1, k)
+            a16_store_acc_i32(out, ob + 16, a3_2, a3_3, k)
+            ob = a_i64(obases, q + 4) + ooff
+            a16_store_acc_i32(out, ob + 0, a4_0, a4_1, k)
+            a16_store_acc_i32(out, ob + 16, a4_2, a4_3, k)
+            ob = a_i64(obases, q + 5) + ooff
+            a16_store_acc_i32(out, ob + 0, a5_0, a5_1, k)
+            a16_store_acc_i32(out, ob + 16, a5_2, a5_3, k)
+        elif tmode_j == TILE_INT32_CORR:
+            ob = a_i64(obases, q + 0) + ooff
+            cb = a_i64(cbases, q + 0) + o0
+            a16_store_acc_corr_i32(out, ob + 0, a0_0, a0_1, k, corr, cb + 0)
+            a16_store_acc_corr_i32(out, ob + 16, a0_2, a0_3, k, corr, cb + 16)
+            ob = a_i64(obases, q + 1) + ooff
+            cb = a_i64(cbases, q + 1) + o0
+            a16_store_acc_corr_i32(out, ob + 0, a1_0, a1_1, k, corr, cb + 0)
+            a16_store_acc_corr_i32(out, ob + 16, a1_2, a1_3, k, corr, cb + 16)
+            ob = a_i64(obases, q + 2) + ooff
+            cb = a_i64(cbases, q + 2) + o0
+            a16_store_acc_corr_i32(out, ob + 0, a2_0, a2_1, k, corr, cb + 0)
+            a16_store_acc_corr_i32(out, ob + 16, a2_2, a2_3, k, corr, cb + 16)
+            ob = a_i64(obases, q + 3) + ooff
+            cb = a_i64(cbases, q + 3) + o0
+            a16_store_acc_corr_i32(out, ob + 0, a3_0, a3_1, k, corr, cb + 0)
+            a16_store_acc_corr_i32(out, ob + 16, a3_2, a3_3, k, corr, cb + 16)
+            ob = a_i64(obases, q + 4) + ooff
+            cb = a_i64(cbases, q + 4) + o0
+            a16_store_acc_corr_i32(out, ob + 0, a4_0, a4_1, k, corr, cb + 0)
+            a16_store_acc_corr_i32(out, ob + 16, a4_2, a4_3, k, corr, cb + 16)
+            ob = a_i64(obases, q + 5) + ooff
+            cb = a_i64(cbases, q + 5) + o0
+            a16_store_acc_corr_i32(out, ob + 0, a5_0, a5_1, k, corr, cb + 0)
+            a16_store_acc_corr_i32(out, ob + 16, a5_2, a5_3, k, corr, cb + 16)
+        elif tmode_j == TILE_BITS:
+            d0 = a8_load(pcflip, o0 + 0)
+            t0 = a8_load(pcthr, o0 + 0)
+            d1 = a8_load(pcflip, o0 + 8)
+            t1 = a8_load(pcthr, o0 + 8)
+            d2 = a8_load(pcflip, o0 + 16)
+            t2 = a8_load(pcthr, o0 + 16)
+            d3 = a8_load(pcflip, o0 + 24)
+            t3 = a8_load(pcthr, o0 + 24)
+            bits = (v8_pc_bits(a0_0, d0, t0) << 0)
+            bits |= (v8_pc_bits(a0_1, d1, t1) << 8)
+            bits |= (v8_pc_bits(a0_2, d2, t2) << 16)
+            bits |= (v8_pc_bits(a0_3, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 0) + ooff, bits << shift)
+            bits = (v8_pc_bits(a1_0, d0, t0) << 0)
+            bits |= (v8_pc_bits(a1_1, d1, t1) << 8)
+            bits |= (v8_pc_bits(a1_2, d2, t2) << 16)
+            bits |= (v8_pc_bits(a1_3, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 1) + ooff, bits << shift)
+            bits = (v8_pc_bits(a2_0, d0, t0) << 0)
+            bits |= (v8_pc_bits(a2_1, d1, t1) << 8)
+            bits |= (v8_pc_bits(a2_2, d2, t2) << 16)
+            bits |= (v8_pc_bits(a2_3, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 2) + ooff, bits << shift)
+            bits = (v8_pc_bits(a3_0, d0, t0) << 0)
+            bits |= (v8_pc_bits(a3_1, d1, t1) << 8)
+            bits |= (v8_pc_bits(a3_2, d2, t2) << 16)
+            bits |= (v8_pc_bits(a3_3, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 3) + ooff, bits << shift)
+            bits = (v8_pc_bits(a4_0, d0, t0) << 0)
+            bits |= (v8_pc_bits(a4_1, d1, t1) << 8)
+            bits |= (v8_pc_bits(a4_2, d2, t2) << 16)
+            bits |= (v8_pc_bits(a4_3, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 4) + ooff, bits << shift)
+            bits = (v8_pc_bits(a5_0, d0, t0) << 0)
+            bits |= (v8_pc_bits(a5_1, d1, t1) << 8)
+            bits |= (v8_pc_bits(a5_2, d2, t2) << 16)
+            bits |= (v8_pc_bits(a5_3, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 5) + ooff, bits << shift)
+        elif tmode_j == TILE_BITS_CORR:
+            d0 = a8_load(pcflip, o0 + 0)
+            t0 = a8_load(pcthr, o0 + 0)
+            d1 = a8_load(pcflip, o0 + 8)
+            t1 = a8_load(pcthr, o0 + 8)
+            d2 = a8_load(pcflip, o0 + 16)
+            t2 = a8_load(pcthr, o0 + 16)
+            d3 = a8_load(pcflip, o0 + 24)
+            t3 = a8_load(pcthr, o0 + 24)
+            cb = a_i64(cbases, q + 0) + o0
+            bits = (a8_threshold_bits(a0_0, k, corr, cb + 0, d0, t0) << 0)
+            bits |= (a8_threshold_bits(a0_1, k, corr, cb + 8, d1, t1) << 8)
+            bits |= (a8_threshold_bits(a0_2, k, corr, cb + 16, d2, t2) << 16)
+            bits |= (a8_threshold_bits(a0_3, k, corr, cb + 24, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 0) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 1) + o0
+            bits = (a8_threshold_bits(a1_0, k, corr, cb + 0, d0, t0) << 0)
+            bits |= (a8_threshold_bits(a1_1, k, corr, cb + 8, d1, t1) << 8)
+            bits |= (a8_threshold_bits(a1_2, k, corr, cb + 16, d2, t2) << 16)
+            bits |= (a8_threshold_bits(a1_3, k, corr, cb + 24, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 1) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 2) + o0
+            bits = (a8_threshold_bits(a2_0, k, corr, cb + 0, d0, t0) << 0)
+            bits |= (a8_threshold_bits(a2_1, k, corr, cb + 8, d1, t1) << 8)
+            bits |= (a8_threshold_bits(a2_2, k, corr, cb + 16, d2, t2) << 16)
+            bits |= (a8_threshold_bits(a2_3, k, corr, cb + 24, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 2) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 3) + o0
+            bits = (a8_threshold_bits(a3_0, k, corr, cb + 0, d0, t0) << 0)
+            bits |= (a8_threshold_bits(a3_1, k, corr, cb + 8, d1, t1) << 8)
+            bits |= (a8_threshold_bits(a3_2, k, corr, cb + 16, d2, t2) << 16)
+            bits |= (a8_threshold_bits(a3_3, k, corr, cb + 24, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 3) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 4) + o0
+            bits = (a8_threshold_bits(a4_0, k, corr, cb + 0, d0, t0) << 0)
+            bits |= (a8_threshold_bits(a4_1, k, corr, cb + 8, d1, t1) << 8)
+            bits |= (a8_threshold_bits(a4_2, k, corr, cb + 16, d2, t2) << 16)
+            bits |= (a8_threshold_bits(a4_3, k, corr, cb + 24, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 4) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 5) + o0
+            bits = (a8_threshold_bits(a5_0, k, corr, cb + 0, d0, t0) << 0)
+            bits |= (a8_threshold_bits(a5_1, k, corr, cb + 8, d1, t1) << 8)
+            bits |= (a8_threshold_bits(a5_2, k, corr, cb + 16, d2, t2) << 16)
+            bits |= (a8_threshold_bits(a5_3, k, corr, cb + 24, d3, t3) << 24)
+            a_or_u64(out, a_i64(obases, q + 5) + ooff, bits << shift)
+        elif tmode_j == TILE_FUSED:
+            fz = fused_params(fp)
+            ob = a_i64(obases, q + 0) + ooff
+            w = fuse16(v16_acc_f32(a0_0, a0_1, k), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_f32(a0_2, a0_3, k), o0 + 16, ob + 16, out, fz, 16)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 0) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 1) + ooff
+            w = fuse16(v16_acc_f32(a1_0, a1_1, k), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_f32(a1_2, a1_3, k), o0 + 16, ob + 16, out, fz, 16)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 1) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 2) + ooff
+            w = fuse16(v16_acc_f32(a2_0, a2_1, k), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_f32(a2_2, a2_3, k), o0 + 16, ob + 16, out, fz, 16)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 2) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 3) + ooff
+            w = fuse16(v16_acc_f32(a3_0, a3_1, k), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_f32(a3_2, a3_3, k), o0 + 16, ob + 16, out, fz, 16)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 3) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 4) + ooff
+            w = fuse16(v16_acc_f32(a4_0, a4_1, k), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_f32(a4_2, a4_3, k), o0 + 16, ob + 16, out, fz, 16)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 4) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 5) + ooff
+            w = fuse16(v16_acc_f32(a5_0, a5_1, k), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_f32(a5_2, a5_3, k), o0 + 16, ob + 16, out, fz, 16)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 5) + shift, 0, np.uint32(w))
+        elif tmode_j == TILE_FUSED_CORR:
+            fz = fused_params(fp)
+            ob = a_i64(obases, q + 0) + ooff
+            cb = a_i64(cbases, q + 0) + o0
+            w = fuse16(v16_acc_corr_f32(a0_0, a0_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_corr_f32(a0_2, a0_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz, 16)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 0) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 1) + ooff
+            cb = a_i64(cbases, q + 1) + o0
+            w = fuse16(v16_acc_corr_f32(a1_0, a1_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_corr_f32(a1_2, a1_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz, 16)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 1) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 2) + ooff
+            cb = a_i64(cbases, q + 2) + o0
+            w = fuse16(v16_acc_corr_f32(a2_0, a2_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_corr_f32(a2_2, a2_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz, 16)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 2) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 3) + ooff
+            cb = a_i64(cbases, q + 3) + o0
+            w = fuse16(v16_acc_corr_f32(a3_0, a3_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_corr_f32(a3_2, a3_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz, 16)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 3) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 4) + ooff
+            cb = a_i64(cbases, q + 4) + o0
+            w = fuse16(v16_acc_corr_f32(a4_0, a4_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_corr_f32(a4_2, a4_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz, 16)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 4) + shift, 0, np.uint32(w))
+            ob = a_i64(obases, q + 5) + ooff
+            cb = a_i64(cbases, q + 5) + o0
+            w = fuse16(v16_acc_corr_f32(a5_0, a5_1, k, corr, cb + 0), o0 + 0, ob + 0, out, fz, 16)
+            h = fuse16(v16_acc_corr_f32(a5_2, a5_3, k, corr, cb + 16), o0 + 16, ob + 16, out, fz, 16)
+            w |= h << np.uint64(16)
+            a_store(fz[FP_BITS] + 8 * a_i64(bbases, q + 5) + shift, 0, np.uint32(w))
+        elif tmode_j == TILE_FUSED_PART or tmode_j == TILE_FUSED_PART_CORR:
+            a8_store(acc, 0, a0_0)
+            a8_store(acc, 8, a0_1)
+            a8_store(acc, 16, a0_2)
+            a8_store(acc, 24, a0_3)
+            a8_store(acc, 32, a1_0)
+            a8_store(acc, 40, a1_1)
+            a8_store(acc, 48, a1_2)
+            a8_store(acc, 56, a1_3)
+            a8_store(acc, 64, a2_0)
+            a8_store(acc, 72, a2_1)
+            a8_store(acc, 80, a2_2)
+            a8_store(acc, 88, a2_3)
+            a8_store(acc, 96, a3_0)
+            a8_store(acc, 104, a3_1)
+            a8_store(acc, 112, a3_2)
+            a8_store(acc, 120, a3_3)
+            a8_store(acc, 128, a4_0)
+            a8_store(acc, 136, a4_1)
+            a8_store(acc, 144, a4_2)
+            a8_store(acc, 152, a4_3)
+            a8_store(acc, 160, a5_0)
+            a8_store(acc, 168, a5_1)
+            a8_store(acc, 176, a5_2)
+            a8_store(acc, 184, a5_3)
+            fuse_part(acc, np.int64(6), k, fp, out, obases, ooff, cbases, o0, corr,
+                      tmode_j == TILE_FUSED_PART_CORR, bbases, shift, q)
+        else:  # TILE_SCRATCH
+            a8_store(acc, 0, a0_0)
+            a8_store(acc, 8, a0_1)
+            a8_store(acc, 16, a0_2)
+            a8_store(acc, 24, a0_3)
+            a8_store(acc, 32, a1_0)
+            a8_store(acc, 40, a1_1)
+            a8_store(acc, 48, a1_2)
+            a8_store(acc, 56, a1_3)
+            a8_store(acc, 64, a2_0)
+            a8_store(acc, 72, a2_1)
+            a8_store(acc, 80, a2_2)
+            a8_store(acc, 88, a2_3)
+            a8_store(acc, 96, a3_0)
+            a8_store(acc, 104, a3_1)
+            a8_store(acc, 112, a3_2)
+            a8_store(acc, 120, a3_3)
+            a8_store(acc, 128, a4_0)
+            a8_store(acc, 136, a4_1)
+            a8_store(acc, 144, a4_2)
+            a8_store(acc, 152, a4_3)
+            a8_store(acc, 160, a5_0)
+            a8_store(acc, 168, a5_1)
+            a8_store(acc, 176, a5_2)
+            a8_store(acc, 184, a5_3)
+
+
+@njit(cache=True)
+def _n1x1(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+        k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc):
+    for j in range(ntl):  # the run's tiles, MR table slots apart
+        q = j * 6
+        tmode_j = tmc if bord != 0 and a_u8(bord, j) != 0 else tmode
+        b0 = a_i64(bases, q + 0) + boff
+        a0_0 = v8_zero()
+        wi = wbase
+        s0 = 0
+        while s0 < nsteps:  # byte counters hold BYTE_STEPS steps
+            s1 = min(s0 + BYTE_STEPS, nsteps)
+            y0_0 = v8_zero()
+            for s in range(s0, s1):  # one step = one word of one tap
+                o = a_i64(soff, s)
+                w0 = a8_load(wt, wi + 0)
+                wi += 8
+                x = a8_bcast(xp, b0 + o)
+                y0_0 = v8_xpb(y0_0, w0, x)
+            a0_0 = v8_bsum(a0_0, y0_0)
+            s0 = s1
+        if tmode_j == TILE_INT32:
+            ob = a_i64(obases, q + 0) + ooff
+            a8_store_acc_i32(out, ob + 0, a0_0, k)
+        elif tmode_j == TILE_INT32_CORR:
+            ob = a_i64(obases, q + 0) + ooff
+            cb = a_i64(cbases, q + 0) + o0
+            a8_store_acc_corr_i32(out, ob + 0, a0_0, k, corr, cb + 0)
+        elif tmode_j == TILE_BITS:
+            d0 = a8_load(pcflip, o0 + 0)
+            t0 = a8_load(pcthr, o0 + 0)
+            bits = (v8_pc_bits(a0_0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 0) + ooff, bits << shift)
+        elif tmode_j == TILE_BITS_CORR:
+            d0 = a8_load(pcflip, o0 + 0)
+            t0 = a8_load(pcthr, o0 + 0)
+            cb = a_i64(cbases, q + 0) + o0
+            bits = (a8_threshold_bits(a0_0, k, corr, cb + 0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 0) + ooff, bits << shift)
+        else:  # TILE_SCRATCH
+            a8_store(acc, 0, a0_0)
+
+
+@njit(cache=True)
+def _n2x1(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+        k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc):
+    for j in range(ntl):  # the run's tiles, MR table slots apart
+        q = j * 6
+        tmode_j = tmc if bord != 0 and a_u8(bord, j) != 0 else tmode
+        b0 = a_i64(bases, q + 0) + boff
+        b1 = a_i64(bases, q + 1) + boff
+        a0_0 = v8_zero()
+        a1_0 = v8_zero()
+        wi = wbase
+        s0 = 0
+        while s0 < nsteps:  # byte counters hold BYTE_STEPS steps
+            s1 = min(s0 + BYTE_STEPS, nsteps)
+            y0_0 = v8_zero()
+            y1_0 = v8_zero()
+            for s in range(s0, s1):  # one step = one word of one tap
+                o = a_i64(soff, s)
+                w0 = a8_load(wt, wi + 0)
+                wi += 8
+                x = a8_bcast(xp, b0 + o)
+                y0_0 = v8_xpb(y0_0, w0, x)
+                x = a8_bcast(xp, b1 + o)
+                y1_0 = v8_xpb(y1_0, w0, x)
+            a0_0 = v8_bsum(a0_0, y0_0)
+            a1_0 = v8_bsum(a1_0, y1_0)
+            s0 = s1
+        if tmode_j == TILE_INT32:
+            ob = a_i64(obases, q + 0) + ooff
+            a8_store_acc_i32(out, ob + 0, a0_0, k)
+            ob = a_i64(obases, q + 1) + ooff
+            a8_store_acc_i32(out, ob + 0, a1_0, k)
+        elif tmode_j == TILE_INT32_CORR:
+            ob = a_i64(obases, q + 0) + ooff
+            cb = a_i64(cbases, q + 0) + o0
+            a8_store_acc_corr_i32(out, ob + 0, a0_0, k, corr, cb + 0)
+            ob = a_i64(obases, q + 1) + ooff
+            cb = a_i64(cbases, q + 1) + o0
+            a8_store_acc_corr_i32(out, ob + 0, a1_0, k, corr, cb + 0)
+        elif tmode_j == TILE_BITS:
+            d0 = a8_load(pcflip, o0 + 0)
+            t0 = a8_load(pcthr, o0 + 0)
+            bits = (v8_pc_bits(a0_0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 0) + ooff, bits << shift)
+            bits = (v8_pc_bits(a1_0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 1) + ooff, bits << shift)
+        elif tmode_j == TILE_BITS_CORR:
+            d0 = a8_load(pcflip, o0 + 0)
+            t0 = a8_load(pcthr, o0 + 0)
+            cb = a_i64(cbases, q + 0) + o0
+            bits = (a8_threshold_bits(a0_0, k, corr, cb + 0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 0) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 1) + o0
+            bits = (a8_threshold_bits(a1_0, k, corr, cb + 0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 1) + ooff, bits << shift)
+        else:  # TILE_SCRATCH
+            a8_store(acc, 0, a0_0)
+            a8_store(acc, 8, a1_0)
+
+
+@njit(cache=True)
+def _n3x1(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+        k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc):
+    for j in range(ntl):  # the run's tiles, MR table slots apart
+        q = j * 6
+        tmode_j = tmc if bord != 0 and a_u8(bord, j) != 0 else tmode
+        b0 = a_i64(bases, q + 0) + boff
+        b1 = a_i64(bases, q + 1) + boff
+        b2 = a_i64(bases, q + 2) + boff
+        a0_0 = v8_zero()
+        a1_0 = v8_zero()
+        wi = wbase
+        s0 = 0
+        while s0 < nsteps:  # byte counters hold BYTE_STEPS steps
+            s1 = min(s0 + BYTE_STEPS, nsteps)
+            y0_0 = v8_zero()
+            y1_0 = v8_zero()
+            for s in range(s0, s1):  # one step = one word of one tap
+                o = a_i64(soff, s)
+                w0 = a8_load(wt, wi + 0)
+                wi += 8
+                x = a8_bcast(xp, b0 + o)
+                y0_0 = v8_xpb(y0_0, w0, x)
+                x = a8_bcast(xp, b1 + o)
+                y1_0 = v8_xpb(y1_0, w0, x)
+            a0_0 = v8_bsum(a0_0, y0_0)
+            a1_0 = v8_bsum(a1_0, y1_0)
+            s0 = s1
+        a2_0 = v8_zero()
+        wi = wbase
+        s0 = 0
+        while s0 < nsteps:  # byte counters hold BYTE_STEPS steps
+            s1 = min(s0 + BYTE_STEPS, nsteps)
+            y2_0 = v8_zero()
+            for s in range(s0, s1):  # one step = one word of one tap
+                o = a_i64(soff, s)
+                w0 = a8_load(wt, wi + 0)
+                wi += 8
+                x = a8_bcast(xp, b2 + o)
+                y2_0 = v8_xpb(y2_0, w0, x)
+            a2_0 = v8_bsum(a2_0, y2_0)
+            s0 = s1
+        if tmode_j == TILE_INT32:
+            ob = a_i64(obases, q + 0) + ooff
+            a8_store_acc_i32(out, ob + 0, a0_0, k)
+            ob = a_i64(obases, q + 1) + ooff
+            a8_store_acc_i32(out, ob + 0, a1_0, k)
+            ob = a_i64(obases, q + 2) + ooff
+            a8_store_acc_i32(out, ob + 0, a2_0, k)
+        elif tmode_j == TILE_INT32_CORR:
+            ob = a_i64(obases, q + 0) + ooff
+            cb = a_i64(cbases, q + 0) + o0
+            a8_store_acc_corr_i32(out, ob + 0, a0_0, k, corr, cb + 0)
+            ob = a_i64(obases, q + 1) + ooff
+            cb = a_i64(cbases, q + 1) + o0
+            a8_store_acc_corr_i32(out, ob + 0, a1_0, k, corr, cb + 0)
+            ob = a_i64(obases, q + 2) + ooff
+            cb = a_i64(cbases, q + 2) + o0
+            a8_store_acc_corr_i32(out, ob + 0, a2_0, k, corr, cb + 0)
+        elif tmode_j == TILE_BITS:
+            d0 = a8_load(pcflip, o0 + 0)
+            t0 = a8_load(pcthr, o0 + 0)
+            bits = (v8_pc_bits(a0_0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 0) + ooff, bits << shift)
+            bits = (v8_pc_bits(a1_0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 1) + ooff, bits << shift)
+            bits = (v8_pc_bits(a2_0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 2) + ooff, bits << shift)
+        elif tmode_j == TILE_BITS_CORR:
+            d0 = a8_load(pcflip, o0 + 0)
+            t0 = a8_load(pcthr, o0 + 0)
+            cb = a_i64(cbases, q + 0) + o0
+            bits = (a8_threshold_bits(a0_0, k, corr, cb + 0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 0) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 1) + o0
+            bits = (a8_threshold_bits(a1_0, k, corr, cb + 0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 1) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 2) + o0
+            bits = (a8_threshold_bits(a2_0, k, corr, cb + 0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 2) + ooff, bits << shift)
+        else:  # TILE_SCRATCH
+            a8_store(acc, 0, a0_0)
+            a8_store(acc, 8, a1_0)
+            a8_store(acc, 16, a2_0)
+
+
+@njit(cache=True)
+def _n4x1(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+        k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc):
+    for j in range(ntl):  # the run's tiles, MR table slots apart
+        q = j * 6
+        tmode_j = tmc if bord != 0 and a_u8(bord, j) != 0 else tmode
+        b0 = a_i64(bases, q + 0) + boff
+        b1 = a_i64(bases, q + 1) + boff
+        b2 = a_i64(bases, q + 2) + boff
+        b3 = a_i64(bases, q + 3) + boff
+        a0_0 = v8_zero()
+        a1_0 = v8_zero()
+        wi = wbase
+        s0 = 0
+        while s0 < nsteps:  # byte counters hold BYTE_STEPS steps
+            s1 = min(s0 + BYTE_STEPS, nsteps)
+            y0_0 = v8_zero()
+            y1_0 = v8_zero()
+            for s in range(s0, s1):  # one step = one word of one tap
+                o = a_i64(soff, s)
+                w0 = a8_load(wt, wi + 0)
+                wi += 8
+                x = a8_bcast(xp, b0 + o)
+                y0_0 = v8_xpb(y0_0, w0, x)
+                x = a8_bcast(xp, b1 + o)
+                y1_0 = v8_xpb(y1_0, w0, x)
+            a0_0 = v8_bsum(a0_0, y0_0)
+            a1_0 = v8_bsum(a1_0, y1_0)
+            s0 = s1
+        a2_0 = v8_zero()
+        a3_0 = v8_zero()
+        wi = wbase
+        s0 = 0
+        while s0 < nsteps:  # byte counters hold BYTE_STEPS steps
+            s1 = min(s0 + BYTE_STEPS, nsteps)
+            y2_0 = v8_zero()
+            y3_0 = v8_zero()
+            for s in range(s0, s1):  # one step = one word of one tap
+                o = a_i64(soff, s)
+                w0 = a8_load(wt, wi + 0)
+                wi += 8
+                x = a8_bcast(xp, b2 + o)
+                y2_0 = v8_xpb(y2_0, w0, x)
+                x = a8_bcast(xp, b3 + o)
+                y3_0 = v8_xpb(y3_0, w0, x)
+            a2_0 = v8_bsum(a2_0, y2_0)
+            a3_0 = v8_bsum(a3_0, y3_0)
+            s0 = s1
+        if tmode_j == TILE_INT32:
+            ob = a_i64(obases, q + 0) + ooff
+            a8_store_acc_i32(out, ob + 0, a0_0, k)
+            ob = a_i64(obases, q + 1) + ooff
+            a8_store_acc_i32(out, ob + 0, a1_0, k)
+            ob = a_i64(obases, q + 2) + ooff
+            a8_store_acc_i32(out, ob + 0, a2_0, k)
+            ob = a_i64(obases, q + 3) + ooff
+            a8_store_acc_i32(out, ob + 0, a3_0, k)
+        elif tmode_j == TILE_INT32_CORR:
+            ob = a_i64(obases, q + 0) + ooff
+            cb = a_i64(cbases, q + 0) + o0
+            a8_store_acc_corr_i32(out, ob + 0, a0_0, k, corr, cb + 0)
+            ob = a_i64(obases, q + 1) + ooff
+            cb = a_i64(cbases, q + 1) + o0
+            a8_store_acc_corr_i32(out, ob + 0, a1_0, k, corr, cb + 0)
+            ob = a_i64(obases, q + 2) + ooff
+            cb = a_i64(cbases, q + 2) + o0
+            a8_store_acc_corr_i32(out, ob + 0, a2_0, k, corr, cb + 0)
+            ob = a_i64(obases, q + 3) + ooff
+            cb = a_i64(cbases, q + 3) + o0
+            a8_store_acc_corr_i32(out, ob + 0, a3_0, k, corr, cb + 0)
+        elif tmode_j == TILE_BITS:
+            d0 = a8_load(pcflip, o0 + 0)
+            t0 = a8_load(pcthr, o0 + 0)
+            bits = (v8_pc_bits(a0_0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 0) + ooff, bits << shift)
+            bits = (v8_pc_bits(a1_0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 1) + ooff, bits << shift)
+            bits = (v8_pc_bits(a2_0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 2) + ooff, bits << shift)
+            bits = (v8_pc_bits(a3_0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 3) + ooff, bits << shift)
+        elif tmode_j == TILE_BITS_CORR:
+            d0 = a8_load(pcflip, o0 + 0)
+            t0 = a8_load(pcthr, o0 + 0)
+            cb = a_i64(cbases, q + 0) + o0
+            bits = (a8_threshold_bits(a0_0, k, corr, cb + 0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 0) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 1) + o0
+            bits = (a8_threshold_bits(a1_0, k, corr, cb + 0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 1) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 2) + o0
+            bits = (a8_threshold_bits(a2_0, k, corr, cb + 0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 2) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 3) + o0
+            bits = (a8_threshold_bits(a3_0, k, corr, cb + 0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 3) + ooff, bits << shift)
+        else:  # TILE_SCRATCH
+            a8_store(acc, 0, a0_0)
+            a8_store(acc, 8, a1_0)
+            a8_store(acc, 16, a2_0)
+            a8_store(acc, 24, a3_0)
+
+
+@njit(cache=True)
+def _n5x1(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+        k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc):
+    for j in range(ntl):  # the run's tiles, MR table slots apart
+        q = j * 6
+        tmode_j = tmc if bord != 0 and a_u8(bord, j) != 0 else tmode
+        b0 = a_i64(bases, q + 0) + boff
+        b1 = a_i64(bases, q + 1) + boff
+        b2 = a_i64(bases, q + 2) + boff
+        b3 = a_i64(bases, q + 3) + boff
+        b4 = a_i64(bases, q + 4) + boff
+        a0_0 = v8_zero()
+        a1_0 = v8_zero()
+        wi = wbase
+        s0 = 0
+        while s0 < nsteps:  # byte counters hold BYTE_STEPS steps
+            s1 = min(s0 + BYTE_STEPS, nsteps)
+            y0_0 = v8_zero()
+            y1_0 = v8_zero()
+            for s in range(s0, s1):  # one step = one word of one tap
+                o = a_i64(soff, s)
+                w0 = a8_load(wt, wi + 0)
+                wi += 8
+                x = a8_bcast(xp, b0 + o)
+                y0_0 = v8_xpb(y0_0, w0, x)
+                x = a8_bcast(xp, b1 + o)
+                y1_0 = v8_xpb(y1_0, w0, x)
+            a0_0 = v8_bsum(a0_0, y0_0)
+            a1_0 = v8_bsum(a1_0, y1_0)
+            s0 = s1
+        a2_0 = v8_zero()
+        a3_0 = v8_zero()
+        wi = wbase
+        s0 = 0
+        while s0 < nsteps:  # byte counters hold BYTE_STEPS steps
+            s1 = min(s0 + BYTE_STEPS, nsteps)
+            y2_0 = v8_zero()
+            y3_0 = v8_zero()
+            for s in range(s0, s1):  # one step = one word of one tap
+                o = a_i64(soff, s)
+                w0 = a8_load(wt, wi + 0)
+                wi += 8
+                x = a8_bcast(xp, b2 + o)
+                y2_0 = v8_xpb(y2_0, w0, x)
+                x = a8_bcast(xp, b3 + o)
+                y3_0 = v8_xpb(y3_0, w0, x)
+            a2_0 = v8_bsum(a2_0, y2_0)
+            a3_0 = v8_bsum(a3_0, y3_0)
+            s0 = s1
+        a4_0 = v8_zero()
+        wi = wbase
+        s0 = 0
+        while s0 < nsteps:  # byte counters hold BYTE_STEPS steps
+            s1 = min(s0 + BYTE_STEPS, nsteps)
+            y4_0 = v8_zero()
+            for s in range(s0, s1):  # one step = one word of one tap
+                o = a_i64(soff, s)
+                w0 = a8_load(wt, wi + 0)
+                wi += 8
+                x = a8_bcast(xp, b4 + o)
+                y4_0 = v8_xpb(y4_0, w0, x)
+            a4_0 = v8_bsum(a4_0, y4_0)
+            s0 = s1
+        if tmode_j == TILE_INT32:
+            ob = a_i64(obases, q + 0) + ooff
+            a8_store_acc_i32(out, ob + 0, a0_0, k)
+            ob = a_i64(obases, q + 1) + ooff
+            a8_store_acc_i32(out, ob + 0, a1_0, k)
+            ob = a_i64(obases, q + 2) + ooff
+            a8_store_acc_i32(out, ob + 0, a2_0, k)
+            ob = a_i64(obases, q + 3) + ooff
+            a8_store_acc_i32(out, ob + 0, a3_0, k)
+            ob = a_i64(obases, q + 4) + ooff
+            a8_store_acc_i32(out, ob + 0, a4_0, k)
+        elif tmode_j == TILE_INT32_CORR:
+            ob = a_i64(obases, q + 0) + ooff
+            cb = a_i64(cbases, q + 0) + o0
+            a8_store_acc_corr_i32(out, ob + 0, a0_0, k, corr, cb + 0)
+            ob = a_i64(obases, q + 1) + ooff
+            cb = a_i64(cbases, q + 1) + o0
+            a8_store_acc_corr_i32(out, ob + 0, a1_0, k, corr, cb + 0)
+            ob = a_i64(obases, q + 2) + ooff
+            cb = a_i64(cbases, q + 2) + o0
+            a8_store_acc_corr_i32(out, ob + 0, a2_0, k, corr, cb + 0)
+            ob = a_i64(obases, q + 3) + ooff
+            cb = a_i64(cbases, q + 3) + o0
+            a8_store_acc_corr_i32(out, ob + 0, a3_0, k, corr, cb + 0)
+            ob = a_i64(obases, q + 4) + ooff
+            cb = a_i64(cbases, q + 4) + o0
+            a8_store_acc_corr_i32(out, ob + 0, a4_0, k, corr, cb + 0)
+        elif tmode_j == TILE_BITS:
+            d0 = a8_load(pcflip, o0 + 0)
+            t0 = a8_load(pcthr, o0 + 0)
+            bits = (v8_pc_bits(a0_0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 0) + ooff, bits << shift)
+            bits = (v8_pc_bits(a1_0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 1) + ooff, bits << shift)
+            bits = (v8_pc_bits(a2_0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 2) + ooff, bits << shift)
+            bits = (v8_pc_bits(a3_0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 3) + ooff, bits << shift)
+            bits = (v8_pc_bits(a4_0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 4) + ooff, bits << shift)
+        elif tmode_j == TILE_BITS_CORR:
+            d0 = a8_load(pcflip, o0 + 0)
+            t0 = a8_load(pcthr, o0 + 0)
+            cb = a_i64(cbases, q + 0) + o0
+            bits = (a8_threshold_bits(a0_0, k, corr, cb + 0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 0) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 1) + o0
+            bits = (a8_threshold_bits(a1_0, k, corr, cb + 0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 1) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 2) + o0
+            bits = (a8_threshold_bits(a2_0, k, corr, cb + 0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 2) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 3) + o0
+            bits = (a8_threshold_bits(a3_0, k, corr, cb + 0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 3) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 4) + o0
+            bits = (a8_threshold_bits(a4_0, k, corr, cb + 0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 4) + ooff, bits << shift)
+        else:  # TILE_SCRATCH
+            a8_store(acc, 0, a0_0)
+            a8_store(acc, 8, a1_0)
+            a8_store(acc, 16, a2_0)
+            a8_store(acc, 24, a3_0)
+            a8_store(acc, 32, a4_0)
+
+
+@njit(cache=True)
+def _n6x1(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+        k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc):
+    for j in range(ntl):  # the run's tiles, MR table slots apart
+        q = j * 6
+        tmode_j = tmc if bord != 0 and a_u8(bord, j) != 0 else tmode
+        b0 = a_i64(bases, q + 0) + boff
+        b1 = a_i64(bases, q + 1) + boff
+        b2 = a_i64(bases, q + 2) + boff
+        b3 = a_i64(bases, q + 3) + boff
+        b4 = a_i64(bases, q + 4) + boff
+        b5 = a_i64(bases, q + 5) + boff
+        a0_0 = v8_zero()
+        a1_0 = v8_zero()
+        wi = wbase
+        s0 = 0
+        while s0 < nsteps:  # byte counters hold BYTE_STEPS steps
+            s1 = min(s0 + BYTE_STEPS, nsteps)
+            y0_0 = v8_zero()
+            y1_0 = v8_zero()
+            for s in range(s0, s1):  # one step = one word of one tap
+                o = a_i64(soff, s)
+                w0 = a8_load(wt, wi + 0)
+                wi += 8
+                x = a8_bcast(xp, b0 + o)
+                y0_0 = v8_xpb(y0_0, w0, x)
+                x = a8_bcast(xp, b1 + o)
+                y1_0 = v8_xpb(y1_0, w0, x)
+            a0_0 = v8_bsum(a0_0, y0_0)
+            a1_0 = v8_bsum(a1_0, y1_0)
+            s0 = s1
+        a2_0 = v8_zero()
+        a3_0 = v8_zero()
+        wi = wbase
+        s0 = 0
+        while s0 < nsteps:  # byte counters hold BYTE_STEPS steps
+            s1 = min(s0 + BYTE_STEPS, nsteps)
+            y2_0 = v8_zero()
+            y3_0 = v8_zero()
+            for s in range(s0, s1):  # one step = one word of one tap
+                o = a_i64(soff, s)
+                w0 = a8_load(wt, wi + 0)
+                wi += 8
+                x = a8_bcast(xp, b2 + o)
+                y2_0 = v8_xpb(y2_0, w0, x)
+                x = a8_bcast(xp, b3 + o)
+                y3_0 = v8_xpb(y3_0, w0, x)
+            a2_0 = v8_bsum(a2_0, y2_0)
+            a3_0 = v8_bsum(a3_0, y3_0)
+            s0 = s1
+        a4_0 = v8_zero()
+        a5_0 = v8_zero()
+        wi = wbase
+        s0 = 0
+        while s0 < nsteps:  # byte counters hold BYTE_STEPS steps
+            s1 = min(s0 + BYTE_STEPS, nsteps)
+            y4_0 = v8_zero()
+            y5_0 = v8_zero()
+            for s in range(s0, s1):  # one step = one word of one tap
+                o = a_i64(soff, s)
+                w0 = a8_load(wt, wi + 0)
+                wi += 8
+                x = a8_bcast(xp, b4 + o)
+                y4_0 = v8_xpb(y4_0, w0, x)
+                x = a8_bcast(xp, b5 + o)
+                y5_0 = v8_xpb(y5_0, w0, x)
+            a4_0 = v8_bsum(a4_0, y4_0)
+            a5_0 = v8_bsum(a5_0, y5_0)
+            s0 = s1
+        if tmode_j == TILE_INT32:
+            ob = a_i64(obases, q + 0) + ooff
+            a8_store_acc_i32(out, ob + 0, a0_0, k)
+            ob = a_i64(obases, q + 1) + ooff
+            a8_store_acc_i32(out, ob + 0, a1_0, k)
+            ob = a_i64(obases, q + 2) + ooff
+            a8_store_acc_i32(out, ob + 0, a2_0, k)
+            ob = a_i64(obases, q + 3) + ooff
+            a8_store_acc_i32(out, ob + 0, a3_0, k)
+            ob = a_i64(obases, q + 4) + ooff
+            a8_store_acc_i32(out, ob + 0, a4_0, k)
+            ob = a_i64(obases, q + 5) + ooff
+            a8_store_acc_i32(out, ob + 0, a5_0, k)
+        elif tmode_j == TILE_INT32_CORR:
+            ob = a_i64(obases, q + 0) + ooff
+            cb = a_i64(cbases, q + 0) + o0
+            a8_store_acc_corr_i32(out, ob + 0, a0_0, k, corr, cb + 0)
+            ob = a_i64(obases, q + 1) + ooff
+            cb = a_i64(cbases, q + 1) + o0
+            a8_store_acc_corr_i32(out, ob + 0, a1_0, k, corr, cb + 0)
+            ob = a_i64(obases, q + 2) + ooff
+            cb = a_i64(cbases, q + 2) + o0
+            a8_store_acc_corr_i32(out, ob + 0, a2_0, k, corr, cb + 0)
+            ob = a_i64(obases, q + 3) + ooff
+            cb = a_i64(cbases, q + 3) + o0
+            a8_store_acc_corr_i32(out, ob + 0, a3_0, k, corr, cb + 0)
+            ob = a_i64(obases, q + 4) + ooff
+            cb = a_i64(cbases, q + 4) + o0
+            a8_store_acc_corr_i32(out, ob + 0, a4_0, k, corr, cb + 0)
+            ob = a_i64(obases, q + 5) + ooff
+            cb = a_i64(cbases, q + 5) + o0
+            a8_store_acc_corr_i32(out, ob + 0, a5_0, k, corr, cb + 0)
+        elif tmode_j == TILE_BITS:
+            d0 = a8_load(pcflip, o0 + 0)
+            t0 = a8_load(pcthr, o0 + 0)
+            bits = (v8_pc_bits(a0_0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 0) + ooff, bits << shift)
+            bits = (v8_pc_bits(a1_0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 1) + ooff, bits << shift)
+            bits = (v8_pc_bits(a2_0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 2) + ooff, bits << shift)
+            bits = (v8_pc_bits(a3_0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 3) + ooff, bits << shift)
+            bits = (v8_pc_bits(a4_0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 4) + ooff, bits << shift)
+            bits = (v8_pc_bits(a5_0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 5) + ooff, bits << shift)
+        elif tmode_j == TILE_BITS_CORR:
+            d0 = a8_load(pcflip, o0 + 0)
+            t0 = a8_load(pcthr, o0 + 0)
+            cb = a_i64(cbases, q + 0) + o0
+            bits = (a8_threshold_bits(a0_0, k, corr, cb + 0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 0) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 1) + o0
+            bits = (a8_threshold_bits(a1_0, k, corr, cb + 0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 1) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 2) + o0
+            bits = (a8_threshold_bits(a2_0, k, corr, cb + 0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 2) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 3) + o0
+            bits = (a8_threshold_bits(a3_0, k, corr, cb + 0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 3) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 4) + o0
+            bits = (a8_threshold_bits(a4_0, k, corr, cb + 0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 4) + ooff, bits << shift)
+            cb = a_i64(cbases, q + 5) + o0
+            bits = (a8_threshold_bits(a5_0, k, corr, cb + 0, d0, t0) << 0)
+            a_or_u64(out, a_i64(obases, q + 5) + ooff, bits << shift)
+        else:  # TILE_SCRATCH
+            a8_store(acc, 0, a0_0)
+            a8_store(acc, 8, a1_0)
+            a8_store(acc, 16, a2_0)
+            a8_store(acc, 24, a3_0)
+            a8_store(acc, 32, a4_0)
+            a8_store(acc, 40, a5_0)
+
+
+@njit(cache=True)
+def tile_narrow(nv, m, xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+        k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc):
+    if nv == 4:
+        if m == 6:
+            _n6x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+                    k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc)
+        elif m == 5:
+            _n5x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+                    k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc)
+        elif m == 4:
+            _n4x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+                    k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc)
+        elif m == 3:
+            _n3x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+                    k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc)
+        elif m == 2:
+            _n2x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+                    k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc)
+        elif m == 1:
+            _n1x4(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+                    k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc)
+    else:
+        if m == 6:
+            _n6x1(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+                    k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc)
+        elif m == 5:
+            _n5x1(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+                    k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc)
+        elif m == 4:
+            _n4x1(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+                    k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc)
+        elif m == 3:
+            _n3x1(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+                    k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc)
+        elif m == 2:
+            _n2x1(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+                    k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc)
+        elif m == 1:
+            _n1x1(xp, bases, boff, wt, wbase, soff, nsteps, acc, out, obases, ooff,
+                    k, tmode, pcflip, pcthr, o0, shift, corr, cbases, fp, bbases, ntl, bord, tmc)
+
+
+#: The family the fast convolution calls: ``tile_wide`` with AVX-512 VPOPCNTDQ, else
+#: ``tile_narrow`` (chosen when this module is imported, from the CPU features Numba compiles for).
+tile = tile_wide if host_has_avx512_popcount() else tile_narrow

@@ -30,6 +30,7 @@ from numba.extending import intrinsic, models, register_model
 
 I64 = ir.IntType(64)
 V8 = ir.VectorType(I64, 8)
+V64B = ir.VectorType(ir.IntType(8), 64)
 
 
 class Vec8Type(types.Type):
@@ -231,6 +232,47 @@ def v8_xpa(typingctx, acc, a, b):
         return builder.add(args[0], builder.call(fn, [builder.xor(args[1], args[2])]))
 
     return vec8(vec8, vec8, vec8), codegen
+
+
+#: Steps a byte counter of :func:`v8_xpb` holds: 31 words of at most 8 set bits per byte, 248 <= 255.
+BYTE_STEPS = 31
+
+
+@intrinsic
+def v8_xpb(typingctx, acc, a, b):
+    """Byte-wise ``acc + ctpop(a ^ b)`` on the 64 bytes of the lanes (``<64 x i8>``): each byte of
+    ``acc`` counts the set bits of that byte over the words added so far, so at most
+    :data:`BYTE_STEPS` additions before :func:`v8_bsum` must fold it (no carry crosses a byte).
+    Without VPOPCNTDQ this is LLVM's nibble-table popcount (VPSHUFB) with no per-word horizontal
+    sum: about 20% more words per second than :func:`v8_xpa` on AVX2 (module docstring)."""
+    if not (acc == vec8 and a == vec8 and b == vec8):
+        return None
+
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(V64B, [V64B]), "llvm.ctpop.v64i8")
+        x = builder.bitcast(builder.xor(args[1], args[2]), V64B)
+        return builder.bitcast(builder.add(builder.bitcast(args[0], V64B), builder.call(fn, [x])), V8)
+
+    return vec8(vec8, vec8, vec8), codegen
+
+
+@intrinsic
+def v8_bsum(typingctx, acc, counts):
+    """``acc`` plus, per 64-bit lane, the sum of the eight byte counters of ``counts``
+    (:func:`v8_xpb`'s), by three shift-mask-add halvings (exact: a lane sums to at most 2040)."""
+    if not (acc == vec8 and counts == vec8):
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = args[1]
+        for shift, mask in ((8, 0x00FF00FF00FF00FF), (16, 0x0000FFFF0000FFFF), (32, 0xFFFFFFFF)):
+            m = ir.Constant(V8, [mask] * 8)
+            v = builder.add(builder.and_(v, m),
+                            builder.and_(builder.lshr(v, ir.Constant(V8, [shift] * 8)), m))
+        return builder.add(args[0], v)
+
+    return vec8(vec8, vec8), codegen
 
 
 @intrinsic
