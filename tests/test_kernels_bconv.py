@@ -133,7 +133,8 @@ def test_both_tile_families_count_every_bit(nv, m, nsteps, ones, seed):
     w = wt.reshape(nsteps, lanes)
     want = np.zeros((2 * mr, lanes), np.int64)
     for s in range(nsteps):
-        want += np.bitwise_count(words[:, s, None] ^ w[None, s, :]).astype(np.int64)
+        xor = np.ascontiguousarray(words[:, s, None] ^ w[None, s, :])  # (slot, lane) uint64
+        want += np.unpackbits(xor.view(np.uint8), axis=-1).reshape(2 * mr, lanes, 64).sum(-1, dtype=np.int64)
     k = 64 * nsteps
     for family in (bt.tile_wide, bt.tile_narrow):
         acc = np.full(mr * lanes + 16, -1, np.int64)

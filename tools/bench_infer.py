@@ -127,7 +127,12 @@ def main(argv=None):
     p.add_argument("--no-openvino", action="store_true")
     p.add_argument("--isa", choices=("native", "avx2"), default="native",
                    help="avx2: every engine without AVX-512 (module docstring)")
+    p.add_argument("--markdown", metavar="JSON",
+                   help="print the README's table and stage split of a saved run, then exit")
     args = p.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())))
+        return
     emulated = emulate_isa(args.isa)
     # importing openvino puts its own libtbb in the process, which numba would then pick; keep the
     # layer a plain refbnn process gets (omp unless the user chose one)
@@ -185,9 +190,12 @@ def main(argv=None):
                 fns = {"refbnn_ms": lambda e=engine, v=x: e.forward(v),
                        "refbnn_bf16_ms": lambda e=engine_bf16, v=x: e.forward(v)}
                 if ovi is not None:
-                    for prec, key in (("f32", "ov_f32_ms"), (None, "ov_default_ms")):
+                    # emulated AVX2: the plugin still sees the CPU's bf16 and picks it, which
+                    # oneDNN limited to AVX2 cannot run; an AVX2 host's default is f32
+                    dflt = "f32" if emulated else None
+                    for prec, key in (("f32", "ov_f32_ms"), (dflt, "ov_default_ms")):
                         cm = ovi.compile_model(model, prec, t)
-                        if prec is None:
+                        if key == "ov_default_ms":
                             ov_precision[label] = str(cm.get_property("INFERENCE_PRECISION_HINT"))
                         req = cm.create_infer_request()
                         fns[key] = lambda r=req, v=x: r.infer({0: v})
@@ -366,6 +374,38 @@ def print_table(rep):
     print("\nfloors:")
     for f in rep["floors"]:
         print(f"  [{'met' if f['met'] else 'NOT met'}] {f['floor']}: {f['value']}")
+
+
+def markdown(rep) -> str:
+    """The README's table of a run (median ms per batch; bold: refbnn at or below both OpenVINO
+    columns) and its 1-thread stage split (ms: binary convs / stem / shortcuts / glue of total)."""
+    cols = ("refbnn_ms", "refbnn_bf16_ms", "ov_f32_ms", "ov_default_ms", "r18_fp32_ms",
+            "r18_bf16_ms")
+    lines = ["| model, batch, threads | refbnn | refbnn, bf16 stem | OpenVINO f32 | "
+             "OpenVINO default | ResNet-18 fp32 | ResNet-18 bf16 |", "|---|---|---|---|---|---|---|"]
+    for r in rep["rows"]:
+        ov = min(r.get("ov_f32_ms", float("inf")), r.get("ov_default_ms", float("inf")))
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            if v is None or v != v:
+                cells.append("-")
+                continue
+            text = f"{v:.2f}"
+            cells.append(f"**{text}**" if c.startswith("refbnn") and v <= ov else text)
+        name = r["model"].replace(" (weights/ftbnn18.h5)", ".h5")
+        lines.append(f"| {name}, {r['batch']}, {r['threads']} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for st in rep.get("stages", []):
+        if st.get("threads", 1) != 1:
+            continue
+        parts = " / ".join(f"{st[k]:.2f}" for k in STAGES_ORDER)
+        lines.append(f"- {st['model']}, batch {st['batch']}, {st['stem_precision']} stem: {parts} "
+                     f"of {st['total']:.2f}")
+    return "\n".join(lines)
+
+
+STAGES_ORDER = ("binary_convs", "stem", "shortcuts", "elementwise_glue")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Fast binary 2-D convolution: register-blocked ``<8 x i64>`` XOR-popcount on padded packed NHWC.
+"""Fast binary 2-D convolution: register-blocked ``<8 x i64>`` XOR-popcount on padded packed NHWC
+(micro-kernels of the host's family, wide or narrow: :mod:`refbnn.kernels.bconv_tiles`).
 
 One kernel, :func:`bconv_fast`, serves every stride, dilation, kernel size, group count and channel
 count. It reads two records that ``refbnn.ops.plan.BConv2DPlan`` builds: a :class:`FastConv` once per
@@ -91,7 +92,7 @@ BAND = 32
 
 # Numba's cache does not notice edits to imported kernels; this digest of the modules this one
 # imports, transitively (written by ``python refbnn/kernels/_codegen.py``), forces a recompile.
-DEPS_DIGEST = "9f7b143f9a1e7903"
+DEPS_DIGEST = "17f163222a6e7f3e"
 
 
 @structref.register

@@ -98,7 +98,7 @@ from .simd import (
 
 # Numba's cache does not notice edits to imported kernels; this digest of the modules
 # imported here (written by the generator) makes their edit change this file, hence a recompile.
-DEPS_DIGEST = "1f7718257200a5d4"
+DEPS_DIGEST = "78101bc16befdef5"
 
 
 @njit(cache=True)

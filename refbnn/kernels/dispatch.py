@@ -12,9 +12,10 @@ G binary MACs/s against ``portable``'s 29-65, so AVX2 hosts get ``fast`` too. Ho
 The CPU features are those Numba compiles for: the host's (llvmlite's query), or, where
 ``NUMBA_CPU_FEATURES`` is set (Numba's own variable, e.g. to build code for another machine, or to
 run an AVX2 build on an AVX-512 host for tests and benchmarks), that list (``+name`` on, ``-name``
-off; names it does not mention are off). :func:`host_has_wide_vectors` (AVX-512F: 32 vector
-registers of 512 bits) picks the shapes of the float32 micro-kernels
-(:func:`refbnn.kernels.realconv.vectors_for`).
+off; names it does not mention are off). They also pick the micro-kernel shapes:
+:func:`host_has_wide_vectors` (AVX-512F: 32 vector registers of 512 bits) the float32 ones
+(:func:`refbnn.kernels.realconv.vectors_for`), :func:`host_has_avx512_popcount` the binary ones
+(wide or narrow family: :mod:`refbnn.kernels.bconv_tiles`).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from .simd import neg_bits64, nonpos_bits64
 
 # Numba's cache does not notice edits to imported kernels; this digest of the modules this one
 # imports, transitively (written by ``python refbnn/kernels/_codegen.py``), forces a recompile.
-DEPS_DIGEST = "1bfbd8fafafdd5ba"
+DEPS_DIGEST = "d5d568ce7f9011ba"
 
 NONE, RELU, PRELU, FPRELU = 0, 1, 2, 3
 

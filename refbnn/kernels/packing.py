@@ -23,7 +23,7 @@ from .simd import (
 
 # Numba's cache does not notice edits to imported kernels; this digest of the modules this one
 # imports, transitively (written by ``python refbnn/kernels/_codegen.py``), forces a recompile.
-DEPS_DIGEST = "d0f45ffef9741ef4"
+DEPS_DIGEST = "7329088c5f5d996f"
 
 
 @njit(cache=True, inline="always")

@@ -11,7 +11,10 @@ fixed by the IR type, not by a tuning heuristic or the user's ``NUMBA_CPU_FEATUR
 * :data:`vec8` is a Numba type whose LLVM value is ``<8 x i64>`` (one zmm register on AVX-512), with
   :func:`v8_zero`, :func:`v8_load`, :func:`v8_bcast`, :func:`v8_xpa` (``acc + ctpop(a ^ b)`` lane-wise)
   and :func:`v8_store`. On CPUs without AVX-512 VPOPCNTDQ LLVM lowers the same IR to narrower
-  instructions: still exact, only slower.
+  instructions: still exact, only slower. For those, :func:`v8_xpb` counts bits per byte
+  (``<64 x i8>`` popcount, no per-word horizontal sum) and :func:`v8_bsum` folds the byte counters
+  into 64-bit lanes every :data:`BYTE_STEPS` words (the narrow tiles of
+  :mod:`refbnn.kernels.bconv_tiles`).
 * ``a_*`` / ``a8_*``: the same on raw addresses (``array.ctypes.data``; a Numba array argument of a
   call costs seven machine words, an address one), ``index`` counting elements of the stated type.
 
