@@ -7,6 +7,8 @@ global pool: hw * eps * sum |x| / hw).
 """
 
 
+import re
+
 import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
@@ -201,43 +203,41 @@ def test_vectors_for_takes_the_narrow_tile_without_avx512(monkeypatch):
     assert [rc.vectors_for(o) for o in (1, 16, 17, 32, 33, 512)] == [1, 1, 2, 2, 4, 4]
 
 
+def _float_tile_asm(tile, lanes: int) -> str:
+    """The assembly of a fresh, uncached compile of float tile ``tile`` (``lanes`` channels;
+    cached code cannot be inspected), called once on zeros."""
+    from numba import njit
+
+    fn = njit(tile.py_func)
+    x = np.zeros(200, np.float32)
+    b = np.zeros(6, np.int64)
+    fn(x, b, np.zeros(1, np.int64), 1, np.zeros(lanes, np.float32), 0, np.zeros(200, np.float32),
+       b, np.ones(lanes, np.float32), np.zeros(lanes, np.float32), 0, lanes)
+    return fn.inspect_asm(fn.signatures[0])
+
+
+def _fmas(asm: str, operand: str) -> int:
+    return len(re.findall(r"vfmadd\w+\s+[^\n]*" + operand, asm))
+
+
 def test_narrow_tile_keeps_its_accumulators_in_registers():
     """The 6 x 16 tile (every float conv on AVX2 hosts): 6 zmm FMAs per tap with AVX-512F, else
     12 ymm FMAs, none reading a spilled accumulator from the stack."""
-    import re
-
-    from numba import njit
-
     from refbnn.kernels.ftiles import MR, tile_nv1
 
     assert MR[1] == 6
-    fn = njit(tile_nv1.py_func)  # a fresh, uncached compile: cached code cannot be inspected
-    x = np.zeros(200, np.float32)
-    b = np.zeros(6, np.int64)
-    fn(x, b, np.zeros(1, np.int64), 1, np.zeros(16, np.float32), 0, np.zeros(200, np.float32),
-       b, np.ones(16, np.float32), np.zeros(16, np.float32), 0, 16)
-    asm = fn.inspect_asm(fn.signatures[0])
+    asm = _float_tile_asm(tile_nv1, 16)
     reg, count = ("zmm", 6) if rc.host_has_wide_vectors() else ("ymm", 12)
-    assert len(re.findall(r"vfmadd\w+\s+[^\n]*" + reg, asm)) >= count
-    assert not re.search(r"vfmadd\w+\s+[^\n]*\(%rsp\)", asm)
+    assert _fmas(asm, reg) >= count
+    assert _fmas(asm, r"\(%rsp\)") == 0
 
 
 def test_stem_tile_is_512_bit_fma():
     """The 6x64 tile keeps 24 zmm accumulators: 24 vfmadd on zmm registers in its loop (on a
     host without AVX-512F, LLVM splits each into two ymm: 48 vfmadd on ymm, none on zmm)."""
-    import re
-
-    from numba import njit
-
-    from refbnn.kernels.dispatch import _host_features
     from refbnn.kernels.ftiles import tile_nv4
 
-    fn = njit(tile_nv4.py_func)  # a fresh, uncached compile: cached code cannot be inspected
-    x = np.zeros(200, np.float32)
-    b = np.zeros(6, np.int64)
-    fn(x, b, np.zeros(1, np.int64), 1, np.zeros(64, np.float32), 0, np.zeros(200, np.float32),
-       b, np.ones(64, np.float32), np.zeros(64, np.float32), 0, 64)
-    asm = fn.inspect_asm(fn.signatures[0])
-    wide, narrow = ("zmm", "ymm") if _host_features().get("avx512f") else ("ymm", "zmm")
-    assert len(re.findall(r"vfmadd\w+\s+[^\n]*" + wide, asm)) >= (24 if wide == "zmm" else 48)
-    assert not re.search(r"vfmadd\w+\s+[^\n]*" + narrow, asm)
+    asm = _float_tile_asm(tile_nv4, 64)
+    wide, narrow = ("zmm", "ymm") if rc.host_has_wide_vectors() else ("ymm", "zmm")
+    assert _fmas(asm, wide) >= (24 if wide == "zmm" else 48)
+    assert _fmas(asm, narrow) == 0
