@@ -252,6 +252,22 @@ def test_relu_backward_kernel_equals_where(x):
     np.testing.assert_array_equal(dx, np.where(x > 0, dy, 0))
 
 
+@given(specials(), st.integers(0, 3), st.sampled_from([1, 3, 1 << 14, (1 << 14) + 5]))
+@np.errstate(invalid="ignore")  # inf + -inf is drawn
+def test_add_kernel_equals_numpy_add(x, seed, size):
+    from refbnn.nn import _elementwise_kernels as EK
+    rng = np.random.default_rng(seed)
+    big = rng.standard_normal(size).astype(x.dtype)
+    for a in (x, big):  # the drawn specials, and sizes around one block
+        b = np.roll(a, 1) * a.dtype.type(-0.5)
+        np.testing.assert_array_equal(EK.add(a, b), a + b)
+        assert np.array_equal(np.signbit(EK.add(a, b)), np.signbit(a + b))
+    # what the kernel does not take goes to NumPy: broadcasting, mixed dtypes, views
+    np.testing.assert_array_equal(EK.add(x, x[:1]), x + x[:1])
+    np.testing.assert_array_equal(EK.add(x, x.astype(np.float16)), x + x.astype(np.float16))
+    assert EK.add(x.T, x.T).dtype == x.dtype
+
+
 @given(pool_case(), st.booleans(), st.booleans())
 def test_avg_pool_kernels_equal_oracle(case, ceil_mode, include_pad):
     from refbnn.nn.pooling import AvgPool2d

@@ -7,6 +7,7 @@ from collections import OrderedDict
 import numpy as np
 
 from refbnn.nn._checks import check_grad, check_input, positive_int
+from refbnn.nn._elementwise_kernels import add
 from refbnn.nn.module import Module
 
 
@@ -110,9 +111,9 @@ class Residual(Module):
         s = self.shortcut.forward(x) if self.shortcut is not None else x
         if y.shape != s.shape:
             raise ValueError(f"Residual: body output {y.shape} and shortcut {s.shape} differ")
-        return y + s
+        return add(y, s)
 
     def backward(self, grad_out):
         dx = self.body.backward(grad_out)
         ds = self.shortcut.backward(grad_out) if self.shortcut is not None else grad_out
-        return dx + ds
+        return add(dx, ds)
