@@ -483,8 +483,8 @@ def test_bf16_stem_refuses_what_bfloat16_cannot_hold():
 @pytest.mark.parametrize("name, stem", [("birealnet18", "float32"), ("ftbnn18_g2", "float32"),
                                         ("birealnet18", "bf16")])
 def test_narrow_float_tiles_give_the_same_logits(monkeypatch, name, stem):
-    """On hosts without AVX-512 the stem, the real shortcuts and the classifier run on 6 x 16 tiles
-    (:func:`refbnn.kernels.realconv.vectors_for`); each output still sums its taps in the same
+    """On hosts without AVX-512 (and on Zen 4) the stem, the real shortcuts and the classifier run
+    on 6 x 16 tiles (:func:`refbnn.kernels.realconv.vectors_for`); each output still sums its taps in the same
     order, so the logits and every layer output are bit for bit those of the wide tiles."""
     from refbnn.kernels import realconv
 
@@ -494,11 +494,11 @@ def test_narrow_float_tiles_give_the_same_logits(monkeypatch, name, stem):
     randomize_state(model, 0, scale_mean=0.5)
     model.eval()
     x = np.random.default_rng(5).standard_normal((3, 1, 28, 28)).astype(np.float32)
-    monkeypatch.setattr(realconv, "host_has_wide_vectors", lambda: True)
+    monkeypatch.setattr(realconv, "host_prefers_wide_float_tiles", lambda: True)
     wide = Engine.from_model(model, stem=stem)
     assert wide._fc_nv > 1 and (wide._stem_nv > 1 or name != "birealnet18")  # 40 classes
     want, want_layers = wide.forward(x), wide.layer_outputs(x[:1])
-    monkeypatch.setattr(realconv, "host_has_wide_vectors", lambda: False)
+    monkeypatch.setattr(realconv, "host_prefers_wide_float_tiles", lambda: False)
     narrow = Engine.from_model(model, stem=stem)
     assert narrow._stem_nv == 1 and narrow._fc_nv == 1
     np.testing.assert_array_equal(narrow.forward(x), want)

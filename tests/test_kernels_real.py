@@ -14,8 +14,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from refbnn import nn
+from refbnn.kernels import dispatch, real_oracle
 from refbnn.kernels import elementwise as ew
-from refbnn.kernels import real_oracle
 from refbnn.kernels import realconv as rc
 from refbnn.kernels import realpool as rp
 from refbnn.ops import pack_groups
@@ -194,13 +194,33 @@ def test_merge_pack_is_exact(n, h, w, cs, rep, groups, pre, post, saz, pack, see
         np.testing.assert_array_equal(buf, before)
 
 
-def test_vectors_for_takes_the_narrow_tile_without_avx512(monkeypatch):
+def test_vectors_for_takes_the_narrow_tile_without_full_width_avx512(monkeypatch):
+    wide = dispatch.host_has_wide_vectors() and dispatch.host_cpu_name() != "znver4"
     assert [rc.vectors_for(o) for o in (1, 16, 17, 32, 33, 512)] == (
-        [1, 1, 2, 2, 4, 4] if rc.host_has_wide_vectors() else [1] * 6)
-    monkeypatch.setattr(rc, "host_has_wide_vectors", lambda: False)
+        [1, 1, 2, 2, 4, 4] if wide else [1] * 6)
+    monkeypatch.setattr(rc, "host_prefers_wide_float_tiles", lambda: False)
     assert [rc.vectors_for(o) for o in (1, 16, 17, 32, 33, 512)] == [1] * 6
-    monkeypatch.setattr(rc, "host_has_wide_vectors", lambda: True)
+    monkeypatch.setattr(rc, "host_prefers_wide_float_tiles", lambda: True)
     assert [rc.vectors_for(o) for o in (1, 16, 17, 32, 33, 512)] == [1, 1, 2, 2, 4, 4]
+
+
+def test_wide_float_tiles_need_avx512_on_full_width_units(monkeypatch):
+    """AVX-512F picks the wide float tiles except on CPUs whose 512-bit units are two halves
+    (Zen 4); ``NUMBA_CPU_NAME`` (Numba's target CPU) overrides the host's name."""
+    monkeypatch.setattr(dispatch, "host_has_wide_vectors", lambda: True)
+    for name, wide in (("znver4", False), ("sapphirerapids", True), ("icelake-server", True)):
+        monkeypatch.setenv("NUMBA_CPU_NAME", name)
+        dispatch.host_cpu_name.cache_clear()
+        assert dispatch.host_cpu_name() == name
+        assert dispatch.host_prefers_wide_float_tiles() is wide
+    monkeypatch.setattr(dispatch, "host_has_wide_vectors", lambda: False)
+    assert not dispatch.host_prefers_wide_float_tiles()
+    monkeypatch.setenv("NUMBA_CPU_NAME", "host")
+    dispatch.host_cpu_name.cache_clear()
+    from llvmlite import binding
+    assert dispatch.host_cpu_name() == binding.get_host_cpu_name()
+    monkeypatch.undo()
+    dispatch.host_cpu_name.cache_clear()
 
 
 def _float_tile_asm(tile, lanes: int) -> str:
@@ -227,7 +247,7 @@ def test_narrow_tile_keeps_its_accumulators_in_registers():
 
     assert MR[1] == 6
     asm = _float_tile_asm(tile_nv1, 16)
-    reg, count = ("zmm", 6) if rc.host_has_wide_vectors() else ("ymm", 12)
+    reg, count = ("zmm", 6) if dispatch.host_has_wide_vectors() else ("ymm", 12)
     assert _fmas(asm, reg) >= count
     assert _fmas(asm, r"\(%rsp\)") == 0
 
@@ -238,6 +258,6 @@ def test_stem_tile_is_512_bit_fma():
     from refbnn.kernels.ftiles import tile_nv4
 
     asm = _float_tile_asm(tile_nv4, 64)
-    wide, narrow = ("zmm", "ymm") if rc.host_has_wide_vectors() else ("ymm", "zmm")
+    wide, narrow = ("zmm", "ymm") if dispatch.host_has_wide_vectors() else ("ymm", "zmm")
     assert _fmas(asm, wide) >= (24 if wide == "zmm" else 48)
     assert _fmas(asm, narrow) == 0

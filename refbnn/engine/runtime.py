@@ -7,10 +7,10 @@ Data flow per image (NHWC after the stem's input; ``x`` NCHW float32 at the door
 1. ``stem``: the image is copied row by row into a zero-bordered planar (CHW) buffer (no
    transpose: the conv's taps index it directly); the real conv + BatchNorm runs
    as a direct convolution on float32 FMA micro-kernels (register tiles of 6 pixels x 64
-   channels with AVX-512, 6 x 16 without: :func:`refbnn.kernels.realconv.vectors_for`; no im2col
-   matrix), six conv rows at a time into a ring buffer that stays in cache,
-   and the 3x3/2 max-pool of each finished pooled row writes the residual stream and packs its
-   signs into the first binary conv's padded input
+   channels with AVX-512 on full-width units, 6 x 16 on AVX2 and Zen 4:
+   :func:`refbnn.kernels.realconv.vectors_for`; no im2col matrix), six conv rows at a time into
+   a ring buffer that stays in cache, and the 3x3/2 max-pool of each finished pooled row writes
+   the residual stream and packs its signs into the first binary conv's padded input
    (:func:`refbnn.kernels.realconv.stem_pool_rows`);
 2. per binary conv: :func:`refbnn.kernels.bconv_fast.conv_items` with the fused epilogue on each
    register tile's popcounts: folded BN (and alpha) ``float32(float32(acc) * mul) + bias``, the

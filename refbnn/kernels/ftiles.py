@@ -20,10 +20,10 @@ from .fvec import bf_bcast, bf_dot, bf_load, f16_affine_store_n, f16_bcast, f16_
 
 # Numba's cache does not notice edits to imported kernels; this digest of the modules imported
 # here (written by refbnn/kernels/_codegen.py) makes their edit change this file, hence a recompile.
-DEPS_DIGEST = "8210df6cfc77863e"
+DEPS_DIGEST = "75dd0aa1f61a6a61"
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def tile_nv4(x, bases, toff, ntaps, w, wbase, out, obases, scale, shift, c0, nrem):
     b0 = bases[0]
     b1 = bases[1]
@@ -129,7 +129,7 @@ def tile_nv4(x, bases, toff, ntaps, w, wbase, out, obases, scale, shift, c0, nre
     f16_affine_store_n(out, ob + 48, a5_3, scale, shift, c0 + 48, n3)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def tile_nv2(x, bases, toff, ntaps, w, wbase, out, obases, scale, shift, c0, nrem):
     b0 = bases[0]
     b1 = bases[1]
@@ -249,7 +249,7 @@ def tile_nv2(x, bases, toff, ntaps, w, wbase, out, obases, scale, shift, c0, nre
     f16_affine_store_n(out, ob + 16, a11_1, scale, shift, c0 + 16, n1)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def tile_nv1(x, bases, toff, ntaps, w, wbase, out, obases, scale, shift, c0, nrem):
     b0 = bases[0]
     b1 = bases[1]
@@ -295,7 +295,7 @@ def tile_nv1(x, bases, toff, ntaps, w, wbase, out, obases, scale, shift, c0, nre
     f16_affine_store_n(out, ob + 0, a5_0, scale, shift, c0 + 0, n0)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def tile_bf_nv4(x, bases, toff, ntaps, w, wbase, out, obases, scale, shift, c0, nrem):
     b0 = bases[0]
     b1 = bases[1]
@@ -401,7 +401,7 @@ def tile_bf_nv4(x, bases, toff, ntaps, w, wbase, out, obases, scale, shift, c0, 
     f16_affine_store_n(out, ob + 48, a5_3, scale, shift, c0 + 48, n3)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def tile_bf_nv2(x, bases, toff, ntaps, w, wbase, out, obases, scale, shift, c0, nrem):
     b0 = bases[0]
     b1 = bases[1]
@@ -521,7 +521,7 @@ def tile_bf_nv2(x, bases, toff, ntaps, w, wbase, out, obases, scale, shift, c0, 
     f16_affine_store_n(out, ob + 16, a11_1, scale, shift, c0 + 16, n1)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def tile_bf_nv1(x, bases, toff, ntaps, w, wbase, out, obases, scale, shift, c0, nrem):
     b0 = bases[0]
     b1 = bases[1]

@@ -31,7 +31,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from .dispatch import host_has_wide_vectors
+from .dispatch import host_prefers_wide_float_tiles
 from .elementwise import pack_pixel
 from .ftiles import MR, tile_bf_nv1, tile_bf_nv2, tile_bf_nv4, tile_nv1, tile_nv2, tile_nv4
 from .fvec import f16_add, f16_div, f16_load_n, f16_max, f16_store_n
@@ -39,16 +39,18 @@ from .sync import borrowed
 
 # Numba's cache does not notice edits to imported kernels; this digest of ftiles.py and fvec.py
 # (tests/test_kernels_real.py recomputes it) forces an edit here, hence a recompile.
-DEPS_DIGEST = "83d7f3c25094e6b1"
+DEPS_DIGEST = "f6568d6321b14e43"
 
 MR1, MR2, MR4 = MR[1], MR[2], MR[4]
 
 
 def vectors_for(channels: int) -> int:
-    """Vectors of 16 channels per tile: 1 for <= 16 channels, 2 for <= 32, else 4; always 1 on
-    hosts without AVX-512F (:func:`refbnn.kernels.dispatch.host_has_wide_vectors`: the 6 x 16
-    tile's 12 accumulators fit AVX2's 16 ymm registers, the others' 24 zmm do not)."""
-    if not host_has_wide_vectors():
+    """Vectors of 16 channels per tile: 1 for <= 16 channels, 2 for <= 32, else 4, where
+    :func:`refbnn.kernels.dispatch.host_prefers_wide_float_tiles` (AVX-512F with full-width
+    units); else always 1, the 6 x 16 tile (AVX2: its 12 accumulators fit the 16 ymm registers,
+    the others' 24 zmm do not; AMD Zen 4: as fast or faster, measured there). Every shape sums
+    the same taps in the same order: the results do not depend on the choice."""
+    if not host_prefers_wide_float_tiles():
         return 1
     return 1 if channels <= 16 else 2 if channels <= 32 else 4
 
