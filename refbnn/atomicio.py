@@ -3,7 +3,9 @@
 :func:`write_bytes_atomic` writes ``data`` to ``<target>.tmp-<16 hex digits>`` in the target's
 folder (created with mode ``0o666`` minus the umask, like ``open``), fsyncs it and renames it over the
 target (``os.replace``). On any error (a full disk, a signal) the temporary file is removed and the
-target is untouched; the error is re-raised as an ``OSError`` naming the target.
+target is untouched; the error is re-raised as an ``OSError`` naming the target. A target that
+exists and is not a regular file (a folder, a FIFO, a device such as ``/dev/null``, a socket) is
+refused before anything is written (:func:`check_target`): a rename would replace it.
 
 A writer killed in the middle (SIGKILL, power loss) cannot remove its temporary file. Each writer
 holds an exclusive ``flock`` on its temporary file while it writes, and every write first removes
@@ -18,6 +20,7 @@ import errno
 import os
 import re
 import secrets
+import stat
 import time
 from pathlib import Path
 
@@ -80,9 +83,27 @@ def _is_stale(tmp: Path, now: float) -> bool:
     return True
 
 
+def check_target(path) -> None:
+    """Raise ``OSError`` (naming ``path``) if ``path`` exists and is not a regular file (a link to
+    one is fine): an atomic write renames over its target, which would replace a folder's name, a
+    FIFO, a device node (``/dev/null``, as root) or a socket by a plain file."""
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return  # absent (or unreachable: the write itself reports that)
+    if stat.S_ISREG(st.st_mode):
+        return
+    what = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a FIFO, device or socket)"
+    code = errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.EEXIST
+    raise OSError(code, f"cannot write {path}: it is {what}; refusing to replace it (nothing "
+                        "written)")
+
+
 def write_bytes_atomic(path, data) -> None:
     """Replace ``path`` by ``data`` (bytes-like) atomically, see the module docstring."""
     path = Path(path)
+    check_target(path)
     remove_stale_temps(path)
     tmp = path.with_name(f"{path.name}{TEMP_SUFFIX}{secrets.token_hex(_HEX // 2)}")
     view = memoryview(data).cast("B")

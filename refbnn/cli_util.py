@@ -10,8 +10,10 @@ Checks that involve two flags (or the file system) call :meth:`ArgumentParser.fa
 Writes (:func:`atomic_open`, :func:`write_text_atomic`) go to a temporary file
 ``<name>.<8 characters>.tmp`` in the target's folder, created with mode ``0o666`` minus the umask
 (as ``open`` does), synced and renamed over the target: readers see the old file or the new one.
-On any error (a full disk included) the temporary file is removed and the error re-raised; temps
-of the same target left by a killed process are removed by the next write to that target.
+A target that exists and is not a regular file (a folder, a FIFO, ``/dev/null``) is refused
+before anything is written. On any error (a full disk included) the temporary file is removed and
+the error re-raised; temps of the same target left by a killed process are removed by the next
+write to that target.
 """
 
 from __future__ import annotations
@@ -251,7 +253,10 @@ def create_temp(target) -> tuple[int, Path]:
     """``(fd, path)`` of a new, empty temporary file for a write of ``target``: in its folder,
     named ``<name>.<8 hex digits>.tmp``, mode ``0o666 & ~umask``; stale temps of ``target`` are
     removed first (:func:`remove_stale_temps`). The caller writes, renames or unlinks it."""
+    from refbnn.atomicio import check_target
+
     target = Path(target)
+    check_target(target)  # a folder, FIFO or device node is refused, not replaced
     remove_stale_temps(target)
     while True:
         tmp = target.with_name(f"{target.name}.{secrets.token_hex(4)}.tmp")

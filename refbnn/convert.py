@@ -25,27 +25,27 @@ destination is written atomically and never equal to the source.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import math
 import os
-import sys
 
+from refbnn import cli_util
 from refbnn.bits import SIGN_AT_ZERO_TRAINING
-from refbnn.cli_util import UserError, fail, parse_shape
+from refbnn.cli_util import ArgumentParser, UserError, existing_file, fail, parse_shape
 
 IMAGENET_SPEC = {"layout": "NCHW", "channel_order": "RGB", "mean": [0.485, 0.456, 0.406],
                  "std": [0.229, 0.224, 0.225]}
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m refbnn.convert", description=__doc__.splitlines()[0])
+    # cli_util's parser (its subcommands' too): a refused flag is one line, exit status 2
+    p = ArgumentParser(prog="python -m refbnn.convert", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="source", required=True)
     b = sub.add_parser("bireal", help="official Bi-Real Net checkpoint (or its refbnn twin's state dict)")
     t = sub.add_parser("twin", help="state dict of refbnn's PyTorch twin of any config")
     for q in (b, t):
-        q.add_argument("checkpoint", help="PyTorch file (.pth / .pt / .pth.tar)")
+        q.add_argument("checkpoint", type=existing_file, help="PyTorch file (.pth / .pt / .pth.tar)")
         q.add_argument("out", help="refbnn model file to write (.h5)")
         q.add_argument("--input-shape", type=parse_shape, default=None,
                        help="C,H,W of one input (bireal default 3,224,224)")
@@ -55,10 +55,13 @@ def parse_args(argv):
     b.add_argument("--model", choices=("birealnet18", "birealnet34"), default="birealnet18")
     src = t.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="refbnn preset the twin was built from")
-    src.add_argument("--config", metavar="FILE", help="JSON config, or a refbnn .h5 file")
-    t.add_argument("--width-multiplier", type=float, default=1.0, help="with --model (default 1)")
+    src.add_argument("--config", metavar="FILE", type=existing_file,
+                     help="JSON config, or a refbnn .h5 file")
+    t.add_argument("--width-multiplier", type=cli_util.positive_float, default=1.0,
+                   help="with --model (default 1)")
     k = sub.add_parser("larq", help="Larq (Keras) model file (.h5 or .keras)")
-    k.add_argument("checkpoint", metavar="model", help="Keras model file (.h5 or .keras) with Larq layers")
+    k.add_argument("checkpoint", metavar="model", type=existing_file,
+                   help="Keras model file (.h5 or .keras) with Larq layers")
     k.add_argument("out", help="refbnn model file to write (.h5)")
     return p.parse_args(argv)
 
@@ -161,6 +164,7 @@ def convert(args) -> str:
             f"classes, sign_at_zero {s}")
 
 
+@cli_util.command
 def main(argv=None) -> int:
     args = parse_args(argv)
     from refbnn import fileformat
@@ -175,4 +179,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli_util.run_main(main)

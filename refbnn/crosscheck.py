@@ -39,16 +39,16 @@ when all agree, 2 for bad input (one-line error).
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
-import sys
+import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from refbnn import cli_util
 from refbnn.bits import SIGN_AT_ZERO_TRAINING, SIGN_RULES
-from refbnn.cli_util import UserError, fail
+from refbnn.cli_util import ArgumentParser, UserError, fail
 
 RTOL = 1e-4        # outputs: float32 summation order, a few ulp of the largest partial sum per layer
 GRAD_RTOL = 1e-4   # gradients (measured against PyTorch, small presets: <= 2e-5)
@@ -311,8 +311,8 @@ AGAINST_FORMS = ("'torch', 'golden FILE', 'onnx MODEL.onnx', 'torch-module PKG.M
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m refbnn.crosscheck",
-                                description="Compare refbnn with another implementation per layer.")
+    p = ArgumentParser(prog="python -m refbnn.crosscheck",
+                       description="Compare refbnn with another implementation per layer.")
     p.add_argument("weights", nargs="?", help="refbnn model or checkpoint file (.h5)")
     p.add_argument("--against", nargs="+", required=True, metavar=("IMPL", "ARG"),
                    help="torch | golden FILE | onnx MODEL.onnx | torch-module PKG.MODULE:FACTORY | "
@@ -326,10 +326,12 @@ def parse_args(argv):
                    help="sign(0) of the other side's binary layers where its model does not say "
                         "(default: refbnn's own rule)")
     p.add_argument("--train", action="store_true", help="train mode, and compare every gradient")
-    p.add_argument("--seed", type=int, default=0, help="input batch seed (default 0)")
-    p.add_argument("--batch", type=int, default=2, help="input batch size (default 2)")
-    p.add_argument("--rtol", type=float, default=RTOL, help=f"output tolerance (default {RTOL})")
-    p.add_argument("--grad-rtol", type=float, default=GRAD_RTOL,
+    p.add_argument("--seed", type=cli_util.seed, default=0, help="input batch seed (default 0)")
+    p.add_argument("--batch", type=cli_util.int_in(1, 4096), default=2,
+                   help="input batch size, 1-4096 (default 2)")
+    p.add_argument("--rtol", type=cli_util.nonnegative_float, default=RTOL,
+                   help=f"output tolerance (default {RTOL})")
+    p.add_argument("--grad-rtol", type=cli_util.nonnegative_float, default=GRAD_RTOL,
                    help=f"gradient tolerance (default {GRAD_RTOL})")
     args = p.parse_args(argv)
     # "--against torch weights.h5" (flags first): --against swallowed the weight file
@@ -357,7 +359,22 @@ def _check_against(args):
         raise UserError(f"--against {impl} needs PyTorch, which is not installed")
     if not (args.rtol >= 0 and args.grad_rtol >= 0):  # also refuses NaN
         raise UserError("--rtol and --grad-rtol must be >= 0")
+    if impl not in ("torch", "torch-module"):
+        path = rest[0]
+        if os.path.exists(path) and not os.path.isfile(path):  # a FIFO would block the read
+            raise UserError(f"--against {impl} {path}: not a regular file")
+        if impl == "openvino" and os.path.isfile(path) and not _looks_like_xml(path):
+            raise UserError(f"--against openvino {path}: not an OpenVINO IR (.xml written by "
+                            "python -m refbnn.export ... --openvino)")
     return impl, rest
+
+
+def _looks_like_xml(path) -> bool:
+    """Whether ``path`` starts (after a byte-order mark and white space) with ``<``: OpenVINO
+    would otherwise try every frontend it has on it (TensorFlow's logs to stderr)."""
+    with open(path, "rb") as f:
+        head = f.read(256).removeprefix(b"\xef\xbb\xbf").lstrip()
+    return head.startswith(b"<")
 
 
 def _torch_module_run(args, spec, x):
@@ -464,6 +481,7 @@ def report(rows, skipped=()) -> int:
     return 1
 
 
+@cli_util.command
 def main(argv=None) -> int:
     args = parse_args(argv)
     from refbnn import fileformat, models
@@ -494,4 +512,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli_util.run_main(main)

@@ -17,7 +17,8 @@
 * ``--lce``: a ``.tflite`` through Larq and LCE's converter (:mod:`refbnn.interop.lce`, extra ``larq``).
 
 Exit status 2 with a one-line message on any problem (DST naming SRC itself, also through a link, is
-refused); the destination is written atomically.
+refused, as is an ``--openvino`` DST whose ``.bin`` is SRC or DST itself, and a DST that is a folder, a
+FIFO or a device); the destination is written atomically.
 """
 
 from __future__ import annotations
@@ -103,6 +104,16 @@ def main(argv=None) -> int:
     if cli_util.same_file(args.src, args.dst):
         p.fail_flag("dst", f"{args.dst} is the source file; the export would replace the model and "
                            "lose its latent weights: choose another name")
+    if args.openvino:
+        from pathlib import Path
+
+        weights = Path(args.dst).with_suffix(".bin")
+        if weights == Path(args.dst):
+            p.fail_flag("dst", f"{args.dst}: the IR's weights go to DST with the suffix .bin; "
+                               "name DST .xml")
+        if cli_util.same_file(args.src, weights):
+            p.fail_flag("dst", f"the IR's weights file {weights} is the source file; the export "
+                               "would replace the model: choose another name")
     if args.layer_outputs and not args.onnx:
         p.fail_flag("--layer-outputs", "goes with --onnx")
     if args.batch is not None and not (args.onnx or args.qonnx):

@@ -219,6 +219,8 @@ def image_batch(paths, spec, invert: str = "auto") -> np.ndarray:
             raise ImageError(f"{path}: no such file")
         if os.path.isdir(path):
             raise ImageError(f"{path}: is a folder, not an image")
+        if not os.path.isfile(path):  # a FIFO would block the read forever, a device never ends
+            raise ImageError(f"{path}: not a regular file (a FIFO, device or socket), not an image")
         try:
             im = _open_image(path, mode, invert)
             im = im.resize((w, h), Image.Resampling.BILINEAR)

@@ -134,6 +134,15 @@ def _paths(args, dataset_name, model_name):
         except OSError as e:
             raise cli_util.UserError(f"argument {name}: cannot write to the output folder {folder}: "
                                      f"{e}") from None
+    from refbnn.atomicio import check_target
+
+    # a folder (or FIFO, device) where a file goes: refused now, not after the training
+    for target, name in [(out_dir / n, "--out-dir") for n in ("checkpoint.h5", "metrics.jsonl",
+                                                              "curves.png")] + [(out_path, "--out")]:
+        try:
+            check_target(target)
+        except OSError as e:
+            raise cli_util.UserError(f"argument {name}: {e.strerror}") from None
     return out_dir, out_path
 
 

@@ -84,6 +84,8 @@ def load_dataset(name: str, split: str, data_dir=None, download: bool = True) ->
             raise DataError(f"{where}; download did not produce them in {cache}")
     images, labels = read_idx(paths[0]), read_idx(paths[1])
     check_pair(images, labels, len(spec.class_names), f"{paths[0]} + {paths[1]}")
+    if len(labels) == 0:  # nothing to train or evaluate on: the runs would divide by zero
+        raise DataError(f"{paths[0]} + {paths[1]}: the {split} split holds no images")
     return Dataset(images, labels, spec.class_names, spec.name, split)
 
 

@@ -74,7 +74,8 @@ def read(path) -> list[GoldenFile]:
     first problem (a missing file, a size that does not match its dtype and shape, ...)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise GoldenError(f"{path}: no such file")
+        raise GoldenError(f"{path}: " + ("not a regular file" if os.path.exists(path) else
+                                         "no such file"))
     folder = os.path.dirname(os.path.abspath(path))
     try:
         with open(path, encoding="utf-8") as f:

@@ -137,7 +137,8 @@ def read(path) -> GoldenFile:
     """Read a golden file; raise :class:`GoldenError` naming the first problem."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise GoldenError(f"{path}: no such file")
+        raise GoldenError(f"{path}: " + ("not a regular file" if os.path.exists(path) else
+                                         "no such file"))
     try:
         f = h5py.File(path, "r")
     except OSError as e:

@@ -50,7 +50,8 @@ def read(path) -> GoldenFile:
     """Read a ``.npz`` golden file; raise :class:`GoldenError` naming the first problem."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise GoldenError(f"{path}: no such file")
+        raise GoldenError(f"{path}: " + ("not a regular file" if os.path.exists(path) else
+                                         "no such file"))
     try:
         z = np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile) as e:

@@ -18,6 +18,7 @@ official pool wherever the official network runs at all (even sizes; odd ones br
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Mapping
 
@@ -39,6 +40,8 @@ def read_torch_file(path) -> tuple[OrderedDict, dict]:
     a checkpoint, ``ImportError`` without PyTorch."""
     import torch
 
+    if os.path.exists(path) and not os.path.isfile(path):  # a FIFO would block torch.load forever
+        raise ConversionError(f"{path}: not a regular file")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except FileNotFoundError:

@@ -29,6 +29,7 @@ rounding (OpenVINO's default on CPUs with AVX512-BF16 or AMX: :func:`compile_mod
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -217,12 +218,27 @@ def network_of(source) -> Network:
 def export(source, xml_path, layer_outputs: bool = True) -> None:
     """Write ``source`` (see :func:`network_of`) as OpenVINO IR ``xml_path`` + its ``.bin`` beside
     it, both replaced atomically (written in a temp folder first); weights are not compressed."""
+    from refbnn.atomicio import check_target
+
+    xml_path = Path(xml_path)
+    bin_path = xml_path.with_suffix(".bin")
+    if bin_path == xml_path:
+        raise ValueError(f"{xml_path}: the IR's .xml cannot end in .bin (its weights go to "
+                         f"{bin_path}); name it .xml")
+    check_target(xml_path)  # a folder, FIFO or device node: refused, not replaced
+    check_target(bin_path)
     ov, _ = _ov()
     model = to_openvino(network_of(source), layer_outputs)
-    xml_path = Path(xml_path)
     tmp = Path(tempfile.mkdtemp(dir=xml_path.parent, prefix=xml_path.name + "."))
     try:
-        ov.save_model(model, str(tmp / "m.xml"), compress_to_fp16=False)
+        try:
+            ov.save_model(model, str(tmp / "m.xml"), compress_to_fp16=False)
+        except RuntimeError as e:  # OpenVINO's writer: "basic_ios::clear: iostream error"
+            full = shutil.disk_usage(tmp).free < 1 << 20
+            raise OSError(errno.ENOSPC if full else errno.EIO,
+                          f"cannot write {xml_path}: " + ("no space left on the device" if full
+                                                          else f"OpenVINO's writer failed ({e})")
+                          + " (nothing written)") from None
         os.replace(tmp / "m.bin", xml_path.with_suffix(".bin"))
         # the .xml names its weights file relative to itself: same stem, so it still matches
         os.replace(tmp / "m.xml", xml_path)

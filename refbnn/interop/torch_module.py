@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 from collections.abc import Mapping
 
 
@@ -50,6 +51,8 @@ def load_checkpoint(net, path) -> None:
     """Load ``path`` into ``net`` (strict: every tensor present, none extra, same shapes)."""
     import torch
 
+    if os.path.exists(path) and not os.path.isfile(path):  # a FIFO would block torch.load forever
+        raise ModuleSpecError(f"{path}: not a regular file")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -73,6 +76,8 @@ def load_checkpoint(net, path) -> None:
 
 def read_rename(path) -> dict:
     """A JSON object ``{"other prefix": "refbnn prefix"}`` (dotted module names)."""
+    if os.path.exists(path) and not os.path.isfile(path):  # a FIFO would block the read forever
+        raise ModuleSpecError(f"{path}: not a readable JSON rename map (not a regular file)")
     try:
         with open(path) as f:
             value = json.load(f)

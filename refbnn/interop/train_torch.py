@@ -49,7 +49,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from refbnn.cli_util import UserError, check_writable, fail, write_text_atomic
+from refbnn import cli_util
+from refbnn.cli_util import ArgumentParser, UserError, check_writable, fail, write_text_atomic
 from refbnn.train import MODEL_DEFAULTS, RECIPE_FLAGS
 from refbnn.training.fit import write_curves
 from refbnn.training.recipe import Recipe
@@ -69,7 +70,7 @@ IMAGEFOLDER_WIDTH = 1.0
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(  # cli_util's: a refused flag is one line, exit status 2
         prog="torchrun --nproc_per_node N -m refbnn.interop.train_torch",
         description="Train refbnn's PyTorch twin with torch.distributed DDP (gloo on CPU, nccl on "
                     "CUDA); rank 0 writes refbnn checkpoints and model files.")
@@ -109,7 +110,7 @@ def parse_args(argv):
     r.add_argument("--augment", type=int, help="MNIST: random shifts of up to N pixels")
     r.add_argument("--clip-latent", action=argparse.BooleanOptionalAction, default=None,
                    help="clip latent binary weights to [-1, 1] after each step")
-    r.add_argument("--seed", type=int, help="default 0")
+    r.add_argument("--seed", type=cli_util.seed, help="default 0")
     x = p.add_argument_group("execution")
     x.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: cuda:LOCAL_RANK when CUDA is available, else cpu")
@@ -636,6 +637,7 @@ class NonFinite(RuntimeError):
         super().__init__(f"the training loss became NaN or infinite in epoch {epoch + 1}; stopped, {kept}")
 
 
+@cli_util.command
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
