@@ -494,11 +494,13 @@ def test_narrow_float_tiles_give_the_same_logits(monkeypatch, name, stem):
     randomize_state(model, 0, scale_mean=0.5)
     model.eval()
     x = np.random.default_rng(5).standard_normal((3, 1, 28, 28)).astype(np.float32)
-    monkeypatch.setattr(realconv, "host_prefers_wide_float_tiles", lambda: True)
+    for query in ("host_prefers_wide_float_tiles", "host_has_wide_vectors"):
+        monkeypatch.setattr(realconv, query, lambda: True)
     wide = Engine.from_model(model, stem=stem)
     assert wide._fc_nv > 1 and (wide._stem_nv > 1 or name != "birealnet18")  # 40 classes
     want, want_layers = wide.forward(x), wide.layer_outputs(x[:1])
-    monkeypatch.setattr(realconv, "host_prefers_wide_float_tiles", lambda: False)
+    for query in ("host_prefers_wide_float_tiles", "host_has_wide_vectors"):
+        monkeypatch.setattr(realconv, query, lambda: False)
     narrow = Engine.from_model(model, stem=stem)
     assert narrow._stem_nv == 1 and narrow._fc_nv == 1
     np.testing.assert_array_equal(narrow.forward(x), want)

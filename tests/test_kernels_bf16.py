@@ -138,7 +138,7 @@ def test_bf16_stem_conv_is_exactly_the_oracle(n, h, w, c, k, stride, o, seed):
     inner = np.zeros(planar.shape, bool)
     inner[:, :, pad:pad + h, pad:pad + w] = True
     assert (planar[~inner] == 0).all()
-    nv = rc.vectors_for(o)
+    nv = rc.vectors_for(o, bf16=True)
     bases, toff = rc.planar_geometry_bf16(n, c, hp, wpb, k, stride, oh, ow)
     assert toff.shape[0] == c * k * -(-k // 2)
     guard = np.full(n * oh * ow * o + 40, np.nan, np.float32)  # masked stores leave the rest

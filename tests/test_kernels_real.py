@@ -202,6 +202,12 @@ def test_vectors_for_takes_the_narrow_tile_without_full_width_avx512(monkeypatch
     assert [rc.vectors_for(o) for o in (1, 16, 17, 32, 33, 512)] == [1] * 6
     monkeypatch.setattr(rc, "host_prefers_wide_float_tiles", lambda: True)
     assert [rc.vectors_for(o) for o in (1, 16, 17, 32, 33, 512)] == [1, 1, 2, 2, 4, 4]
+    # the bf16 stem's tiles: wide wherever there is AVX-512F (Zen 4 included)
+    monkeypatch.setattr(rc, "host_prefers_wide_float_tiles", lambda: False)
+    monkeypatch.setattr(rc, "host_has_wide_vectors", lambda: True)
+    assert [rc.vectors_for(o, bf16=True) for o in (1, 16, 17, 32, 33, 512)] == [1, 1, 2, 2, 4, 4]
+    monkeypatch.setattr(rc, "host_has_wide_vectors", lambda: False)
+    assert [rc.vectors_for(o, bf16=True) for o in (1, 16, 17, 32, 33, 512)] == [1] * 6
 
 
 def test_wide_float_tiles_need_avx512_on_full_width_units(monkeypatch):

@@ -233,7 +233,7 @@ class Engine:
         st = net.stem
         k = st.w_hwio.shape[0]
         self._stem_k, self._stem_c = k, st.w_hwio.shape[3]
-        self._stem_nv = rc.vectors_for(self._stem_c)
+        self._stem_nv = rc.vectors_for(self._stem_c, bf16=stem == "bf16")
         self._in_padded = (h + 2 * st.padding, w + 2 * st.padding)
         if stem == "bf16":
             # bfloat16 pairs (uint32 bits, carried in the ops' float32 weight field)

@@ -31,7 +31,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from .dispatch import host_prefers_wide_float_tiles
+from .dispatch import host_has_wide_vectors, host_prefers_wide_float_tiles
 from .elementwise import pack_pixel
 from .ftiles import MR, tile_bf_nv1, tile_bf_nv2, tile_bf_nv4, tile_nv1, tile_nv2, tile_nv4
 from .fvec import f16_add, f16_div, f16_load_n, f16_max, f16_store_n
@@ -44,13 +44,15 @@ DEPS_DIGEST = "f6568d6321b14e43"
 MR1, MR2, MR4 = MR[1], MR[2], MR[4]
 
 
-def vectors_for(channels: int) -> int:
+def vectors_for(channels: int, bf16: bool = False) -> int:
     """Vectors of 16 channels per tile: 1 for <= 16 channels, 2 for <= 32, else 4, where
     :func:`refbnn.kernels.dispatch.host_prefers_wide_float_tiles` (AVX-512F with full-width
-    units); else always 1, the 6 x 16 tile (AVX2: its 12 accumulators fit the 16 ymm registers,
-    the others' 24 zmm do not; AMD Zen 4: as fast or faster, measured there). Every shape sums
-    the same taps in the same order: the results do not depend on the choice."""
-    if not host_prefers_wide_float_tiles():
+    units), and for the ``bf16`` stem's tiles wherever there is AVX-512F; else 1, the 6 x 16 tile
+    (AVX2: its 12 accumulators fit the 16 ymm registers, the others' 24 zmm do not; AMD Zen 4:
+    float32 tiles as fast or faster, measured there, but its VDPBF16PS tiles slower: the Bi-Real-18
+    bf16 stem 1.50 -> 2.01 ms at batch 1). Every shape sums the same taps in the same order: the
+    results do not depend on the choice."""
+    if not (host_has_wide_vectors() if bf16 else host_prefers_wide_float_tiles()):
         return 1
     return 1 if channels <= 16 else 2 if channels <= 32 else 4
 
