@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from refbnn.golden.fileio import VERSION, GoldenError, GoldenFile
+from refbnn.golden.fileio import VERSION, GoldenError, GoldenFile, check_readable
 from refbnn.golden.manifest import describe, parse, word_twins
 
 FORMAT = "refbnn-golden-bin"
@@ -72,10 +72,7 @@ def write(folder, goldens, version: str) -> str:
 def read(path) -> list[GoldenFile]:
     """Read every golden file a ``manifest.json`` describes; raise :class:`GoldenError` naming the
     first problem (a missing file, a size that does not match its dtype and shape, ...)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise GoldenError(f"{path}: " + ("not a regular file" if os.path.exists(path) else
-                                         "no such file"))
+    path = check_readable(path)
     folder = os.path.dirname(os.path.abspath(path))
     try:
         with open(path, encoding="utf-8") as f:

@@ -133,12 +133,20 @@ def _arrays(group, hpath, names):
     return out
 
 
-def read(path) -> GoldenFile:
-    """Read a golden file; raise :class:`GoldenError` naming the first problem."""
+def check_readable(path) -> str:
+    """``path`` as a string if it is a regular file (a link to one is fine), else raise
+    :class:`GoldenError`: "no such file", or "not a regular file" for a folder, FIFO or device (a
+    FIFO would block the read)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise GoldenError(f"{path}: " + ("not a regular file" if os.path.exists(path) else
                                          "no such file"))
+    return path
+
+
+def read(path) -> GoldenFile:
+    """Read a golden file; raise :class:`GoldenError` naming the first problem."""
+    path = check_readable(path)
     try:
         f = h5py.File(path, "r")
     except OSError as e:

@@ -17,7 +17,7 @@ import zipfile
 import numpy as np
 
 from refbnn.atomicio import write_bytes_atomic
-from refbnn.golden.fileio import VERSION, GoldenError, GoldenFile
+from refbnn.golden.fileio import VERSION, GoldenError, GoldenFile, check_readable
 from refbnn.golden.manifest import describe, parse
 
 FORMAT = "refbnn-golden-npz"
@@ -48,10 +48,7 @@ def write(path, golden: GoldenFile, version: str) -> None:
 
 def read(path) -> GoldenFile:
     """Read a ``.npz`` golden file; raise :class:`GoldenError` naming the first problem."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise GoldenError(f"{path}: " + ("not a regular file" if os.path.exists(path) else
-                                         "no such file"))
+    path = check_readable(path)
     try:
         z = np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile) as e:

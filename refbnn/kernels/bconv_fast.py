@@ -92,7 +92,7 @@ BAND = 32
 
 # Numba's cache does not notice edits to imported kernels; this digest of the modules this one
 # imports, transitively (written by ``python refbnn/kernels/_codegen.py``), forces a recompile.
-DEPS_DIGEST = "0c41e336a5c3b81f"
+DEPS_DIGEST = "65480942e00df20c"
 
 
 @structref.register

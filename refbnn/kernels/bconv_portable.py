@@ -26,7 +26,7 @@ from .simd import a_or_u64, a_store, popcount64
 
 # Numba's cache does not notice edits to imported kernels; this digest of the modules this one
 # imports, transitively (written by ``python refbnn/kernels/_codegen.py``), forces a recompile.
-DEPS_DIGEST = "59453a8d2c9a237c"
+DEPS_DIGEST = "e8beb6f94fa27b22"
 
 
 @structref.register

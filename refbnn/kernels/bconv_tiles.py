@@ -98,7 +98,7 @@ from .simd import (
 
 # Numba's cache does not notice edits to imported kernels; this digest of the modules
 # imported here (written by the generator) makes their edit change this file, hence a recompile.
-DEPS_DIGEST = "59453a8d2c9a237c"
+DEPS_DIGEST = "e8beb6f94fa27b22"
 
 
 @njit(cache=True)

@@ -21,7 +21,7 @@ from .simd import neg_bits64, nonpos_bits64
 
 # Numba's cache does not notice edits to imported kernels; this digest of the modules this one
 # imports, transitively (written by ``python refbnn/kernels/_codegen.py``), forces a recompile.
-DEPS_DIGEST = "aef9ec09603a926f"
+DEPS_DIGEST = "23b2048de63c8218"
 
 NONE, RELU, PRELU, FPRELU = 0, 1, 2, 3
 

@@ -20,7 +20,7 @@ from .fvec import bf_bcast, bf_dot, bf_load, f16_affine_store_n, f16_bcast, f16_
 
 # Numba's cache does not notice edits to imported kernels; this digest of the modules imported
 # here (written by refbnn/kernels/_codegen.py) makes their edit change this file, hence a recompile.
-DEPS_DIGEST = "75dd0aa1f61a6a61"
+DEPS_DIGEST = "28279ba43741d071"
 
 
 @njit(cache=True, inline="always")

@@ -235,25 +235,10 @@ def f16_affine_store_n(typingctx, out, index, v, scale, shift, c0, n):
 
     def codegen(context, builder, sig, args):
         outv, idx, vv, sc, sh, c0v, nv = args
-        sp = _ptr(context, builder, sig.args[3], sc, c0v, _V16)
-        bp = _ptr(context, builder, sig.args[4], sh, c0v, _V16)
-        op = _ptr(context, builder, sig.args[0], outv, idx, _V16)
-        if not _branch_on_full():
-            mask = _mask(builder, nv)
-            y = builder.fadd(builder.fmul(vv, _masked_load(builder, sp, mask)),
-                             _masked_load(builder, bp, mask))
-            _masked_store(builder, y, op, mask)
-            return context.get_dummy_value()
-        with builder.if_else(_full(builder, nv)) as (then, otherwise):
-            with then:
-                y = builder.fadd(builder.fmul(vv, builder.load(sp, align=4)),
-                                 builder.load(bp, align=4))
-                builder.store(y, op, align=4)
-            with otherwise:
-                mask = _mask(builder, nv)
-                y = builder.fadd(builder.fmul(vv, _masked_load(builder, sp, mask)),
-                                 _masked_load(builder, bp, mask))
-                _masked_store(builder, y, op, mask)
+        s = _load_n(builder, _ptr(context, builder, sig.args[3], sc, c0v, _V16), nv)
+        b = _load_n(builder, _ptr(context, builder, sig.args[4], sh, c0v, _V16), nv)
+        y = builder.fadd(builder.fmul(vv, s), b)
+        _store_n(builder, y, _ptr(context, builder, sig.args[0], outv, idx, _V16), nv)
         return context.get_dummy_value()
 
     return types.none(out, index, f16, scale, shift, c0, n), codegen
